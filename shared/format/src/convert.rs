@@ -391,8 +391,9 @@ fn order_entries<'a>(
         if depth > 256 {
             return false;
         }
-        // Parents first, when the tar has entries for them.
-        if let Some((parent, _)) = path.rsplit_once('/') {
+        // Parents first (up to the root), when the tar has entries for them.
+        if !path.is_empty() {
+            let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
             move_rec(parent, entries, last_index, moved, out, depth + 1);
         }
         let Some(&i) = last_index.get(path) else {

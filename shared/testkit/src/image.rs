@@ -1,0 +1,113 @@
+//! OCI image layouts built from in-memory tars, for tests.
+
+use std::io::Write;
+use std::path::Path;
+
+use sha2::Digest as _;
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> String {
+    let d = sha(bytes);
+    let path = dir.join("blobs/sha256").join(&d[7..]);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("blobs dir");
+    std::fs::write(path, bytes).expect("write blob");
+    d
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    e.write_all(bytes).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+/// Write a single-platform OCI image layout at `dir` whose layers are the
+/// given uncompressed tars (stored gzip-compressed, as `docker build` does).
+/// The image is tagged `tag` (skopeo's `oci:DIR:TAG`) and named `name`
+/// (containerd's `ctr image import`). Returns the manifest digest.
+pub fn write_layout(dir: &Path, name: &str, tag: &str, layers: &[Vec<u8>]) -> String {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dir");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("oci-layout");
+    let mut diff_ids = Vec::new();
+    let mut descs = Vec::new();
+    for tar in layers {
+        diff_ids.push(sha(tar));
+        let gz = gzip(tar);
+        let d = put_blob(dir, &gz);
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": d,
+            "size": gz.len(),
+        }));
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+        },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let config_bytes = serde_json::to_vec(&config).expect("config json");
+    let config_digest = put_blob(dir, &config_bytes);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_bytes.len(),
+        },
+        "layers": descs,
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).expect("manifest json");
+    let manifest_digest = put_blob(dir, &manifest_bytes);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_bytes.len(),
+            "annotations": {
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }],
+    });
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("index json"),
+    )
+    .expect("index.json");
+    manifest_digest
+}
+
+/// Pack a layout directory into a tar (what `ctr image import` reads).
+pub fn layout_tar(dir: &Path, out: &Path) {
+    let f = std::fs::File::create(out).expect("layout tar");
+    let mut b = tar::Builder::new(f);
+    b.append_dir_all(".", dir).expect("pack layout");
+    b.finish().expect("pack layout");
+}
+
+/// A tar of real files from this machine (`paths` relative to `/`), kept in
+/// the given order, without following symlinks: realistic layer content.
+pub fn tar_of_host_paths(paths: &[&str]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    for p in paths {
+        let src = Path::new("/").join(p);
+        if src.is_dir() {
+            b.append_dir_all(p, &src)
+                .unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        } else {
+            b.append_path_with_name(&src, p)
+                .unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        }
+    }
+    b.into_inner().expect("tar")
+}

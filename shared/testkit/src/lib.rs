@@ -1,0 +1,330 @@
+//! Test support shared by the integration tests of every crate.
+//!
+//! * [`Containerd`] and [`Registry`] start private instances of the real
+//!   Debian components (containerd 1.6, docker-registry) in a temporary
+//!   directory with their own sockets and ports, and stop them — processes,
+//!   mounts and files — when dropped, even when a test fails.
+//! * [`go_build`] compiles one of our own Go helper programs (in `tests/go/`)
+//!   against Debian's packaged Go sources, offline, and caches the binary.
+//! * [`image`] writes OCI image layouts from in-memory tars for tests.
+//! * [`require`] fails a test with the command that installs a missing tool.
+//!
+//! Nothing here touches the system containerd, `/run/containerd` sockets or
+//! ports other than the ones it picked.
+
+pub mod image;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fail unless `tool` is on PATH; says how to install it.
+pub fn require(tool: &str) -> PathBuf {
+    which(tool).unwrap_or_else(|| {
+        panic!(
+            "`{tool}` is not installed: run `make deps` (as root) to install the test dependencies"
+        )
+    })
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// The repository root (tests run with the crate dir as cwd).
+pub fn repo_root() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !dir.join("Cargo.lock").exists() && !dir.join(".git").exists() {
+        if !dir.pop() {
+            break;
+        }
+    }
+    dir
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// Run a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        if start.elapsed() > timeout {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "{what} did not become ready within {timeout:?}; last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stop a child politely (SIGTERM), then firmly.
+fn stop(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Unmount everything mounted below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().to_string();
+    let mut points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A private containerd 1.6 with its own root, state, sockets and namespace.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub namespace: String,
+    child: Child,
+}
+
+impl Containerd {
+    /// Start containerd; `extra_config` is appended to its config.toml
+    /// (e.g. a `[proxy_plugins]` table).
+    pub fn start(extra_config: &str) -> Containerd {
+        require("containerd");
+        require("ctr");
+        // Short paths: unix socket names are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("sg-ctd-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let d = dir.path();
+        let socket = d.join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "info"
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+{extra_config}
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = socket.display(),
+            d = d.display(),
+        );
+        let config_path = d.join("config.toml");
+        std::fs::write(&config_path, config).expect("write containerd config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("log file");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let namespace = format!("sgtest{}", std::process::id());
+        let mut c = Containerd {
+            dir,
+            socket,
+            namespace,
+            child,
+        };
+        let log_path = c.dir.path().join("containerd.log");
+        let sock = c.socket.clone();
+        wait_until("containerd", Duration::from_secs(30), &log_path, || {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&sock)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+        if let Ok(Some(status)) = c.child.try_wait() {
+            panic!("containerd exited at start: {status}");
+        }
+        c
+    }
+
+    /// `ctr` (or `ctr-remote`) against this instance and namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(&self.namespace);
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        run(self.cmd("ctr").args(args))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+        unmount_below(self.dir.path());
+    }
+}
+
+/// A private docker-registry (distribution 2.8) on 127.0.0.1.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        require("docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("sg-reg-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: {addr}\n",
+            dir.path().display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        let r = Registry { dir, addr, child };
+        let log_path = r.dir.path().join("registry.log");
+        let a = r.addr.clone();
+        wait_until(
+            "docker-registry",
+            Duration::from_secs(20),
+            &log_path,
+            || std::net::TcpStream::connect(&a).is_ok(),
+        );
+        r
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// Build our Go helper `tests/go/<name>` against Debian's Go sources
+/// (GOPATH mode, no network) and return the binary path. Binaries are
+/// cached under the cargo target dir by source content.
+pub fn go_build(name: &str) -> PathBuf {
+    require("go");
+    let src_dir = repo_root().join("tests/go").join(name);
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&src_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", src_dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "go"))
+        .collect();
+    files.sort();
+    for f in &files {
+        sha2::Digest::update(&mut hasher, std::fs::read(f).expect("read go source"));
+    }
+    let key = hex::encode(&sha2::Digest::finalize(hasher)[..8]);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let out_dir = target.join("go-tools");
+    let bin = out_dir.join(format!("{name}-{key}"));
+    if bin.is_file() {
+        return bin;
+    }
+    std::fs::create_dir_all(&out_dir).expect("go-tools dir");
+    let gopath = tempfile::tempdir_in(&out_dir).expect("gopath");
+    let pkg = gopath.path().join("src").join(name);
+    std::fs::create_dir_all(&pkg).expect("gopath src");
+    for f in &files {
+        std::fs::copy(f, pkg.join(f.file_name().expect("name"))).expect("copy go source");
+    }
+    let tmp_bin = out_dir.join(format!(".{name}-{key}.{}", std::process::id()));
+    run(Command::new("go")
+        .current_dir(&pkg)
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env(
+            "GOPATH",
+            format!("{}:/usr/share/gocode", gopath.path().display()),
+        )
+        .env("GOCACHE", out_dir.join("gocache"))
+        .env("CGO_ENABLED", "0")
+        .args(["build", "-trimpath", "-o"])
+        .arg(&tmp_bin)
+        .arg("."));
+    std::fs::rename(&tmp_bin, &bin).expect("install go tool");
+    bin
+}
