@@ -494,7 +494,7 @@ impl Toc {
             })
             .collect();
         let mut by_member: BTreeMap<u64, Vec<(u64, u64, NodeId)>> = BTreeMap::new();
-        for (id, _) in &b.raw_chunks {
+        for id in b.raw_chunks.keys() {
             let node = &mut nodes[*id as usize];
             let nchunks = node.chunks.len();
             for (i, c) in node.chunks.iter_mut().enumerate() {
@@ -530,7 +530,7 @@ impl Toc {
                     let a = &nodes[w[0].2 as usize];
                     let b2 = &nodes[w[1].2 as usize];
                     return Err(ErrorKind::entry(
-                        &b2.path_hint(),
+                        b2.path_hint(),
                         format!(
                             "its data overlaps that of {:?} in the member at offset {offset}",
                             a.path_hint()

@@ -196,7 +196,7 @@ fn build_tar(specs: &[Spec]) -> Vec<u8> {
             h.set_groupname(s.user).unwrap();
         }
         let name_fits = s.name.len() < 100;
-        let mut pax_path = |b: &mut tar::Builder<Vec<u8>>| {
+        let pax_path = |b: &mut tar::Builder<Vec<u8>>| {
             if !s.gnu && !name_fits {
                 b.append_pax_extensions([("path", s.name.as_bytes())])
                     .unwrap();
@@ -636,4 +636,48 @@ fn empty_layer_round_trips() {
         let layer = open_blob("l", &blob[..], &OpenOptions::default()).unwrap();
         assert_eq!(layer.toc.root().children.len(), 1); // just the landmark
     }
+}
+
+#[test]
+fn input_no_reader_would_accept_is_refused_before_compressing() {
+    // Found by the `convert` fuzz target: a hardlink to a missing file.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "d/hard", "d/missing").unwrap();
+    let tar = b.into_inner().unwrap();
+    let err = stargaze_format::convert(
+        "sha256:feed",
+        &tar,
+        Vec::new(),
+        &opts(TargetFormat::Estargz),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("sha256:feed")
+            && err.contains("d/hard")
+            && err.contains("cannot be converted"),
+        "{err}"
+    );
+
+    // A path below a regular file.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(1);
+    b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+    b.append_data(&mut h, "f/g", &b"y"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    assert!(
+        stargaze_format::convert(
+            "l",
+            &tar,
+            Vec::new(),
+            &opts(TargetFormat::ZstdChunked),
+            None
+        )
+        .is_err()
+    );
 }
