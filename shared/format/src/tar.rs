@@ -212,7 +212,7 @@ impl<'a> TarReader<'a> {
             }
 
             let ustar = &h[257..263] == b"ustar\0";
-            let mut name = match (pax.path.take(), long_name) {
+            let name = match (pax.path.take(), long_name) {
                 (Some(p), _) => p,
                 (None, Some(l)) => l,
                 (None, None) => {
@@ -231,9 +231,6 @@ impl<'a> TarReader<'a> {
             };
             if name.is_empty() {
                 return Err(self.err(at, "entry has an empty name"));
-            }
-            if name.contains('\0') {
-                name = name.replace('\0', "");
             }
             let link_name = match (pax.linkpath.take(), long_link) {
                 (Some(p), _) => p,

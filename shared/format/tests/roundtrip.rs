@@ -681,3 +681,48 @@ fn input_no_reader_would_accept_is_refused_before_compressing() {
         .is_err()
     );
 }
+
+#[test]
+fn zstd_chunked_with_the_64_byte_containers_storage_footer_reads() {
+    // Current containers/storage appends a tar-split frame after the TOC
+    // and a 64-byte footer (magic GNUlInUx). Rebuild one of our blobs in
+    // that layout and read it.
+    use stargaze_format::footer::{Footer, skippable_header};
+    let specs = specs();
+    let tar = build_tar(&specs);
+    let (blob, res) = convert(&tar, &opts(TargetFormat::ZstdChunked));
+    let Footer::ZstdChunked {
+        toc_offset,
+        toc_compressed_len,
+        toc_uncompressed_len,
+    } = open_blob("l", &blob[..], &OpenOptions::default())
+        .unwrap()
+        .footer
+    else {
+        panic!("expected the 40-byte dialect")
+    };
+    let mut v2 = blob[..(toc_offset + toc_compressed_len) as usize].to_vec();
+    let tar_split = zstd::bulk::compress(br#"{"type":1,"payload":"x"}"#, 3).unwrap();
+    let tar_split_offset = v2.len() as u64 + 8;
+    v2.extend(skippable_header(tar_split.len()));
+    v2.extend(&tar_split);
+    v2.extend(
+        Footer::ZstdChunkedV2 {
+            toc_offset,
+            toc_compressed_len,
+            toc_uncompressed_len,
+            tar_split_offset,
+            tar_split_compressed_len: tar_split.len() as u64,
+            tar_split_uncompressed_len: 24,
+        }
+        .encode(),
+    );
+    let layer = open_blob("l", &v2[..], &OpenOptions::default()).unwrap();
+    assert!(matches!(layer.footer, Footer::ZstdChunkedV2 { .. }));
+    check_tree(&specs, &v2, &res, &OpenOptions::default());
+    // Still a plain zstd stream for ordinary readers.
+    assert_eq!(
+        decompress_all(TargetFormat::ZstdChunked, &v2),
+        decompress_all(TargetFormat::ZstdChunked, &blob)
+    );
+}

@@ -328,3 +328,124 @@ pub fn go_build(name: &str) -> PathBuf {
     std::fs::rename(&tmp_bin, &bin).expect("install go tool");
     bin
 }
+
+/// The team's notes beside the checkout (`../shared`), which hold the
+/// builder for the Go Stargz Snapshotter used as the reference peer.
+pub fn team_shared_dir() -> PathBuf {
+    repo_root().join("../shared")
+}
+
+/// Build the reference Go Stargz Snapshotter daemon
+/// (`../shared/peer-stargz/build.sh`, Debian's packaged Go sources, offline)
+/// and return the binary. Cached under the target dir by the builder's content.
+pub fn build_peer_stargz() -> PathBuf {
+    require("go");
+    let src = team_shared_dir().join("peer-stargz");
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    for f in ["main.go", "build.sh"] {
+        let bytes = std::fs::read(src.join(f)).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (the peer builder lives in ../shared beside the checkout)",
+                src.join(f).display()
+            )
+        });
+        sha2::Digest::update(&mut hasher, bytes);
+    }
+    let key = hex::encode(&sha2::Digest::finalize(hasher)[..8]);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let build_dir = target.join("go-tools").join(format!("peer-stargz-{key}"));
+    let bin = build_dir.join("containerd-stargz-grpc-peer");
+    if bin.is_file() {
+        return bin;
+    }
+    run(Command::new("sh")
+        .arg(src.join("build.sh"))
+        .env("BUILD_DIR", &build_dir)
+        .env("GOCACHE", target.join("go-tools").join("gocache")));
+    assert!(
+        bin.is_file(),
+        "peer build did not produce {}",
+        bin.display()
+    );
+    bin
+}
+
+/// A running reference Go Stargz Snapshotter (proxy snapshotter plugin).
+pub struct PeerStargz {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl PeerStargz {
+    /// Start the peer daemon with an empty config (upstream defaults) and a
+    /// private root. Register it in containerd with [`PeerStargz::proxy_config`].
+    pub fn start() -> PeerStargz {
+        let bin = build_peer_stargz();
+        let dir = tempfile::Builder::new()
+            .prefix("sg-peer-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let socket = dir.path().join("peer.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "").expect("peer config");
+        let log_path = dir.path().join("peer.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let child = Command::new(bin)
+            .arg("-address")
+            .arg(&socket)
+            .arg("-config")
+            .arg(&config)
+            .arg("-root")
+            .arg(dir.path().join("root"))
+            .arg("-log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the peer snapshotter");
+        let p = PeerStargz { dir, socket, child };
+        let sock = p.socket.clone();
+        wait_until(
+            "the peer snapshotter",
+            Duration::from_secs(30),
+            &log_path,
+            || sock.exists(),
+        );
+        p
+    }
+
+    /// `[proxy_plugins]` table for containerd's config.
+    pub fn proxy_config(&self, name: &str) -> String {
+        format!(
+            "[proxy_plugins]\n  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+            self.socket.display()
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("peer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PeerStargz {
+    fn drop(&mut self) {
+        // SIGINT: upstream's Close() unmounts every layer and removes its dirs.
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        stop(&mut self.child);
+        unmount_below(self.dir.path());
+    }
+}
