@@ -1,0 +1,68 @@
+# stargaze — developer and CI entry points. `make help` lists the targets.
+# CI runs `bash .ci/run`, which runs `make test` as root with no stdin.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build test lint fmt demo fuzz bench
+
+help:
+	@echo "make deps    install missing Debian packages and cargo-nextest (as root)"
+	@echo "make build   debug build of everything, release build of the binaries"
+	@echo "make test    deps, then rustfmt check, clippy, and all tests (what CI runs)"
+	@echo "make lint    rustfmt check and clippy"
+	@echo "make fmt     format all Rust code"
+	@echo "make demo    the end-to-end demo (not ready yet: says what works today)"
+	@echo "make fuzz    run the fuzz targets for a bounded time (scripts/fuzz.sh)"
+	@echo "make bench   run the benchmarks (bench/run.sh)"
+
+deps:
+	@echo "== deps: checking system packages and tools"
+	@bash scripts/deps.sh
+
+build:
+	@echo "== build: debug, all targets"
+	$(CARGO) build --workspace --all-targets
+	@echo "== build: release binaries"
+	$(CARGO) build --release --workspace --bins
+
+test: deps
+	@echo "== test: rustfmt check"
+	$(CARGO) fmt --all -- --check
+	@echo "== test: clippy"
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@echo "== test: cargo nextest"
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+lint:
+	@echo "== lint: rustfmt check"
+	$(CARGO) fmt --all -- --check
+	@echo "== lint: clippy"
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo:
+	@echo "The stargaze demo (a container starting from a lazily pulled eStargz image"
+	@echo "before the image has been downloaded) arrives with the snapshotter and"
+	@echo "operator issues: the fetcher, fs and snapshotter services are skeletons that"
+	@echo "load and check their configuration and exit."
+	@echo
+	@echo "What works today:"
+	@echo "  stargaze convert   convert an OCI image layout to eStargz or zstd:chunked"
+	@echo "                     e.g. stargaze convert --format estargz oci:DIR:TAG oci:OUT:TAG-esgz"
+	@echo "  stargaze inspect   show a layer's footer and table of contents"
+	@echo "  stargaze-fetcher / stargaze-fs / stargaze-snapshotter --print-config"
+	@echo "                     print the effective configuration"
+	@echo
+	@echo "Build them with 'make build' (binaries in target/release/); 'make test' runs"
+	@echo "the tests, including interop with the Go Stargz Snapshotter's tools."
+
+fuzz:
+	bash scripts/fuzz.sh
+
+bench:
+	bash bench/run.sh
