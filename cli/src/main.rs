@@ -1,1 +1,89 @@
-fn main() {}
+//! `stargaze`: the command-line tool.
+//!
+//! * `stargaze convert` turns an image into eStargz or zstd:chunked
+//!   (image locations in skopeo's syntax, so it pipes with `skopeo copy`).
+//! * `stargaze inspect` shows a layer's format and TOC and verifies every
+//!   chunk, for a blob file or every layer of an image.
+//!
+//! Lazy pulls (`rpull`) and node status arrive with the snapshotter.
+
+mod convert;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "stargaze",
+    version,
+    about = "Lazy-pulling images for containerd: convert and inspect eStargz / zstd:chunked images"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, global = true, default_value = "warn", env = "STARGAZE_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image to eStargz or zstd:chunked (SRC and DST as oci:DIR[:TAG]).
+    Convert(convert::Args),
+    /// Show a layer's format and table of contents and verify every chunk.
+    Inspect(inspect::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Convert(a) => convert::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stargaze: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parse a byte count: `4194304`, `4MiB`, `64KiB`, `4M`, `1G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4194304, 4MiB, 64KiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("4194304").unwrap(), 4 << 20);
+        assert_eq!(super::parse_size("4MiB").unwrap(), 4 << 20);
+        assert_eq!(super::parse_size("64k").unwrap(), 64 << 10);
+        assert!(super::parse_size("4XB").is_err());
+        assert!(super::parse_size("").is_err());
+    }
+}

@@ -124,8 +124,8 @@ pub struct ConvertedLayer {
 /// A member's uncompressed bytes (hashed into the diffID) and its compressed form.
 type CompressedMember = (Vec<u8>, Vec<u8>);
 
-/// Input bytes consumed, reported while compressing.
-pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
+/// Progress while compressing: (uncompressed input bytes done, total).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 enum Piece {
     Input(Range<usize>),
@@ -610,7 +610,7 @@ pub fn convert<W: Write + Send>(
                 }
                 done_input += bytes as u64;
                 if let Some(p) = progress {
-                    p(done_input.min(input.len() as u64));
+                    p(done_input.min(input.len() as u64), input.len() as u64);
                 }
                 i = j;
             }

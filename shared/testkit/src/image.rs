@@ -111,3 +111,93 @@ pub fn tar_of_host_paths(paths: &[&str]) -> Vec<u8> {
     }
     b.into_inner().expect("tar")
 }
+
+/// A runnable root filesystem layer: static busybox (Debian's
+/// busybox-static) with a few applet links, `/etc/passwd` and empty mount
+/// points. Needs `/bin/busybox`.
+pub fn busybox_layer() -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox is missing: run `make deps` (package busybox-static)");
+    let mut b = tar::Builder::new(Vec::new());
+    let dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, name, &[][..]).expect("tar");
+    };
+    for d in ["bin/", "etc/", "proc/", "sys/", "dev/", "tmp/", "data/"] {
+        dir(&mut b, d);
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o755);
+    h.set_size(busybox.len() as u64);
+    b.append_data(&mut h, "bin/busybox", &busybox[..])
+        .expect("tar");
+    for applet in ["sh", "cat", "ls", "echo", "sha256sum", "stat", "find", "wc"] {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .expect("tar");
+    }
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_size(passwd.len() as u64);
+    b.append_data(&mut h, "etc/passwd", &passwd[..])
+        .expect("tar");
+    b.into_inner().expect("tar")
+}
+
+/// A data layer: files of many sizes (several spanning chunks), a hardlink,
+/// a symlink, and a file deleted from the layer below by a whiteout.
+pub fn data_layer(seed: u32) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut files = Vec::new();
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    for (i, size) in [0usize, 1, 511, 512, 4096, 65_537, 300_000, 5_000_000]
+        .iter()
+        .enumerate()
+    {
+        let data: Vec<u8> = (0..*size)
+            .map(|j| {
+                if j % 3 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                } else {
+                    b'a' + (j % 26) as u8
+                }
+            })
+            .collect();
+        files.push((format!("data/file{i}"), data));
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, "data/", &[][..]).expect("tar");
+    for (name, data) in &files {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, &data[..]).expect("tar");
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "data/hardlink", "data/file6")
+        .expect("tar");
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "data/symlink", "file5").expect("tar");
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_size(0);
+    b.append_data(&mut h, "bin/.wh.wc", &[][..]).expect("tar");
+    (b.into_inner().expect("tar"), files)
+}
