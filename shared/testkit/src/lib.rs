@@ -222,10 +222,71 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+impl Containerd {
+    /// Kill and delete every task and container of our namespace, so that no
+    /// shim or container outlives the test.
+    fn remove_containers(&self) {
+        let list = |what: &str| -> Vec<String> {
+            self.cmd("ctr")
+                .args([what, "ls", "-q"])
+                .stdin(Stdio::null())
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let quiet = |args: &[&str]| {
+            let _ = self
+                .cmd("ctr")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        for task in list("tasks") {
+            quiet(&["tasks", "kill", "--signal", "SIGKILL", &task]);
+            quiet(&["tasks", "delete", "--force", &task]);
+        }
+        for c in list("containers") {
+            quiet(&["containers", "delete", &c]);
+        }
+    }
+}
+
+/// Remove a directory tree of empty directories (cgroups cannot be removed
+/// with their files; rmdir works bottom up).
+fn rmdir_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.remove_containers();
+        }
         stop(&mut self.child);
         unmount_below(self.dir.path());
+        // containerd 1.6 keeps runc state and cgroups per namespace in global
+        // places; our namespace is ours alone.
+        let _ = std::fs::remove_dir_all(Path::new("/run/containerd/runc").join(&self.namespace));
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in hierarchies.flatten() {
+                rmdir_tree(&h.path().join(&self.namespace));
+            }
+        }
+        rmdir_tree(&Path::new("/sys/fs/cgroup").join(&self.namespace));
     }
 }
 
