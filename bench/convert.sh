@@ -102,7 +102,6 @@ run_go() {  # $1 = flags
     local times=() size=0
     for r in $(seq "$ROUNDS"); do
         $CTR image rm bench.local/convert:out >/dev/null 2>&1 || true
-        $CTR content prune references >/dev/null 2>&1 || true
         local t0; t0=$(now)
         # shellcheck disable=SC2086
         $CTRR image convert $1 --oci bench.local/convert:src bench.local/convert:out >/dev/null
