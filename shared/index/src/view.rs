@@ -33,6 +33,9 @@ pub struct LayerIndex {
 pub struct ChunkInfo {
     /// Position of the chunk among the file's chunks.
     pub index: usize,
+    /// Position in the layer's chunk table: the chunk's bit in the layer's
+    /// presence map.
+    pub global: u32,
     pub file_offset: u64,
     pub size: u64,
     pub compressed_offset: u64,
@@ -176,6 +179,11 @@ impl LayerIndex {
     /// Number of inodes (the largest inode number).
     pub fn inode_count(&self) -> u64 {
         self.archived().inodes.len() as u64
+    }
+
+    /// Number of chunks in the layer (the size of its presence map).
+    pub fn chunk_count(&self) -> u32 {
+        self.archived().chunks.len() as u32
     }
 
     pub fn root(&self) -> Inode<'_> {
@@ -356,6 +364,12 @@ impl<'a> Inode<'a> {
         let c = self.chunk_slice().get(i)?;
         Some(ChunkInfo {
             index: i,
+            global: self
+                .rec
+                .chunks
+                .start
+                .to_native()
+                .checked_add(u32::try_from(i).ok()?)?,
             file_offset: c.file_offset.to_native(),
             size: c.size.to_native(),
             compressed_offset: c.compressed_offset.to_native(),

@@ -217,6 +217,9 @@ fn chunks_by_offset() {
         [(0, 4096), (4096, 4096), (8192, 1808)]
     );
     assert_eq!(c[0].compressed_end, 3000);
+    // Global positions are consecutive and inside the layer's chunk table.
+    assert_eq!(c[1].global, c[0].global + 1);
+    assert!(c[2].global < idx.chunk_count());
     for (off, want) in [
         (0, 0),
         (4095, 0),

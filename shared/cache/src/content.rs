@@ -1,0 +1,80 @@
+//! Content files: a file's uncompressed bytes, keyed by its digest, sparse
+//! until every chunk has been written.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use stargaze_format::Digest;
+
+use crate::CacheError;
+
+/// An open content file.
+pub struct ContentFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl ContentFile {
+    /// Open for writing; a new file is created sparse at its final size so
+    /// that chunks can land in any order.
+    pub fn open_rw(path: &Path, size: u64) -> Result<ContentFile, CacheError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| CacheError::io(path, e))?;
+        let len = file.metadata().map_err(|e| CacheError::io(path, e))?.len();
+        if len != size {
+            file.set_len(size).map_err(|e| CacheError::io(path, e))?;
+        }
+        Ok(ContentFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn open_ro(path: &Path) -> Result<ContentFile, CacheError> {
+        let file = std::fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
+        Ok(ContentFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Write verified bytes at `offset` (pwrite; returns when the kernel has them).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), CacheError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| CacheError::io(&self.path, e))
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CacheError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| CacheError::io(&self.path, e))
+    }
+}
+
+/// Does `content[offset..offset+len]` hash to `digest`? Used to re-verify
+/// chunks after an unclean stop.
+pub fn verify_range(content: &ContentFile, offset: u64, len: u64, digest: &Digest) -> bool {
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    let mut buf = vec![0u8; len];
+    content.read_at(offset, &mut buf).is_ok() && Digest::of(&buf) == *digest
+}
