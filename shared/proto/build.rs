@@ -1,0 +1,15 @@
+//! Generate the gRPC code from `proto/` with protox (a Rust protobuf
+//! compiler), so building needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["stargaze/v1/fetcher.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed=proto/{p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! The gRPC APIs between stargaze's services and the unix-socket plumbing
+//! they share.
+//!
+//! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
+//!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
+//!   prefetch, status) that fs and the snapshotter call.
+//! * [`serve_unix`] binds a server to a unix socket (stale socket removed,
+//!   mode 0600, parent directory created) and [`connect_unix`] dials one.
+
+pub mod v1 {
+    tonic::include_proto!("stargaze.v1");
+}
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Errors setting up a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket {path} is in use by a running process; stop it first")]
+    InUse { path: PathBuf },
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Bind a unix socket for a gRPC server: create the parent directory
+/// (0755), refuse a socket another process still serves, remove a stale one,
+/// and restrict the new socket to its owner (0600).
+pub async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
+    let io = |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(SocketError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// A stream of connections for `tonic::transport::Server::serve_with_incoming`.
+pub fn incoming(listener: tokio::net::UnixListener) -> tokio_stream::wrappers::UnixListenerStream {
+    tokio_stream::wrappers::UnixListenerStream::new(listener)
+}
+
+/// A channel to a gRPC server on a unix socket. The connection is made
+/// lazily and re-made after the server restarts.
+pub fn connect_unix(path: &Path) -> Result<tonic::transport::Channel, SocketError> {
+    let path = path.to_path_buf();
+    let p = path.clone();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let endpoint = tonic::transport::Endpoint::try_from("http://[::]:50051").map_err(|source| {
+        SocketError::Connect {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = p.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(p).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        })),
+    )
+}
