@@ -227,6 +227,27 @@ impl LayerIndex {
         Some(ino)
     }
 
+    /// The path of an inode, for messages (walks up through the parents;
+    /// a hardlinked file gets one of its names).
+    pub fn path_of(&self, ino: u64) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut cur = ino;
+        for _ in 0..4096 {
+            let Some(node) = self.inode(cur) else { break };
+            let parent = node.parent();
+            if cur == ROOT_INO || parent == cur {
+                break;
+            }
+            match self.readdir(parent, 0).find(|d| d.ino == cur) {
+                Some(d) => parts.push(String::from_utf8_lossy(d.name).into_owned()),
+                None => break,
+            }
+            cur = parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
     /// Entries of directory `dir` from position `from` on, in name order.
     pub fn readdir(&self, dir: u64, from: usize) -> impl Iterator<Item = DirEntry<'_>> + '_ {
         let ents = self

@@ -199,6 +199,8 @@ fn attributes_links_and_devices() {
     assert_eq!(idx.root().nlink(), 2 + 5); // dev etc opaque run usr
     assert_eq!(get("usr/bin").parent(), get("usr").ino());
     assert!(idx.lookup_path("usr/bin/nope").is_none());
+    assert_eq!(idx.path_of(get("usr/bin/sh").ino()), "/usr/bin/sh");
+    assert_eq!(idx.path_of(1), "/");
     assert!(idx.lookup_path("usr/bin/big/x").is_none());
     assert!(idx.inode(0).is_none());
     assert!(idx.inode(idx.inode_count() + 1).is_none());

@@ -1,0 +1,432 @@
+//! Fetching chunks of a resolved layer into the cache.
+//!
+//! A [`Layer::fetch`] call turns file ranges into chunks, skips the present
+//! ones, waits for the ones already in flight and claims the rest: claimed
+//! chunks join the layer's queue and a drain task is started. A drain task
+//! first takes one of `max_inflight_reads` read slots, then takes everything
+//! queued at that moment as one batch — so misses that arrive while reads
+//! are outstanding are batched without any timer — and fetches it:
+//! members (the gzip member or zstd frame holding a chunk; several chunks
+//! may share one) are merged into ranges while the gap between them is at
+//! most `merge_gap` and the range at most `max_merged_range`, all ranges are
+//! read in one `read_ranges` call, each member is decompressed once, each
+//! chunk is verified against its sha256, written to the content file, and
+//! only then published in the presence map. Claims are completed through
+//! watch channels; the drain runs as its own task, so a caller that gives up
+//! never strands chunks that others wait for.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use stargaze_cache::{Cache, PresenceMap};
+use stargaze_format::Digest;
+use stargaze_format::chunk::decompress_prefix;
+use stargaze_format::footer::Compression;
+use stargaze_index::{ChunkInfo, LayerIndex};
+use tokio::sync::{Semaphore, watch};
+
+use crate::{FetchError, FetchOptions, RemoteBlob};
+
+type Outcome = Option<Result<(), String>>;
+
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    ino: u64,
+    chunk: ChunkInfo,
+}
+
+#[derive(Default)]
+struct State {
+    inflight: HashMap<u32, watch::Sender<Outcome>>,
+    queue: Vec<Claim>,
+}
+
+/// Counters of one layer.
+#[derive(Debug, Default)]
+pub struct LayerCounters {
+    pub requests: AtomicU64,
+    pub ranges: AtomicU64,
+    pub compressed_bytes: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub verification_failures: AtomicU64,
+}
+
+/// What one fetch call caused.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FetchStats {
+    /// Chunks this call claimed and fetched (others were present or in flight).
+    pub chunks_fetched: u32,
+    /// Their uncompressed bytes.
+    pub bytes_fetched: u64,
+}
+
+/// A resolved layer: its index, presence map and blob.
+pub struct Layer {
+    pub digest: String,
+    pub index: LayerIndex,
+    pub presence: PresenceMap,
+    pub counters: LayerCounters,
+    blob: Arc<dyn RemoteBlob>,
+    cache: Arc<Cache>,
+    opts: FetchOptions,
+    compression: Compression,
+    state: Mutex<State>,
+    read_slots: Arc<Semaphore>,
+}
+
+/// A member to decode and the claims it serves.
+struct Member {
+    end: u64,
+    claims: Vec<Claim>,
+}
+
+impl Layer {
+    pub(crate) fn new(
+        digest: String,
+        index: LayerIndex,
+        presence: PresenceMap,
+        blob: Arc<dyn RemoteBlob>,
+        cache: Arc<Cache>,
+        opts: FetchOptions,
+    ) -> Layer {
+        let compression = index
+            .format()
+            .map(|f| f.compression())
+            .unwrap_or(Compression::Gzip);
+        Layer {
+            digest,
+            index,
+            presence,
+            counters: LayerCounters::default(),
+            blob,
+            cache,
+            read_slots: Arc::new(Semaphore::new(opts.max_inflight_reads.max(1))),
+            opts,
+            compression,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn content_key(&self, ino: u64) -> Digest {
+        match self.index.inode(ino).and_then(|n| n.digest()) {
+            Some(d) => d,
+            // No whole-file digest in the TOC: a key private to this layer.
+            None => Digest::of(format!("{}/{ino}", self.digest).as_bytes()),
+        }
+    }
+
+    /// The cache file holding inode `ino`'s content.
+    pub fn content_path(&self, ino: u64) -> std::path::PathBuf {
+        self.cache.content_path(&self.content_key(ino))
+    }
+
+    /// Chunks covering `[offset, offset + len)` of a file (the whole file
+    /// when it is small).
+    fn chunks_for(&self, ino: u64, offset: u64, len: u64) -> Result<Vec<Claim>, FetchError> {
+        let node = self
+            .index
+            .inode(ino)
+            .ok_or_else(|| FetchError::NoSuchInode {
+                layer: self.digest.clone(),
+                ino,
+            })?;
+        if !node.is_reg() || len == 0 {
+            return Ok(Vec::new());
+        }
+        let (start, end) = if node.size() <= self.opts.whole_file_below {
+            (0, node.size())
+        } else {
+            (offset, offset.saturating_add(len).min(node.size()))
+        };
+        let mut out = Vec::new();
+        let Some(first) = node.chunk_at(start) else {
+            return Ok(out);
+        };
+        for i in first.index..node.chunk_count() {
+            let Some(c) = node.chunk(i) else { break };
+            if c.file_offset >= end {
+                break;
+            }
+            out.push(Claim { ino, chunk: c });
+        }
+        Ok(out)
+    }
+
+    /// Make the given file ranges `(inode, offset, length)` present.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        ranges: &[(u64, u64, u64)],
+    ) -> Result<FetchStats, FetchError> {
+        let mut wanted: Vec<Claim> = Vec::new();
+        for &(ino, off, len) in ranges {
+            wanted.extend(self.chunks_for(ino, off, len)?);
+        }
+        wanted.retain(|c| !self.presence.is_present(c.chunk.global));
+        if wanted.is_empty() {
+            return Ok(FetchStats::default());
+        }
+        wanted.sort_by_key(|c| c.chunk.global);
+        wanted.dedup_by_key(|c| c.chunk.global);
+        let mut waits: Vec<(Claim, watch::Receiver<Outcome>)> = Vec::with_capacity(wanted.len());
+        let mut stats = FetchStats::default();
+        {
+            let mut st = self.state.lock().expect("layer state");
+            for c in wanted {
+                if self.presence.is_present(c.chunk.global) {
+                    continue;
+                }
+                if let Some(tx) = st.inflight.get(&c.chunk.global) {
+                    waits.push((c, tx.subscribe()));
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                st.inflight.insert(c.chunk.global, tx);
+                st.queue.push(c);
+                stats.chunks_fetched += 1;
+                stats.bytes_fetched += c.chunk.size;
+                waits.push((c, rx));
+            }
+        }
+        if stats.chunks_fetched > 0 {
+            tokio::spawn(self.clone().drain());
+        }
+        for (c, mut rx) in waits {
+            let outcome = rx
+                .wait_for(|o| o.is_some())
+                .await
+                .map(|o| o.clone())
+                .unwrap_or_else(|_| Some(Err("the fetch was abandoned".into())));
+            if let Some(Err(reason)) = outcome {
+                return Err(FetchError::Chunk {
+                    layer: self.digest.clone(),
+                    file: self.index.path_of(c.ino),
+                    reason,
+                });
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Take a read slot, then everything queued, and fetch it.
+    async fn drain(self: Arc<Self>) {
+        let Ok(_permit) = self.read_slots.clone().acquire_owned().await else {
+            return;
+        };
+        loop {
+            let batch = std::mem::take(&mut self.state.lock().expect("layer state").queue);
+            if batch.is_empty() {
+                return;
+            }
+            let results = self.fetch_batch(&batch).await;
+            let mut st = self.state.lock().expect("layer state");
+            for (c, r) in batch.iter().zip(results) {
+                if let Some(tx) = st.inflight.remove(&c.chunk.global) {
+                    let _ = tx.send(Some(r));
+                }
+            }
+        }
+    }
+
+    /// Plan ranges over members: merge while the gap and size caps allow.
+    fn plan(&self, members: &BTreeMap<u64, Member>) -> Vec<(Range<u64>, Vec<u64>)> {
+        let mut out: Vec<(Range<u64>, Vec<u64>)> = Vec::new();
+        for (&start, m) in members {
+            if let Some((r, list)) = out.last_mut()
+                && start <= r.end.saturating_add(self.opts.merge_gap)
+                && m.end.max(r.end) - r.start <= self.opts.max_merged_range
+            {
+                r.end = r.end.max(m.end);
+                list.push(start);
+                continue;
+            }
+            out.push((start..m.end, vec![start]));
+        }
+        out
+    }
+
+    /// Fetch, verify, write and publish a batch; one result per claim.
+    async fn fetch_batch(self: &Arc<Self>, batch: &[Claim]) -> Vec<Result<(), String>> {
+        let mut results: HashMap<u32, Result<(), String>> = HashMap::new();
+        let mut members: BTreeMap<u64, Member> = BTreeMap::new();
+        for c in batch {
+            if c.chunk.zeros {
+                // A hole: nothing to fetch, but still verified.
+                results.insert(
+                    c.chunk.global,
+                    self.store(c, &vec![0u8; c.chunk.size as usize]),
+                );
+                continue;
+            }
+            let m = members.entry(c.chunk.compressed_offset).or_insert(Member {
+                end: c.chunk.compressed_end,
+                claims: Vec::new(),
+            });
+            m.end = m.end.max(c.chunk.compressed_end);
+            m.claims.push(*c);
+        }
+        let mut retry: BTreeMap<u64, Member> = BTreeMap::new();
+        for attempt in 0..2 {
+            let todo = if attempt == 0 {
+                std::mem::take(&mut members)
+            } else {
+                std::mem::take(&mut retry)
+            };
+            if todo.is_empty() {
+                break;
+            }
+            let plan = self.plan(&todo);
+            let ranges: Vec<Range<u64>> = plan.iter().map(|(r, _)| r.clone()).collect();
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .ranges
+                .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+            let data = match self.blob.read_ranges(&ranges).await {
+                Ok(d)
+                    if d.len() == ranges.len()
+                        && d.iter()
+                            .zip(&ranges)
+                            .all(|(b, r)| b.len() as u64 == r.end - r.start) =>
+                {
+                    d
+                }
+                other => {
+                    let reason = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => {
+                            format!("{}: ranges of the wrong length came back", self.blob.name())
+                        }
+                    };
+                    for m in todo.values() {
+                        for c in &m.claims {
+                            results.insert(c.chunk.global, Err(reason.clone()));
+                        }
+                    }
+                    break;
+                }
+            };
+            for ((range, starts), bytes) in plan.into_iter().zip(data) {
+                self.counters
+                    .compressed_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let bytes = Arc::new(bytes);
+                for start in starts {
+                    let m = &todo[&start];
+                    let from = (start - range.start) as usize;
+                    let to = (m.end - range.start) as usize;
+                    let (bytes, claims) = (bytes.clone(), m.claims.clone());
+                    let me = self.clone();
+                    let outcome = tokio::task::spawn_blocking(move || {
+                        me.decode_member(&bytes[from..to], &claims)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        vec![Err(format!("decoder task failed: {e}")); m.claims.len()]
+                    });
+                    let mut failed = Vec::new();
+                    for (c, r) in m.claims.iter().zip(outcome) {
+                        match r {
+                            Err(reason) if attempt == 0 && reason.starts_with(VERIFY) => {
+                                self.counters
+                                    .verification_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(layer = %self.digest, file = %self.index.path_of(c.ino), %reason, "refetching a chunk that failed verification");
+                                failed.push(*c);
+                            }
+                            r => {
+                                if matches!(r, Err(ref reason) if reason.starts_with(VERIFY)) {
+                                    self.counters
+                                        .verification_failures
+                                        .fetch_add(1, Ordering::Relaxed);
+                                }
+                                results.insert(c.chunk.global, r);
+                            }
+                        }
+                    }
+                    if !failed.is_empty() {
+                        retry.insert(
+                            start,
+                            Member {
+                                end: m.end,
+                                claims: failed,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        batch
+            .iter()
+            .map(|c| {
+                results
+                    .remove(&c.chunk.global)
+                    .unwrap_or_else(|| Err("chunk was not fetched".into()))
+            })
+            .collect()
+    }
+
+    /// Decompress one member and store every chunk it serves.
+    fn decode_member(&self, compressed: &[u8], claims: &[Claim]) -> Vec<Result<(), String>> {
+        let needed = claims
+            .iter()
+            .map(|c| c.chunk.inner_offset + c.chunk.size)
+            .max()
+            .unwrap_or(0);
+        let data = match decompress_prefix(self.compression, compressed, needed) {
+            Ok(d) => d,
+            Err(e) => return vec![Err(format!("{VERIFY}: {e}")); claims.len()],
+        };
+        claims
+            .iter()
+            .map(|c| {
+                let from = c.chunk.inner_offset as usize;
+                self.store(c, &data[from..from + c.chunk.size as usize])
+            })
+            .collect()
+    }
+
+    /// Verify a chunk's bytes, write them, then publish the chunk.
+    fn store(&self, c: &Claim, data: &[u8]) -> Result<(), String> {
+        let actual = Digest::of(data);
+        if actual.0 != c.chunk.digest {
+            return Err(format!(
+                "{VERIFY}: chunk at offset {} hashes to {actual}, the TOC says {}",
+                c.chunk.file_offset,
+                Digest(c.chunk.digest)
+            ));
+        }
+        let node = self
+            .index
+            .inode(c.ino)
+            .ok_or("inode vanished from the index")?;
+        let key = self.content_key(c.ino);
+        let content = self
+            .cache
+            .content_writer(&key, node.size())
+            .map_err(|e| e.to_string())?;
+        content
+            .write_at(c.chunk.file_offset, data)
+            .map_err(|e| e.to_string())?;
+        self.presence.set_present(c.chunk.global);
+        self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        // The last chunk of a file completes it for every layer.
+        let first = c.chunk.global - c.chunk.index as u32;
+        if self
+            .presence
+            .all_present(first..first + node.chunk_count() as u32)
+            && node.digest().is_some()
+        {
+            let _ = self.cache.mark_complete(&key);
+        }
+        Ok(())
+    }
+
+    /// Chunks present / total.
+    pub fn progress(&self) -> (u32, u32) {
+        (self.presence.count_present(), self.presence.chunk_count())
+    }
+}
+
+/// Prefix of reasons that mean "the bytes were wrong" (worth one refetch).
+const VERIFY: &str = "verification failed";

@@ -1,0 +1,116 @@
+//! The fetcher: the only process that talks to registries and the only
+//! writer of the node's chunk cache.
+//!
+//! * [`blob`]: where bytes come from ([`RemoteBlob`]: size + several ranges
+//!   per request; the registry client implements it, [`FileBlob`] serves
+//!   local files).
+//! * [`resolve`]: a layer's footer and TOC in as few reads as possible (one
+//!   tail window that usually holds both), the TOC digest checked against
+//!   the layer's annotation, the TOC index and presence map written into the
+//!   cache ([`resolve::resolve_layer`]).
+//! * [`engine`]: turning "bytes of these files" into present chunks: chunks
+//!   already present are skipped, chunks in flight are waited for (never
+//!   fetched twice at once), the rest are queued; a batch takes everything
+//!   queued when a request slot frees up, merges neighbouring members into
+//!   ranges (gap and size caps), reads them in one call, decompresses each
+//!   member once, verifies every chunk's sha256, writes the content file and
+//!   only then sets the chunk's presence bit. A chunk that fails verification
+//!   is fetched once more, then reported, never served.
+//!
+//! The gRPC service (`stargaze.v1.Fetcher`) and the registry glue sit on top.
+
+pub mod blob;
+pub mod engine;
+pub mod resolve;
+
+pub use blob::{BlobError, FileBlob, RemoteBlob};
+pub use engine::{FetchStats, Layer};
+pub use resolve::resolve_layer;
+
+/// Tunables of resolution and fetching.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Bytes read from the end of a blob at once: the footer and, usually,
+    /// the whole TOC in one request.
+    pub tail_window: u64,
+    /// Members closer than this are fetched in one range.
+    pub merge_gap: u64,
+    /// Upper bound on one merged range.
+    pub max_merged_range: u64,
+    /// Concurrent range reads per layer; requests queued meanwhile are
+    /// batched into the next read.
+    pub max_inflight_reads: usize,
+    /// Files up to this size are fetched whole on their first read.
+    pub whole_file_below: u64,
+    /// Refuse TOCs larger than this (uncompressed).
+    pub max_toc_size: u64,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            tail_window: 256 << 10,
+            merge_gap: 256 << 10,
+            max_merged_range: 16 << 20,
+            max_inflight_reads: 4,
+            whole_file_below: 256 << 10,
+            max_toc_size: stargaze_format::reader::DEFAULT_MAX_TOC_SIZE,
+        }
+    }
+}
+
+/// Why resolving or fetching failed; every message names the layer.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("layer {layer}: {source}")]
+    Blob {
+        layer: String,
+        #[source]
+        source: BlobError,
+    },
+    #[error(transparent)]
+    Format(#[from] stargaze_format::Error),
+    #[error("layer {layer}: {source}")]
+    Cache {
+        layer: String,
+        #[source]
+        source: stargaze_cache::CacheError,
+    },
+    #[error("layer {layer}: {source}")]
+    Index {
+        layer: String,
+        #[source]
+        source: stargaze_index::IndexError,
+    },
+    #[error(
+        "layer {layer} has no containerd.io/snapshot/stargz/toc.digest annotation, so its TOC cannot be verified; convert the image with --oci (annotations need OCI manifests) or allow unverified layers"
+    )]
+    NotVerifiable { layer: String },
+    #[error(
+        "layer {layer} keeps its TOC in a separate -esgztoc image, which this fetcher does not read yet; convert without --external-toc"
+    )]
+    ExternalToc { layer: String },
+    #[error("layer {layer}: no inode {ino} in its TOC index")]
+    NoSuchInode { layer: String, ino: u64 },
+    #[error("layer {layer}, file {file}: {reason}")]
+    Chunk {
+        layer: String,
+        file: String,
+        reason: String,
+    },
+}
+
+impl FetchError {
+    /// Is the layer simply not lazily pullable (the caller should fall back
+    /// to a normal pull) rather than broken?
+    pub fn is_not_lazy(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Format(stargaze_format::Error {
+                kind: stargaze_format::ErrorKind::NotLazy(_),
+                ..
+            }) | FetchError::ExternalToc { .. }
+                | FetchError::NotVerifiable { .. }
+        )
+    }
+}

@@ -1,0 +1,155 @@
+//! Resolving a layer: footer + TOC → verified tree → TOC index and
+//! presence map in the cache.
+
+use std::sync::Arc;
+
+use stargaze_cache::{Cache, PresenceMap};
+use stargaze_format::footer::{MAX_FOOTER_SIZE, parse_footer};
+use stargaze_format::reader::{LayerToc, decode_toc};
+use stargaze_format::{Digest, Error as FormatError, ErrorKind, Footer};
+use stargaze_index::{IndexMeta, LayerIndex, build, write_atomic};
+
+use crate::engine::Layer;
+use crate::{FetchError, FetchOptions, RemoteBlob};
+
+fn blob_err(layer: &str) -> impl Fn(crate::BlobError) -> FetchError + '_ {
+    move |source| FetchError::Blob {
+        layer: layer.to_string(),
+        source,
+    }
+}
+
+/// Read footer and TOC, verify, write the index and presence map. A valid
+/// index already in the cache (a restart) is reused without touching the
+/// registry, as long as its TOC digest matches the expected one.
+pub async fn resolve_layer(
+    cache: Arc<Cache>,
+    blob: Arc<dyn RemoteBlob>,
+    layer_digest: &str,
+    expected_toc: Option<Digest>,
+    allow_unverified: bool,
+    opts: &FetchOptions,
+) -> Result<Layer, FetchError> {
+    if expected_toc.is_none() && !allow_unverified {
+        return Err(FetchError::NotVerifiable {
+            layer: layer_digest.to_string(),
+        });
+    }
+    let index_path = cache.index_path(layer_digest);
+    let reuse = LayerIndex::open(&index_path).ok().filter(|i| {
+        i.layer_digest() == layer_digest && expected_toc.is_none_or(|t| i.toc_digest() == t)
+    });
+    let index = match reuse {
+        Some(i) => i,
+        None => {
+            let toc = fetch_toc(&*blob, layer_digest, expected_toc, opts).await?;
+            let meta = IndexMeta {
+                layer_digest: layer_digest.to_string(),
+                toc_digest: toc.toc_digest,
+                blob_size: toc.blob_size,
+            };
+            let path = index_path.clone();
+            let layer = layer_digest.to_string();
+            // Building a 100k-entry index takes tens of milliseconds.
+            tokio::task::spawn_blocking(move || {
+                let bytes = build(&toc.toc, &meta)?;
+                write_atomic(&path, &bytes)?;
+                LayerIndex::open(&path)
+            })
+            .await
+            .expect("index build task panicked")
+            .map_err(|source| FetchError::Index { layer, source })?
+        }
+    };
+    let presence = PresenceMap::open_rw(
+        &cache.presence_path(layer_digest),
+        index.chunk_count(),
+        layer_digest,
+    )
+    .map_err(|source| FetchError::Cache {
+        layer: layer_digest.to_string(),
+        source,
+    })?;
+    // Files another layer already completed are present here too.
+    for ino in 1..=index.inode_count() {
+        let Some(n) = index.inode(ino) else { continue };
+        if n.is_reg()
+            && let Some(d) = n.digest()
+            && n.chunk_count() > 0
+            && cache.is_complete(&d)
+        {
+            for c in n.chunks() {
+                presence.set_present(c.global);
+            }
+        }
+    }
+    Ok(Layer::new(
+        layer_digest.to_string(),
+        index,
+        presence,
+        blob,
+        cache,
+        opts.clone(),
+    ))
+}
+
+/// The footer and TOC with as few reads as possible: one tail window,
+/// a second read only when the TOC starts before it.
+async fn fetch_toc(
+    blob: &dyn RemoteBlob,
+    layer: &str,
+    expected: Option<Digest>,
+    opts: &FetchOptions,
+) -> Result<LayerToc, FetchError> {
+    let fmt = |k: ErrorKind| FetchError::Format(FormatError::new(layer, k));
+    let size = blob.size().await.map_err(blob_err(layer))?;
+    let window = size.min(opts.tail_window.max(MAX_FOOTER_SIZE as u64));
+    let tail = blob
+        .read_ranges(std::slice::from_ref(&(size - window..size)))
+        .await
+        .map_err(blob_err(layer))?
+        .pop()
+        .unwrap_or_default();
+    if tail.len() as u64 != window {
+        return Err(fmt(ErrorKind::BadFooter(
+            "short read of the blob's tail".into(),
+        )));
+    }
+    let footer_tail = &tail[tail.len().saturating_sub(MAX_FOOTER_SIZE)..];
+    let footer = parse_footer(footer_tail, size).map_err(fmt)?;
+    let Some(range) = footer.toc_range(size) else {
+        debug_assert!(matches!(footer, Footer::ExternalToc));
+        return Err(FetchError::ExternalToc {
+            layer: layer.to_string(),
+        });
+    };
+    let window_start = size - window;
+    let compressed = if range.start >= window_start {
+        tail[(range.start - window_start) as usize..(range.end - window_start) as usize].to_vec()
+    } else {
+        // Read what is missing in front of the window, then join.
+        let mut head = blob
+            .read_ranges(std::slice::from_ref(
+                &(range.start..window_start.min(range.end)),
+            ))
+            .await
+            .map_err(blob_err(layer))?
+            .pop()
+            .unwrap_or_default();
+        if range.end > window_start {
+            head.extend_from_slice(&tail[..(range.end - window_start) as usize]);
+        }
+        head
+    };
+    let max = opts.max_toc_size;
+    let layer_name = layer.to_string();
+    tokio::task::spawn_blocking(move || {
+        let json =
+            decode_toc(&footer, &compressed, max).map_err(|k| FormatError::new(&layer_name, k))?;
+        LayerToc::from_json(footer, size, json, expected)
+            .map_err(|k| FormatError::new(&layer_name, k))
+    })
+    .await
+    .expect("TOC decode task panicked")
+    .map_err(FetchError::Format)
+}

@@ -1,0 +1,417 @@
+//! Resolution and chunk fetching against converted layers in local files.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::{BlobError, FetchError, FetchOptions, FileBlob, RemoteBlob, resolve_layer};
+use stargaze_format::convert::{ConvertOptions, TargetFormat};
+use stargaze_format::tar::{TarKind, TarReader};
+use stargaze_format::{Digest, tree::normalize_path};
+use stargaze_testkit::image;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    blob_path: std::path::PathBuf,
+    cache_dir: std::path::PathBuf,
+    toc: Digest,
+    digest: String,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+fn fixture(opts: ConvertOptions) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tar = image::busybox_layer();
+    let end = TarReader::new(&tar).last().unwrap().unwrap().end_offset as usize;
+    tar.truncate(end);
+    tar.extend(image::data_layer(5).0);
+    let mut files = BTreeMap::new();
+    for e in TarReader::new(&tar) {
+        let e = e.unwrap();
+        // Whiteouts are devices in the index, not files.
+        if e.kind == TarKind::Regular && !e.name.contains(".wh.") {
+            let data = tar[e.data_offset as usize..(e.data_offset + e.size) as usize].to_vec();
+            files.insert(normalize_path(&e.name).unwrap(), data);
+        }
+    }
+    let mut out = Vec::new();
+    let res = stargaze_format::convert("fixture", &tar, &mut out, &opts, None).unwrap();
+    let blob_path = dir.path().join("blob");
+    std::fs::write(&blob_path, &out).unwrap();
+    Fixture {
+        blob_path,
+        cache_dir: dir.path().join("cache"),
+        toc: res.toc_digest,
+        digest: res.digest.to_string(),
+        files,
+        _dir: dir,
+    }
+}
+
+fn small_chunks() -> ConvertOptions {
+    ConvertOptions {
+        chunk_size: 64 << 10,
+        ..Default::default()
+    }
+}
+
+fn opts() -> FetchOptions {
+    FetchOptions {
+        whole_file_below: 0,
+        ..Default::default()
+    }
+}
+
+async fn resolve(
+    f: &Fixture,
+    o: &FetchOptions,
+) -> (Arc<stargaze_fetcher::Layer>, Arc<FileBlob>, Arc<Cache>) {
+    let cache = Arc::new(Cache::open_writer(&f.cache_dir).unwrap());
+    let blob = Arc::new(FileBlob::open(&f.blob_path).unwrap());
+    let layer = resolve_layer(
+        cache.clone(),
+        blob.clone(),
+        &f.digest,
+        Some(f.toc),
+        false,
+        o,
+    )
+    .await
+    .unwrap();
+    (Arc::new(layer), blob, cache)
+}
+
+fn read_content(layer: &stargaze_fetcher::Layer, ino: u64, range: Range<u64>) -> Vec<u8> {
+    if range.is_empty() {
+        return Vec::new(); // empty files have no content file: fs answers them itself
+    }
+    let bytes = std::fs::read(layer.content_path(ino)).unwrap();
+    bytes[range.start as usize..range.end as usize].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_file_and_arbitrary_ranges_come_back_exactly() {
+    for (label, conv) in [
+        ("estargz 64k", small_chunks()),
+        (
+            "zstd:chunked",
+            ConvertOptions {
+                format: TargetFormat::ZstdChunked,
+                ..small_chunks()
+            },
+        ),
+        (
+            "min-chunk-size",
+            ConvertOptions {
+                min_chunk_size: 32 << 10,
+                ..small_chunks()
+            },
+        ),
+    ] {
+        let f = fixture(conv);
+        let (layer, _blob, _cache) = resolve(&f, &opts()).await;
+        // Odd ranges first: chunk boundaries, single bytes, past the end.
+        for (path, data) in &f.files {
+            let ino = layer.index.lookup_path(path).unwrap();
+            let len = data.len() as u64;
+            for (off, n) in [
+                (0, 1),
+                (len / 2, 7),
+                (len.saturating_sub(3), 10),
+                (65_535, 2),
+            ] {
+                if off >= len {
+                    continue;
+                }
+                layer.fetch(&[(ino, off, n)]).await.unwrap();
+                let end = (off + n).min(len);
+                assert_eq!(
+                    read_content(&layer, ino, off..end),
+                    data[off as usize..end as usize],
+                    "{label}: {path} {off}+{n}"
+                );
+            }
+        }
+        // Then everything.
+        let all: Vec<_> = f
+            .files
+            .iter()
+            .map(|(p, d)| (layer.index.lookup_path(p).unwrap(), 0, d.len() as u64))
+            .collect();
+        layer.fetch(&all).await.unwrap();
+        for (path, data) in &f.files {
+            let ino = layer.index.lookup_path(path).unwrap();
+            assert_eq!(
+                read_content(&layer, ino, 0..data.len() as u64),
+                *data,
+                "{label}: {path}"
+            );
+        }
+        let (present, total) = layer.progress();
+        assert_eq!(present, total, "{label}: every chunk present");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_fetch_each_chunk_once() {
+    let f = fixture(small_chunks());
+    let (layer, blob, _cache) = resolve(&f, &opts()).await;
+    let ino = layer.index.lookup_path("data/file7").unwrap();
+    let chunks = layer.index.inode(ino).unwrap().chunk_count() as u64;
+    let reads_before = blob.requests();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let l = layer.clone();
+        tasks.push(tokio::spawn(async move {
+            l.fetch(&[(ino, 0, 5_000_000)]).await
+        }));
+    }
+    let mut claimed = 0;
+    for t in tasks {
+        claimed += t.await.unwrap().unwrap().chunks_fetched as u64;
+    }
+    assert_eq!(claimed, chunks, "every chunk claimed by exactly one caller");
+    assert_eq!(
+        layer.counters.chunks_fetched.load(Ordering::Relaxed),
+        chunks
+    );
+    assert!(
+        blob.requests() - reads_before <= 4,
+        "batched into few reads"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbouring_misses_merge_into_one_request() {
+    let f = fixture(small_chunks());
+    let (layer, blob, _cache) = resolve(&f, &opts()).await;
+    let small: Vec<_> = [
+        "data/file1",
+        "data/file2",
+        "data/file3",
+        "data/file4",
+        "etc/passwd",
+    ]
+    .iter()
+    .map(|p| (layer.index.lookup_path(p).unwrap(), 0, 10))
+    .collect();
+    let before = blob.requests();
+    layer.fetch(&small).await.unwrap();
+    assert_eq!(
+        blob.requests() - before,
+        1,
+        "one read for neighbouring small files"
+    );
+    // With merging disabled by a zero gap and tiny cap, the same needs more.
+    let f2 = fixture(small_chunks());
+    let o = FetchOptions {
+        merge_gap: 0,
+        max_merged_range: 1,
+        ..opts()
+    };
+    let (layer2, _blob2, _c) = resolve(&f2, &o).await;
+    let before = layer2.counters.ranges.load(Ordering::Relaxed);
+    let small2: Vec<_> = ["data/file1", "data/file2", "data/file3"]
+        .iter()
+        .map(|p| (layer2.index.lookup_path(p).unwrap(), 0, 10))
+        .collect();
+    layer2.fetch(&small2).await.unwrap();
+    assert_eq!(layer2.counters.ranges.load(Ordering::Relaxed) - before, 3);
+}
+
+/// A blob whose bytes are corrupted in one region.
+struct Corrupt {
+    inner: FileBlob,
+    at: u64,
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for Corrupt {
+    fn name(&self) -> String {
+        "corrupt-blob".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        self.inner.size().await
+    }
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+        let mut out = self.inner.read_ranges(ranges).await?;
+        for (r, b) in ranges.iter().zip(out.iter_mut()) {
+            if r.contains(&self.at) {
+                b[(self.at - r.start) as usize] ^= 0x5a;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_bytes_are_refetched_once_then_reported_never_published() {
+    let f = fixture(small_chunks());
+    // Find the middle of file7's second chunk's member.
+    let (probe, _, _) = resolve(&f, &opts()).await;
+    let ino = probe.index.lookup_path("data/file7").unwrap();
+    let c = probe.index.inode(ino).unwrap().chunk(1).unwrap();
+    drop(probe);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(cache_dir.path()).unwrap());
+    let blob = Arc::new(Corrupt {
+        inner: FileBlob::open(&f.blob_path).unwrap(),
+        at: (c.compressed_offset + c.compressed_end) / 2,
+    });
+    let layer = Arc::new(
+        resolve_layer(cache, blob, &f.digest, Some(f.toc), false, &opts())
+            .await
+            .unwrap(),
+    );
+    let err = layer
+        .fetch(&[(ino, c.file_offset, 10)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("/data/file7") && err.contains(&f.digest),
+        "{err}"
+    );
+    assert!(
+        !layer.presence.is_present(c.global),
+        "bad bytes are never published"
+    );
+    assert_eq!(
+        layer.counters.verification_failures.load(Ordering::Relaxed),
+        2,
+        "fetched twice"
+    );
+    // Other chunks still work.
+    layer.fetch(&[(ino, 0, 10)]).await.unwrap();
+}
+
+#[tokio::test]
+async fn verification_is_required_unless_allowed() {
+    let f = fixture(small_chunks());
+    let cache = Arc::new(Cache::open_writer(&f.cache_dir).unwrap());
+    let blob = Arc::new(FileBlob::open(&f.blob_path).unwrap());
+    let e = resolve_layer(cache.clone(), blob.clone(), &f.digest, None, false, &opts())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, FetchError::NotVerifiable { .. }) && e.is_not_lazy());
+    let e = resolve_layer(
+        cache.clone(),
+        blob.clone(),
+        &f.digest,
+        Some(Digest::of(b"x")),
+        false,
+        &opts(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("TOC digest mismatch"), "{e}");
+    assert!(
+        resolve_layer(cache, blob, &f.digest, None, true, &opts())
+            .await
+            .is_ok()
+    );
+}
+
+/// A blob that must not be read.
+struct Gone;
+
+#[tonic::async_trait]
+impl RemoteBlob for Gone {
+    fn name(&self) -> String {
+        "unreachable".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        Err(BlobError {
+            blob: self.name(),
+            message: "registry down".into(),
+            retryable: true,
+        })
+    }
+    async fn read_ranges(&self, _: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+        self.size().await.map(|_| Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reuses_the_index_and_the_cached_chunks() {
+    let f = fixture(small_chunks());
+    {
+        let (layer, _, cache) = resolve(&f, &opts()).await;
+        let ino = layer.index.lookup_path("data/file6").unwrap();
+        layer.fetch(&[(ino, 0, 300_000)]).await.unwrap();
+        cache.mark_clean().unwrap();
+    }
+    let cache = Arc::new(Cache::open_writer(&f.cache_dir).unwrap());
+    assert!(!cache.was_unclean());
+    let layer = Arc::new(
+        resolve_layer(
+            cache,
+            Arc::new(Gone),
+            &f.digest,
+            Some(f.toc),
+            false,
+            &opts(),
+        )
+        .await
+        .unwrap(),
+    );
+    let ino = layer.index.lookup_path("data/file6").unwrap();
+    let stats = layer.fetch(&[(ino, 0, 300_000)]).await.unwrap();
+    assert_eq!(
+        stats.chunks_fetched, 0,
+        "served from the cache without the registry"
+    );
+    let err = layer
+        .fetch(&[(layer.index.lookup_path("data/file7").unwrap(), 0, 1)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("registry down"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_completed_by_one_layer_are_present_in_another() {
+    let a = fixture(small_chunks());
+    let b = fixture(ConvertOptions {
+        chunk_size: 64 << 10,
+        min_chunk_size: 16 << 10, // a different layer with the same files
+        ..Default::default()
+    });
+    assert_ne!(a.digest, b.digest);
+    let cache = Arc::new(Cache::open_writer(&a.cache_dir).unwrap());
+    let la = Arc::new(
+        resolve_layer(
+            cache.clone(),
+            Arc::new(FileBlob::open(&a.blob_path).unwrap()),
+            &a.digest,
+            Some(a.toc),
+            false,
+            &opts(),
+        )
+        .await
+        .unwrap(),
+    );
+    let ino = la.index.lookup_path("bin/busybox").unwrap();
+    la.fetch(&[(ino, 0, u64::MAX / 2)]).await.unwrap();
+    // The second layer holds the same file (other chunking): once the first
+    // completed it, it is present there at resolve time.
+    let lb = Arc::new(
+        resolve_layer(
+            cache,
+            Arc::new(FileBlob::open(&b.blob_path).unwrap()),
+            &b.digest,
+            Some(b.toc),
+            false,
+            &opts(),
+        )
+        .await
+        .unwrap(),
+    );
+    let ino_b = lb.index.lookup_path("bin/busybox").unwrap();
+    let stats = lb.fetch(&[(ino_b, 0, u64::MAX / 2)]).await.unwrap();
+    assert_eq!(stats.chunks_fetched, 0);
+    assert_eq!(lb.content_path(ino_b), la.content_path(ino), "stored once");
+}
