@@ -295,10 +295,95 @@ pub struct Registry {
     pub dir: tempfile::TempDir,
     pub addr: String,
     child: Child,
+    _keys: Option<tempfile::TempDir>,
 }
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with("", None)
+    }
+
+    /// A registry with TLS (a test CA and a certificate for 127.0.0.1 made
+    /// with openssl; returns the CA's PEM to trust) and htpasswd Basic auth for
+    /// `user`/`password` (bcrypt line made with Python's crypt).
+    pub fn start_tls_auth(user: &str, password: &str) -> (Registry, PathBuf) {
+        require("openssl");
+        let keys = tempfile::Builder::new()
+            .prefix("sg-tls-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let k = keys.path();
+        let (ca, ca_key) = (k.join("ca.pem"), k.join("ca-key.pem"));
+        let (cert, key, csr) = (k.join("cert.pem"), k.join("key.pem"), k.join("cert.csr"));
+        // A CA, and a server certificate for 127.0.0.1 signed by it.
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=stargaze test CA",
+                "-keyout",
+            ])
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca));
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr));
+        let ext = k.join("ext.cnf");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&cert)
+            .arg("-extfile")
+            .arg(&ext));
+        let hash = run(Command::new("python3").args([
+            "-c",
+            "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+            password,
+        ]));
+        let htpasswd = keys.path().join("htpasswd");
+        std::fs::write(
+            &htpasswd,
+            format!("{user}:{}", String::from_utf8_lossy(&hash.stdout).trim()),
+        )
+        .expect("htpasswd");
+        let extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: stargaze-test\n    path: {}\n",
+            cert.display(),
+            key.display(),
+            htpasswd.display()
+        );
+        let r = Self::start_with(&extra, Some(keys));
+        (r, ca)
+    }
+
+    fn start_with(extra: &str, keys: Option<tempfile::TempDir>) -> Registry {
         require("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("sg-reg-")
@@ -307,7 +392,7 @@ impl Registry {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = format!(
-            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: {addr}\n{extra}",
             dir.path().display()
         );
         let config_path = dir.path().join("config.yml");
@@ -321,7 +406,12 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let r = Registry { dir, addr, child };
+        let r = Registry {
+            dir,
+            addr,
+            child,
+            _keys: keys,
+        };
         let log_path = r.dir.path().join("registry.log");
         let a = r.addr.clone();
         wait_until(

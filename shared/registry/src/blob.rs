@@ -1,0 +1,526 @@
+//! Reading byte ranges of a blob: endpoint choice, redirects, size
+//! discovery, multi-range requests and their three possible answers.
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::client::{Client, Resp};
+use crate::hosts::Endpoint;
+use crate::{Reference, RegistryError};
+
+#[derive(Default)]
+struct State {
+    /// The endpoint that answered, and a redirect target if it sent one.
+    endpoint: Option<Endpoint>,
+    redirect: Option<String>,
+    size: Option<u64>,
+}
+
+/// One blob of one repository.
+pub struct Blob {
+    client: Client,
+    reference: Reference,
+    digest: String,
+    state: Mutex<State>,
+}
+
+fn range_header(ranges: &[Range<u64>]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|r| format!("{}-{}", r.start, r.end - 1))
+        .collect();
+    format!("bytes={}", parts.join(","))
+}
+
+/// `bytes a-b/total` → (a..b+1, total)
+fn parse_content_range(v: &str) -> Option<(Range<u64>, Option<u64>)> {
+    let v = v.trim().strip_prefix("bytes")?.trim();
+    let (span, total) = v.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let a: u64 = a.trim().parse().ok()?;
+    let b: u64 = b.trim().parse().ok()?;
+    (b >= a).then_some((a..b + 1, total.trim().parse().ok()))
+}
+
+/// Parse a `multipart/byteranges` body into (range, bytes) parts.
+pub(crate) fn parse_multipart(
+    body: &[u8],
+    boundary: &str,
+) -> Result<Vec<(Range<u64>, Bytes)>, String> {
+    let delim = format!("--{boundary}");
+    let mut parts = Vec::new();
+    let mut pos = find(body, delim.as_bytes(), 0).ok_or("no multipart boundary in the body")?;
+    loop {
+        pos += delim.len();
+        if body.get(pos..pos + 2) == Some(b"--") {
+            return Ok(parts);
+        }
+        let headers_end =
+            find(body, b"\r\n\r\n", pos).ok_or("multipart part without headers end")?;
+        let headers = std::str::from_utf8(&body[pos..headers_end])
+            .map_err(|_| "multipart headers are not text")?;
+        let range = headers
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-range")
+                    .then(|| parse_content_range(v))?
+            })
+            .ok_or("multipart part without Content-Range")?
+            .0;
+        let start = headers_end + 4;
+        let end = start + (range.end - range.start) as usize;
+        let data = body
+            .get(start..end)
+            .ok_or("multipart part shorter than its Content-Range")?;
+        parts.push((range, Bytes::copy_from_slice(data)));
+        pos =
+            find(body, delim.as_bytes(), end).ok_or("multipart part not followed by a boundary")?;
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
+}
+
+/// Take each wanted range out of the parts that came back.
+fn slice_out(wanted: &[Range<u64>], parts: &[(Range<u64>, Bytes)]) -> Option<Vec<Bytes>> {
+    wanted
+        .iter()
+        .map(|w| {
+            let (r, b) = parts
+                .iter()
+                .find(|(r, _)| r.start <= w.start && w.end <= r.end)?;
+            Some(b.slice((w.start - r.start) as usize..(w.end - r.start) as usize))
+        })
+        .collect()
+}
+
+impl Blob {
+    pub(crate) fn new(client: Client, reference: Reference, digest: String) -> Blob {
+        Blob {
+            client,
+            reference,
+            digest,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!(
+            "{}/{}@{}",
+            self.reference.host, self.reference.repository, self.digest
+        )
+    }
+
+    fn err(&self, status: StatusCode, what: &str) -> RegistryError {
+        RegistryError::Status {
+            host: self.reference.host.clone(),
+            repository: self.reference.repository.clone(),
+            object: self.digest.clone(),
+            status: status.as_u16(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Find an endpoint serving the blob (mirrors first) and learn its size
+    /// and redirect target with one `Range: bytes=0-1` GET each.
+    async fn probe(&self) -> Result<(Endpoint, Option<String>, u64), RegistryError> {
+        let endpoints = self.client.endpoints(&self.reference)?;
+        let mut last: Option<RegistryError> = None;
+        for ep in endpoints {
+            let url = ep.url(&self.reference, "blobs", &self.digest);
+            let mut h = HeaderMap::new();
+            h.insert(http::header::RANGE, HeaderValue::from_static("bytes=0-1"));
+            let resp = match self
+                .client
+                .send(&ep, &self.reference, Method::GET, &url, &h, true)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let status = resp.resp.status();
+            let (redirect, resp) = if status.is_redirection() {
+                let loc = resp
+                    .resp
+                    .headers()
+                    .get(http::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
+                drop(resp);
+                let Some(loc) = loc else {
+                    last = Some(self.err(status, "redirect without Location"));
+                    continue;
+                };
+                // Pre-signed URLs take no registry credentials or headers.
+                let r = self
+                    .client
+                    .send(&ep, &self.reference, Method::GET, &loc, &h, false)
+                    .await?;
+                (Some(loc), r)
+            } else {
+                (None, resp)
+            };
+            let status = resp.resp.status();
+            let size = match status {
+                StatusCode::PARTIAL_CONTENT => resp
+                    .resp
+                    .headers()
+                    .get(http::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+                    .and_then(|(_, total)| total),
+                StatusCode::OK => resp
+                    .resp
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+                _ => {
+                    last = Some(self.err(status, "probing the blob"));
+                    continue;
+                }
+            };
+            drop(resp); // a 200 here would be the whole blob: do not read it
+            match size {
+                Some(s) => return Ok((ep, redirect, s)),
+                None => last = Some(self.err(status, "the answer does not say the blob's size")),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            RegistryError::Config(format!("no endpoint for {}", self.reference.host))
+        }))
+    }
+
+    async fn endpoint(
+        &self,
+        reprobe: bool,
+    ) -> Result<(Endpoint, Option<String>, u64), RegistryError> {
+        if !reprobe {
+            let st = self.state.lock().expect("blob state");
+            if let (Some(ep), Some(size)) = (&st.endpoint, st.size) {
+                return Ok((ep.clone(), st.redirect.clone(), size));
+            }
+        }
+        let (ep, redirect, size) = self.probe().await?;
+        let mut st = self.state.lock().expect("blob state");
+        st.endpoint = Some(ep.clone());
+        st.redirect = redirect.clone();
+        st.size = Some(size);
+        Ok((ep, redirect, size))
+    }
+
+    /// The blob's size in bytes.
+    pub async fn size(&self) -> Result<u64, RegistryError> {
+        Ok(self.endpoint(false).await?.2)
+    }
+
+    /// Read each range (in order). Ranges go out in as few requests as the
+    /// registry allows: one multi-range request per `max_ranges_per_request`,
+    /// or one request per range once the host has refused multi-range.
+    pub async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+        let (_, _, size) = self.endpoint(false).await?;
+        for r in ranges {
+            if r.start >= r.end || r.end > size {
+                return Err(RegistryError::Range {
+                    blob: self.name(),
+                    reason: format!(
+                        "range {}..{} outside the blob of {size} bytes",
+                        r.start, r.end
+                    ),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(ranges.len());
+        let per = self.client.options().max_ranges_per_request.max(1);
+        let mut i = 0;
+        while i < ranges.len() {
+            let single = self.client.options().force_single_range
+                || self
+                    .client
+                    .inner
+                    .single_range
+                    .lock()
+                    .expect("single range hosts")
+                    .contains(&self.reference.host);
+            let n = if single { 1 } else { per.min(ranges.len() - i) };
+            match self.read_group(&ranges[i..i + n], false).await {
+                Ok(mut parts) => out.append(&mut parts),
+                Err(RegistryError::MultiRangeRefused) => {
+                    tracing::info!(host = %self.reference.host, "registry refuses multi-range requests: switching to one range per request");
+                    self.client
+                        .inner
+                        .single_range
+                        .lock()
+                        .expect("single range hosts")
+                        .insert(self.reference.host.clone());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            i += n;
+        }
+        Ok(out)
+    }
+
+    async fn read_group(
+        &self,
+        group: &[Range<u64>],
+        reprobed: bool,
+    ) -> Result<Vec<Bytes>, RegistryError> {
+        let (ep, redirect, _) = self.endpoint(reprobed).await?;
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::RANGE,
+            HeaderValue::from_str(&range_header(group))
+                .map_err(|e| RegistryError::Config(e.to_string()))?,
+        );
+        h.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let (url, auth) = match &redirect {
+            Some(u) => (u.clone(), false),
+            None => (ep.url(&self.reference, "blobs", &self.digest), true),
+        };
+        let resp = self
+            .client
+            .send(&ep, &self.reference, Method::GET, &url, &h, auth)
+            .await?;
+        let status = resp.resp.status();
+        match status {
+            StatusCode::PARTIAL_CONTENT => self.partial(resp, group).await,
+            StatusCode::OK => self.whole(resp, group).await,
+            StatusCode::FORBIDDEN if redirect.is_some() && !reprobed => {
+                // An expired pre-signed URL: ask the registry for a new one.
+                drop(resp);
+                Box::pin(self.read_group(group, true)).await
+            }
+            StatusCode::BAD_REQUEST if group.len() > 1 => Err(RegistryError::MultiRangeRefused),
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                // Dropped unread: hyper closes the connection instead of
+                // pooling it (Debian's registry sends a wrong Content-Length
+                // with 416 answers, which would poison the next request).
+                drop(resp);
+                Err(self.err(status, "range not satisfiable"))
+            }
+            s => Err(self.err(s, "reading ranges")),
+        }
+    }
+
+    async fn partial(&self, resp: Resp, group: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+        let ctype = resp
+            .resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let crange = resp
+            .resp
+            .headers()
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range);
+        let limit = group.iter().map(|r| r.end - r.start).sum::<u64>() as usize
+            + 4096 * group.len()
+            + 65536;
+        let stats = resp.stats.clone();
+        let body = http_body_util::Limited::new(resp.resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| RegistryError::Range {
+                blob: self.name(),
+                reason: format!("reading the body: {e}"),
+            })?
+            .to_bytes();
+        stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+        let parts = if let Some(b) = ctype
+            .split(';')
+            .map(str::trim)
+            .find_map(|p| p.strip_prefix("boundary="))
+            .filter(|_| ctype.starts_with("multipart/byteranges"))
+        {
+            parse_multipart(&body, b.trim_matches('"')).map_err(|reason| RegistryError::Range {
+                blob: self.name(),
+                reason,
+            })?
+        } else {
+            let (r, _) = crange.ok_or_else(|| RegistryError::Range {
+                blob: self.name(),
+                reason: "206 answer without Content-Range".into(),
+            })?;
+            if body.len() as u64 != r.end - r.start {
+                return Err(RegistryError::Range {
+                    blob: self.name(),
+                    reason: format!(
+                        "206 body of {} bytes for a range of {}",
+                        body.len(),
+                        r.end - r.start
+                    ),
+                });
+            }
+            vec![(r, body)]
+        };
+        slice_out(group, &parts).ok_or_else(|| RegistryError::Range {
+            blob: self.name(),
+            reason: "the registry answered other ranges than requested".into(),
+        })
+    }
+
+    /// A 200 answer carries the whole blob: keep only the wanted slices
+    /// while streaming it.
+    async fn whole(&self, resp: Resp, group: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+        let stats = resp.stats.clone();
+        let mut bufs: Vec<BytesMut> = group
+            .iter()
+            .map(|r| BytesMut::with_capacity((r.end - r.start) as usize))
+            .collect();
+        let mut body = resp.resp.into_body();
+        let mut pos = 0u64;
+        let end = group.iter().map(|r| r.end).max().unwrap_or(0);
+        while pos < end {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let frame = frame.map_err(|e| RegistryError::Range {
+                blob: self.name(),
+                reason: format!("reading the body: {e}"),
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            let chunk = pos..pos + data.len() as u64;
+            for (r, buf) in group.iter().zip(bufs.iter_mut()) {
+                let from = r.start.max(chunk.start);
+                let to = r.end.min(chunk.end);
+                if from < to {
+                    buf.extend_from_slice(
+                        &data[(from - chunk.start) as usize..(to - chunk.start) as usize],
+                    );
+                }
+            }
+            pos = chunk.end;
+        }
+        // Stop reading here: dropping the body closes the connection.
+        drop(body);
+        group
+            .iter()
+            .zip(bufs)
+            .map(|(r, b)| {
+                if b.len() as u64 == r.end - r.start {
+                    Ok(b.freeze())
+                } else {
+                    Err(RegistryError::Range {
+                        blob: self.name(),
+                        reason: "the blob ended before the requested range".into(),
+                    })
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Debian's registry answers 416 with a wrong Content-Length: the
+    /// connection must be dropped, not reused for the next request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_416_does_not_poison_the_next_requests() {
+        let reg = stargaze_testkit::Registry::start();
+        let work = tempfile::tempdir().unwrap();
+        let layout = work.path().join("l");
+        stargaze_testkit::image::write_layout(
+            &layout,
+            "x",
+            "v1",
+            &[stargaze_testkit::image::data_layer(4).0],
+        );
+        stargaze_testkit::run(
+            std::process::Command::new("skopeo")
+                .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+                .arg(format!("oci:{}:v1", layout.display()))
+                .arg(format!("docker://{}/t/a:v1", reg.addr)),
+        );
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                layout
+                    .join("blobs/sha256")
+                    .join(&index["manifests"][0]["digest"].as_str().unwrap()[7..]),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let digest = m["layers"][0]["digest"].as_str().unwrap();
+        let client = crate::Client::new(
+            crate::Hosts::new(),
+            crate::DockerConfig::in_dir(work.path()),
+            crate::ClientOptions {
+                max_connections_per_host: 1,
+                ..Default::default()
+            },
+        );
+        let r = Reference::parse(&format!("{}/t/a:v1", reg.addr)).unwrap();
+        let blob = client.blob(&r, digest);
+        let size = blob.size().await.unwrap();
+        // Pretend the blob is larger so that a range past its end goes out.
+        blob.state.lock().unwrap().size = Some(size * 10);
+        let e = blob
+            .read_ranges(std::slice::from_ref(&(size + 10..size + 20)))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("416"), "{e}");
+        blob.state.lock().unwrap().size = Some(size);
+        for _ in 0..5 {
+            let got = blob.read_ranges(&[0..100, size - 10..size]).await.unwrap();
+            assert_eq!(got[0].len(), 100);
+        }
+    }
+
+    #[test]
+    fn multipart_bodies() {
+        let body = b"--XYZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--XYZ\r\nContent-Range: bytes 10-11/100\r\n\r\n\r\n\r\n--XYZ--\r\n";
+        let parts = parse_multipart(body, "XYZ").unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].0, 0..4);
+        assert_eq!(&parts[1].1[..], b"\r\n");
+        let got = slice_out(&[1..3, 10..12], &parts).unwrap();
+        assert_eq!(&got[0][..], b"bc");
+        assert!(parse_multipart(b"garbage", "XYZ").is_err());
+        assert!(
+            parse_multipart(
+                b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort",
+                "XYZ"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/1031716"),
+            Some((100..200, Some(1031716)))
+        );
+        assert_eq!(parse_content_range("bytes 0-1/*"), Some((0..2, None)));
+        assert_eq!(parse_content_range("bytes 5-1/9"), None);
+        assert_eq!(range_header(&[0..10, 20..21]), "bytes=0-9,20-20");
+    }
+}

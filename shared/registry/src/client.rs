@@ -1,0 +1,533 @@
+//! HTTP to registries: pools, limits, authentication, retries.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::{Challenge, Credential, DockerConfig, TokenCache, basic_header, parse_challenge};
+use crate::hosts::{Endpoint, Hosts};
+use crate::{Reference, RegistryError};
+
+type Http = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Tunables of the client.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub max_connections_per_host: usize,
+    /// One request, connection to last byte.
+    pub request_timeout: Duration,
+    /// Retries after the first try (connection errors, timeouts, 429, 5xx but 501).
+    pub retries: u32,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Most ranges in one multi-range request.
+    pub max_ranges_per_request: usize,
+    /// Always read one range per request (registries that mishandle multi-range).
+    pub force_single_range: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            max_connections_per_host: 8,
+            request_timeout: Duration::from_secs(30),
+            retries: 5,
+            min_backoff: Duration::from_millis(30),
+            max_backoff: Duration::from_secs(10),
+            max_ranges_per_request: 64,
+            force_single_range: false,
+        }
+    }
+}
+
+/// Counters per registry host.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub retries: AtomicU64,
+    /// Responses that came over HTTP/2.
+    pub http2: AtomicU64,
+    /// Sum of request latencies (time to response headers), microseconds.
+    pub latency_us: AtomicU64,
+}
+
+#[derive(Hash, PartialEq, Eq, Clone)]
+struct TlsKey {
+    skip_verify: bool,
+    ca: Vec<std::path::PathBuf>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) opts: ClientOptions,
+    pub(crate) hosts: Hosts,
+    creds: DockerConfig,
+    tokens: TokenCache,
+    pools: Mutex<HashMap<TlsKey, Http>>,
+    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pub(crate) single_range: Mutex<HashSet<String>>,
+    stats: Mutex<HashMap<String, Arc<HostStats>>>,
+}
+
+/// A registry client; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A response with the host's connection slot held until it is dropped.
+pub(crate) struct Resp {
+    pub resp: Response<Incoming>,
+    _permit: OwnedSemaphorePermit,
+    pub stats: Arc<HostStats>,
+}
+
+/// Accepts any certificate: for hosts configured `skip_verify` / `insecure`.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn build_pool(key: &TlsKey) -> Result<Http, RegistryError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| RegistryError::Config(format!("TLS: {e}")))?;
+    let config = if key.skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs_load() {
+            let _ = roots.add(cert);
+        }
+        for path in &key.ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| RegistryError::Config(format!("CA file {}: {e}", path.display())))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| {
+                    RegistryError::Config(format!("CA file {}: {e}", path.display()))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    RegistryError::Config(format!("CA file {}: {e}", path.display()))
+                })?;
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(HyperClient::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https))
+}
+
+/// The system's trusted roots (/etc/ssl/certs).
+fn rustls_native_certs_load() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let mut out = Vec::new();
+    for path in [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ] {
+        if let Ok(pem) = std::fs::read(path) {
+            out.extend(rustls_pemfile::certs(&mut pem.as_slice()).flatten());
+            break;
+        }
+    }
+    out
+}
+
+/// An error with its causes ("connect: tls: invalid certificate ...").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Should a failure be retried?
+pub(crate) fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
+}
+
+impl Client {
+    pub fn new(hosts: Hosts, creds: DockerConfig, opts: ClientOptions) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                opts,
+                hosts,
+                creds,
+                tokens: TokenCache::default(),
+                pools: Mutex::new(HashMap::new()),
+                limits: Mutex::new(HashMap::new()),
+                single_range: Mutex::new(HashSet::new()),
+                stats: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.opts
+    }
+
+    pub fn endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, RegistryError> {
+        self.inner.hosts.endpoints(r)
+    }
+
+    /// Counters of every host contacted so far.
+    pub fn stats(&self) -> Vec<(String, Arc<HostStats>)> {
+        let s = self.inner.stats.lock().expect("stats");
+        let mut v: Vec<_> = s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn host_stats(&self, host: &str) -> Arc<HostStats> {
+        self.inner
+            .stats
+            .lock()
+            .expect("stats")
+            .entry(host.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn pool(&self, ep: &Endpoint) -> Result<Http, RegistryError> {
+        let key = TlsKey {
+            skip_verify: ep.skip_verify,
+            ca: ep.ca.clone(),
+        };
+        let mut pools = self.inner.pools.lock().expect("pools");
+        if let Some(p) = pools.get(&key) {
+            return Ok(p.clone());
+        }
+        let p = build_pool(&key)?;
+        pools.insert(key, p.clone());
+        Ok(p)
+    }
+
+    async fn permit(&self, host: &str) -> OwnedSemaphorePermit {
+        let sem = self
+            .inner
+            .limits
+            .lock()
+            .expect("limits")
+            .entry(host.to_string())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(
+                    self.inner.opts.max_connections_per_host.max(1),
+                ))
+            })
+            .clone();
+        sem.acquire_owned()
+            .await
+            .expect("semaphores are never closed")
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        // Exponential with full jitter.
+        let cap = self
+            .inner
+            .opts
+            .min_backoff
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.inner.opts.max_backoff);
+        cap.mul_f64(fastrand::f64())
+    }
+
+    /// Send a request to `url` on endpoint `ep` for `reference`,
+    /// authenticating when challenged and retrying transient failures.
+    /// `authenticate = false` for pre-signed redirect URLs.
+    pub(crate) async fn send(
+        &self,
+        ep: &Endpoint,
+        reference: &Reference,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        authenticate: bool,
+    ) -> Result<Resp, RegistryError> {
+        let host = url
+            .split_once("://")
+            .map(|(_, r)| r.split('/').next().unwrap_or(r))
+            .unwrap_or(url)
+            .to_string();
+        let stats = self.host_stats(&host);
+        let pool = self.pool(ep)?;
+        let scope = format!("repository:{}:pull", reference.repository);
+        let timeout = ep.timeout.unwrap_or(self.inner.opts.request_timeout);
+        let mut reauthenticated = false;
+        let mut attempt = 0u32;
+        loop {
+            let permit = self.permit(&host).await;
+            let mut req = Request::builder().method(method.clone()).uri(url);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            if authenticate {
+                for (k, v) in &ep.headers {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+                if let Some(a) = self.auth_header(&host, &ep.origin, &scope) {
+                    req = req.header(http::header::AUTHORIZATION, a);
+                }
+            }
+            let req = req
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| RegistryError::Request {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?;
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            let t0 = Instant::now();
+            let outcome = tokio::time::timeout(timeout, pool.request(req)).await;
+            stats
+                .latency_us
+                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let failure = match outcome {
+                Ok(Ok(resp)) => {
+                    if resp.version() == http::Version::HTTP_2 {
+                        stats.http2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let status = resp.status();
+                    if status == StatusCode::UNAUTHORIZED && authenticate && !reauthenticated {
+                        reauthenticated = true;
+                        let challenge = resp
+                            .headers()
+                            .get(http::header::WWW_AUTHENTICATE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_challenge);
+                        drop(resp);
+                        drop(permit);
+                        self.authenticate(ep, &host, &scope, challenge, reference)
+                            .await?;
+                        continue;
+                    }
+                    if retryable(status) && attempt < self.inner.opts.retries {
+                        format!("HTTP {status}")
+                    } else {
+                        if !status.is_success() && status != StatusCode::PARTIAL_CONTENT {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Ok(Resp {
+                            resp,
+                            _permit: permit,
+                            stats,
+                        });
+                    }
+                }
+                Ok(Err(e)) => error_chain(&e),
+                Err(_) => format!("no answer within {timeout:?}"),
+            };
+            drop(permit);
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            // A certificate the client does not trust will not become trusted
+            // by trying again.
+            let permanent = failure.contains("certificate");
+            if attempt >= self.inner.opts.retries || permanent {
+                return Err(RegistryError::Request {
+                    url: url.to_string(),
+                    reason: format!("{failure} (after {} attempts)", attempt + 1),
+                });
+            }
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            let wait = self.backoff(attempt);
+            tracing::debug!(%url, %failure, ?wait, "retrying registry request");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    fn auth_header(&self, host: &str, origin: &str, scope: &str) -> Option<String> {
+        if let Some(t) = self.inner.tokens.get(host, scope) {
+            return Some(format!("Bearer {t}"));
+        }
+        // Basic credentials are sent once a Basic challenge was seen.
+        let _ = origin;
+        self.inner.tokens.get(host, "basic")
+    }
+
+    async fn authenticate(
+        &self,
+        ep: &Endpoint,
+        host: &str,
+        scope: &str,
+        challenge: Option<Challenge>,
+        reference: &Reference,
+    ) -> Result<(), RegistryError> {
+        let cred = self
+            .inner
+            .creds
+            .lookup(&reference.host)?
+            .or(if reference.host != host {
+                self.inner.creds.lookup(host)?
+            } else {
+                None
+            });
+        match challenge {
+            Some(Challenge::Basic) => {
+                let Some(Credential::Basic { username, password }) = cred else {
+                    return Err(RegistryError::Unauthorized {
+                        host: host.to_string(),
+                        reason: "the registry asks for a user name and password and none is configured in the docker config".into(),
+                    });
+                };
+                self.inner.tokens.put(
+                    host,
+                    "basic",
+                    basic_header(&username, &password),
+                    Duration::from_secs(24 * 3600),
+                );
+                Ok(())
+            }
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: challenge_scope,
+            }) => {
+                let want = challenge_scope.unwrap_or_else(|| scope.to_string());
+                let mut url = format!("{realm}?scope={}", want.replace(' ', "%20"));
+                if let Some(s) = service {
+                    url.push_str("&service=");
+                    url.push_str(&s);
+                }
+                let mut headers = HeaderMap::new();
+                if let Some(Credential::Basic { username, password }) = &cred
+                    && let Ok(v) = HeaderValue::from_str(&basic_header(username, password))
+                {
+                    headers.insert(http::header::AUTHORIZATION, v);
+                }
+                let token_ep = Endpoint {
+                    origin: url.split('/').take(3).collect::<Vec<_>>().join("/"),
+                    headers: Vec::new(),
+                    ..ep.clone()
+                };
+                let resp =
+                    Box::pin(self.send(&token_ep, reference, Method::GET, &url, &headers, false))
+                        .await?;
+                let status = resp.resp.status();
+                let body = resp
+                    .resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| RegistryError::Request {
+                        url: realm.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .to_bytes();
+                if !status.is_success() {
+                    return Err(RegistryError::Unauthorized {
+                        host: host.to_string(),
+                        reason: format!(
+                            "token service {realm} answered HTTP {status}; check the credentials for {} in the docker config",
+                            reference.host
+                        ),
+                    });
+                }
+                let v: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|e| RegistryError::Unauthorized {
+                        host: host.to_string(),
+                        reason: format!("token service {realm} sent no JSON: {e}"),
+                    })?;
+                let token = v["token"]
+                    .as_str()
+                    .or(v["access_token"].as_str())
+                    .ok_or_else(|| RegistryError::Unauthorized {
+                        host: host.to_string(),
+                        reason: format!("token service {realm} sent no token"),
+                    })?;
+                let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(60).max(10));
+                self.inner
+                    .tokens
+                    .put(host, scope, token.to_string(), lifetime);
+                Ok(())
+            }
+            None => Err(RegistryError::Unauthorized {
+                host: host.to_string(),
+                reason: "HTTP 401 without a usable WWW-Authenticate challenge".into(),
+            }),
+        }
+    }
+
+    /// GET a small document (manifest, config) and return its bytes.
+    pub(crate) async fn get_small(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        url: &str,
+        accept: &str,
+        limit: usize,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), RegistryError> {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(accept) {
+            headers.insert(http::header::ACCEPT, v);
+        }
+        let resp = self.send(ep, r, Method::GET, url, &headers, true).await?;
+        let status = resp.resp.status();
+        let hdrs = resp.resp.headers().clone();
+        let body = http_body_util::Limited::new(resp.resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| RegistryError::Request {
+                url: url.to_string(),
+                reason: format!("reading the body: {e}"),
+            })?
+            .to_bytes();
+        resp.stats
+            .bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok((status, hdrs, body))
+    }
+}

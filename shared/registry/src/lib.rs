@@ -1,0 +1,265 @@
+//! The OCI distribution client of the fetcher: the only code that talks to
+//! registries.
+//!
+//! * [`reference`] parses image references the way containerd does.
+//! * [`hosts`] decides where requests go: the Go Stargz Snapshotter's
+//!   `[[resolver.host."HOST".mirrors]]`, containerd's `hosts.toml` mirrors,
+//!   then the origin; plain HTTP for localhost and insecure hosts.
+//! * [`auth`] reads docker config credentials (and credential helpers),
+//!   answers `WWW-Authenticate` challenges and caches bearer tokens per host
+//!   and scope, refreshing them before they expire.
+//! * [`client`] sends requests over hyper 1 + rustls (HTTP/2 when offered),
+//!   with a connection limit per host, timeouts and jittered retries.
+//! * [`blob`] reads byte ranges of a blob: endpoint and size found with one
+//!   probe, redirects followed and refreshed on 403, many ranges per request
+//!   with `206`, `206 multipart/byteranges` and `200` answers all handled, a
+//!   fall back to one range per request for registries that refuse
+//!   multi-range, and 416 answers never leaving a poisoned connection behind.
+//! * [`Client::resolve_manifest`] turns a reference into a platform's
+//!   manifest (through an index when there is one).
+
+pub mod auth;
+pub mod blob;
+pub mod client;
+pub mod hosts;
+pub mod reference;
+
+pub use auth::DockerConfig;
+pub use blob::Blob;
+pub use client::{Client, ClientOptions, HostStats};
+pub use hosts::{Endpoint, Hosts};
+pub use reference::Reference;
+
+use http::StatusCode;
+
+/// Registry errors; each names the host, repository and object, and never
+/// credentials.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("image reference {reference:?}: {reason}")]
+    Reference { reference: String, reason: String },
+    #[error("registry configuration: {0}")]
+    Config(String),
+    #[error("request to {url} failed: {reason}")]
+    Request { url: String, reason: String },
+    #[error("registry {host} refused the credentials: {reason}")]
+    Unauthorized { host: String, reason: String },
+    #[error("registry {host}, repository {repository}, {object}: HTTP {status} while {what}")]
+    Status {
+        host: String,
+        repository: String,
+        object: String,
+        status: u16,
+        what: String,
+    },
+    #[error("blob {blob}: {reason}")]
+    Range { blob: String, reason: String },
+    #[error("the registry refuses multi-range requests")]
+    MultiRangeRefused,
+    #[error("{what} {digest} from {host}: content does not match its digest")]
+    Digest {
+        what: String,
+        digest: String,
+        host: String,
+    },
+    #[error("image {reference}: no manifest for platform {platform} (available: {available})")]
+    NoPlatform {
+        reference: String,
+        platform: String,
+        available: String,
+    },
+}
+
+impl RegistryError {
+    /// Might the same request succeed later?
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Request { .. } => true,
+            RegistryError::Status { status, .. } => StatusCode::from_u16(*status)
+                .map(client::retryable)
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+}
+
+/// os/architecture[/variant]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of this machine.
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: (architecture == "arm64").then(|| "v8".into()),
+        }
+    }
+
+    fn matches(&self, p: &serde_json::Value) -> bool {
+        p["os"] == self.os.as_str()
+            && p["architecture"] == self.architecture.as_str()
+            && match (&self.variant, p["variant"].as_str()) {
+                (Some(v), Some(w)) => v == w,
+                _ => true,
+            }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// A manifest as fetched: its digest, media type and bytes (verified).
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: String,
+    pub media_type: String,
+    pub bytes: bytes::Bytes,
+}
+
+impl Client {
+    /// A handle to read a blob of a repository.
+    pub fn blob(&self, reference: &Reference, digest: &str) -> Blob {
+        Blob::new(self.clone(), reference.clone(), digest.to_string())
+    }
+
+    async fn get_manifest(&self, r: &Reference, object: &str) -> Result<Manifest, RegistryError> {
+        let mut last = None;
+        for ep in self.endpoints(r)? {
+            let url = ep.url(r, "manifests", object);
+            let (status, headers, body) = match self
+                .get_small(&ep, r, &url, MANIFEST_ACCEPT, MAX_MANIFEST)
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            if !status.is_success() {
+                last = Some(RegistryError::Status {
+                    host: r.host.clone(),
+                    repository: r.repository.clone(),
+                    object: object.to_string(),
+                    status: status.as_u16(),
+                    what: "fetching the manifest".into(),
+                });
+                continue;
+            }
+            let digest = stargaze_format::Digest::of(&body).to_string();
+            if object.starts_with("sha256:") && digest != object {
+                return Err(RegistryError::Digest {
+                    what: "manifest".into(),
+                    digest: object.into(),
+                    host: ep.host().into(),
+                });
+            }
+            let media_type = headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+                .or_else(|| {
+                    serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()?
+                        .get("mediaType")?
+                        .as_str()
+                        .map(String::from)
+                })
+                .unwrap_or_default();
+            return Ok(Manifest {
+                digest,
+                media_type,
+                bytes: body,
+            });
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Config(format!("no endpoint for {}", r.host))))
+    }
+
+    /// The image manifest of `r` for `platform` (through an index if needed).
+    pub async fn resolve_manifest(
+        &self,
+        r: &Reference,
+        platform: &Platform,
+    ) -> Result<Manifest, RegistryError> {
+        let top = self.get_manifest(r, r.object()).await?;
+        let v: serde_json::Value = serde_json::from_slice(&top.bytes)
+            .map_err(|e| RegistryError::Config(format!("{r}: manifest is not JSON: {e}")))?;
+        let Some(list) = v["manifests"].as_array() else {
+            return Ok(top);
+        };
+        let pick = list
+            .iter()
+            .find(|m| platform.matches(&m["platform"]))
+            .ok_or_else(|| RegistryError::NoPlatform {
+                reference: r.to_string(),
+                platform: platform.to_string(),
+                available: list
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}/{}",
+                            m["platform"]["os"].as_str().unwrap_or("?"),
+                            m["platform"]["architecture"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let digest = pick["digest"].as_str().unwrap_or_default().to_string();
+        self.get_manifest(r, &digest).await
+    }
+
+    /// A small blob (an image config) in one request, verified.
+    pub async fn fetch_small_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+    ) -> Result<bytes::Bytes, RegistryError> {
+        let blob = self.blob(r, digest);
+        let size = blob.size().await?;
+        if size > MAX_MANIFEST as u64 {
+            return Err(RegistryError::Range {
+                blob: blob.name(),
+                reason: format!("{size} bytes is too large for a config"),
+            });
+        }
+        let data = if size == 0 {
+            bytes::Bytes::new()
+        } else {
+            blob.read_ranges(std::slice::from_ref(&(0..size)))
+                .await?
+                .pop()
+                .unwrap_or_default()
+        };
+        if stargaze_format::Digest::of(&data).to_string() != digest {
+            return Err(RegistryError::Digest {
+                what: "blob".into(),
+                digest: digest.into(),
+                host: r.host.clone(),
+            });
+        }
+        Ok(data)
+    }
+}
