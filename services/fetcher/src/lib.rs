@@ -21,7 +21,10 @@
 
 pub mod blob;
 pub mod engine;
+pub mod recover;
+pub mod registry;
 pub mod resolve;
+pub mod service;
 
 pub use blob::{BlobError, FileBlob, RemoteBlob};
 pub use engine::{FetchStats, Layer};

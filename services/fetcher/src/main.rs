@@ -1,18 +1,22 @@
-//! `stargaze-fetcher`: the node's only client of the registries. It will own
-//! registry access (auth, mirrors, TLS), resolving a layer's footer and TOC,
-//! the TOC index files, batching and coalescing of range requests,
-//! decompression (libdeflate for gzip, zstd), chunk verification, writing the
-//! chunk cache and publishing presence, prefetch and background fetch. It will
-//! serve `stargaze.v1.Fetcher` on a unix socket to the fs and snapshotter
-//! services.
+//! `stargaze-fetcher`: the node's only client of the registries and the
+//! only writer of its chunk cache. It serves `stargaze.v1.Fetcher` on a unix
+//! socket to the fs and snapshotter services (see the library docs for the
+//! parts).
 //!
-//! For now it is a skeleton: it parses its flags, loads and checks the
-//! configuration (`[fetcher]` and `[log]`), prints it with `--print-config`,
-//! and otherwise logs that it is not implemented yet and exits 0.
+//! Start-up: open the cache as its single writer (re-verifying present
+//! chunks when the last stop was not clean), build the registry client
+//! (containerd's `/etc/containerd/certs.d` hosts files, the docker config for
+//! credentials), bind the socket (0600), tell systemd it is ready. SIGTERM
+//! or SIGINT stop serving and record a clean stop.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
+use stargaze_fetcher::FetchOptions;
+use stargaze_fetcher::service::FetcherService;
+use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_service::CommonArgs;
 
 /// Fetches eStargz layers lazily from registries into the node's chunk cache.
@@ -21,6 +25,12 @@ use stargaze_service::CommonArgs;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Directory of containerd hosts.toml files (mirrors, CAs, headers).
+    #[arg(long, default_value = "/etc/containerd/certs.d")]
+    hosts_dir: std::path::PathBuf,
+    /// Do not fetch whole layers in the background after prefetch.
+    #[arg(long)]
+    no_background_fetch: bool,
 }
 
 fn main() -> ExitCode {
@@ -30,16 +40,62 @@ fn main() -> ExitCode {
         &args.common,
         |_| {},
         |startup| {
-            let c = &startup.config.fetcher;
-            stargaze_service::not_implemented(
-                "stargaze-fetcher",
-                &startup,
-                &[
-                    ("socket", c.socket.display().to_string()),
-                    ("cache_dir", c.cache_dir.display().to_string()),
-                ],
+            let c = startup.config.fetcher.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+            let cache = stargaze_cache::Cache::open_writer(&c.cache_dir)
+                .with_context(|| format!("opening the cache {}", c.cache_dir.display()))?;
+            if cache.was_unclean() {
+                tracing::warn!(cache = %c.cache_dir.display(), "the last stop was not clean: re-verifying cached chunks");
+                let r = tokio::task::block_in_place(|| stargaze_fetcher::recover::reverify(&cache));
+                tracing::warn!(layers = r.layers, checked = r.chunks_checked, cleared = r.chunks_cleared, "re-verification done");
+            }
+            let cache = Arc::new(cache);
+            let mut hosts = stargaze_registry::Hosts::new();
+            if args.hosts_dir.is_dir() {
+                hosts = hosts.with_hosts_dir(&args.hosts_dir);
+            }
+            let client = stargaze_registry::Client::new(
+                hosts,
+                stargaze_registry::DockerConfig::from_env(),
+                stargaze_registry::ClientOptions {
+                    max_connections_per_host: c.max_connections_per_host as usize,
+                    request_timeout: c.request_timeout,
+                    retries: c.retries,
+                    ..Default::default()
+                },
             );
+            let opts = FetchOptions {
+                merge_gap: c.merge_gap,
+                max_merged_range: c.max_merged_range,
+                ..Default::default()
+            };
+            let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, !args.no_background_fetch);
+            let listener = stargaze_proto::bind_unix(&c.socket).await?;
+            tracing::info!(socket = %c.socket.display(), cache = %c.cache_dir.display(), "stargaze-fetcher serving");
+            stargaze_service::sd_notify("READY=1");
+            let shutdown = async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                stargaze_service::sd_notify("STOPPING=1");
+                tracing::info!("stopping");
+            };
+            tonic::transport::Server::builder()
+                .add_service(FetcherServer::new(service))
+                .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
+                .await
+                .context("serving gRPC")?;
+            let _ = std::fs::remove_file(&c.socket);
+            cache.mark_clean()?;
             Ok(())
+        })
         },
     )
 }

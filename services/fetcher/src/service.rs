@@ -1,0 +1,436 @@
+//! `stargaze.v1.Fetcher` over the engine: resolved layers by digest,
+//! prefetch and background fetch, status.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use stargaze_cache::Cache;
+use stargaze_format::{Digest, Prefetch, TOC_DIGEST_ANNOTATION};
+use stargaze_proto::v1::fetcher_server::Fetcher;
+use stargaze_proto::v1::*;
+use stargaze_registry::Reference;
+use tokio::sync::OnceCell;
+use tonic::{Request, Response, Status};
+
+use crate::registry::RegistryBlob;
+use crate::{FetchError, FetchOptions, Layer, resolve_layer};
+
+/// Label that lets a layer without `toc.digest` through when the request allows it.
+const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify";
+/// Ranges per engine call while prefetching (bounds memory per call).
+const PREFETCH_BATCH: usize = 256;
+
+#[derive(Default)]
+struct LayerInfo {
+    image_ref: Mutex<String>,
+    prefetch_done: AtomicBool,
+    background_done: AtomicBool,
+    last_error: Mutex<String>,
+}
+
+struct Shared {
+    cache: Arc<Cache>,
+    client: stargaze_registry::Client,
+    opts: FetchOptions,
+    /// Bytes prefetched when the layer has no landmark and no label.
+    prefetch_size: u64,
+    background: bool,
+    layers: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
+    info: Mutex<HashMap<String, Arc<LayerInfo>>>,
+}
+
+/// The fetcher's gRPC service.
+#[derive(Clone)]
+pub struct FetcherService {
+    shared: Arc<Shared>,
+}
+
+fn status_of(e: &FetchError) -> Status {
+    let msg = e.to_string();
+    if e.is_not_lazy() {
+        Status::failed_precondition(msg)
+    } else {
+        match e {
+            FetchError::NoSuchInode { .. } => Status::invalid_argument(msg),
+            FetchError::Blob { source, .. } if source.retryable => Status::unavailable(msg),
+            FetchError::Chunk { .. } => Status::data_loss(msg),
+            _ => Status::internal(msg),
+        }
+    }
+}
+
+impl FetcherService {
+    pub fn new(
+        cache: Arc<Cache>,
+        client: stargaze_registry::Client,
+        opts: FetchOptions,
+        prefetch_size: u64,
+        background: bool,
+    ) -> FetcherService {
+        FetcherService {
+            shared: Arc::new(Shared {
+                cache,
+                client,
+                opts,
+                prefetch_size,
+                background,
+                layers: Mutex::new(HashMap::new()),
+                info: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A resolved layer.
+    pub fn layer(&self, digest: &str) -> Option<Arc<Layer>> {
+        self.shared
+            .layers
+            .lock()
+            .expect("layers")
+            .get(digest)
+            .and_then(|c| c.get().cloned())
+    }
+
+    fn info(&self, digest: &str) -> Arc<LayerInfo> {
+        self.shared
+            .info
+            .lock()
+            .expect("info")
+            .entry(digest.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Resolve once per layer; concurrent callers share the work.
+    pub async fn resolve(
+        &self,
+        src: &LayerSource,
+        allow_unverified: bool,
+    ) -> Result<Arc<Layer>, Status> {
+        let digest: Digest = src
+            .digest
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("layer digest: {e}")))?;
+        let digest = digest.to_string();
+        let reference = Reference::parse(&src.image_ref)
+            .map_err(|e| Status::invalid_argument(format!("layer {digest}: {e}")))?;
+        let expected = match src.annotations.get(TOC_DIGEST_ANNOTATION) {
+            Some(v) => Some(v.parse::<Digest>().map_err(|e| {
+                Status::invalid_argument(format!("layer {digest}: {TOC_DIGEST_ANNOTATION}: {e}"))
+            })?),
+            None => None,
+        };
+        // As in the Go snapshotter: the configuration must allow it and the
+        // layer must carry the skipverify label.
+        let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
+        let cell = self
+            .shared
+            .layers
+            .lock()
+            .expect("layers")
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        let shared = self.shared.clone();
+        let layer = cell
+            .get_or_try_init(|| async move {
+                let blob = Arc::new(RegistryBlob(shared.client.blob(&reference, &digest)));
+                resolve_layer(shared.cache.clone(), blob, &digest, expected, allow, &shared.opts)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
+                status_of(&e)
+            })?
+            .clone();
+        *self.info(&layer.digest).image_ref.lock().expect("info") = src.image_ref.clone();
+        Ok(layer)
+    }
+
+    /// File ranges (inode, offset, length) of chunks whose compressed
+    /// offset is below `limit` (or all, with `None`), skipping present ones.
+    fn ranges_below(layer: &Layer, limit: Option<u64>) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        for ino in 1..=layer.index.inode_count() {
+            let Some(n) = layer.index.inode(ino) else {
+                continue;
+            };
+            if !n.is_reg() {
+                continue;
+            }
+            for c in n.chunks() {
+                if limit.is_some_and(|l| c.compressed_offset >= l)
+                    || layer.presence.is_present(c.global)
+                {
+                    continue;
+                }
+                out.push((ino, c.file_offset, c.size));
+            }
+        }
+        // In blob order: neighbouring members merge into few requests.
+        out.sort_by_key(|&(ino, off, _)| {
+            layer
+                .index
+                .inode(ino)
+                .and_then(|n| n.chunk_at(off))
+                .map(|c| c.compressed_offset)
+                .unwrap_or(0)
+        });
+        out
+    }
+
+    async fn fetch_all(
+        layer: &Arc<Layer>,
+        ranges: Vec<(u64, u64, u64)>,
+    ) -> Result<u64, FetchError> {
+        let mut bytes = 0;
+        for batch in ranges.chunks(PREFETCH_BATCH) {
+            bytes += layer.fetch(batch).await?.bytes_fetched;
+        }
+        Ok(bytes)
+    }
+
+    /// Prefetch per the layer's landmark, the label or the configuration,
+    /// then (in the background) everything else.
+    pub async fn prefetch(
+        &self,
+        layer: Arc<Layer>,
+        label_size: u64,
+        wait: bool,
+    ) -> Result<u64, Status> {
+        let limit = match layer.index.prefetch() {
+            Prefetch::Disabled => Some(0),
+            Prefetch::UpTo(off) => Some(off),
+            Prefetch::Unspecified => Some(if label_size > 0 {
+                label_size
+            } else {
+                self.shared.prefetch_size
+            }),
+        };
+        let info = self.info(&layer.digest);
+        let ranges = Self::ranges_below(&layer, limit);
+        let background = self.shared.background;
+        let run = {
+            let layer = layer.clone();
+            let info = info.clone();
+            async move {
+                let r = Self::fetch_all(&layer, ranges).await;
+                info.prefetch_done.store(true, Ordering::Release);
+                if let Err(e) = &r {
+                    *info.last_error.lock().expect("error") = e.to_string();
+                }
+                if background {
+                    let rest = Self::ranges_below(&layer, None);
+                    let layer2 = layer.clone();
+                    let info2 = info.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = Self::fetch_all(&layer2, rest).await {
+                            tracing::warn!(layer = %layer2.digest, error = %e, "background fetch stopped");
+                            *info2.last_error.lock().expect("error") = e.to_string();
+                        }
+                        info2.background_done.store(true, Ordering::Release);
+                    });
+                }
+                r
+            }
+        };
+        if wait {
+            run.await.map_err(|e| status_of(&e))
+        } else {
+            tokio::spawn(run);
+            Ok(0)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Fetcher for FetcherService {
+    async fn resolve_layer(
+        &self,
+        r: Request<ResolveLayerRequest>,
+    ) -> Result<Response<ResolveLayerResponse>, Status> {
+        let req = r.into_inner();
+        let src = req
+            .layer
+            .ok_or_else(|| Status::invalid_argument("no layer given"))?;
+        let layer = self.resolve(&src, req.allow_unverified).await?;
+        let idx = &layer.index;
+        let (mut files, mut file_bytes) = (0u64, 0u64);
+        for ino in 1..=idx.inode_count() {
+            if let Some(n) = idx.inode(ino)
+                && n.is_reg()
+            {
+                files += 1;
+                file_bytes += n.size();
+            }
+        }
+        let prefetch = match idx.prefetch() {
+            Prefetch::Disabled => PrefetchPlan {
+                kind: prefetch_plan::Kind::Disabled as i32,
+                compressed_bytes: 0,
+            },
+            Prefetch::UpTo(o) => PrefetchPlan {
+                kind: prefetch_plan::Kind::Landmark as i32,
+                compressed_bytes: o,
+            },
+            Prefetch::Unspecified => PrefetchPlan::default(),
+        };
+        Ok(Response::new(ResolveLayerResponse {
+            layer_digest: layer.digest.clone(),
+            format: idx.format().map(|f| f.to_string()).unwrap_or_default(),
+            toc_digest: idx.toc_digest().to_string(),
+            toc_verified: src.annotations.contains_key(TOC_DIGEST_ANNOTATION),
+            index_path: self
+                .shared
+                .cache
+                .index_path(&layer.digest)
+                .display()
+                .to_string(),
+            presence_path: self
+                .shared
+                .cache
+                .presence_path(&layer.digest)
+                .display()
+                .to_string(),
+            blob_size: idx.blob_size(),
+            entries: idx.inode_count(),
+            files,
+            file_bytes,
+            chunks: idx.chunk_count(),
+            prefetch: Some(prefetch),
+        }))
+    }
+
+    async fn fetch(&self, r: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
+        let req = r.into_inner();
+        let layer = self.layer(&req.layer_digest).ok_or_else(|| {
+            Status::not_found(format!(
+                "layer {} is not resolved; call ResolveLayer first",
+                req.layer_digest
+            ))
+        })?;
+        let ranges: Vec<(u64, u64, u64)> = req
+            .ranges
+            .iter()
+            .map(|r| (r.inode, r.offset, r.length))
+            .collect();
+        let stats = layer.fetch(&ranges).await.map_err(|e| status_of(&e))?;
+        Ok(Response::new(FetchResponse {
+            chunks_fetched: stats.chunks_fetched,
+            bytes_fetched: stats.bytes_fetched,
+        }))
+    }
+
+    async fn prefetch(
+        &self,
+        r: Request<PrefetchRequest>,
+    ) -> Result<Response<PrefetchResponse>, Status> {
+        let req = r.into_inner();
+        let layer = self.layer(&req.layer_digest).ok_or_else(|| {
+            Status::not_found(format!(
+                "layer {} is not resolved; call ResolveLayer first",
+                req.layer_digest
+            ))
+        })?;
+        let bytes = FetcherService::prefetch(self, layer, req.prefetch_size, req.wait).await?;
+        Ok(Response::new(PrefetchResponse {
+            prefetched_bytes: bytes,
+        }))
+    }
+
+    async fn layer_status(
+        &self,
+        r: Request<LayerStatusRequest>,
+    ) -> Result<Response<LayerStatusResponse>, Status> {
+        let req = r.into_inner();
+        let layer = self.layer(&req.layer_digest).ok_or_else(|| {
+            Status::not_found(format!("layer {} is not resolved", req.layer_digest))
+        })?;
+        let info = self.info(&layer.digest);
+        let (present, total) = layer.progress();
+        let (mut bytes, mut bytes_present) = (0u64, 0u64);
+        for ino in 1..=layer.index.inode_count() {
+            let Some(n) = layer.index.inode(ino) else {
+                continue;
+            };
+            for c in n.chunks() {
+                bytes += c.size;
+                if layer.presence.is_present(c.global) {
+                    bytes_present += c.size;
+                }
+            }
+        }
+        Ok(Response::new(LayerStatusResponse {
+            layer_digest: layer.digest.clone(),
+            image_ref: info.image_ref.lock().expect("info").clone(),
+            blob_size: layer.index.blob_size(),
+            chunks: total,
+            chunks_present: present,
+            file_bytes: bytes,
+            file_bytes_present: bytes_present,
+            prefetch_done: info.prefetch_done.load(Ordering::Acquire),
+            background_done: info.background_done.load(Ordering::Acquire),
+            last_error: info.last_error.lock().expect("error").clone(),
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let layers: Vec<Arc<Layer>> = self
+            .shared
+            .layers
+            .lock()
+            .expect("layers")
+            .values()
+            .filter_map(|c| c.get().cloned())
+            .collect();
+        let sum = |f: &dyn Fn(&Layer) -> u64| layers.iter().map(|l| f(l)).sum::<u64>();
+        let registry_bytes: u64 = self
+            .shared
+            .client
+            .stats()
+            .iter()
+            .map(|(_, s)| s.bytes.load(Ordering::Relaxed))
+            .sum();
+        let requests: u64 = self
+            .shared
+            .client
+            .stats()
+            .iter()
+            .map(|(_, s)| s.requests.load(Ordering::Relaxed))
+            .sum();
+        Ok(Response::new(StatusResponse {
+            cache_dir: self.shared.cache.root().display().to_string(),
+            cache_bytes: dir_bytes(self.shared.cache.root()),
+            layers: layers.len() as u32,
+            bytes_fetched: registry_bytes,
+            requests,
+            chunks_verified: sum(&|l| l.counters.chunks_fetched.load(Ordering::Relaxed)),
+            verification_failures: sum(&|l| {
+                l.counters.verification_failures.load(Ordering::Relaxed)
+            }),
+            recovered_from_unclean_stop: self.shared.cache.was_unclean(),
+        }))
+    }
+}
+
+/// Disk blocks used below `dir` (sparse files count what is really stored).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.blocks() * 512,
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}

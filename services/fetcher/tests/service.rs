@@ -1,0 +1,236 @@
+//! The `stargaze-fetcher` binary end to end: a real registry holding an
+//! image converted by `stargaze-oci`, the service on a private socket, a gRPC
+//! client resolving every layer and fetching every file, then a clean stop.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stargaze_cache::Cache;
+use stargaze_format::tar::{TarKind, TarReader};
+use stargaze_format::tree::normalize_path;
+use stargaze_index::LayerIndex;
+use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::*;
+use stargaze_testkit::{Registry, image, run};
+
+struct Fetcher {
+    child: Child,
+    socket: PathBuf,
+    cache: PathBuf,
+}
+
+impl Fetcher {
+    fn start(dir: &Path) -> Fetcher {
+        let socket = dir.join("f.sock");
+        let cache = dir.join("cache");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[log]\nlevel = \"debug\"\n",
+                socket.display(),
+                cache.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("fetcher.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_stargaze-fetcher"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--hosts-dir")
+            .arg(dir.join("no-hosts"))
+            .env("DOCKER_CONFIG", dir.join("docker"))
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "fetcher did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Fetcher {
+            child,
+            socket,
+            cache,
+        }
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolves_and_fetches_every_file_from_a_real_registry() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let layers = vec![image::busybox_layer(), image::data_layer(21).0];
+    image::write_layout(&src, "x", "src", &layers);
+    let out = work.path().join("out");
+    let dst = OciLayout::open_or_create(&out).unwrap();
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &dst,
+        "esgz",
+        &ImageConvertOptions {
+            layer: stargaze_format::ConvertOptions {
+                chunk_size: 128 << 10,
+                ..Default::default()
+            },
+            tmp_dir: None,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    let image_ref = format!("{}/stargaze/fetcher:esgz", reg.addr);
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:esgz", out.display()))
+        .arg(format!("docker://{image_ref}")));
+    // Also an ordinary gzip image: not lazily pullable.
+    let plain_ref = format!("{}/stargaze/fetcher:plain", reg.addr);
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:src", src.display()))
+        .arg(format!("docker://{plain_ref}")));
+
+    let mut fetcher = Fetcher::start(work.path());
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    let manifest = dst
+        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
+        .unwrap();
+    let reader = Cache::open_reader(&fetcher.cache);
+    for (desc, tar) in manifest["layers"].as_array().unwrap().iter().zip(&layers) {
+        let annotations: std::collections::HashMap<String, String> =
+            serde_json::from_value(desc["annotations"].clone()).unwrap();
+        let source = LayerSource {
+            image_ref: image_ref.clone(),
+            digest: desc["digest"].as_str().unwrap().into(),
+            annotations,
+            ..Default::default()
+        };
+        // Concurrent resolves of one layer do the work once and agree.
+        let (mut c1, mut c2) = (client.clone(), client.clone());
+        let req = || ResolveLayerRequest {
+            layer: Some(source.clone()),
+            allow_unverified: false,
+        };
+        let (a, b) = tokio::join!(c1.resolve_layer(req()), c2.resolve_layer(req()));
+        let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
+        assert_eq!(a, b);
+        assert_eq!(a.format, "estargz");
+        assert!(a.toc_verified);
+        let index = LayerIndex::open(Path::new(&a.index_path)).unwrap();
+
+        let mut files = BTreeMap::new();
+        for e in TarReader::new(tar) {
+            let e = e.unwrap();
+            if e.kind == TarKind::Regular && e.size > 0 && !e.name.contains(".wh.") {
+                files.insert(
+                    normalize_path(&e.name).unwrap(),
+                    tar[e.data_offset as usize..(e.data_offset + e.size) as usize].to_vec(),
+                );
+            }
+        }
+        let ranges: Vec<FileRange> = files
+            .iter()
+            .map(|(p, d)| FileRange {
+                inode: index.lookup_path(p).unwrap(),
+                offset: 0,
+                length: d.len() as u64,
+            })
+            .collect();
+        let r = client
+            .fetch(FetchRequest {
+                layer_digest: a.layer_digest.clone(),
+                ranges,
+                priority: Priority::OnDemand as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.chunks_fetched > 0);
+        for (p, d) in &files {
+            let n = index.inode(index.lookup_path(p).unwrap()).unwrap();
+            let content = std::fs::read(reader.content_path(&n.digest().unwrap())).unwrap();
+            assert!(content == *d, "{p}: bytes differ");
+        }
+        let st = client
+            .layer_status(LayerStatusRequest {
+                layer_digest: a.layer_digest.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.chunks, st.chunks_present);
+        assert_eq!(st.image_ref, image_ref);
+    }
+
+    // A plain gzip layer: FAILED_PRECONDITION, so the snapshotter falls back.
+    let plain_manifest = OciLayout::open(&src)
+        .unwrap()
+        .read_json(
+            &OciLayout::open(&src)
+                .unwrap()
+                .resolve(Some("src"))
+                .unwrap()
+                .digest,
+        )
+        .unwrap();
+    let e = client
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: plain_ref,
+                digest: plain_manifest["layers"][1]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .into(),
+                annotations: [(
+                    stargaze_format::TOC_DIGEST_ANNOTATION.to_string(),
+                    format!("sha256:{}", "0".repeat(64)),
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not an eStargz"), "{}", e.message());
+
+    let s = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.layers, 2);
+    assert!(s.requests > 0 && s.bytes_fetched > 0);
+    assert_eq!(s.verification_failures, 0);
+
+    let status = fetcher.stop();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(work.path().join("fetcher.log")).unwrap()
+    );
+    assert!(
+        fetcher.cache.join("clean").exists(),
+        "a clean stop is recorded"
+    );
+    assert!(!fetcher.socket.exists());
+}
