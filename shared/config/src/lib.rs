@@ -564,11 +564,12 @@ fn check_known_keys(
         let line = line_of(text, key.span().start);
         let Some(known_section) = known.get(name).and_then(toml::Value::as_table) else {
             // A key that belongs in a section, written at the top level?
-            let owners: Vec<&str> = known
+            let mut owners: Vec<&str> = known
                 .iter()
                 .filter(|(_, t)| t.as_table().is_some_and(|t| t.contains_key(name)))
                 .map(|(s, _)| s.as_str())
                 .collect();
+            owners.sort_unstable();
             let hint =
                 if !owners.is_empty() && !matches!(value.get_ref(), toml::de::DeValue::Table(_)) {
                     format!(
@@ -636,11 +637,16 @@ fn suggestion(name: &str, candidates: &[&str], open: &str, close: &str, what: &s
         Some((_, c)) => format!("; did you mean {open}{c}{close}?"),
         None => format!(
             "; valid {what}: {}",
-            candidates
-                .iter()
-                .map(|c| format!("{open}{c}{close}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            {
+                // Sorted, whatever order the TOML table keeps.
+                let mut sorted = candidates.to_vec();
+                sorted.sort_unstable();
+                sorted
+            }
+            .iter()
+            .map(|c| format!("{open}{c}{close}"))
+            .collect::<Vec<_>>()
+            .join(", ")
         ),
     }
 }

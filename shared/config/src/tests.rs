@@ -305,6 +305,6 @@ fn suggestions() {
     );
     assert_eq!(
         suggestion("zzzzzz", &["socket", "root"], "`", "`", "keys"),
-        "; valid keys: `socket`, `root`"
+        "; valid keys: `root`, `socket`"
     );
 }

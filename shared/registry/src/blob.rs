@@ -256,7 +256,7 @@ impl Blob {
                     .expect("single range hosts")
                     .contains(&self.reference.host);
             let n = if single { 1 } else { per.min(ranges.len() - i) };
-            match self.read_group(&ranges[i..i + n], false).await {
+            match self.read_group_retrying(&ranges[i..i + n]).await {
                 Ok(mut parts) => out.append(&mut parts),
                 Err(RegistryError::MultiRangeRefused) => {
                     tracing::info!(host = %self.reference.host, "registry refuses multi-range requests: switching to one range per request");
@@ -273,6 +273,23 @@ impl Blob {
             i += n;
         }
         Ok(out)
+    }
+
+    /// `read_group`, again when the answer's body broke off (connection
+    /// errors and 5xx are already retried per request by the client).
+    async fn read_group_retrying(&self, group: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+        let mut attempt = 0;
+        loop {
+            match self.read_group(group, false).await {
+                Err(e @ RegistryError::Body { .. }) if attempt < self.client.options().retries => {
+                    tracing::debug!(blob = %self.name(), error = %e, "retrying a broken answer");
+                    tokio::time::sleep(self.client.options().min_backoff * (1 << attempt.min(10)))
+                        .await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn read_group(
@@ -341,7 +358,7 @@ impl Blob {
         let body = http_body_util::Limited::new(resp.resp.into_body(), limit)
             .collect()
             .await
-            .map_err(|e| RegistryError::Range {
+            .map_err(|e| RegistryError::Body {
                 blob: self.name(),
                 reason: format!("reading the body: {e}"),
             })?
@@ -363,7 +380,7 @@ impl Blob {
                 reason: "206 answer without Content-Range".into(),
             })?;
             if body.len() as u64 != r.end - r.start {
-                return Err(RegistryError::Range {
+                return Err(RegistryError::Body {
                     blob: self.name(),
                     reason: format!(
                         "206 body of {} bytes for a range of {}",
@@ -395,7 +412,7 @@ impl Blob {
             let Some(frame) = body.frame().await else {
                 break;
             };
-            let frame = frame.map_err(|e| RegistryError::Range {
+            let frame = frame.map_err(|e| RegistryError::Body {
                 blob: self.name(),
                 reason: format!("reading the body: {e}"),
             })?;
@@ -424,7 +441,7 @@ impl Blob {
                 if b.len() as u64 == r.end - r.start {
                     Ok(b.freeze())
                 } else {
-                    Err(RegistryError::Range {
+                    Err(RegistryError::Body {
                         blob: self.name(),
                         reason: "the blob ended before the requested range".into(),
                     })

@@ -54,6 +54,9 @@ pub enum RegistryError {
     },
     #[error("blob {blob}: {reason}")]
     Range { blob: String, reason: String },
+    /// The answer's body broke off or came back short: worth another try.
+    #[error("blob {blob}: {reason}")]
+    Body { blob: String, reason: String },
     #[error("the registry refuses multi-range requests")]
     MultiRangeRefused,
     #[error("{what} {digest} from {host}: content does not match its digest")]
@@ -74,7 +77,7 @@ impl RegistryError {
     /// Might the same request succeed later?
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Request { .. } => true,
+            RegistryError::Request { .. } | RegistryError::Body { .. } => true,
             RegistryError::Status { status, .. } => StatusCode::from_u16(*status)
                 .map(client::retryable)
                 .unwrap_or(false),
