@@ -8,11 +8,13 @@
 //!   against Debian's packaged Go sources, offline, and caches the binary.
 //! * [`image`] writes OCI image layouts from in-memory tars for tests.
 //! * [`require`] fails a test with the command that installs a missing tool.
+//! * [`service_cli`] is the command-line contract of the service binaries.
 //!
 //! Nothing here touches the system containerd, `/run/containerd` sockets or
 //! ports other than the ones it picked.
 
 pub mod image;
+pub mod service_cli;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
