@@ -50,6 +50,8 @@ pub struct LayerCounters {
     pub ranges: AtomicU64,
     pub compressed_bytes: AtomicU64,
     pub chunks_fetched: AtomicU64,
+    /// Chunks asked for that were already present (cache hits).
+    pub chunks_hit: AtomicU64,
     pub verification_failures: AtomicU64,
 }
 
@@ -163,7 +165,11 @@ impl Layer {
         for &(ino, off, len) in ranges {
             wanted.extend(self.chunks_for(ino, off, len)?);
         }
+        let asked = wanted.len();
         wanted.retain(|c| !self.presence.is_present(c.chunk.global));
+        self.counters
+            .chunks_hit
+            .fetch_add((asked - wanted.len()) as u64, Ordering::Relaxed);
         if wanted.is_empty() {
             return Ok(FetchStats::default());
         }

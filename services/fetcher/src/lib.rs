@@ -21,6 +21,7 @@
 
 pub mod blob;
 pub mod engine;
+pub mod metrics;
 pub mod recover;
 pub mod registry;
 pub mod resolve;

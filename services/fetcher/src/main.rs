@@ -74,6 +74,11 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, !args.no_background_fetch);
+            if !c.metrics_address.is_empty() {
+                let svc = service.clone();
+                let addr = stargaze_service::serve_metrics(&c.metrics_address, Arc::new(move || svc.render_metrics())).await?;
+                tracing::info!(address = %addr, "serving Prometheus metrics on /metrics");
+            }
             let listener = stargaze_proto::bind_unix(&c.socket).await?;
             tracing::info!(socket = %c.socket.display(), cache = %c.cache_dir.display(), "stargaze-fetcher serving");
             stargaze_service::sd_notify("READY=1");

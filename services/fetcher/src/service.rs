@@ -29,9 +29,9 @@ struct LayerInfo {
     last_error: Mutex<String>,
 }
 
-struct Shared {
-    cache: Arc<Cache>,
-    client: stargaze_registry::Client,
+pub(crate) struct Shared {
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) client: stargaze_registry::Client,
     opts: FetchOptions,
     /// Bytes prefetched when the layer has no landmark and no label.
     prefetch_size: u64,
@@ -43,7 +43,7 @@ struct Shared {
 /// The fetcher's gRPC service.
 #[derive(Clone)]
 pub struct FetcherService {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 fn status_of(e: &FetchError) -> Status {
@@ -79,6 +79,17 @@ impl FetcherService {
                 info: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Every resolved layer.
+    pub fn layers(&self) -> Vec<Arc<Layer>> {
+        self.shared
+            .layers
+            .lock()
+            .expect("layers")
+            .values()
+            .filter_map(|c| c.get().cloned())
+            .collect()
     }
 
     /// A resolved layer.

@@ -23,14 +23,14 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    fn start(dir: &Path) -> Fetcher {
+    fn start(dir: &Path, metrics_port: u16) -> Fetcher {
         let socket = dir.join("f.sock");
         let cache = dir.join("cache");
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[log]\nlevel = \"debug\"\n",
+                "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n[log]\nlevel = \"debug\"\n",
                 socket.display(),
                 cache.display()
             ),
@@ -112,7 +112,8 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
         .arg(format!("oci:{}:src", src.display()))
         .arg(format!("docker://{plain_ref}")));
 
-    let mut fetcher = Fetcher::start(work.path());
+    let metrics_port = stargaze_testkit::free_port();
+    let mut fetcher = Fetcher::start(work.path(), metrics_port);
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     let manifest = dst
         .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
@@ -221,6 +222,26 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     assert_eq!(s.layers, 2);
     assert!(s.requests > 0 && s.bytes_fetched > 0);
     assert_eq!(s.verification_failures, 0);
+
+    // Prometheus metrics describe what happened.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    for name in [
+        "stargaze_fetcher_registry_requests_total{host=",
+        "stargaze_fetcher_registry_request_duration_seconds_bucket{",
+        "stargaze_fetcher_chunks_fetched_total{layer=",
+        "stargaze_fetcher_layer_chunks_present{layer=",
+        "stargaze_fetcher_verification_failures_total{layer=",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
 
     let status = fetcher.stop();
     assert!(

@@ -60,6 +60,24 @@ pub struct HostStats {
     pub http2: AtomicU64,
     /// Sum of request latencies (time to response headers), microseconds.
     pub latency_us: AtomicU64,
+    /// Requests per latency bucket (upper bounds in [`LATENCY_BUCKETS`], seconds).
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+}
+
+/// Upper bounds (seconds) of the request latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl HostStats {
+    fn observe(&self, d: Duration) {
+        self.latency_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Hash, PartialEq, Eq, Clone)]
@@ -332,9 +350,7 @@ impl Client {
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let t0 = Instant::now();
             let outcome = tokio::time::timeout(timeout, pool.request(req)).await;
-            stats
-                .latency_us
-                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            stats.observe(t0.elapsed());
             let failure = match outcome {
                 Ok(Ok(resp)) => {
                     if resp.version() == http::Version::HTTP_2 {

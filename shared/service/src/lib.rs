@@ -139,3 +139,51 @@ pub fn sd_notify(state: &str) {
         tracing::warn!(socket = %path, error = %e, "cannot notify systemd");
     }
 }
+
+/// Serve Prometheus metrics: `GET /metrics` on `addr` answers with the text
+/// `render` produces at each scrape; other paths get 404. Runs until the
+/// process ends; a bind failure is returned at once.
+pub async fn serve_metrics(
+    addr: &str,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let render = render.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let render = render.clone();
+                        async move {
+                            let resp = if req.uri().path() == "/metrics" {
+                                http::Response::builder()
+                                .header(
+                                    http::header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(http_body_util::Full::new(bytes::Bytes::from(render())))
+                            } else {
+                                http::Response::builder()
+                                    .status(http::StatusCode::NOT_FOUND)
+                                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                        b"try /metrics\n",
+                                    )))
+                            };
+                            resp.map_err(std::io::Error::other)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}

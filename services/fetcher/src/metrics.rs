@@ -1,0 +1,223 @@
+//! Prometheus metrics of the fetcher, read from its counters at each scrape
+//! (no bookkeeping on the hot path beyond the atomics already kept).
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `stargaze_fetcher_registry_requests_total` | host | HTTP requests sent |
+//! | `stargaze_fetcher_registry_bytes_total` | host | body bytes received |
+//! | `stargaze_fetcher_registry_errors_total` | host | failed requests (before retries) |
+//! | `stargaze_fetcher_registry_retries_total` | host | retries |
+//! | `stargaze_fetcher_registry_http2_responses_total` | host | answers over HTTP/2 |
+//! | `stargaze_fetcher_registry_request_duration_seconds` | host | histogram, to response headers |
+//! | `stargaze_fetcher_layer_chunks` | layer | chunks in the layer |
+//! | `stargaze_fetcher_layer_chunks_present` | layer | chunks in the cache |
+//! | `stargaze_fetcher_chunks_fetched_total` | layer | chunks fetched, verified and stored |
+//! | `stargaze_fetcher_chunk_cache_hits_total` | layer | chunks asked for that were present |
+//! | `stargaze_fetcher_range_requests_total` | layer | reads issued (one HTTP request each) |
+//! | `stargaze_fetcher_ranges_total` | layer | byte ranges in those reads (merge ratio = chunks / requests) |
+//! | `stargaze_fetcher_compressed_bytes_total` | layer | compressed bytes read |
+//! | `stargaze_fetcher_verification_failures_total` | layer | chunks whose bytes did not match |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use stargaze_registry::client::LATENCY_BUCKETS;
+
+use crate::service::FetcherService;
+
+#[derive(Debug)]
+struct FetcherCollector(FetcherService);
+
+impl std::fmt::Debug for FetcherService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FetcherService")
+    }
+}
+
+type Series = Vec<(Vec<(String, String)>, u64)>;
+
+fn family(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: &Series,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in series {
+        let f = m.encode_family(labels)?;
+        if matches!(kind, MetricType::Gauge) {
+            ConstGauge::new(*v as i64).encode(f)?;
+        } else {
+            ConstCounter::new(*v).encode(f)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for FetcherCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let hosts = self.0.shared.client.stats();
+        let per_host = |f: &dyn Fn(&stargaze_registry::HostStats) -> &AtomicU64| -> Series {
+            hosts
+                .iter()
+                .map(|(h, s)| {
+                    (
+                        vec![("host".to_string(), h.clone())],
+                        f(s).load(Ordering::Relaxed),
+                    )
+                })
+                .collect()
+        };
+        family(
+            &mut e,
+            "stargaze_fetcher_registry_requests",
+            "HTTP requests sent to registries",
+            MetricType::Counter,
+            &per_host(&|s| &s.requests),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_registry_bytes",
+            "Body bytes received from registries",
+            MetricType::Counter,
+            &per_host(&|s| &s.bytes),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_registry_errors",
+            "Failed registry requests, counted before retries",
+            MetricType::Counter,
+            &per_host(&|s| &s.errors),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_registry_retries",
+            "Registry requests retried",
+            MetricType::Counter,
+            &per_host(&|s| &s.retries),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_registry_http2_responses",
+            "Registry answers received over HTTP/2",
+            MetricType::Counter,
+            &per_host(&|s| &s.http2),
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "stargaze_fetcher_registry_request_duration_seconds",
+                "Time from sending a registry request to its response headers",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (h, s) in &hosts {
+                let mut cumulative = 0;
+                let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                    .iter()
+                    .zip(&s.latency_buckets)
+                    .map(|(b, c)| {
+                        cumulative += c.load(Ordering::Relaxed);
+                        (*b, cumulative)
+                    })
+                    .chain(std::iter::once((
+                        f64::INFINITY,
+                        s.requests.load(Ordering::Relaxed),
+                    )))
+                    .collect();
+                let labels = vec![("host".to_string(), h.clone())];
+                m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    s.latency_us.load(Ordering::Relaxed) as f64 / 1e6,
+                    s.requests.load(Ordering::Relaxed),
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        let layers = self.0.layers();
+        let per_layer = |f: &dyn Fn(&crate::Layer) -> u64| -> Series {
+            layers
+                .iter()
+                .map(|l| (vec![("layer".to_string(), l.digest.clone())], f(l)))
+                .collect()
+        };
+        family(
+            &mut e,
+            "stargaze_fetcher_layer_chunks",
+            "Chunks in the layer",
+            MetricType::Gauge,
+            &per_layer(&|l| l.progress().1 as u64),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_layer_chunks_present",
+            "Chunks of the layer in the cache",
+            MetricType::Gauge,
+            &per_layer(&|l| l.progress().0 as u64),
+        )?;
+        let c = |f: fn(&crate::engine::LayerCounters) -> &AtomicU64| {
+            per_layer(&move |l| f(&l.counters).load(Ordering::Relaxed))
+        };
+        family(
+            &mut e,
+            "stargaze_fetcher_chunks_fetched",
+            "Chunks fetched, verified and stored",
+            MetricType::Counter,
+            &c(|c| &c.chunks_fetched),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_chunk_cache_hits",
+            "Chunks asked for that were already present",
+            MetricType::Counter,
+            &c(|c| &c.chunks_hit),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_range_requests",
+            "Reads issued to the registry (one HTTP request each)",
+            MetricType::Counter,
+            &c(|c| &c.requests),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_ranges",
+            "Byte ranges in those reads",
+            MetricType::Counter,
+            &c(|c| &c.ranges),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_compressed_bytes",
+            "Compressed bytes read for chunks",
+            MetricType::Counter,
+            &c(|c| &c.compressed_bytes),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_verification_failures",
+            "Chunks whose bytes did not match their digest",
+            MetricType::Counter,
+            &c(|c| &c.verification_failures),
+        )?;
+        Ok(())
+    }
+}
+
+impl FetcherService {
+    /// The metrics in the OpenMetrics text format.
+    pub fn render_metrics(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(FetcherCollector(self.clone())));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
