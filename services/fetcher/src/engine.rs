@@ -221,7 +221,10 @@ impl Layer {
             return;
         };
         loop {
-            let batch = std::mem::take(&mut self.state.lock().expect("layer state").queue);
+            let batch = take_budget(
+                &mut self.state.lock().expect("layer state").queue,
+                self.opts.max_read_bytes,
+            );
             if batch.is_empty() {
                 return;
             }
@@ -312,6 +315,9 @@ impl Layer {
                     break;
                 }
             };
+            // Every member of this read, decoded in parallel on the blocking
+            // pool (decompression and hashing are the CPU-heavy part).
+            let mut jobs: Vec<(u64, Arc<Vec<u8>>, usize, usize)> = Vec::new();
             for ((range, starts), bytes) in plan.into_iter().zip(data) {
                 self.counters
                     .compressed_bytes
@@ -319,46 +325,63 @@ impl Layer {
                 let bytes = Arc::new(bytes);
                 for start in starts {
                     let m = &todo[&start];
-                    let from = (start - range.start) as usize;
-                    let to = (m.end - range.start) as usize;
-                    let (bytes, claims) = (bytes.clone(), m.claims.clone());
-                    let me = self.clone();
-                    let outcome = tokio::task::spawn_blocking(move || {
-                        me.decode_member(&bytes[from..to], &claims)
+                    jobs.push((
+                        start,
+                        bytes.clone(),
+                        (start - range.start) as usize,
+                        (m.end - range.start) as usize,
+                    ));
+                }
+            }
+            let me = self.clone();
+            let claims: Vec<Vec<Claim>> =
+                jobs.iter().map(|(s, ..)| todo[s].claims.clone()).collect();
+            let outcomes = tokio::task::spawn_blocking(move || {
+                use rayon::prelude::*;
+                jobs.par_iter()
+                    .zip(claims.par_iter())
+                    .map(|((_, bytes, from, to), claims)| {
+                        me.decode_member(&bytes[*from..*to], claims)
                     })
-                    .await
-                    .unwrap_or_else(|e| {
-                        vec![Err(format!("decoder task failed: {e}")); m.claims.len()]
-                    });
-                    let mut failed = Vec::new();
-                    for (c, r) in m.claims.iter().zip(outcome) {
-                        match r {
-                            Err(reason) if attempt == 0 && reason.starts_with(VERIFY) => {
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            // Jobs were built in `todo`'s order (ranges and members ascending).
+            let failed_task = outcomes.len() != todo.len();
+            for (i, (start, m)) in todo.iter().enumerate() {
+                let outcome = match outcomes.get(i) {
+                    Some(o) if !failed_task => o.clone(),
+                    _ => vec![Err("the decoder task failed".to_string()); m.claims.len()],
+                };
+                let mut failed = Vec::new();
+                for (c, r) in m.claims.iter().zip(outcome) {
+                    match r {
+                        Err(reason) if attempt == 0 && reason.starts_with(VERIFY) => {
+                            self.counters
+                                .verification_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(layer = %self.digest, file = %self.index.path_of(c.ino), %reason, "refetching a chunk that failed verification");
+                            failed.push(*c);
+                        }
+                        r => {
+                            if matches!(r, Err(ref reason) if reason.starts_with(VERIFY)) {
                                 self.counters
                                     .verification_failures
                                     .fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(layer = %self.digest, file = %self.index.path_of(c.ino), %reason, "refetching a chunk that failed verification");
-                                failed.push(*c);
                             }
-                            r => {
-                                if matches!(r, Err(ref reason) if reason.starts_with(VERIFY)) {
-                                    self.counters
-                                        .verification_failures
-                                        .fetch_add(1, Ordering::Relaxed);
-                                }
-                                results.insert(c.chunk.global, r);
-                            }
+                            results.insert(c.chunk.global, r);
                         }
                     }
-                    if !failed.is_empty() {
-                        retry.insert(
-                            start,
-                            Member {
-                                end: m.end,
-                                claims: failed,
-                            },
-                        );
-                    }
+                }
+                if !failed.is_empty() {
+                    retry.insert(
+                        *start,
+                        Member {
+                            end: m.end,
+                            claims: failed,
+                        },
+                    );
                 }
             }
         }
@@ -431,6 +454,64 @@ impl Layer {
     /// Chunks present / total.
     pub fn progress(&self) -> (u32, u32) {
         (self.presence.count_present(), self.presence.chunk_count())
+    }
+}
+
+/// Take queued claims, in blob order, until their members add up to
+/// `budget` compressed bytes (at least one member; a member is never split).
+/// This bounds the memory of one read however large the layer's chunks are.
+fn take_budget(queue: &mut Vec<Claim>, budget: u64) -> Vec<Claim> {
+    queue.sort_by_key(|c| (c.chunk.compressed_offset, c.chunk.inner_offset));
+    let mut bytes = 0u64;
+    let mut last_member = None;
+    let mut n = 0;
+    for c in queue.iter() {
+        if last_member != Some(c.chunk.compressed_offset) {
+            let size = c.chunk.compressed_end - c.chunk.compressed_offset;
+            if n > 0 && bytes + size > budget {
+                break;
+            }
+            bytes += size;
+            last_member = Some(c.chunk.compressed_offset);
+        }
+        n += 1;
+    }
+    let rest = queue.split_off(n);
+    std::mem::replace(queue, rest)
+}
+
+/// Fetch many ranges in batches of `batch`, `parallel` batches at a time
+/// (reads overlap decoding); returns the bytes fetched.
+pub async fn fetch_in_batches(
+    layer: &Arc<Layer>,
+    ranges: Vec<(u64, u64, u64)>,
+    batch: usize,
+    parallel: usize,
+) -> Result<u64, FetchError> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut bytes = 0;
+    let mut first_error = None;
+    let mut collect = |r: Result<Result<u64, FetchError>, tokio::task::JoinError>| match r {
+        Ok(Ok(b)) => bytes += b,
+        Ok(Err(e)) => first_error = first_error.take().or(Some(e)),
+        Err(_) => {}
+    };
+    for chunk in ranges.chunks(batch.max(1)) {
+        while set.len() >= parallel.max(1) {
+            if let Some(r) = set.join_next().await {
+                collect(r);
+            }
+        }
+        let l = layer.clone();
+        let chunk = chunk.to_vec();
+        set.spawn(async move { l.fetch(&chunk).await.map(|s| s.bytes_fetched) });
+    }
+    while let Some(r) = set.join_next().await {
+        collect(r);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(bytes),
     }
 }
 

@@ -44,6 +44,9 @@ pub struct FetchOptions {
     /// Concurrent range reads per layer; requests queued meanwhile are
     /// batched into the next read.
     pub max_inflight_reads: usize,
+    /// Compressed bytes one read may carry (bounds memory per read; with
+    /// `max_inflight_reads` it bounds the fetcher's buffers).
+    pub max_read_bytes: u64,
     /// Files up to this size are fetched whole on their first read.
     pub whole_file_below: u64,
     /// Refuse TOCs larger than this (uncompressed).
@@ -57,6 +60,7 @@ impl Default for FetchOptions {
             merge_gap: 256 << 10,
             max_merged_range: 16 << 20,
             max_inflight_reads: 4,
+            max_read_bytes: 8 << 20,
             whole_file_below: 256 << 10,
             max_toc_size: stargaze_format::reader::DEFAULT_MAX_TOC_SIZE,
         }

@@ -20,6 +20,8 @@ use crate::{FetchError, FetchOptions, Layer, resolve_layer};
 const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify";
 /// Ranges per engine call while prefetching (bounds memory per call).
 const PREFETCH_BATCH: usize = 256;
+/// Batches in flight at once, so that reading one overlaps decoding another.
+const PREFETCH_PARALLEL: usize = 4;
 
 #[derive(Default)]
 struct LayerInfo {
@@ -196,11 +198,7 @@ impl FetcherService {
         layer: &Arc<Layer>,
         ranges: Vec<(u64, u64, u64)>,
     ) -> Result<u64, FetchError> {
-        let mut bytes = 0;
-        for batch in ranges.chunks(PREFETCH_BATCH) {
-            bytes += layer.fetch(batch).await?.bytes_fetched;
-        }
-        Ok(bytes)
+        crate::engine::fetch_in_batches(layer, ranges, PREFETCH_BATCH, PREFETCH_PARALLEL).await
     }
 
     /// Prefetch per the layer's landmark, the label or the configuration,

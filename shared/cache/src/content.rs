@@ -1,7 +1,7 @@
 //! Content files: a file's uncompressed bytes, keyed by its digest, sparse
 //! until every chunk has been written.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use stargaze_format::Digest;
@@ -21,11 +21,14 @@ impl ContentFile {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
         }
+        // Root writes even to a complete (0444) file, which happens when a
+        // chunk is fetched again for another layer: same verified bytes.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::PARTIAL_MODE)
             .open(path)
             .map_err(|e| CacheError::io(path, e))?;
         let len = file.metadata().map_err(|e| CacheError::io(path, e))?.len();

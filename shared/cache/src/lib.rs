@@ -7,7 +7,7 @@
 //! <root>/layers/<hex>/index            TOC index (stargaze-index), written once
 //! <root>/layers/<hex>/presence         presence map: one bit per chunk of the index
 //! <root>/content/<hh>/<hex>            uncompressed file content by file digest, sparse
-//! <root>/content/<hh>/<hex>.done       the content file is complete and verified
+//!                                      (mode 0444 once complete and verified)
 //! ```
 //!
 //! Data flows one way: the fetcher decompresses and verifies a chunk, writes
@@ -68,6 +68,11 @@ pub struct Cache {
     _lock: Option<File>,
     unclean: bool,
 }
+
+/// Mode of a content file that is complete and verified.
+pub const COMPLETE_MODE: u32 = 0o444;
+/// Mode of a content file still being filled.
+pub const PARTIAL_MODE: u32 = 0o644;
 
 fn layer_key(layer_digest: &str) -> &str {
     layer_digest.strip_prefix("sha256:").unwrap_or(layer_digest)
@@ -160,26 +165,31 @@ impl Cache {
         self.root.join("content").join(&hex[..2]).join(hex)
     }
 
-    fn done_path(&self, file_digest: &Digest) -> PathBuf {
-        let mut p = self.content_path(file_digest).into_os_string();
-        p.push(".done");
-        PathBuf::from(p)
-    }
-
     /// Is the content of this file complete and verified in the cache?
+    /// (Complete content files are read-only: one `chmod` marks them, no
+    /// extra file per content file.)
     pub fn is_complete(&self, file_digest: &Digest) -> bool {
-        self.done_path(file_digest).exists()
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(self.content_path(file_digest))
+            .map(|m| m.permissions().mode() & 0o777 == COMPLETE_MODE)
+            .unwrap_or(false)
     }
 
     /// Record that every chunk of the file has been written and verified.
     pub fn mark_complete(&self, file_digest: &Digest) -> Result<(), CacheError> {
-        let p = self.done_path(file_digest);
-        std::fs::write(&p, b"").map_err(|e| CacheError::io(&p, e))
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.content_path(file_digest);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(COMPLETE_MODE))
+            .map_err(|e| CacheError::io(&p, e))
     }
 
     /// Forget that a file is complete (after a failed re-verification).
     pub fn unmark_complete(&self, file_digest: &Digest) {
-        let _ = std::fs::remove_file(self.done_path(file_digest));
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            self.content_path(file_digest),
+            std::fs::Permissions::from_mode(PARTIAL_MODE),
+        );
     }
 
     /// Open (creating, sparse, at its final size) a file's content for writing.
