@@ -29,7 +29,7 @@ pub mod service;
 
 pub use blob::{BlobError, FileBlob, RemoteBlob};
 pub use engine::{FetchStats, Layer};
-pub use resolve::resolve_layer;
+pub use resolve::{resolve_layer, resolve_with_toc};
 
 /// Tunables of resolution and fetching.
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ pub enum FetchError {
     )]
     NotVerifiable { layer: String },
     #[error(
-        "layer {layer} keeps its TOC in a separate -esgztoc image, which this fetcher does not read yet; convert without --external-toc"
+        "layer {layer} keeps its TOC in a separate -esgztoc image and no TOC for it was found there; push the TOC image (<tag>-esgztoc) with the image"
     )]
     ExternalToc { layer: String },
     #[error("layer {layer}: no inode {ino} in its TOC index")]

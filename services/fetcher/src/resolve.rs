@@ -30,6 +30,29 @@ pub async fn resolve_layer(
     allow_unverified: bool,
     opts: &FetchOptions,
 ) -> Result<Layer, FetchError> {
+    resolve_with_toc(
+        cache,
+        blob,
+        layer_digest,
+        expected_toc,
+        allow_unverified,
+        None,
+        opts,
+    )
+    .await
+}
+
+/// [`resolve_layer`] for a layer converted with an external TOC: `toc_blob`
+/// is its layer of the `-esgztoc` image (still verified against `toc.digest`).
+pub async fn resolve_with_toc(
+    cache: Arc<Cache>,
+    blob: Arc<dyn RemoteBlob>,
+    layer_digest: &str,
+    expected_toc: Option<Digest>,
+    allow_unverified: bool,
+    toc_blob: Option<Vec<u8>>,
+    opts: &FetchOptions,
+) -> Result<Layer, FetchError> {
     if expected_toc.is_none() && !allow_unverified {
         return Err(FetchError::NotVerifiable {
             layer: layer_digest.to_string(),
@@ -42,7 +65,7 @@ pub async fn resolve_layer(
     let index = match reuse {
         Some(i) => i,
         None => {
-            let toc = fetch_toc(&*blob, layer_digest, expected_toc, opts).await?;
+            let toc = fetch_toc(&*blob, layer_digest, expected_toc, toc_blob, opts).await?;
             let meta = IndexMeta {
                 layer_digest: layer_digest.to_string(),
                 toc_digest: toc.toc_digest,
@@ -99,6 +122,7 @@ async fn fetch_toc(
     blob: &dyn RemoteBlob,
     layer: &str,
     expected: Option<Digest>,
+    toc_blob: Option<Vec<u8>>,
     opts: &FetchOptions,
 ) -> Result<LayerToc, FetchError> {
     let fmt = |k: ErrorKind| FetchError::Format(FormatError::new(layer, k));
@@ -119,9 +143,21 @@ async fn fetch_toc(
     let footer = parse_footer(footer_tail, size).map_err(fmt)?;
     let Some(range) = footer.toc_range(size) else {
         debug_assert!(matches!(footer, Footer::ExternalToc));
-        return Err(FetchError::ExternalToc {
-            layer: layer.to_string(),
-        });
+        let Some(toc_blob) = toc_blob else {
+            return Err(FetchError::ExternalToc {
+                layer: layer.to_string(),
+            });
+        };
+        let (max, layer_name) = (opts.max_toc_size, layer.to_string());
+        return tokio::task::spawn_blocking(move || {
+            let json = stargaze_format::reader::decode_toc_member(&toc_blob, max)
+                .map_err(|k| FormatError::new(&layer_name, k))?;
+            LayerToc::from_json(footer, size, json, expected)
+                .map_err(|k| FormatError::new(&layer_name, k))
+        })
+        .await
+        .expect("TOC decode task panicked")
+        .map_err(FetchError::Format);
     };
     let window_start = size - window;
     let compressed = if range.start >= window_start {

@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
 use crate::registry::RegistryBlob;
-use crate::{FetchError, FetchOptions, Layer, resolve_layer};
+use crate::{FetchError, FetchOptions, Layer, resolve_layer, resolve_with_toc};
 
 /// Label that lets a layer without `toc.digest` through when the request allows it.
 const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify";
@@ -60,6 +60,55 @@ fn status_of(e: &FetchError) -> Status {
             _ => Status::internal(msg),
         }
     }
+}
+
+/// The TOC blob of an external-TOC layer: the layer of the `<tag>-esgztoc`
+/// image (same registry and repository) annotated with the layer's digest.
+async fn external_toc(
+    shared: &Shared,
+    reference: &Reference,
+    digest: &str,
+) -> Result<Vec<u8>, FetchError> {
+    let missing = || FetchError::ExternalToc {
+        layer: digest.to_string(),
+    };
+    let mut toc_ref = reference.clone();
+    toc_ref.tag = Some(format!(
+        "{}{}",
+        reference.tag.as_deref().unwrap_or("latest"),
+        stargaze_format::EXTERNAL_TOC_REF_SUFFIX
+    ));
+    toc_ref.digest = None;
+    let manifest = shared
+        .client
+        .resolve_manifest(&toc_ref, &stargaze_registry::Platform::host())
+        .await
+        .map_err(|e| {
+            tracing::warn!(layer = %digest, toc_image = %toc_ref, error = %e, "no external TOC image");
+            missing()
+        })?;
+    let v: serde_json::Value = serde_json::from_slice(&manifest.bytes).map_err(|_| missing())?;
+    let toc_digest = v["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["annotations"][stargaze_format::TOC_LAYER_DIGEST_ANNOTATION] == digest)
+        .and_then(|l| l["digest"].as_str())
+        .ok_or_else(missing)?
+        .to_string();
+    let bytes = shared
+        .client
+        .fetch_blob(&toc_ref, &toc_digest, shared.opts.max_toc_size)
+        .await
+        .map_err(|e| FetchError::Blob {
+            layer: digest.to_string(),
+            source: crate::BlobError {
+                blob: format!("{toc_ref}@{toc_digest}"),
+                message: e.to_string(),
+                retryable: e.is_transient(),
+            },
+        })?;
+    Ok(bytes.to_vec())
 }
 
 impl FetcherService {
@@ -148,9 +197,14 @@ impl FetcherService {
         let layer = cell
             .get_or_try_init(|| async move {
                 let blob = Arc::new(RegistryBlob(shared.client.blob(&reference, &digest)));
-                resolve_layer(shared.cache.clone(), blob, &digest, expected, allow, &shared.opts)
-                    .await
-                    .map(Arc::new)
+                match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
+                    Err(FetchError::ExternalToc { .. }) => {
+                        let toc = external_toc(&shared, &reference, &digest).await?;
+                        resolve_with_toc(shared.cache.clone(), blob, &digest, expected, allow, Some(toc), &shared.opts).await
+                    }
+                    other => other,
+                }
+                .map(Arc::new)
             })
             .await
             .map_err(|e| {

@@ -255,3 +255,83 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     );
     assert!(!fetcher.socket.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let (tar, files) = image::data_layer(8);
+    image::write_layout(&src, "x", "src", std::slice::from_ref(&tar));
+    let out = work.path().join("out");
+    let dst = OciLayout::open_or_create(&out).unwrap();
+    let opts = ImageConvertOptions {
+        layer: stargaze_format::ConvertOptions {
+            external_toc: true,
+            keep_diff_id: true,
+            ..Default::default()
+        },
+        tmp_dir: None,
+    };
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &dst,
+        "ext",
+        &opts,
+        &|_| {},
+    )
+    .unwrap();
+    let push = |tag: &str| {
+        run(Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", out.display()))
+            .arg(format!("docker://{}/stargaze/ext:{tag}", reg.addr)));
+    };
+    push("ext");
+    let manifest = dst
+        .read_json(&dst.resolve(Some("ext")).unwrap().digest)
+        .unwrap();
+    let desc = &manifest["layers"][0];
+    let annotations: std::collections::HashMap<String, String> =
+        serde_json::from_value(desc["annotations"].clone()).unwrap();
+    let source = LayerSource {
+        image_ref: format!("{}/stargaze/ext:ext", reg.addr),
+        digest: desc["digest"].as_str().unwrap().into(),
+        annotations,
+        ..Default::default()
+    };
+    let fetcher = Fetcher::start(work.path(), stargaze_testkit::free_port());
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    let req = || ResolveLayerRequest {
+        layer: Some(source.clone()),
+        allow_unverified: false,
+    };
+    // Without the TOC image: not lazily pullable, and the message says why.
+    let e = client.resolve_layer(req()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("-esgztoc"), "{}", e.message());
+    // With it: resolved, verified against toc.digest, files readable.
+    push("ext-esgztoc");
+    let r = client.resolve_layer(req()).await.unwrap().into_inner();
+    assert!(r.toc_verified);
+    let index = LayerIndex::open(Path::new(&r.index_path)).unwrap();
+    let (name, data) = files.iter().find(|(_, d)| d.len() > 100_000).unwrap();
+    let ino = index.lookup_path(name).unwrap();
+    client
+        .fetch(FetchRequest {
+            layer_digest: r.layer_digest.clone(),
+            ranges: vec![FileRange {
+                inode: ino,
+                offset: 0,
+                length: data.len() as u64,
+            }],
+            priority: Priority::OnDemand as i32,
+        })
+        .await
+        .unwrap();
+    let reader = Cache::open_reader(&fetcher.cache);
+    let content =
+        std::fs::read(reader.content_path(&index.inode(ino).unwrap().digest().unwrap())).unwrap();
+    assert!(content == *data);
+}

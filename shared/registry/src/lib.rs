@@ -240,12 +240,22 @@ impl Client {
         r: &Reference,
         digest: &str,
     ) -> Result<bytes::Bytes, RegistryError> {
+        self.fetch_blob(r, digest, MAX_MANIFEST as u64).await
+    }
+
+    /// A whole blob of at most `max` bytes in one request, verified.
+    pub async fn fetch_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        max: u64,
+    ) -> Result<bytes::Bytes, RegistryError> {
         let blob = self.blob(r, digest);
         let size = blob.size().await?;
-        if size > MAX_MANIFEST as u64 {
+        if size > max {
             return Err(RegistryError::Range {
                 blob: blob.name(),
-                reason: format!("{size} bytes is too large for a config"),
+                reason: format!("{size} bytes is more than the {max} allowed"),
             });
         }
         let data = if size == 0 {
