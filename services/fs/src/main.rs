@@ -1,25 +1,47 @@
-//! `stargaze-fs`: the node's one FUSE mount, in which every attached layer is
-//! a directory named by its digest. It will own the inode tables read from the
-//! mmapped TOC index, the read path (serving verified bytes from the chunk
-//! cache, asking the fetcher on a miss), FUSE passthrough for files that are
-//! complete in the cache, and overlay whiteouts and opaque directories. It
-//! will serve `stargaze.v1.Fs` on a unix socket to the snapshotter.
+//! `stargaze-fs`: the node's one FUSE mount of lazily pulled layers, and
+//! `stargaze.v1.Fs` on a unix socket to attach and detach them (see the
+//! library docs for the parts).
 //!
-//! For now it is a skeleton: it parses its flags, loads and checks the
-//! configuration (`[fs]` and `[log]`), prints it with `--print-config`, and
-//! otherwise logs that it is not implemented yet and exits 0.
+//! Start-up: a stale mount left at the mountpoint by a crash ("transport
+//! endpoint is not connected") is detached first; then the filesystem is
+//! mounted with `n_threads` FUSE threads, the socket bound (0600) and systemd
+//! told it is ready. SIGTERM or SIGINT unmount (lazily, so overlays already
+//! using it keep their references until they go) and exit.
 
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
+use stargaze_fs::service::FsService;
+use stargaze_fs::{FsShared, GrpcFetcher};
+use stargaze_proto::v1::fs_server::FsServer;
 use stargaze_service::CommonArgs;
 
-/// Serves lazily pulled layers through one FUSE mount per node.
+/// Serves lazily pulled layers through one FUSE mount.
 #[derive(Debug, Parser)]
 #[command(name = "stargaze-fs", version)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+}
+
+/// Detach whatever is mounted at `dir` when it is a dead FUSE mount of ours.
+fn clean_stale_mount(dir: &Path) {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&dir.to_string_lossy()));
+    if !mounted {
+        return;
+    }
+    if std::fs::read_dir(dir).is_ok() {
+        tracing::warn!(mountpoint = %dir.display(), "something is already mounted here and answering; leaving it");
+        return;
+    }
+    tracing::warn!(mountpoint = %dir.display(), "detaching a stale mount left by a previous run");
+    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
 }
 
 fn main() -> ExitCode {
@@ -29,16 +51,52 @@ fn main() -> ExitCode {
         &args.common,
         |_| {},
         |startup| {
-            let c = &startup.config.fs;
-            stargaze_service::not_implemented(
-                "stargaze-fs",
-                &startup,
-                &[
-                    ("socket", c.socket.display().to_string()),
-                    ("mountpoint", c.mountpoint.display().to_string()),
-                ],
-            );
+            let c = startup.config.fs.clone();
+            let fetcher_socket = startup.config.fetcher.socket.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let handle = runtime.handle().clone();
+            runtime.block_on(async move {
+            std::fs::create_dir_all(&c.mountpoint)
+                .with_context(|| format!("creating the mountpoint {}", c.mountpoint.display()))?;
+            clean_stale_mount(&c.mountpoint);
+            let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
+            let shared = Arc::new(FsShared::new(source, handle, c.entry_timeout.max(c.attr_timeout)));
+            let session = stargaze_fs::mount(shared.clone(), &c.mountpoint, c.n_threads as usize)
+                .with_context(|| format!("mounting FUSE at {}", c.mountpoint.display()))?;
+            if c.passthrough {
+                tracing::warn!("passthrough is configured but not implemented yet: files are served through read()");
+            }
+            let service = FsService {
+                shared,
+                mountpoint: c.mountpoint.clone(),
+                passthrough: false,
+            };
+            let listener = stargaze_proto::bind_unix(&c.socket).await?;
+            tracing::info!(socket = %c.socket.display(), mountpoint = %c.mountpoint.display(), "stargaze-fs serving");
+            stargaze_service::sd_notify("READY=1");
+            let shutdown = async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                stargaze_service::sd_notify("STOPPING=1");
+            };
+            tonic::transport::Server::builder()
+                .add_service(FsServer::new(service))
+                .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
+                .await
+                .context("serving gRPC")?;
+            let _ = std::fs::remove_file(&c.socket);
+            // Lazy unmount: overlays that still use the mount keep it until they go.
+            let _ = nix::mount::umount2(&c.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            drop(session);
             Ok(())
+        })
         },
     )
 }

@@ -2,8 +2,3 @@
 //! (`stargaze_testkit::service_cli`).
 
 stargaze_testkit::service_cli_tests!(env!("CARGO_BIN_EXE_stargaze-fs"), "stargaze-fs");
-
-#[test]
-fn skeleton_logs_and_exits_cleanly() {
-    CLI.skeleton_logs_and_exits_cleanly()
-}

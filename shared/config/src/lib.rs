@@ -157,8 +157,8 @@ impl Default for FsConfig {
             mountpoint: "/run/stargaze/mnt".into(),
             n_threads: 4,
             passthrough: false,
-            entry_timeout: Duration::from_secs(1),
-            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(3600),
+            attr_timeout: Duration::from_secs(3600),
             metrics_address: String::new(),
         }
     }

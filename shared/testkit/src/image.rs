@@ -112,6 +112,10 @@ pub fn tar_of_host_paths(paths: &[&str]) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
+/// mtime of the test images' entries (GNU tar does not restore an mtime of
+/// 0 on directories, so real-looking times keep comparisons exact).
+const MTIME: u64 = 1_600_000_000;
+
 /// A runnable root filesystem layer: static busybox (Debian's
 /// busybox-static) with a few applet links, `/etc/passwd` and empty mount
 /// points. Needs `/bin/busybox`.
@@ -124,6 +128,7 @@ pub fn busybox_layer() -> Vec<u8> {
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(0o755);
         h.set_size(0);
+        h.set_mtime(MTIME);
         b.append_data(&mut h, name, &[][..]).expect("tar");
     };
     for d in ["bin/", "etc/", "proc/", "sys/", "dev/", "tmp/", "data/"] {
@@ -132,6 +137,7 @@ pub fn busybox_layer() -> Vec<u8> {
     let mut h = tar::Header::new_ustar();
     h.set_mode(0o755);
     h.set_size(busybox.len() as u64);
+    h.set_mtime(MTIME);
     b.append_data(&mut h, "bin/busybox", &busybox[..])
         .expect("tar");
     for applet in ["sh", "cat", "ls", "echo", "sha256sum", "stat", "find", "wc"] {
@@ -139,6 +145,7 @@ pub fn busybox_layer() -> Vec<u8> {
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
         h.set_size(0);
+        h.set_mtime(MTIME);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")
             .expect("tar");
     }
@@ -146,6 +153,7 @@ pub fn busybox_layer() -> Vec<u8> {
     let mut h = tar::Header::new_ustar();
     h.set_mode(0o644);
     h.set_size(passwd.len() as u64);
+    h.set_mtime(MTIME);
     b.append_data(&mut h, "etc/passwd", &passwd[..])
         .expect("tar");
     b.into_inner().expect("tar")

@@ -1,0 +1,570 @@
+//! The FUSE filesystem: the mount root lists attached layers; each layer's
+//! tree is read straight from its mapped TOC index.
+//!
+//! Metadata operations (lookup, getattr, readdir, readlink, xattrs) are
+//! answered from the index on the FUSE thread: no allocation per entry, no
+//! I/O. Reads of present chunks are `pread`s of the cache file, also on the
+//! FUSE thread. A read that needs missing chunks moves its reply into a task
+//! on the tokio runtime, which asks the fetcher and answers when the chunks
+//! are present, so FUSE threads never wait for the network.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use stargaze_index::model::kind;
+
+use crate::layers::{Attached, LayerTable, MOUNT_ROOT};
+use crate::source::ChunkSource;
+
+/// How long the kernel may cache what the mount root lists (layers come and go).
+const ROOT_TTL: Duration = Duration::from_secs(1);
+
+/// Everything the FUSE threads and the gRPC service share.
+pub struct FsShared {
+    pub layers: LayerTable,
+    pub source: Arc<dyn ChunkSource>,
+    pub runtime: tokio::runtime::Handle,
+    /// Entry and attribute timeout inside layers (they never change).
+    pub ttl: Duration,
+    /// Files up to this size are fetched whole on their first read.
+    pub whole_file_below: u64,
+    /// Bytes fetched ahead after a read that missed, when reading on.
+    pub readahead: u64,
+    pub fetch_errors: AtomicU64,
+    /// Set once mounted: tells the kernel to forget entries (on detach).
+    pub notifier: Mutex<Option<fuser::Notifier>>,
+    handles: Mutex<HashMap<u64, Arc<std::fs::File>>>,
+    next_fh: AtomicU64,
+}
+
+impl FsShared {
+    pub fn new(
+        source: Arc<dyn ChunkSource>,
+        runtime: tokio::runtime::Handle,
+        ttl: Duration,
+    ) -> FsShared {
+        FsShared {
+            layers: LayerTable::default(),
+            source,
+            runtime,
+            ttl,
+            whole_file_below: 128 << 10,
+            readahead: 1 << 20,
+            fetch_errors: AtomicU64::new(0),
+            notifier: Mutex::new(None),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+}
+
+/// A directory entry to list: (inode, offset of the next entry, type, name, attributes).
+type Listed = (u64, u64, FileType, Vec<u8>, Option<FileAttr>);
+
+/// The `fuser::Filesystem` of the node's mount.
+pub struct StargazeFs {
+    pub shared: Arc<FsShared>,
+}
+
+fn file_type(k: u8) -> FileType {
+    match k {
+        kind::DIR => FileType::Directory,
+        kind::SYMLINK => FileType::Symlink,
+        kind::CHAR => FileType::CharDevice,
+        kind::BLOCK => FileType::BlockDevice,
+        kind::FIFO => FileType::NamedPipe,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Linux `new_encode_dev`.
+fn rdev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+fn layer_attr(a: &Attached, local: u64) -> Option<FileAttr> {
+    let n = a.index.inode(local)?;
+    let t = time(n.mtime());
+    let (major, minor) = n.rdev();
+    Some(FileAttr {
+        ino: INodeNo(a.global(local)),
+        size: n.size(),
+        blocks: n.blocks(),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(n.kind()),
+        perm: n.perm() as u16,
+        nlink: n.nlink(),
+        uid: n.uid(),
+        gid: n.gid(),
+        rdev: rdev(major, minor),
+        blksize: 4096,
+        flags: 0,
+    })
+}
+
+impl StargazeFs {
+    fn root_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(MOUNT_ROOT),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2 + self.shared.layers.len() as u32,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// (ino, offset of the next entry, type, name, attr) of a directory
+    /// listing from `offset` on.
+    fn listing(&self, ino: u64, offset: u64) -> Result<Vec<Listed>, Errno> {
+        let mut out = Vec::new();
+        if ino == MOUNT_ROOT {
+            let root = self.root_attr();
+            let mut all = vec![
+                (MOUNT_ROOT, FileType::Directory, b".".to_vec(), Some(root)),
+                (MOUNT_ROOT, FileType::Directory, b"..".to_vec(), Some(root)),
+            ];
+            for a in self.shared.layers.list() {
+                all.push((
+                    a.global(1),
+                    FileType::Directory,
+                    a.name.as_bytes().to_vec(),
+                    layer_attr(&a, 1),
+                ));
+            }
+            for (i, (ino, t, name, attr)) in all.into_iter().enumerate().skip(offset as usize) {
+                out.push((ino, i as u64 + 1, t, name, attr));
+            }
+            return Ok(out);
+        }
+        let (a, local) = self.shared.layers.resolve(ino).ok_or(Errno::ENOENT)?;
+        let node = a.index.inode(local).ok_or(Errno::ENOENT)?;
+        if !node.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let parent = if local == stargaze_index::ROOT_INO {
+            MOUNT_ROOT
+        } else {
+            a.global(node.parent())
+        };
+        if offset == 0 {
+            out.push((
+                ino,
+                1,
+                FileType::Directory,
+                b".".to_vec(),
+                layer_attr(&a, local),
+            ));
+        }
+        if offset <= 1 {
+            let pattr = if parent == MOUNT_ROOT {
+                Some(self.root_attr())
+            } else {
+                layer_attr(&a, node.parent())
+            };
+            out.push((parent, 2, FileType::Directory, b"..".to_vec(), pattr));
+        }
+        for d in a.index.readdir(local, offset.saturating_sub(2) as usize) {
+            out.push((
+                a.global(d.ino),
+                d.offset as u64 + 3,
+                file_type(d.kind),
+                d.name.to_vec(),
+                layer_attr(&a, d.ino),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Serve `[offset, end)` of a file from its cache file.
+    fn read_cached(
+        &self,
+        a: &Attached,
+        local: u64,
+        fh: u64,
+        offset: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, Errno> {
+        let file = self.content(a, local, fh)?;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|_| Errno::EIO)?;
+        a.stats
+            .bytes_from_cache
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    /// The open cache file of a handle (opened on first use: the file may
+    /// not exist before the first chunk arrives).
+    fn content(&self, a: &Attached, local: u64, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
+        if let Some(f) = self.shared.handles.lock().expect("handles").get(&fh) {
+            return Ok(f.clone());
+        }
+        let n = a.index.inode(local).ok_or(Errno::ENOENT)?;
+        let key = n.digest().unwrap_or_else(|| {
+            stargaze_format::Digest::of(format!("{}/{local}", a.digest).as_bytes())
+        });
+        let f = Arc::new(std::fs::File::open(a.cache.content_path(&key)).map_err(|_| Errno::EIO)?);
+        if fh != 0 {
+            self.shared
+                .handles
+                .lock()
+                .expect("handles")
+                .insert(fh, f.clone());
+        }
+        Ok(f)
+    }
+}
+
+/// Are the chunks of `[offset, end)` all present?
+fn present(a: &Attached, local: u64, offset: u64, end: u64) -> bool {
+    let Some(n) = a.index.inode(local) else {
+        return false;
+    };
+    let Some(first) = n.chunk_at(offset) else {
+        return end <= offset;
+    };
+    for i in first.index..n.chunk_count() {
+        let Some(c) = n.chunk(i) else { return false };
+        if c.file_offset >= end {
+            break;
+        }
+        if !a.presence.is_present(c.global) {
+            return false;
+        }
+    }
+    true
+}
+
+impl Filesystem for StargazeFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = u64::from(parent);
+        if parent == MOUNT_ROOT {
+            match self
+                .shared
+                .layers
+                .by_name(&name.to_string_lossy())
+                .and_then(|a| layer_attr(&a, 1))
+            {
+                Some(attr) => reply.entry(&ROOT_TTL, &attr, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            }
+            return;
+        }
+        let Some((a, local)) = self.shared.layers.resolve(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match a
+            .index
+            .lookup(local, name.as_bytes())
+            .and_then(|ino| layer_attr(&a, ino))
+        {
+            Some(attr) => reply.entry(&self.shared.ttl, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = u64::from(ino);
+        if ino == MOUNT_ROOT {
+            return reply.attr(&ROOT_TTL, &self.root_attr());
+        }
+        match self
+            .shared
+            .layers
+            .resolve(ino)
+            .and_then(|(a, l)| layer_attr(&a, l))
+        {
+            Some(attr) => reply.attr(&self.shared.ttl, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .shared
+            .layers
+            .resolve(u64::from(ino))
+            .and_then(|(a, l)| a.index.inode(l)?.symlink().map(<[u8]>::to_vec))
+        {
+            Some(t) => reply.data(&t),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some((a, local)) = self.shared.layers.resolve(u64::from(ino)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.0 & (libc_o_accmode()) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match a.index.inode(local) {
+            Some(n) if n.is_reg() => {
+                let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed);
+                // The layer never changes: let the kernel keep cached pages.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((a, local)) = self.shared.layers.resolve(u64::from(ino)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(node) = a.index.inode(local) else {
+            return reply.error(Errno::ENOENT);
+        };
+        a.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let file_size = node.size();
+        let end = offset.saturating_add(size as u64).min(file_size);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let fh = u64::from(fh);
+        if present(&a, local, offset, end) {
+            match self.read_cached(&a, local, fh, offset, end) {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(e),
+            }
+            return;
+        }
+        // Missing chunks: fetch on the runtime and answer from there.
+        let (fetch_off, fetch_len) = if file_size <= self.shared.whole_file_below {
+            (0, file_size)
+        } else {
+            (offset, end - offset)
+        };
+        let me = StargazeFs {
+            shared: self.shared.clone(),
+        };
+        let readahead = self.shared.readahead;
+        self.shared.runtime.spawn(async move {
+            let source = me.shared.source.clone();
+            match source.fetch(&a.digest, local, fetch_off, fetch_len).await {
+                Ok(()) => {
+                    match me.read_cached(&a, local, fh, offset, end) {
+                        Ok(buf) => {
+                            a.stats.bytes_after_fetch.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            reply.data(&buf)
+                        }
+                        Err(e) => reply.error(e),
+                    }
+                    // Reading on through a large file: fetch what comes next.
+                    if offset > 0 && end < file_size && readahead > 0 {
+                        let _ = source
+                            .fetch(&a.digest, local, end, readahead.min(file_size - end))
+                            .await;
+                    }
+                }
+                Err(reason) => {
+                    a.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    me.shared.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(layer = %a.digest, file = %a.index.path_of(local), offset, %reason, "read failed: EIO");
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.shared
+            .handles
+            .lock()
+            .expect("handles")
+            .remove(&u64::from(fh));
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.listing(u64::from(ino), offset) {
+            Ok(entries) => {
+                for (ino, next, t, name, _) in entries {
+                    if reply.add(INodeNo(ino), next, t, OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = if u64::from(ino) == MOUNT_ROOT {
+            ROOT_TTL
+        } else {
+            self.shared.ttl
+        };
+        match self.listing(u64::from(ino), offset) {
+            Ok(entries) => {
+                for (ino, next, _, name, attr) in entries {
+                    let Some(attr) = attr else { continue };
+                    if reply.add(
+                        INodeNo(ino),
+                        next,
+                        OsStr::from_bytes(&name),
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some((a, local)) = self.shared.layers.resolve(u64::from(ino)) else {
+            return reply.error(Errno::ENODATA);
+        };
+        match a.index.inode(local).and_then(|n| n.xattr(name.as_bytes())) {
+            Some(v) if size == 0 => reply.size(v.len() as u32),
+            Some(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some(v) => reply.data(v),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut names = Vec::new();
+        if let Some((a, local)) = self.shared.layers.resolve(u64::from(ino))
+            && let Some(n) = a.index.inode(local)
+        {
+            for x in n.xattrs() {
+                names.extend_from_slice(x.name);
+                names.push(0);
+            }
+        }
+        if size == 0 {
+            reply.size(names.len() as u32)
+        } else if names.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&names)
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks modes itself.
+        reply.ok();
+    }
+}
+
+/// O_WRONLY | O_RDWR
+fn libc_o_accmode() -> i32 {
+    0o3
+}
+
+/// Mount the node's filesystem at `mountpoint` with `n_threads` FUSE
+/// threads (each with its own cloned `/dev/fuse` descriptor).
+pub fn mount(
+    shared: Arc<FsShared>,
+    mountpoint: &std::path::Path,
+    n_threads: usize,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("stargaze".into()),
+        fuser::MountOption::Subtype("stargaze".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(n_threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(
+        StargazeFs {
+            shared: shared.clone(),
+        },
+        mountpoint,
+        &config,
+    )?;
+    *shared.notifier.lock().expect("notifier") = Some(session.notifier());
+    Ok(session)
+}
+
+impl FsShared {
+    /// Detach a layer and make the kernel forget its directory entry.
+    pub fn detach(&self, name: &str) -> bool {
+        let found = self.layers.detach(name).is_some();
+        if found && let Some(n) = self.notifier.lock().expect("notifier").as_ref() {
+            let _ = n.inval_entry(INodeNo(MOUNT_ROOT), OsStr::new(name));
+        }
+        found
+    }
+}

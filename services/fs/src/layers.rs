@@ -1,0 +1,188 @@
+//! The table of attached layers and the inode numbering of the mount.
+//!
+//! The mount root is inode 1; a layer attached in slot `s` has its index's
+//! inode `i` at `s << SLOT_SHIFT | i`, so inode numbers are unique across
+//! layers without any per-inode table, and a layer's slot is never reused
+//! while the process runs (the kernel may still hold old numbers).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use stargaze_cache::{Cache, PresenceMap};
+use stargaze_index::LayerIndex;
+
+/// Bits of a global inode number that hold the index's inode.
+pub const SLOT_SHIFT: u32 = 40;
+pub const MOUNT_ROOT: u64 = 1;
+
+/// Counters of one attached layer.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    pub reads: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub bytes_from_cache: AtomicU64,
+    pub bytes_after_fetch: AtomicU64,
+}
+
+/// A layer served under the mount.
+pub struct Attached {
+    pub digest: String,
+    /// Directory name in the mount: the digest's hex.
+    pub name: String,
+    pub slot: u64,
+    pub index: LayerIndex,
+    pub presence: PresenceMap,
+    pub cache: Cache,
+    pub stats: LayerStats,
+}
+
+impl Attached {
+    pub fn global(&self, local: u64) -> u64 {
+        self.slot << SLOT_SHIFT | local
+    }
+}
+
+/// Why a layer cannot be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("layer {layer}: {source}")]
+    Index {
+        layer: String,
+        #[source]
+        source: stargaze_index::IndexError,
+    },
+    #[error("layer {layer}: {source}")]
+    Presence {
+        layer: String,
+        #[source]
+        source: stargaze_cache::CacheError,
+    },
+    #[error("layer {layer}: the index at {index} belongs to layer {other}")]
+    Mismatch {
+        layer: String,
+        index: PathBuf,
+        other: String,
+    },
+    #[error("layer digest {0:?} is not sha256:<hex>")]
+    BadDigest(String),
+}
+
+/// Attached layers by slot and by name.
+#[derive(Default)]
+pub struct LayerTable {
+    inner: RwLock<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    by_slot: HashMap<u64, Arc<Attached>>,
+    by_name: HashMap<String, u64>,
+    next_slot: u64,
+}
+
+/// The cache root of an index at `<cache>/layers/<hex>/index`.
+fn cache_root(index_path: &Path) -> PathBuf {
+    index_path
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
+impl LayerTable {
+    /// Attach (or find) a layer; returns it.
+    pub fn attach(
+        &self,
+        digest: &str,
+        index_path: &Path,
+        presence_path: &Path,
+    ) -> Result<Arc<Attached>, AttachError> {
+        let name = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| AttachError::BadDigest(digest.to_string()))?
+            .to_string();
+        if let Some(a) = self.by_name(&name) {
+            return Ok(a);
+        }
+        let index = LayerIndex::open(index_path).map_err(|source| AttachError::Index {
+            layer: digest.to_string(),
+            source,
+        })?;
+        if index.layer_digest() != digest {
+            return Err(AttachError::Mismatch {
+                layer: digest.to_string(),
+                index: index_path.to_path_buf(),
+                other: index.layer_digest().to_string(),
+            });
+        }
+        let presence =
+            PresenceMap::open_ro(presence_path).map_err(|source| AttachError::Presence {
+                layer: digest.to_string(),
+                source,
+            })?;
+        let mut t = self.inner.write().expect("layer table");
+        if let Some(slot) = t.by_name.get(&name) {
+            return Ok(t.by_slot[slot].clone());
+        }
+        t.next_slot += 1;
+        let slot = t.next_slot;
+        let a = Arc::new(Attached {
+            digest: digest.to_string(),
+            name: name.clone(),
+            slot,
+            index,
+            presence,
+            cache: Cache::open_reader(&cache_root(index_path)),
+            stats: LayerStats::default(),
+        });
+        t.by_slot.insert(slot, a.clone());
+        t.by_name.insert(name, slot);
+        Ok(a)
+    }
+
+    pub fn detach(&self, name: &str) -> Option<Arc<Attached>> {
+        let mut t = self.inner.write().expect("layer table");
+        let slot = t.by_name.remove(name)?;
+        t.by_slot.remove(&slot)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<Attached>> {
+        let t = self.inner.read().expect("layer table");
+        t.by_name.get(name).and_then(|s| t.by_slot.get(s)).cloned()
+    }
+
+    /// The layer and local inode of a global inode number.
+    pub fn resolve(&self, ino: u64) -> Option<(Arc<Attached>, u64)> {
+        let slot = ino >> SLOT_SHIFT;
+        let local = ino & ((1 << SLOT_SHIFT) - 1);
+        let t = self.inner.read().expect("layer table");
+        t.by_slot.get(&slot).map(|a| (a.clone(), local))
+    }
+
+    /// Every attached layer, sorted by name (the mount root's listing).
+    pub fn list(&self) -> Vec<Arc<Attached>> {
+        let t = self.inner.read().expect("layer table");
+        let mut v: Vec<_> = t.by_slot.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("layer table").by_slot.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn total(&self, f: impl Fn(&LayerStats) -> &AtomicU64) -> u64 {
+        self.list()
+            .iter()
+            .map(|a| f(&a.stats).load(Ordering::Relaxed))
+            .sum()
+    }
+}

@@ -1,0 +1,23 @@
+//! The fs service: one FUSE mount per node in which every attached layer is
+//! a directory named by its digest's hex.
+//!
+//! * [`layers`] keeps the attached layers (mapped TOC index, read-only
+//!   presence map, cache directory) and numbers inodes `slot << 40 | inode`
+//!   so they are unique across layers without a table.
+//! * [`fuse`] is the `fuser` filesystem: metadata straight from the mapped
+//!   index, reads of present chunks from the cache file, reads of missing
+//!   chunks answered from a tokio task once the fetcher made them present.
+//! * [`source`] is how missing chunks are asked for (the fetcher's gRPC
+//!   `Fetch`, retried while the fetcher restarts).
+//!
+//! * [`service`] is `stargaze.v1.Fs`: attach, detach (refused while an
+//!   overlay mount uses the layer), list, status.
+
+pub mod fuse;
+pub mod layers;
+pub mod service;
+pub mod source;
+
+pub use fuse::{FsShared, StargazeFs, mount};
+pub use layers::{Attached, LayerTable};
+pub use source::{ChunkSource, GrpcFetcher};

@@ -1,0 +1,127 @@
+//! `stargaze.v1.Fs`: attach, detach, list, status.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use stargaze_proto::v1::fs_server::Fs;
+use stargaze_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::FsShared;
+use crate::layers::AttachError;
+
+/// The fs service's gRPC side.
+#[derive(Clone)]
+pub struct FsService {
+    pub shared: Arc<FsShared>,
+    pub mountpoint: PathBuf,
+    pub passthrough: bool,
+}
+
+/// Overlay mounts (from `/proc/self/mountinfo`) whose options name `dir`.
+pub fn overlays_using(dir: &Path) -> Vec<String> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let needle = dir.to_string_lossy().to_string();
+    info.lines()
+        .filter(|l| l.contains(" - overlay "))
+        .filter(|l| {
+            l.split(" - overlay ").nth(1).is_some_and(|opts| {
+                opts.split([',', ':', '='])
+                    .any(|p| p == needle || p.starts_with(&format!("{needle}/")))
+            })
+        })
+        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .collect()
+}
+
+impl FsService {
+    fn dir_of(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+}
+
+#[tonic::async_trait]
+impl Fs for FsService {
+    async fn attach(&self, r: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+        let req = r.into_inner();
+        let a = self
+            .shared
+            .layers
+            .attach(
+                &req.layer_digest,
+                Path::new(&req.index_path),
+                Path::new(&req.presence_path),
+            )
+            .map_err(|e| match e {
+                AttachError::BadDigest(_) => Status::invalid_argument(e.to_string()),
+                _ => Status::failed_precondition(format!(
+                    "{e}; resolve the layer with the fetcher first"
+                )),
+            })?;
+        tracing::info!(layer = %a.digest, dir = %self.dir_of(&a.name).display(), "layer attached");
+        Ok(Response::new(AttachResponse {
+            dir: self.dir_of(&a.name).display().to_string(),
+        }))
+    }
+
+    async fn detach(&self, r: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
+        let req = r.into_inner();
+        let name = req
+            .layer_digest
+            .strip_prefix("sha256:")
+            .unwrap_or(&req.layer_digest);
+        if self.shared.layers.by_name(name).is_none() {
+            return Err(Status::not_found(format!(
+                "layer {} is not attached",
+                req.layer_digest
+            )));
+        }
+        let users = overlays_using(&self.dir_of(name));
+        if !users.is_empty() && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "layer {} is in use by overlay mounts at {}; unmount them (stop the containers) first",
+                req.layer_digest,
+                users.join(", ")
+            )));
+        }
+        self.shared.detach(name);
+        tracing::info!(layer = %req.layer_digest, "layer detached");
+        Ok(Response::new(DetachResponse {}))
+    }
+
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let layers = self
+            .shared
+            .layers
+            .list()
+            .into_iter()
+            .map(|a| AttachedLayer {
+                layer_digest: a.digest.clone(),
+                dir: self.dir_of(&a.name).display().to_string(),
+                chunks: a.presence.chunk_count(),
+                chunks_present: a.presence.count_present(),
+                reads: a.stats.reads.load(Ordering::Relaxed),
+                read_errors: a.stats.read_errors.load(Ordering::Relaxed),
+            })
+            .collect();
+        Ok(Response::new(ListResponse { layers }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<FsStatusRequest>,
+    ) -> Result<Response<FsStatusResponse>, Status> {
+        let l = &self.shared.layers;
+        Ok(Response::new(FsStatusResponse {
+            mountpoint: self.mountpoint.display().to_string(),
+            layers: l.len() as u32,
+            passthrough: self.passthrough,
+            bytes_from_cache: l.total(|s| &s.bytes_from_cache),
+            bytes_after_fetch: l.total(|s| &s.bytes_after_fetch),
+            fetch_errors: self.shared.fetch_errors.load(Ordering::Relaxed),
+        }))
+    }
+}

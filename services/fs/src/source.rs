@@ -1,0 +1,75 @@
+//! Where missing chunks come from: the fetcher.
+//!
+//! The FUSE read path only needs "make these bytes of this file present";
+//! [`ChunkSource`] says that, [`GrpcFetcher`] does it over the fetcher's
+//! socket (retrying while the fetcher restarts), and tests plug the fetcher's
+//! engine in directly.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::{FetchRequest, FileRange, Priority};
+
+/// Makes file ranges of attached layers present in the cache.
+#[tonic::async_trait]
+pub trait ChunkSource: Send + Sync + 'static {
+    /// Bytes `[offset, offset + len)` of inode `ino` (the layer index's
+    /// numbering) of `layer`. Returns when they are present.
+    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String>;
+}
+
+/// The fetcher service over its unix socket.
+pub struct GrpcFetcher {
+    client: FetcherClient<tonic::transport::Channel>,
+    socket: PathBuf,
+    /// How long reads wait for a fetcher that is restarting.
+    pub patience: Duration,
+}
+
+impl GrpcFetcher {
+    pub fn new(socket: &std::path::Path) -> Result<GrpcFetcher, stargaze_proto::SocketError> {
+        Ok(GrpcFetcher {
+            client: FetcherClient::new(stargaze_proto::connect_unix(socket)?),
+            socket: socket.to_path_buf(),
+            patience: Duration::from_secs(30),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ChunkSource for GrpcFetcher {
+    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String> {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let req = FetchRequest {
+                layer_digest: layer.to_string(),
+                ranges: vec![FileRange {
+                    inode: ino,
+                    offset,
+                    length: len,
+                }],
+                priority: Priority::OnDemand as i32,
+            };
+            match self.client.clone().fetch(req).await {
+                Ok(_) => return Ok(()),
+                // The fetcher is restarting: wait for it, within reason.
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable && start.elapsed() < self.patience =>
+                {
+                    tracing::debug!(socket = %self.socket.display(), "waiting for the fetcher");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => {
+                    return Err(format!(
+                        "fetcher ({}): {}",
+                        self.socket.display(),
+                        s.message()
+                    ));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Real FUSE mounts (needs root and /dev/fuse; skipped with a message
+//! otherwise): the mounted layer against GNU tar's extraction of the same
+//! tar, field by field, and concurrent cold reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::{FileBlob, Layer, resolve_layer};
+use stargaze_fs::{ChunkSource, FsShared};
+use stargaze_testkit::{image, run, unmount_below};
+
+/// The fetcher's engine in process, as the chunk source.
+struct Engine(HashMap<String, Arc<Layer>>);
+
+#[tonic::async_trait]
+impl ChunkSource for Engine {
+    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String> {
+        let l = self.0.get(layer).ok_or("unknown layer")?;
+        l.fetch(&[(ino, offset, len)])
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn can_mount() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("skipped: needs root and /dev/fuse (run `make test` as root)");
+    }
+    ok
+}
+
+/// Every entry type GNU tar can extract (no whiteouts: those are overlay's business).
+fn layer_tar() -> Vec<u8> {
+    let mut tar = image::busybox_layer();
+    let end = stargaze_format::tar::TarReader::new(&tar)
+        .last()
+        .unwrap()
+        .unwrap()
+        .end_offset as usize;
+    tar.truncate(end);
+    let mut b = tar::Builder::new(tar);
+    let add = |b: &mut tar::Builder<Vec<u8>>,
+               kind: tar::EntryType,
+               name: &str,
+               mode: u32,
+               data: &[u8],
+               f: &dyn Fn(&mut tar::Header)| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_650_000_000);
+        h.set_uid(1234);
+        h.set_gid(5678);
+        f(&mut h);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    let none = |_: &mut tar::Header| {};
+    add(
+        &mut b,
+        tar::EntryType::Directory,
+        "srv/",
+        0o2775,
+        b"",
+        &none,
+    );
+    add(
+        &mut b,
+        tar::EntryType::Directory,
+        "srv/sticky/",
+        0o1777,
+        b"",
+        &none,
+    );
+    add(
+        &mut b,
+        tar::EntryType::Regular,
+        "srv/setuid",
+        0o4755,
+        b"#!/bin/sh\n",
+        &none,
+    );
+    add(
+        &mut b,
+        tar::EntryType::Regular,
+        "srv/empty",
+        0o600,
+        b"",
+        &none,
+    );
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    add(
+        &mut b,
+        tar::EntryType::Regular,
+        "srv/big.bin",
+        0o644,
+        &big,
+        &none,
+    );
+    add(&mut b, tar::EntryType::Fifo, "srv/fifo", 0o640, b"", &none);
+    add(&mut b, tar::EntryType::Char, "srv/null", 0o666, b"", &|h| {
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+    });
+    add(
+        &mut b,
+        tar::EntryType::Block,
+        "srv/disk",
+        0o660,
+        b"",
+        &|h| {
+            h.set_device_major(8).unwrap();
+            h.set_device_minor(300).unwrap();
+        },
+    );
+    b.append_pax_extensions([("SCHILY.xattr.user.comment", &b"\xff\x00binary"[..])])
+        .unwrap();
+    add(
+        &mut b,
+        tar::EntryType::Regular,
+        "srv/xattr",
+        0o644,
+        b"x",
+        &none,
+    );
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "srv/big-link", "srv/big.bin")
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    h.set_mtime(1_650_000_000);
+    b.append_link(&mut h, "srv/link", "../bin/busybox").unwrap();
+    let long = format!("srv/{}/ünïcödé-{}", "d".repeat(120), "n".repeat(100));
+    add(
+        &mut b,
+        tar::EntryType::Directory,
+        &format!("{}/", long.rsplit_once('/').unwrap().0),
+        0o755,
+        b"",
+        &none,
+    );
+    add(
+        &mut b,
+        tar::EntryType::Regular,
+        &long,
+        0o644,
+        b"long",
+        &none,
+    );
+    b.into_inner().unwrap()
+}
+
+#[derive(Debug, PartialEq)]
+struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    nlink: u64,
+    rdev: u64,
+    link: Option<PathBuf>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+    sha: Option<String>,
+}
+
+fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut buf = vec![0u8; 4096];
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C string and buffer.
+    let n = unsafe { nix::libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return out;
+    }
+    for name in buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        let name_s = String::from_utf8_lossy(name).to_string();
+        if !name_s.starts_with("user.") {
+            continue; // security.* and trusted.* depend on the host
+        }
+        let cn = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 4096];
+        // SAFETY: valid C strings and buffer.
+        let m = unsafe {
+            nix::libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len())
+        };
+        v.truncate(m.max(0) as usize);
+        out.insert(name_s, v);
+    }
+    out
+}
+
+fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                stack.push(p.clone());
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_char_device() {
+                "char"
+            } else if ft.is_block_device() {
+                "block"
+            } else {
+                "reg"
+            };
+            let sha = (kind == "reg")
+                .then(|| stargaze_format::Digest::of(&std::fs::read(&p).unwrap()).to_string());
+            out.insert(
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                Entry {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: if kind == "dir" { 0 } else { m.size() },
+                    mtime: m.mtime(),
+                    nlink: m.nlink(),
+                    rdev: m.rdev(),
+                    link: (kind == "symlink").then(|| std::fs::read_link(&p).unwrap()),
+                    xattrs: xattrs(&p),
+                    sha,
+                },
+            );
+        }
+    }
+    out
+}
+
+struct Mounted {
+    dir: tempfile::TempDir,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+        unmount_below(self.dir.path());
+    }
+}
+
+async fn setup(tar: &[u8], work: &Path) -> (Arc<FsShared>, Arc<Layer>, String) {
+    let mut blob = Vec::new();
+    let opts = stargaze_format::ConvertOptions {
+        chunk_size: 256 << 10,
+        ..Default::default()
+    };
+    let res = stargaze_format::convert("t", tar, &mut blob, &opts, None).unwrap();
+    let blob_path = work.join("blob");
+    std::fs::write(&blob_path, &blob).unwrap();
+    let digest = res.digest.to_string();
+    let cache_dir = work.join("cache");
+    let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+    let fopts = stargaze_fetcher::FetchOptions {
+        whole_file_below: 0,
+        ..Default::default()
+    };
+    let layer = Arc::new(
+        resolve_layer(
+            cache.clone(),
+            Arc::new(FileBlob::open(&blob_path).unwrap()),
+            &digest,
+            Some(res.toc_digest),
+            false,
+            &fopts,
+        )
+        .await
+        .unwrap(),
+    );
+    let source = Arc::new(Engine([(digest.clone(), layer.clone())].into()));
+    let shared = Arc::new(FsShared::new(
+        source,
+        tokio::runtime::Handle::current(),
+        Duration::from_secs(3600),
+    ));
+    shared
+        .layers
+        .attach(
+            &digest,
+            &cache.index_path(&digest),
+            &cache.presence_path(&digest),
+        )
+        .unwrap();
+    (shared, layer, digest)
+}
+
+fn mount(shared: Arc<FsShared>) -> Mounted {
+    let dir = tempfile::Builder::new()
+        .prefix("sg-fs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let session = stargaze_fs::mount(shared, dir.path(), 4).unwrap();
+    Mounted {
+        dir,
+        session: Some(session),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mounted_layer_is_the_tree_gnu_tar_extracts() {
+    if !can_mount() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let tar = layer_tar();
+    let (shared, _layer, digest) = setup(&tar, work.path()).await;
+    let m = mount(shared);
+    let layer_dir = m.dir.path().join(&digest[7..]);
+
+    let extracted = work.path().join("extracted");
+    std::fs::create_dir_all(&extracted).unwrap();
+    std::fs::write(work.path().join("layer.tar"), &tar).unwrap();
+    run(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
+        .arg(work.path().join("layer.tar"))
+        .arg("-C")
+        .arg(&extracted));
+
+    let (want, got) = tokio::task::spawn_blocking(move || (walk(&extracted), walk(&layer_dir)))
+        .await
+        .unwrap();
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>(),
+        "same names"
+    );
+    // GNU tar creates symlinks after restoring directory times, so a
+    // directory's mtime comes from the tar header itself.
+    let header_mtimes: HashMap<PathBuf, i64> = stargaze_format::tar::TarReader::new(&tar)
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                PathBuf::from(stargaze_format::tree::normalize_path(&e.name).unwrap()),
+                e.mtime,
+            )
+        })
+        .collect();
+    for (path, w) in &want {
+        let g = &got[path];
+        if w.kind == "dir" {
+            assert_eq!(g.mtime, header_mtimes[path], "{}: mtime", path.display());
+            let w = Entry {
+                mtime: g.mtime,
+                xattrs: w.xattrs.clone(),
+                link: None,
+                sha: None,
+                ..*w
+            };
+            assert_eq!(*g, w, "{}", path.display());
+        } else {
+            assert_eq!(g, w, "{}", path.display());
+        }
+    }
+    // The mount root lists the layer by its digest's hex.
+    let names: Vec<_> = std::fs::read_dir(m.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from(&digest[7..])]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_readers_of_a_cold_file_fetch_each_chunk_once() {
+    if !can_mount() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (shared, layer, digest) = setup(&layer_tar(), work.path()).await;
+    let m = mount(shared.clone());
+    let path = m.dir.path().join(&digest[7..]).join("srv/big.bin");
+    let ino = layer.index.lookup_path("srv/big.bin").unwrap();
+    let chunks = layer.index.inode(ino).unwrap().chunk_count() as u64;
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let p = path.clone();
+            std::thread::spawn(move || stargaze_format::Digest::of(&std::fs::read(p).unwrap()))
+        })
+        .collect();
+    let digests: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        digests[0],
+        layer.index.inode(ino).unwrap().digest().unwrap()
+    );
+    assert_eq!(
+        layer.counters.chunks_fetched.load(Ordering::Relaxed),
+        chunks,
+        "each chunk fetched once"
+    );
+    let a = shared.layers.by_name(&digest[7..]).unwrap();
+    assert!(a.stats.bytes_after_fetch.load(Ordering::Relaxed) > 0);
+}

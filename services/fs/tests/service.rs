@@ -1,0 +1,253 @@
+//! The `stargaze-fs` binary end to end: a fetcher service (in this test
+//! process, on a private socket) backed by a real registry, layers attached
+//! over gRPC, overlayfs stacked on their directories, detach refused while
+//! the overlay uses them, clean shutdown. Needs root and /dev/fuse.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::FetchOptions;
+use stargaze_fetcher::service::FetcherService;
+use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::fetcher_server::FetcherServer;
+use stargaze_proto::v1::fs_client::FsClient;
+use stargaze_proto::v1::*;
+use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
+use stargaze_testkit::{Registry, image, run, unmount_below};
+
+struct FsProcess {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for FsProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_below(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
+    if !Path::new("/dev/fuse").exists() || !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root and /dev/fuse (run `make test` as root)");
+        return;
+    }
+    let reg = Registry::start();
+    let work = tempfile::Builder::new()
+        .prefix("sg-fst-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+
+    // A two-layer eStargz image in the registry.
+    let src = w.join("src");
+    let (data, files) = image::data_layer(3);
+    image::write_layout(&src, "x", "src", &[image::busybox_layer(), data]);
+    let out = w.join("out");
+    let dst = OciLayout::open_or_create(&out).unwrap();
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &dst,
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    let image_ref = format!("{}/stargaze/fs:esgz", reg.addr);
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:esgz", out.display()))
+        .arg(format!("docker://{image_ref}")));
+    let manifest = dst
+        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
+        .unwrap();
+
+    // The fetcher, served from this process.
+    let fetcher_sock = w.join("fetcher.sock");
+    let cache = Arc::new(Cache::open_writer(&w.join("cache")).unwrap());
+    let client = Client::new(
+        Hosts::new(),
+        DockerConfig::in_dir(w),
+        ClientOptions::default(),
+    );
+    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false);
+    let listener = stargaze_proto::bind_unix(&fetcher_sock).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(FetcherServer::new(fetcher))
+            .serve_with_incoming(stargaze_proto::incoming(listener)),
+    );
+
+    // The fs binary.
+    let fs_sock = w.join("fs.sock");
+    let mnt = w.join("mnt");
+    let config = w.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fetcher]\nsocket = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n",
+            fetcher_sock.display(),
+            fs_sock.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(w.join("fs.log")).unwrap();
+    let mut fs = FsProcess {
+        child: Command::new(env!("CARGO_BIN_EXE_stargaze-fs"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        dir: w.to_path_buf(),
+    };
+    let start = Instant::now();
+    while !fs_sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            std::fs::read_to_string(w.join("fs.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut fetch = FetcherClient::new(stargaze_proto::connect_unix(&fetcher_sock).unwrap());
+    let mut fsc = FsClient::new(stargaze_proto::connect_unix(&fs_sock).unwrap());
+
+    // Resolve and attach each layer, as the snapshotter will.
+    let mut dirs = Vec::new();
+    for desc in manifest["layers"].as_array().unwrap() {
+        let annotations: HashMap<String, String> =
+            serde_json::from_value(desc["annotations"].clone()).unwrap();
+        let r = fetch
+            .resolve_layer(ResolveLayerRequest {
+                layer: Some(LayerSource {
+                    image_ref: image_ref.clone(),
+                    digest: desc["digest"].as_str().unwrap().into(),
+                    annotations,
+                    ..Default::default()
+                }),
+                allow_unverified: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let a = fsc
+            .attach(AttachRequest {
+                layer_digest: r.layer_digest.clone(),
+                index_path: r.index_path.clone(),
+                presence_path: r.presence_path.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(Path::new(&a.dir).starts_with(&mnt));
+        dirs.push((r.layer_digest, PathBuf::from(a.dir)));
+    }
+    assert_eq!(
+        fsc.list(ListRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .layers
+            .len(),
+        2
+    );
+
+    // overlayfs on top, upper layer first, as containerd mounts a rootfs.
+    let (upper, workdir, merged) = (w.join("upper"), w.join("work"), w.join("merged"));
+    for d in [&upper, &workdir, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={}:{},upperdir={},workdir={}",
+        dirs[1].1.display(),
+        dirs[0].1.display(),
+        upper.display(),
+        workdir.display()
+    );
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged));
+    let merged2 = merged.clone();
+    let files2 = files.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        for (name, data) in &files2 {
+            assert!(
+                std::fs::read(merged2.join(name)).unwrap() == *data,
+                "{name}"
+            );
+        }
+        assert!(merged2.join("bin/busybox").exists());
+        assert!(
+            !merged2.join("bin/wc").exists(),
+            "the whiteout hides /bin/wc"
+        );
+        assert!(
+            merged2
+                .join("bin/sh")
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        files2.len()
+    })
+    .await
+    .unwrap();
+    assert!(checked > 5);
+
+    // In use by the overlay: detaching is refused with the reason.
+    let e = fsc
+        .detach(DetachRequest {
+            layer_digest: dirs[0].0.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains(&merged.display().to_string()),
+        "{}",
+        e.message()
+    );
+    run(Command::new("umount").arg(&merged));
+    fsc.detach(DetachRequest {
+        layer_digest: dirs[0].0.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    assert!(!dirs[0].1.exists(), "a detached layer's directory is gone");
+    let st = fsc.status(FsStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.layers, 1);
+    assert!(st.bytes_after_fetch > 0);
+    assert_eq!(st.fetch_errors, 0);
+
+    // SIGTERM: unmounted and gone.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fs.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = fs.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(w.join("fs.log")).unwrap()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&mnt.display().to_string()),
+        "unmounted on exit"
+    );
+}
