@@ -2,7 +2,12 @@
 //! compiler), so building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["stargaze/v1/fetcher.proto", "stargaze/v1/fs.proto"];
+    let protos = [
+        "stargaze/v1/fetcher.proto",
+        "stargaze/v1/fs.proto",
+        "containerd/types/mount.proto",
+        "containerd/services/snapshots/v1/snapshots.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed=proto/{p}");
     }

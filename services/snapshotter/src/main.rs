@@ -6,17 +6,19 @@
 //! pulled lazily, and restoring mounts after a restart. It calls the fs and
 //! fetcher services.
 //!
-//! For now it is a skeleton: it parses its flags (including the Go Stargz
-//! Snapshotter's `--address` and `--root`), loads and checks the
-//! configuration (`[snapshotter]` and `[log]`), prints it with
-//! `--print-config`, and otherwise logs that it is not implemented yet and
-//! exits 0.
+//! Today it serves ordinary (overlayfs) snapshots with containerd's
+//! semantics; lazily pulled remote snapshots join next.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
+use stargaze_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use stargaze_service::CommonArgs;
+use stargaze_snapshotter::service::SnapshotService;
+use stargaze_snapshotter::store::Store;
 
 /// containerd proxy snapshotter for lazily pulled eStargz images.
 #[derive(Debug, Parser)]
@@ -50,16 +52,34 @@ fn main() -> ExitCode {
             }
         },
         |startup| {
-            let c = &startup.config.snapshotter;
-            stargaze_service::not_implemented(
-                "stargaze-snapshotter",
-                &startup,
-                &[
-                    ("socket", c.socket.display().to_string()),
-                    ("root", c.root.display().to_string()),
-                ],
-            );
-            Ok(())
+            let c = startup.config.snapshotter.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+                let store = Store::open(&c.root).with_context(|| format!("opening {}", c.root.display()))?;
+                let service = SnapshotService { store: Arc::new(store) };
+                let listener = stargaze_proto::bind_unix(&c.socket).await?;
+                tracing::info!(socket = %c.socket.display(), root = %c.root.display(), "stargaze-snapshotter serving");
+                stargaze_service::sd_notify("READY=1");
+                let shutdown = async {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    stargaze_service::sd_notify("STOPPING=1");
+                };
+                tonic::transport::Server::builder()
+                    .add_service(SnapshotsServer::new(service))
+                    .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
+                    .await
+                    .context("serving gRPC")?;
+                let _ = std::fs::remove_file(&c.socket);
+                Ok(())
+            })
         },
     )
 }

@@ -6,11 +6,6 @@ stargaze_testkit::service_cli_tests!(
     "stargaze-snapshotter"
 );
 
-#[test]
-fn skeleton_logs_and_exits_cleanly() {
-    CLI.skeleton_logs_and_exits_cleanly()
-}
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 

@@ -1,6 +1,8 @@
 //! The gRPC APIs between stargaze's services and the unix-socket plumbing
 //! they share.
 //!
+//! * [`containerd`] holds containerd's snapshots API (written from its
+//!   published messages) that the snapshotter serves as a proxy plugin.
 //! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
 //!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
 //!   prefetch, status) that fs and the snapshotter call.
@@ -9,6 +11,21 @@
 
 pub mod v1 {
     tonic::include_proto!("stargaze.v1");
+}
+
+/// containerd's APIs, in the module tree of their proto packages (the
+/// generated code refers to `super::super::super::types::Mount`).
+pub mod containerd {
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    pub mod services {
+        pub mod snapshots {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+    }
 }
 
 use std::os::unix::fs::PermissionsExt;
