@@ -130,7 +130,9 @@ impl Filter {
             all.iter().all(|c| {
                 let value: Option<&str> = match c.field[0].as_str() {
                     "name" => Some(name),
-                    "parent" => Some(parent).filter(|p| !p.is_empty()),
+                    // Present even when empty, as in containerd's adaptor:
+                    // its unpacker walks with `parent==""` for base layers.
+                    "parent" => Some(parent),
                     "kind" => Some(kind_name),
                     _ => c
                         .field
@@ -141,7 +143,7 @@ impl Filter {
                 match &c.op {
                     Op::Present => value.is_some(),
                     Op::Eq(v) => value == Some(v.as_str()),
-                    Op::Ne(v) => value != Some(v.as_str()),
+                    Op::Ne(v) => value.unwrap_or("") != v.as_str(),
                 }
             })
         })
@@ -174,6 +176,18 @@ mod tests {
             r#"labels."containerd.io/snapshot/remote"=="remote snapshot""#
         ]));
         assert!(m(&["parent!=x"]));
+        // containerd's unpacker after a remote Prepare, for a base layer.
+        let base = Filter::parse(&[
+            r#"labels."containerd.io/snapshot.ref"==sha256:ab,parent=="""#.to_string(),
+        ])
+        .unwrap();
+        let mut l = BTreeMap::new();
+        l.insert(
+            "containerd.io/snapshot.ref".to_string(),
+            "sha256:ab".to_string(),
+        );
+        assert!(base.matches("sha256:ab", "", Kind::Committed, &l));
+        assert!(!base.matches("sha256:ab", "p", Kind::Committed, &l));
         assert!(Filter::parse(&["name~=a.*".into()]).is_err());
         assert!(Filter::parse(&["size==1".into()]).is_err());
     }

@@ -7,11 +7,20 @@
 //! * [`service`] serves `containerd.services.snapshots.v1.Snapshots` over
 //!   the store.
 //!
-//! Remote snapshots (layers mounted lazily through the fetcher and fs
-//! services) join here next; until then every layer is unpacked by
-//! containerd into ordinary snapshots.
+//! * [`remote`] turns a `Prepare` that carries a layer's labels into a
+//!   remote snapshot: the fetcher resolves the layer (TOC verified, index
+//!   written), the fs service attaches it as a directory of its FUSE mount,
+//!   and the store commits a snapshot whose tree is that directory. Any
+//!   failure falls back to an ordinary snapshot that containerd unpacks.
+//!
+//! Data flow of a lazy pull: containerd `Prepare(key, parent, labels)` →
+//! [`service`] → [`remote::Remote::mount`] (fetcher `ResolveLayer`, fs
+//! `Attach`, fetcher `Prefetch` in the background) → [`store::Store::create_remote`]
+//! (one transaction) → `AlreadyExists` back to containerd, which then
+//! stacks the layer directories as overlay `lowerdir`s of the container.
 
 pub mod filters;
 pub mod mounts;
+pub mod remote;
 pub mod service;
 pub mod store;

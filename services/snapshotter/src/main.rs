@@ -1,13 +1,11 @@
-//! `stargaze-snapshotter`: containerd's proxy snapshot plugin. It will own
-//! the `containerd.services.snapshots.v1.Snapshots` API, snapshot metadata in
-//! an embedded transactional database (redb), remote-snapshot decisions from
-//! the labels containerd passes, overlay mounts over the fs service's layer
+//! `stargaze-snapshotter`: containerd's proxy snapshot plugin. It owns the
+//! `containerd.services.snapshots.v1.Snapshots` API, snapshot metadata in an
+//! embedded transactional database (redb), remote-snapshot decisions from the
+//! labels containerd passes, overlay mounts over the fs service's layer
 //! directories, the fallback to ordinary unpacking for layers that cannot be
-//! pulled lazily, and restoring mounts after a restart. It calls the fs and
-//! fetcher services.
-//!
-//! Today it serves ordinary (overlayfs) snapshots with containerd's
-//! semantics; lazily pulled remote snapshots join next.
+//! pulled lazily, and restoring remote layers after a restart. It calls the
+//! fetcher and fs services on their sockets from the `[fetcher]` and `[fs]`
+//! sections of the shared config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +15,7 @@ use anyhow::Context;
 use clap::Parser;
 use stargaze_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use stargaze_service::CommonArgs;
+use stargaze_snapshotter::remote::Remote;
 use stargaze_snapshotter::service::SnapshotService;
 use stargaze_snapshotter::store::Store;
 
@@ -53,13 +52,31 @@ fn main() -> ExitCode {
         },
         |startup| {
             let c = startup.config.snapshotter.clone();
+            let (fetcher_socket, fs_socket) = (
+                startup.config.fetcher.socket.clone(),
+                startup.config.fs.socket.clone(),
+            );
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(async move {
                 let store = Store::open(&c.root).with_context(|| format!("opening {}", c.root.display()))?;
-                let service = SnapshotService { store: Arc::new(store) };
+                let remote = if c.lazy_pull {
+                    let r = Remote::new(&fetcher_socket, &fs_socket, c.allow_no_verification)
+                        .context("cannot set up clients of stargaze-fetcher and stargaze-fs")?;
+                    Some(Arc::new(r))
+                } else {
+                    tracing::info!("lazy_pull = false: every layer is unpacked by containerd");
+                    None
+                };
+                let service = SnapshotService::new(Arc::new(store), remote);
+                // Re-attach remote layers in the background: containerd may
+                // connect meanwhile, and Mounts repairs any layer on demand.
+                tokio::spawn({
+                    let service = service.clone();
+                    async move { service.restore().await }
+                });
                 let listener = stargaze_proto::bind_unix(&c.socket).await?;
                 tracing::info!(socket = %c.socket.display(), root = %c.root.display(), "stargaze-snapshotter serving");
                 stargaze_service::sd_notify("READY=1");

@@ -5,22 +5,36 @@
 //! Store calls block on redb and the filesystem, so each runs on the
 //! blocking pool.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use stargaze_proto::containerd::services::snapshots::v1 as api;
 use stargaze_proto::containerd::services::snapshots::v1::snapshots_server::Snapshots;
 use tonic::{Request, Response, Status};
 
 use crate::filters::Filter;
+use crate::remote::{REMOTE_LABEL, REMOTE_LABEL_VALUE, Remote, TARGET_LABEL, layer_from_labels};
 use crate::store::{Kind, Record, SnapError, Store, mounts};
 
 /// The snapshots service.
 #[derive(Clone)]
 pub struct SnapshotService {
     pub store: Arc<Store>,
+    /// The fetcher and fs services; `None` serves ordinary snapshots only.
+    pub remote: Option<Arc<Remote>>,
+    /// Layers whose fallback reason was already logged at warn level.
+    warned: Arc<Mutex<HashSet<String>>>,
+    /// Held shared while a layer is attached and its snapshot recorded, and
+    /// exclusively while Cleanup detaches unused layers, so Cleanup never
+    /// detaches a layer between its attach and its record.
+    attach_lock: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// Upper bound on resolving and attaching one layer in Prepare; past it the
+/// layer is unpacked normally (the fetcher has its own per-request limits).
+const REMOTE_PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn timestamp(ns: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -56,6 +70,183 @@ fn labels(l: HashMap<String, String>) -> Result<BTreeMap<String, String>, Status
 }
 
 impl SnapshotService {
+    pub fn new(store: Arc<Store>, remote: Option<Arc<Remote>>) -> SnapshotService {
+        SnapshotService {
+            store,
+            remote,
+            warned: Arc::default(),
+            attach_lock: Arc::default(),
+        }
+    }
+
+    /// Try to prepare `key` as a remote snapshot committed under its target
+    /// name. `Ok(Some(target))` when done (the caller answers AlreadyExists),
+    /// `Ok(None)` to fall back to an ordinary snapshot.
+    async fn prepare_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>, Status> {
+        let (Some(remote), Some(target)) = (&self.remote, labels.get(TARGET_LABEL)) else {
+            return Ok(None);
+        };
+        let Some(layer) = layer_from_labels(labels) else {
+            return Ok(None);
+        };
+        // Parents must be served before a child can stack on them.
+        if !parent.is_empty() {
+            self.ensure_served(parent).await?;
+        }
+        let _guard = self.attach_lock.read().await;
+        let mounted = tokio::time::timeout(REMOTE_PREPARE_TIMEOUT, remote.mount(&layer, labels))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer within {}s",
+                    REMOTE_PREPARE_TIMEOUT.as_secs()
+                ))
+            });
+        let dir = match mounted {
+            Ok(dir) => dir,
+            Err(reason) => {
+                let first = self
+                    .warned
+                    .lock()
+                    .expect("warned set")
+                    .insert(layer.digest.clone());
+                if first {
+                    tracing::warn!(
+                        key, layer = %layer.digest, image = %layer.image_ref, %reason,
+                        remote_snapshot_prepared = false,
+                        "layer cannot be pulled lazily; containerd unpacks it instead"
+                    );
+                } else {
+                    tracing::debug!(key, layer = %layer.digest, %reason, remote_snapshot_prepared = false, "unpacking layer");
+                }
+                return Ok(None);
+            }
+        };
+        let mut l = labels.clone();
+        l.insert(REMOTE_LABEL.into(), REMOTE_LABEL_VALUE.into());
+        let (target2, parent2) = (target.clone(), parent.to_string());
+        let created = self
+            .run(move |s| s.create_remote(&target2, &parent2, l, &dir))
+            .await;
+        match created {
+            Ok(_) => {}
+            // Another unpack of the same chain won the race: that is success too.
+            Err(e) if e.code() == tonic::Code::AlreadyExists => {}
+            Err(e) => {
+                tracing::warn!(key, layer = %layer.digest, reason = %e.message(), remote_snapshot_prepared = false, "cannot record remote snapshot; containerd unpacks the layer instead");
+                return Ok(None);
+            }
+        }
+        tracing::info!(key, target = %target, layer = %layer.digest, remote_snapshot_prepared = true, "remote snapshot prepared");
+        Ok(Some(target.clone()))
+    }
+
+    /// Make sure every remote layer in the chain ending at `key` (inclusive)
+    /// is served, re-attaching layers the fs service lost (it restarted, or
+    /// the node rebooted).
+    async fn ensure_served(&self, key: &str) -> Result<(), Status> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let key2 = key.to_string();
+        let chain = self
+            .run(move |s| {
+                let r = s.stat(&key2)?;
+                let mut chain = s.parents(&r)?;
+                chain.insert(0, (key2, r));
+                Ok(chain)
+            })
+            .await?;
+        for (k, r) in chain {
+            let Some(dir) = &r.remote_dir else { continue };
+            if dir_is_served(dir).await {
+                continue;
+            }
+            let layer = layer_from_labels(&r.labels).ok_or_else(|| {
+                Status::internal(format!(
+                    "remote snapshot {k} has no layer labels; remove the image and pull it again"
+                ))
+            })?;
+            let _guard = self.attach_lock.read().await;
+            let new_dir = tokio::time::timeout(REMOTE_PREPARE_TIMEOUT, remote.mount(&layer, &r.labels))
+                .await
+                .unwrap_or_else(|_| Err("no answer".into()))
+                .map_err(|reason| {
+                    Status::unavailable(format!(
+                        "layer {} of {} (snapshot {k}) is not served and cannot be re-attached: {reason}; check stargaze-fetcher and stargaze-fs",
+                        layer.digest, layer.image_ref
+                    ))
+                })?;
+            tracing::info!(snapshot = %k, layer = %layer.digest, dir = %new_dir, "remote layer re-attached");
+            if &new_dir != dir {
+                let k2 = k.clone();
+                self.run(move |s| s.set_remote_dir(&k2, &new_dir)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-attach every remote layer recorded in the database (at start).
+    pub async fn restore(&self) {
+        if self.remote.is_none() {
+            return;
+        }
+        let Ok(all) = self.run(|s| s.all()).await else {
+            return;
+        };
+        let (mut ok, mut failed) = (0, 0);
+        for (k, r) in all {
+            if r.remote_dir.is_none() {
+                continue;
+            }
+            match self.ensure_served(&k).await {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(snapshot = %k, error = %e.message(), "cannot restore remote snapshot; it is retried when a container uses it");
+                }
+            }
+        }
+        if ok + failed > 0 {
+            tracing::info!(restored = ok, failed, "remote snapshots restored");
+        }
+    }
+
+    /// Detach fs layers that no snapshot uses any more.
+    async fn detach_unused(&self) -> Result<(), Status> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let _guard = self.attach_lock.write().await;
+        let all = self.run(|s| s.all()).await?;
+        let used: HashSet<String> = all
+            .iter()
+            .filter(|(_, r)| r.remote_dir.is_some())
+            .filter_map(|(_, r)| layer_from_labels(&r.labels).map(|l| l.digest))
+            .collect();
+        let attached = match remote.attached().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "fs service not reachable; no layers detached");
+                return Ok(());
+            }
+        };
+        for digest in attached.into_iter().filter(|d| !used.contains(d)) {
+            match remote.detach(&digest).await {
+                Ok(()) => tracing::info!(layer = %digest, "detached unused layer"),
+                Err(e) => {
+                    tracing::info!(layer = %digest, reason = %e.message(), "unused layer stays attached")
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Run a store call on the blocking pool.
     async fn run<T: Send + 'static>(
         &self,
@@ -80,6 +271,15 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
         let req = r.into_inner();
         let l = labels(req.labels)?;
+        if let Some(target) = self.prepare_remote(&req.key, &req.parent, &l).await? {
+            // containerd's unpacker takes AlreadyExists as "the layer is there".
+            return Err(Status::already_exists(format!(
+                "target snapshot {target:?}: already exists"
+            )));
+        }
+        if !req.parent.is_empty() {
+            self.ensure_served(&req.parent).await?;
+        }
         let mounts = self
             .run(move |s| {
                 let rec = s.create(&req.key, &req.parent, l, Kind::Active)?;
@@ -95,6 +295,9 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
         let req = r.into_inner();
         let l = labels(req.labels)?;
+        if !req.parent.is_empty() {
+            self.ensure_served(&req.parent).await?;
+        }
         let mounts = self
             .run(move |s| {
                 let rec = s.create(&req.key, &req.parent, l, Kind::View)?;
@@ -109,6 +312,7 @@ impl Snapshots for SnapshotService {
         r: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
         let key = r.into_inner().key;
+        self.ensure_served(&key).await?;
         let mounts = self
             .run(move |s| {
                 let rec = s.stat(&key)?;
@@ -203,6 +407,7 @@ impl Snapshots for SnapshotService {
 
     async fn cleanup(&self, _: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
         let n = self.run(|s| s.cleanup()).await?;
+        self.detach_unused().await?;
         if n > 0 {
             tracing::info!(
                 directories = n,
@@ -211,4 +416,16 @@ impl Snapshots for SnapshotService {
         }
         Ok(Response::new(()))
     }
+}
+
+/// Whether a remote layer's directory is there: a lost layer is ENOENT, a
+/// dead FUSE mount ENOTCONN. Bounded, since a hung FUSE server blocks stat.
+async fn dir_is_served(dir: &str) -> bool {
+    let d = dir.to_string();
+    let check =
+        tokio::task::spawn_blocking(move || std::fs::metadata(&d).is_ok_and(|m| m.is_dir()));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), check).await,
+        Ok(Ok(true))
+    )
 }

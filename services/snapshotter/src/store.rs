@@ -384,6 +384,58 @@ impl Store {
         })
     }
 
+    /// Commit a remote snapshot directly under `name` (the `Prepare` of a
+    /// lazily pulled layer): one transaction, no directory of its own; its
+    /// tree is `remote_dir` in the fs service's mount.
+    pub fn create_remote(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote_dir: &str,
+    ) -> Result<Record, SnapError> {
+        self.write(|t, counters| {
+            if self.get(t, name)?.is_some() {
+                return Err(SnapError::AlreadyExists(name.to_string()));
+            }
+            if !parent.is_empty() {
+                match self.get(t, parent)? {
+                    None => {
+                        return Err(SnapError::NotFound(format!("{parent} (parent of {name})")));
+                    }
+                    Some(p) if p.kind != Kind::Committed => {
+                        return Err(SnapError::FailedPrecondition(format!(
+                            "parent {parent} of {name} is not committed"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let id = counters
+                .get("next_id")
+                .map_err(|e| self.internal(e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            counters
+                .insert("next_id", id + 1)
+                .map_err(|e| self.internal(e))?;
+            let t0 = now();
+            let r = Record {
+                id,
+                kind: Kind::Committed,
+                parent: parent.to_string(),
+                labels,
+                created: t0,
+                updated: t0,
+                size: 0,
+                inodes: 0,
+                remote_dir: Some(remote_dir.to_string()),
+            };
+            self.put(t, name, &r)?;
+            Ok(r)
+        })
+    }
+
     /// Record that a snapshot's tree is a remote layer's directory.
     pub fn set_remote_dir(&self, key: &str, dir: &str) -> Result<(), SnapError> {
         self.write(|t, _| {

@@ -20,9 +20,10 @@ async fn serve(dir: &std::path::Path) -> SnapshotsClient<tonic::transport::Chann
     let listener = stargaze_proto::bind_unix(&sock).await.unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SnapshotsServer::new(SnapshotService {
-                store: Arc::new(store),
-            }))
+            .add_service(SnapshotsServer::new(SnapshotService::new(
+                Arc::new(store),
+                None,
+            )))
             .serve_with_incoming(stargaze_proto::incoming(listener)),
     );
     SnapshotsClient::new(stargaze_proto::connect_unix(&sock).unwrap())
@@ -304,7 +305,7 @@ fn containerd_unpacks_and_runs_an_image_on_it() {
             .spawn()
             .unwrap(),
     );
-    std::fs::write(work.path().join("none.toml"), "").unwrap();
+    std::fs::write(work.path().join("none.toml"), "[snapshotter]\nlazy_pull = false\n").unwrap();
     let start = Instant::now();
     while !sock.exists() {
         assert!(

@@ -112,6 +112,14 @@ pub struct SnapshotterConfig {
     pub root: PathBuf,
     /// `host:port` serving Prometheus `/metrics`; empty = off.
     pub metrics_address: String,
+    /// Mount layers lazily through the fetcher and fs services. `false` makes
+    /// this a plain overlay snapshotter (containerd unpacks every layer).
+    pub lazy_pull: bool,
+    /// Mount layers without a `containerd.io/snapshot/stargz/toc.digest`
+    /// annotation when they carry `containerd.io/snapshot/remote/stargz.skipverify`
+    /// (the Go snapshotter's `allow_no_verification`). Their TOC is then
+    /// trusted as the registry serves it.
+    pub allow_no_verification: bool,
 }
 
 /// `[log]`: logging of all three services (to stderr, which systemd collects).
@@ -170,6 +178,8 @@ impl Default for SnapshotterConfig {
             socket: "/run/stargaze/snapshotter.sock".into(),
             root: "/var/lib/stargaze/snapshotter".into(),
             metrics_address: String::new(),
+            lazy_pull: true,
+            allow_no_verification: false,
         }
     }
 }

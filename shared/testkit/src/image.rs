@@ -196,13 +196,22 @@ pub fn data_layer(seed: u32) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     }
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(tar::EntryType::Link);
+    h.set_mode(0o644);
     h.set_size(0);
     b.append_link(&mut h, "data/hardlink", "data/file6")
         .expect("tar");
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
     h.set_size(0);
     b.append_link(&mut h, "data/symlink", "file5").expect("tar");
+    // The whiteout's directory has its own entry, as image builders write it.
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_mtime(MTIME);
+    b.append_data(&mut h, "bin/", &[][..]).expect("tar");
     let mut h = tar::Header::new_ustar();
     h.set_mode(0o644);
     h.set_size(0);

@@ -9,12 +9,15 @@
 //! * [`image`] writes OCI image layouts from in-memory tars for tests.
 //! * [`require`] fails a test with the command that installs a missing tool.
 //! * [`service_cli`] is the command-line contract of the service binaries.
+//! * [`stack`] runs the three stargaze services as processes with a private
+//!   config, and kills and restarts them one at a time.
 //!
 //! Nothing here touches the system containerd, `/run/containerd` sockets or
 //! ports other than the ones it picked.
 
 pub mod image;
 pub mod service_cli;
+pub mod stack;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,165 @@
+//! Remote snapshots: layers mounted lazily through the fetcher and fs
+//! services instead of being unpacked.
+//!
+//! containerd's unpacker calls `Prepare` with `containerd.io/snapshot.ref`
+//! (the chain ID it will commit) and the layer's annotations as labels. The
+//! layer is found from either label set the Go Stargz Snapshotter accepts:
+//! `containerd.io/snapshot/remote/stargz.{reference,digest,prefetch}`
+//! (ctr-remote, nerdctl, BuildKit) or `containerd.io/snapshot/cri.{image-ref,
+//! layer-digest}` (CRI with `disable_snapshot_annotations = false`). The TOC
+//! digest comes in `containerd.io/snapshot/stargz/toc.digest`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::fs_client::FsClient;
+use stargaze_proto::v1::{
+    AttachRequest, DetachRequest, LayerSource, ListRequest, PrefetchRequest, ResolveLayerRequest,
+};
+use tonic::transport::Channel;
+
+pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
+pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
+pub const REMOTE_LABEL_VALUE: &str = "remote snapshot";
+const STARGZ_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
+const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+const STARGZ_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
+const CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
+const CRI_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// The layer a `Prepare` is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerLabels {
+    pub image_ref: String,
+    pub digest: String,
+    pub prefetch: u64,
+}
+
+/// The layer named by a snapshot's labels, if any.
+pub fn layer_from_labels(labels: &BTreeMap<String, String>) -> Option<LayerLabels> {
+    let (image_ref, digest) = match (labels.get(STARGZ_REF), labels.get(STARGZ_DIGEST)) {
+        (Some(r), Some(d)) => (r, d),
+        _ => (labels.get(CRI_REF)?, labels.get(CRI_DIGEST)?),
+    };
+    Some(LayerLabels {
+        image_ref: image_ref.clone(),
+        digest: digest.clone(),
+        prefetch: labels
+            .get(STARGZ_PREFETCH)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+/// Clients of the fetcher and fs services.
+pub struct Remote {
+    fetcher: FetcherClient<Channel>,
+    fs: FsClient<Channel>,
+    /// The Go snapshotter's `allow_no_verification` (with the skipverify label).
+    pub allow_unverified: bool,
+}
+
+impl Remote {
+    pub fn new(
+        fetcher_socket: &Path,
+        fs_socket: &Path,
+        allow_unverified: bool,
+    ) -> Result<Remote, stargaze_proto::SocketError> {
+        Ok(Remote {
+            fetcher: FetcherClient::new(stargaze_proto::connect_unix(fetcher_socket)?),
+            fs: FsClient::new(stargaze_proto::connect_unix(fs_socket)?),
+            allow_unverified,
+        })
+    }
+
+    /// Digests of the layers the fs service has attached.
+    pub async fn attached(&self) -> Result<Vec<String>, tonic::Status> {
+        Ok(self
+            .fs
+            .clone()
+            .list(ListRequest {})
+            .await?
+            .into_inner()
+            .layers
+            .into_iter()
+            .map(|l| l.layer_digest)
+            .collect())
+    }
+
+    /// Detach a layer (refused by the fs service while an overlay uses it).
+    pub async fn detach(&self, digest: &str) -> Result<(), tonic::Status> {
+        self.fs
+            .clone()
+            .detach(DetachRequest {
+                layer_digest: digest.to_string(),
+                force: false,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Resolve and attach the layer; returns its directory in the fs mount.
+    /// The prefetch starts in the background. Errors are the reason to log.
+    pub async fn mount(
+        &self,
+        layer: &LayerLabels,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<String, String> {
+        let resolved = self
+            .fetcher
+            .clone()
+            .resolve_layer(ResolveLayerRequest {
+                layer: Some(LayerSource {
+                    image_ref: layer.image_ref.clone(),
+                    digest: layer.digest.clone(),
+                    annotations: labels.clone().into_iter().collect(),
+                    ..Default::default()
+                }),
+                allow_unverified: self.allow_unverified,
+            })
+            .await
+            .map_err(|s| format!("fetcher: {}", s.message()))?
+            .into_inner();
+        let attached = self
+            .fs
+            .clone()
+            .attach(AttachRequest {
+                layer_digest: resolved.layer_digest.clone(),
+                index_path: resolved.index_path,
+                presence_path: resolved.presence_path,
+            })
+            .await
+            .map_err(|s| format!("fs: {}", s.message()))?
+            .into_inner();
+        let _ = self
+            .fetcher
+            .clone()
+            .prefetch(PrefetchRequest {
+                layer_digest: resolved.layer_digest,
+                prefetch_size: layer.prefetch,
+                wait: false,
+            })
+            .await;
+        Ok(attached.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_label_sets() {
+        let mut l = BTreeMap::new();
+        assert!(layer_from_labels(&l).is_none());
+        l.insert(CRI_REF.into(), "r/a:1".into());
+        l.insert(CRI_DIGEST.into(), "sha256:cri".into());
+        assert_eq!(layer_from_labels(&l).unwrap().digest, "sha256:cri");
+        l.insert(STARGZ_REF.into(), "r/a:1".into());
+        l.insert(STARGZ_DIGEST.into(), "sha256:sgz".into());
+        l.insert(STARGZ_PREFETCH.into(), "10485760".into());
+        let x = layer_from_labels(&l).unwrap();
+        assert_eq!((x.digest.as_str(), x.prefetch), ("sha256:sgz", 10 << 20));
+    }
+}

@@ -1,0 +1,235 @@
+//! Lazy pulling end to end with the real components: Debian's containerd 1.6
+//! and runc with stargaze as `[proxy_plugins.stargaze]`, Debian's
+//! docker-registry, and our three service binaries (fetcher, fs,
+//! snapshotter) on private sockets. Images converted by our converter and by
+//! `ctr-remote` are pulled with `ctr-remote image rpull` without any layer
+//! blob reaching containerd's content store, and the root filesystem a
+//! container sees is the same, file by file, as the one containerd builds
+//! from the unconverted image with its own overlayfs snapshotter. A plain
+//! gzip image goes through the fallback (containerd unpacks it).
+//!
+//! Needs root, /dev/fuse and the Debian packages `make deps` installs.
+
+use std::path::Path;
+use std::process::Command;
+
+use stargaze_format::Digest;
+use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_testkit::stack::{Service, Stack};
+use stargaze_testkit::{Containerd, Registry, image, require, run};
+
+/// Lists every file of the root filesystem with its metadata and the
+/// sha256 of every regular file; the mount points containerd and runc fill
+/// (/proc, /sys, /dev, /run) and the root directory itself are left out.
+const WALK: &str = "cd / && \
+    find . -xdev -mindepth 1 ! -type d ! -path './proc/*' ! -path './sys/*' ! -path './dev/*' \
+      -exec stat -c 'E %N|%a|%u|%g|%s|%h|%F|%Y' {} + && \
+    find . -xdev -mindepth 1 -type d ! -path './proc*' ! -path './sys*' ! -path './dev*' ! -path './run*' \
+      -exec stat -c 'D %n|%a|%u|%g|%Y' {} + && \
+    find . -xdev -type f ! -path './proc/*' ! -path './sys/*' ! -path './dev/*' \
+      -exec sha256sum {} +";
+
+fn sorted_lines(out: &[u8]) -> Vec<String> {
+    let mut l: Vec<String> = String::from_utf8_lossy(out)
+        .lines()
+        .map(String::from)
+        .collect();
+    l.sort();
+    l
+}
+
+fn skopeo_copy(from: &str, to: &str) {
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--dest-tls-verify=false",
+        from,
+        to,
+    ]));
+}
+
+/// Digests of the layers of a manifest in containerd's content store.
+fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
+    let manifest_digest = String::from_utf8(
+        ctd.ctr(&["image", "ls", &format!("name=={reference}")])
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .nth(1)
+    .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+    .unwrap_or_else(|| panic!("image {reference} is not in containerd"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn content(ctd: &Containerd) -> String {
+    String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap()
+}
+
+#[test]
+fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
+    );
+    for tool in ["runc", "ctr-remote", "skopeo"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-lazy-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let repo = format!("{}/stargaze/lazy", registry.addr);
+
+    // The source image (gzip layers) and our eStargz conversion of it.
+    let src = w.join("src");
+    let (data, files) = image::data_layer(21);
+    image::write_layout(
+        &src,
+        "stargaze.test/lazy:src",
+        "src",
+        &[image::busybox_layer(), data],
+    );
+    skopeo_copy(
+        &format!("oci:{}:src", src.display()),
+        &format!("docker://{repo}:plain"),
+    );
+    let ours = w.join("ours");
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &OciLayout::open_or_create(&ours).unwrap(),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    skopeo_copy(
+        &format!("oci:{}:esgz", ours.display()),
+        &format!("docker://{repo}:ours"),
+    );
+    // ctr-remote's conversion, made in a containerd of its own so that the
+    // test's containerd never holds these layer blobs.
+    {
+        let converter = Containerd::start("");
+        let archive = w.join("src.tar");
+        image::layout_tar(&src, &archive);
+        converter.ctr(&["image", "import", "--no-unpack", archive.to_str().unwrap()]);
+        run(converter.cmd("ctr-remote").args([
+            "image",
+            "convert",
+            "--estargz",
+            "--oci",
+            "stargaze.test/lazy:src",
+            &format!("{repo}:ctr-remote"),
+        ]));
+        converter.ctr(&[
+            "image",
+            "push",
+            "--plain-http",
+            &format!("{repo}:ctr-remote"),
+        ]);
+    }
+
+    let stack = Stack::start(w, &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+
+    // The reference: containerd's own pull and overlayfs snapshotter.
+    ctd.ctr(&["image", "pull", "--plain-http", &format!("{repo}:plain")]);
+    let rootfs = |reference: &str, snapshotter: &str, id: &str| -> Vec<String> {
+        let o = ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            reference,
+            &format!("sg-lazy-{id}-{}", std::process::id()),
+            "/bin/sh",
+            "-c",
+            WALK,
+        ]);
+        sorted_lines(&o.stdout)
+    };
+    let expected = rootfs(&format!("{repo}:plain"), "overlayfs", "ref");
+    // The walk is not vacuous: it saw both layers' files and the whiteout.
+    let text = expected.join("\n");
+    for (name, bytes) in &files {
+        let line = format!("{}  ./{name}", Digest::of(bytes).hex());
+        assert!(text.contains(&line), "{line} missing from\n{text}");
+    }
+    assert!(text.contains("./bin/busybox"), "{text}");
+    assert!(!text.contains("./bin/wc"), "{text}");
+
+    for tag in ["ours", "ctr-remote"] {
+        let reference = format!("{repo}:{tag}");
+        run(ctd.cmd("ctr-remote").args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargaze",
+            &reference,
+        ]));
+        let layers = layer_digests(&ctd, &reference);
+        assert_eq!(layers.len(), 2, "{tag}");
+        let blobs = content(&ctd);
+        for d in &layers {
+            assert!(
+                !blobs.contains(d.as_str()),
+                "{tag}: layer {d} was downloaded into the content store, not mounted lazily\n{}",
+                stack.log(Service::Snapshotter)
+            );
+            assert!(
+                stack.mountpoint.join(&d[7..]).is_dir(),
+                "{tag}: layer {d} is not attached in the fs mount"
+            );
+        }
+        let got = rootfs(&reference, "stargaze", tag);
+        assert_eq!(
+            got, expected,
+            "{tag}: the lazily mounted rootfs differs from containerd's own"
+        );
+    }
+    let log = stack.log(Service::Snapshotter);
+    assert!(
+        log.contains("remote_snapshot_prepared=true"),
+        "no remote snapshot was prepared:\n{log}"
+    );
+    assert!(
+        !log.contains("remote_snapshot_prepared=false"),
+        "an eStargz layer fell back to unpacking:\n{log}"
+    );
+
+    // A plain gzip image falls back: containerd unpacks it into ordinary
+    // snapshots, each layer's reason logged once.
+    let plain = format!("{repo}:plain");
+    run(ctd.cmd("ctr-remote").args([
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "stargaze",
+        &plain,
+    ]));
+    let got = rootfs(&plain, "stargaze", "plain");
+    assert_eq!(got, expected, "plain image through the fallback");
+    let log = stack.log(Service::Snapshotter);
+    for d in layer_digests(&ctd, &plain) {
+        let warned = log
+            .lines()
+            .filter(|l| l.contains("cannot be pulled lazily") && l.contains(&d))
+            .count();
+        assert_eq!(warned, 1, "layer {d} fallback logged once:\n{log}");
+    }
+    drop(ctd);
+    drop(stack);
+}
