@@ -14,7 +14,7 @@ help:
 	@echo "make test    deps, then rustfmt check, clippy, and all tests (what CI runs)"
 	@echo "make lint    rustfmt check and clippy"
 	@echo "make fmt     format all Rust code"
-	@echo "make demo    the end-to-end demo (not ready yet: says what works today)"
+	@echo "make demo    run a container from a lazily pulled image next to a full pull (as root)"
 	@echo "make fuzz    run the fuzz targets for a bounded time (scripts/fuzz.sh)"
 	@echo "make bench   run the benchmarks (bench/run.sh)"
 
@@ -46,20 +46,7 @@ fmt:
 	$(CARGO) fmt --all
 
 demo:
-	@echo "The stargaze demo (a container starting from a lazily pulled eStargz image"
-	@echo "before the image has been downloaded) arrives with the snapshotter and"
-	@echo "operator issues: the fetcher, fs and snapshotter services are skeletons that"
-	@echo "load and check their configuration and exit."
-	@echo
-	@echo "What works today:"
-	@echo "  stargaze convert   convert an OCI image layout to eStargz or zstd:chunked"
-	@echo "                     e.g. stargaze convert --format estargz oci:DIR:TAG oci:OUT:TAG-esgz"
-	@echo "  stargaze inspect   show a layer's footer and table of contents"
-	@echo "  stargaze-fetcher / stargaze-fs / stargaze-snapshotter --print-config"
-	@echo "                     print the effective configuration"
-	@echo
-	@echo "Build them with 'make build' (binaries in target/release/); 'make test' runs"
-	@echo "the tests, including interop with the Go Stargz Snapshotter's tools."
+	@bash scripts/demo.sh
 
 fuzz:
 	bash scripts/fuzz.sh

@@ -5,10 +5,14 @@
 //! * `stargaze inspect` shows a layer's format and TOC and verifies every
 //!   chunk, for a blob file or every layer of an image.
 //!
-//! Lazy pulls (`rpull`) and node status arrive with the snapshotter.
+//! * `stargaze rpull` pulls an image into containerd lazily: manifest and
+//!   config into the content store, each layer prepared through the
+//!   stargaze snapshotter as a remote snapshot (`ctr-remote image rpull`'s
+//!   job, against plain containerd 1.6).
 
 mod convert;
 mod inspect;
+mod rpull;
 
 use std::process::ExitCode;
 
@@ -18,7 +22,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "stargaze",
     version,
-    about = "Lazy-pulling images for containerd: convert and inspect eStargz / zstd:chunked images"
+    about = "Lazy-pulling images for containerd: convert, inspect and lazily pull eStargz / zstd:chunked images"
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
@@ -34,6 +38,8 @@ enum Command {
     Convert(convert::Args),
     /// Show a layer's format and table of contents and verify every chunk.
     Inspect(inspect::Args),
+    /// Pull an image into containerd lazily through the stargaze snapshotter.
+    Rpull(rpull::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Rpull(a) => rpull::run(a),
     };
     match result {
         Ok(code) => code,

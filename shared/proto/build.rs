@@ -6,7 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "stargaze/v1/fetcher.proto",
         "stargaze/v1/fs.proto",
         "containerd/types/mount.proto",
+        "containerd/types/descriptor.proto",
         "containerd/services/snapshots/v1/snapshots.proto",
+        "containerd/services/content/v1/content.proto",
+        "containerd/services/images/v1/images.proto",
+        "containerd/services/leases/v1/leases.proto",
+        "containerd/services/diff/v1/diff.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed=proto/{p}");

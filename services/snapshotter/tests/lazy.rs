@@ -3,7 +3,8 @@
 //! docker-registry, and our three service binaries (fetcher, fs,
 //! snapshotter) on private sockets. Images converted by our converter and by
 //! `ctr-remote` are pulled with `ctr-remote image rpull` without any layer
-//! blob reaching containerd's content store, and the root filesystem a
+//! blob reaching containerd's content store, and so are they with
+//! `stargaze rpull`; the root filesystem a
 //! container sees is the same, file by file, as the one containerd builds
 //! from the unconverted image with its own overlayfs snapshotter. A plain
 //! gzip image goes through the fallback (containerd unpacks it).
@@ -15,7 +16,7 @@ use std::process::Command;
 
 use stargaze_format::Digest;
 use stargaze_oci::{ImageConvertOptions, OciLayout};
-use stargaze_testkit::stack::{Service, Stack};
+use stargaze_testkit::stack::{Service, Stack, workspace_bin};
 use stargaze_testkit::{Containerd, Registry, image, require, run};
 
 /// Lists every file of the root filesystem with its metadata and the
@@ -169,40 +170,61 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
     assert!(text.contains("./bin/busybox"), "{text}");
     assert!(!text.contains("./bin/wc"), "{text}");
 
+    let stargaze = workspace_bin("stargaze");
+    let pull = |puller: &str, reference: &str| match puller {
+        "ctr-remote" => {
+            run(ctd.cmd("ctr-remote").args([
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "stargaze",
+                reference,
+            ]));
+        }
+        _ => {
+            run(Command::new(&stargaze)
+                .args(["rpull", "--plain-http", "--snapshotter", "stargaze"])
+                .arg("--address")
+                .arg(&ctd.socket)
+                .args(["--namespace", &ctd.namespace, reference]));
+        }
+    };
     for tag in ["ours", "ctr-remote"] {
         let reference = format!("{repo}:{tag}");
-        run(ctd.cmd("ctr-remote").args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargaze",
-            &reference,
-        ]));
-        let layers = layer_digests(&ctd, &reference);
-        assert_eq!(layers.len(), 2, "{tag}");
-        let blobs = content(&ctd);
-        for d in &layers {
-            assert!(
-                !blobs.contains(d.as_str()),
-                "{tag}: layer {d} was downloaded into the content store, not mounted lazily\n{}",
-                stack.log(Service::Snapshotter)
+        for puller in ["ctr-remote", "stargaze"] {
+            pull(puller, &reference);
+            let layers = layer_digests(&ctd, &reference);
+            assert_eq!(layers.len(), 2, "{tag}");
+            let blobs = content(&ctd);
+            for d in &layers {
+                assert!(
+                    !blobs.contains(d.as_str()),
+                    "{tag} pulled by {puller}: layer {d} was downloaded into the content store, not mounted lazily\n{}",
+                    stack.log(Service::Snapshotter)
+                );
+                assert!(
+                    stack.mountpoint.join(&d[7..]).is_dir(),
+                    "{tag} pulled by {puller}: layer {d} is not attached in the fs mount"
+                );
+            }
+            let got = rootfs(&reference, "stargaze", &format!("{tag}-{puller}"));
+            assert_eq!(
+                got, expected,
+                "{tag} pulled by {puller}: the lazily mounted rootfs differs from containerd's own"
             );
-            assert!(
-                stack.mountpoint.join(&d[7..]).is_dir(),
-                "{tag}: layer {d} is not attached in the fs mount"
-            );
+            // Garbage collection removes the snapshots; the next pull
+            // prepares them again.
+            ctd.ctr(&["image", "rm", "--sync", &reference]);
         }
-        let got = rootfs(&reference, "stargaze", tag);
-        assert_eq!(
-            got, expected,
-            "{tag}: the lazily mounted rootfs differs from containerd's own"
-        );
     }
     let log = stack.log(Service::Snapshotter);
-    assert!(
-        log.contains("remote_snapshot_prepared=true"),
-        "no remote snapshot was prepared:\n{log}"
+    // 2 images × 2 pull commands × 2 layers, each pull after the image
+    // and its snapshots were removed.
+    assert_eq!(
+        log.matches("remote_snapshot_prepared=true").count(),
+        8,
+        "every layer of every pull is a remote snapshot:\n{log}"
     );
     assert!(
         !log.contains("remote_snapshot_prepared=false"),
@@ -210,23 +232,32 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
     );
 
     // A plain gzip image falls back: containerd unpacks it into ordinary
-    // snapshots, each layer's reason logged once.
+    // snapshots, each layer's reason logged once. `stargaze rpull` then
+    // downloads and applies the layers itself (the image was removed, so
+    // its blobs are gone from the content store).
     let plain = format!("{repo}:plain");
-    run(ctd.cmd("ctr-remote").args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "stargaze",
-        &plain,
-    ]));
-    let got = rootfs(&plain, "stargaze", "plain");
-    assert_eq!(got, expected, "plain image through the fallback");
+    let plain_layers = layer_digests(&ctd, &plain);
+    for puller in ["ctr-remote", "stargaze"] {
+        pull(puller, &plain);
+        let got = rootfs(&plain, "stargaze", &format!("plain-{puller}"));
+        assert_eq!(
+            got, expected,
+            "plain image pulled by {puller} through the fallback"
+        );
+        let blobs = content(&ctd);
+        for d in &plain_layers {
+            assert!(
+                blobs.contains(d.as_str()),
+                "{puller}: layer {d} was not downloaded"
+            );
+        }
+        ctd.ctr(&["image", "rm", "--sync", &plain]);
+    }
     let log = stack.log(Service::Snapshotter);
-    for d in layer_digests(&ctd, &plain) {
+    for d in &plain_layers {
         let warned = log
             .lines()
-            .filter(|l| l.contains("cannot be pulled lazily") && l.contains(&d))
+            .filter(|l| l.contains("cannot be pulled lazily") && l.contains(d.as_str()))
             .count();
         assert_eq!(warned, 1, "layer {d} fallback logged once:\n{log}");
     }

@@ -305,7 +305,11 @@ fn containerd_unpacks_and_runs_an_image_on_it() {
             .spawn()
             .unwrap(),
     );
-    std::fs::write(work.path().join("none.toml"), "[snapshotter]\nlazy_pull = false\n").unwrap();
+    std::fs::write(
+        work.path().join("none.toml"),
+        "[snapshotter]\nlazy_pull = false\n",
+    )
+    .unwrap();
     let start = Instant::now();
     while !sock.exists() {
         assert!(

@@ -1,8 +1,9 @@
 //! The gRPC APIs between stargaze's services and the unix-socket plumbing
 //! they share.
 //!
-//! * [`containerd`] holds containerd's snapshots API (written from its
-//!   published messages) that the snapshotter serves as a proxy plugin.
+//! * [`containerd`] holds containerd's APIs, written from their published
+//!   messages: snapshots (the snapshotter serves it as a proxy plugin), and
+//!   content, images, leases and diff (`stargaze rpull` calls them).
 //! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
 //!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
 //!   prefetch, status) that fs and the snapshotter call.
@@ -23,6 +24,26 @@ pub mod containerd {
         pub mod snapshots {
             pub mod v1 {
                 tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+        pub mod content {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+        pub mod images {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
+        pub mod leases {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.leases.v1");
+            }
+        }
+        pub mod diff {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.diff.v1");
             }
         }
     }

@@ -205,6 +205,19 @@ impl Hosts {
         self
     }
 
+    /// Talk plain HTTP to `host` (`--plain-http` of ctr and ctr-remote).
+    pub fn with_plain_http(mut self, host: &str) -> Hosts {
+        self.stargz
+            .entry(host.to_string())
+            .or_default()
+            .push(StargzMirror {
+                host: format!("http://{host}"),
+                insecure: true,
+                ..Default::default()
+            });
+        self
+    }
+
     /// Parse a Go snapshotter config file's text and take its `[resolver]`.
     pub fn with_stargz_config_text(self, text: &str) -> Result<Hosts, RegistryError> {
         #[derive(Deserialize)]
