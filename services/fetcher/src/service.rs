@@ -213,7 +213,67 @@ impl FetcherService {
             })?
             .clone();
         *self.info(&layer.digest).image_ref.lock().expect("info") = src.image_ref.clone();
+        self.save_source(&layer.digest, src, allow_unverified);
         Ok(layer)
+    }
+
+    /// `layers/<hex>/source.json`: where a resolved layer comes from, so that
+    /// a restarted fetcher can serve fs's reads of layers attached before.
+    fn source_path(&self, digest: &str) -> std::path::PathBuf {
+        self.shared.cache.layer_dir(digest).join("source.json")
+    }
+
+    fn save_source(&self, digest: &str, src: &LayerSource, allow_unverified: bool) {
+        let path = self.source_path(digest);
+        let keep = |k: &String| k == TOC_DIGEST_ANNOTATION || k == SKIP_VERIFY_LABEL;
+        let saved = serde_json::json!({
+            "image_ref": src.image_ref,
+            "digest": digest,
+            "annotations": src.annotations.iter().filter(|(k, _)| keep(k)).collect::<HashMap<_, _>>(),
+            "allow_unverified": allow_unverified,
+        });
+        let tmp = path.with_extension("json.tmp");
+        let written =
+            std::fs::write(&tmp, saved.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(layer = digest, path = %path.display(), error = %e, "cannot record the layer's source; after a restart its reads fail until it is resolved again");
+        }
+    }
+
+    /// A resolved layer, or one resolved before a restart (from its saved
+    /// source; the index in the cache is reused, so this costs no request).
+    pub async fn layer_or_recover(&self, digest: &str) -> Result<Arc<Layer>, Status> {
+        if let Some(l) = self.layer(digest) {
+            return Ok(l);
+        }
+        let not_resolved = || {
+            Status::not_found(format!(
+                "layer {digest} is not resolved; call ResolveLayer first"
+            ))
+        };
+        let Ok(parsed) = digest.parse::<Digest>() else {
+            return Err(not_resolved());
+        };
+        let Ok(text) = std::fs::read(self.source_path(&parsed.to_string())) else {
+            return Err(not_resolved());
+        };
+        let v: serde_json::Value = serde_json::from_slice(&text).map_err(|_| not_resolved())?;
+        let src = LayerSource {
+            image_ref: v["image_ref"].as_str().unwrap_or_default().to_string(),
+            digest: digest.to_string(),
+            annotations: v["annotations"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let allow = v["allow_unverified"].as_bool().unwrap_or(false);
+        tracing::info!(layer = digest, image = %src.image_ref, "layer recovered from its saved source");
+        self.resolve(&src, allow).await
     }
 
     /// File ranges (inode, offset, length) of chunks whose compressed
@@ -368,12 +428,7 @@ impl Fetcher for FetcherService {
 
     async fn fetch(&self, r: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         let req = r.into_inner();
-        let layer = self.layer(&req.layer_digest).ok_or_else(|| {
-            Status::not_found(format!(
-                "layer {} is not resolved; call ResolveLayer first",
-                req.layer_digest
-            ))
-        })?;
+        let layer = self.layer_or_recover(&req.layer_digest).await?;
         let ranges: Vec<(u64, u64, u64)> = req
             .ranges
             .iter()
@@ -391,12 +446,7 @@ impl Fetcher for FetcherService {
         r: Request<PrefetchRequest>,
     ) -> Result<Response<PrefetchResponse>, Status> {
         let req = r.into_inner();
-        let layer = self.layer(&req.layer_digest).ok_or_else(|| {
-            Status::not_found(format!(
-                "layer {} is not resolved; call ResolveLayer first",
-                req.layer_digest
-            ))
-        })?;
+        let layer = self.layer_or_recover(&req.layer_digest).await?;
         let bytes = FetcherService::prefetch(self, layer, req.prefetch_size, req.wait).await?;
         Ok(Response::new(PrefetchResponse {
             prefetched_bytes: bytes,
@@ -408,9 +458,7 @@ impl Fetcher for FetcherService {
         r: Request<LayerStatusRequest>,
     ) -> Result<Response<LayerStatusResponse>, Status> {
         let req = r.into_inner();
-        let layer = self.layer(&req.layer_digest).ok_or_else(|| {
-            Status::not_found(format!("layer {} is not resolved", req.layer_digest))
-        })?;
+        let layer = self.layer_or_recover(&req.layer_digest).await?;
         let info = self.info(&layer.digest);
         let (present, total) = layer.progress();
         let (mut bytes, mut bytes_present) = (0u64, 0u64);

@@ -59,9 +59,11 @@ fn main() -> ExitCode {
                 .context("cannot start the async runtime")?;
             let handle = runtime.handle().clone();
             runtime.block_on(async move {
+            // First the stale mount: a dead FUSE mount fails every stat
+            // (ENOTCONN), which makes creating the directory fail too.
+            clean_stale_mount(&c.mountpoint);
             std::fs::create_dir_all(&c.mountpoint)
                 .with_context(|| format!("creating the mountpoint {}", c.mountpoint.display()))?;
-            clean_stale_mount(&c.mountpoint);
             let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
             let shared = Arc::new(FsShared::new(source, handle, c.entry_timeout.max(c.attr_timeout)));
             let session = stargaze_fs::mount(shared.clone(), &c.mountpoint, c.n_threads as usize)

@@ -61,12 +61,19 @@ pub struct Stack {
     pub cache_dir: PathBuf,
     pub root: PathBuf,
     children: [Option<Child>; 3],
+    args: [Vec<String>; 3],
 }
 
 impl Stack {
     /// Start the three services under `dir` (which must outlive the stack).
     /// `extra` is appended to each section: e.g. `[("fetcher", "prefetch_size = 0")]`.
     pub fn start(dir: &Path, extra: &[(&str, &str)]) -> Stack {
+        Stack::start_with_args(dir, extra, &[])
+    }
+
+    /// [`Stack::start`] with extra command-line arguments for some services
+    /// (kept for restarts), e.g. `[(Service::Fetcher, "--no-background-fetch")]`.
+    pub fn start_with_args(dir: &Path, extra: &[(&str, &str)], args: &[(Service, &str)]) -> Stack {
         let section = |name: &str| -> String {
             extra
                 .iter()
@@ -84,7 +91,11 @@ impl Stack {
             cache_dir: dir.join("cache"),
             root: dir.join("root"),
             children: [None, None, None],
+            args: Default::default(),
         };
+        for (svc, a) in args {
+            s.args[Self::index(*svc)].push(a.to_string());
+        }
         let config = format!(
             "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n{}\n\
              [fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n{}\n\
@@ -137,6 +148,7 @@ impl Stack {
         let child = Command::new(workspace_bin(svc.binary()))
             .arg("--config")
             .arg(&self.config)
+            .args(&self.args[Self::index(svc)])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

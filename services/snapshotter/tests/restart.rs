@@ -1,0 +1,296 @@
+//! Crash safety with the real components: each service is killed with
+//! SIGKILL while a lazily pulled container runs, and started again as
+//! systemd would restart it.
+//!
+//! * fetcher: a read of a file that is not cached yet, issued while the
+//!   fetcher is down, waits and succeeds once it is back (fs retries; the
+//!   restarted fetcher recovers the layer from the cache without asking
+//!   the registry), and later cold reads work.
+//! * snapshotter: the running container keeps reading (the snapshotter is
+//!   not on the read path), and new containers run after its restart.
+//! * fs: after its restart, new containers run (the snapshotter re-attaches
+//!   the layers it lost), and a restarted snapshotter restores every remote
+//!   layer by itself. Containers that were running when fs died lose their
+//!   lazily mounted files: the kernel's FUSE connection ends with the process
+//!   until the `/dev/fuse` descriptor is handed over across restarts.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use stargaze_format::Digest;
+use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_testkit::stack::{Service, Stack, workspace_bin};
+use stargaze_testkit::{Containerd, Registry, image, require, run};
+
+fn sha_line(files: &[(String, Vec<u8>)], name: &str) -> String {
+    let data = &files
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} is not in the test layer"))
+        .1;
+    format!("{}  /{name}", Digest::of(data).hex())
+}
+
+#[test]
+fn each_service_survives_a_kill_9() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    for tool in ["runc", "skopeo"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-rst-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let reference = format!("{}/stargaze/restart:esgz", registry.addr);
+
+    let src = w.join("src");
+    let (data, files) = image::data_layer(31);
+    image::write_layout(
+        &src,
+        "stargaze.test/restart:src",
+        "src",
+        &[image::busybox_layer(), data],
+    );
+    let out = w.join("out");
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &OciLayout::open_or_create(&out).unwrap(),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{reference}"),
+    ]));
+
+    // No prefetch and no background fetch: every read below is cold.
+    let mut stack = Stack::start_with_args(
+        w,
+        &[("fetcher", "prefetch_size = 0")],
+        &[(Service::Fetcher, "--no-background-fetch")],
+    );
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    run(Command::new(workspace_bin("stargaze"))
+        .args([
+            "rpull",
+            "--plain-http",
+            "--quiet",
+            "--snapshotter",
+            "stargaze",
+        ])
+        .arg("--address")
+        .arg(&ctd.socket)
+        .args(["--namespace", &ctd.namespace, &reference]));
+    let long = format!("sg-rst-{}", std::process::id());
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "stargaze",
+        &reference,
+        &long,
+        "/bin/busybox",
+        "sleep",
+        "600",
+    ]);
+    let mut execs = 0;
+    let mut read_in_long = |name: &str| -> std::process::Output {
+        execs += 1;
+        ctd.cmd("ctr")
+            .args([
+                "task",
+                "exec",
+                "--exec-id",
+                &format!("read{execs}"),
+                &long,
+                "/bin/sha256sum",
+                &format!("/{name}"),
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let ok = |o: &std::process::Output, name: &str, when: &str| {
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && text.contains(&sha_line(&files, name)),
+            "{when}: reading /{name} failed ({}): {text}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    ok(
+        &read_in_long("data/file1"),
+        "data/file1",
+        "before any restart",
+    );
+
+    // 1. The fetcher dies; a cold read waits for it and then succeeds.
+    stack.kill(Service::Fetcher);
+    let started = Instant::now();
+    let pending = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            ctd.cmd("ctr")
+                .args([
+                    "task",
+                    "exec",
+                    "--exec-id",
+                    "while-fetcher-down",
+                    &long,
+                    "/bin/sha256sum",
+                    "/data/file7",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            !reader.is_finished(),
+            "the read did not wait for the fetcher"
+        );
+        stack.spawn(Service::Fetcher);
+        reader.join().unwrap()
+    });
+    ok(
+        &pending,
+        "data/file7",
+        "a read issued while the fetcher was down",
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        stack
+            .log(Service::Fetcher)
+            .contains("layer recovered from its saved source"),
+        "{}",
+        stack.log(Service::Fetcher)
+    );
+    ok(
+        &read_in_long("data/file6"),
+        "data/file6",
+        "after the fetcher restarted",
+    );
+
+    // 2. The snapshotter dies: running containers do not notice; new ones
+    // run once it is back.
+    stack.kill(Service::Snapshotter);
+    ok(
+        &read_in_long("data/file5"),
+        "data/file5",
+        "while the snapshotter is down",
+    );
+    stack.spawn(Service::Snapshotter);
+    let check = "sha256sum /data/file3 /data/file4 /data/hardlink";
+    let logs = [Service::Snapshotter, Service::Fs, Service::Fetcher].map(|s| stack.log_path(s));
+    let stack_log = || -> String {
+        logs.iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    // containerd redials a proxy plugin with gRPC backoff (at most 3 s in
+    // 1.6) and fails calls meanwhile with "unavailable", as a kubelet sees
+    // it; retry like one would.
+    let new_container = |id: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let o = ctd
+                .cmd("ctr")
+                .args([
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    "stargaze",
+                    &reference,
+                    &format!("{long}-{id}"),
+                    "/bin/sh",
+                    "-c",
+                    check,
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).to_string();
+            }
+            assert!(
+                err.contains("unavailable") && Instant::now() < deadline,
+                "{id}: ctr run failed: {err}\n{}",
+                stack_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let expect_new = |text: &str, when: &str| {
+        for f in ["data/file3", "data/file4", "data/file6"] {
+            assert!(
+                text.contains(&sha_line(&files, f)[..64]),
+                "{when}: {f} in {text}"
+            );
+        }
+    };
+    expect_new(
+        &new_container("after-snap"),
+        "after the snapshotter restarted",
+    );
+
+    // 3. fs dies. The running container's FUSE-backed files are gone with
+    // it (no descriptor hand-over yet); stop it.
+    ctd.cmd("ctr")
+        .args(["task", "kill", "--signal", "SIGKILL", &long])
+        .status()
+        .unwrap();
+    stack.kill(Service::Fs);
+    stack.spawn(Service::Fs);
+    // New containers run: Prepare finds the layers gone and re-attaches them.
+    expect_new(&new_container("after-fs"), "after fs restarted");
+    assert!(
+        stack
+            .log(Service::Snapshotter)
+            .contains("remote layer re-attached"),
+        "{}",
+        stack.log(Service::Snapshotter)
+    );
+
+    // 4. fs and then the snapshotter restart: the snapshotter restores every
+    // remote layer at start, before anyone asks.
+    stack.kill(Service::Snapshotter);
+    stack.kill(Service::Fs);
+    stack.spawn(Service::Fs);
+    stack.spawn(Service::Snapshotter);
+    let layers: Vec<String> = std::fs::read_dir(out.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|hex| {
+            let p = stack.cache_dir.join("layers").join(format!("sha256:{hex}"));
+            p.exists() || stack.cache_dir.join("layers").join(hex).exists()
+        })
+        .collect();
+    assert_eq!(layers.len(), 2, "two layers were resolved: {layers:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !layers.iter().all(|h| stack.mountpoint.join(h).is_dir()) {
+        assert!(
+            Instant::now() < deadline,
+            "the snapshotter did not restore the layers:\n{}",
+            stack.log(Service::Snapshotter)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    expect_new(&new_container("after-restore"), "after restore");
+    drop(ctd);
+    drop(stack);
+}
