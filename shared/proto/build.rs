@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "containerd/services/images/v1/images.proto",
         "containerd/services/leases/v1/leases.proto",
         "containerd/services/diff/v1/diff.proto",
+        "cri/api.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed=proto/{p}");

@@ -264,3 +264,139 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
     drop(ctd);
     drop(stack);
 }
+
+/// The Kubernetes path: the kubelet's `PullImage` through containerd's CRI
+/// plugin, configured with `snapshotter = "stargaze"` and
+/// `disable_snapshot_annotations = false`, passes the `cri.*` labels; the
+/// layers are mounted lazily and readable.
+#[test]
+fn cri_pull_image_mounts_layers_lazily() {
+    use stargaze_proto::cri::image_service_client::ImageServiceClient;
+    use stargaze_proto::cri::runtime_service_client::RuntimeServiceClient;
+    use stargaze_proto::cri::*;
+
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    require("skopeo");
+    let work = tempfile::Builder::new()
+        .prefix("sg-cri-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let reference = format!("{}/stargaze/cri:esgz", registry.addr);
+    let src = w.join("src");
+    let (data, files) = image::data_layer(41);
+    image::write_layout(
+        &src,
+        "stargaze.test/cri:src",
+        "src",
+        &[image::busybox_layer(), data],
+    );
+    let out = w.join("out");
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &OciLayout::open_or_create(&out).unwrap(),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{reference}"),
+    );
+
+    let stack = Stack::start(w, &[]);
+    let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
+    ctd.trust_plain_http(&registry.addr);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pulled = runtime.block_on(async {
+        let channel = stargaze_proto::connect_unix(&ctd.socket).unwrap();
+        let version = RuntimeServiceClient::new(channel.clone())
+            .version(VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .expect("containerd serves CRI v1")
+            .into_inner();
+        assert_eq!(version.runtime_api_version, "v1");
+        ImageServiceClient::new(channel)
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: reference.clone(),
+                    annotations: Default::default(),
+                }),
+                auth: None,
+                sandbox_config: Some(PodSandboxConfig {
+                    metadata: Some(PodSandboxMetadata {
+                        name: "pod".into(),
+                        uid: "uid-1".into(),
+                        namespace: "default".into(),
+                        attempt: 0,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_or_else(|s| {
+                panic!(
+                    "PullImage: {s}\n{}\n{}",
+                    ctd.log(),
+                    stack.log(Service::Snapshotter)
+                )
+            })
+            .into_inner()
+    });
+    assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
+
+    // CRI keeps its images in the k8s.io namespace.
+    let k8s = |args: &[&str]| {
+        run(Command::new("ctr")
+            .arg("--address")
+            .arg(&ctd.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args))
+    };
+    let blobs = String::from_utf8(k8s(&["content", "ls", "-q"]).stdout).unwrap();
+    let log = stack.log(Service::Snapshotter);
+    assert_eq!(
+        log.matches("remote_snapshot_prepared=true").count(),
+        2,
+        "both layers are remote snapshots:\n{log}"
+    );
+    let manifest_digest = String::from_utf8(k8s(&["image", "ls"]).stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(&reference))
+        .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+        .unwrap_or_else(|| panic!("{reference} is not among CRI's images"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&k8s(&["content", "get", &manifest_digest]).stdout).unwrap();
+    let layers: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    for d in &layers {
+        assert!(
+            !blobs.contains(d),
+            "layer {d} was downloaded, not mounted lazily"
+        );
+    }
+    // The data layer's files read through the fs mount, verified.
+    let data_dir = stack.mountpoint.join(&layers[1][7..]);
+    for (name, bytes) in &files {
+        let got = std::fs::read(data_dir.join(name)).unwrap();
+        assert!(got == *bytes, "{name} read through the fs mount differs");
+    }
+    drop(ctd);
+    drop(stack);
+}

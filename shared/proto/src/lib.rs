@@ -4,6 +4,8 @@
 //! * [`containerd`] holds containerd's APIs, written from their published
 //!   messages: snapshots (the snapshotter serves it as a proxy plugin), and
 //!   content, images, leases and diff (`stargaze rpull` calls them).
+//! * [`cri`] is a subset of the Kubernetes CRI API v1 (version, image pull
+//!   and list): the tests' stand-in for crictl, which Debian lacks.
 //! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
 //!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
 //!   prefetch, status) that fs and the snapshotter call.
@@ -12,6 +14,11 @@
 
 pub mod v1 {
     tonic::include_proto!("stargaze.v1");
+}
+
+/// The Kubernetes CRI API v1, the part the tests use.
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
 }
 
 /// containerd's APIs, in the module tree of their proto packages (the

@@ -140,6 +140,32 @@ impl Containerd {
     /// Start containerd; `extra_config` is appended to its config.toml
     /// (e.g. a `[proxy_plugins]` table).
     pub fn start(extra_config: &str) -> Containerd {
+        Containerd::start_inner(extra_config, None)
+    }
+
+    /// Start containerd with its CRI plugin (API v1 on the same socket),
+    /// using `snapshotter` with snapshot annotations passed to it, as a
+    /// Kubernetes node with a lazy-pulling snapshotter is configured. Plain
+    /// HTTP registries need a `hosts.toml` in `<dir>/certs.d/<host>/`
+    /// ([`Containerd::trust_plain_http`]).
+    pub fn start_cri(snapshotter: &str, extra_config: &str) -> Containerd {
+        Containerd::start_inner(extra_config, Some(snapshotter))
+    }
+
+    /// Let the CRI plugin pull from `host` over plain HTTP.
+    pub fn trust_plain_http(&self, host: &str) {
+        let dir = self.dir.path().join("certs.d").join(host);
+        std::fs::create_dir_all(&dir).expect("certs.d");
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .expect("hosts.toml");
+    }
+
+    fn start_inner(extra_config: &str, cri_snapshotter: Option<&str>) -> Containerd {
         require("containerd");
         require("ctr");
         // Short paths: unix socket names are limited to 108 bytes.
@@ -149,11 +175,26 @@ impl Containerd {
             .expect("temp dir");
         let d = dir.path();
         let socket = d.join("c.sock");
+        let cri = match cri_snapshotter {
+            None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]".to_string(),
+            Some(sn) => format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{sn}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{}/certs.d""#,
+                d.display()
+            ),
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{cri}
 [grpc]
   address = "{sock}"
 [ttrpc]
