@@ -165,6 +165,10 @@ impl SnapshotService {
         for (k, r) in chain {
             let Some(dir) = &r.remote_dir else { continue };
             if dir_is_served(dir).await {
+                // The link may be missing after a crash between a manual
+                // cleanup and now; it is cheap to check.
+                let (id, d) = (r.id, dir.clone());
+                self.run(move |s| s.link_remote(id, &d)).await?;
                 continue;
             }
             let layer = layer_from_labels(&r.labels).ok_or_else(|| {

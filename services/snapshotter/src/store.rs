@@ -128,13 +128,30 @@ impl Store {
         self.root.join("snapshots").join(id.to_string())
     }
 
-    /// The filesystem directory a record presents (its upper dir, or the
-    /// remote layer's directory).
+    /// The filesystem directory a record presents: `snapshots/<id>/fs`, its
+    /// upper dir or unpacked layer, or for a remote snapshot a symlink to the
+    /// layer's directory in the fs mount. Every lowerdir thus shares the
+    /// prefix `<root>/snapshots/`, which containerd's mount code needs to
+    /// shorten long lowerdir lists (it chdirs there and passes relative
+    /// paths once the options outgrow a page), as with its overlay
+    /// snapshotter.
     pub fn fs_dir(&self, r: &Record) -> PathBuf {
-        match &r.remote_dir {
-            Some(d) => PathBuf::from(d),
-            None => self.dir(r.id).join("fs"),
+        self.dir(r.id).join("fs")
+    }
+
+    /// Point `snapshots/<id>/fs` at a remote layer's directory (atomically).
+    pub fn link_remote(&self, id: u64, remote_dir: &str) -> Result<(), SnapError> {
+        let dir = self.dir(id);
+        let io = |e: std::io::Error| self.internal(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let link = dir.join("fs");
+        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new(remote_dir)) {
+            return Ok(());
         }
+        let tmp = dir.join("fs.new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(remote_dir, &tmp).map_err(io)?;
+        std::fs::rename(&tmp, &link).map_err(io)
     }
 
     /// Run `f` in one write transaction and commit it.
@@ -394,7 +411,8 @@ impl Store {
         labels: BTreeMap<String, String>,
         remote_dir: &str,
     ) -> Result<Record, SnapError> {
-        self.write(|t, counters| {
+        let mut made: Option<u64> = None;
+        let result = self.write(|t, counters| {
             if self.get(t, name)?.is_some() {
                 return Err(SnapError::AlreadyExists(name.to_string()));
             }
@@ -419,6 +437,10 @@ impl Store {
             counters
                 .insert("next_id", id + 1)
                 .map_err(|e| self.internal(e))?;
+            // The link exists before the record commits; a crash leaves a
+            // directory no record owns, which Cleanup removes.
+            made = Some(id);
+            self.link_remote(id, remote_dir)?;
             let t0 = now();
             let r = Record {
                 id,
@@ -433,7 +455,13 @@ impl Store {
             };
             self.put(t, name, &r)?;
             Ok(r)
-        })
+        });
+        if result.is_err()
+            && let Some(id) = made
+        {
+            let _ = std::fs::remove_dir_all(self.dir(id));
+        }
+        result
     }
 
     /// Record that a snapshot's tree is a remote layer's directory.
@@ -443,6 +471,7 @@ impl Store {
                 .get(t, key)?
                 .ok_or_else(|| SnapError::NotFound(key.to_string()))?;
             r.remote_dir = Some(dir.to_string());
+            self.link_remote(r.id, dir)?;
             self.put(t, key, &r)
         })
     }

@@ -400,3 +400,89 @@ fn cri_pull_image_mounts_layers_lazily() {
     drop(ctd);
     drop(stack);
 }
+
+/// An image with more layers than an overlay mount option can name with
+/// the fs mount's long paths (70 × ~90 bytes > one page): the lowerdirs
+/// are `<root>/snapshots/<id>/fs` links, so containerd shortens the list as
+/// it does for its own overlay snapshotter, and the container sees every
+/// layer.
+#[test]
+fn an_image_with_70_lazy_layers_runs() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    for tool in ["runc", "skopeo"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-many-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let reference = format!("{}/stargaze/many:esgz", registry.addr);
+    let mut layers = vec![image::busybox_layer()];
+    for i in 1..70 {
+        let mut b = tar::Builder::new(Vec::new());
+        let body = format!("layer {i}\n");
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(body.len() as u64);
+        h.set_mtime(1_600_000_000);
+        b.append_data(&mut h, format!("layers/f{i:02}"), body.as_bytes())
+            .unwrap();
+        layers.push(b.into_inner().unwrap());
+    }
+    let src = w.join("src");
+    image::write_layout(&src, "stargaze.test/many:src", "src", &layers);
+    let out = w.join("out");
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &OciLayout::open_or_create(&out).unwrap(),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{reference}"),
+    );
+    let stack = Stack::start(w, &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    run(Command::new(workspace_bin("stargaze"))
+        .args([
+            "rpull",
+            "--plain-http",
+            "--quiet",
+            "--snapshotter",
+            "stargaze",
+        ])
+        .arg("--address")
+        .arg(&ctd.socket)
+        .args(["--namespace", &ctd.namespace, &reference]));
+    let o = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        &reference,
+        &format!("sg-many-{}", std::process::id()),
+        "/bin/sh",
+        "-c",
+        "cat /layers/*",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let expected: String = (1..70).map(|i| format!("layer {i}\n")).collect();
+    assert_eq!(text, expected);
+    let log = stack.log(Service::Snapshotter);
+    assert_eq!(
+        log.matches("remote_snapshot_prepared=true").count(),
+        70,
+        "every layer is a remote snapshot:\n{log}"
+    );
+    drop(ctd);
+    drop(stack);
+}
