@@ -6,9 +6,8 @@
 #   index         TOC index of a 100k-entry layer: size, open, lookups
 #   fetch         fetcher: whole layer vs curl, decode vs a single-core loop,
 #                 merge ratio of random reads, service RSS
-#
-# The cold-start benchmark (full pull vs Go Stargz Snapshotter vs stargaze)
-# joins when the snapshotter exists.
+#   startup.sh    cold start of a container: full pull vs the Go Stargz
+#                 Snapshotter vs stargaze over a shaped link (needs root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== building release binaries"
@@ -21,5 +20,8 @@ echo "== TOC index, 100k-entry layer"
 echo
 echo "== fetcher"
 ./target/release/fetch | tee bench/results/fetch.md
+echo
+echo "== cold start (bench/startup.sh)"
+bash bench/startup.sh
 echo
 echo "results written to bench/results/"

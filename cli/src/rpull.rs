@@ -40,8 +40,9 @@ const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 const STARGZ_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
 /// containerd refuses labels longer than this (key and value together).
 const MAX_LABEL: usize = 4096;
-/// Piece size when a layer must be downloaded (fallback).
-const PIECE: u64 = 16 << 20;
+/// Piece size when a layer must be downloaded (fallback); containerd takes
+/// gRPC messages of at most 16 MiB.
+const PIECE: u64 = 4 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

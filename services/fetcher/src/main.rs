@@ -28,7 +28,8 @@ struct Args {
     /// Directory of containerd hosts.toml files (mirrors, CAs, headers).
     #[arg(long, default_value = "/etc/containerd/certs.d")]
     hosts_dir: std::path::PathBuf,
-    /// Do not fetch whole layers in the background after prefetch.
+    /// Do not fetch whole layers in the background after prefetch
+    /// (overrides [fetcher] background_fetch).
     #[arg(long)]
     no_background_fetch: bool,
 }
@@ -73,7 +74,8 @@ fn main() -> ExitCode {
                 max_merged_range: c.max_merged_range,
                 ..Default::default()
             };
-            let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, !args.no_background_fetch);
+            let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, c.background_fetch && !args.no_background_fetch)
+                .with_background_silence(c.background_silence);
             if !c.metrics_address.is_empty() {
                 let svc = service.clone();
                 let addr = stargaze_service::serve_metrics(&c.metrics_address, Arc::new(move || svc.render_metrics())).await?;

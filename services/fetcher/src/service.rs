@@ -2,8 +2,9 @@
 //! prefetch and background fetch, status.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use stargaze_cache::Cache;
 use stargaze_format::{Digest, Prefetch, TOC_DIGEST_ANNOTATION};
@@ -22,6 +23,12 @@ const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify
 const PREFETCH_BATCH: usize = 256;
 /// Batches in flight at once, so that reading one overlaps decoding another.
 const PREFETCH_PARALLEL: usize = 4;
+/// Ranges per background batch: small, so that on-demand reads arriving
+/// meanwhile wait for at most one of them on the link.
+const BACKGROUND_BATCH: usize = 16;
+/// Default quiet period before background fetches (the Go snapshotter
+/// waits 2 s of silence too).
+pub const DEFAULT_BACKGROUND_SILENCE: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct LayerInfo {
@@ -38,8 +45,57 @@ pub(crate) struct Shared {
     /// Bytes prefetched when the layer has no landmark and no label.
     prefetch_size: u64,
     background: bool,
+    /// Background fetches wait until on-demand work has been quiet this long.
+    background_silence: Duration,
+    activity: Activity,
     layers: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
     info: Mutex<HashMap<String, Arc<LayerInfo>>>,
+}
+
+/// On-demand work (reads fs waits for, layer resolution) in flight and when
+/// it last ended. Background fetches share the registry link with it and
+/// would make a cold start wait behind whole layers, so they only run after
+/// a quiet period and pause between batches while on-demand work runs.
+struct Activity {
+    in_flight: AtomicUsize,
+    last_end: Mutex<Instant>,
+}
+
+/// Marks one piece of on-demand work while alive.
+struct OnDemand<'a>(&'a Activity);
+
+impl Drop for OnDemand<'_> {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().expect("activity") = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_end: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(&self) -> OnDemand<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        OnDemand(self)
+    }
+
+    /// Wait until nothing on-demand has run for `silence`.
+    async fn quiet(&self, silence: Duration) {
+        loop {
+            let busy = self.in_flight.load(Ordering::Acquire) > 0;
+            let since = self.last_end.lock().expect("activity").elapsed();
+            if !busy && since >= silence {
+                return;
+            }
+            let wait = if busy { silence } else { silence - since };
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
 }
 
 /// The fetcher's gRPC service.
@@ -126,10 +182,20 @@ impl FetcherService {
                 opts,
                 prefetch_size,
                 background,
+                background_silence: DEFAULT_BACKGROUND_SILENCE,
+                activity: Activity::new(),
                 layers: Mutex::new(HashMap::new()),
                 info: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Set the quiet period background fetches wait for (before serving).
+    pub fn with_background_silence(mut self, silence: Duration) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.background_silence = silence;
+        }
+        self
     }
 
     /// Every resolved layer.
@@ -182,6 +248,7 @@ impl FetcherService {
             })?),
             None => None,
         };
+        let _on_demand = self.shared.activity.begin();
         // As in the Go snapshotter: the configuration must allow it and the
         // layer must carry the skipverify label.
         let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
@@ -315,6 +382,19 @@ impl FetcherService {
         crate::engine::fetch_in_batches(layer, ranges, PREFETCH_BATCH, PREFETCH_PARALLEL).await
     }
 
+    /// Fetch the rest of a layer one small batch at a time, each after
+    /// on-demand work has been quiet for the configured period.
+    async fn background(shared: &Shared, layer: &Arc<Layer>) -> Result<u64, FetchError> {
+        let rest = Self::ranges_below(layer, None);
+        let mut bytes = 0;
+        for batch in rest.chunks(BACKGROUND_BATCH) {
+            shared.activity.quiet(shared.background_silence).await;
+            // Chunks fetched on demand meanwhile are skipped by the engine.
+            bytes += layer.fetch(batch).await?.bytes_fetched;
+        }
+        Ok(bytes)
+    }
+
     /// Prefetch per the layer's landmark, the label or the configuration,
     /// then (in the background) everything else.
     pub async fn prefetch(
@@ -335,6 +415,7 @@ impl FetcherService {
         let info = self.info(&layer.digest);
         let ranges = Self::ranges_below(&layer, limit);
         let background = self.shared.background;
+        let shared = self.shared.clone();
         let run = {
             let layer = layer.clone();
             let info = info.clone();
@@ -345,11 +426,11 @@ impl FetcherService {
                     *info.last_error.lock().expect("error") = e.to_string();
                 }
                 if background {
-                    let rest = Self::ranges_below(&layer, None);
                     let layer2 = layer.clone();
                     let info2 = info.clone();
+                    let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = Self::fetch_all(&layer2, rest).await {
+                        if let Err(e) = Self::background(&shared, &layer2).await {
                             tracing::warn!(layer = %layer2.digest, error = %e, "background fetch stopped");
                             *info2.last_error.lock().expect("error") = e.to_string();
                         }
@@ -428,6 +509,8 @@ impl Fetcher for FetcherService {
 
     async fn fetch(&self, r: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         let req = r.into_inner();
+        let _on_demand =
+            (req.priority != Priority::Background as i32).then(|| self.shared.activity.begin());
         let layer = self.layer_or_recover(&req.layer_digest).await?;
         let ranges: Vec<(u64, u64, u64)> = req
             .ranges

@@ -76,6 +76,13 @@ pub struct FetcherConfig {
     /// Bytes fetched at mount time from the start of a layer that has no
     /// prefetch landmark and no prefetch label. 0 = off.
     pub prefetch_size: u64,
+    /// Fetch the rest of every layer in the background after its prefetch.
+    pub background_fetch: bool,
+    /// Background fetches run only after on-demand reads and layer
+    /// resolution have been quiet this long, one small batch at a time, so
+    /// that they never hold up a starting container on a slow link.
+    #[serde(with = "duration")]
+    pub background_silence: Duration,
     /// `host:port` serving Prometheus `/metrics`; empty = off.
     pub metrics_address: String,
 }
@@ -153,6 +160,8 @@ impl Default for FetcherConfig {
             merge_gap: 256 * 1024,
             max_merged_range: 16 * 1024 * 1024,
             prefetch_size: 0,
+            background_fetch: true,
+            background_silence: Duration::from_secs(2),
             metrics_address: String::new(),
         }
     }
