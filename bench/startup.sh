@@ -263,6 +263,8 @@ mountpoint = "$W/sg/mnt"
 [snapshotter]
 socket = "$W/sg/snapshotter.sock"
 root = "$W/sg/root"
+[log]
+level = "${SG_LOG_LEVEL:-info}"
 EOF
 # Our fetcher reads containerd's hosts.toml for plain HTTP, as containerd would.
 mkdir -p "$W/etc/certs.d/$REG"
@@ -370,7 +372,7 @@ round() { # workload method
     case $method in
     overlayfs) ref=$REG/$REPO:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
     go-stargz) ref=$REG/$REPO:esgz-go sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
-    stargaze) ref=$REG/$REPO:esgz sn=stargaze daemons="fetcher fs snapshotter" pull=("$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
+    stargaze) ref=$REG/$REPO:esgz sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
     esac
     local argv
     workload "$wl"
@@ -378,7 +380,7 @@ round() { # workload method
     local m t0 t1 out
     m=$(regmark)
     t0=$(now)
-    "${pull[@]}" >"$W/logs/pull.out" 2>&1 || die "$method pull failed: $(tail -3 "$W/logs/pull.out")"
+    "${pull[@]}" >"$W/logs/pull-$method.out" 2>&1 || die "$method pull failed: $(tail -3 "$W/logs/pull-$method.out")"
     local tp
     tp=$(since "$t0")
     if [[ $wl == warm ]]; then

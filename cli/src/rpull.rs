@@ -321,6 +321,7 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("{name}: the manifest has no config digest"))?
         .to_string();
     let layers: Vec<serde_json::Value> = m["layers"].as_array().cloned().unwrap_or_default();
+    tracing::debug!(elapsed = ?started.elapsed(), manifest = %manifest.digest, "manifest resolved");
     let config = registry
         .fetch_small_blob(&reference, &config_digest)
         .await
@@ -343,6 +344,7 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
         );
     }
     let chain = chain_ids(&diff_ids);
+    tracing::debug!(elapsed = ?started.elapsed(), "config fetched");
 
     // containerd, under a lease that expires by itself if we die.
     let channel = stargaze_proto::connect_unix(&args.address)
@@ -368,6 +370,7 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
             )
         })?;
     ctd.lease = Some(lease_id.clone());
+    tracing::debug!(elapsed = ?started.elapsed(), "lease created");
 
     let parts = ImageParts {
         reference: reference.clone(),
@@ -394,6 +397,7 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
             top.clone(),
         );
     }
+    tracing::debug!(elapsed = ?started.elapsed(), "layers prepared");
     ctd.write_content(&config_digest, config.to_vec(), config_labels)
         .await?;
     let mut manifest_labels = HashMap::from([
@@ -541,6 +545,7 @@ async fn pull_into(
             .await;
         let mounts = match prepared {
             Err(s) if s.code() == Code::AlreadyExists => {
+                tracing::debug!(layer = digest, "remote snapshot prepared");
                 bar.finish_with_message("mounted lazily (remote snapshot)");
                 out.push(LayerOutcome::Lazy);
                 continue;

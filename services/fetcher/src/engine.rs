@@ -291,7 +291,17 @@ impl Layer {
             self.counters
                 .ranges
                 .fetch_add(ranges.len() as u64, Ordering::Relaxed);
-            let data = match self.blob.read_ranges(&ranges).await {
+            let t0 = std::time::Instant::now();
+            let read = self.blob.read_ranges(&ranges).await;
+            tracing::debug!(
+                layer = %self.digest,
+                ranges = ranges.len(),
+                bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
+                first = ranges.first().map(|r| r.start).unwrap_or(0),
+                elapsed = ?t0.elapsed(),
+                "range read"
+            );
+            let data = match read {
                 Ok(d)
                     if d.len() == ranges.len()
                         && d.iter()

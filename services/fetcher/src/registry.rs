@@ -9,6 +9,87 @@ use crate::{BlobError, RemoteBlob};
 /// A layer blob read from its registry.
 pub struct RegistryBlob(pub Blob);
 
+/// The size and last bytes of a blob, read ahead of resolving its layer,
+/// with the blob handle that read them (it keeps the probed endpoint and
+/// size, so later reads skip the probe).
+pub struct Tail {
+    pub blob: std::sync::Arc<RegistryBlob>,
+    pub size: u64,
+    pub start: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl Tail {
+    /// Read the last `window` bytes of `blob` (two requests: size, range).
+    pub async fn read(blob: RegistryBlob, window: u64) -> Result<Tail, BlobError> {
+        let size = blob.size().await?;
+        let start = size.saturating_sub(window);
+        let bytes = blob
+            .read_ranges(std::slice::from_ref(&(start..size)))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok(Tail {
+            blob: std::sync::Arc::new(blob),
+            size,
+            start,
+            bytes,
+        })
+    }
+}
+
+/// A registry blob whose tail was read ahead: reads inside it cost no
+/// request until [`WarmBlob::forget_tail`] (after resolution, so that a
+/// node with many layers does not keep their tails in memory).
+pub struct WarmBlob {
+    pub blob: std::sync::Arc<RegistryBlob>,
+    tail: std::sync::Mutex<Option<std::sync::Arc<Tail>>>,
+}
+
+impl WarmBlob {
+    pub fn new(blob: std::sync::Arc<RegistryBlob>, tail: Option<std::sync::Arc<Tail>>) -> WarmBlob {
+        WarmBlob {
+            blob,
+            tail: std::sync::Mutex::new(tail),
+        }
+    }
+
+    pub fn forget_tail(&self) {
+        *self.tail.lock().expect("tail") = None;
+    }
+
+    fn tail(&self) -> Option<std::sync::Arc<Tail>> {
+        self.tail.lock().expect("tail").clone()
+    }
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for WarmBlob {
+    fn name(&self) -> String {
+        self.blob.name()
+    }
+
+    async fn size(&self) -> Result<u64, BlobError> {
+        match self.tail() {
+            Some(t) => Ok(t.size),
+            None => self.blob.size().await,
+        }
+    }
+
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+        if let Some(t) = self.tail()
+            && t.bytes.len() as u64 == t.size - t.start
+            && ranges.iter().all(|r| r.start >= t.start && r.end <= t.size)
+        {
+            return Ok(ranges
+                .iter()
+                .map(|r| t.bytes[(r.start - t.start) as usize..(r.end - t.start) as usize].to_vec())
+                .collect());
+        }
+        self.blob.read_ranges(ranges).await
+    }
+}
+
 #[tonic::async_trait]
 impl RemoteBlob for RegistryBlob {
     fn name(&self) -> String {

@@ -14,7 +14,7 @@ use stargaze_registry::Reference;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
-use crate::registry::RegistryBlob;
+use crate::registry::{RegistryBlob, Tail, WarmBlob};
 use crate::{FetchError, FetchOptions, Layer, resolve_layer, resolve_with_toc};
 
 /// Label that lets a layer without `toc.digest` through when the request allows it.
@@ -26,6 +26,11 @@ const PREFETCH_PARALLEL: usize = 4;
 /// Ranges per background batch: small, so that on-demand reads arriving
 /// meanwhile wait for at most one of them on the link.
 const BACKGROUND_BATCH: usize = 16;
+/// A layer tail read once for concurrent callers (`None`: the read failed).
+type TailCell = Arc<OnceCell<Option<Arc<Tail>>>>;
+
+/// Layer tails (each `tail_window` bytes) WarmLayers keeps at most.
+const MAX_WARM_TAILS: usize = 256;
 /// Default quiet period before background fetches (the Go snapshotter
 /// waits 2 s of silence too).
 pub const DEFAULT_BACKGROUND_SILENCE: Duration = Duration::from_secs(2);
@@ -48,8 +53,35 @@ pub(crate) struct Shared {
     /// Background fetches wait until on-demand work has been quiet this long.
     background_silence: Duration,
     activity: Activity,
+    /// Tails read ahead by WarmLayers (or by a resolve itself), by digest,
+    /// until the layer is resolved.
+    tails: Mutex<HashMap<String, TailCell>>,
     layers: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
     info: Mutex<HashMap<String, Arc<LayerInfo>>>,
+}
+
+impl Shared {
+    /// The tail of a layer blob, read once (`None` if the read failed: the
+    /// resolve then reads it itself and reports the error).
+    async fn tail(&self, reference: &Reference, digest: &str) -> Option<Arc<Tail>> {
+        let cell = self
+            .tails
+            .lock()
+            .expect("tails")
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let blob = RegistryBlob(self.client.blob(reference, digest));
+            let window = self
+                .opts
+                .tail_window
+                .max(stargaze_format::footer::MAX_FOOTER_SIZE as u64);
+            Tail::read(blob, window).await.ok().map(Arc::new)
+        })
+        .await
+        .clone()
+    }
 }
 
 /// On-demand work (reads fs waits for, layer resolution) in flight and when
@@ -184,6 +216,7 @@ impl FetcherService {
                 background,
                 background_silence: DEFAULT_BACKGROUND_SILENCE,
                 activity: Activity::new(),
+                tails: Mutex::new(HashMap::new()),
                 layers: Mutex::new(HashMap::new()),
                 info: Mutex::new(HashMap::new()),
             }),
@@ -263,15 +296,25 @@ impl FetcherService {
         let shared = self.shared.clone();
         let layer = cell
             .get_or_try_init(|| async move {
-                let blob = Arc::new(RegistryBlob(shared.client.blob(&reference, &digest)));
-                match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
+                // The footer and TOC may have been read ahead (WarmLayers);
+                // otherwise this reads them, once for concurrent callers.
+                let tail = shared.tail(&reference, &digest).await;
+                let inner = match &tail {
+                    Some(t) => t.blob.clone(),
+                    None => Arc::new(RegistryBlob(shared.client.blob(&reference, &digest))),
+                };
+                let warm = Arc::new(WarmBlob::new(inner, tail));
+                let blob: Arc<dyn crate::RemoteBlob> = warm.clone();
+                let resolved = match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
                     Err(FetchError::ExternalToc { .. }) => {
                         let toc = external_toc(&shared, &reference, &digest).await?;
                         resolve_with_toc(shared.cache.clone(), blob, &digest, expected, allow, Some(toc), &shared.opts).await
                     }
                     other => other,
-                }
-                .map(Arc::new)
+                };
+                warm.forget_tail();
+                shared.tails.lock().expect("tails").remove(&digest);
+                resolved.map(Arc::new)
             })
             .await
             .map_err(|e| {
@@ -534,6 +577,50 @@ impl Fetcher for FetcherService {
         Ok(Response::new(PrefetchResponse {
             prefetched_bytes: bytes,
         }))
+    }
+
+    async fn warm_layers(
+        &self,
+        r: Request<WarmLayersRequest>,
+    ) -> Result<Response<WarmLayersResponse>, Status> {
+        let req = r.into_inner();
+        let reference = Reference::parse(&req.image_ref)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut started = 0;
+        for d in req.digests {
+            let Ok(digest) = d.parse::<Digest>() else {
+                continue;
+            };
+            let digest = digest.to_string();
+            {
+                let tails = self.shared.tails.lock().expect("tails");
+                // Bounded: tails of layers nobody resolves stay until then.
+                if self.layer(&digest).is_some()
+                    || tails.contains_key(&digest)
+                    || tails.len() >= MAX_WARM_TAILS
+                {
+                    continue;
+                }
+            }
+            started += 1;
+            let shared = self.shared.clone();
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                let _on_demand = shared.activity.begin();
+                shared.tail(&reference, &digest).await;
+                // Resolved meanwhile without it: drop it.
+                let resolved = shared
+                    .layers
+                    .lock()
+                    .expect("layers")
+                    .get(&digest)
+                    .is_some_and(|c| c.initialized());
+                if resolved {
+                    shared.tails.lock().expect("tails").remove(&digest);
+                }
+            });
+        }
+        Ok(Response::new(WarmLayersResponse { started }))
     }
 
     async fn layer_status(

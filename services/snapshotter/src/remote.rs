@@ -16,6 +16,7 @@ use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::{
     AttachRequest, DetachRequest, LayerSource, ListRequest, PrefetchRequest, ResolveLayerRequest,
+    WarmLayersRequest,
 };
 use tonic::transport::Channel;
 
@@ -25,8 +26,10 @@ pub const REMOTE_LABEL_VALUE: &str = "remote snapshot";
 const STARGZ_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
 const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 const STARGZ_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
+const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 const CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
 const CRI_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+const CRI_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 
 /// The layer a `Prepare` is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,13 +37,20 @@ pub struct LayerLabels {
     pub image_ref: String,
     pub digest: String,
     pub prefetch: u64,
+    /// This layer and (some of) the image's other layers, a hint for
+    /// reading their TOCs ahead.
+    pub layers: Vec<String>,
 }
 
 /// The layer named by a snapshot's labels, if any.
 pub fn layer_from_labels(labels: &BTreeMap<String, String>) -> Option<LayerLabels> {
-    let (image_ref, digest) = match (labels.get(STARGZ_REF), labels.get(STARGZ_DIGEST)) {
-        (Some(r), Some(d)) => (r, d),
-        _ => (labels.get(CRI_REF)?, labels.get(CRI_DIGEST)?),
+    let (image_ref, digest, layers) = match (labels.get(STARGZ_REF), labels.get(STARGZ_DIGEST)) {
+        (Some(r), Some(d)) => (r, d, labels.get(STARGZ_LAYERS)),
+        _ => (
+            labels.get(CRI_REF)?,
+            labels.get(CRI_DIGEST)?,
+            labels.get(CRI_LAYERS),
+        ),
     };
     Some(LayerLabels {
         image_ref: image_ref.clone(),
@@ -49,6 +59,15 @@ pub fn layer_from_labels(labels: &BTreeMap<String, String>) -> Option<LayerLabel
             .get(STARGZ_PREFETCH)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        layers: layers
+            .map(|l| {
+                l.split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -71,6 +90,22 @@ impl Remote {
             fs: FsClient::new(stargaze_proto::connect_unix(fs_socket)?),
             allow_unverified,
         })
+    }
+
+    /// Ask the fetcher to read the TOCs of an image's layers ahead, in
+    /// parallel, while containerd prepares them one after the other.
+    pub async fn warm(&self, image_ref: &str, digests: &[String]) {
+        let r = self
+            .fetcher
+            .clone()
+            .warm_layers(WarmLayersRequest {
+                image_ref: image_ref.to_string(),
+                digests: digests.to_vec(),
+            })
+            .await;
+        if let Err(s) = r {
+            tracing::debug!(image = image_ref, error = %s.message(), "warming layers failed");
+        }
     }
 
     /// Digests of the layers the fs service has attached.
@@ -159,7 +194,9 @@ mod tests {
         l.insert(STARGZ_REF.into(), "r/a:1".into());
         l.insert(STARGZ_DIGEST.into(), "sha256:sgz".into());
         l.insert(STARGZ_PREFETCH.into(), "10485760".into());
+        l.insert(STARGZ_LAYERS.into(), "sha256:sgz,sha256:b".into());
         let x = layer_from_labels(&l).unwrap();
         assert_eq!((x.digest.as_str(), x.prefetch), ("sha256:sgz", 10 << 20));
+        assert_eq!(x.layers, ["sha256:sgz", "sha256:b"]);
     }
 }

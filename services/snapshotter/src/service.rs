@@ -26,6 +26,8 @@ pub struct SnapshotService {
     pub remote: Option<Arc<Remote>>,
     /// Layers whose fallback reason was already logged at warn level.
     warned: Arc<Mutex<HashSet<String>>>,
+    /// Layer lists already warmed (image reference and digests).
+    warmed: Arc<Mutex<HashSet<String>>>,
     /// Held shared while a layer is attached and its snapshot recorded, and
     /// exclusively while Cleanup detaches unused layers, so Cleanup never
     /// detaches a layer between its attach and its record.
@@ -75,6 +77,7 @@ impl SnapshotService {
             store,
             remote,
             warned: Arc::default(),
+            warmed: Arc::default(),
             attach_lock: Arc::default(),
         }
     }
@@ -97,6 +100,20 @@ impl SnapshotService {
         // Parents must be served before a child can stack on them.
         if !parent.is_empty() {
             self.ensure_served(parent).await?;
+        }
+        // The first layer's Prepare names the image's layers: read their
+        // TOCs ahead, once per image, while containerd goes layer by layer.
+        if layer.layers.len() > 1 {
+            let first = {
+                let mut warmed = self.warmed.lock().expect("warmed set");
+                if warmed.len() >= 4096 {
+                    warmed.clear();
+                }
+                warmed.insert(format!("{} {}", layer.image_ref, layer.layers.join(",")))
+            };
+            if first {
+                remote.warm(&layer.image_ref, &layer.layers).await;
+            }
         }
         let _guard = self.attach_lock.read().await;
         let mounted = tokio::time::timeout(REMOTE_PREPARE_TIMEOUT, remote.mount(&layer, labels))
