@@ -33,6 +33,12 @@ impl Fetcher for Fake {
     ) -> Result<Response<PrefetchResponse>, Status> {
         Err(Status::unimplemented("prefetch"))
     }
+    async fn warm_layers(
+        &self,
+        _: Request<WarmLayersRequest>,
+    ) -> Result<Response<WarmLayersResponse>, Status> {
+        Err(Status::unimplemented("warm_layers"))
+    }
     async fn layer_status(
         &self,
         _: Request<LayerStatusRequest>,
