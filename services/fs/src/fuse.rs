@@ -254,6 +254,44 @@ impl StargazeFs {
 }
 
 /// Are the chunks of `[offset, end)` all present?
+/// Small regular files that follow `local` in its directory (name order,
+/// which is also the order image builders write them), not yet present.
+fn small_siblings(a: &Attached, local: u64) -> Vec<(u64, u64)> {
+    const MAX_FILES: usize = 8;
+    const MAX_FILE: u64 = 64 << 10;
+    const MAX_BYTES: u64 = 256 << 10;
+    const SCAN: usize = 32;
+    let Some(node) = a.index.inode(local) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut after = false;
+    let mut scanned = 0;
+    for e in a.index.readdir(node.parent(), 0) {
+        if !after {
+            after = e.ino == local;
+            continue;
+        }
+        scanned += 1;
+        if scanned > SCAN || out.len() >= MAX_FILES {
+            break;
+        }
+        let Some(n) = a.index.inode(e.ino) else {
+            continue;
+        };
+        let size = n.size();
+        if !n.is_reg() || size == 0 || size > MAX_FILE || bytes + size > MAX_BYTES {
+            continue;
+        }
+        if !present(a, e.ino, 0, size) {
+            out.push((e.ino, size));
+            bytes += size;
+        }
+    }
+    out
+}
+
 fn present(a: &Attached, local: u64, offset: u64, end: u64) -> bool {
     let Some(n) = a.index.inode(local) else {
         return false;
@@ -384,12 +422,24 @@ impl Filesystem for StargazeFs {
         } else {
             (offset, end - offset)
         };
+        // A small file is often read with its neighbours (modules of a
+        // package, locale files): fetch the next small ones of its directory
+        // alongside, at the cost of a few KiB instead of a round trip each.
+        let siblings = if file_size <= self.shared.whole_file_below {
+            small_siblings(&a, local)
+        } else {
+            Vec::new()
+        };
         let me = StargazeFs {
             shared: self.shared.clone(),
         };
         let readahead = self.shared.readahead;
         self.shared.runtime.spawn(async move {
             let source = me.shared.source.clone();
+            if !siblings.is_empty() {
+                let (source, digest) = (source.clone(), a.digest.clone());
+                tokio::spawn(async move { source.prefetch_files(&digest, siblings).await });
+            }
             match source.fetch(&a.digest, local, fetch_off, fetch_len).await {
                 Ok(()) => {
                     match me.read_cached(&a, local, fh, offset, end) {

@@ -17,6 +17,13 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// Bytes `[offset, offset + len)` of inode `ino` (the layer index's
     /// numbering) of `layer`. Returns when they are present.
     async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String>;
+
+    /// Best effort: make whole files `(inode, size)` present ahead of any
+    /// read. Nobody waits for it and failures are ignored (a later read
+    /// fetches on demand).
+    async fn prefetch_files(&self, layer: &str, files: Vec<(u64, u64)>) {
+        let _ = (layer, files);
+    }
 }
 
 /// The fetcher service over its unix socket.
@@ -70,6 +77,24 @@ impl ChunkSource for GrpcFetcher {
                     ));
                 }
             }
+        }
+    }
+
+    async fn prefetch_files(&self, layer: &str, files: Vec<(u64, u64)>) {
+        let req = FetchRequest {
+            layer_digest: layer.to_string(),
+            ranges: files
+                .into_iter()
+                .map(|(inode, length)| FileRange {
+                    inode,
+                    offset: 0,
+                    length,
+                })
+                .collect(),
+            priority: Priority::Prefetch as i32,
+        };
+        if let Err(s) = self.client.clone().fetch(req).await {
+            tracing::debug!(layer, error = %s.message(), "sibling prefetch failed");
         }
     }
 }
