@@ -333,7 +333,7 @@ if [[ -n $PEER_BIN ]]; then
     ctr_ image pull --plain-http "$REG/$REPO:latest" >"$W/logs/ctr-remote.log" 2>&1
     t0=$(now)
     ctr_remote image convert --estargz --oci "$REG/$REPO:latest" "$REG/$REPO:esgz-go" >>"$W/logs/ctr-remote.log" 2>&1 || die "ctr-remote convert: $W/logs/ctr-remote.log"
-    echo "ctr-remote image convert --estargz: $(since "$t0") s" >>"$W/convert-times.txt"
+    echo "ctr-remote image convert --estargz: $(since "$t0") s" >"$W/convert-times-go.txt"
     ctr_ image push --plain-http "$REG/$REPO:esgz-go" >>"$W/logs/ctr-remote.log" 2>&1 || die "push: $W/logs/ctr-remote.log"
     remove_images
 fi
@@ -465,6 +465,7 @@ for wl in workloads:
     if "stargaze" in med:
         ratios = [f"{med['stargaze'] / med[m]:.2f}x {m}" for m in ("overlayfs", "go-stargz") if m in med]
         print(f"\nstargaze total time = {', '.join(ratios)} (median vs median; lower is better).\n")
-print("Conversion: " + open(os.path.join(work, "convert-times.txt")).read().strip().replace("\n", "; ") if os.path.exists(os.path.join(work, "convert-times.txt")) else "")
+times = [open(os.path.join(work, f)).read().strip() for f in ("convert-times.txt", "convert-times-go.txt") if os.path.exists(os.path.join(work, f))]
+print("Conversion of the image: " + "; ".join(times) + ".")
 PY
 cat "$ROOT/bench/results/startup.md"
