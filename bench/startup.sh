@@ -182,6 +182,24 @@ if [[ ! -f $I/esgz/index.json ]]; then
     echo "stargaze convert: $(since "$t0") s" >"$W/convert-times.txt"
 fi
 
+# What `python3 -c 'print("hi")'` reads, for the lower bound: its opens under
+# strace in a read-only overlay of the layer directories, then each file's
+# compressed bytes in our eStargz layers (from their TOCs).
+if [[ ! -f $W/needed-hello.txt ]]; then
+    log "measuring what the hello workload reads (strace)"
+    need_packages strace
+    ro=$I/ro
+    mkdir -p "$ro"
+    mount -t overlay overlay -o "lowerdir=$I/l3:$I/l2:$I/l1" "$ro"
+    strace -f -qq -e trace=execve,openat,open -o "$W/strace-hello.txt" \
+        env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+        chroot "$ro" python3 -c 'print("hi")' >/dev/null
+    python3 bench/needed.py "$W/strace-hello.txt" "$ro" "$I/esgz" "$I/l1" "$I/l2" "$I/l3" >"$W/needed-hello.txt" ||
+        { umount "$ro"; die "bench/needed.py failed"; }
+    umount "$ro"
+fi
+cat "$W/needed-hello.txt" >&2
+
 # ------------------------------------------------------------------ network
 log "network: namespace $NS, veth $VH/$VN, $RATE, +${RTT_MS} ms RTT"
 ip link del "$VH" 2>/dev/null || true
@@ -428,7 +446,7 @@ remove_images
 
 # ------------------------------------------------------------------ report
 python3 - "$RESULTS" "$W" "$RATE" "$RTT_MS" "$ROUNDS" >"$ROOT/bench/results/startup.md" <<'PY'
-import os, platform, statistics, subprocess, sys
+import os, platform, re, statistics, subprocess, sys
 results, work, rate, rtt, rounds = sys.argv[1:6]
 rows = [l.rstrip("\n").split("\t") for l in open(results) if l.strip()]
 def version(cmd):
@@ -465,6 +483,24 @@ for wl in workloads:
     if "stargaze" in med:
         ratios = [f"{med['stargaze'] / med[m]:.2f}x {m}" for m in ("overlayfs", "go-stargz") if m in med]
         print(f"\nstargaze total time = {', '.join(ratios)} (median vs median; lower is better).\n")
+    needed_path = os.path.join(work, "needed-hello.txt")
+    if wl == "hello" and "stargaze" in med and os.path.exists(needed_path):
+        needed = dict(l.split() for l in open(needed_path) if l.strip())
+        comp = int(needed["compressed_bytes"]) + int(needed.get("toc_bytes", 0))
+        m = re.match(r"([0-9.]+)\s*([kmg]?)bit", rate.lower())
+        bps = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] if m else 100e6
+        local = [float(r[4]) for r in rows if r[0] == "warm" and r[1] == "overlayfs"] or \
+                [float(r[4]) for r in rows if r[0] == "hello" and r[1] == "overlayfs"]
+        local = statistics.median(local)
+        # manifest, config, the layers' TOCs (in parallel), the data (in parallel)
+        trips = 4
+        bound = comp * 8 / bps + trips * float(rtt) / 1000 + local
+        fetched = statistics.median(float(r[6]) for r in rows if r[0] == wl and r[1] == "stargaze")
+        print(f"Lower bound: {bound:.2f} s = {comp / 1e6:.2f} MB needed (the compressed chunks of the "
+              f"{needed['files']} files the workload reads, {int(needed['bytes']) / 1e6:.2f} MB uncompressed, "
+              f"and the layers' TOCs) at {rate}, "
+              f"+ {trips} round trips of {rtt} ms, + {local:.2f} s local run (overlayfs, image on disk). "
+              f"stargaze = {med['stargaze'] / bound:.2f}x the bound; it read {fetched / comp:.2f}x the needed bytes.\n")
 times = [open(os.path.join(work, f)).read().strip() for f in ("convert-times.txt", "convert-times-go.txt") if os.path.exists(os.path.join(work, f))]
 print("Conversion of the image: " + "; ".join(times) + ".")
 PY
