@@ -20,20 +20,19 @@ pub struct Tail {
 }
 
 impl Tail {
-    /// Read the last `window` bytes of `blob` (two requests: size, range).
+    /// Read the last `window` bytes of `blob`: one suffix-range request
+    /// that also tells the size (two where the registry ignores those).
     pub async fn read(blob: RegistryBlob, window: u64) -> Result<Tail, BlobError> {
-        let size = blob.size().await?;
-        let start = size.saturating_sub(window);
-        let bytes = blob
-            .read_ranges(std::slice::from_ref(&(start..size)))
-            .await?
-            .pop()
-            .unwrap_or_default();
+        let (size, start, bytes) = blob.0.read_tail(window).await.map_err(|e| BlobError {
+            blob: blob.0.name(),
+            retryable: e.is_transient(),
+            message: e.to_string(),
+        })?;
         Ok(Tail {
             blob: std::sync::Arc::new(blob),
             size,
             start,
-            bytes,
+            bytes: bytes.to_vec(),
         })
     }
 }

@@ -135,12 +135,38 @@ impl Blob {
     /// Find an endpoint serving the blob (mirrors first) and learn its size
     /// and redirect target with one `Range: bytes=0-1` GET each.
     async fn probe(&self) -> Result<(Endpoint, Option<String>, u64), RegistryError> {
+        let (ep, redirect, size, _) = self.probe_with(None).await?;
+        Ok((ep, redirect, size))
+    }
+
+    /// [`Blob::probe`], optionally asking for the last `tail` bytes instead
+    /// of the first two (`Range: bytes=-N`): then the answer carries the
+    /// size and the tail at once, as `(start, bytes)`.
+    async fn probe_with(
+        &self,
+        tail: Option<u64>,
+    ) -> Result<(Endpoint, Option<String>, u64, Option<(u64, Bytes)>), RegistryError> {
         let endpoints = self.client.endpoints(&self.reference)?;
         let mut last: Option<RegistryError> = None;
         for ep in endpoints {
             let url = ep.url(&self.reference, "blobs", &self.digest);
             let mut h = HeaderMap::new();
-            h.insert(http::header::RANGE, HeaderValue::from_static("bytes=0-1"));
+            match tail {
+                Some(n) => {
+                    h.insert(
+                        http::header::RANGE,
+                        HeaderValue::from_str(&format!("bytes=-{}", n.max(1)))
+                            .map_err(|e| RegistryError::Config(e.to_string()))?,
+                    );
+                    h.insert(
+                        http::header::ACCEPT_ENCODING,
+                        HeaderValue::from_static("identity"),
+                    );
+                }
+                None => {
+                    h.insert(http::header::RANGE, HeaderValue::from_static("bytes=0-1"));
+                }
+            }
             let resp = match self
                 .client
                 .send(&ep, &self.reference, Method::GET, &url, &h, true)
@@ -175,14 +201,30 @@ impl Blob {
                 (None, resp)
             };
             let status = resp.resp.status();
+            let crange = resp
+                .resp
+                .headers()
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            if let (Some(n), StatusCode::PARTIAL_CONTENT, Some((r, Some(total)))) =
+                (tail, status, crange.clone())
+            {
+                let stats = resp.stats.clone();
+                let body = http_body_util::Limited::new(resp.resp.into_body(), n as usize + 65536)
+                    .collect()
+                    .await
+                    .map_err(|e| RegistryError::Body {
+                        blob: self.name(),
+                        reason: format!("reading the blob's tail: {e}"),
+                    })?
+                    .to_bytes();
+                stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                let whole = body.len() as u64 == r.end - r.start && r.end == total;
+                return Ok((ep, redirect, total, whole.then_some((r.start, body))));
+            }
             let size = match status {
-                StatusCode::PARTIAL_CONTENT => resp
-                    .resp
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range)
-                    .and_then(|(_, total)| total),
+                StatusCode::PARTIAL_CONTENT => crange.and_then(|(_, total)| total),
                 StatusCode::OK => resp
                     .resp
                     .headers()
@@ -195,7 +237,7 @@ impl Blob {
             };
             drop(resp); // a 200 here would be the whole blob: do not read it
             match size {
-                Some(s) => return Ok((ep, redirect, s)),
+                Some(s) => return Ok((ep, redirect, s, None)),
                 None => last = Some(self.err(status, "the answer does not say the blob's size")),
             }
         }
@@ -225,6 +267,45 @@ impl Blob {
     /// The blob's size in bytes.
     pub async fn size(&self) -> Result<u64, RegistryError> {
         Ok(self.endpoint(false).await?.2)
+    }
+
+    /// The blob's size and its last `n` bytes (fewer for a smaller blob) as
+    /// `(size, start, bytes)`. On a blob not probed yet this is one request
+    /// (`Range: bytes=-n`, which also finds the endpoint and the size);
+    /// registries that ignore or refuse suffix ranges cost the usual probe
+    /// and read (and report their errors from those).
+    pub async fn read_tail(&self, n: u64) -> Result<(u64, u64, Bytes), RegistryError> {
+        let probed = {
+            let st = self.state.lock().expect("blob state");
+            st.endpoint.is_some() && st.size.is_some()
+        };
+        // A registry that refuses suffix ranges (416, 400) gets the usual
+        // probe and read below.
+        if !probed && let Ok((ep, redirect, size, tail)) = self.probe_with(Some(n)).await {
+            {
+                let mut st = self.state.lock().expect("blob state");
+                st.endpoint = Some(ep);
+                st.redirect = redirect;
+                st.size = Some(size);
+            }
+            if let Some((start, bytes)) = tail
+                && size - start >= n.min(size)
+            {
+                let from = size - n.min(size);
+                return Ok((size, from, bytes.slice((from - start) as usize..)));
+            }
+        }
+        let size = self.size().await?;
+        let start = size - n.min(size);
+        if start == size {
+            return Ok((size, start, Bytes::new()));
+        }
+        let bytes = self
+            .read_ranges(std::slice::from_ref(&(start..size)))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok((size, start, bytes))
     }
 
     /// Read each range (in order). Ranges go out in as few requests as the

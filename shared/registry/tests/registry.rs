@@ -104,6 +104,27 @@ async fn ranges_manifests_and_errors_against_a_real_registry() {
             "one request for {ranges:?}"
         );
     }
+    // The tail with the size in one suffix-range request, on a fresh handle.
+    for n in [1u64, 4096, size, size + 10] {
+        let fresh = c.blob(&r, &layer);
+        let before = host_stats().requests.load(Ordering::Relaxed);
+        let (total, start, bytes) = fresh.read_tail(n).await.unwrap();
+        assert_eq!(
+            host_stats().requests.load(Ordering::Relaxed) - before,
+            1,
+            "one request for the last {n} bytes"
+        );
+        assert_eq!(total, size);
+        assert_eq!(start, size - n.min(size));
+        assert_eq!(&bytes[..], &data[start as usize..], "tail of {n}");
+        // The handle is probed now: reads need no further probe.
+        let before = host_stats().requests.load(Ordering::Relaxed);
+        fresh
+            .read_ranges(std::slice::from_ref(&(0..10)))
+            .await
+            .unwrap();
+        assert_eq!(host_stats().requests.load(Ordering::Relaxed) - before, 1);
+    }
     // Outside the blob: refused before any request.
     assert!(
         blob.read_ranges(std::slice::from_ref(&(size..size + 1)))
