@@ -293,6 +293,12 @@ fn containerd_unpacks_and_runs_an_image_on_it() {
         .unwrap();
     let sock = work.path().join("snap.sock");
     let root = work.path().join("root");
+    // Written before the service starts: it reads the file at once.
+    std::fs::write(
+        work.path().join("none.toml"),
+        "[snapshotter]\nlazy_pull = false\n",
+    )
+    .unwrap();
     let _snap = Snapshotter(
         Command::new(env!("CARGO_BIN_EXE_stargaze-snapshotter"))
             .arg("--address")
@@ -305,11 +311,6 @@ fn containerd_unpacks_and_runs_an_image_on_it() {
             .spawn()
             .unwrap(),
     );
-    std::fs::write(
-        work.path().join("none.toml"),
-        "[snapshotter]\nlazy_pull = false\n",
-    )
-    .unwrap();
     let start = Instant::now();
     while !sock.exists() {
         assert!(
