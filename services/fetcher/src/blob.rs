@@ -29,6 +29,22 @@ pub trait RemoteBlob: Send + Sync + 'static {
     /// Read every range, in order; implementations use as few requests as
     /// the transport allows. Each returned buffer has exactly its range's length.
     async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError>;
+
+    /// The blob's size and its last `n` bytes (all of it when smaller).
+    /// Transports that can do both in one request override this.
+    async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
+        let size = self.size().await?;
+        let start = size - n.min(size);
+        if start == size {
+            return Ok((size, Vec::new()));
+        }
+        let tail = self
+            .read_ranges(std::slice::from_ref(&(start..size)))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok((size, tail))
+    }
 }
 
 /// A blob in a local file.

@@ -1,6 +1,7 @@
 //! Registry blobs as [`RemoteBlob`]s.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use stargaze_registry::Blob;
 
@@ -9,56 +10,37 @@ use crate::{BlobError, RemoteBlob};
 /// A layer blob read from its registry.
 pub struct RegistryBlob(pub Blob);
 
-/// The size and last bytes of a blob, read ahead of resolving its layer,
-/// with the blob handle that read them (it keeps the probed endpoint and
-/// size, so later reads skip the probe).
-pub struct Tail {
-    pub blob: std::sync::Arc<RegistryBlob>,
+impl RegistryBlob {
+    fn error(&self, e: stargaze_registry::RegistryError) -> BlobError {
+        BlobError {
+            blob: self.0.name(),
+            retryable: e.is_transient(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A layer's tail read ahead by `WarmLayers`, with the blob handle that
+/// read it (probed: later reads skip the probe).
+pub struct WarmTail {
+    pub blob: Arc<RegistryBlob>,
     pub size: u64,
-    pub start: u64,
     pub bytes: Vec<u8>,
 }
 
-impl Tail {
-    /// Read the last `window` bytes of `blob`: one suffix-range request
-    /// that also tells the size (two where the registry ignores those).
-    pub async fn read(blob: RegistryBlob, window: u64) -> Result<Tail, BlobError> {
-        let (size, start, bytes) = blob.0.read_tail(window).await.map_err(|e| BlobError {
-            blob: blob.0.name(),
-            retryable: e.is_transient(),
-            message: e.to_string(),
-        })?;
-        Ok(Tail {
-            blob: std::sync::Arc::new(blob),
-            size,
-            start,
-            bytes: bytes.to_vec(),
-        })
-    }
-}
-
-/// A registry blob whose tail was read ahead: reads inside it cost no
-/// request until [`WarmBlob::forget_tail`] (after resolution, so that a
-/// node with many layers does not keep their tails in memory).
+/// A registry blob whose first tail read is answered from a [`WarmTail`],
+/// which it then lets go of (a node with many layers keeps no tails).
 pub struct WarmBlob {
-    pub blob: std::sync::Arc<RegistryBlob>,
-    tail: std::sync::Mutex<Option<std::sync::Arc<Tail>>>,
+    blob: Arc<RegistryBlob>,
+    tail: Mutex<Option<Arc<WarmTail>>>,
 }
 
 impl WarmBlob {
-    pub fn new(blob: std::sync::Arc<RegistryBlob>, tail: Option<std::sync::Arc<Tail>>) -> WarmBlob {
+    pub fn new(tail: Arc<WarmTail>) -> WarmBlob {
         WarmBlob {
-            blob,
-            tail: std::sync::Mutex::new(tail),
+            blob: tail.blob.clone(),
+            tail: Mutex::new(Some(tail)),
         }
-    }
-
-    pub fn forget_tail(&self) {
-        *self.tail.lock().expect("tail") = None;
-    }
-
-    fn tail(&self) -> Option<std::sync::Arc<Tail>> {
-        self.tail.lock().expect("tail").clone()
     }
 }
 
@@ -69,23 +51,22 @@ impl RemoteBlob for WarmBlob {
     }
 
     async fn size(&self) -> Result<u64, BlobError> {
-        match self.tail() {
-            Some(t) => Ok(t.size),
-            None => self.blob.size().await,
-        }
+        self.blob.size().await
     }
 
     async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
-        if let Some(t) = self.tail()
-            && t.bytes.len() as u64 == t.size - t.start
-            && ranges.iter().all(|r| r.start >= t.start && r.end <= t.size)
-        {
-            return Ok(ranges
-                .iter()
-                .map(|r| t.bytes[(r.start - t.start) as usize..(r.end - t.start) as usize].to_vec())
-                .collect());
-        }
         self.blob.read_ranges(ranges).await
+    }
+
+    async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
+        let warm = self.tail.lock().expect("warm tail").take();
+        match warm {
+            Some(t) if t.bytes.len() as u64 >= n.min(t.size) => {
+                let skip = t.bytes.len() - n.min(t.size) as usize;
+                Ok((t.size, t.bytes[skip..].to_vec()))
+            }
+            _ => self.blob.read_tail(n).await,
+        }
     }
 }
 
@@ -96,21 +77,19 @@ impl RemoteBlob for RegistryBlob {
     }
 
     async fn size(&self) -> Result<u64, BlobError> {
-        self.0.size().await.map_err(|e| BlobError {
-            blob: self.0.name(),
-            retryable: e.is_transient(),
-            message: e.to_string(),
-        })
+        self.0.size().await.map_err(|e| self.error(e))
+    }
+
+    /// One suffix-range request on a fresh handle (see `Blob::read_tail`).
+    async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
+        let (size, _, bytes) = self.0.read_tail(n).await.map_err(|e| self.error(e))?;
+        Ok((size, bytes.to_vec()))
     }
 
     async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
         match self.0.read_ranges(ranges).await {
             Ok(parts) => Ok(parts.into_iter().map(|b| b.to_vec()).collect()),
-            Err(e) => Err(BlobError {
-                blob: self.0.name(),
-                retryable: e.is_transient(),
-                message: e.to_string(),
-            }),
+            Err(e) => Err(self.error(e)),
         }
     }
 }

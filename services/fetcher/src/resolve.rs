@@ -126,14 +126,9 @@ async fn fetch_toc(
     opts: &FetchOptions,
 ) -> Result<LayerToc, FetchError> {
     let fmt = |k: ErrorKind| FetchError::Format(FormatError::new(layer, k));
-    let size = blob.size().await.map_err(blob_err(layer))?;
-    let window = size.min(opts.tail_window.max(MAX_FOOTER_SIZE as u64));
-    let tail = blob
-        .read_ranges(std::slice::from_ref(&(size - window..size)))
-        .await
-        .map_err(blob_err(layer))?
-        .pop()
-        .unwrap_or_default();
+    let want = opts.tail_window.max(MAX_FOOTER_SIZE as u64);
+    let (size, tail) = blob.read_tail(want).await.map_err(blob_err(layer))?;
+    let window = size.min(want);
     if tail.len() as u64 != window {
         return Err(fmt(ErrorKind::BadFooter(
             "short read of the blob's tail".into(),

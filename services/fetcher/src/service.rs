@@ -14,7 +14,8 @@ use stargaze_registry::Reference;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
-use crate::registry::{RegistryBlob, Tail, WarmBlob};
+use crate::RemoteBlob;
+use crate::registry::{RegistryBlob, WarmBlob, WarmTail};
 use crate::{FetchError, FetchOptions, Layer, resolve_layer, resolve_with_toc};
 
 /// Label that lets a layer without `toc.digest` through when the request allows it.
@@ -26,8 +27,9 @@ const PREFETCH_PARALLEL: usize = 4;
 /// Ranges per background batch: small, so that on-demand reads arriving
 /// meanwhile wait for at most one of them on the link.
 const BACKGROUND_BATCH: usize = 16;
-/// A layer tail read once for concurrent callers (`None`: the read failed).
-type TailCell = Arc<OnceCell<Option<Arc<Tail>>>>;
+/// A layer tail read ahead once (`None`: the read failed; the resolve then
+/// reads it itself and reports the error).
+type TailCell = Arc<OnceCell<Option<Arc<WarmTail>>>>;
 
 /// Layer tails (each `tail_window` bytes) WarmLayers keeps at most.
 const MAX_WARM_TAILS: usize = 256;
@@ -53,34 +55,22 @@ pub(crate) struct Shared {
     /// Background fetches wait until on-demand work has been quiet this long.
     background_silence: Duration,
     activity: Activity,
-    /// Tails read ahead by WarmLayers (or by a resolve itself), by digest,
-    /// until the layer is resolved.
+    /// Tails read ahead by WarmLayers, by digest, until the layer's resolve
+    /// takes them.
     tails: Mutex<HashMap<String, TailCell>>,
     layers: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
     info: Mutex<HashMap<String, Arc<LayerInfo>>>,
 }
 
 impl Shared {
-    /// The tail of a layer blob, read once (`None` if the read failed: the
-    /// resolve then reads it itself and reports the error).
-    async fn tail(&self, reference: &Reference, digest: &str) -> Option<Arc<Tail>> {
-        let cell = self
-            .tails
-            .lock()
-            .expect("tails")
-            .entry(digest.to_string())
-            .or_default()
-            .clone();
-        cell.get_or_init(|| async {
-            let blob = RegistryBlob(self.client.blob(reference, digest));
-            let window = self
-                .opts
-                .tail_window
-                .max(stargaze_format::footer::MAX_FOOTER_SIZE as u64);
-            Tail::read(blob, window).await.ok().map(Arc::new)
-        })
-        .await
-        .clone()
+    /// The tail WarmLayers read (or is reading) for a layer, taken out of
+    /// the map; `None` when none was asked for, so a resolve that can reuse
+    /// the index in the cache never touches the registry.
+    async fn take_warm_tail(&self, digest: &str) -> Option<Arc<WarmTail>> {
+        let cell = self.tails.lock().expect("tails").get(digest).cloned()?;
+        let tail = cell.get_or_init(|| async { None }).await.clone();
+        self.tails.lock().expect("tails").remove(digest);
+        tail
     }
 }
 
@@ -296,15 +286,11 @@ impl FetcherService {
         let shared = self.shared.clone();
         let layer = cell
             .get_or_try_init(|| async move {
-                // The footer and TOC may have been read ahead (WarmLayers);
-                // otherwise this reads them, once for concurrent callers.
-                let tail = shared.tail(&reference, &digest).await;
-                let inner = match &tail {
-                    Some(t) => t.blob.clone(),
+                // The footer and TOC may have been read ahead (WarmLayers).
+                let blob: Arc<dyn RemoteBlob> = match shared.take_warm_tail(&digest).await {
+                    Some(t) => Arc::new(WarmBlob::new(t)),
                     None => Arc::new(RegistryBlob(shared.client.blob(&reference, &digest))),
                 };
-                let warm = Arc::new(WarmBlob::new(inner, tail));
-                let blob: Arc<dyn crate::RemoteBlob> = warm.clone();
                 let resolved = match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
                     Err(FetchError::ExternalToc { .. }) => {
                         let toc = external_toc(&shared, &reference, &digest).await?;
@@ -312,8 +298,6 @@ impl FetcherService {
                     }
                     other => other,
                 };
-                warm.forget_tail();
-                shared.tails.lock().expect("tails").remove(&digest);
                 resolved.map(Arc::new)
             })
             .await
@@ -592,8 +576,8 @@ impl Fetcher for FetcherService {
                 continue;
             };
             let digest = digest.to_string();
-            {
-                let tails = self.shared.tails.lock().expect("tails");
+            let cell = {
+                let mut tails = self.shared.tails.lock().expect("tails");
                 // Bounded: tails of layers nobody resolves stay until then.
                 if self.layer(&digest).is_some()
                     || tails.contains_key(&digest)
@@ -601,13 +585,26 @@ impl Fetcher for FetcherService {
                 {
                     continue;
                 }
-            }
+                tails.entry(digest.clone()).or_default().clone()
+            };
             started += 1;
             let shared = self.shared.clone();
-            let reference = reference.clone();
+            let blob = RegistryBlob(self.shared.client.blob(&reference, &digest));
             tokio::spawn(async move {
                 let _on_demand = shared.activity.begin();
-                shared.tail(&reference, &digest).await;
+                let window = shared
+                    .opts
+                    .tail_window
+                    .max(stargaze_format::footer::MAX_FOOTER_SIZE as u64);
+                cell.get_or_init(|| async move {
+                    let (size, bytes) = blob.read_tail(window).await.ok()?;
+                    Some(Arc::new(WarmTail {
+                        blob: Arc::new(blob),
+                        size,
+                        bytes,
+                    }))
+                })
+                .await;
                 // Resolved meanwhile without it: drop it.
                 let resolved = shared
                     .layers
