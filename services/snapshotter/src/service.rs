@@ -6,6 +6,7 @@
 //! blocking pool.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -179,13 +180,25 @@ impl SnapshotService {
                 Ok(chain)
             })
             .await?;
-        for (k, r) in chain {
-            let Some(dir) = &r.remote_dir else { continue };
-            if dir_is_served(dir).await {
-                // The link may be missing after a crash between a manual
-                // cleanup and now; it is cheap to check.
-                let (id, d) = (r.id, dir.clone());
-                self.run(move |s| s.link_remote(id, &d)).await?;
+        // One blocking check for the whole chain: the stat of each remote
+        // layer's `snapshots/<id>/fs` link covers the link and the layer dir
+        // (ENOENT after an fs restart, ENOTCONN on a dead mount).
+        let links: Vec<PathBuf> = chain.iter().map(|(_, r)| self.store.fs_dir(r)).collect();
+        let is_remote: Vec<bool> = chain.iter().map(|(_, r)| r.remote_dir.is_some()).collect();
+        let check = tokio::task::spawn_blocking(move || {
+            links
+                .iter()
+                .zip(is_remote)
+                .map(|(l, remote)| !remote || std::fs::metadata(l).is_ok_and(|m| m.is_dir()))
+                .collect::<Vec<bool>>()
+        });
+        // A hung FUSE server blocks stat: then every remote layer counts as lost.
+        let served = match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok(v)) => v,
+            _ => vec![false; chain.len()],
+        };
+        for ((k, r), served) in chain.into_iter().zip(served) {
+            if served || r.remote_dir.is_none() {
                 continue;
             }
             let layer = layer_from_labels(&r.labels).ok_or_else(|| {
@@ -204,10 +217,8 @@ impl SnapshotService {
                     ))
                 })?;
             tracing::info!(snapshot = %k, layer = %layer.digest, dir = %new_dir, "remote layer re-attached");
-            if &new_dir != dir {
-                let k2 = k.clone();
-                self.run(move |s| s.set_remote_dir(&k2, &new_dir)).await?;
-            }
+            // Records the dir (it may have moved) and re-points the link.
+            self.run(move |s| s.set_remote_dir(&k, &new_dir)).await?;
         }
         Ok(())
     }
@@ -437,16 +448,4 @@ impl Snapshots for SnapshotService {
         }
         Ok(Response::new(()))
     }
-}
-
-/// Whether a remote layer's directory is there: a lost layer is ENOENT, a
-/// dead FUSE mount ENOTCONN. Bounded, since a hung FUSE server blocks stat.
-async fn dir_is_served(dir: &str) -> bool {
-    let d = dir.to_string();
-    let check =
-        tokio::task::spawn_blocking(move || std::fs::metadata(&d).is_ok_and(|m| m.is_dir()));
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), check).await,
-        Ok(Ok(true))
-    )
 }

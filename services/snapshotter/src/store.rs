@@ -235,6 +235,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Checks shared by every new snapshot, inside its transaction: `key`
+    /// is free and `parent` (if any) is committed. Returns a fresh id.
+    fn admit(
+        &self,
+        t: &mut redb::Table<&str, &[u8]>,
+        counters: &mut redb::Table<&str, u64>,
+        key: &str,
+        parent: &str,
+    ) -> Result<u64, SnapError> {
+        if self.get(t, key)?.is_some() {
+            return Err(SnapError::AlreadyExists(key.to_string()));
+        }
+        if !parent.is_empty() {
+            match self.get(t, parent)? {
+                None => return Err(SnapError::NotFound(format!("{parent} (parent of {key})"))),
+                Some(p) if p.kind != Kind::Committed => {
+                    return Err(SnapError::FailedPrecondition(format!(
+                        "parent {parent} of {key} is not committed"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let id = counters
+            .get("next_id")
+            .map_err(|e| self.internal(e))?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        counters
+            .insert("next_id", id + 1)
+            .map_err(|e| self.internal(e))?;
+        Ok(id)
+    }
+
     /// Create an active or view snapshot (Prepare / View).
     pub fn create(
         &self,
@@ -250,28 +284,7 @@ impl Store {
         }
         let mut made: Option<PathBuf> = None;
         let result = self.write(|t, counters| {
-            if self.get(t, key)?.is_some() {
-                return Err(SnapError::AlreadyExists(key.to_string()));
-            }
-            if !parent.is_empty() {
-                match self.get(t, parent)? {
-                    None => return Err(SnapError::NotFound(format!("{parent} (parent of {key})"))),
-                    Some(p) if p.kind != Kind::Committed => {
-                        return Err(SnapError::FailedPrecondition(format!(
-                            "parent {parent} of {key} is not committed"
-                        )));
-                    }
-                    Some(_) => {}
-                }
-            }
-            let id = counters
-                .get("next_id")
-                .map_err(|e| self.internal(e))?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            counters
-                .insert("next_id", id + 1)
-                .map_err(|e| self.internal(e))?;
+            let id = self.admit(t, counters, key, parent)?;
             let dir = self.dir(id);
             for sub in ["fs", "work"] {
                 std::fs::create_dir_all(dir.join(sub))
@@ -413,30 +426,7 @@ impl Store {
     ) -> Result<Record, SnapError> {
         let mut made: Option<u64> = None;
         let result = self.write(|t, counters| {
-            if self.get(t, name)?.is_some() {
-                return Err(SnapError::AlreadyExists(name.to_string()));
-            }
-            if !parent.is_empty() {
-                match self.get(t, parent)? {
-                    None => {
-                        return Err(SnapError::NotFound(format!("{parent} (parent of {name})")));
-                    }
-                    Some(p) if p.kind != Kind::Committed => {
-                        return Err(SnapError::FailedPrecondition(format!(
-                            "parent {parent} of {name} is not committed"
-                        )));
-                    }
-                    Some(_) => {}
-                }
-            }
-            let id = counters
-                .get("next_id")
-                .map_err(|e| self.internal(e))?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            counters
-                .insert("next_id", id + 1)
-                .map_err(|e| self.internal(e))?;
+            let id = self.admit(t, counters, name, parent)?;
             // The link exists before the record commits; a crash leaves a
             // directory no record owns, which Cleanup removes.
             made = Some(id);
