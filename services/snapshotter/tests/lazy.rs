@@ -15,8 +15,10 @@ use std::path::Path;
 use std::process::Command;
 
 use stargaze_format::Digest;
-use stargaze_oci::{ImageConvertOptions, OciLayout};
-use stargaze_testkit::stack::{Service, Stack, workspace_bin};
+mod common;
+
+use common::{push_esgz, skopeo_copy, stargaze_rpull};
+use stargaze_testkit::stack::{Service, Stack};
 use stargaze_testkit::{Containerd, Registry, image, require, run};
 
 /// Lists every file of the root filesystem with its metadata and the
@@ -37,16 +39,6 @@ fn sorted_lines(out: &[u8]) -> Vec<String> {
         .collect();
     l.sort();
     l
-}
-
-fn skopeo_copy(from: &str, to: &str) {
-    run(Command::new("skopeo").args([
-        "--insecure-policy",
-        "copy",
-        "--dest-tls-verify=false",
-        from,
-        to,
-    ]));
 }
 
 /// Digests of the layers of a manifest in containerd's content store.
@@ -105,19 +97,7 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
         &format!("docker://{repo}:plain"),
     );
     let ours = w.join("ours");
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &OciLayout::open_or_create(&ours).unwrap(),
-        "esgz",
-        &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    skopeo_copy(
-        &format!("oci:{}:esgz", ours.display()),
-        &format!("docker://{repo}:ours"),
-    );
+    push_esgz(&src, &ours, &format!("{repo}:ours"));
     // ctr-remote's conversion, made in a containerd of its own so that the
     // test's containerd never holds these layer blobs.
     {
@@ -170,7 +150,6 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
     assert!(text.contains("./bin/busybox"), "{text}");
     assert!(!text.contains("./bin/wc"), "{text}");
 
-    let stargaze = workspace_bin("stargaze");
     let pull = |puller: &str, reference: &str| match puller {
         "ctr-remote" => {
             run(ctd.cmd("ctr-remote").args([
@@ -182,13 +161,7 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
                 reference,
             ]));
         }
-        _ => {
-            run(Command::new(&stargaze)
-                .args(["rpull", "--plain-http", "--snapshotter", "stargaze"])
-                .arg("--address")
-                .arg(&ctd.socket)
-                .args(["--namespace", &ctd.namespace, reference]));
-        }
+        _ => stargaze_rpull(&ctd, reference),
     };
     for tag in ["ours", "ctr-remote"] {
         let reference = format!("{repo}:{tag}");
@@ -296,19 +269,7 @@ fn cri_pull_image_mounts_layers_lazily() {
         &[image::busybox_layer(), data],
     );
     let out = w.join("out");
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &OciLayout::open_or_create(&out).unwrap(),
-        "esgz",
-        &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{reference}"),
-    );
+    push_esgz(&src, &out, &reference);
 
     let stack = Stack::start(w, &[]);
     let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
@@ -437,32 +398,10 @@ fn an_image_with_70_lazy_layers_runs() {
     let src = w.join("src");
     image::write_layout(&src, "stargaze.test/many:src", "src", &layers);
     let out = w.join("out");
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &OciLayout::open_or_create(&out).unwrap(),
-        "esgz",
-        &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{reference}"),
-    );
+    push_esgz(&src, &out, &reference);
     let stack = Stack::start(w, &[]);
     let ctd = Containerd::start(&stack.proxy_config("stargaze"));
-    run(Command::new(workspace_bin("stargaze"))
-        .args([
-            "rpull",
-            "--plain-http",
-            "--quiet",
-            "--snapshotter",
-            "stargaze",
-        ])
-        .arg("--address")
-        .arg(&ctd.socket)
-        .args(["--namespace", &ctd.namespace, &reference]));
+    stargaze_rpull(&ctd, &reference);
     let o = ctd.ctr(&[
         "run",
         "--rm",

@@ -15,13 +15,14 @@
 //!   until the `/dev/fuse` descriptor is handed over across restarts.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stargaze_format::Digest;
-use stargaze_oci::{ImageConvertOptions, OciLayout};
-use stargaze_testkit::stack::{Service, Stack, workspace_bin};
-use stargaze_testkit::{Containerd, Registry, image, require, run};
+mod common;
+
+use common::{push_esgz, stargaze_rpull};
+use stargaze_testkit::stack::{Service, Stack};
+use stargaze_testkit::{Containerd, Registry, image, require};
 
 fn sha_line(files: &[(String, Vec<u8>)], name: &str) -> String {
     let data = &files
@@ -58,22 +59,7 @@ fn each_service_survives_a_kill_9() {
         &[image::busybox_layer(), data],
     );
     let out = w.join("out");
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &OciLayout::open_or_create(&out).unwrap(),
-        "esgz",
-        &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    run(Command::new("skopeo").args([
-        "--insecure-policy",
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{reference}"),
-    ]));
+    push_esgz(&src, &out, &reference);
 
     // No prefetch and no background fetch: every read below is cold.
     let mut stack = Stack::start_with_args(
@@ -82,17 +68,7 @@ fn each_service_survives_a_kill_9() {
         &[(Service::Fetcher, "--no-background-fetch")],
     );
     let ctd = Containerd::start(&stack.proxy_config("stargaze"));
-    run(Command::new(workspace_bin("stargaze"))
-        .args([
-            "rpull",
-            "--plain-http",
-            "--quiet",
-            "--snapshotter",
-            "stargaze",
-        ])
-        .arg("--address")
-        .arg(&ctd.socket)
-        .args(["--namespace", &ctd.namespace, &reference]));
+    stargaze_rpull(&ctd, &reference);
     let long = format!("sg-rst-{}", std::process::id());
     ctd.ctr(&[
         "run",

@@ -1,0 +1,53 @@
+//! Steps the snapshotter's end-to-end tests share: putting an eStargz image
+//! in the registry and pulling it lazily with `stargaze rpull`.
+#![allow(dead_code)] // each test binary uses a part
+
+use std::path::Path;
+use std::process::Command;
+
+use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_testkit::stack::workspace_bin;
+use stargaze_testkit::{Containerd, run};
+
+pub fn skopeo_copy(from: &str, to: &str) {
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--dest-tls-verify=false",
+        from,
+        to,
+    ]));
+}
+
+/// Convert the image tagged `src` in the layout `src` to eStargz with our
+/// converter (into the layout `out`, tag `esgz`) and push it as `reference`.
+pub fn push_esgz(src: &Path, out: &Path, reference: &str) {
+    stargaze_oci::convert_image(
+        &OciLayout::open(src).unwrap(),
+        Some("src"),
+        &OciLayout::open_or_create(out).unwrap(),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{reference}"),
+    );
+}
+
+/// `stargaze rpull` of `reference` into `ctd`'s namespace (plain HTTP).
+pub fn stargaze_rpull(ctd: &Containerd, reference: &str) {
+    run(Command::new(workspace_bin("stargaze"))
+        .args([
+            "rpull",
+            "--plain-http",
+            "--quiet",
+            "--snapshotter",
+            "stargaze",
+        ])
+        .arg("--address")
+        .arg(&ctd.socket)
+        .args(["--namespace", &ctd.namespace, reference]));
+}
