@@ -88,47 +88,18 @@ L3=$(layer_dir data)
 mkdir -p "$L3/usr/share"
 cp -a /usr/share/locale "$L3/usr/share/"
 
-# An OCI image layout written by hand: gzip layers, config, manifest, index.
+# The OCI layout (gzip layers, config, manifest) as the benchmark writes it.
 LAYOUT=$W/image
-mkdir -p "$LAYOUT/blobs/sha256"
-echo '{"imageLayoutVersion":"1.0.0"}' >"$LAYOUT/oci-layout"
-blob() { # file -> prints digest hex, stores the blob
-    local hex
-    hex=$(sha256sum "$1" | cut -d' ' -f1)
-    mv "$1" "$LAYOUT/blobs/sha256/$hex"
-    echo "$hex"
-}
-diff_ids=() layers=()
-for l in base python data; do
-    tar --sort=name --numeric-owner --owner=0 --group=0 --mtime=@1600000000 \
-        -C "$W/rootfs/$l" -cf "$W/$l.tar" .
-    diff_ids+=("sha256:$(sha256sum "$W/$l.tar" | cut -d' ' -f1)")
-    gzip -n -6 "$W/$l.tar"
-    size=$(stat -c %s "$W/$l.tar.gz")
-    hex=$(blob "$W/$l.tar.gz")
-    layers+=("{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$hex\",\"size\":$size}")
-done
+python3 bench/mkimage.py "$LAYOUT" plain "$L1" "$L2" "$L3" >/dev/null
 rm -rf "$W/rootfs"
-join() { local IFS=,; echo "$*"; }
-quoted=()
-for d in "${diff_ids[@]}"; do quoted+=("\"$d\""); done
-printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/bin:/bin","LANG=C.UTF-8"],"Cmd":["python3"]},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
-    "$(join "${quoted[@]}")" >"$W/config.json"
-csize=$(stat -c %s "$W/config.json")
-chex=$(blob "$W/config.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[%s]}' \
-    "$chex" "$csize" "$(join "${layers[@]}")" >"$W/manifest.json"
-msize=$(stat -c %s "$W/manifest.json")
-mhex=$(blob "$W/manifest.json")
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"plain"}}]}' \
-    "$mhex" "$msize" >"$LAYOUT/index.json"
 echo "   $(du -sh "$LAYOUT" | cut -f1) compressed in 3 layers (busybox + libc, Python 3.11, locale data)"
 
 say "converting it to eStargz with stargaze convert"
 "$BIN/stargaze" convert --format estargz "oci:$LAYOUT:plain" "oci:$W/esgz:esgz"
 
 say "starting a registry and pushing both images"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
 REG=127.0.0.1:$PORT
 cat >"$W/registry.yml" <<EOF
 version: 0.1
@@ -145,7 +116,7 @@ skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$LAYOUT:plain" "do
 skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$W/esgz:esgz" "docker://$REG/demo/python:esgz"
 
 say "starting stargaze-fetcher, stargaze-fs, stargaze-snapshotter and containerd"
-MPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+MPORT=$(free_port)
 cat >"$W/stargaze.toml" <<EOF
 [fetcher]
 socket = "$W/fetcher.sock"
