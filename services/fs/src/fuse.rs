@@ -113,13 +113,7 @@ fn layer_attr(a: &Attached, local: u64) -> Option<FileAttr> {
         ctime: t,
         crtime: t,
         kind: file_type(n.kind()),
-        // Linux symlinks are always 0777 (lstat shows it; tar's mode field
-        // is ignored when they are created), whatever the TOC says.
-        perm: if n.kind() == kind::SYMLINK {
-            0o777
-        } else {
-            n.perm() as u16
-        },
+        perm: n.perm() as u16,
         nlink: n.nlink(),
         uid: n.uid(),
         gid: n.gid(),

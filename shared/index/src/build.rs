@@ -213,7 +213,12 @@ pub fn build(toc: &Toc, meta: &IndexMeta) -> Result<rkyv::util::AlignedVec, Inde
             Target::Node(id) => {
                 let n = toc.node(id);
                 rec.kind = kind_code(n.kind);
-                rec.mode = (n.mode & 0o7777) as u16;
+                // Linux symlinks are always 0777 (tar's mode field is ignored
+                // when they are created): the view shows what lstat would.
+                rec.mode = match n.kind {
+                    NodeKind::Symlink => 0o777,
+                    _ => (n.mode & 0o7777) as u16,
+                };
                 rec.uid = n.uid;
                 rec.gid = n.gid;
                 rec.mtime = n.mtime;
