@@ -6,7 +6,7 @@ SHELL := bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test lint fmt demo fuzz bench
+.PHONY: help deps build test lint fmt demo fuzz bench install uninstall
 
 help:
 	@echo "make deps    install missing Debian packages and cargo-nextest (as root)"
@@ -17,6 +17,8 @@ help:
 	@echo "make demo    run a container from a lazily pulled image next to a full pull (as root)"
 	@echo "make fuzz    run the fuzz targets for a bounded time (scripts/fuzz.sh)"
 	@echo "make bench   run the benchmarks (bench/run.sh)"
+	@echo "make install     release build, then binaries, systemd units and config (PREFIX, DESTDIR)"
+	@echo "make uninstall   remove what install put in place (keeps an edited config and all state)"
 
 deps:
 	@echo "== deps: checking system packages and tools"
@@ -53,3 +55,13 @@ fuzz:
 
 bench:
 	bash bench/run.sh
+
+# PREFIX, DESTDIR, BINDIR, UNITDIR, SYSCONFDIR pass through the environment
+# (scripts/install.sh documents them). STARGAZE_BINARIES=DIR installs already
+# built binaries from DIR instead of building release ones.
+install:
+	@if [[ -z "$${STARGAZE_BINARIES:-}" ]]; then $(CARGO) build --release --workspace --bins; fi
+	@bash scripts/install.sh install
+
+uninstall:
+	@bash scripts/install.sh uninstall

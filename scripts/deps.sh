@@ -8,11 +8,12 @@ set -euo pipefail
 # tests start, FUSE, skopeo and ctr-remote (stargz-snapshotter) for interop,
 # Go and the Go sources of containerd/stargz for the Go helpers in tests/go,
 # busybox for test images, iproute2 + libnetfilter-queue-dev for the shaped
-# benchmark network, curl and zstd for scripts.
+# benchmark network, curl and zstd for scripts, systemd (systemd-analyze)
+# for the unit checks.
 packages=(
     containerd runc docker-registry fuse3 skopeo stargz-snapshotter iproute2 curl zstd
     golang-go golang-github-containerd-stargz-snapshotter-dev
-    golang-github-containerd-containerd-dev busybox-static libnetfilter-queue-dev
+    golang-github-containerd-containerd-dev busybox-static libnetfilter-queue-dev systemd
 )
 
 missing=()
