@@ -9,10 +9,14 @@
 //!   config into the content store, each layer prepared through the
 //!   stargaze snapshotter as a remote snapshot (`ctr-remote image rpull`'s
 //!   job, against plain containerd 1.6).
+//! * `stargaze status` asks the three services what they are doing: up or
+//!   down, lazily pulled images and how much of each layer is cached,
+//!   cache use and hit rate, recent errors (`--json` for scripts).
 
 mod convert;
 mod inspect;
 mod rpull;
+mod status;
 
 use std::process::ExitCode;
 
@@ -40,6 +44,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Pull an image into containerd lazily through the stargaze snapshotter.
     Rpull(rpull::Args),
+    /// Show the services' state: lazily pulled images, cache, recent errors.
+    Status(status::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Rpull(a) => rpull::run(a),
+        Command::Status(a) => status::run(a),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "stargaze/v1/fetcher.proto",
         "stargaze/v1/fs.proto",
+        "stargaze/v1/snapshotter.proto",
+        "stargaze/v1/common.proto",
         "containerd/types/mount.proto",
         "containerd/types/descriptor.proto",
         "containerd/services/snapshots/v1/snapshots.proto",

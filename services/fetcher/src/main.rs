@@ -94,7 +94,9 @@ fn main() -> ExitCode {
                 stargaze_service::sd_notify("STOPPING=1");
                 tracing::info!("stopping");
             };
+            let rpc = stargaze_service::metrics::RpcMetricsLayer(service.rpc_metrics());
             tonic::transport::Server::builder()
+                .layer(rpc)
                 .add_service(FetcherServer::new(service))
                 .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
                 .await

@@ -17,6 +17,8 @@
 //! | `stargaze_fetcher_ranges_total` | layer | byte ranges in those reads (merge ratio = chunks / requests) |
 //! | `stargaze_fetcher_compressed_bytes_total` | layer | compressed bytes read |
 //! | `stargaze_fetcher_verification_failures_total` | layer | chunks whose bytes did not match |
+//! | `stargaze_fetcher_grpc_requests_total` | method, code | `stargaze.v1.Fetcher` requests |
+//! | `stargaze_fetcher_grpc_request_duration_seconds` | method | their latency |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -117,23 +119,20 @@ impl Collector for FetcherCollector {
                 MetricType::Histogram,
             )?;
             for (h, s) in &hosts {
-                let mut cumulative = 0;
-                let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                // Each bucket's own count (prometheus-client sums them); what
+                // lies above the last bound goes in +Inf.
+                let requests = s.requests.load(Ordering::Relaxed);
+                let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
                     .iter()
                     .zip(&s.latency_buckets)
-                    .map(|(b, c)| {
-                        cumulative += c.load(Ordering::Relaxed);
-                        (*b, cumulative)
-                    })
-                    .chain(std::iter::once((
-                        f64::INFINITY,
-                        s.requests.load(Ordering::Relaxed),
-                    )))
+                    .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
                     .collect();
+                let below: u64 = buckets.iter().map(|(_, n)| n).sum();
+                buckets.push((f64::INFINITY, requests.saturating_sub(below)));
                 let labels = vec![("host".to_string(), h.clone())];
                 m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
                     s.latency_us.load(Ordering::Relaxed) as f64 / 1e6,
-                    s.requests.load(Ordering::Relaxed),
+                    requests,
                     &buckets,
                     None,
                 )?;
@@ -205,12 +204,17 @@ impl Collector for FetcherCollector {
             MetricType::Counter,
             &c(|c| &c.verification_failures),
         )?;
-        Ok(())
+        self.0.shared.rpc.encode("stargaze_fetcher", &mut e)
     }
 }
 
 impl FetcherService {
     /// The metrics in the OpenMetrics text format.
+    /// What the gRPC server records (install with `RpcMetricsLayer`).
+    pub fn rpc_metrics(&self) -> std::sync::Arc<stargaze_service::metrics::RpcMetrics> {
+        self.shared.rpc.clone()
+    }
+
     pub fn render_metrics(&self) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(FetcherCollector(self.clone())));

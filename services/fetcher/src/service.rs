@@ -11,6 +11,7 @@ use stargaze_format::{Digest, Prefetch, TOC_DIGEST_ANNOTATION};
 use stargaze_proto::v1::fetcher_server::Fetcher;
 use stargaze_proto::v1::*;
 use stargaze_registry::Reference;
+use stargaze_service::metrics::{RecentErrors, RpcMetrics};
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
@@ -60,6 +61,10 @@ pub(crate) struct Shared {
     tails: Mutex<HashMap<String, TailCell>>,
     layers: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
     info: Mutex<HashMap<String, Arc<LayerInfo>>>,
+    /// Failures users should see in `stargaze status`.
+    errors: RecentErrors,
+    /// Requests served, by method and code (Prometheus).
+    pub(crate) rpc: Arc<RpcMetrics>,
 }
 
 impl Shared {
@@ -209,6 +214,8 @@ impl FetcherService {
                 tails: Mutex::new(HashMap::new()),
                 layers: Mutex::new(HashMap::new()),
                 info: Mutex::new(HashMap::new()),
+                errors: RecentErrors::default(),
+                rpc: Arc::default(),
             }),
         }
     }
@@ -303,6 +310,9 @@ impl FetcherService {
             .await
             .map_err(|e| {
                 tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
+                self.shared
+                    .errors
+                    .push(src.digest.clone(), format!("resolving (image {}): {e}", src.image_ref));
                 status_of(&e)
             })?
             .clone();
@@ -451,6 +461,9 @@ impl FetcherService {
                 info.prefetch_done.store(true, Ordering::Release);
                 if let Err(e) = &r {
                     *info.last_error.lock().expect("error") = e.to_string();
+                    shared
+                        .errors
+                        .push(layer.digest.clone(), format!("prefetch: {e}"));
                 }
                 if background {
                     let layer2 = layer.clone();
@@ -460,6 +473,9 @@ impl FetcherService {
                         if let Err(e) = Self::background(&shared, &layer2).await {
                             tracing::warn!(layer = %layer2.digest, error = %e, "background fetch stopped");
                             *info2.last_error.lock().expect("error") = e.to_string();
+                            shared
+                                .errors
+                                .push(layer2.digest.clone(), format!("background fetch: {e}"));
                         }
                         info2.background_done.store(true, Ordering::Release);
                     });
@@ -544,7 +560,12 @@ impl Fetcher for FetcherService {
             .iter()
             .map(|r| (r.inode, r.offset, r.length))
             .collect();
-        let stats = layer.fetch(&ranges).await.map_err(|e| status_of(&e))?;
+        let stats = layer.fetch(&ranges).await.map_err(|e| {
+            self.shared
+                .errors
+                .push(layer.digest.clone(), format!("fetch: {e}"));
+            status_of(&e)
+        })?;
         Ok(Response::new(FetchResponse {
             chunks_fetched: stats.chunks_fetched,
             bytes_fetched: stats.bytes_fetched,
@@ -689,6 +710,18 @@ impl Fetcher for FetcherService {
                 l.counters.verification_failures.load(Ordering::Relaxed)
             }),
             recovered_from_unclean_stop: self.shared.cache.was_unclean(),
+            chunk_cache_hits: sum(&|l| l.counters.chunks_hit.load(Ordering::Relaxed)),
+            recent_errors: self
+                .shared
+                .errors
+                .list()
+                .into_iter()
+                .map(|e| RecentError {
+                    unix_time: e.unix_time,
+                    subject: e.subject,
+                    message: e.message,
+                })
+                .collect(),
         }))
     }
 }

@@ -24,6 +24,7 @@ use fuser::{
 use stargaze_index::model::kind;
 
 use crate::layers::{Attached, LayerTable, MOUNT_ROOT};
+use crate::metrics::{FsCounters, Op};
 use crate::source::ChunkSource;
 
 /// How long the kernel may cache what the mount root lists (layers come and go).
@@ -41,6 +42,10 @@ pub struct FsShared {
     /// Bytes fetched ahead after a read that missed, when reading on.
     pub readahead: u64,
     pub fetch_errors: AtomicU64,
+    /// Operation latencies and bytes served, node-wide.
+    pub counters: Arc<FsCounters>,
+    /// Failed reads, for `stargaze status`.
+    pub errors: stargaze_service::metrics::RecentErrors,
     /// Set once mounted: tells the kernel to forget entries (on detach).
     pub notifier: Mutex<Option<fuser::Notifier>>,
     handles: Mutex<HashMap<u64, Arc<std::fs::File>>>,
@@ -61,6 +66,8 @@ impl FsShared {
             whole_file_below: 128 << 10,
             readahead: 1 << 20,
             fetch_errors: AtomicU64::new(0),
+            counters: Arc::default(),
+            errors: Default::default(),
             notifier: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -219,9 +226,6 @@ impl StargazeFs {
         let mut buf = vec![0u8; (end - offset) as usize];
         file.read_exact_at(&mut buf, offset)
             .map_err(|_| Errno::EIO)?;
-        a.stats
-            .bytes_from_cache
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(buf)
     }
 
@@ -307,6 +311,7 @@ fn present(a: &Attached, local: u64, offset: u64, end: u64) -> bool {
 
 impl Filesystem for StargazeFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.shared.counters.timer(Op::Lookup);
         let parent = u64::from(parent);
         if parent == MOUNT_ROOT {
             match self
@@ -334,6 +339,7 @@ impl Filesystem for StargazeFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.shared.counters.timer(Op::Getattr);
         let ino = u64::from(ino);
         if ino == MOUNT_ROOT {
             return reply.attr(&ROOT_TTL, &self.root_attr());
@@ -350,6 +356,7 @@ impl Filesystem for StargazeFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.shared.counters.timer(Op::Readlink);
         match self
             .shared
             .layers
@@ -362,6 +369,7 @@ impl Filesystem for StargazeFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.shared.counters.timer(Op::Open);
         let Some((a, local)) = self.shared.layers.resolve(u64::from(ino)) else {
             return reply.error(Errno::ENOENT);
         };
@@ -390,6 +398,7 @@ impl Filesystem for StargazeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let timer = self.shared.counters.timer(Op::Read);
         let Some((a, local)) = self.shared.layers.resolve(u64::from(ino)) else {
             return reply.error(Errno::ENOENT);
         };
@@ -405,7 +414,15 @@ impl Filesystem for StargazeFs {
         let fh = u64::from(fh);
         if present(&a, local, offset, end) {
             match self.read_cached(&a, local, fh, offset, end) {
-                Ok(buf) => reply.data(&buf),
+                Ok(buf) => {
+                    let n = buf.len() as u64;
+                    a.stats.bytes_from_cache.fetch_add(n, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .bytes_from_cache
+                        .fetch_add(n, Ordering::Relaxed);
+                    reply.data(&buf)
+                }
                 Err(e) => reply.error(e),
             }
             return;
@@ -429,6 +446,7 @@ impl Filesystem for StargazeFs {
         };
         let readahead = self.shared.readahead;
         self.shared.runtime.spawn(async move {
+            let timer = timer;
             let source = me.shared.source.clone();
             if !siblings.is_empty() {
                 let (source, digest) = (source.clone(), a.digest.clone());
@@ -438,11 +456,14 @@ impl Filesystem for StargazeFs {
                 Ok(()) => {
                     match me.read_cached(&a, local, fh, offset, end) {
                         Ok(buf) => {
-                            a.stats.bytes_after_fetch.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            let n = buf.len() as u64;
+                            a.stats.bytes_after_fetch.fetch_add(n, Ordering::Relaxed);
+                            me.shared.counters.bytes_after_fetch.fetch_add(n, Ordering::Relaxed);
                             reply.data(&buf)
                         }
                         Err(e) => reply.error(e),
                     }
+                    drop(timer);
                     // Reading on through a large file: fetch what comes next.
                     if offset > 0 && end < file_size && readahead > 0 {
                         let _ = source
@@ -453,7 +474,9 @@ impl Filesystem for StargazeFs {
                 Err(reason) => {
                     a.stats.read_errors.fetch_add(1, Ordering::Relaxed);
                     me.shared.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(layer = %a.digest, file = %a.index.path_of(local), offset, %reason, "read failed: EIO");
+                    let file = a.index.path_of(local);
+                    tracing::warn!(layer = %a.digest, file = %file, offset, %reason, "read failed: EIO");
+                    me.shared.errors.push(a.digest.clone(), format!("read of {file} at {offset} failed: {reason}"));
                     reply.error(Errno::EIO);
                 }
             }
@@ -470,6 +493,7 @@ impl Filesystem for StargazeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.shared.counters.timer(Op::Release);
         self.shared
             .handles
             .lock()
@@ -486,6 +510,7 @@ impl Filesystem for StargazeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.shared.counters.timer(Op::Readdir);
         match self.listing(u64::from(ino), offset) {
             Ok(entries) => {
                 for (ino, next, t, name, _) in entries {
@@ -507,6 +532,7 @@ impl Filesystem for StargazeFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.shared.counters.timer(Op::Readdirplus);
         let ttl = if u64::from(ino) == MOUNT_ROOT {
             ROOT_TTL
         } else {
@@ -534,10 +560,12 @@ impl Filesystem for StargazeFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.shared.counters.timer(Op::Statfs);
         reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.shared.counters.timer(Op::Getxattr);
         let Some((a, local)) = self.shared.layers.resolve(u64::from(ino)) else {
             return reply.error(Errno::ENODATA);
         };
@@ -550,6 +578,7 @@ impl Filesystem for StargazeFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.shared.counters.timer(Op::Listxattr);
         let mut names = Vec::new();
         if let Some((a, local)) = self.shared.layers.resolve(u64::from(ino))
             && let Some(n) = a.index.inode(local)
@@ -569,6 +598,7 @@ impl Filesystem for StargazeFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.shared.counters.timer(Op::Access);
         // `default_permissions`: the kernel checks modes itself.
         reply.ok();
     }

@@ -12,9 +12,12 @@
 //!
 //! * [`service`] is `stargaze.v1.Fs`: attach, detach (refused while an
 //!   overlay mount uses the layer), list, status.
+//! * [`metrics`] times every FUSE operation and counts bytes served from the
+//!   cache vs after a fetch, for Prometheus and `stargaze status`.
 
 pub mod fuse;
 pub mod layers;
+pub mod metrics;
 pub mod service;
 pub mod source;
 

@@ -71,10 +71,25 @@ fn main() -> ExitCode {
             if c.passthrough {
                 tracing::warn!("passthrough is configured but not implemented yet: files are served through read()");
             }
+            let rpc = Arc::new(stargaze_service::metrics::RpcMetrics::default());
+            if !c.metrics_address.is_empty() {
+                let metrics = Arc::new(stargaze_fs::metrics::FsMetrics {
+                    shared: shared.clone(),
+                    rpc: rpc.clone(),
+                    fuse_threads: u64::from(c.n_threads),
+                });
+                let addr = stargaze_service::serve_metrics(
+                    &c.metrics_address,
+                    Arc::new(move || stargaze_fs::metrics::render(&metrics)),
+                )
+                .await?;
+                tracing::info!(address = %addr, "serving Prometheus metrics on /metrics");
+            }
             let service = FsService {
                 shared,
                 mountpoint: c.mountpoint.clone(),
                 passthrough: false,
+                fuse_threads: c.n_threads,
             };
             let listener = stargaze_proto::bind_unix(&c.socket).await?;
             tracing::info!(socket = %c.socket.display(), mountpoint = %c.mountpoint.display(), "stargaze-fs serving");
@@ -89,6 +104,7 @@ fn main() -> ExitCode {
                 stargaze_service::sd_notify("STOPPING=1");
             };
             tonic::transport::Server::builder()
+                .layer(stargaze_service::metrics::RpcMetricsLayer(rpc))
                 .add_service(FsServer::new(service))
                 .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
                 .await

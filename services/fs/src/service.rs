@@ -17,6 +17,7 @@ pub struct FsService {
     pub shared: Arc<FsShared>,
     pub mountpoint: PathBuf,
     pub passthrough: bool,
+    pub fuse_threads: u32,
 }
 
 /// Overlay mounts (from `/proc/self/mountinfo`) whose options name `dir`.
@@ -115,13 +116,27 @@ impl Fs for FsService {
         _: Request<FsStatusRequest>,
     ) -> Result<Response<FsStatusResponse>, Status> {
         let l = &self.shared.layers;
+        let c = &self.shared.counters;
         Ok(Response::new(FsStatusResponse {
             mountpoint: self.mountpoint.display().to_string(),
             layers: l.len() as u32,
             passthrough: self.passthrough,
-            bytes_from_cache: l.total(|s| &s.bytes_from_cache),
-            bytes_after_fetch: l.total(|s| &s.bytes_after_fetch),
+            // Node-wide, including layers detached since.
+            bytes_from_cache: c.bytes_from_cache.load(Ordering::Relaxed),
+            bytes_after_fetch: c.bytes_after_fetch.load(Ordering::Relaxed),
             fetch_errors: self.shared.fetch_errors.load(Ordering::Relaxed),
+            fuse_threads: self.fuse_threads,
+            recent_errors: self
+                .shared
+                .errors
+                .list()
+                .into_iter()
+                .map(|e| RecentError {
+                    unix_time: e.unix_time,
+                    subject: e.subject,
+                    message: e.message,
+                })
+                .collect(),
         }))
     }
 }

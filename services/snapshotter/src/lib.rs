@@ -6,6 +6,8 @@
 //! * [`filters`] evaluates containerd's list filters.
 //! * [`service`] serves `containerd.services.snapshots.v1.Snapshots` over
 //!   the store.
+//! * [`status`] serves `stargaze.v1.Snapshotter` (for `stargaze status`) on
+//!   the same socket and renders the Prometheus metrics.
 //!
 //! * [`remote`] turns a `Prepare` that carries a layer's labels into a
 //!   remote snapshot: the fetcher resolves the layer (TOC verified, index
@@ -23,4 +25,5 @@ pub mod filters;
 pub mod mounts;
 pub mod remote;
 pub mod service;
+pub mod status;
 pub mod store;

@@ -14,9 +14,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use stargaze_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
+use stargaze_proto::v1::snapshotter_server::SnapshotterServer;
 use stargaze_service::CommonArgs;
 use stargaze_snapshotter::remote::Remote;
 use stargaze_snapshotter::service::SnapshotService;
+use stargaze_snapshotter::status::{SnapshotterMetrics, StatusService};
 use stargaze_snapshotter::store::Store;
 
 /// containerd proxy snapshotter for lazily pulled eStargz images.
@@ -77,6 +79,16 @@ fn main() -> ExitCode {
                     let service = service.clone();
                     async move { service.restore().await }
                 });
+                if !c.metrics_address.is_empty() {
+                    let metrics = SnapshotterMetrics(service.clone());
+                    let addr = stargaze_service::serve_metrics(&c.metrics_address, Arc::new(move || metrics.render())).await?;
+                    tracing::info!(address = %addr, "serving Prometheus metrics on /metrics");
+                }
+                let status = StatusService {
+                    snapshots: service.clone(),
+                    lazy_pull: c.lazy_pull,
+                };
+                let rpc = stargaze_service::metrics::RpcMetricsLayer(service.stats.rpc.clone());
                 let listener = stargaze_proto::bind_unix(&c.socket).await?;
                 tracing::info!(socket = %c.socket.display(), root = %c.root.display(), "stargaze-snapshotter serving");
                 stargaze_service::sd_notify("READY=1");
@@ -90,7 +102,9 @@ fn main() -> ExitCode {
                     stargaze_service::sd_notify("STOPPING=1");
                 };
                 tonic::transport::Server::builder()
+                    .layer(rpc)
                     .add_service(SnapshotsServer::new(service))
+                    .add_service(SnapshotterServer::new(status))
                     .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
                     .await
                     .context("serving gRPC")?;

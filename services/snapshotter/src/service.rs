@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::filters::Filter;
 use crate::remote::{REMOTE_LABEL, REMOTE_LABEL_VALUE, Remote, TARGET_LABEL, layer_from_labels};
+use crate::status::SnapshotterStats;
 use crate::store::{Kind, Record, SnapError, Store, mounts};
 
 /// The snapshots service.
@@ -33,6 +35,8 @@ pub struct SnapshotService {
     /// exclusively while Cleanup detaches unused layers, so Cleanup never
     /// detaches a layer between its attach and its record.
     attach_lock: Arc<tokio::sync::RwLock<()>>,
+    /// Counters and recent errors for `stargaze status` and Prometheus.
+    pub stats: Arc<SnapshotterStats>,
 }
 
 /// Upper bound on resolving and attaching one layer in Prepare; past it the
@@ -80,6 +84,7 @@ impl SnapshotService {
             warned: Arc::default(),
             warmed: Arc::default(),
             attach_lock: Arc::default(),
+            stats: Arc::default(),
         }
     }
 
@@ -128,6 +133,14 @@ impl SnapshotService {
         let dir = match mounted {
             Ok(dir) => dir,
             Err(reason) => {
+                self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors.push(
+                    layer.digest.clone(),
+                    format!(
+                        "image {}: unpacked instead of lazily pulled: {reason}",
+                        layer.image_ref
+                    ),
+                );
                 let first = self
                     .warned
                     .lock()
@@ -157,10 +170,16 @@ impl SnapshotService {
             Err(e) if e.code() == tonic::Code::AlreadyExists => {}
             Err(e) => {
                 tracing::warn!(key, layer = %layer.digest, reason = %e.message(), remote_snapshot_prepared = false, "cannot record remote snapshot; containerd unpacks the layer instead");
+                self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors.push(
+                    layer.digest.clone(),
+                    format!("cannot record remote snapshot: {}", e.message()),
+                );
                 return Ok(None);
             }
         }
         tracing::info!(key, target = %target, layer = %layer.digest, remote_snapshot_prepared = true, "remote snapshot prepared");
+        self.stats.remote_prepared.fetch_add(1, Ordering::Relaxed);
         Ok(Some(target.clone()))
     }
 
@@ -211,11 +230,14 @@ impl SnapshotService {
                 .await
                 .unwrap_or_else(|_| Err("no answer".into()))
                 .map_err(|reason| {
-                    Status::unavailable(format!(
+                    let msg = format!(
                         "layer {} of {} (snapshot {k}) is not served and cannot be re-attached: {reason}; check stargaze-fetcher and stargaze-fs",
                         layer.digest, layer.image_ref
-                    ))
+                    );
+                    self.stats.errors.push(k.clone(), msg.clone());
+                    Status::unavailable(msg)
                 })?;
+            self.stats.reattached.fetch_add(1, Ordering::Relaxed);
             tracing::info!(snapshot = %k, layer = %layer.digest, dir = %new_dir, "remote layer re-attached");
             // Records the dir (it may have moved) and re-points the link.
             self.run(move |s| s.set_remote_dir(&k, &new_dir)).await?;

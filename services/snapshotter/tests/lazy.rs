@@ -17,7 +17,7 @@ use std::process::Command;
 use stargaze_format::Digest;
 mod common;
 
-use common::{push_esgz, skopeo_copy, stargaze_rpull};
+use common::{layer_digests, push_esgz, skopeo_copy, stargaze_rpull};
 use stargaze_testkit::stack::{Service, Stack};
 use stargaze_testkit::{Containerd, Registry, image, require, run};
 
@@ -39,27 +39,6 @@ fn sorted_lines(out: &[u8]) -> Vec<String> {
         .collect();
     l.sort();
     l
-}
-
-/// Digests of the layers of a manifest in containerd's content store.
-fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
-    let manifest_digest = String::from_utf8(
-        ctd.ctr(&["image", "ls", &format!("name=={reference}")])
-            .stdout,
-    )
-    .unwrap()
-    .lines()
-    .nth(1)
-    .and_then(|l| l.split_whitespace().nth(2).map(String::from))
-    .unwrap_or_else(|| panic!("image {reference} is not in containerd"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap();
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect()
 }
 
 fn content(ctd: &Containerd) -> String {

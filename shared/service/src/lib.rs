@@ -5,6 +5,12 @@
 //! (file, then command-line overrides). `run` handles `--print-config`,
 //! sets up logging and turns any error into one clear line on stderr and
 //! exit code 1. (Usage errors are clap's: exit code 2.)
+//!
+//! [`metrics`] holds what the services share for Prometheus: latency
+//! histograms, gRPC request accounting (a tower layer), recent errors for
+//! `stargaze status`; [`serve_metrics`] answers the scrapes.
+
+pub mod metrics;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

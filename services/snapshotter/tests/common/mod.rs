@@ -51,3 +51,24 @@ pub fn stargaze_rpull(ctd: &Containerd, reference: &str) {
         .arg(&ctd.socket)
         .args(["--namespace", &ctd.namespace, reference]));
 }
+
+/// Digests of the layers of a manifest in containerd's content store.
+pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
+    let manifest_digest = String::from_utf8(
+        ctd.ctr(&["image", "ls", &format!("name=={reference}")])
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .nth(1)
+    .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+    .unwrap_or_else(|| panic!("image {reference} is not in containerd"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}

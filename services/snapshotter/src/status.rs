@@ -1,0 +1,191 @@
+//! What the snapshotter counts, for operators: `stargaze.v1.Snapshotter`
+//! (`stargaze status`) on the snapshotter's socket next to containerd's
+//! Snapshots service, and its Prometheus text.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `stargaze_snapshotter_snapshots` | kind | snapshots in the database (`active`, `view`, `committed`, `remote`) |
+//! | `stargaze_snapshotter_remote_prepared_total` | | layers mounted lazily (Prepare answered with a remote snapshot) |
+//! | `stargaze_snapshotter_fallbacks_total` | | layers with lazy-pull labels that containerd had to unpack |
+//! | `stargaze_snapshotter_reattached_total` | | remote layers re-attached after fs lost them (restart, reboot) |
+//! | `stargaze_snapshotter_grpc_requests_total` | method, code | requests from containerd and `stargaze status` |
+//! | `stargaze_snapshotter_grpc_request_duration_seconds` | method | their latency |
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use stargaze_proto::v1::snapshotter_server::Snapshotter;
+use stargaze_proto::v1::{
+    RecentError, RemoteSnapshot, SnapshotterStatusRequest, SnapshotterStatusResponse,
+};
+use stargaze_service::metrics::{RecentErrors, RpcMetrics, family};
+use tonic::{Request, Response, Status};
+
+use crate::remote::layer_from_labels;
+use crate::service::SnapshotService;
+use crate::store::Kind;
+
+/// Counters kept by [`SnapshotService`].
+#[derive(Debug, Default)]
+pub struct SnapshotterStats {
+    pub remote_prepared: AtomicU64,
+    pub fallbacks: AtomicU64,
+    pub reattached: AtomicU64,
+    /// Fallback reasons and failed re-attaches.
+    pub errors: RecentErrors,
+    pub rpc: Arc<RpcMetrics>,
+}
+
+/// `stargaze.v1.Snapshotter`.
+#[derive(Clone)]
+pub struct StatusService {
+    pub snapshots: SnapshotService,
+    pub lazy_pull: bool,
+}
+
+#[tonic::async_trait]
+impl Snapshotter for StatusService {
+    async fn status(
+        &self,
+        _: Request<SnapshotterStatusRequest>,
+    ) -> Result<Response<SnapshotterStatusResponse>, Status> {
+        let s = &self.snapshots;
+        let store = s.store.clone();
+        let all = tokio::task::spawn_blocking(move || store.all())
+            .await
+            .map_err(|e| Status::internal(format!("status task failed: {e}")))?
+            .map_err(Status::from)?;
+        let remote: Vec<(String, String, String, std::path::PathBuf)> = all
+            .iter()
+            .filter(|(_, r)| r.remote_dir.is_some())
+            .map(|(k, r)| {
+                let l = layer_from_labels(&r.labels);
+                (
+                    k.clone(),
+                    l.as_ref().map(|l| l.image_ref.clone()).unwrap_or_default(),
+                    l.map(|l| l.digest).unwrap_or_default(),
+                    s.store.fs_dir(r),
+                )
+            })
+            .collect();
+        // The same check Mounts makes: does the layer's directory answer?
+        let links: Vec<_> = remote.iter().map(|r| r.3.clone()).collect();
+        let check = tokio::task::spawn_blocking(move || {
+            links
+                .iter()
+                .map(|l| std::fs::metadata(l).is_ok_and(|m| m.is_dir()))
+                .collect::<Vec<bool>>()
+        });
+        let served = match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok(v)) => v,
+            _ => vec![false; remote.len()],
+        };
+        let stats = &s.stats;
+        Ok(Response::new(SnapshotterStatusResponse {
+            root: s.store.root().display().to_string(),
+            lazy_pull: self.lazy_pull,
+            snapshots: all.len() as u32,
+            remote: remote
+                .into_iter()
+                .zip(served)
+                .map(
+                    |((key, image_ref, layer_digest, _), served)| RemoteSnapshot {
+                        key,
+                        image_ref,
+                        layer_digest,
+                        served,
+                    },
+                )
+                .collect(),
+            remote_prepared: stats.remote_prepared.load(Ordering::Relaxed),
+            fallbacks: stats.fallbacks.load(Ordering::Relaxed),
+            reattached: stats.reattached.load(Ordering::Relaxed),
+            recent_errors: stats
+                .errors
+                .list()
+                .into_iter()
+                .map(|e| RecentError {
+                    unix_time: e.unix_time,
+                    subject: e.subject,
+                    message: e.message,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// The snapshotter's Prometheus collector.
+#[derive(Clone)]
+pub struct SnapshotterMetrics(pub SnapshotService);
+
+impl std::fmt::Debug for SnapshotterMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotterMetrics")
+    }
+}
+
+impl SnapshotterMetrics {
+    pub fn render(&self) -> String {
+        stargaze_service::metrics::render(self.clone())
+    }
+}
+
+impl Collector for SnapshotterMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        // A read transaction: cheap, and scrapes are rare.
+        let (mut active, mut view, mut committed, mut remote) = (0, 0, 0, 0);
+        if let Ok(all) = s.store.all() {
+            for (_, r) in all {
+                match r.kind {
+                    Kind::Active => active += 1,
+                    Kind::View => view += 1,
+                    Kind::Committed => committed += 1,
+                }
+                if r.remote_dir.is_some() {
+                    remote += 1;
+                }
+            }
+        }
+        let kind = |k: &str, n: u64| (vec![("kind".to_string(), k.to_string())], n);
+        family(
+            &mut e,
+            "stargaze_snapshotter_snapshots",
+            "Snapshots in the database by kind; remote ones also count as committed",
+            MetricType::Gauge,
+            &[
+                kind("active", active),
+                kind("view", view),
+                kind("committed", committed),
+                kind("remote", remote),
+            ],
+        )?;
+        let one = |n: &AtomicU64| [(vec![], n.load(Ordering::Relaxed))];
+        family(
+            &mut e,
+            "stargaze_snapshotter_remote_prepared",
+            "Layers mounted lazily",
+            MetricType::Counter,
+            &one(&s.stats.remote_prepared),
+        )?;
+        family(
+            &mut e,
+            "stargaze_snapshotter_fallbacks",
+            "Layers with lazy-pull labels that containerd had to unpack",
+            MetricType::Counter,
+            &one(&s.stats.fallbacks),
+        )?;
+        family(
+            &mut e,
+            "stargaze_snapshotter_reattached",
+            "Remote layers re-attached after the fs service lost them",
+            MetricType::Counter,
+            &one(&s.stats.reattached),
+        )?;
+        s.stats.rpc.encode("stargaze_snapshotter", &mut e)
+    }
+}
