@@ -25,9 +25,10 @@ use stargaze_service::CommonArgs;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Directory of containerd hosts.toml files (mirrors, CAs, headers).
-    #[arg(long, default_value = "/etc/containerd/certs.d")]
-    hosts_dir: std::path::PathBuf,
+    /// Directory of containerd hosts.toml files (mirrors, CAs, headers);
+    /// overrides [fetcher] hosts_dir.
+    #[arg(long, value_name = "DIR")]
+    hosts_dir: Option<std::path::PathBuf>,
     /// Do not fetch whole layers in the background after prefetch
     /// (overrides [fetcher] background_fetch).
     #[arg(long)]
@@ -39,7 +40,11 @@ fn main() -> ExitCode {
     stargaze_service::run(
         "stargaze-fetcher",
         &args.common,
-        |_| {},
+        |config| {
+            if let Some(dir) = &args.hosts_dir {
+                config.fetcher.hosts_dir = dir.clone();
+            }
+        },
         |startup| {
             let c = startup.config.fetcher.clone();
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -56,8 +61,17 @@ fn main() -> ExitCode {
             }
             let cache = Arc::new(cache);
             let mut hosts = stargaze_registry::Hosts::new();
-            if args.hosts_dir.is_dir() {
-                hosts = hosts.with_hosts_dir(&args.hosts_dir);
+            if c.hosts_dir.is_dir() {
+                tracing::info!(dir = %c.hosts_dir.display(), "registry hosts from containerd's hosts.toml files");
+                hosts = hosts.with_hosts_dir(&c.hosts_dir);
+            }
+            if !c.stargz_config.as_os_str().is_empty() && c.stargz_config.is_file() {
+                let text = std::fs::read_to_string(&c.stargz_config)
+                    .with_context(|| format!("reading {} ([fetcher] stargz_config)", c.stargz_config.display()))?;
+                hosts = hosts.with_stargz_config_text(&text).with_context(|| {
+                    format!("{} ([fetcher] stargz_config): its [resolver] section is not valid", c.stargz_config.display())
+                })?;
+                tracing::info!(file = %c.stargz_config.display(), "registry mirrors from the Go snapshotter's [resolver]");
             }
             let client = stargaze_registry::Client::new(
                 hosts,

@@ -24,13 +24,24 @@ struct Fetcher {
 
 impl Fetcher {
     fn start(dir: &Path, metrics_port: u16) -> Fetcher {
+        Fetcher::start_with(dir, metrics_port, "")
+    }
+
+    /// `extra` lines go into the `[fetcher]` section.
+    fn start_with(dir: &Path, metrics_port: u16, extra: &str) -> Fetcher {
+        // Never the machine's Go snapshotter config, unless a test names one.
+        let extra = if extra.contains("stargz_config") {
+            extra.to_string()
+        } else {
+            format!("stargz_config = \"\"\n{extra}")
+        };
         let socket = dir.join("f.sock");
         let cache = dir.join("cache");
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n[log]\nlevel = \"debug\"\n",
+                "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n{extra}\n[log]\nlevel = \"debug\"\n",
                 socket.display(),
                 cache.display()
             ),
@@ -334,4 +345,66 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
     let content =
         std::fs::read(reader.content_path(&index.inode(ino).unwrap().digest().unwrap())).unwrap();
     assert!(content == *data);
+}
+
+/// A node switching from the Go snapshotter keeps its mirrors: the
+/// `[[resolver.host."HOST".mirrors]]` tables of its config file
+/// (`[fetcher] stargz_config`) are used unchanged. The image is named by a
+/// host that cannot resolve, so only the mirror can serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_snapshotter_resolver_mirrors_are_used() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    image::write_layout(&src, "x", "src", &[image::busybox_layer()]);
+    let out = work.path().join("out");
+    let dst = OciLayout::open_or_create(&out).unwrap();
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &dst,
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:esgz", out.display()))
+        .arg(format!("docker://{}/stargaze/mirrored:esgz", reg.addr)));
+    // A Go snapshotter config as operators write it, other keys included.
+    let go_config = work.path().join("containerd-stargz-grpc.toml");
+    std::fs::write(
+        &go_config,
+        format!(
+            "noprefetch = false\n\n[[resolver.host.\"registry.invalid\".mirrors]]\nhost = \"{}\"\ninsecure = true\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let fetcher = Fetcher::start_with(
+        work.path(),
+        stargaze_testkit::free_port(),
+        &format!("stargz_config = \"{}\"", go_config.display()),
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    let manifest = dst
+        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
+        .unwrap();
+    let desc = &manifest["layers"][0];
+    let r = client
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: "registry.invalid/stargaze/mirrored:esgz".into(),
+                digest: desc["digest"].as_str().unwrap().into(),
+                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .expect("resolved through the mirror")
+        .into_inner();
+    assert_eq!(r.format, "estargz");
+    assert!(r.toc_verified);
 }

@@ -85,6 +85,14 @@ pub struct FetcherConfig {
     pub background_silence: Duration,
     /// `host:port` serving Prometheus `/metrics`; empty = off.
     pub metrics_address: String,
+    /// Directory of containerd `hosts.toml` files (mirrors, CAs, client
+    /// certificates, headers), one subdirectory per registry host. Read if
+    /// it exists.
+    pub hosts_dir: PathBuf,
+    /// A Go Stargz Snapshotter config file whose `[resolver]` mirrors are
+    /// used as they are (the rest of it is ignored), so a node switching
+    /// keeps its mirrors. Read if it exists; empty = none.
+    pub stargz_config: PathBuf,
 }
 
 /// `[fs]`: the node's FUSE mount.
@@ -163,6 +171,8 @@ impl Default for FetcherConfig {
             background_fetch: true,
             background_silence: Duration::from_secs(2),
             metrics_address: String::new(),
+            hosts_dir: "/etc/containerd/certs.d".into(),
+            stargz_config: "/etc/containerd-stargz-grpc/config.toml".into(),
         }
     }
 }
@@ -364,6 +374,10 @@ impl Config {
             ));
         }
         check_listen("fetcher", "metrics_address", &f.metrics_address)?;
+        check_absolute("fetcher", "hosts_dir", &f.hosts_dir)?;
+        if !f.stargz_config.as_os_str().is_empty() {
+            check_absolute("fetcher", "stargz_config", &f.stargz_config)?;
+        }
 
         let s = &self.fs;
         check_socket("fs", "socket", &s.socket)?;

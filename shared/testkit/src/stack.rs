@@ -97,12 +97,15 @@ impl Stack {
             s.args[Self::index(*svc)].push(a.to_string());
         }
         let config = format!(
-            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n{}\n\
+            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n\
+             hosts_dir = \"{}\"\nstargz_config = \"\"\n{}\n\
              [fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n{}\n\
              [snapshotter]\nsocket = \"{}\"\nroot = \"{}\"\n{}\n\
              [log]\nlevel = \"info,stargaze_snapshotter=debug\"\n",
             s.fetcher_socket.display(),
             s.cache_dir.display(),
+            // Private: never the machine's registry configuration.
+            dir.join("certs.d").display(),
             section("fetcher"),
             s.fs_socket.display(),
             s.mountpoint.display(),
