@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,8 @@ pub struct FsShared {
     pub counters: Arc<FsCounters>,
     /// Failed reads, for `stargaze status`.
     pub errors: stargaze_service::metrics::RecentErrors,
+    /// FUSE passthrough of files complete in the cache.
+    pub passthrough: Passthrough,
     /// Set once mounted: tells the kernel to forget entries (on detach).
     pub notifier: Mutex<Option<fuser::Notifier>>,
     handles: Mutex<HashMap<u64, Arc<std::fs::File>>>,
@@ -68,10 +70,77 @@ impl FsShared {
             fetch_errors: AtomicU64::new(0),
             counters: Arc::default(),
             errors: Default::default(),
+            passthrough: Passthrough::default(),
             notifier: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+}
+
+/// FUSE passthrough: a file whose every chunk is in the cache is opened with
+/// its cache file as the kernel's backing file, so reads never reach this
+/// process. Asked for with `[fs] passthrough`; the kernel must offer it at
+/// init (Linux >= 6.9) and accept the backing file (root, cache on a
+/// non-stacked filesystem). If either refuses, files are served through
+/// `read` as before and the reason is logged once.
+#[derive(Default)]
+pub struct Passthrough {
+    /// Asked for in the configuration.
+    pub wanted: AtomicBool,
+    /// Granted by the kernel and not given up after a refused backing file.
+    pub active: AtomicBool,
+    /// Backing ids by open handle (closed when the last handle of the
+    /// inode is released) and by inode (shared by concurrent opens).
+    by_handle: Mutex<HashMap<u64, Arc<fuser::BackingId>>>,
+    by_inode: Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>,
+    /// Files opened with passthrough.
+    pub opens: AtomicU64,
+    /// Handles opened without passthrough, by handle → inode, and their
+    /// count per inode. The kernel refuses (EIO) a passthrough open of an
+    /// inode that has files open in cached mode, e.g. a binary that started
+    /// running before it was complete: such an inode is opened in cached
+    /// mode until its last cached handle is released.
+    cached: Mutex<(HashMap<u64, u64>, HashMap<u64, u32>)>,
+}
+
+impl Passthrough {
+    /// Stop using passthrough, saying why once.
+    fn give_up(&self, why: &str) {
+        if self.active.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                reason = why,
+                "FUSE passthrough off: files are served through read()"
+            );
+        }
+    }
+
+    fn release(&self, fh: u64) {
+        self.by_handle.lock().expect("backing ids").remove(&fh);
+        let mut cached = self.cached.lock().expect("cached opens");
+        let (handles, per_inode) = &mut *cached;
+        if let Some(ino) = handles.remove(&fh)
+            && let Some(n) = per_inode.get_mut(&ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                per_inode.remove(&ino);
+            }
+        }
+    }
+
+    fn has_backing(&self, ino: u64) -> bool {
+        self.by_inode
+            .lock()
+            .expect("backing ids")
+            .get(&ino)
+            .is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// Record a handle opened in cached mode.
+    fn cached_open(&self, cached: &mut (HashMap<u64, u64>, HashMap<u64, u32>), fh: u64, ino: u64) {
+        cached.0.insert(fh, ino);
+        *cached.1.entry(ino).or_default() += 1;
     }
 }
 
@@ -229,6 +298,38 @@ impl StargazeFs {
         Ok(buf)
     }
 
+    /// The kernel backing id of a complete file's cache file, shared by all
+    /// open handles of the inode and kept until the last one is released.
+    fn backing(
+        &self,
+        a: &Attached,
+        local: u64,
+        fh: u64,
+        reply: &ReplyOpen,
+    ) -> std::io::Result<Arc<fuser::BackingId>> {
+        let p = &self.shared.passthrough;
+        let ino = a.global(local);
+        let mut by_inode = p.by_inode.lock().expect("backing ids");
+        let id = match by_inode.get(&ino).and_then(std::sync::Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let n = a.index.inode(local).ok_or(std::io::ErrorKind::NotFound)?;
+                let key = n.digest().ok_or(std::io::ErrorKind::NotFound)?;
+                let file = std::fs::File::open(a.cache.content_path(&key))?;
+                let id = Arc::new(reply.open_backing(&file)?);
+                by_inode.retain(|_, w| w.strong_count() > 0);
+                by_inode.insert(ino, Arc::downgrade(&id));
+                id
+            }
+        };
+        drop(by_inode);
+        p.by_handle
+            .lock()
+            .expect("backing ids")
+            .insert(fh, id.clone());
+        Ok(id)
+    }
+
     /// The open cache file of a handle (opened on first use: the file may
     /// not exist before the first chunk arrives).
     fn content(&self, a: &Attached, local: u64, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
@@ -251,7 +352,6 @@ impl StargazeFs {
     }
 }
 
-/// Are the chunks of `[offset, end)` all present?
 /// Small regular files that follow `local` in its directory (name order,
 /// which is also the order image builders write them), not yet present.
 fn small_siblings(a: &Attached, local: u64) -> Vec<(u64, u64)> {
@@ -290,6 +390,7 @@ fn small_siblings(a: &Attached, local: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Are the chunks of `[offset, end)` all present?
 fn present(a: &Attached, local: u64, offset: u64, end: u64) -> bool {
     let Some(n) = a.index.inode(local) else {
         return false;
@@ -310,6 +411,26 @@ fn present(a: &Attached, local: u64, offset: u64, end: u64) -> bool {
 }
 
 impl Filesystem for StargazeFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        let p = &self.shared.passthrough;
+        if !p.wanted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH) {
+            Ok(()) => {
+                // Depth 1: the mount itself can still be a lower layer of an
+                // overlay (the kernel allows two levels of stacking).
+                let _ = config.set_max_stack_depth(1);
+                p.active.store(true, Ordering::Release);
+                tracing::info!("FUSE passthrough on for files complete in the cache");
+            }
+            Err(_) => tracing::warn!(
+                "FUSE passthrough is configured but this kernel does not offer it (needs Linux >= 6.9): files are served through read()"
+            ),
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _timer = self.shared.counters.timer(Op::Lookup);
         let parent = u64::from(parent);
@@ -379,6 +500,41 @@ impl Filesystem for StargazeFs {
         match a.index.inode(local) {
             Some(n) if n.is_reg() => {
                 let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed);
+                let p = &self.shared.passthrough;
+                let ino = a.global(local);
+                // Held across the decision and the reply, so a concurrent
+                // open of the same inode cannot choose the other mode.
+                let mut cached = p.cached.lock().expect("cached opens");
+                // An inode with a live backing file stays in passthrough
+                // mode even if passthrough was given up meanwhile: the
+                // kernel refuses mixing the modes on one inode.
+                if n.size() > 0
+                    && !cached.1.contains_key(&ino)
+                    && (p.has_backing(ino)
+                        || (p.active.load(Ordering::Acquire) && present(&a, local, 0, n.size())))
+                {
+                    match self.backing(&a, local, fh, &reply) {
+                        Ok(id) => {
+                            p.opens.fetch_add(1, Ordering::Relaxed);
+                            return reply.opened_passthrough(
+                                FileHandle(fh),
+                                FopenFlags::empty(),
+                                &id,
+                            );
+                        }
+                        // The cache file vanished: serve through read().
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        // The kernel refused the backing file (not root, a
+                        // stacked cache filesystem): it would refuse again.
+                        Err(e) => p.give_up(&format!(
+                            "the kernel refused a cache file as backing file ({e}); put the cache on a local non-stacked filesystem and run as root"
+                        )),
+                    }
+                }
+                if p.wanted.load(Ordering::Relaxed) {
+                    p.cached_open(&mut cached, fh, ino);
+                }
+                drop(cached);
                 // The layer never changes: let the kernel keep cached pages.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
@@ -499,6 +655,7 @@ impl Filesystem for StargazeFs {
             .lock()
             .expect("handles")
             .remove(&u64::from(fh));
+        self.shared.passthrough.release(u64::from(fh));
         reply.ok();
     }
 

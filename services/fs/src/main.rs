@@ -66,11 +66,9 @@ fn main() -> ExitCode {
                 .with_context(|| format!("creating the mountpoint {}", c.mountpoint.display()))?;
             let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
             let shared = Arc::new(FsShared::new(source, handle, c.entry_timeout.max(c.attr_timeout)));
+            shared.passthrough.wanted.store(c.passthrough, std::sync::atomic::Ordering::Release);
             let session = stargaze_fs::mount(shared.clone(), &c.mountpoint, c.n_threads as usize)
                 .with_context(|| format!("mounting FUSE at {}", c.mountpoint.display()))?;
-            if c.passthrough {
-                tracing::warn!("passthrough is configured but not implemented yet: files are served through read()");
-            }
             let rpc = Arc::new(stargaze_service::metrics::RpcMetrics::default());
             if !c.metrics_address.is_empty() {
                 let metrics = Arc::new(stargaze_fs::metrics::FsMetrics {
@@ -88,7 +86,6 @@ fn main() -> ExitCode {
             let service = FsService {
                 shared,
                 mountpoint: c.mountpoint.clone(),
-                passthrough: false,
                 fuse_threads: c.n_threads,
             };
             let listener = stargaze_proto::bind_unix(&c.socket).await?;

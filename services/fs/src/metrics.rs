@@ -12,6 +12,8 @@
 //! | `stargaze_fs_layers_attached` | | layers attached to the mount |
 //! | `stargaze_fs_layer_chunks` / `_chunks_present` | layer | chunks of each attached layer, and how many are cached |
 //! | `stargaze_fs_fuse_threads` | | threads serving FUSE requests (fixed; does not grow with layers) |
+//! | `stargaze_fs_passthrough_active` | | 1 when files complete in the cache are opened with FUSE passthrough |
+//! | `stargaze_fs_passthrough_opens_total` | | files opened with passthrough (their reads bypass this process and the counters above) |
 //! | `stargaze_fs_grpc_requests_total` | method, code | `stargaze.v1.Fs` requests |
 //! | `stargaze_fs_grpc_request_duration_seconds` | method | their latency |
 
@@ -179,6 +181,21 @@ impl Collector for FsMetrics {
             "Threads serving FUSE requests",
             MetricType::Gauge,
             &[(vec![], self.fuse_threads)],
+        )?;
+        let p = &self.shared.passthrough;
+        family(
+            &mut e,
+            "stargaze_fs_passthrough_active",
+            "1 when complete files are opened with FUSE passthrough",
+            MetricType::Gauge,
+            &[(vec![], u64::from(p.active.load(Ordering::Acquire)))],
+        )?;
+        family(
+            &mut e,
+            "stargaze_fs_passthrough_opens",
+            "Files opened with FUSE passthrough",
+            MetricType::Counter,
+            &[(vec![], p.opens.load(Ordering::Relaxed))],
         )?;
         self.rpc.encode("stargaze_fs", &mut e)
     }

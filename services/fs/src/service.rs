@@ -16,7 +16,6 @@ use crate::layers::AttachError;
 pub struct FsService {
     pub shared: Arc<FsShared>,
     pub mountpoint: PathBuf,
-    pub passthrough: bool,
     pub fuse_threads: u32,
 }
 
@@ -120,7 +119,7 @@ impl Fs for FsService {
         Ok(Response::new(FsStatusResponse {
             mountpoint: self.mountpoint.display().to_string(),
             layers: l.len() as u32,
-            passthrough: self.passthrough,
+            passthrough: self.shared.passthrough.active.load(Ordering::Acquire),
             // Node-wide, including layers detached since.
             bytes_from_cache: c.bytes_from_cache.load(Ordering::Relaxed),
             bytes_after_fetch: c.bytes_after_fetch.load(Ordering::Relaxed),

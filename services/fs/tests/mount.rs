@@ -418,3 +418,96 @@ async fn many_readers_of_a_cold_file_fetch_each_chunk_once() {
     let a = shared.layers.by_name(&digest[7..]).unwrap();
     assert!(a.stats.bytes_after_fetch.load(Ordering::Relaxed) > 0);
 }
+
+/// Does this kernel offer FUSE passthrough (Linux >= 6.9)?
+fn kernel_has_passthrough() -> bool {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 9)
+}
+
+/// A file complete in the cache is opened with FUSE passthrough (the kernel
+/// reads the cache file itself) and still reads the same, also through an
+/// overlay stacked on the mount (max_stack_depth 1). A file that is not
+/// complete yet is served through read().
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_files_are_opened_with_passthrough() {
+    if !can_mount() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (shared, layer, digest) = setup(&layer_tar(), work.path()).await;
+    shared.passthrough.wanted.store(true, Ordering::Release);
+    let m = mount(shared.clone());
+    let layer_dir = m.dir.path().join(&digest[7..]);
+    let ino = layer.index.lookup_path("srv/big.bin").unwrap();
+    let want = layer.index.inode(ino).unwrap().digest().unwrap();
+    let p = &shared.passthrough;
+
+    // Cold: the file is not complete at open, so it goes through read().
+    // It stays open (as a running binary would) while it becomes complete.
+    let big = layer_dir.join("srv/big.bin");
+    let mut first = std::fs::File::open(&big).unwrap();
+    let mut cold = Vec::new();
+    std::io::Read::read_to_end(&mut first, &mut cold).unwrap();
+    assert_eq!(stargaze_format::Digest::of(&cold), want);
+    assert_eq!(p.opens.load(Ordering::Relaxed), 0);
+    // Complete now, but the kernel refuses passthrough for an inode with a
+    // file open in cached mode: a second open must still work, cached.
+    let again = std::fs::read(&big).unwrap();
+    assert_eq!(stargaze_format::Digest::of(&again), want);
+    assert_eq!(p.opens.load(Ordering::Relaxed), 0);
+    drop(first);
+    if !kernel_has_passthrough() {
+        assert!(!p.active.load(Ordering::Acquire));
+        eprintln!("this kernel has no FUSE passthrough: checked the fallback only");
+        return;
+    }
+    assert!(
+        p.active.load(Ordering::Acquire),
+        "the kernel offers passthrough but it is not active"
+    );
+
+    // Once the cached handles are released (FUSE_RELEASE arrives
+    // asynchronously after close), opens use passthrough; same bytes.
+    let mut tries = 0;
+    while p.opens.load(Ordering::Relaxed) == 0 {
+        tries += 1;
+        assert!(
+            tries < 100,
+            "no passthrough open after the cached handles closed"
+        );
+        let warm = std::fs::read(&big).unwrap();
+        assert_eq!(stargaze_format::Digest::of(&warm), want);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.active.load(Ordering::Acquire), "passthrough was given up");
+
+    // An overlay can still stack on the mount and read through it.
+    let (upper, lower_work, merged) = (
+        work.path().join("upper"),
+        work.path().join("work"),
+        work.path().join("merged"),
+    );
+    for d in [&upper, &lower_work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            layer_dir.display(),
+            upper.display(),
+            lower_work.display()
+        ))
+        .arg(&merged));
+    let through_overlay = std::fs::read(merged.join("srv/big.bin"));
+    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(stargaze_format::Digest::of(&through_overlay.unwrap()), want);
+    assert!(p.opens.load(Ordering::Relaxed) >= 2);
+}

@@ -105,7 +105,9 @@ pub struct FsConfig {
     pub mountpoint: PathBuf,
     /// Threads serving FUSE requests.
     pub n_threads: u32,
-    /// Serve fully cached files with FUSE passthrough (kernel >= 6.9, root).
+    /// Open files complete in the cache with FUSE passthrough (kernel >=
+    /// 6.9, root, cache on a non-stacked filesystem); falls back to serving
+    /// reads itself, logged once, where that is not possible.
     pub passthrough: bool,
     /// How long the kernel may cache a name lookup.
     #[serde(with = "duration")]
@@ -183,7 +185,7 @@ impl Default for FsConfig {
             socket: "/run/stargaze/fs.sock".into(),
             mountpoint: "/run/stargaze/mnt".into(),
             n_threads: 4,
-            passthrough: false,
+            passthrough: true,
             entry_timeout: Duration::from_secs(3600),
             attr_timeout: Duration::from_secs(3600),
             metrics_address: String::new(),
