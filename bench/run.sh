@@ -6,12 +6,15 @@
 #   index         TOC index of a 100k-entry layer: size, open, lookups
 #   fetch         fetcher: whole layer vs curl, decode vs a single-core loop,
 #                 merge ratio of random reads, service RSS
+#   fs            fs service: cached reads through FUSE (with and without
+#                 passthrough) vs the local disk, stat of a 100k-file layer,
+#                 service RSS and threads with 1 and 500 layers (needs root)
 #   startup.sh    cold start of a container: full pull vs the Go Stargz
 #                 Snapshotter vs stargaze over a shaped link (needs root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== building release binaries"
-cargo build --release -q -p stargaze-cli -p stargaze-bench -p stargaze-fetcher
+cargo build --release -q -p stargaze-cli -p stargaze-bench -p stargaze-fetcher -p stargaze-fs
 mkdir -p bench/results
 bash bench/convert.sh
 echo
@@ -20,6 +23,9 @@ echo "== TOC index, 100k-entry layer"
 echo
 echo "== fetcher"
 ./target/release/fetch | tee bench/results/fetch.md
+echo
+echo "== fs service"
+./target/release/fs | tee bench/results/fs.md
 echo
 echo "== cold start (bench/startup.sh)"
 bash bench/startup.sh

@@ -659,6 +659,19 @@ impl Filesystem for StargazeFs {
         reply.ok();
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Read-only: nothing to write back. (Left unimplemented, fuser
+        // would log a warning for the first close on every mount.)
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         _req: &Request,
