@@ -288,7 +288,6 @@ async fn service_footprint(work: &Path) -> [(f64, u64); 2] {
                 layer_digest: l.digest.clone(),
                 index_path: cache.index_path(&l.digest).display().to_string(),
                 presence_path: cache.presence_path(&l.digest).display().to_string(),
-                ..Default::default()
             })
             .await
             .expect("attach");
