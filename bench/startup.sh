@@ -19,7 +19,8 @@
 # empty roots and caches, the registry's files in the page cache (it stands
 # for a remote server). Per round: pull time, run time (to the workload's
 # exit), total, registry requests and bytes (from its access log), and the
-# peak RSS of the snapshotter processes. Results: bench/results/startup.md.
+# peak RSS of the snapshotter processes. Results: bench/results/startup.md
+# and a bar chart of it, bench/results/startup.png (bench/chart.py).
 #
 # Environment: ROUNDS [5] rounds per method and workload (READALL_ROUNDS [1]
 # for readall), RATE [100mbit],
@@ -113,7 +114,7 @@ need_packages() {
 }
 log "tools"
 bash scripts/deps.sh >/dev/null
-need_packages debootstrap iptables gcc libc6-dev
+need_packages debootstrap iptables gcc libc6-dev python3-matplotlib
 cargo build --release -q -p stargaze-cli -p stargaze-fetcher -p stargaze-fs -p stargaze-snapshotter
 BIN=$ROOT/target/release
 [[ -f $SHARED/tools/nfdelay.c ]] || die "$SHARED/tools/nfdelay.c is missing (the team's tools live in ../shared beside the checkout)"
@@ -505,3 +506,5 @@ times = [open(os.path.join(work, f)).read().strip() for f in ("convert-times.txt
 print("Conversion of the image: " + "; ".join(times) + ".")
 PY
 cat "$ROOT/bench/results/startup.md"
+# Debian's python3 (with python3-matplotlib), whatever python3 is first on PATH.
+/usr/bin/python3 "$ROOT/bench/chart.py" "$ROOT/bench/results/startup.md" "$ROOT/bench/results/startup.png"

@@ -8,7 +8,8 @@
 # `python3 -c 'print("hi")'` twice from a cold node:
 #   1. full pull: `ctr image pull` + `ctr run` on containerd's overlayfs;
 #   2. lazy pull: `stargaze rpull` + `ctr run --snapshotter stargaze`;
-# and print both times and how many bytes each read from the registry.
+# and print both times and how many bytes each read from the registry, then
+# what `stargaze status` reports about the node.
 # Needs root (containerd, FUSE). Leaves nothing running or mounted.
 set -euo pipefail
 
@@ -195,3 +196,6 @@ awk -v t0="$t0" -v t1="$t1" -v t2="$t2" -v t3="$t3" -v t4="$t4" -v t5="$t5" \
 }'
 echo "   stargaze-fetcher: $rpull_requests registry requests to mount 3 layers, $lazy_requests by the end of the run"
 echo "   (loopback registry, no network delay; 'make bench' measures a shaped link)"
+
+say "stargaze status: what the services report about this node"
+"$BIN/stargaze" status --config "$W/stargaze.toml" | sed 's/^/   /' || true
