@@ -37,6 +37,9 @@ const MAX_WARM_TAILS: usize = 256;
 /// Default quiet period before background fetches (the Go snapshotter
 /// waits 2 s of silence too).
 pub const DEFAULT_BACKGROUND_SILENCE: Duration = Duration::from_secs(2);
+/// Default upper bound on that wait: cold starts of ordinary containers are
+/// over well before it.
+pub const DEFAULT_BACKGROUND_MAX_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct LayerInfo {
@@ -55,6 +58,8 @@ pub(crate) struct Shared {
     background: bool,
     /// Background fetches wait until on-demand work has been quiet this long.
     background_silence: Duration,
+    /// ... but for at most this long after the layer's prefetch.
+    background_max_wait: Duration,
     activity: Activity,
     /// Tails read ahead by WarmLayers, by digest, until the layer's resolve
     /// takes them.
@@ -111,15 +116,20 @@ impl Activity {
         OnDemand(self)
     }
 
-    /// Wait until nothing on-demand has run for `silence`.
-    async fn quiet(&self, silence: Duration) {
+    /// Wait until nothing on-demand has run for `silence`, or until
+    /// `deadline`: a workload that never pauses (a build, a test suite, one
+    /// reading most of the image) would otherwise starve the background
+    /// fetch and pay a small request per miss for the whole layer.
+    async fn quiet(&self, silence: Duration, deadline: Instant) {
         loop {
             let busy = self.in_flight.load(Ordering::Acquire) > 0;
             let since = self.last_end.lock().expect("activity").elapsed();
-            if !busy && since >= silence {
+            let now = Instant::now();
+            if (!busy && since >= silence) || now >= deadline {
                 return;
             }
             let wait = if busy { silence } else { silence - since };
+            let wait = wait.min(deadline - now);
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
     }
@@ -210,6 +220,7 @@ impl FetcherService {
                 prefetch_size,
                 background,
                 background_silence: DEFAULT_BACKGROUND_SILENCE,
+                background_max_wait: DEFAULT_BACKGROUND_MAX_WAIT,
                 activity: Activity::new(),
                 tails: Mutex::new(HashMap::new()),
                 layers: Mutex::new(HashMap::new()),
@@ -220,10 +231,16 @@ impl FetcherService {
         }
     }
 
-    /// Set the quiet period background fetches wait for (before serving).
-    pub fn with_background_silence(mut self, silence: Duration) -> FetcherService {
+    /// Set the quiet period background fetches wait for, and for how long
+    /// at most (before serving).
+    pub fn with_background_silence(
+        mut self,
+        silence: Duration,
+        max_wait: Duration,
+    ) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.background_silence = silence;
+            shared.background_max_wait = max_wait;
         }
         self
     }
@@ -424,8 +441,12 @@ impl FetcherService {
     async fn background(shared: &Shared, layer: &Arc<Layer>) -> Result<u64, FetchError> {
         let rest = Self::ranges_below(layer, None);
         let mut bytes = 0;
+        let deadline = Instant::now() + shared.background_max_wait;
         for batch in rest.chunks(BACKGROUND_BATCH) {
-            shared.activity.quiet(shared.background_silence).await;
+            shared
+                .activity
+                .quiet(shared.background_silence, deadline)
+                .await;
             // Chunks fetched on demand meanwhile are skipped by the engine.
             bytes += layer.fetch(batch).await?.bytes_fetched;
         }
@@ -744,4 +765,40 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn background_waits_for_quiet_but_not_past_the_deadline() {
+        let a = Activity::new();
+        // Quiet long enough already: no wait.
+        *a.last_end.lock().unwrap() = Instant::now() - Duration::from_secs(5);
+        let t = Instant::now();
+        a.quiet(Duration::from_secs(2), t + Duration::from_secs(60))
+            .await;
+        assert!(t.elapsed() < Duration::from_millis(100));
+        // Busy the whole time: the deadline ends the wait.
+        let busy = a.begin();
+        let t = Instant::now();
+        a.quiet(Duration::from_secs(2), t + Duration::from_millis(200))
+            .await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(1),
+            "{waited:?}"
+        );
+        // Not busy any more, but work ended just now: waits for the silence.
+        drop(busy);
+        let t = Instant::now();
+        a.quiet(Duration::from_millis(300), t + Duration::from_secs(60))
+            .await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 }

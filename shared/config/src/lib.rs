@@ -83,6 +83,11 @@ pub struct FetcherConfig {
     /// that they never hold up a starting container on a slow link.
     #[serde(with = "duration")]
     pub background_silence: Duration,
+    /// ... but only for this long after a layer's prefetch; then they run
+    /// alongside on-demand reads, so a workload that never pauses still gets
+    /// the layer in large requests.
+    #[serde(with = "duration")]
+    pub background_max_wait: Duration,
     /// `host:port` serving Prometheus `/metrics`; empty = off.
     pub metrics_address: String,
     /// Directory of containerd `hosts.toml` files (mirrors, CAs, client
@@ -172,6 +177,7 @@ impl Default for FetcherConfig {
             prefetch_size: 0,
             background_fetch: true,
             background_silence: Duration::from_secs(2),
+            background_max_wait: Duration::from_secs(10),
             metrics_address: String::new(),
             hosts_dir: "/etc/containerd/certs.d".into(),
             stargz_config: "/etc/containerd-stargz-grpc/config.toml".into(),
