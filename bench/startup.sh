@@ -25,8 +25,9 @@
 # Environment: ROUNDS [5] rounds per method and workload (READALL_ROUNDS [1]
 # for readall), RATE [100mbit],
 # RTT_MS [20], WORK [/tmp/stargaze-startup], WORKLOADS [hello imports warm
-# readall], METHODS [overlayfs go-stargz stargaze], KEEP [0] (1 keeps the
-# daemons and network for a look).
+# readall], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS [hello
+# readall] (one more round of each with the link unshaped; "" = none), KEEP
+# [0] (1 keeps the daemons and network for a look).
 # Needs root. Touches nothing outside $WORK but one network namespace, one
 # veth pair and its own processes, all removed at exit.
 set -euo pipefail
@@ -37,6 +38,7 @@ W=${WORK:-/tmp/stargaze-startup}
 ROUNDS=${ROUNDS:-5}
 RATE=${RATE:-100mbit}
 RTT_MS=${RTT_MS:-20}
+LOOPBACK_WORKLOADS=${LOOPBACK_WORKLOADS-hello readall}
 WORKLOADS=${WORKLOADS:-hello imports warm readall}
 KEEP=${KEEP:-0}
 NS=sgbench VH=sgb0 VN=sgb1 HOST_IP=10.213.41.1 REG_IP=10.213.41.2 PORT=5301 QNUM=7713
@@ -388,8 +390,8 @@ run_container() { # snapshotter ref id argv...
     shift 3
     ctr_ run --rm --snapshotter "$sn" "$ref" "$id" "$@"
 }
-round() { # workload method
-    local wl=$1 method=$2 ref pull sn daemons
+round() { # workload method [label]
+    local wl=$1 method=$2 label=${3:-$1} ref pull sn daemons
     case $method in
     overlayfs) ref=$REG/$REPO:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
     go-stargz) ref=$REG/$REPO:esgz-go sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
@@ -419,7 +421,7 @@ round() { # workload method
     tr=$(since "$t1")
     tt=$(since "$t0")
     reg=$(regsum "$m")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$method" "$tt" "$tp" "$tr" "$reg" "$(rss_kb $daemons)" "$out" | tee -a "$RESULTS" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$method" "$tt" "$tp" "$tr" "$reg" "$(rss_kb $daemons)" "$out" | tee -a "$RESULTS" >&2
 }
 
 log "link check"
@@ -446,6 +448,14 @@ for wl in $WORKLOADS; do
     done
 done
 shape_off
+# The same workloads without shaping or delay (the veth alone): what is left
+# when the link is not the bottleneck.
+for wl in $LOOPBACK_WORKLOADS; do
+    for method in "${methods[@]}"; do
+        log "$wl unshaped: $method"
+        round "$wl" "$method" "$wl@unshaped"
+    done
+done
 remove_images
 
 # ------------------------------------------------------------------ report
@@ -468,10 +478,14 @@ workloads = []
 for r in rows:
     if r[0] not in workloads:
         workloads.append(r[0])
-desc = {"hello": "`python3 -c 'print(\"hi\")'`", "imports": "python3 importing json, email, http.server, sqlite3, unittest, asyncio, xml.dom.minidom",
+base_desc = {"hello": "`python3 -c 'print(\"hi\")'`", "imports": "python3 importing json, email, http.server, sqlite3, unittest, asyncio, xml.dom.minidom",
         "readall": "`find /usr -type f -exec cat {} +` (reads most of the image)", "warm": "a second container of the same image (node already warm); pull column = 0"}
+def desc(wl):
+    base, _, link = wl.partition("@")
+    d = base_desc.get(base, base)
+    return d + (", unshaped link (no tbf, no added delay), 1 round" if link else "")
 for wl in workloads:
-    print(f"## {wl}: {desc.get(wl, wl)}\n")
+    print(f"## {wl}: {desc(wl)}\n")
     print("| method | total s | pull s | run s | registry requests | MB from registry | peak RSS of snapshotter processes MB | output |")
     print("|---|---|---|---|---|---|---|---|")
     med = {}

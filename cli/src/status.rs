@@ -93,6 +93,8 @@ struct CacheState {
     chunks_verified: u64,
     verification_failures: u64,
     recovered_from_unclean_stop: bool,
+    /// Layers are fetched whole in the background after their prefetch.
+    background_fetch: bool,
     /// Bytes read by containers that were in the cache when asked for, as a
     /// fraction of all bytes read (fs counters); `null` before any read.
     read_hit_rate: Option<f64>,
@@ -319,6 +321,7 @@ async fn gather(config: &stargaze_config::Config) -> Report {
             chunks_verified: s.chunks_verified,
             verification_failures: s.verification_failures,
             recovered_from_unclean_stop: s.recovered_from_unclean_stop,
+            background_fetch: s.background_fetch,
             read_hit_rate,
         }
     });
@@ -403,6 +406,7 @@ fn print_table(r: &Report) {
     } else {
         println!("lazily pulled images (file bytes in the cache / in the layers)");
     }
+    let background = r.cache.as_ref().is_none_or(|c| c.background_fetch);
     for i in &r.images {
         println!(
             "  {}  {} layers, {} of {} fetched ({})",
@@ -417,6 +421,8 @@ fn print_table(r: &Report) {
                 "NOT ATTACHED (re-attached when a container uses it)"
             } else if l.complete {
                 "complete"
+            } else if !background && l.prefetch_done {
+                "fetched on demand (background fetch off)"
             } else if l.background_done {
                 "background fetch stopped"
             } else if l.prefetch_done {
