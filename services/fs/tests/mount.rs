@@ -1,6 +1,7 @@
 //! Real FUSE mounts (needs root and /dev/fuse; skipped with a message
-//! otherwise): the mounted layer against GNU tar's extraction of the same
-//! tar, field by field, and concurrent cold reads.
+//! otherwise): the mounted layer, converted by our converter and by the Go
+//! estargz library `ctr-remote` uses, against GNU tar's extraction of the
+//! same tar, field by field; concurrent cold reads; passthrough.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -267,16 +268,51 @@ impl Drop for Mounted {
     }
 }
 
+/// Which converter writes the layer.
+#[derive(Clone, Copy)]
+enum Converter {
+    Stargaze,
+    /// The Go estargz library, as `ctr-remote image convert --estargz`
+    /// runs it (`tests/go/esgz-build`).
+    Go,
+}
+
 async fn setup(tar: &[u8], work: &Path) -> (Arc<FsShared>, Arc<Layer>, String) {
-    let mut blob = Vec::new();
-    let opts = stargaze_format::ConvertOptions {
-        chunk_size: 256 << 10,
-        ..Default::default()
-    };
-    let res = stargaze_format::convert("t", tar, &mut blob, &opts, None).unwrap();
+    setup_with(tar, work, Converter::Stargaze).await
+}
+
+async fn setup_with(
+    tar: &[u8],
+    work: &Path,
+    converter: Converter,
+) -> (Arc<FsShared>, Arc<Layer>, String) {
     let blob_path = work.join("blob");
-    std::fs::write(&blob_path, &blob).unwrap();
-    let digest = res.digest.to_string();
+    let toc_digest: stargaze_format::Digest = match converter {
+        Converter::Stargaze => {
+            let mut blob = Vec::new();
+            let opts = stargaze_format::ConvertOptions {
+                chunk_size: 256 << 10,
+                ..Default::default()
+            };
+            let res = stargaze_format::convert("t", tar, &mut blob, &opts, None).unwrap();
+            std::fs::write(&blob_path, &blob).unwrap();
+            res.toc_digest
+        }
+        Converter::Go => {
+            let tar_path = work.join("layer-for-go.tar");
+            std::fs::write(&tar_path, tar).unwrap();
+            let out = run(Command::new(stargaze_testkit::go_build("esgz-build"))
+                .arg(&tar_path)
+                .arg(&blob_path)
+                .arg((256 << 10).to_string()));
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        }
+    };
+    let digest = stargaze_format::Digest::of(&std::fs::read(&blob_path).unwrap()).to_string();
     let cache_dir = work.join("cache");
     let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
     let fopts = stargaze_fetcher::FetchOptions {
@@ -288,7 +324,7 @@ async fn setup(tar: &[u8], work: &Path) -> (Arc<FsShared>, Arc<Layer>, String) {
             cache.clone(),
             Arc::new(FileBlob::open(&blob_path).unwrap()),
             &digest,
-            Some(res.toc_digest),
+            Some(toc_digest),
             false,
             &fopts,
         )
@@ -326,12 +362,22 @@ fn mount(shared: Arc<FsShared>) -> Mounted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mounted_layer_is_the_tree_gnu_tar_extracts() {
+    mounted_tree_equals_gnu_tar(Converter::Stargaze).await;
+}
+
+/// The same for a layer written by the Go converter (`ctr-remote`'s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_converted_by_the_go_library_is_the_tree_gnu_tar_extracts() {
+    mounted_tree_equals_gnu_tar(Converter::Go).await;
+}
+
+async fn mounted_tree_equals_gnu_tar(converter: Converter) {
     if !can_mount() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
     let tar = layer_tar();
-    let (shared, _layer, digest) = setup(&tar, work.path()).await;
+    let (shared, _layer, digest) = setup_with(&tar, work.path(), converter).await;
     let m = mount(shared);
     let layer_dir = m.dir.path().join(&digest[7..]);
 
