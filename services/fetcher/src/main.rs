@@ -59,6 +59,13 @@ fn main() -> ExitCode {
                 let r = tokio::task::block_in_place(|| stargaze_fetcher::recover::reverify(&cache));
                 tracing::warn!(layers = r.layers, checked = r.chunks_checked, cleared = r.chunks_cleared, "re-verification done");
             }
+            let mut cache = cache;
+            if c.cache_io == stargaze_service::config::CacheIo::IoUring {
+                match cache.use_io_uring() {
+                    Ok(()) => tracing::info!("cache writes go through io_uring"),
+                    Err(e) => tracing::warn!(error = %e, "io_uring is not available: cache writes use pwrite"),
+                }
+            }
             let cache = Arc::new(cache);
             let mut hosts = stargaze_registry::Hosts::new();
             if c.hosts_dir.is_dir() {

@@ -12,6 +12,8 @@ use crate::CacheError;
 pub struct ContentFile {
     file: std::fs::File,
     path: PathBuf,
+    /// Set by [`crate::Cache::content_writer`] when writes go through io_uring.
+    pub(crate) uring: Option<std::sync::Arc<crate::uring::UringWriter>>,
 }
 
 impl ContentFile {
@@ -38,6 +40,7 @@ impl ContentFile {
         Ok(ContentFile {
             file,
             path: path.to_path_buf(),
+            uring: None,
         })
     }
 
@@ -46,6 +49,7 @@ impl ContentFile {
         Ok(ContentFile {
             file,
             path: path.to_path_buf(),
+            uring: None,
         })
     }
 
@@ -57,11 +61,14 @@ impl ContentFile {
         &self.file
     }
 
-    /// Write verified bytes at `offset` (pwrite; returns when the kernel has them).
+    /// Write verified bytes at `offset` (pwrite or io_uring; returns when
+    /// the kernel has them).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), CacheError> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| CacheError::io(&self.path, e))
+        match &self.uring {
+            Some(u) => u.write_all_at(&self.file, data, offset),
+            None => self.file.write_all_at(data, offset),
+        }
+        .map_err(|e| CacheError::io(&self.path, e))
     }
 
     /// Read exactly `buf.len()` bytes at `offset`.

@@ -18,12 +18,17 @@
 //! so a file shared by many layers or images is stored once; presence is per
 //! layer because layers may chunk the same file differently.
 //!
+//! Content writes are `pwrite`s, or go through io_uring on a dedicated
+//! thread after [`Cache::use_io_uring`] ([`uring`]); either way a write has
+//! returned before its presence bit is set.
+//!
 //! [`Cache::open_writer`] detects an unclean stop (no `clean` marker): the
 //! fetcher must then re-verify present chunks before trusting them
 //! ([`verify_range`]), because bits and data are not flushed in order.
 
 mod content;
 mod presence;
+pub mod uring;
 
 pub use content::{ContentFile, verify_range};
 pub use presence::{PRESENCE_HEADER, PresenceMap};
@@ -67,6 +72,8 @@ pub struct Cache {
     /// Held by the writer: an exclusive flock on `<root>/lock`.
     _lock: Option<File>,
     unclean: bool,
+    /// Content writes go through this ring when set.
+    uring: Option<std::sync::Arc<uring::UringWriter>>,
 }
 
 /// Mode of a content file that is complete and verified.
@@ -119,6 +126,7 @@ impl Cache {
             root: root.to_path_buf(),
             _lock: Some(lock),
             unclean,
+            uring: None,
         })
     }
 
@@ -128,6 +136,7 @@ impl Cache {
             root: root.to_path_buf(),
             _lock: None,
             unclean: false,
+            uring: None,
         }
     }
 
@@ -198,7 +207,21 @@ impl Cache {
         file_digest: &Digest,
         size: u64,
     ) -> Result<ContentFile, CacheError> {
-        ContentFile::open_rw(&self.content_path(file_digest), size)
+        let mut f = ContentFile::open_rw(&self.content_path(file_digest), size)?;
+        f.uring = self.uring.clone();
+        Ok(f)
+    }
+
+    /// Write content through io_uring from now on. On error (io_uring not
+    /// available here) the cache keeps using `pwrite`.
+    pub fn use_io_uring(&mut self) -> std::io::Result<()> {
+        self.uring = Some(uring::UringWriter::start()?);
+        Ok(())
+    }
+
+    /// Whether content writes go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.uring.is_some()
     }
 
     /// Open a file's content for reading.

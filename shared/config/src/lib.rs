@@ -98,6 +98,9 @@ pub struct FetcherConfig {
     /// used as they are (the rest of it is ignored), so a node switching
     /// keeps its mirrors. Read if it exists; empty = none.
     pub stargz_config: PathBuf,
+    /// How content files are written: `pwrite`, or `io_uring` (one ring on a
+    /// dedicated thread; falls back to pwrite where io_uring is refused).
+    pub cache_io: CacheIo,
 }
 
 /// `[fs]`: the node's FUSE mount.
@@ -157,6 +160,15 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// How the fetcher writes the cache's content files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheIo {
+    #[serde(rename = "pwrite")]
+    Pwrite,
+    #[serde(rename = "io_uring")]
+    IoUring,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -181,6 +193,7 @@ impl Default for FetcherConfig {
             metrics_address: String::new(),
             hosts_dir: "/etc/containerd/certs.d".into(),
             stargz_config: "/etc/containerd-stargz-grpc/config.toml".into(),
+            cache_io: CacheIo::Pwrite,
         }
     }
 }
