@@ -96,7 +96,8 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, c.background_fetch && !args.no_background_fetch)
-                .with_background_silence(c.background_silence, c.background_max_wait);
+                .with_background_silence(c.background_silence, c.background_max_wait)
+                .with_background_bandwidth(c.background_bandwidth);
             if !c.metrics_address.is_empty() {
                 let svc = service.clone();
                 let addr = stargaze_service::serve_metrics(&c.metrics_address, Arc::new(move || svc.render_metrics())).await?;

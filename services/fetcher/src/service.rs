@@ -60,6 +60,10 @@ pub(crate) struct Shared {
     background_silence: Duration,
     /// ... but for at most this long after the layer's prefetch.
     background_max_wait: Duration,
+    /// Node-wide cap on background fetching, compressed bytes per second
+    /// (0 = none), and when the budget spent so far runs out.
+    background_bandwidth: u64,
+    background_budget: Mutex<Instant>,
     activity: Activity,
     /// Tails read ahead by WarmLayers, by digest, until the layer's resolve
     /// takes them.
@@ -133,6 +137,12 @@ impl Activity {
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
     }
+}
+
+/// When a shared bandwidth budget that ran out at `budget` runs out after
+/// spending `bytes` more at `rate` bytes/s: time already idle is not saved up.
+fn pace(budget: Instant, now: Instant, bytes: u64, rate: u64) -> Instant {
+    budget.max(now) + Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64)
 }
 
 /// The fetcher's gRPC service.
@@ -221,6 +231,8 @@ impl FetcherService {
                 background,
                 background_silence: DEFAULT_BACKGROUND_SILENCE,
                 background_max_wait: DEFAULT_BACKGROUND_MAX_WAIT,
+                background_bandwidth: 0,
+                background_budget: Mutex::new(Instant::now()),
                 activity: Activity::new(),
                 tails: Mutex::new(HashMap::new()),
                 layers: Mutex::new(HashMap::new()),
@@ -229,6 +241,15 @@ impl FetcherService {
                 rpc: Arc::default(),
             }),
         }
+    }
+
+    /// Cap background fetching at `bytes_per_sec` compressed bytes per
+    /// second across all layers (0 = no cap; before serving).
+    pub fn with_background_bandwidth(mut self, bytes_per_sec: u64) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.background_bandwidth = bytes_per_sec;
+        }
+        self
     }
 
     /// Set the quiet period background fetches wait for, and for how long
@@ -447,8 +468,20 @@ impl FetcherService {
                 .activity
                 .quiet(shared.background_silence, deadline)
                 .await;
+            let before = layer.counters.compressed_bytes.load(Ordering::Relaxed);
             // Chunks fetched on demand meanwhile are skipped by the engine.
             bytes += layer.fetch(batch).await?.bytes_fetched;
+            if shared.background_bandwidth > 0 {
+                // The counter also moves with on-demand reads of this layer
+                // meanwhile; charging them too errs on the quiet side.
+                let spent = layer.counters.compressed_bytes.load(Ordering::Relaxed) - before;
+                let until = {
+                    let mut budget = shared.background_budget.lock().expect("budget");
+                    *budget = pace(*budget, Instant::now(), spent, shared.background_bandwidth);
+                    *budget
+                };
+                tokio::time::sleep_until(until.into()).await;
+            }
         }
         Ok(bytes)
     }
@@ -771,6 +804,23 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn background_bandwidth_budget() {
+        let t0 = Instant::now();
+        // 1 MB at 1 MB/s: one second after now.
+        let b = pace(t0, t0, 1_000_000, 1_000_000);
+        assert_eq!(b - t0, Duration::from_secs(1));
+        // Spending more before it ran out extends it.
+        let b2 = pace(b, t0 + Duration::from_millis(10), 500_000, 1_000_000);
+        assert_eq!(b2 - t0, Duration::from_millis(1500));
+        // After an idle period the budget starts from now, not from the past.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(
+            pace(b2, later, 250_000, 1_000_000) - later,
+            Duration::from_millis(250)
+        );
+    }
 
     #[tokio::test]
     async fn background_waits_for_quiet_but_not_past_the_deadline() {

@@ -88,6 +88,9 @@ pub struct FetcherConfig {
     /// the layer in large requests.
     #[serde(with = "duration")]
     pub background_max_wait: Duration,
+    /// Upper bound on background fetching, compressed bytes per second
+    /// across all layers; 0 = none.
+    pub background_bandwidth: u64,
     /// `host:port` serving Prometheus `/metrics`; empty = off.
     pub metrics_address: String,
     /// Directory of containerd `hosts.toml` files (mirrors, CAs, client
@@ -190,6 +193,7 @@ impl Default for FetcherConfig {
             background_fetch: true,
             background_silence: Duration::from_secs(2),
             background_max_wait: Duration::from_secs(10),
+            background_bandwidth: 0,
             metrics_address: String::new(),
             hosts_dir: "/etc/containerd/certs.d".into(),
             stargz_config: "/etc/containerd-stargz-grpc/config.toml".into(),
