@@ -91,7 +91,7 @@ pub enum FetchError {
         source: stargaze_index::IndexError,
     },
     #[error(
-        "layer {layer} has no containerd.io/snapshot/stargz/toc.digest annotation, so its TOC cannot be verified; convert the image with --oci (annotations need OCI manifests) or allow unverified layers"
+        "layer {layer} has no containerd.io/snapshot/stargz/toc.digest annotation: it is not an eStargz layer (convert the image with `stargaze convert` to pull it lazily), or it was converted without OCI annotations (ctr-remote needs --oci); without the digest its TOC cannot be verified ([snapshotter] allow_no_verification mounts such layers unverified)"
     )]
     NotVerifiable { layer: String },
     #[error(
