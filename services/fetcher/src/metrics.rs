@@ -23,12 +23,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 use stargaze_registry::client::LATENCY_BUCKETS;
+use stargaze_service::metrics::{Labels, family, render};
 
 use crate::service::FetcherService;
 
@@ -41,26 +39,7 @@ impl std::fmt::Debug for FetcherService {
     }
 }
 
-type Series = Vec<(Vec<(String, String)>, u64)>;
-
-fn family(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    series: &Series,
-) -> std::fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, kind)?;
-    for (labels, v) in series {
-        let f = m.encode_family(labels)?;
-        if matches!(kind, MetricType::Gauge) {
-            ConstGauge::new(*v as i64).encode(f)?;
-        } else {
-            ConstCounter::new(*v).encode(f)?;
-        }
-    }
-    Ok(())
-}
+type Series = Vec<(Labels, u64)>;
 
 impl Collector for FetcherCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
@@ -209,19 +188,13 @@ impl Collector for FetcherCollector {
 }
 
 impl FetcherService {
-    /// The metrics in the OpenMetrics text format.
     /// What the gRPC server records (install with `RpcMetricsLayer`).
     pub fn rpc_metrics(&self) -> std::sync::Arc<stargaze_service::metrics::RpcMetrics> {
         self.shared.rpc.clone()
     }
 
+    /// The metrics in the OpenMetrics text format.
     pub fn render_metrics(&self) -> String {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(FetcherCollector(self.clone())));
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-            out.clear();
-        }
-        out
+        render(FetcherCollector(self.clone()))
     }
 }

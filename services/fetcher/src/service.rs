@@ -766,17 +766,7 @@ impl Fetcher for FetcherService {
             recovered_from_unclean_stop: self.shared.cache.was_unclean(),
             chunk_cache_hits: sum(&|l| l.counters.chunks_hit.load(Ordering::Relaxed)),
             background_fetch: self.shared.background,
-            recent_errors: self
-                .shared
-                .errors
-                .list()
-                .into_iter()
-                .map(|e| RecentError {
-                    unix_time: e.unix_time,
-                    subject: e.subject,
-                    message: e.message,
-                })
-                .collect(),
+            recent_errors: self.shared.errors.list(),
         }))
     }
 }

@@ -71,14 +71,14 @@ fn main() -> ExitCode {
                 .with_context(|| format!("mounting FUSE at {}", c.mountpoint.display()))?;
             let rpc = Arc::new(stargaze_service::metrics::RpcMetrics::default());
             if !c.metrics_address.is_empty() {
-                let metrics = Arc::new(stargaze_fs::metrics::FsMetrics {
+                let metrics = stargaze_fs::metrics::FsMetrics {
                     shared: shared.clone(),
                     rpc: rpc.clone(),
                     fuse_threads: u64::from(c.n_threads),
-                });
+                };
                 let addr = stargaze_service::serve_metrics(
                     &c.metrics_address,
-                    Arc::new(move || stargaze_fs::metrics::render(&metrics)),
+                    Arc::new(move || metrics.render()),
                 )
                 .await?;
                 tracing::info!(address = %addr, "serving Prometheus metrics on /metrics");

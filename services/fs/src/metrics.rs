@@ -97,7 +97,8 @@ impl Drop for OpTimer {
     }
 }
 
-/// Everything a scrape reads.
+/// Everything a scrape reads (cheap to clone: a scrape renders a clone).
+#[derive(Clone)]
 pub struct FsMetrics {
     pub shared: Arc<FsShared>,
     pub rpc: Arc<RpcMetrics>,
@@ -201,17 +202,9 @@ impl Collector for FsMetrics {
     }
 }
 
-/// Prometheus text of the fs service.
-pub fn render(metrics: &Arc<FsMetrics>) -> String {
-    stargaze_service::metrics::render(Shared(metrics.clone()))
-}
-
-/// `Collector` needs an owned value; scrapes share one [`FsMetrics`].
-#[derive(Debug)]
-struct Shared(Arc<FsMetrics>);
-
-impl Collector for Shared {
-    fn encode(&self, e: DescriptorEncoder) -> std::fmt::Result {
-        self.0.encode(e)
+impl FsMetrics {
+    /// Prometheus text of the fs service.
+    pub fn render(&self) -> String {
+        stargaze_service::metrics::render(self.clone())
     }
 }

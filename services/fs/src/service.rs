@@ -125,17 +125,7 @@ impl Fs for FsService {
             bytes_after_fetch: c.bytes_after_fetch.load(Ordering::Relaxed),
             fetch_errors: self.shared.fetch_errors.load(Ordering::Relaxed),
             fuse_threads: self.fuse_threads,
-            recent_errors: self
-                .shared
-                .errors
-                .list()
-                .into_iter()
-                .map(|e| RecentError {
-                    unix_time: e.unix_time,
-                    subject: e.subject,
-                    message: e.message,
-                })
-                .collect(),
+            recent_errors: self.shared.errors.list(),
         }))
     }
 }

@@ -19,9 +19,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use stargaze_proto::v1::snapshotter_server::Snapshotter;
-use stargaze_proto::v1::{
-    RecentError, RemoteSnapshot, SnapshotterStatusRequest, SnapshotterStatusResponse,
-};
+use stargaze_proto::v1::{RemoteSnapshot, SnapshotterStatusRequest, SnapshotterStatusResponse};
 use stargaze_service::metrics::{RecentErrors, RpcMetrics, family};
 use tonic::{Request, Response, Status};
 
@@ -104,16 +102,7 @@ impl Snapshotter for StatusService {
             remote_prepared: stats.remote_prepared.load(Ordering::Relaxed),
             fallbacks: stats.fallbacks.load(Ordering::Relaxed),
             reattached: stats.reattached.load(Ordering::Relaxed),
-            recent_errors: stats
-                .errors
-                .list()
-                .into_iter()
-                .map(|e| RecentError {
-                    unix_time: e.unix_time,
-                    subject: e.subject,
-                    message: e.message,
-                })
-                .collect(),
+            recent_errors: stats.errors.list(),
         }))
     }
 }

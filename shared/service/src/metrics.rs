@@ -175,45 +175,56 @@ pub fn grpc_code_name(code: i32) -> &'static str {
 /// Requests and latencies of a gRPC server, by method and status code.
 #[derive(Debug, Default)]
 pub struct RpcMetrics {
-    /// (method, code) → requests.
-    requests: Mutex<BTreeMap<(String, i32), u64>>,
-    latency: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    methods: Mutex<BTreeMap<String, Arc<MethodStats>>>,
+}
+
+/// One method's counters: recorded without locks or allocation.
+#[derive(Debug, Default)]
+pub struct MethodStats {
+    /// Requests by gRPC status code (0..=16; anything else counts as Unknown).
+    codes: [AtomicU64; 17],
+    latency: Histogram,
+}
+
+impl MethodStats {
+    pub fn record(&self, code: i32, took: Duration) {
+        let i = usize::try_from(code).ok().filter(|&i| i < 17).unwrap_or(2);
+        self.codes[i].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(took);
+    }
 }
 
 impl RpcMetrics {
-    pub fn record(&self, method: &str, code: i32, took: Duration) {
-        *self
-            .requests
-            .lock()
-            .expect("rpc counters")
-            .entry((method.to_string(), code))
-            .or_default() += 1;
-        let h = self
-            .latency
-            .lock()
-            .expect("rpc latencies")
-            .entry(method.to_string())
-            .or_default()
-            .clone();
-        h.observe(took);
+    /// The counters of `method`, created on its first request.
+    pub fn method(&self, method: &str) -> Arc<MethodStats> {
+        let mut methods = self.methods.lock().expect("rpc counters");
+        if let Some(m) = methods.get(method) {
+            return m.clone();
+        }
+        methods.entry(method.to_string()).or_default().clone()
     }
 
     /// `<prefix>_grpc_requests_total{method,code}` and
     /// `<prefix>_grpc_request_duration_seconds{method}`.
     pub fn encode(&self, prefix: &str, e: &mut DescriptorEncoder) -> std::fmt::Result {
-        let requests: Vec<(Labels, u64)> = self
-            .requests
+        let methods: Vec<(String, Arc<MethodStats>)> = self
+            .methods
             .lock()
             .expect("rpc counters")
             .iter()
-            .map(|((m, c), n)| {
-                (
-                    vec![
-                        ("method".to_string(), m.clone()),
-                        ("code".to_string(), grpc_code_name(*c).to_string()),
-                    ],
-                    *n,
-                )
+            .map(|(m, s)| (m.clone(), s.clone()))
+            .collect();
+        let label = |m: &str| ("method".to_string(), m.to_string());
+        let requests: Vec<(Labels, u64)> = methods
+            .iter()
+            .flat_map(|(m, s)| {
+                (0..17).filter_map(move |c| {
+                    let n = s.codes[c].load(Ordering::Relaxed);
+                    (n > 0).then(|| {
+                        let code = ("code".to_string(), grpc_code_name(c as i32).to_string());
+                        (vec![label(m), code], n)
+                    })
+                })
             })
             .collect();
         family(
@@ -223,20 +234,11 @@ impl RpcMetrics {
             MetricType::Counter,
             &requests,
         )?;
-        let latency: Vec<(String, Arc<Histogram>)> = self
-            .latency
-            .lock()
-            .expect("rpc latencies")
-            .iter()
-            .map(|(m, h)| (m.clone(), h.clone()))
-            .collect();
         histogram_family(
             e,
             &format!("{prefix}_grpc_request_duration_seconds"),
             "Time from a gRPC request to its response headers",
-            latency
-                .iter()
-                .map(|(m, h)| (vec![("method".to_string(), m.clone())], h.as_ref())),
+            methods.iter().map(|(m, s)| (vec![label(m)], &s.latency)),
         )
     }
 }
@@ -278,15 +280,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let stats = self
+            .metrics
+            .method(req.uri().path().rsplit('/').next().unwrap_or_default());
         let start = Instant::now();
-        let metrics = self.metrics.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
@@ -299,21 +296,15 @@ where
                     .unwrap_or(0),
                 Err(_) => 13,
             };
-            metrics.record(&method, code, start.elapsed());
+            stats.record(code, start.elapsed());
             result
         })
     }
 }
 
-/// One error a user should see in `stargaze status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecentError {
-    /// Seconds since the Unix epoch.
-    pub unix_time: u64,
-    /// The layer (digest) or snapshot concerned, if any.
-    pub subject: String,
-    pub message: String,
-}
+/// One error a user should see in `stargaze status`: the status RPCs'
+/// message itself, so every service hands its list over as is.
+pub use stargaze_proto::v1::RecentError;
 
 /// The last few errors of a service, newest last. Repeats of the newest
 /// error (same subject and message) only refresh its time, so one failing
