@@ -199,23 +199,7 @@ impl SnapshotService {
                 Ok(chain)
             })
             .await?;
-        // One blocking check for the whole chain: the stat of each remote
-        // layer's `snapshots/<id>/fs` link covers the link and the layer dir
-        // (ENOENT after an fs restart, ENOTCONN on a dead mount).
-        let links: Vec<PathBuf> = chain.iter().map(|(_, r)| self.store.fs_dir(r)).collect();
-        let is_remote: Vec<bool> = chain.iter().map(|(_, r)| r.remote_dir.is_some()).collect();
-        let check = tokio::task::spawn_blocking(move || {
-            links
-                .iter()
-                .zip(is_remote)
-                .map(|(l, remote)| !remote || std::fs::metadata(l).is_ok_and(|m| m.is_dir()))
-                .collect::<Vec<bool>>()
-        });
-        // A hung FUSE server blocks stat: then every remote layer counts as lost.
-        let served = match tokio::time::timeout(Duration::from_secs(5), check).await {
-            Ok(Ok(v)) => v,
-            _ => vec![false; chain.len()],
-        };
+        let served = self.served(chain.iter().map(|(_, r)| r)).await;
         for ((k, r), served) in chain.into_iter().zip(served) {
             if served || r.remote_dir.is_none() {
                 continue;
@@ -243,6 +227,31 @@ impl SnapshotService {
             self.run(move |s| s.set_remote_dir(&k, &new_dir)).await?;
         }
         Ok(())
+    }
+
+    /// Whether each snapshot's tree answers: always for ordinary snapshots;
+    /// for remote ones, one blocking check for all of them, the stat of the
+    /// `snapshots/<id>/fs` link (it covers the link and the layer dir: ENOENT
+    /// after an fs restart, ENOTCONN on a dead mount).
+    pub(crate) async fn served<'a>(&self, records: impl Iterator<Item = &'a Record>) -> Vec<bool> {
+        let links: Vec<Option<PathBuf>> = records
+            .map(|r| r.remote_dir.as_ref().map(|_| self.store.fs_dir(r)))
+            .collect();
+        let n = links.len();
+        let check = tokio::task::spawn_blocking(move || {
+            links
+                .iter()
+                .map(|l| {
+                    l.as_ref()
+                        .is_none_or(|l| std::fs::metadata(l).is_ok_and(|m| m.is_dir()))
+                })
+                .collect::<Vec<bool>>()
+        });
+        // A hung FUSE server blocks stat: then every remote layer counts as lost.
+        match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok(v)) => v,
+            _ => vec![false; n],
+        }
     }
 
     /// Re-attach every remote layer recorded in the database (at start).
@@ -302,7 +311,7 @@ impl SnapshotService {
     }
 
     /// Run a store call on the blocking pool.
-    async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Store) -> Result<T, SnapError> + Send + 'static,
     ) -> Result<T, Status> {

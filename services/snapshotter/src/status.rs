@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -25,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::remote::layer_from_labels;
 use crate::service::SnapshotService;
-use crate::store::Kind;
+use crate::store::{Kind, Record};
 
 /// Counters kept by [`SnapshotService`].
 #[derive(Debug, Default)]
@@ -52,36 +51,11 @@ impl Snapshotter for StatusService {
         _: Request<SnapshotterStatusRequest>,
     ) -> Result<Response<SnapshotterStatusResponse>, Status> {
         let s = &self.snapshots;
-        let store = s.store.clone();
-        let all = tokio::task::spawn_blocking(move || store.all())
-            .await
-            .map_err(|e| Status::internal(format!("status task failed: {e}")))?
-            .map_err(Status::from)?;
-        let remote: Vec<(String, String, String, std::path::PathBuf)> = all
-            .iter()
-            .filter(|(_, r)| r.remote_dir.is_some())
-            .map(|(k, r)| {
-                let l = layer_from_labels(&r.labels);
-                (
-                    k.clone(),
-                    l.as_ref().map(|l| l.image_ref.clone()).unwrap_or_default(),
-                    l.map(|l| l.digest).unwrap_or_default(),
-                    s.store.fs_dir(r),
-                )
-            })
-            .collect();
+        let all = s.run(|store| store.all()).await?;
+        let remote: Vec<&(String, Record)> =
+            all.iter().filter(|(_, r)| r.remote_dir.is_some()).collect();
         // The same check Mounts makes: does the layer's directory answer?
-        let links: Vec<_> = remote.iter().map(|r| r.3.clone()).collect();
-        let check = tokio::task::spawn_blocking(move || {
-            links
-                .iter()
-                .map(|l| std::fs::metadata(l).is_ok_and(|m| m.is_dir()))
-                .collect::<Vec<bool>>()
-        });
-        let served = match tokio::time::timeout(Duration::from_secs(5), check).await {
-            Ok(Ok(v)) => v,
-            _ => vec![false; remote.len()],
-        };
+        let served = s.served(remote.iter().map(|(_, r)| r)).await;
         let stats = &s.stats;
         Ok(Response::new(SnapshotterStatusResponse {
             root: s.store.root().display().to_string(),
@@ -90,14 +64,15 @@ impl Snapshotter for StatusService {
             remote: remote
                 .into_iter()
                 .zip(served)
-                .map(
-                    |((key, image_ref, layer_digest, _), served)| RemoteSnapshot {
-                        key,
-                        image_ref,
-                        layer_digest,
+                .map(|((key, r), served)| {
+                    let l = layer_from_labels(&r.labels);
+                    RemoteSnapshot {
+                        key: key.clone(),
+                        image_ref: l.as_ref().map(|l| l.image_ref.clone()).unwrap_or_default(),
+                        layer_digest: l.map(|l| l.digest).unwrap_or_default(),
                         served,
-                    },
-                )
+                    }
+                })
                 .collect(),
             remote_prepared: stats.remote_prepared.load(Ordering::Relaxed),
             fallbacks: stats.fallbacks.load(Ordering::Relaxed),
