@@ -96,12 +96,36 @@ pub struct Passthrough {
     by_inode: Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>,
     /// Files opened with passthrough.
     pub opens: AtomicU64,
-    /// Handles opened without passthrough, by handle → inode, and their
-    /// count per inode. The kernel refuses (EIO) a passthrough open of an
-    /// inode that has files open in cached mode, e.g. a binary that started
-    /// running before it was complete: such an inode is opened in cached
-    /// mode until its last cached handle is released.
-    cached: Mutex<(HashMap<u64, u64>, HashMap<u64, u32>)>,
+    /// Handles opened without passthrough. The kernel refuses (EIO) a
+    /// passthrough open of an inode that has files open in cached mode, e.g.
+    /// a binary that started running before it was complete: such an inode
+    /// is opened in cached mode until its last cached handle is released.
+    cached: Mutex<CachedOpens>,
+}
+
+/// Handles open in cached mode (tracked only while passthrough is wanted).
+#[derive(Default)]
+struct CachedOpens {
+    inode_of: HashMap<u64, u64>,
+    per_inode: HashMap<u64, u32>,
+}
+
+impl CachedOpens {
+    fn add(&mut self, fh: u64, ino: u64) {
+        self.inode_of.insert(fh, ino);
+        *self.per_inode.entry(ino).or_default() += 1;
+    }
+
+    fn remove(&mut self, fh: u64) {
+        if let Some(ino) = self.inode_of.remove(&fh)
+            && let Some(n) = self.per_inode.get_mut(&ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_inode.remove(&ino);
+            }
+        }
+    }
 }
 
 impl Passthrough {
@@ -116,17 +140,13 @@ impl Passthrough {
     }
 
     fn release(&self, fh: u64) {
-        self.by_handle.lock().expect("backing ids").remove(&fh);
-        let mut cached = self.cached.lock().expect("cached opens");
-        let (handles, per_inode) = &mut *cached;
-        if let Some(ino) = handles.remove(&fh)
-            && let Some(n) = per_inode.get_mut(&ino)
-        {
-            *n -= 1;
-            if *n == 0 {
-                per_inode.remove(&ino);
-            }
+        // `wanted` is set before mounting and never changes: without
+        // passthrough there is nothing to forget.
+        if !self.wanted.load(Ordering::Relaxed) {
+            return;
         }
+        self.by_handle.lock().expect("backing ids").remove(&fh);
+        self.cached.lock().expect("cached opens").remove(fh);
     }
 
     fn has_backing(&self, ino: u64) -> bool {
@@ -135,12 +155,6 @@ impl Passthrough {
             .expect("backing ids")
             .get(&ino)
             .is_some_and(|w| w.strong_count() > 0)
-    }
-
-    /// Record a handle opened in cached mode.
-    fn cached_open(&self, cached: &mut (HashMap<u64, u64>, HashMap<u64, u32>), fh: u64, ino: u64) {
-        cached.0.insert(fh, ino);
-        *cached.1.entry(ino).or_default() += 1;
     }
 }
 
@@ -501,6 +515,10 @@ impl Filesystem for StargazeFs {
             Some(n) if n.is_reg() => {
                 let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed);
                 let p = &self.shared.passthrough;
+                if !p.wanted.load(Ordering::Relaxed) {
+                    // The layer never changes: let the kernel keep cached pages.
+                    return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                }
                 let ino = a.global(local);
                 // Held across the decision and the reply, so a concurrent
                 // open of the same inode cannot choose the other mode.
@@ -509,7 +527,7 @@ impl Filesystem for StargazeFs {
                 // mode even if passthrough was given up meanwhile: the
                 // kernel refuses mixing the modes on one inode.
                 if n.size() > 0
-                    && !cached.1.contains_key(&ino)
+                    && !cached.per_inode.contains_key(&ino)
                     && (p.has_backing(ino)
                         || (p.active.load(Ordering::Acquire) && present(&a, local, 0, n.size())))
                 {
@@ -531,11 +549,8 @@ impl Filesystem for StargazeFs {
                         )),
                     }
                 }
-                if p.wanted.load(Ordering::Relaxed) {
-                    p.cached_open(&mut cached, fh, ino);
-                }
+                cached.add(fh, ino);
                 drop(cached);
-                // The layer never changes: let the kernel keep cached pages.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
             Some(_) => reply.error(Errno::EISDIR),
@@ -571,12 +586,10 @@ impl Filesystem for StargazeFs {
         if present(&a, local, offset, end) {
             match self.read_cached(&a, local, fh, offset, end) {
                 Ok(buf) => {
-                    let n = buf.len() as u64;
-                    a.stats.bytes_from_cache.fetch_add(n, Ordering::Relaxed);
                     self.shared
                         .counters
                         .bytes_from_cache
-                        .fetch_add(n, Ordering::Relaxed);
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     reply.data(&buf)
                 }
                 Err(e) => reply.error(e),
@@ -612,9 +625,7 @@ impl Filesystem for StargazeFs {
                 Ok(()) => {
                     match me.read_cached(&a, local, fh, offset, end) {
                         Ok(buf) => {
-                            let n = buf.len() as u64;
-                            a.stats.bytes_after_fetch.fetch_add(n, Ordering::Relaxed);
-                            me.shared.counters.bytes_after_fetch.fetch_add(n, Ordering::Relaxed);
+                            me.shared.counters.bytes_after_fetch.fetch_add(buf.len() as u64, Ordering::Relaxed);
                             reply.data(&buf)
                         }
                         Err(e) => reply.error(e),

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use stargaze_cache::{Cache, PresenceMap};
@@ -22,8 +22,6 @@ pub const MOUNT_ROOT: u64 = 1;
 pub struct LayerStats {
     pub reads: AtomicU64,
     pub read_errors: AtomicU64,
-    pub bytes_from_cache: AtomicU64,
-    pub bytes_after_fetch: AtomicU64,
 }
 
 /// A layer served under the mount.
@@ -177,12 +175,5 @@ impl LayerTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    pub fn total(&self, f: impl Fn(&LayerStats) -> &AtomicU64) -> u64 {
-        self.list()
-            .iter()
-            .map(|a| f(&a.stats).load(Ordering::Relaxed))
-            .sum()
     }
 }
