@@ -130,7 +130,7 @@ fn write_batch(ring: &mut IoUring, batch: &[Job]) -> Vec<io::Result<()>> {
                     for &i in &pending {
                         results[i].get_or_insert_with(|| Err(io::Error::new(kind, e.to_string())));
                     }
-                    return results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect();
+                    return finish(results);
                 }
             }
         }
@@ -153,7 +153,16 @@ fn write_batch(ring: &mut IoUring, batch: &[Job]) -> Vec<io::Result<()>> {
         }
         pending = again;
     }
-    results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    finish(results)
+}
+
+/// Every job has its result by now; a missing one must never read as a
+/// successful write (its chunk would be published without its bytes).
+fn finish(results: Vec<Option<io::Result<()>>>) -> Vec<io::Result<()>> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(io::Error::other("io_uring write without a completion"))))
+        .collect()
 }
 
 #[cfg(test)]
