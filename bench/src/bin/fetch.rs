@@ -141,6 +141,34 @@ fn all_chunks(layer: &Layer) -> Vec<(u64, u64, u64)> {
     out.into_iter().map(|(_, i, o, s)| (i, o, s)).collect()
 }
 
+/// Resolve the local blob into a fresh cache at `root`.
+async fn local_layer(
+    root: &std::path::Path,
+    io_uring: bool,
+    blob_path: &std::path::Path,
+    digest: &str,
+    toc_digest: Digest,
+) -> Arc<Layer> {
+    let mut cache = Cache::open_writer(root).expect("cache");
+    if io_uring {
+        cache
+            .use_io_uring()
+            .expect("io_uring is not available on this machine");
+    }
+    Arc::new(
+        resolve_layer(
+            Arc::new(cache),
+            Arc::new(FileBlob::open(blob_path).unwrap()),
+            digest,
+            Some(toc_digest),
+            false,
+            &opts(),
+        )
+        .await
+        .expect("resolve"),
+    )
+}
+
 async fn fetch_everything(layer: &Arc<Layer>) -> u64 {
     // As the fetcher's prefetch and background fetch do it.
     stargaze_fetcher::engine::fetch_in_batches(layer, all_chunks(layer), 256, 4)
@@ -176,20 +204,11 @@ async fn main() {
 
     // --- 2: pipeline vs single-core loop (local file, no network) ---
     eprintln!("== decompress + verify: engine vs single-core loop");
-    let cache_dir = work.path().join("cache-local");
-    let cache = Arc::new(Cache::open_writer(&cache_dir).expect("cache"));
-    let layer = Arc::new(
-        resolve_layer(
-            cache,
-            Arc::new(FileBlob::open(&blob_path).unwrap()),
-            &digest,
-            Some(res.toc_digest),
-            false,
-            &opts(),
-        )
-        .await
-        .expect("resolve"),
-    );
+    let local = |root: std::path::PathBuf, io_uring: bool| {
+        let (blob_path, digest, toc) = (blob_path.clone(), digest.clone(), res.toc_digest);
+        async move { local_layer(&root, io_uring, &blob_path, &digest, toc).await }
+    };
+    let layer = local(work.path().join("cache-local"), false).await;
     let chunks: Vec<_> = {
         let mut v = Vec::new();
         for ino in 1..=layer.index.inode_count() {
@@ -216,50 +235,19 @@ async fn main() {
     assert_eq!(engine_bytes, loop_bytes);
     drop(layer);
     // The same with the cache on tmpfs: what the engine costs without the
-    // filesystem's inode allocation (one content file per file digest).
-    let shm = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
-    let cache = Arc::new(Cache::open_writer(shm.path()).expect("cache"));
-    let layer = Arc::new(
-        resolve_layer(
-            cache,
-            Arc::new(FileBlob::open(&blob_path).unwrap()),
-            &digest,
-            Some(res.toc_digest),
-            false,
-            &opts(),
-        )
-        .await
-        .expect("resolve"),
-    );
-    let t = Instant::now();
-    fetch_everything(&layer).await;
-    let tmpfs_secs = t.elapsed().as_secs_f64();
-    drop(layer);
-    drop(shm);
-    // The same two with content writes through io_uring (`cache_io`).
-    let mut uring_secs = Vec::new();
-    for base in [work.path(), std::path::Path::new("/dev/shm")] {
+    // filesystem's inode allocation (one content file per file digest); and
+    // both again with content writes through io_uring (`cache_io`).
+    let (disk, shm) = (work.path(), std::path::Path::new("/dev/shm"));
+    let mut timed = Vec::new();
+    for (base, io_uring) in [(shm, false), (disk, true), (shm, true)] {
         let tmp = tempfile::tempdir_in(base).expect("cache dir");
-        let mut cache = Cache::open_writer(tmp.path()).expect("cache");
-        cache
-            .use_io_uring()
-            .expect("io_uring is not available on this machine");
-        let layer = Arc::new(
-            resolve_layer(
-                Arc::new(cache),
-                Arc::new(FileBlob::open(&blob_path).unwrap()),
-                &digest,
-                Some(res.toc_digest),
-                false,
-                &opts(),
-            )
-            .await
-            .expect("resolve"),
-        );
+        let layer = local(tmp.path().to_path_buf(), io_uring).await;
         let t = Instant::now();
         fetch_everything(&layer).await;
-        uring_secs.push(t.elapsed().as_secs_f64());
+        timed.push(t.elapsed().as_secs_f64());
     }
+    let tmpfs_secs = timed[0];
+    let uring_secs = [timed[1], timed[2]];
 
     // --- 1: whole layer from a registry vs curl ---
     eprintln!("== whole layer from a registry vs curl");
