@@ -14,7 +14,7 @@ use stargaze_index::LayerIndex;
 use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::*;
-use stargaze_testkit::{Registry, image, run};
+use stargaze_testkit::{Registry, image, skopeo_copy};
 
 struct Fetcher {
     child: Child,
@@ -112,16 +112,16 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     )
     .unwrap();
     let image_ref = format!("{}/stargaze/fetcher:esgz", reg.addr);
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:esgz", out.display()))
-        .arg(format!("docker://{image_ref}")));
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{image_ref}"),
+    );
     // Also an ordinary gzip image: not lazily pullable.
     let plain_ref = format!("{}/stargaze/fetcher:plain", reg.addr);
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:src", src.display()))
-        .arg(format!("docker://{plain_ref}")));
+    skopeo_copy(
+        &format!("oci:{}:src", src.display()),
+        &format!("docker://{plain_ref}"),
+    );
 
     let metrics_port = stargaze_testkit::free_port();
     let mut fetcher = Fetcher::start(work.path(), metrics_port);
@@ -294,10 +294,10 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
     )
     .unwrap();
     let push = |tag: &str| {
-        run(Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", out.display()))
-            .arg(format!("docker://{}/stargaze/ext:{tag}", reg.addr)));
+        skopeo_copy(
+            &format!("oci:{}:{tag}", out.display()),
+            &format!("docker://{}/stargaze/ext:{tag}", reg.addr),
+        );
     };
     push("ext");
     let manifest = dst
@@ -368,10 +368,10 @@ async fn go_snapshotter_resolver_mirrors_are_used() {
         &|_| {},
     )
     .unwrap();
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:esgz", out.display()))
-        .arg(format!("docker://{}/stargaze/mirrored:esgz", reg.addr)));
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{}/stargaze/mirrored:esgz", reg.addr),
+    );
     // A Go snapshotter config as operators write it, other keys included.
     let go_config = work.path().join("containerd-stargz-grpc.toml");
     std::fs::write(

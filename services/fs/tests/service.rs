@@ -18,7 +18,7 @@ use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::*;
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
-use stargaze_testkit::{Registry, image, run, unmount_below};
+use stargaze_testkit::{Registry, image, run, skopeo_copy, unmount_below};
 
 struct FsProcess {
     child: Child,
@@ -62,10 +62,10 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     )
     .unwrap();
     let image_ref = format!("{}/stargaze/fs:esgz", reg.addr);
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:esgz", out.display()))
-        .arg(format!("docker://{image_ref}")));
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{image_ref}"),
+    );
     let manifest = dst
         .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
         .unwrap();

@@ -24,6 +24,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// `skopeo copy FROM TO` without a policy file, pushing over plain HTTP
+/// (`oci:DIR:TAG`, `docker://HOST/REPO:TAG`).
+pub fn skopeo_copy(from: &str, to: &str) {
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--dest-tls-verify=false",
+        from,
+        to,
+    ]));
+}
+
 /// Fail unless `tool` is on PATH; says how to install it.
 pub fn require(tool: &str) -> PathBuf {
     which(tool).unwrap_or_else(|| {

@@ -6,18 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use stargaze_oci::{ImageConvertOptions, OciLayout};
+pub use stargaze_testkit::skopeo_copy;
 use stargaze_testkit::stack::workspace_bin;
 use stargaze_testkit::{Containerd, run};
-
-pub fn skopeo_copy(from: &str, to: &str) {
-    run(Command::new("skopeo").args([
-        "--insecure-policy",
-        "copy",
-        "--dest-tls-verify=false",
-        from,
-        to,
-    ]));
-}
 
 /// Convert the image tagged `src` in the layout `src` to eStargz with our
 /// converter (into the layout `out`, tag `esgz`) and push it as `reference`.
