@@ -76,6 +76,10 @@ pub struct Layer {
     compression: Compression,
     state: Mutex<State>,
     read_slots: Arc<Semaphore>,
+    /// Set when eviction deleted the layer's files: nothing more is written.
+    evicted: std::sync::atomic::AtomicBool,
+    /// When the layer's last use was last recorded (seconds since start).
+    touched: AtomicU64,
 }
 
 /// A member to decode and the claims it serves.
@@ -108,15 +112,50 @@ impl Layer {
             opts,
             compression,
             state: Mutex::new(State::default()),
+            evicted: Default::default(),
+            touched: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Eviction deleted the layer's files (called with the cache's write
+    /// gate held): fetches fail from now on; resolving again makes a new one.
+    pub fn mark_evicted(&self) {
+        self.evicted.store(true, Ordering::Release);
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    fn evicted_error(&self) -> FetchError {
+        FetchError::Evicted {
+            layer: self.digest.clone(),
+        }
+    }
+
+    /// Record a use of the layer for eviction's LRU order (at most every
+    /// 30 s: it is a metadata write).
+    fn touch(&self) {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
+        let last = self.touched.load(Ordering::Relaxed);
+        if (last == u64::MAX || now >= last + 30)
+            && self
+                .touched
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.cache.touch_layer(&self.digest);
         }
     }
 
     fn content_key(&self, ino: u64) -> Digest {
-        match self.index.inode(ino).and_then(|n| n.digest()) {
-            Some(d) => d,
-            // No whole-file digest in the TOC: a key private to this layer.
-            None => Digest::of(format!("{}/{ino}", self.digest).as_bytes()),
-        }
+        self.index
+            .content_key(ino)
+            .unwrap_or_else(|| Digest::of(format!("{}/{ino}", self.digest).as_bytes()))
     }
 
     /// The cache file holding inode `ino`'s content.
@@ -161,6 +200,10 @@ impl Layer {
         self: &Arc<Self>,
         ranges: &[(u64, u64, u64)],
     ) -> Result<FetchStats, FetchError> {
+        if self.is_evicted() {
+            return Err(self.evicted_error());
+        }
+        self.touch();
         let mut wanted: Vec<Claim> = Vec::new();
         for &(ino, off, len) in ranges {
             wanted.extend(self.chunks_for(ino, off, len)?);
@@ -440,6 +483,11 @@ impl Layer {
             .inode(c.ino)
             .ok_or("inode vanished from the index")?;
         let key = self.content_key(c.ino);
+        // Eviction cannot delete the file between this check and the bit.
+        let _writing = self.cache.writing();
+        if self.is_evicted() {
+            return Err(self.evicted_error().to_string());
+        }
         let content = self
             .cache
             .content_writer(&key, node.size())
@@ -447,6 +495,7 @@ impl Layer {
         content
             .write_at(c.chunk.file_offset, data)
             .map_err(|e| e.to_string())?;
+        self.cache.note_written(c.chunk.size);
         self.presence.set_present(c.chunk.global);
         self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         // The last chunk of a file completes it for every layer.

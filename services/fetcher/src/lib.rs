@@ -17,10 +17,15 @@
 //!   only then sets the chunk's presence bit. A chunk that fails verification
 //!   is fetched once more, then reported, never served.
 //!
+//! * [`evict`]: the cache's size limit, a task running eviction passes
+//!   (`stargaze_cache::evict`) when the cache outgrows it; evicted layers
+//!   are dropped from memory and resolved anew when asked for again.
+//!
 //! The gRPC service (`stargaze.v1.Fetcher`) and the registry glue sit on top.
 
 pub mod blob;
 pub mod engine;
+pub mod evict;
 pub mod metrics;
 pub mod recover;
 pub mod registry;
@@ -98,6 +103,10 @@ pub enum FetchError {
         "layer {layer} keeps its TOC in a separate -esgztoc image and no TOC for it was found there; push the TOC image (<tag>-esgztoc) with the image"
     )]
     ExternalToc { layer: String },
+    #[error(
+        "layer {layer} was evicted from the cache (the cache is over [fetcher] cache_size_limit and no snapshot used the layer); resolve it again"
+    )]
+    Evicted { layer: String },
     #[error("layer {layer}: no inode {ino} in its TOC index")]
     NoSuchInode { layer: String, ino: u64 },
     #[error("layer {layer}, file {file}: {reason}")]

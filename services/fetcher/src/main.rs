@@ -97,7 +97,16 @@ fn main() -> ExitCode {
             };
             let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, c.background_fetch && !args.no_background_fetch)
                 .with_background_silence(c.background_silence, c.background_max_wait)
-                .with_background_bandwidth(c.background_bandwidth);
+                .with_background_bandwidth(c.background_bandwidth)
+                .with_cache_limit(stargaze_cache::EvictOptions {
+                    limit: c.cache_size_limit,
+                    keep_unused: c.cache_keep_unused,
+                    ..Default::default()
+                });
+            service.start_eviction();
+            if c.cache_size_limit > 0 {
+                tracing::info!(limit = c.cache_size_limit, keep_unused = ?c.cache_keep_unused, "cache size limit set: unused layers are evicted beyond it");
+            }
             if !c.metrics_address.is_empty() {
                 let svc = service.clone();
                 let addr = stargaze_service::serve_metrics(&c.metrics_address, Arc::new(move || svc.render_metrics())).await?;

@@ -43,9 +43,9 @@ pub fn reverify(cache: &Cache) -> Recovery {
             if !n.is_reg() || n.chunk_count() == 0 {
                 continue;
             }
-            let key = n
-                .digest()
-                .unwrap_or_else(|| Digest::of(format!("{digest}/{ino}").as_bytes()));
+            let Some(key) = index.content_key(ino) else {
+                continue;
+            };
             let content = cache.content_reader(&key).ok();
             for c in n.chunks() {
                 if !presence.is_present(c.global) {

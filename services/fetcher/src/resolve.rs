@@ -58,12 +58,24 @@ pub async fn resolve_with_toc(
             layer: layer_digest.to_string(),
         });
     }
-    let index_path = cache.index_path(layer_digest);
-    let reuse = LayerIndex::open(&index_path).ok().filter(|i| {
-        i.layer_digest() == layer_digest && expected_toc.is_none_or(|t| i.toc_digest() == t)
-    });
-    let index = match reuse {
-        Some(i) => i,
+    // Reuse a valid index already in the cache (a restart, or a layer
+    // resolved before), without touching the registry.
+    let reused = {
+        let (cache, layer) = (cache.clone(), layer_digest.to_string());
+        tokio::task::spawn_blocking(move || {
+            let _writing = cache.writing();
+            LayerIndex::open(&cache.index_path(&layer))
+                .ok()
+                .filter(|i| {
+                    i.layer_digest() == layer && expected_toc.is_none_or(|t| i.toc_digest() == t)
+                })
+                .map(|index| open_presence(&cache, &layer, index))
+        })
+        .await
+        .expect("index open task panicked")
+    };
+    let (index, presence) = match reused {
+        Some(parts) => parts?,
         None => {
             let toc = fetch_toc(&*blob, layer_digest, expected_toc, toc_blob, opts).await?;
             let meta = IndexMeta {
@@ -71,19 +83,43 @@ pub async fn resolve_with_toc(
                 toc_digest: toc.toc_digest,
                 blob_size: toc.blob_size,
             };
-            let path = index_path.clone();
-            let layer = layer_digest.to_string();
+            let (cache, layer) = (cache.clone(), layer_digest.to_string());
             // Building a 100k-entry index takes tens of milliseconds.
             tokio::task::spawn_blocking(move || {
-                let bytes = build(&toc.toc, &meta)?;
-                write_atomic(&path, &bytes)?;
-                LayerIndex::open(&path)
+                let index_err = |source| FetchError::Index {
+                    layer: layer.clone(),
+                    source,
+                };
+                let bytes = build(&toc.toc, &meta).map_err(index_err)?;
+                let path = cache.index_path(&layer);
+                let _writing = cache.writing();
+                write_atomic(&path, &bytes).map_err(index_err)?;
+                let index = LayerIndex::open(&path).map_err(index_err)?;
+                open_presence(&cache, &layer, index)
             })
             .await
-            .expect("index build task panicked")
-            .map_err(|source| FetchError::Index { layer, source })?
+            .expect("index build task panicked")?
         }
     };
+    Ok(Layer::new(
+        layer_digest.to_string(),
+        index,
+        presence,
+        blob,
+        cache,
+        opts.clone(),
+    ))
+}
+
+/// Open (or create) a layer's presence map, mark the files another layer
+/// already completed as present, and record the layer's use. Called with
+/// the cache's write gate held, so eviction sees either no layer or one it
+/// must keep.
+fn open_presence(
+    cache: &Cache,
+    layer_digest: &str,
+    index: LayerIndex,
+) -> Result<(LayerIndex, PresenceMap), FetchError> {
     let presence = PresenceMap::open_rw(
         &cache.presence_path(layer_digest),
         index.chunk_count(),
@@ -93,7 +129,6 @@ pub async fn resolve_with_toc(
         layer: layer_digest.to_string(),
         source,
     })?;
-    // Files another layer already completed are present here too.
     for ino in 1..=index.inode_count() {
         let Some(n) = index.inode(ino) else { continue };
         if n.is_reg()
@@ -106,14 +141,8 @@ pub async fn resolve_with_toc(
             }
         }
     }
-    Ok(Layer::new(
-        layer_digest.to_string(),
-        index,
-        presence,
-        blob,
-        cache,
-        opts.clone(),
-    ))
+    cache.touch_layer(layer_digest);
+    Ok((index, presence))
 }
 
 /// The footer and TOC with as few reads as possible: one tail window,

@@ -16,8 +16,10 @@ use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
 use crate::RemoteBlob;
+use crate::evict::CacheLimit;
 use crate::registry::{RegistryBlob, WarmBlob, WarmTail};
 use crate::{FetchError, FetchOptions, Layer, resolve_layer, resolve_with_toc};
+use stargaze_cache::EvictOptions;
 
 /// Label that lets a layer without `toc.digest` through when the request allows it.
 const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify";
@@ -74,6 +76,8 @@ pub(crate) struct Shared {
     errors: RecentErrors,
     /// Requests served, by method and code (Prometheus).
     pub(crate) rpc: Arc<RpcMetrics>,
+    /// The cache's size limit, when one is set.
+    pub(crate) cache_limit: Option<Arc<CacheLimit>>,
 }
 
 impl Shared {
@@ -239,6 +243,7 @@ impl FetcherService {
                 info: Mutex::new(HashMap::new()),
                 errors: RecentErrors::default(),
                 rpc: Arc::default(),
+                cache_limit: None,
             }),
         }
     }
@@ -264,6 +269,49 @@ impl FetcherService {
             shared.background_max_wait = max_wait;
         }
         self
+    }
+
+    /// Keep the cache under `opts.limit` bytes (before serving; the passes
+    /// start with [`FetcherService::start_eviction`]).
+    pub fn with_cache_limit(mut self, opts: EvictOptions) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.cache_limit =
+                (opts.limit > 0).then(|| Arc::new(CacheLimit::new(shared.cache.clone(), opts)));
+        }
+        self
+    }
+
+    /// Start the eviction task (on the current runtime), if a limit is set.
+    pub fn start_eviction(&self) {
+        if let Some(limit) = &self.shared.cache_limit {
+            tokio::spawn(
+                limit
+                    .clone()
+                    .run(self.shared.cache.clone(), self.forgetter()),
+            );
+        }
+    }
+
+    /// One eviction pass now (tests, and `None` without a limit).
+    pub async fn evict_now(&self) -> Option<stargaze_cache::Eviction> {
+        let limit = self.shared.cache_limit.clone()?;
+        let forget = self.forgetter();
+        tokio::task::spawn_blocking(move || limit.pass(&mut |d| forget(d)))
+            .await
+            .ok()
+    }
+
+    /// Drops an evicted layer from memory: later requests resolve it anew.
+    fn forgetter(&self) -> Arc<dyn Fn(&str) + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move |digest: &str| {
+            if let Some(cell) = shared.layers.lock().expect("layers").remove(digest)
+                && let Some(layer) = cell.get()
+            {
+                layer.mark_evicted();
+            }
+            shared.info.lock().expect("info").remove(digest);
+        })
     }
 
     /// Every resolved layer.
@@ -320,14 +368,23 @@ impl FetcherService {
         // As in the Go snapshotter: the configuration must allow it and the
         // layer must carry the skipverify label.
         let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
-        let cell = self
-            .shared
-            .layers
-            .lock()
-            .expect("layers")
-            .entry(digest.clone())
-            .or_default()
-            .clone();
+        let cell = {
+            let mut layers = self.shared.layers.lock().expect("layers");
+            // Evicted since it was resolved: resolve it again.
+            if layers
+                .get(&digest)
+                .and_then(|c| c.get())
+                .is_some_and(|l| l.is_evicted())
+            {
+                layers.remove(&digest);
+            }
+            layers.entry(digest.clone()).or_default().clone()
+        };
+        if cell.initialized() {
+            // A new use of a layer resolved before (eviction's LRU order).
+            let (cache, d) = (self.shared.cache.clone(), digest.clone());
+            let _ = tokio::task::spawn_blocking(move || cache.touch_layer(&d)).await;
+        }
         let shared = self.shared.clone();
         let layer = cell
             .get_or_try_init(|| async move {
@@ -524,7 +581,10 @@ impl FetcherService {
                     let info2 = info.clone();
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = Self::background(&shared, &layer2).await {
+                        let r = Self::background(&shared, &layer2).await;
+                        if let Err(e) = &r
+                            && !layer2.is_evicted()
+                        {
                             tracing::warn!(layer = %layer2.digest, error = %e, "background fetch stopped");
                             *info2.last_error.lock().expect("error") = e.to_string();
                             shared
@@ -753,6 +813,8 @@ impl Fetcher for FetcherService {
             .iter()
             .map(|(_, s)| s.requests.load(Ordering::Relaxed))
             .sum();
+        let limit = self.shared.cache_limit.clone();
+        let totals = limit.as_ref().map(|l| l.totals()).unwrap_or_default();
         Ok(Response::new(StatusResponse {
             cache_dir: self.shared.cache.root().display().to_string(),
             cache_bytes: dir_bytes(self.shared.cache.root()),
@@ -767,6 +829,11 @@ impl Fetcher for FetcherService {
             chunk_cache_hits: sum(&|l| l.counters.chunks_hit.load(Ordering::Relaxed)),
             background_fetch: self.shared.background,
             recent_errors: self.shared.errors.list(),
+            cache_limit_bytes: limit.as_ref().map_or(0, |l| l.limit()),
+            evicted_layers: totals.layers,
+            evicted_files: totals.files,
+            evicted_bytes: totals.bytes,
+            cache_kept_bytes: totals.last.map_or(0, |p| p.kept_bytes),
         }))
     }
 }

@@ -350,10 +350,7 @@ impl StargazeFs {
         if let Some(f) = self.shared.handles.lock().expect("handles").get(&fh) {
             return Ok(f.clone());
         }
-        let n = a.index.inode(local).ok_or(Errno::ENOENT)?;
-        let key = n.digest().unwrap_or_else(|| {
-            stargaze_format::Digest::of(format!("{}/{local}", a.digest).as_bytes())
-        });
+        let key = a.index.content_key(local).ok_or(Errno::ENOENT)?;
         let f = Arc::new(std::fs::File::open(a.cache.content_path(&key)).map_err(|_| Errno::EIO)?);
         if fh != 0 {
             self.shared

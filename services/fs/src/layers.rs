@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
-use stargaze_cache::{Cache, PresenceMap};
+use stargaze_cache::{Cache, LayerPin, PresenceMap};
 use stargaze_index::LayerIndex;
 
 /// Bits of a global inode number that hold the index's inode.
@@ -34,6 +34,8 @@ pub struct Attached {
     pub presence: PresenceMap,
     pub cache: Cache,
     pub stats: LayerStats,
+    /// Keeps the fetcher's eviction away from the layer while attached.
+    _pin: LayerPin,
 }
 
 impl Attached {
@@ -106,6 +108,15 @@ impl LayerTable {
         if let Some(a) = self.by_name(&name) {
             return Ok(a);
         }
+        // Pinned before anything is opened: eviction cannot delete the files
+        // between here and the detach.
+        let cache = Cache::open_reader(&cache_root(index_path));
+        let pin = cache
+            .pin_layer(digest)
+            .map_err(|source| AttachError::Presence {
+                layer: digest.to_string(),
+                source,
+            })?;
         let index = LayerIndex::open(index_path).map_err(|source| AttachError::Index {
             layer: digest.to_string(),
             source,
@@ -134,8 +145,9 @@ impl LayerTable {
             slot,
             index,
             presence,
-            cache: Cache::open_reader(&cache_root(index_path)),
+            cache,
             stats: LayerStats::default(),
+            _pin: pin,
         });
         t.by_slot.insert(slot, a.clone());
         t.by_name.insert(name, slot);

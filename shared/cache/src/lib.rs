@@ -27,10 +27,14 @@
 //! ([`verify_range`]), because bits and data are not flushed in order.
 
 mod content;
+pub mod evict;
+mod pin;
 mod presence;
 pub mod uring;
 
 pub use content::{ContentFile, verify_range};
+pub use evict::{EvictOptions, Eviction, Evictor};
+pub use pin::LayerPin;
 pub use presence::{PRESENCE_HEADER, PresenceMap};
 
 use std::fs::File;
@@ -54,6 +58,10 @@ pub enum CacheError {
     Locked { path: PathBuf },
     #[error("presence map {path} is corrupt ({reason}); delete it and the fetcher rebuilds it")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "layer {layer} was evicted from the cache {path} while it was being attached; resolve it again"
+    )]
+    Evicted { layer: String, path: PathBuf },
 }
 
 impl CacheError {
@@ -74,6 +82,12 @@ pub struct Cache {
     unclean: bool,
     /// Content writes go through this ring when set.
     uring: Option<std::sync::Arc<uring::UringWriter>>,
+    /// Held shared while layer files or content are written, exclusively
+    /// while eviction deletes ([`Cache::writing`], [`Cache::evicting`]).
+    gate: std::sync::RwLock<()>,
+    /// Content bytes written since the cache was opened (eviction's
+    /// estimate of growth between scans).
+    written: std::sync::atomic::AtomicU64,
 }
 
 /// Mode of a content file that is complete and verified.
@@ -127,6 +141,8 @@ impl Cache {
             _lock: Some(lock),
             unclean,
             uring: None,
+            gate: Default::default(),
+            written: Default::default(),
         })
     }
 
@@ -137,6 +153,8 @@ impl Cache {
             _lock: None,
             unclean: false,
             uring: None,
+            gate: Default::default(),
+            written: Default::default(),
         }
     }
 
@@ -222,6 +240,38 @@ impl Cache {
     /// Whether content writes go through io_uring.
     pub fn uses_io_uring(&self) -> bool {
         self.uring.is_some()
+    }
+
+    /// Hold while writing a layer's files or content (and publishing it):
+    /// eviction cannot delete anything meanwhile.
+    pub fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by eviction while it deletes.
+    pub(crate) fn evicting(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Count content bytes written (eviction's growth estimate).
+    pub fn note_written(&self, bytes: u64) {
+        self.written
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Content bytes written since the cache was opened.
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Record that a layer is in use now (its directory's mtime is its
+    /// last use, which eviction orders by).
+    pub fn touch_layer(&self, layer_digest: &str) {
+        // A directory opened read-only takes futimens (we own it).
+        if let Ok(dir) = std::fs::File::open(self.layer_dir(layer_digest)) {
+            let _ =
+                dir.set_times(std::fs::FileTimes::new().set_modified(std::time::SystemTime::now()));
+        }
     }
 
     /// Open a file's content for reading.

@@ -13,7 +13,9 @@
 //!   `"500ms"`, `"1m 30s"`, `"2h"`. A bare integer is rejected (it would be
 //!   ambiguous between seconds and milliseconds). [`Config::to_toml`] writes
 //!   them back the same way.
-//! * **Sizes** are integers in bytes.
+//! * **Sizes** are integers in bytes, or strings with a unit: `"512KiB"`,
+//!   `"20GiB"`, `"1.5G"` (K/M/G/T are powers of 1024 as in containerd's
+//!   and systemd's settings, `KB`/`MB`/... powers of 1000).
 //! * **Paths** must be absolute. Unix socket paths must fit in `sun_path`
 //!   (at most 107 bytes).
 //! * **Listen addresses** (`metrics_address`) are `host:port`; empty means off.
@@ -70,11 +72,14 @@ pub struct FetcherConfig {
     /// How many times a failed registry request is retried (after the first try).
     pub retries: u32,
     /// Missing ranges closer than this many bytes are fetched with one request.
+    #[serde(with = "size")]
     pub merge_gap: u64,
     /// Upper bound in bytes on one merged range request.
+    #[serde(with = "size")]
     pub max_merged_range: u64,
     /// Bytes fetched at mount time from the start of a layer that has no
     /// prefetch landmark and no prefetch label. 0 = off.
+    #[serde(with = "size")]
     pub prefetch_size: u64,
     /// Fetch the rest of every layer in the background after its prefetch.
     pub background_fetch: bool,
@@ -90,6 +95,7 @@ pub struct FetcherConfig {
     pub background_max_wait: Duration,
     /// Upper bound on background fetching, compressed bytes per second
     /// across all layers; 0 = none.
+    #[serde(with = "size")]
     pub background_bandwidth: u64,
     /// `host:port` serving Prometheus `/metrics`; empty = off.
     pub metrics_address: String,
@@ -104,6 +110,16 @@ pub struct FetcherConfig {
     /// How content files are written: `pwrite`, or `io_uring` (one ring on a
     /// dedicated thread; falls back to pwrite where io_uring is refused).
     pub cache_io: CacheIo,
+    /// Upper bound on the cache's disk use; when it is exceeded, layers no
+    /// snapshot uses are evicted with their files, least recently used
+    /// first. 0 = no limit.
+    #[serde(with = "size")]
+    pub cache_size_limit: u64,
+    /// A layer must have been unused this long before eviction may take it
+    /// (and nothing is evicted this long after the fetcher starts, while
+    /// the snapshotter re-attaches its layers).
+    #[serde(with = "duration")]
+    pub cache_keep_unused: Duration,
 }
 
 /// `[fs]`: the node's FUSE mount.
@@ -198,6 +214,8 @@ impl Default for FetcherConfig {
             hosts_dir: "/etc/containerd/certs.d".into(),
             stargz_config: "/etc/containerd-stargz-grpc/config.toml".into(),
             cache_io: CacheIo::Pwrite,
+            cache_size_limit: 0,
+            cache_keep_unused: Duration::from_secs(600),
         }
     }
 }
@@ -739,6 +757,72 @@ fn key_line(doc: &toml::de::DeTable<'_>, text: &str, section: &str, key: &str) -
     };
     let (k, _) = entries.iter().find(|(k, _)| k.get_ref().as_ref() == key)?;
     Some(line_of(text, k.span().start))
+}
+
+/// Sizes: integers in bytes, or strings with a unit ("20GiB", "512K").
+mod size {
+    use std::fmt;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(SizeVisitor)
+    }
+
+    const EXPECTED: &str =
+        "a size in bytes, or a string such as \"512KiB\", \"20GiB\" or \"100MB\"";
+
+    /// Parse "20GiB", "1.5G", "100 MB", "4096".
+    pub fn parse(v: &str) -> Option<u64> {
+        let v = v.trim();
+        let split = v
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(v.len());
+        let (num, unit) = v.split_at(split);
+        let num: f64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "ki" | "kib" => 1 << 10,
+            "m" | "mi" | "mib" => 1 << 20,
+            "g" | "gi" | "gib" => 1 << 30,
+            "t" | "ti" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            _ => return None,
+        };
+        let bytes = num * mult as f64;
+        (num >= 0.0 && bytes < u64::MAX as f64).then_some(bytes.round() as u64)
+    }
+
+    struct SizeVisitor;
+
+    impl Visitor<'_> for SizeVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(EXPECTED)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse(v).ok_or_else(|| E::custom(format!("invalid size {v:?}; expected {EXPECTED}")))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("invalid size {v}: sizes cannot be negative")))
+        }
+    }
 }
 
 /// Durations as humantime strings ("30s", "500ms", "1m 30s").

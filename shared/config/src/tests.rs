@@ -92,6 +92,23 @@ fn durations() {
 }
 
 #[test]
+fn sizes_take_bytes_or_a_unit() {
+    let c = parse("[fetcher]\ncache_size_limit = \"20GiB\"\nmerge_gap = 4096\nmax_merged_range = \"1.5M\"\nbackground_bandwidth = \"100 MB\"\n")
+        .unwrap();
+    assert_eq!(c.fetcher.cache_size_limit, 20 << 30);
+    assert_eq!(c.fetcher.merge_gap, 4096);
+    assert_eq!(c.fetcher.max_merged_range, 3 << 19);
+    assert_eq!(c.fetcher.background_bandwidth, 100_000_000);
+    // Written back as plain bytes, which read back the same.
+    assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    let msg = parse_err("[fetcher]\ncache_size_limit = \"lots\"\n");
+    assert!(msg.contains("invalid size \"lots\""), "{msg}");
+    assert!(msg.contains("line 2"), "{msg}");
+    let msg = parse_err("[fetcher]\ncache_size_limit = -1\n");
+    assert!(msg.contains("negative"), "{msg}");
+}
+
+#[test]
 fn unknown_key_names_key_section_and_line() {
     let msg = parse_err("[fetcher]\nretries = 1\nmerge_gab = 10\n");
     assert!(msg.contains("line 3"), "{msg}");
