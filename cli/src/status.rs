@@ -98,6 +98,15 @@ struct CacheState {
     /// Bytes read by containers that were in the cache when asked for, as a
     /// fraction of all bytes read (fs counters); `null` before any read.
     read_hit_rate: Option<f64>,
+    /// `[fetcher] cache_size_limit` (0 = none).
+    limit_bytes: u64,
+    /// At the last eviction pass: bytes of attached or recently used
+    /// layers, which cannot be evicted.
+    kept_bytes: u64,
+    /// Evicted since the fetcher started.
+    evicted_layers: u64,
+    evicted_files: u64,
+    evicted_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -323,6 +332,11 @@ async fn gather(config: &stargaze_config::Config) -> Report {
             recovered_from_unclean_stop: s.recovered_from_unclean_stop,
             background_fetch: s.background_fetch,
             read_hit_rate,
+            limit_bytes: s.cache_limit_bytes,
+            kept_bytes: s.cache_kept_bytes,
+            evicted_layers: s.evicted_layers,
+            evicted_files: s.evicted_files,
+            evicted_bytes: s.evicted_bytes,
         }
     });
     let fs = fs_status.ok().map(|s| {
@@ -462,6 +476,21 @@ fn print_table(r: &Report) {
                 ""
             }
         );
+        if c.limit_bytes > 0 {
+            println!(
+                "       limit {}: {} evicted since start ({} layers, {} files); {} held by layers in use{}",
+                mb(c.limit_bytes),
+                mb(c.evicted_bytes),
+                c.evicted_layers,
+                c.evicted_files,
+                mb(c.kept_bytes),
+                if c.bytes_on_disk > c.limit_bytes {
+                    " — over the limit: raise it or remove unused images"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(rate) = c.read_hit_rate {
             println!(
                 "       reads served from the cache: {:.1} % of bytes",

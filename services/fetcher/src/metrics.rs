@@ -17,6 +17,13 @@
 //! | `stargaze_fetcher_ranges_total` | layer | byte ranges in those reads (merge ratio = chunks / requests) |
 //! | `stargaze_fetcher_compressed_bytes_total` | layer | compressed bytes read |
 //! | `stargaze_fetcher_verification_failures_total` | layer | chunks whose bytes did not match |
+//! | `stargaze_fetcher_cache_limit_bytes` | | `cache_size_limit` (only with a limit, as the rest of these) |
+//! | `stargaze_fetcher_cache_bytes` | | cache size at the last eviction pass |
+//! | `stargaze_fetcher_cache_kept_bytes` | | of it, bytes of layers in use or used recently |
+//! | `stargaze_fetcher_cache_eviction_passes_total` | | eviction passes (scans) |
+//! | `stargaze_fetcher_cache_evicted_layers_total` | | layers evicted |
+//! | `stargaze_fetcher_cache_evicted_files_total` | | content files evicted |
+//! | `stargaze_fetcher_cache_evicted_bytes_total` | | bytes freed by eviction |
 //! | `stargaze_fetcher_grpc_requests_total` | method, code | `stargaze.v1.Fetcher` requests |
 //! | `stargaze_fetcher_grpc_request_duration_seconds` | method | their latency |
 
@@ -183,6 +190,57 @@ impl Collector for FetcherCollector {
             MetricType::Counter,
             &c(|c| &c.verification_failures),
         )?;
+        if let Some(limit) = &self.0.shared.cache_limit {
+            let t = limit.totals();
+            let last = t.last.clone().unwrap_or_default();
+            let one = |v: u64| vec![(Labels::new(), v)];
+            for (name, help, kind, v) in [
+                (
+                    "stargaze_fetcher_cache_limit_bytes",
+                    "The cache's size limit",
+                    MetricType::Gauge,
+                    limit.limit(),
+                ),
+                (
+                    "stargaze_fetcher_cache_bytes",
+                    "Cache size at the last eviction pass",
+                    MetricType::Gauge,
+                    last.usage_after,
+                ),
+                (
+                    "stargaze_fetcher_cache_kept_bytes",
+                    "Of it, bytes of layers attached or used recently",
+                    MetricType::Gauge,
+                    last.kept_bytes,
+                ),
+                (
+                    "stargaze_fetcher_cache_eviction_passes",
+                    "Eviction passes (scans of the cache)",
+                    MetricType::Counter,
+                    t.passes,
+                ),
+                (
+                    "stargaze_fetcher_cache_evicted_layers",
+                    "Layers evicted from the cache",
+                    MetricType::Counter,
+                    t.layers,
+                ),
+                (
+                    "stargaze_fetcher_cache_evicted_files",
+                    "Content files evicted from the cache",
+                    MetricType::Counter,
+                    t.files,
+                ),
+                (
+                    "stargaze_fetcher_cache_evicted_bytes",
+                    "Bytes freed by eviction",
+                    MetricType::Counter,
+                    t.bytes,
+                ),
+            ] {
+                family(&mut e, name, help, kind, &one(v))?;
+            }
+        }
         self.0.shared.rpc.encode("stargaze_fetcher", &mut e)
     }
 }

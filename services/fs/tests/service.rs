@@ -1,7 +1,9 @@
 //! The `stargaze-fs` binary end to end: a fetcher service (in this test
 //! process, on a private socket) backed by a real registry, layers attached
 //! over gRPC, overlayfs stacked on their directories, detach refused while
-//! the overlay uses them, clean shutdown. Needs root and /dev/fuse.
+//! the overlay uses them, eviction sparing attached layers and taking
+//! detached ones (which attach again), clean shutdown. Needs root and
+//! /dev/fuse.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stargaze_cache::Cache;
+use stargaze_cache::{Cache, EvictOptions};
 use stargaze_fetcher::FetchOptions;
 use stargaze_fetcher::service::FetcherService;
 use stargaze_oci::{ImageConvertOptions, OciLayout};
@@ -78,7 +80,14 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
         DockerConfig::in_dir(w),
         ClientOptions::default(),
     );
-    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false);
+    // A cache limit of one byte: every eviction pass wants everything out.
+    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false)
+        .with_cache_limit(EvictOptions {
+            limit: 1,
+            keep_unused: Duration::ZERO,
+            ..Default::default()
+        });
+    let evictor = fetcher.clone();
     let listener = stargaze_proto::bind_unix(&fetcher_sock).await.unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -126,32 +135,10 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     // Resolve and attach each layer, as the snapshotter will.
     let mut dirs = Vec::new();
     for desc in manifest["layers"].as_array().unwrap() {
-        let annotations: HashMap<String, String> =
-            serde_json::from_value(desc["annotations"].clone()).unwrap();
-        let r = fetch
-            .resolve_layer(ResolveLayerRequest {
-                layer: Some(LayerSource {
-                    image_ref: image_ref.clone(),
-                    digest: desc["digest"].as_str().unwrap().into(),
-                    annotations,
-                    ..Default::default()
-                }),
-                allow_unverified: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let a = fsc
-            .attach(AttachRequest {
-                layer_digest: r.layer_digest.clone(),
-                index_path: r.index_path.clone(),
-                presence_path: r.presence_path.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(Path::new(&a.dir).starts_with(&mnt));
-        dirs.push((r.layer_digest, PathBuf::from(a.dir)));
+        dirs.push(resolve_and_attach(&mut fetch, &mut fsc, &image_ref, desc).await);
+    }
+    for (_, dir) in &dirs {
+        assert!(dir.starts_with(&mnt));
     }
     assert_eq!(
         fsc.list(ListRequest {})
@@ -206,6 +193,15 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     .unwrap();
     assert!(checked > 5);
 
+    let busybox = std::fs::read(dirs[0].1.join("bin/busybox")).unwrap();
+    // Attached layers are pinned: an eviction pass leaves them alone.
+    let pass = evictor.evict_now().await.unwrap();
+    assert_eq!(
+        (pass.layers_evicted, pass.layers_pinned),
+        (0, 2),
+        "{pass:?}"
+    );
+
     // In use by the overlay: detaching is refused with the reason.
     let e = fsc
         .detach(DetachRequest {
@@ -228,8 +224,36 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     .await
     .unwrap();
     assert!(!dirs[0].1.exists(), "a detached layer's directory is gone");
+
+    // Detached, it is evicted with its files at the next pass; the layer
+    // still attached keeps serving every file.
+    let layer_dir = |d: &str| w.join("cache/layers").join(&d[7..]);
+    let pass = evictor.evict_now().await.unwrap();
+    assert_eq!(
+        (pass.layers_evicted, pass.layers_pinned),
+        (1, 1),
+        "{pass:?}"
+    );
+    assert!(pass.files_evicted > 0, "{pass:?}");
+    assert!(!layer_dir(&dirs[0].0).exists());
+    assert!(layer_dir(&dirs[1].0).exists());
+    for (name, data) in &files {
+        assert!(
+            std::fs::read(dirs[1].1.join(name)).unwrap() == *data,
+            "{name}"
+        );
+    }
+    let st = fetch.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((st.cache_limit_bytes, st.evicted_layers), (1, 1));
+    assert_eq!(st.evicted_bytes, pass.bytes_freed);
+    // Pulled again: resolved from the registry anew, attached, same bytes.
+    let desc = &manifest["layers"][0];
+    let (digest, dir) = resolve_and_attach(&mut fetch, &mut fsc, &image_ref, desc).await;
+    assert_eq!(digest, dirs[0].0);
+    assert!(std::fs::read(dir.join("bin/busybox")).unwrap() == busybox);
+    dirs[0].1 = dir;
     let st = fsc.status(FsStatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(st.layers, 1);
+    assert_eq!(st.layers, 2);
     assert!(st.bytes_after_fetch > 0);
     assert_eq!(st.fetch_errors, 0);
 
@@ -250,4 +274,39 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
         !mounts.contains(&mnt.display().to_string()),
         "unmounted on exit"
     );
+}
+
+/// Resolve a layer in the fetcher and attach it in fs, as the snapshotter
+/// does; returns its digest and directory.
+async fn resolve_and_attach(
+    fetch: &mut FetcherClient<tonic::transport::Channel>,
+    fsc: &mut FsClient<tonic::transport::Channel>,
+    image_ref: &str,
+    desc: &serde_json::Value,
+) -> (String, PathBuf) {
+    let annotations: HashMap<String, String> =
+        serde_json::from_value(desc["annotations"].clone()).unwrap();
+    let r = fetch
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: image_ref.to_string(),
+                digest: desc["digest"].as_str().unwrap().into(),
+                annotations,
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let a = fsc
+        .attach(AttachRequest {
+            layer_digest: r.layer_digest.clone(),
+            index_path: r.index_path,
+            presence_path: r.presence_path,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.layer_digest, PathBuf::from(a.dir))
 }

@@ -1,8 +1,10 @@
 //! What an operator sees of a node: `stargaze status` (table and JSON) and
 //! the three services' Prometheus metrics, after a lazy pull, a container
 //! run and a plain image that falls back, all with the real components
-//! (Debian containerd 1.6, runc, docker-registry, our three services); then
-//! with the fs service killed, status reports it down and exits 1.
+//! (Debian containerd 1.6, runc, docker-registry, our three services); the
+//! cache's size limit evicting the layers of a removed image (and only
+//! those); then with the fs service killed, status reports it down and
+//! exits 1.
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
@@ -89,6 +91,8 @@ fn status_and_metrics_describe_a_lazy_pull() {
     let ports = [free_port(), free_port(), free_port()];
     let metrics = |p: u16| format!("metrics_address = \"127.0.0.1:{p}\"");
     let (m0, m1, m2) = (metrics(ports[0]), metrics(ports[1]), metrics(ports[2]));
+    // A cache limit of one byte: only what is in use may stay.
+    let m0 = format!("{m0}\ncache_size_limit = 1\ncache_keep_unused = \"2s\"");
     let mut stack = Stack::start(w, &[("fetcher", &m0), ("fs", &m1), ("snapshotter", &m2)]);
     let ctd = Containerd::start(&stack.proxy_config("stargaze"));
 
@@ -229,6 +233,57 @@ fn status_and_metrics_describe_a_lazy_pull() {
             "stargaze_snapshotter_grpc_requests_total{method=\"Prepare\",code=\"AlreadyExists\"}"
         ),
         2.0
+    );
+
+    // The cache limit: attached layers are never evicted; once the image
+    // is removed (containerd's GC removes the snapshots, the snapshotter
+    // detaches the layers), they are, and pulling the image again works.
+    assert_eq!(value(&f, "stargaze_fetcher_cache_limit_bytes"), 1.0);
+    assert_eq!(
+        value(&f, "stargaze_fetcher_cache_evicted_layers_total"),
+        0.0
+    );
+    ctd.ctr(&["image", "rm", "--sync", &lazy]);
+    let start = std::time::Instant::now();
+    let r = loop {
+        let (_, text) = status(&stack.config, true);
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if r["cache"]["evicted_layers"].as_u64().unwrap() >= 2 {
+            break r;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the removed image's layers were not evicted:\n{text}\n{}",
+            stack.log(Service::Fetcher)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(r["cache"]["limit_bytes"], 1, "{r}");
+    assert!(r["cache"]["evicted_bytes"].as_u64().unwrap() > 0, "{r}");
+    let (_, table) = status(&stack.config, false);
+    assert!(table.contains("evicted since start"), "{table}");
+    assert!(
+        stack
+            .log(Service::Fetcher)
+            .contains("evicted least recently used layers")
+    );
+    stargaze_rpull(&ctd, &lazy);
+    let o = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        &lazy,
+        &format!("sg-operate-again-{}", std::process::id()),
+        "/bin/sh",
+        "-c",
+        &format!("busybox wc -c < /{name}"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        bytes.len().to_string(),
+        "after eviction:\n{}",
+        stack.log(Service::Snapshotter)
     );
 
     // With fs down, status still answers, says so, and exits 1.
