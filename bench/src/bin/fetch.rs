@@ -10,7 +10,11 @@
 //!
 //! The layer is built from this machine's files (Python stdlib, Perl, ICU,
 //! sbin: ~180 MB uncompressed). `BENCH_LAYER_PATHS` (space separated,
-//! relative to /) overrides them.
+//! relative to /) overrides them; `BENCH_SYNTHETIC_MB` builds a synthetic
+//! layer of that size instead. `BENCH_REGISTRY` (host:port) uses a registry
+//! already running, e.g. behind a shaped link (`bench/fetch-link.sh`), with
+//! `BENCH_LINK` describing it; `BENCH_ONLY` picks sections (registry,
+//! engine, random, rss).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -44,10 +48,19 @@ async fn service_rss(dir: &std::path::Path, registry: &str, digest: &str, toc: &
     std::fs::write(
         &config,
         format!(
-            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\nhosts_dir = \"{}\"\nstargz_config = \"\"\n[log]\nlevel = \"warn\"\n",
             sock.display(),
-            dir.join("svc-cache").display()
+            dir.join("svc-cache").display(),
+            dir.join("certs.d").display()
         ),
+    )
+    .unwrap();
+    // Plain HTTP to the registry, through containerd's hosts.toml as on a node.
+    let hosts = dir.join("certs.d").join(registry);
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!("server = \"http://{registry}\"\n[host.\"http://{registry}\"]\ncapabilities = [\"pull\", \"resolve\"]\n"),
     )
     .unwrap();
     let mut child = Command::new(&bin)
@@ -176,87 +189,54 @@ async fn fetch_everything(layer: &Arc<Layer>) -> u64 {
         .expect("fetch")
 }
 
+/// The engine's options; `BENCH_MAX_READ_BYTES` and `BENCH_INFLIGHT`
+/// override the read size and concurrency (to measure other defaults).
 fn opts() -> FetchOptions {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let d = FetchOptions::default();
     FetchOptions {
         whole_file_below: 0,
-        ..Default::default()
+        max_read_bytes: env("BENCH_MAX_READ_BYTES").unwrap_or(d.max_read_bytes),
+        max_inflight_reads: env("BENCH_INFLIGHT").map_or(d.max_inflight_reads, |n| n as usize),
+        ..d
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    let paths_env = std::env::var("BENCH_LAYER_PATHS").unwrap_or_else(|_| {
-        "usr/lib/python3.11 usr/share/perl5 usr/lib/x86_64-linux-gnu/perl usr/sbin".to_string()
-    });
-    let paths: Vec<&str> = paths_env.split_whitespace().collect();
-    let work = tempfile::tempdir().expect("temp dir");
-    eprintln!("== building the layer from {paths:?}");
-    let tar = image::tar_of_host_paths(&paths);
-    let raw = tar.len() as u64;
-    let mut blob = Vec::new();
-    let res = stargaze_format::convert("bench", &tar, &mut blob, &Default::default(), None)
-        .expect("convert");
-    drop(tar);
-    let blob_path = work.path().join("blob");
-    std::fs::write(&blob_path, &blob).expect("write blob");
-    let digest = res.digest.to_string();
-    let size = blob.len() as u64;
-
-    // --- 2: pipeline vs single-core loop (local file, no network) ---
-    eprintln!("== decompress + verify: engine vs single-core loop");
-    let local = |root: std::path::PathBuf, io_uring: bool| {
-        let (blob_path, digest, toc) = (blob_path.clone(), digest.clone(), res.toc_digest);
-        async move { local_layer(&root, io_uring, &blob_path, &digest, toc).await }
-    };
-    let layer = local(work.path().join("cache-local"), false).await;
-    let chunks: Vec<_> = {
-        let mut v = Vec::new();
-        for ino in 1..=layer.index.inode_count() {
-            if let Some(n) = layer.index.inode(ino) {
-                v.extend(n.chunks());
-            }
-        }
-        v
-    };
-    let t = Instant::now();
-    let mut loop_bytes = 0u64;
-    for c in &chunks {
-        let member = &blob[c.compressed_offset as usize..c.compressed_end as usize];
-        let data = decompress_prefix(Compression::Gzip, member, c.inner_offset + c.size)
-            .expect("decompress");
-        let d = Digest::of(&data[c.inner_offset as usize..]);
-        assert_eq!(d.0, c.digest);
-        loop_bytes += c.size;
+/// Files of a synthetic layer of about `mb` megabytes: sizes from 1 KiB to
+/// 4 MiB, a third of the bytes random (gzip gets them to ~40 %, like
+/// binaries and libraries).
+fn synthetic_tar(mb: u64) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut x: u32 = 0x9e37_79b9;
+    let (mut total, mut i) = (0u64, 0u64);
+    while total < mb << 20 {
+        let size = [1 << 10, 20 << 10, 300 << 10, 4 << 20][(i % 4) as usize];
+        let data: Vec<u8> = (0..size)
+            .map(|j| {
+                if j % 3 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                } else {
+                    b'a' + (j % 26) as u8
+                }
+            })
+            .collect();
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(size as u64);
+        b.append_data(&mut h, format!("data/{}/f{i}", i % 64), &data[..])
+            .expect("tar");
+        total += size as u64;
+        i += 1;
     }
-    let loop_secs = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let engine_bytes = fetch_everything(&layer).await;
-    let engine_secs = t.elapsed().as_secs_f64();
-    assert_eq!(engine_bytes, loop_bytes);
-    drop(layer);
-    // The same with the cache on tmpfs: what the engine costs without the
-    // filesystem's inode allocation (one content file per file digest); and
-    // both again with content writes through io_uring (`cache_io`).
-    let (disk, shm) = (work.path(), std::path::Path::new("/dev/shm"));
-    let mut timed = Vec::new();
-    for (base, io_uring) in [(shm, false), (disk, true), (shm, true)] {
-        let tmp = tempfile::tempdir_in(base).expect("cache dir");
-        let layer = local(tmp.path().to_path_buf(), io_uring).await;
-        let t = Instant::now();
-        fetch_everything(&layer).await;
-        timed.push(t.elapsed().as_secs_f64());
-    }
-    let tmpfs_secs = timed[0];
-    let uring_secs = [timed[1], timed[2]];
+    b.into_inner().expect("tar")
+}
 
-    // --- 1: whole layer from a registry vs curl ---
-    eprintln!("== whole layer from a registry vs curl");
-    let reg = Registry::start();
-    let layout = work.path().join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    std::fs::copy(&blob_path, layout.join("blobs/sha256").join(&digest[7..])).unwrap();
-    // Upload the blob as it is (no recompression) with the registry API.
-    let url = format!("http://{}/v2/bench/layer/blobs/uploads/", reg.addr);
+/// Push a blob as it is (no recompression) with the registry API.
+fn push_blob(registry: &str, blob_path: &std::path::Path, digest: &str) {
+    let url = format!("http://{registry}/v2/bench/layer/blobs/uploads/");
     let out =
         run(Command::new("curl").args(["-sS", "-X", "POST", "-D", "-", "-o", "/dev/null", &url]));
     let location = String::from_utf8_lossy(&out.stdout)
@@ -273,176 +253,303 @@ async fn main() {
         .arg(format!("@{}", blob_path.display()))
         .args(["-H", "Content-Type: application/octet-stream"])
         .arg(format!("{location}{sep}digest={digest}")));
-    let blob_url = format!("http://{}/v2/bench/layer/blobs/{digest}", reg.addr);
-    let mut curl_times = Vec::new();
-    for _ in 0..3 {
-        let o = run(Command::new("curl").args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_total}",
-            &blob_url,
-        ]));
-        curl_times.push(
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<f64>()
-                .unwrap(),
-        );
-    }
-    curl_times.sort_by(|a, b| a.total_cmp(b));
-    let curl_secs = curl_times[1];
-    let mut fetch_times = Vec::new();
-    let mut requests = 0;
-    for round in 0..3 {
-        let cache_dir = work.path().join(format!("cache-reg-{round}"));
-        let client = Client::new(
-            Hosts::new(),
-            DockerConfig::in_dir(work.path()),
-            ClientOptions::default(),
-        );
-        let r = Reference::parse(&format!("{}/bench/layer:x", reg.addr)).unwrap();
-        let blob = Arc::new(RegistryBlob(client.blob(&r, &digest)));
-        let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// `BENCH_ONLY` (comma separated: registry, engine, random, rss) limits the
+/// sections; all by default.
+fn wanted(section: &str) -> bool {
+    std::env::var("BENCH_ONLY")
+        .map(|v| v.split(',').any(|s| s.trim() == section))
+        .unwrap_or(true)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = match std::env::var("BENCH_SYNTHETIC_MB") {
+        Ok(mb) => {
+            let mb: u64 = mb.parse().expect("BENCH_SYNTHETIC_MB: megabytes");
+            eprintln!("== building a synthetic layer of {mb} MiB");
+            synthetic_tar(mb)
+        }
+        Err(_) => {
+            let paths_env = std::env::var("BENCH_LAYER_PATHS").unwrap_or_else(|_| {
+                "usr/lib/python3.11 usr/share/perl5 usr/lib/x86_64-linux-gnu/perl usr/sbin"
+                    .to_string()
+            });
+            let paths: Vec<&str> = paths_env.split_whitespace().collect();
+            eprintln!("== building the layer from {paths:?}");
+            image::tar_of_host_paths(&paths)
+        }
+    };
+    let raw = tar.len() as u64;
+    let mut blob = Vec::new();
+    let res = stargaze_format::convert("bench", &tar, &mut blob, &Default::default(), None)
+        .expect("convert");
+    drop(tar);
+    let blob_path = work.path().join("blob");
+    std::fs::write(&blob_path, &blob).expect("write blob");
+    let digest = res.digest.to_string();
+    let size = blob.len() as u64;
+    let mb = |b: u64, s: f64| b as f64 / s / 1e6;
+    let mut rows: Vec<String> = Vec::new();
+    let mut chunk_count = 0;
+
+    // --- 2: pipeline vs single-core loop (local file, no network) ---
+    if wanted("engine") {
+        eprintln!("== decompress + verify: engine vs single-core loop");
+        let local = |root: std::path::PathBuf, io_uring: bool| {
+            let (blob_path, digest, toc) = (blob_path.clone(), digest.clone(), res.toc_digest);
+            async move { local_layer(&root, io_uring, &blob_path, &digest, toc).await }
+        };
+        let layer = local(work.path().join("cache-local"), false).await;
+        let chunks: Vec<_> = {
+            let mut v = Vec::new();
+            for ino in 1..=layer.index.inode_count() {
+                if let Some(n) = layer.index.inode(ino) {
+                    v.extend(n.chunks());
+                }
+            }
+            v
+        };
+        chunk_count = chunks.len();
         let t = Instant::now();
-        let layer = Arc::new(
-            resolve_layer(cache, blob, &digest, Some(res.toc_digest), false, &opts())
-                .await
-                .unwrap(),
-        );
-        fetch_everything(&layer).await;
-        fetch_times.push(t.elapsed().as_secs_f64());
-        requests = client
-            .stats()
-            .iter()
-            .map(|(_, s)| s.requests.load(Ordering::Relaxed))
-            .sum::<u64>();
+        let mut loop_bytes = 0u64;
+        for c in &chunks {
+            let member = &blob[c.compressed_offset as usize..c.compressed_end as usize];
+            let data = decompress_prefix(Compression::Gzip, member, c.inner_offset + c.size)
+                .expect("decompress");
+            let d = Digest::of(&data[c.inner_offset as usize..]);
+            assert_eq!(d.0, c.digest);
+            loop_bytes += c.size;
+        }
+        let loop_secs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let engine_bytes = fetch_everything(&layer).await;
+        let engine_secs = t.elapsed().as_secs_f64();
+        assert_eq!(engine_bytes, loop_bytes);
         drop(layer);
-        let _ = std::fs::remove_dir_all(&cache_dir);
+        // The same with the cache on tmpfs: what the engine costs without
+        // the filesystem's inode allocation (one content file per file
+        // digest); and both again with content writes through io_uring.
+        let (disk, shm) = (work.path(), std::path::Path::new("/dev/shm"));
+        let mut timed = Vec::new();
+        for (base, io_uring) in [(shm, false), (disk, true), (shm, true)] {
+            let tmp = tempfile::tempdir_in(base).expect("cache dir");
+            let layer = local(tmp.path().to_path_buf(), io_uring).await;
+            let t = Instant::now();
+            fetch_everything(&layer).await;
+            timed.push(t.elapsed().as_secs_f64());
+        }
+        let tmpfs_secs = timed[0];
+        let uring_secs = [timed[1], timed[2]];
+        rows.push(format!(
+            "| decompress + verify + write, local blob (engine, all cores) | {:.2} s, {:.0} MB/s | single-core libdeflate + sha256 loop: {:.2} s, {:.0} MB/s | **{:.2}×** |",
+            engine_secs,
+            mb(loop_bytes, engine_secs),
+            loop_secs,
+            mb(loop_bytes, loop_secs),
+            loop_secs / engine_secs
+        ));
+        rows.push(format!(
+            "| the same, cache on tmpfs (no ext4 inode allocation) | {:.2} s, {:.0} MB/s | single-core loop as above | **{:.2}×** |",
+            tmpfs_secs,
+            mb(loop_bytes, tmpfs_secs),
+            loop_secs / tmpfs_secs
+        ));
+        rows.push(format!(
+            "| the same with `cache_io = \"io_uring\"`, cache on disk / on tmpfs | {:.2} s, {:.0} MB/s / {:.2} s, {:.0} MB/s | pwrite (the two rows above): {:.2} s / {:.2} s | **{:.2}× / {:.2}×** |",
+            uring_secs[0],
+            mb(loop_bytes, uring_secs[0]),
+            uring_secs[1],
+            mb(loop_bytes, uring_secs[1]),
+            engine_secs,
+            tmpfs_secs,
+            engine_secs / uring_secs[0],
+            tmpfs_secs / uring_secs[1]
+        ));
     }
-    fetch_times.sort_by(|a, b| a.total_cmp(b));
-    let fetch_secs = fetch_times[1];
-    // --- 4: the real service's memory while it fetches the whole layer ---
-    eprintln!("== stargaze-fetcher RSS while fetching the whole layer");
-    let (rss_peak, service_secs) =
-        service_rss(work.path(), &reg.addr, &digest, &res.toc_digest.to_string()).await;
+
+    // --- 1: whole layer from a registry vs curl ---
+    // BENCH_REGISTRY: a registry already running (bench/fetch-link.sh puts
+    // one behind a shaped link); else Debian's registry on loopback.
+    let (_local_registry, registry, link) = match std::env::var("BENCH_REGISTRY") {
+        Ok(addr) => {
+            let link = std::env::var("BENCH_LINK").unwrap_or_else(|_| format!("registry {addr}"));
+            (None, addr, link)
+        }
+        Err(_) => {
+            let reg = Registry::start();
+            let addr = reg.addr.clone();
+            (Some(reg), addr, "loopback registry".to_string())
+        }
+    };
+    if wanted("registry") || wanted("rss") {
+        push_blob(&registry, &blob_path, &digest);
+    }
+    if wanted("registry") {
+        eprintln!("== whole layer from the registry vs curl ({link})");
+        let blob_url = format!("http://{registry}/v2/bench/layer/blobs/{digest}");
+        let mut curl_times = Vec::new();
+        let mut fetch_times = Vec::new();
+        let mut requests = 0;
+        // Interleaved, so that both see the same link and machine state.
+        for round in 0..3 {
+            let o = run(Command::new("curl").args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                &blob_url,
+            ]));
+            curl_times.push(
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap(),
+            );
+            let cache_dir = work.path().join(format!("cache-reg-{round}"));
+            let client = Client::new(
+                Hosts::new().with_plain_http(&registry),
+                DockerConfig::in_dir(work.path()),
+                ClientOptions::default(),
+            );
+            let r = Reference::parse(&format!("{registry}/bench/layer:x")).unwrap();
+            let blob = Arc::new(RegistryBlob(client.blob(&r, &digest)));
+            let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+            let t = Instant::now();
+            let layer = Arc::new(
+                resolve_layer(cache, blob, &digest, Some(res.toc_digest), false, &opts())
+                    .await
+                    .unwrap(),
+            );
+            fetch_everything(&layer).await;
+            fetch_times.push(t.elapsed().as_secs_f64());
+            requests = client
+                .stats()
+                .iter()
+                .map(|(_, s)| s.requests.load(Ordering::Relaxed))
+                .sum::<u64>();
+            drop(layer);
+            let _ = std::fs::remove_dir_all(&cache_dir);
+        }
+        let (curl_secs, fetch_secs) = (median(curl_times), median(fetch_times));
+        rows.insert(0, format!(
+            "| whole layer registry → cache (resolve + every chunk decompressed, verified, written) | {:.2} s, {:.0} MB/s of blob, {requests} requests | `curl` of the blob to /dev/null: {:.2} s, {:.0} MB/s | **{:.2}×** |",
+            fetch_secs,
+            mb(size, fetch_secs),
+            curl_secs,
+            mb(size, curl_secs),
+            curl_secs / fetch_secs
+        ));
+    }
 
     // --- 3: cold random reads, 16 readers ---
-    eprintln!("== random reads");
-    let cache_dir = work.path().join("cache-random");
-    let fblob = Arc::new(FileBlob::open(&blob_path).unwrap());
-    let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
-    let layer = Arc::new(
-        resolve_layer(
-            cache,
-            fblob.clone(),
-            &digest,
-            Some(res.toc_digest),
-            false,
-            &opts(),
-        )
-        .await
-        .unwrap(),
-    );
-    let files: Vec<(u64, u64)> = (1..=layer.index.inode_count())
-        .filter_map(|i| {
-            layer
-                .index
-                .inode(i)
-                .filter(|n| n.is_reg() && n.size() > 0)
-                .map(|n| (i, n.size()))
-        })
-        .collect();
-    let reads: Vec<(u64, u64)> = (0..2000usize)
-        .map(|i| {
-            let (ino, size) = files[(i * 7919) % files.len()];
-            (ino, (i as u64 * 104_729) % size)
-        })
-        .collect();
-    let needed: BTreeSet<u32> = reads
-        .iter()
-        .filter_map(|&(ino, off)| layer.index.inode(ino)?.chunk_at(off).map(|c| c.global))
-        .collect();
-    let before = fblob.requests();
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..16 {
-        let l = layer.clone();
-        let mine: Vec<(u64, u64)> = reads.iter().skip(w).step_by(16).copied().collect();
-        tasks.push(tokio::spawn(async move {
-            for (ino, off) in mine {
-                l.fetch(&[(ino, off, 4096)]).await.expect("random read");
-            }
-        }));
+    if wanted("random") {
+        eprintln!("== random reads");
+        let cache_dir = work.path().join("cache-random");
+        let fblob = Arc::new(FileBlob::open(&blob_path).unwrap());
+        let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+        let layer = Arc::new(
+            resolve_layer(
+                cache,
+                fblob.clone(),
+                &digest,
+                Some(res.toc_digest),
+                false,
+                &opts(),
+            )
+            .await
+            .unwrap(),
+        );
+        let files: Vec<(u64, u64)> = (1..=layer.index.inode_count())
+            .filter_map(|i| {
+                layer
+                    .index
+                    .inode(i)
+                    .filter(|n| n.is_reg() && n.size() > 0)
+                    .map(|n| (i, n.size()))
+            })
+            .collect();
+        let reads: Vec<(u64, u64)> = (0..2000usize)
+            .map(|i| {
+                let (ino, size) = files[(i * 7919) % files.len()];
+                (ino, (i as u64 * 104_729) % size)
+            })
+            .collect();
+        let needed: BTreeSet<u32> = reads
+            .iter()
+            .filter_map(|&(ino, off)| layer.index.inode(ino)?.chunk_at(off).map(|c| c.global))
+            .collect();
+        let before = fblob.requests();
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..16 {
+            let l = layer.clone();
+            let mine: Vec<(u64, u64)> = reads.iter().skip(w).step_by(16).copied().collect();
+            tasks.push(tokio::spawn(async move {
+                for (ino, off) in mine {
+                    l.fetch(&[(ino, off, 4096)]).await.expect("random read");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let random_secs = t.elapsed().as_secs_f64();
+        let random_requests = fblob.requests() - before;
+        let fetched = layer.counters.chunks_fetched.load(Ordering::Relaxed);
+        chunk_count = layer.index.chunk_count() as usize;
+        rows.push(format!(
+            "| cold random reads: 2000 × 4 KiB, 16 readers | {random_requests} requests for {} chunks needed ({fetched} fetched incl. small whole files), {:.2} s | one request per chunk: {} | **{:.1} chunks per request** |",
+            needed.len(),
+            random_secs,
+            needed.len(),
+            fetched as f64 / random_requests.max(1) as f64
+        ));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let random_secs = t.elapsed().as_secs_f64();
-    let random_requests = fblob.requests() - before;
-    let fetched = layer.counters.chunks_fetched.load(Ordering::Relaxed);
 
-    let mb = |b: u64, s: f64| b as f64 / s / 1e6;
+    // --- 4: the real service's memory while it fetches the whole layer ---
+    if wanted("rss") {
+        eprintln!("== stargaze-fetcher RSS while fetching the whole layer");
+        let (rss_peak, service_secs) =
+            service_rss(work.path(), &registry, &digest, &res.toc_digest.to_string()).await;
+        rows.push(format!(
+            "| `stargaze-fetcher` process: ResolveLayer + Fetch of every chunk over gRPC | {:.2} s, peak RSS {:.0} MB | target: < 64 MB | |",
+            service_secs, rss_peak
+        ));
+    }
+
     println!(
-        "### Fetcher ({} cores, loopback registry)\n",
+        "### Fetcher ({} cores, {link})\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     );
     println!(
-        "Layer: {:.1} MB uncompressed, {:.1} MB eStargz, {} chunks. Medians of 3 rounds.\n",
+        "Layer: {:.1} MB uncompressed, {:.1} MB eStargz{}. Medians of 3 rounds.\n",
         raw as f64 / 1e6,
         size as f64 / 1e6,
-        chunks.len()
+        if chunk_count > 0 {
+            format!(", {chunk_count} chunks")
+        } else {
+            String::new()
+        }
     );
     println!("| measure | stargaze | reference | ratio |");
     println!("|---|---|---|---|");
-    println!(
-        "| whole layer registry → cache (resolve + every chunk decompressed, verified, written) | {:.2} s, {:.0} MB/s of blob, {requests} requests | `curl` of the blob to /dev/null: {:.2} s, {:.0} MB/s | **{:.2}×** |",
-        fetch_secs,
-        mb(size, fetch_secs),
-        curl_secs,
-        mb(size, curl_secs),
-        curl_secs / fetch_secs
-    );
-    println!(
-        "| decompress + verify + write, local blob (engine, all cores) | {:.2} s, {:.0} MB/s | single-core libdeflate + sha256 loop: {:.2} s, {:.0} MB/s | **{:.2}×** |",
-        engine_secs,
-        mb(loop_bytes, engine_secs),
-        loop_secs,
-        mb(loop_bytes, loop_secs),
-        loop_secs / engine_secs
-    );
-    println!(
-        "| the same, cache on tmpfs (no ext4 inode allocation) | {:.2} s, {:.0} MB/s | single-core loop as above | **{:.2}×** |",
-        tmpfs_secs,
-        mb(loop_bytes, tmpfs_secs),
-        loop_secs / tmpfs_secs
-    );
-    println!(
-        "| the same with `cache_io = \"io_uring\"`, cache on disk / on tmpfs | {:.2} s, {:.0} MB/s / {:.2} s, {:.0} MB/s | pwrite (the two rows above): {:.2} s / {:.2} s | **{:.2}× / {:.2}×** |",
-        uring_secs[0],
-        mb(loop_bytes, uring_secs[0]),
-        uring_secs[1],
-        mb(loop_bytes, uring_secs[1]),
-        engine_secs,
-        tmpfs_secs,
-        engine_secs / uring_secs[0],
-        tmpfs_secs / uring_secs[1]
-    );
-    println!(
-        "| cold random reads: 2000 × 4 KiB, 16 readers | {random_requests} requests for {} chunks needed ({fetched} fetched incl. small whole files), {:.2} s | one request per chunk: {} | **{:.1} chunks per request** |",
-        needed.len(),
-        random_secs,
-        needed.len(),
-        fetched as f64 / random_requests.max(1) as f64
-    );
-    println!(
-        "| `stargaze-fetcher` process: ResolveLayer + Fetch of every chunk over gRPC | {:.2} s, peak RSS {:.0} MB | target: < 64 MB | |",
-        service_secs, rss_peak
-    );
-    println!(
-        "\nThe registry is on loopback, so `curl` runs at memory speed; on a real link the network, not decompression, sets both times. io_uring vs pwrite: ratios above 1 mean io_uring was faster."
-    );
+    for r in rows {
+        println!("{r}");
+    }
+    if std::env::var("BENCH_REGISTRY").is_err() {
+        println!(
+            "\nThe registry is on loopback, so `curl` runs at memory speed; on a real link the network, not decompression, sets both times (`bench/fetch-link.sh`, `bench/results/fetch-link.md`). io_uring vs pwrite: ratios above 1 mean io_uring was faster."
+        );
+    }
 }

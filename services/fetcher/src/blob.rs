@@ -11,6 +11,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
+
 /// A failed read of a blob; `retryable` says whether trying again may help.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("blob {blob}: {message}")]
@@ -28,7 +30,7 @@ pub trait RemoteBlob: Send + Sync + 'static {
     async fn size(&self) -> Result<u64, BlobError>;
     /// Read every range, in order; implementations use as few requests as
     /// the transport allows. Each returned buffer has exactly its range's length.
-    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError>;
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, BlobError>;
 
     /// The blob's size and its last `n` bytes (all of it when smaller).
     /// Transports that can do both in one request override this.
@@ -43,7 +45,7 @@ pub trait RemoteBlob: Send + Sync + 'static {
             .await?
             .pop()
             .unwrap_or_default();
-        Ok((size, tail))
+        Ok((size, tail.to_vec()))
     }
 }
 
@@ -93,7 +95,7 @@ impl RemoteBlob for FileBlob {
             })
     }
 
-    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, BlobError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::with_capacity(ranges.len());
         for r in ranges {
@@ -107,7 +109,7 @@ impl RemoteBlob for FileBlob {
                     retryable: false,
                 })?;
             self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-            out.push(buf);
+            out.push(Bytes::from(buf));
         }
         Ok(out)
     }

@@ -370,19 +370,17 @@ impl Layer {
             };
             // Every member of this read, decoded in parallel on the blocking
             // pool (decompression and hashing are the CPU-heavy part).
-            let mut jobs: Vec<(u64, Arc<Vec<u8>>, usize, usize)> = Vec::new();
+            // Each member a view of its read's buffer (no copy).
+            let mut jobs: Vec<(u64, bytes::Bytes)> = Vec::new();
             for ((range, starts), bytes) in plan.into_iter().zip(data) {
                 self.counters
                     .compressed_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                let bytes = Arc::new(bytes);
                 for start in starts {
                     let m = &todo[&start];
                     jobs.push((
                         start,
-                        bytes.clone(),
-                        (start - range.start) as usize,
-                        (m.end - range.start) as usize,
+                        bytes.slice((start - range.start) as usize..(m.end - range.start) as usize),
                     ));
                 }
             }
@@ -393,9 +391,7 @@ impl Layer {
                 use rayon::prelude::*;
                 jobs.par_iter()
                     .zip(claims.par_iter())
-                    .map(|((_, bytes, from, to), claims)| {
-                        me.decode_member(&bytes[*from..*to], claims)
-                    })
+                    .map(|((_, member), claims)| me.decode_member(member, claims))
                     .collect::<Vec<_>>()
             })
             .await

@@ -54,7 +54,7 @@ impl RemoteBlob for WarmBlob {
         self.blob.size().await
     }
 
-    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
         self.blob.read_ranges(ranges).await
     }
 
@@ -86,9 +86,9 @@ impl RemoteBlob for RegistryBlob {
         Ok((size, bytes.to_vec()))
     }
 
-    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
         match self.0.read_ranges(ranges).await {
-            Ok(parts) => Ok(parts.into_iter().map(|b| b.to_vec()).collect()),
+            Ok(parts) => Ok(parts),
             Err(e) => Err(self.error(e)),
         }
     }

@@ -195,7 +195,8 @@ async fn fetch_toc(
             .await
             .map_err(blob_err(layer))?
             .pop()
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .to_vec();
         if range.end > window_start {
             head.extend_from_slice(&tail[..(range.end - window_start) as usize]);
         }

@@ -235,11 +235,13 @@ impl RemoteBlob for Corrupt {
     async fn size(&self) -> Result<u64, BlobError> {
         self.inner.size().await
     }
-    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
         let mut out = self.inner.read_ranges(ranges).await?;
         for (r, b) in ranges.iter().zip(out.iter_mut()) {
             if r.contains(&self.at) {
-                b[(self.at - r.start) as usize] ^= 0x5a;
+                let mut v = b.to_vec();
+                v[(self.at - r.start) as usize] ^= 0x5a;
+                *b = v.into();
             }
         }
         Ok(out)
@@ -331,7 +333,7 @@ impl RemoteBlob for Gone {
             retryable: true,
         })
     }
-    async fn read_ranges(&self, _: &[Range<u64>]) -> Result<Vec<Vec<u8>>, BlobError> {
+    async fn read_ranges(&self, _: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
         self.size().await.map(|_| Vec::new())
     }
 }

@@ -49,7 +49,7 @@ fn parse_content_range(v: &str) -> Option<(Range<u64>, Option<u64>)> {
 
 /// Parse a `multipart/byteranges` body into (range, bytes) parts.
 pub(crate) fn parse_multipart(
-    body: &[u8],
+    body: &Bytes,
     boundary: &str,
 ) -> Result<Vec<(Range<u64>, Bytes)>, String> {
     let delim = format!("--{boundary}");
@@ -76,10 +76,11 @@ pub(crate) fn parse_multipart(
             .0;
         let start = headers_end + 4;
         let end = start + (range.end - range.start) as usize;
-        let data = body
-            .get(start..end)
-            .ok_or("multipart part shorter than its Content-Range")?;
-        parts.push((range, Bytes::copy_from_slice(data)));
+        if end > body.len() {
+            return Err("multipart part shorter than its Content-Range".into());
+        }
+        // A view of the body, not a copy.
+        parts.push((range, body.slice(start..end)));
         pos =
             find(body, delim.as_bytes(), end).ok_or("multipart part not followed by a boundary")?;
     }
@@ -436,14 +437,16 @@ impl Blob {
             + 4096 * group.len()
             + 65536;
         let stats = resp.stats.clone();
-        let body = http_body_util::Limited::new(resp.resp.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| RegistryError::Body {
-                blob: self.name(),
-                reason: format!("reading the body: {e}"),
-            })?
-            .to_bytes();
+        // One buffer of the expected size (a single range's length, or the
+        // ranges plus room for the multipart headers): collecting the
+        // frames and joining them would hold the body twice.
+        let expected = match &crange {
+            Some((r, _)) if !ctype.starts_with("multipart/") => (r.end - r.start) as usize,
+            _ => limit,
+        };
+        let body = self
+            .read_body(resp.resp.into_body(), expected.min(limit), limit)
+            .await?;
         stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         let parts = if let Some(b) = ctype
             .split(';')
@@ -476,6 +479,34 @@ impl Blob {
             blob: self.name(),
             reason: "the registry answered other ranges than requested".into(),
         })
+    }
+
+    /// A response body in one buffer allocated at `capacity`; more than
+    /// `limit` bytes is an error.
+    async fn read_body(
+        &self,
+        mut body: hyper::body::Incoming,
+        capacity: usize,
+        limit: usize,
+    ) -> Result<Bytes, RegistryError> {
+        let mut buf = BytesMut::with_capacity(capacity);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| RegistryError::Body {
+                blob: self.name(),
+                reason: format!("reading the body: {e}"),
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > limit {
+                return Err(RegistryError::Body {
+                    blob: self.name(),
+                    reason: format!("the body is longer than the {limit} bytes asked for"),
+                });
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
     }
 
     /// A 200 answer carries the whole blob: keep only the wanted slices
@@ -595,16 +626,16 @@ mod tests {
     #[test]
     fn multipart_bodies() {
         let body = b"--XYZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--XYZ\r\nContent-Range: bytes 10-11/100\r\n\r\n\r\n\r\n--XYZ--\r\n";
-        let parts = parse_multipart(body, "XYZ").unwrap();
+        let parts = parse_multipart(&Bytes::from_static(body), "XYZ").unwrap();
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0].0, 0..4);
         assert_eq!(&parts[1].1[..], b"\r\n");
         let got = slice_out(&[1..3, 10..12], &parts).unwrap();
         assert_eq!(&got[0][..], b"bc");
-        assert!(parse_multipart(b"garbage", "XYZ").is_err());
+        assert!(parse_multipart(&Bytes::from_static(b"garbage"), "XYZ").is_err());
         assert!(
             parse_multipart(
-                b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort",
+                &Bytes::from_static(b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort"),
                 "XYZ"
             )
             .is_err()
