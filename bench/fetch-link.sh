@@ -99,7 +99,7 @@ OUT=$ROOT/bench/results/fetch-link.md
 {
     echo "## Fetcher over real links ($(nproc) CPUs, $(uname -r))"
     echo
-    echo "\`sudo bash bench/fetch-link.sh\`: the registry in a network namespace behind tc tbf (both directions) and an NFQUEUE delayer; curl and the fetcher (resolve, then every chunk fetched, decompressed, verified and written to the cache) run interleaved, 3 rounds each, medians. Target: the fetcher at >= 0.9x curl's throughput on the same link."
+    echo "\`sudo bash bench/fetch-link.sh\`: the registry in a network namespace behind tc tbf (both directions) and an NFQUEUE delayer; curl and the fetcher (resolve, then every chunk fetched, decompressed, verified and written to the cache) run interleaved, ${BENCH_ROUNDS:-3} rounds each (\`BENCH_ROUNDS\`), medians. Target: the fetcher at >= 0.9x curl's throughput on the same link."
     echo
 } >"$OUT"
 for link in $LINKS; do

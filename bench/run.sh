@@ -6,6 +6,8 @@
 #   index         TOC index of a 100k-entry layer: size, open, lookups
 #   fetch         fetcher: whole layer vs curl, decode vs a single-core loop,
 #                 merge ratio of random reads, service RSS
+#   fetch-link.sh the whole layer vs curl over shaped links (100 Mbit/s +
+#                 20 ms, 1 Gbit/s), service RSS with a 1 GiB layer (needs root)
 #   fs            fs service: cached reads through FUSE (with and without
 #                 passthrough) vs the local disk, stat of a 100k-file layer,
 #                 service RSS and threads with 1 and 500 layers (needs root)
@@ -23,6 +25,9 @@ echo "== TOC index, 100k-entry layer"
 echo
 echo "== fetcher"
 ./target/release/fetch | tee bench/results/fetch.md
+echo
+echo "== fetcher over shaped links (bench/fetch-link.sh)"
+bash bench/fetch-link.sh
 echo
 echo "== fs service"
 ./target/release/fs | tee bench/results/fs.md

@@ -14,7 +14,7 @@
 //! layer of that size instead. `BENCH_REGISTRY` (host:port) uses a registry
 //! already running, e.g. behind a shaped link (`bench/fetch-link.sh`), with
 //! `BENCH_LINK` describing it; `BENCH_ONLY` picks sections (registry,
-//! engine, random, rss).
+//! engine, random, rss); `BENCH_ROUNDS` sets the registry section's rounds.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -399,7 +399,11 @@ async fn main() {
         let mut fetch_times = Vec::new();
         let mut requests = 0;
         // Interleaved, so that both see the same link and machine state.
-        for round in 0..3 {
+        let rounds: usize = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        for round in 0..rounds {
             let o = run(Command::new("curl").args([
                 "-sS",
                 "-o",
@@ -533,14 +537,15 @@ async fn main() {
             .unwrap_or(1)
     );
     println!(
-        "Layer: {:.1} MB uncompressed, {:.1} MB eStargz{}. Medians of 3 rounds.\n",
+        "Layer: {:.1} MB uncompressed, {:.1} MB eStargz{}. Medians of {} rounds.\n",
         raw as f64 / 1e6,
         size as f64 / 1e6,
         if chunk_count > 0 {
             format!(", {chunk_count} chunks")
         } else {
             String::new()
-        }
+        },
+        std::env::var("BENCH_ROUNDS").unwrap_or_else(|_| "3".into())
     );
     println!("| measure | stargaze | reference | ratio |");
     println!("|---|---|---|---|");
