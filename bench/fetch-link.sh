@@ -24,6 +24,8 @@ SYNTHETIC_MB=${SYNTHETIC_MB:-1024}
 NS=sgfl VH=sgfl0 VN=sgfl1 HOST_IP=10.213.42.1 REG_IP=10.213.42.2 PORT=5302 QNUM=7714
 REG=$REG_IP:$PORT
 
+# shellcheck source=bench/link.sh
+source "$ROOT/bench/link.sh"
 log() { echo "[$(date +%T)] $*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, tc)"
@@ -34,8 +36,7 @@ PIDS=()
 teardown() {
     set +e
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    ip link del "$VH" 2>/dev/null
-    ip netns del "$NS" 2>/dev/null
+    link_destroy
     rm -rf "$W"
 }
 trap teardown EXIT
@@ -52,17 +53,7 @@ gcc -O2 -o "$W/bin/nfdelay" "$SHARED/tools/nfdelay.c" -lnetfilter_queue -lnfnetl
 cargo build --release -q -p stargaze-bench -p stargaze-fetcher
 
 log "network: namespace $NS, veth $VH/$VN"
-ip link del "$VH" 2>/dev/null || true
-ip netns del "$NS" 2>/dev/null || true
-ip netns add "$NS"
-ip link add "$VH" type veth peer name "$VN"
-ip link set "$VN" netns "$NS"
-ip addr add "$HOST_IP/30" dev "$VH"
-ip link set "$VH" up
-ip netns exec "$NS" ip addr add "$REG_IP/30" dev "$VN"
-ip netns exec "$NS" ip link set "$VN" up
-ip netns exec "$NS" ip link set lo up
-ip netns exec "$NS" iptables -A INPUT -i "$VN" -j NFQUEUE --queue-num "$QNUM" --queue-bypass
+link_create
 
 cat >"$W/registry.yml" <<EOF
 version: 0.1
@@ -79,8 +70,8 @@ curl -sf "http://$REG/v2/" >/dev/null || die "the registry did not start: $(cat 
 
 DELAY_PID=
 shape() { # rate rtt_ms
-    tc qdisc replace dev "$VH" root tbf rate "$1" burst 256kb limit 4mb
-    ip netns exec "$NS" tc qdisc replace dev "$VN" root tbf rate "$1" burst 256kb limit 4mb
+    # A larger bucket than startup.sh's: 64 KiB cannot carry 1 Gbit/s.
+    link_shape "$1" 256kb 4mb
     if [[ -n $DELAY_PID ]]; then kill "$DELAY_PID"; wait "$DELAY_PID" 2>/dev/null || true; DELAY_PID=; fi
     if (($2 > 0)); then
         ip netns exec "$NS" "$W/bin/nfdelay" "$QNUM" $(($2 * 1000)) >"$W/logs/nfdelay.log" 2>&1 </dev/null &
@@ -91,8 +82,7 @@ shape() { # rate rtt_ms
 }
 unshape() {
     if [[ -n $DELAY_PID ]]; then kill "$DELAY_PID"; wait "$DELAY_PID" 2>/dev/null || true; DELAY_PID=; fi
-    tc qdisc del dev "$VH" root 2>/dev/null || true
-    ip netns exec "$NS" tc qdisc del dev "$VN" root 2>/dev/null || true
+    link_unshape
 }
 
 OUT=$ROOT/bench/results/fetch-link.md

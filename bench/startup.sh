@@ -49,6 +49,8 @@ PEER_SOCK=$W/peer/peer.sock
 RLOG=$W/logs/registry.log
 RESULTS=$W/results.tsv
 
+# shellcheck source=bench/link.sh
+source "$ROOT/bench/link.sh"
 log() { echo "[$(date +%T)] $*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 now() { echo "$EPOCHREALTIME"; }
@@ -95,8 +97,7 @@ teardown() {
     fi
     for d in snapshotter fs fetcher peer containerd registry nfdelay; do stop_daemon $d; done
     unmount_below "$W/"
-    ip link del "$VH" 2>/dev/null
-    ip netns del "$NS" 2>/dev/null
+    link_destroy
     rm -rf /run/containerd/runc/bench
     find /sys/fs/cgroup -depth -type d -name bench -exec rmdir {} + 2>/dev/null
 }
@@ -206,21 +207,10 @@ cat "$W/needed-hello.txt" >&2
 
 # ------------------------------------------------------------------ network
 log "network: namespace $NS, veth $VH/$VN, $RATE, +${RTT_MS} ms RTT"
-ip link del "$VH" 2>/dev/null || true
-ip netns del "$NS" 2>/dev/null || true
-ip netns add "$NS"
-ip link add "$VH" type veth peer name "$VN"
-ip link set "$VN" netns "$NS"
-ip addr add "$HOST_IP/30" dev "$VH"
-ip link set "$VH" up
-ip netns exec "$NS" ip addr add "$REG_IP/30" dev "$VN"
-ip netns exec "$NS" ip link set "$VN" up
-ip netns exec "$NS" ip link set lo up
 # Packets into the namespace wait in NFQUEUE for nfdelay (bypassed when it is not running).
-ip netns exec "$NS" iptables -A INPUT -i "$VN" -j NFQUEUE --queue-num "$QNUM" --queue-bypass
+link_create
 shape_on() {
-    tc qdisc replace dev "$VH" root tbf rate "$RATE" burst 64kb limit 2mb
-    ip netns exec "$NS" tc qdisc replace dev "$VN" root tbf rate "$RATE" burst 64kb limit 2mb
+    link_shape "$RATE" 64kb 2mb
     if [[ -z $(pid_of nfdelay) ]]; then
         start_daemon nfdelay ip netns exec "$NS" "$W/bin/nfdelay" "$QNUM" $((RTT_MS * 1000))
         sleep 0.3
@@ -228,8 +218,7 @@ shape_on() {
 }
 shape_off() {
     stop_daemon nfdelay
-    tc qdisc del dev "$VH" root 2>/dev/null || true
-    ip netns exec "$NS" tc qdisc del dev "$VN" root 2>/dev/null || true
+    link_unshape
 }
 
 # ------------------------------------------------------------------ registry

@@ -211,18 +211,7 @@ fn synthetic_tar(mb: u64) -> Vec<u8> {
     let (mut total, mut i) = (0u64, 0u64);
     while total < mb << 20 {
         let size = [1 << 10, 20 << 10, 300 << 10, 4 << 20][(i % 4) as usize];
-        let data: Vec<u8> = (0..size)
-            .map(|j| {
-                if j % 3 == 0 {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                } else {
-                    b'a' + (j % 26) as u8
-                }
-            })
-            .collect();
+        let data = image::file_bytes(size, &mut x);
         let mut h = tar::Header::new_ustar();
         h.set_mode(0o644);
         h.set_size(size as u64);

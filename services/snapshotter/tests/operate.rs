@@ -102,22 +102,23 @@ fn status_and_metrics_describe_a_lazy_pull() {
         .iter()
         .find(|(_, b)| b.len() > 4096)
         .expect("a file larger than a page");
-    let o = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "stargaze",
-        &lazy,
-        &format!("sg-operate-{}", std::process::id()),
-        "/bin/sh",
-        "-c",
-        // busybox by name: the data layer whites out /bin/wc.
-        &format!("busybox wc -c < /{name}"),
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        bytes.len().to_string()
-    );
+    // A container that counts the file's bytes (busybox by name: the data
+    // layer whites out /bin/wc).
+    let count_bytes = |run: &str| {
+        let o = ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargaze",
+            &lazy,
+            &format!("sg-operate-{run}-{}", std::process::id()),
+            "/bin/sh",
+            "-c",
+            &format!("busybox wc -c < /{name}"),
+        ]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(count_bytes("first"), bytes.len().to_string());
     // A plain gzip image: both layers fall back to an ordinary unpack.
     stargaze_rpull(&ctd, &plain);
 
@@ -268,19 +269,8 @@ fn status_and_metrics_describe_a_lazy_pull() {
             .contains("evicted least recently used layers")
     );
     stargaze_rpull(&ctd, &lazy);
-    let o = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "stargaze",
-        &lazy,
-        &format!("sg-operate-again-{}", std::process::id()),
-        "/bin/sh",
-        "-c",
-        &format!("busybox wc -c < /{name}"),
-    ]);
     assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
+        count_bytes("again"),
         bytes.len().to_string(),
         "after eviction:\n{}",
         stack.log(Service::Snapshotter)

@@ -481,6 +481,23 @@ impl Blob {
         })
     }
 
+    /// The next data frame of a body (trailers are skipped); `None` at its end.
+    async fn next_data(
+        &self,
+        body: &mut hyper::body::Incoming,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| RegistryError::Body {
+                blob: self.name(),
+                reason: format!("reading the body: {e}"),
+            })?;
+            if let Ok(data) = frame.into_data() {
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+
     /// A response body in one buffer allocated at `capacity`; more than
     /// `limit` bytes is an error.
     async fn read_body(
@@ -490,14 +507,7 @@ impl Blob {
         limit: usize,
     ) -> Result<Bytes, RegistryError> {
         let mut buf = BytesMut::with_capacity(capacity);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| RegistryError::Body {
-                blob: self.name(),
-                reason: format!("reading the body: {e}"),
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
+        while let Some(data) = self.next_data(&mut body).await? {
             if buf.len() + data.len() > limit {
                 return Err(RegistryError::Body {
                     blob: self.name(),
@@ -521,15 +531,8 @@ impl Blob {
         let mut pos = 0u64;
         let end = group.iter().map(|r| r.end).max().unwrap_or(0);
         while pos < end {
-            let Some(frame) = body.frame().await else {
+            let Some(data) = self.next_data(&mut body).await? else {
                 break;
-            };
-            let frame = frame.map_err(|e| RegistryError::Body {
-                blob: self.name(),
-                reason: format!("reading the body: {e}"),
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
             };
             stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             let chunk = pos..pos + data.len() as u64;

@@ -159,6 +159,24 @@ pub fn busybox_layer() -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
+/// `size` bytes of file content: every third byte pseudo-random (xorshift
+/// state `x`, carried on between files), the rest text, so that gzip gets
+/// it to about 40 % like binaries and libraries.
+pub fn file_bytes(size: usize, x: &mut u32) -> Vec<u8> {
+    (0..size)
+        .map(|j| {
+            if j % 3 == 0 {
+                *x ^= *x << 13;
+                *x ^= *x >> 17;
+                *x ^= *x << 5;
+                *x as u8
+            } else {
+                b'a' + (j % 26) as u8
+            }
+        })
+        .collect()
+}
+
 /// A data layer: files of many sizes (several spanning chunks), a hardlink,
 /// a symlink, and a file deleted from the layer below by a whiteout.
 pub fn data_layer(seed: u32) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
@@ -168,19 +186,7 @@ pub fn data_layer(seed: u32) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
         .iter()
         .enumerate()
     {
-        let data: Vec<u8> = (0..*size)
-            .map(|j| {
-                if j % 3 == 0 {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                } else {
-                    b'a' + (j % 26) as u8
-                }
-            })
-            .collect();
-        files.push((format!("data/file{i}"), data));
+        files.push((format!("data/file{i}"), file_bytes(*size, &mut x)));
     }
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_ustar();
