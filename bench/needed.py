@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a workload reads, in uncompressed and eStargz-compressed bytes.
 
-Usage: needed.py STRACE ROOTFS ESGZ_LAYOUT LAYER_DIR...
+Usage: needed.py [--list FILE] STRACE ROOTFS ESGZ_LAYOUT LAYER_DIR...
 
 STRACE is `strace -f -e trace=execve,openat,open` of the workload run with
 `chroot ROOTFS`. Every regular file it opened (after the exec of python3),
@@ -11,7 +11,9 @@ sum of its chunks' extents in that layer of the eStargz image at ESGZ_LAYOUT
 (`oci:DIR:esgz` written by stargaze convert): an entry's extent runs to the
 next entry's offset, or to the TOC for the last one. Prints `key value`
 lines: files, bytes, compressed_bytes, toc_bytes (every layer's TOC and
-footer, which mounting needs).
+footer, which mounting needs). `--list FILE` also writes the files, in the
+order the workload first opened them, one path per line: the prioritized
+files list of `stargaze convert --prioritized-files`.
 """
 
 import io
@@ -76,7 +78,11 @@ def layer_extents(layout):
 
 
 def main():
-    trace, root, layout, layers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    args = sys.argv[1:]
+    listing = None
+    if args[:1] == ["--list"]:
+        listing, args = args[1], args[2:]
+    trace, root, layout, layers = args[0], args[1], args[2], args[3:]
     files = {}
     for p in opened_files(trace):
         r = resolve(root, p if p.startswith("/") else "/" + p)
@@ -90,6 +96,10 @@ def main():
             if os.path.lexists(layers[k] + path):
                 compressed += extents[k][0].get(path, 0)
                 break
+    if listing:
+        # dicts keep insertion order: first opens first
+        with open(listing, "w") as f:
+            f.writelines(p.lstrip("/") + "\n" for p in files)
     print(f"files {len(files)}")
     print(f"bytes {sum(files.values())}")
     print(f"compressed_bytes {compressed}")

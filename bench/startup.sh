@@ -6,6 +6,10 @@
 #              the image converted by ctr-remote
 #   stargaze   stargaze rpull + ctr run on our three services, on the image
 #              converted by stargaze convert
+# The workload hello-opt runs hello on optimized images: the files hello
+# reads (from strace) prioritized, with a prefetch landmark; for the Go
+# snapshotter converted by ctr-remote --estargz-record-in, for stargaze by
+# stargaze convert --prioritized-files, from the same list.
 # The registry (Debian's docker-registry) runs in a network namespace behind
 # a veth pair shaped with tc tbf (RATE, both directions) and delayed with an
 # NFQUEUE delayer (RTT_MS; this kernel has no netem), as
@@ -25,7 +29,7 @@
 # Environment: ROUNDS [5] rounds per method and workload (READALL_ROUNDS [1]
 # for readall), RATE [100mbit],
 # RTT_MS [20], WORK [/tmp/stargaze-startup], WORKLOADS [hello imports warm
-# readall], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS [hello
+# readall hello-opt], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS [hello
 # readall] (one more round of each with the link unshaped; "" = none), KEEP
 # [0] (1 keeps the daemons and network for a look).
 # Needs root. Touches nothing outside $WORK but one network namespace, one
@@ -39,7 +43,7 @@ ROUNDS=${ROUNDS:-5}
 RATE=${RATE:-100mbit}
 RTT_MS=${RTT_MS:-20}
 LOOPBACK_WORKLOADS=${LOOPBACK_WORKLOADS-hello readall}
-WORKLOADS=${WORKLOADS:-hello imports warm readall}
+WORKLOADS=${WORKLOADS:-hello imports warm readall hello-opt}
 KEEP=${KEEP:-0}
 NS=sgbench VH=sgb0 VN=sgb1 HOST_IP=10.213.41.1 REG_IP=10.213.41.2 PORT=5301 QNUM=7713
 REG=$REG_IP:$PORT
@@ -199,11 +203,20 @@ if [[ ! -f $W/needed-hello.txt ]]; then
     strace -f -qq -e trace=execve,openat,open -o "$W/strace-hello.txt" \
         env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
         chroot "$ro" python3 -c 'print("hi")' >/dev/null
-    python3 bench/needed.py "$W/strace-hello.txt" "$ro" "$I/esgz" "$I/l1" "$I/l2" "$I/l3" >"$W/needed-hello.txt" ||
+    python3 bench/needed.py --list "$W/prioritized-hello.txt" "$W/strace-hello.txt" "$ro" "$I/esgz" "$I/l1" "$I/l2" "$I/l3" >"$W/needed-hello.txt" ||
         { umount "$ro"; die "bench/needed.py failed"; }
     umount "$ro"
 fi
 cat "$W/needed-hello.txt" >&2
+# The optimized image: hello's files first, behind a prefetch landmark.
+if [[ ! -f $I/esgz-opt/index.json ]]; then
+    log "stargaze convert --prioritized-files (hello's $(wc -l <"$W/prioritized-hello.txt") files)"
+    "$BIN/stargaze" convert --format estargz --prioritized-files "$W/prioritized-hello.txt" \
+        "oci:$I/oci:latest" "oci:$I/esgz-opt:esgz-opt" >"$W/logs/convert-opt.log" 2>&1 || die "convert: $W/logs/convert-opt.log"
+fi
+# ctr-remote reads the same list as `ctr-remote image optimize` records it.
+python3 -c 'import json, sys; [print(json.dumps({"path": l.strip()})) for l in open(sys.argv[1]) if l.strip()]' \
+    "$W/prioritized-hello.txt" >"$W/record-hello.json"
 
 # ------------------------------------------------------------------ network
 log "network: namespace $NS, veth $VH/$VN, $RATE, +${RTT_MS} ms RTT"
@@ -239,6 +252,7 @@ curl -sf "http://$REG/v2/" >/dev/null || die "the registry did not start"
 log "pushing the image and our eStargz conversion"
 skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/oci:latest" "docker://$REG/$REPO:latest"
 skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/esgz:esgz" "docker://$REG/$REPO:esgz"
+skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/esgz-opt:esgz-opt" "docker://$REG/$REPO:esgz-opt"
 
 # ------------------------------------------------------------------ containerd and snapshotters
 cat >"$W/etc/containerd.toml" <<EOF
@@ -346,13 +360,15 @@ if [[ -n $PEER_BIN ]]; then
     ctr_remote image convert --estargz --oci "$REG/$REPO:latest" "$REG/$REPO:esgz-go" >>"$W/logs/ctr-remote.log" 2>&1 || die "ctr-remote convert: $W/logs/ctr-remote.log"
     echo "ctr-remote image convert --estargz: $(since "$t0") s" >"$W/convert-times-go.txt"
     ctr_ image push --plain-http "$REG/$REPO:esgz-go" >>"$W/logs/ctr-remote.log" 2>&1 || die "push: $W/logs/ctr-remote.log"
+    ctr_remote image convert --estargz --oci --estargz-record-in "$W/record-hello.json" "$REG/$REPO:latest" "$REG/$REPO:esgz-go-opt" >>"$W/logs/ctr-remote.log" 2>&1 || die "ctr-remote convert (record-in): $W/logs/ctr-remote.log"
+    ctr_ image push --plain-http "$REG/$REPO:esgz-go-opt" >>"$W/logs/ctr-remote.log" 2>&1 || die "push: $W/logs/ctr-remote.log"
     remove_images
 fi
 
 # ------------------------------------------------------------------ rounds
 workload() { # name -> argv
     case $1 in
-    hello | warm) argv=(python3 -c 'print("hi")') ;;
+    hello | warm | hello-opt) argv=(python3 -c 'print("hi")') ;;
     imports) argv=(python3 -c 'import json, email, http.server, sqlite3, unittest, asyncio, xml.dom.minidom; print("imported")') ;;
     readall) argv=(sh -c 'find /usr -xdev -type f -exec cat {} + | wc -c') ;;
     *) die "unknown workload $1" ;;
@@ -381,10 +397,14 @@ run_container() { # snapshotter ref id argv...
 }
 round() { # workload method [label]
     local wl=$1 method=$2 label=${3:-$1} ref pull sn daemons
+    # Optimized images exist for the lazy pullers only.
+    [[ $wl == *-opt && $method == overlayfs ]] && return 0
+    local opt=
+    [[ $wl == *-opt ]] && opt=-opt
     case $method in
     overlayfs) ref=$REG/$REPO:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
-    go-stargz) ref=$REG/$REPO:esgz-go sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
-    stargaze) ref=$REG/$REPO:esgz sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
+    go-stargz) ref=$REG/$REPO:esgz-go$opt sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
+    stargaze) ref=$REG/$REPO:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
     esac
     local argv
     workload "$wl"
@@ -468,7 +488,8 @@ for r in rows:
     if r[0] not in workloads:
         workloads.append(r[0])
 base_desc = {"hello": "`python3 -c 'print(\"hi\")'`", "imports": "python3 importing json, email, http.server, sqlite3, unittest, asyncio, xml.dom.minidom",
-        "readall": "`find /usr -type f -exec cat {} +` (reads most of the image)", "warm": "a second container of the same image (node already warm); pull column = 0"}
+        "readall": "`find /usr -type f -exec cat {} +` (reads most of the image)",
+        "hello-opt": "hello on optimized images: the files it reads prioritized behind a prefetch landmark (ctr-remote --estargz-record-in for Go, stargaze convert --prioritized-files, one list)", "warm": "a second container of the same image (node already warm); pull column = 0"}
 def desc(wl):
     base, _, link = wl.partition("@")
     d = base_desc.get(base, base)
@@ -491,7 +512,7 @@ for wl in workloads:
         ratios = [f"{med['stargaze'] / med[m]:.2f}x {m}" for m in ("overlayfs", "go-stargz") if m in med]
         print(f"\nstargaze total time = {', '.join(ratios)} (median vs median; lower is better).\n")
     needed_path = os.path.join(work, "needed-hello.txt")
-    if wl == "hello" and "stargaze" in med and os.path.exists(needed_path):
+    if wl in ("hello", "hello-opt") and "stargaze" in med and os.path.exists(needed_path):
         needed = dict(l.split() for l in open(needed_path) if l.strip())
         comp = int(needed["compressed_bytes"]) + int(needed.get("toc_bytes", 0))
         m = re.match(r"([0-9.]+)\s*([kmg]?)bit", rate.lower())
@@ -503,11 +524,16 @@ for wl in workloads:
         trips = 4
         bound = comp * 8 / bps + trips * float(rtt) / 1000 + local
         fetched = statistics.median(float(r[6]) for r in rows if r[0] == wl and r[1] == "stargaze")
+        if "go-stargz" in med:
+            go_fetched = statistics.median(float(r[6]) for r in rows if r[0] == wl and r[1] == "go-stargz")
+            go_bytes = f" (Go Stargz: {go_fetched / comp:.2f}x)"
+        else:
+            go_bytes = ""
         print(f"Lower bound: {bound:.2f} s = {comp / 1e6:.2f} MB needed (the compressed chunks of the "
               f"{needed['files']} files the workload reads, {int(needed['bytes']) / 1e6:.2f} MB uncompressed, "
               f"and the layers' TOCs) at {rate}, "
               f"+ {trips} round trips of {rtt} ms, + {local:.2f} s local run (overlayfs, image on disk). "
-              f"stargaze = {med['stargaze'] / bound:.2f}x the bound; it read {fetched / comp:.2f}x the needed bytes.\n")
+              f"stargaze = {med['stargaze'] / bound:.2f}x the bound; it read {fetched / comp:.2f}x the needed bytes{go_bytes}.\n")
 times = [open(os.path.join(work, f)).read().strip() for f in ("convert-times.txt", "convert-times-go.txt") if os.path.exists(os.path.join(work, f))]
 print("Conversion of the image: " + "; ".join(times) + ".")
 PY
