@@ -251,21 +251,15 @@ impl Client {
         max: u64,
     ) -> Result<bytes::Bytes, RegistryError> {
         let blob = self.blob(r, digest);
-        let size = blob.size().await?;
-        if size > max {
+        // A suffix range of `max` bytes: the whole of a smaller blob and its
+        // size in one round trip (a size probe first would cost another).
+        let (size, start, data) = blob.read_tail(max).await?;
+        if start > 0 {
             return Err(RegistryError::Range {
                 blob: blob.name(),
                 reason: format!("{size} bytes is more than the {max} allowed"),
             });
         }
-        let data = if size == 0 {
-            bytes::Bytes::new()
-        } else {
-            blob.read_ranges(std::slice::from_ref(&(0..size)))
-                .await?
-                .pop()
-                .unwrap_or_default()
-        };
         if stargaze_format::Digest::of(&data).to_string() != digest {
             return Err(RegistryError::Digest {
                 what: "blob".into(),
