@@ -519,6 +519,8 @@ for wl in workloads:
         bps = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] if m else 100e6
         local = [float(r[4]) for r in rows if r[0] == "warm" and r[1] == "overlayfs"] or \
                 [float(r[4]) for r in rows if r[0] == "hello" and r[1] == "overlayfs"]
+        if not local:
+            continue  # no overlayfs column (METHODS): no local run time for the bound
         local = statistics.median(local)
         # manifest, config, the layers' TOCs (in parallel), the data (in parallel)
         trips = 4
