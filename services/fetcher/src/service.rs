@@ -47,6 +47,9 @@ pub const DEFAULT_BACKGROUND_MAX_WAIT: Duration = Duration::from_secs(10);
 struct LayerInfo {
     image_ref: Mutex<String>,
     prefetch_done: AtomicBool,
+    /// The background fetch was started (once per layer, however many
+    /// prefetches ask for it).
+    background_started: AtomicBool,
     background_done: AtomicBool,
     last_error: Mutex<String>,
 }
@@ -475,6 +478,73 @@ impl FetcherService {
         self.resolve(&src, allow).await
     }
 
+    /// Resolve and prefetch the layers being warmed before their Prepare
+    /// arrives: the image's manifest (one request, alongside the tail
+    /// reads) gives every layer's `toc.digest`, so each layer is verified
+    /// and its prefetch starts as soon as its own TOC is in, not after the
+    /// layers below it were prepared one by one. Layers without the
+    /// annotation, or whose digest the manifest does not list (the tag
+    /// moved), wait for their Prepare as before; so do all of them when
+    /// the manifest cannot be read.
+    async fn resolve_early(&self, image_ref: &str, reference: &Reference, digests: Vec<String>) {
+        let platform = stargaze_registry::Platform::host();
+        let manifest = match self
+            .shared
+            .client
+            .resolve_manifest(reference, &platform)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(image = image_ref, error = %e, "no early resolution: manifest not read");
+                return;
+            }
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&manifest.bytes) else {
+            return;
+        };
+        let descs = v["layers"].as_array().cloned().unwrap_or_default();
+        let mut set = tokio::task::JoinSet::new();
+        for d in descs {
+            let Some(digest) = d["digest"]
+                .as_str()
+                .filter(|x| digests.iter().any(|w| w == x))
+            else {
+                continue;
+            };
+            let annotations: HashMap<String, String> = d["annotations"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !annotations.contains_key(TOC_DIGEST_ANNOTATION) {
+                continue;
+            }
+            let src = LayerSource {
+                image_ref: image_ref.to_string(),
+                digest: digest.to_string(),
+                annotations,
+                ..Default::default()
+            };
+            let me = self.clone();
+            set.spawn(async move {
+                match me.resolve(&src, false).await {
+                    Ok(layer) => {
+                        tracing::debug!(layer = %src.digest, "resolved ahead of its Prepare");
+                        let _ = me.prefetch(layer, 0, false).await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(layer = %src.digest, error = %e.message(), "early resolution failed; the layer's Prepare resolves it")
+                    }
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// File ranges (inode, offset, length) of chunks whose compressed
     /// offset is below `limit` (or all, with `None`), skipping present ones.
     fn ranges_below(layer: &Layer, limit: Option<u64>) -> Vec<(u64, u64, u64)> {
@@ -576,7 +646,7 @@ impl FetcherService {
                         .errors
                         .push(layer.digest.clone(), format!("prefetch: {e}"));
                 }
-                if background {
+                if background && !info.background_started.swap(true, Ordering::AcqRel) {
                     let layer2 = layer.clone();
                     let info2 = info.clone();
                     let shared = shared.clone();
@@ -706,6 +776,7 @@ impl Fetcher for FetcherService {
         let reference = Reference::parse(&req.image_ref)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut started = 0;
+        let mut warming = Vec::new();
         for d in req.digests {
             let Ok(digest) = d.parse::<Digest>() else {
                 continue;
@@ -723,6 +794,7 @@ impl Fetcher for FetcherService {
                 tails.entry(digest.clone()).or_default().clone()
             };
             started += 1;
+            warming.push(digest.clone());
             let shared = self.shared.clone();
             let blob = RegistryBlob(self.shared.client.blob(&reference, &digest));
             tokio::spawn(async move {
@@ -751,6 +823,12 @@ impl Fetcher for FetcherService {
                     shared.tails.lock().expect("tails").remove(&digest);
                 }
             });
+        }
+        if !warming.is_empty() {
+            let me = self.clone();
+            tokio::spawn(
+                async move { me.resolve_early(&req.image_ref, &reference, warming).await },
+            );
         }
         Ok(Response::new(WarmLayersResponse { started }))
     }

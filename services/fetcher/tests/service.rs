@@ -408,3 +408,133 @@ async fn go_snapshotter_resolver_mirrors_are_used() {
     assert_eq!(r.format, "estargz");
     assert!(r.toc_verified);
 }
+
+/// WarmLayers alone resolves every layer of the image (its manifest gives
+/// the `toc.digest`s) and prefetches their landmark files, before any
+/// ResolveLayer; a later ResolveLayer costs no registry request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_resolves_and_prefetches_layers_before_their_prepare() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let (data, files) = image::data_layer(22);
+    image::write_layout(&src, "x", "src", &[image::busybox_layer(), data]);
+    let out = work.path().join("out");
+    let dst = OciLayout::open_or_create(&out).unwrap();
+    // Optimized: the data layer's files first, behind a prefetch landmark.
+    let prioritized: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &dst,
+        "esgz",
+        &ImageConvertOptions {
+            layer: stargaze_format::ConvertOptions {
+                prioritized_files: Some(prioritized),
+                ..Default::default()
+            },
+            tmp_dir: None,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    let image_ref = format!("{}/stargaze/warm:esgz", reg.addr);
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{image_ref}"),
+    );
+    let manifest = dst
+        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
+        .unwrap();
+    let descs = manifest["layers"].as_array().unwrap().clone();
+    let digests: Vec<String> = descs
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+
+    let mut fetcher = Fetcher::start_with(
+        work.path(),
+        stargaze_testkit::free_port(),
+        "background_fetch = false",
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    let started = client
+        .warm_layers(WarmLayersRequest {
+            image_ref: image_ref.clone(),
+            digests: digests.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .started;
+    assert_eq!(started, 2);
+    let start = Instant::now();
+    loop {
+        let s = client.status(StatusRequest {}).await.unwrap().into_inner();
+        if s.layers == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "layers not resolved by warming alone: {s:?}\n{}",
+            std::fs::read_to_string(work.path().join("fetcher.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The data layer's landmark files arrive without anyone asking.
+    let data_digest = &digests[1];
+    let start = Instant::now();
+    loop {
+        let l = client
+            .layer_status(LayerStatusRequest {
+                layer_digest: data_digest.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if l.prefetch_done {
+            assert!(l.file_bytes_present > 5_000_000, "{l:?}");
+            assert!(l.last_error.is_empty(), "{l:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "prefetch did not finish: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Resolving now (the Prepare) needs nothing from the registry.
+    let before = client
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    for d in &descs {
+        let annotations: std::collections::HashMap<String, String> =
+            serde_json::from_value(d["annotations"].clone()).unwrap();
+        client
+            .resolve_layer(ResolveLayerRequest {
+                layer: Some(LayerSource {
+                    image_ref: image_ref.clone(),
+                    digest: d["digest"].as_str().unwrap().into(),
+                    annotations,
+                    ..Default::default()
+                }),
+                allow_unverified: false,
+            })
+            .await
+            .unwrap();
+    }
+    let after = client
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(
+        before, after,
+        "resolving a warmed layer went to the registry"
+    );
+    assert!(fetcher.stop().success());
+}
