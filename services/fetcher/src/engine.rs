@@ -152,15 +152,9 @@ impl Layer {
         }
     }
 
-    fn content_key(&self, ino: u64) -> Digest {
-        self.index
-            .content_key(ino)
-            .unwrap_or_else(|| Digest::of(format!("{}/{ino}", self.digest).as_bytes()))
-    }
-
     /// The cache file holding inode `ino`'s content.
     pub fn content_path(&self, ino: u64) -> std::path::PathBuf {
-        self.cache.content_path(&self.content_key(ino))
+        self.cache.content_path(&self.index.content_key(ino))
     }
 
     /// Chunks covering `[offset, offset + len)` of a file (the whole file
@@ -478,7 +472,7 @@ impl Layer {
             .index
             .inode(c.ino)
             .ok_or("inode vanished from the index")?;
-        let key = self.content_key(c.ino);
+        let key = self.index.content_key(c.ino);
         // Eviction cannot delete the file between this check and the bit.
         let _writing = self.cache.writing();
         if self.is_evicted() {

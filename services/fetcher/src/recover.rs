@@ -43,9 +43,7 @@ pub fn reverify(cache: &Cache) -> Recovery {
             if !n.is_reg() || n.chunk_count() == 0 {
                 continue;
             }
-            let Some(key) = index.content_key(ino) else {
-                continue;
-            };
+            let key = index.content_key(ino);
             let content = cache.content_reader(&key).ok();
             for c in n.chunks() {
                 if !presence.is_present(c.global) {

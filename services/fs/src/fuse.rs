@@ -350,7 +350,7 @@ impl StargazeFs {
         if let Some(f) = self.shared.handles.lock().expect("handles").get(&fh) {
             return Ok(f.clone());
         }
-        let key = a.index.content_key(local).ok_or(Errno::ENOENT)?;
+        let key = a.index.content_key(local);
         let f = Arc::new(std::fs::File::open(a.cache.content_path(&key)).map_err(|_| Errno::EIO)?);
         if fh != 0 {
             self.shared

@@ -138,7 +138,7 @@ fn layer_keys(index: &LayerIndex) -> HashSet<Digest> {
                 .inode(ino)
                 .is_some_and(|n| n.is_reg() && n.chunk_count() > 0)
         })
-        .filter_map(|ino| index.content_key(ino))
+        .map(|ino| index.content_key(ino))
         .collect()
 }
 

@@ -193,13 +193,11 @@ impl LayerIndex {
 
     /// The cache key of a regular file's content: its sha256 when the TOC
     /// gives one (shared by every layer holding the same file), else a key
-    /// private to this layer and inode. `None` for a missing inode.
-    pub fn content_key(&self, ino: u64) -> Option<Digest> {
-        let n = self.inode(ino)?;
-        Some(
-            n.digest()
-                .unwrap_or_else(|| Digest::of(format!("{}/{ino}", self.layer_digest()).as_bytes())),
-        )
+    /// private to this layer and inode.
+    pub fn content_key(&self, ino: u64) -> Digest {
+        self.inode(ino)
+            .and_then(|n| n.digest())
+            .unwrap_or_else(|| Digest::of(format!("{}/{ino}", self.layer_digest()).as_bytes()))
     }
 
     /// O(1).
