@@ -38,7 +38,6 @@ pub use pin::LayerPin;
 pub use presence::{PRESENCE_HEADER, PresenceMap};
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use stargaze_format::Digest;
@@ -78,7 +77,7 @@ impl CacheError {
 pub struct Cache {
     root: PathBuf,
     /// Held by the writer: an exclusive flock on `<root>/lock`.
-    _lock: Option<File>,
+    _lock: Option<nix::fcntl::Flock<File>>,
     unclean: bool,
     /// Content writes go through this ring when set.
     uring: Option<std::sync::Arc<uring::UringWriter>>,
@@ -114,15 +113,13 @@ impl Cache {
             .write(true)
             .open(&lock_path)
             .map_err(|e| CacheError::io(&lock_path, e))?;
-        // SAFETY: flock on a descriptor we own; released when it is closed.
-        let rc =
-            unsafe { nix::libc::flock(lock.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(CacheError::Locked { path: lock_path });
-        }
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| CacheError::Locked {
+                path: lock_path.clone(),
+            })?;
         let _ = lock.set_len(0);
         let _ = std::os::unix::fs::FileExt::write_all_at(
-            &lock,
+            &*lock,
             format!("{}\n", std::process::id()).as_bytes(),
             0,
         );

@@ -8,9 +8,11 @@
 //! restart and the snapshotter re-attaching its layers.)
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::{Cache, CacheError};
 
@@ -18,22 +20,11 @@ use crate::{Cache, CacheError};
 /// layer).
 #[derive(Debug)]
 pub struct LayerPin {
-    _file: File,
+    _lock: Flock<File>,
 }
 
 /// An exclusive lock on an unused layer, held while it is deleted.
-pub(crate) struct RemovalLock {
-    _file: File,
-}
-
-fn flock(file: &File, op: i32) -> std::io::Result<()> {
-    // SAFETY: flock on a descriptor we own; released when it is closed.
-    if unsafe { nix::libc::flock(file.as_raw_fd(), op) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
+pub(crate) type RemovalLock = Flock<File>;
 
 impl Cache {
     /// Pin a layer (shared lock on its presence file). Waits while eviction
@@ -42,12 +33,13 @@ impl Cache {
     pub fn pin_layer(&self, layer_digest: &str) -> Result<LayerPin, CacheError> {
         let path = self.presence_path(layer_digest);
         let file = File::open(&path).map_err(|e| CacheError::io(&path, e))?;
-        flock(&file, nix::libc::LOCK_SH).map_err(|e| CacheError::io(&path, e))?;
+        let lock = Flock::lock(file, FlockArg::LockShared)
+            .map_err(|(_, e)| CacheError::io(&path, e.into()))?;
         // The lock is on the file we opened: is it still the layer's?
-        let held = file.metadata().map_err(|e| CacheError::io(&path, e))?;
+        let held = lock.metadata().map_err(|e| CacheError::io(&path, e))?;
         match std::fs::metadata(&path) {
             Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                Ok(LayerPin { _file: file })
+                Ok(LayerPin { _lock: lock })
             }
             _ => Err(CacheError::Evicted {
                 layer: layer_digest.to_string(),
@@ -70,11 +62,10 @@ impl Cache {
 /// Lock a layer's presence file exclusively if nobody pins it: `None` when
 /// it is pinned; an error when there is no such file.
 pub(crate) fn lock_for_removal(presence: &Path) -> std::io::Result<Option<RemovalLock>> {
-    let file = File::open(presence)?;
-    match flock(&file, nix::libc::LOCK_EX | nix::libc::LOCK_NB) {
-        Ok(()) => Ok(Some(RemovalLock { _file: file })),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EWOULDBLOCK) => Ok(None),
-        Err(e) => Err(e),
+    match Flock::lock(File::open(presence)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e.into()),
     }
 }
 
