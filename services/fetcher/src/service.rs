@@ -371,51 +371,57 @@ impl FetcherService {
         // As in the Go snapshotter: the configuration must allow it and the
         // layer must carry the skipverify label.
         let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
-        let cell = {
-            let mut layers = self.shared.layers.lock().expect("layers");
-            // Evicted since it was resolved: resolve it again.
-            if layers
-                .get(&digest)
-                .and_then(|c| c.get())
-                .is_some_and(|l| l.is_evicted())
-            {
-                layers.remove(&digest);
+        let (layer, fresh) = loop {
+            let cell = self
+                .shared
+                .layers
+                .lock()
+                .expect("layers")
+                .entry(digest.clone())
+                .or_default()
+                .clone();
+            let fresh = !cell.initialized();
+            let (shared, reference, digest) =
+                (self.shared.clone(), reference.clone(), digest.clone());
+            let layer = cell
+                .get_or_try_init(|| async move {
+                    // The footer and TOC may have been read ahead (WarmLayers).
+                    let blob: Arc<dyn RemoteBlob> = match shared.take_warm_tail(&digest).await {
+                        Some(t) => Arc::new(WarmBlob::new(t)),
+                        None => Arc::new(RegistryBlob(shared.client.blob(&reference, &digest))),
+                    };
+                    let resolved = match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
+                        Err(FetchError::ExternalToc { .. }) => {
+                            let toc = external_toc(&shared, &reference, &digest).await?;
+                            resolve_with_toc(shared.cache.clone(), blob, &digest, expected, allow, Some(toc), &shared.opts).await
+                        }
+                        other => other,
+                    };
+                    resolved.map(Arc::new)
+                })
+                .await
+                .map_err(|e| {
+                    tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
+                    self.shared
+                        .errors
+                        .push(src.digest.clone(), format!("resolving (image {}): {e}", src.image_ref));
+                    status_of(&e)
+                })?
+                .clone();
+            // Evicted between the lookup and now (the pass took it out of
+            // the map): the next lookup resolves it anew.
+            if !layer.is_evicted() {
+                break (layer, fresh);
             }
-            layers.entry(digest.clone()).or_default().clone()
         };
-        if cell.initialized() {
+        if fresh {
+            self.save_source(&layer.digest, src, allow_unverified);
+        } else {
             // A new use of a layer resolved before (eviction's LRU order).
             let (cache, d) = (self.shared.cache.clone(), digest.clone());
             let _ = tokio::task::spawn_blocking(move || cache.touch_layer(&d)).await;
         }
-        let shared = self.shared.clone();
-        let layer = cell
-            .get_or_try_init(|| async move {
-                // The footer and TOC may have been read ahead (WarmLayers).
-                let blob: Arc<dyn RemoteBlob> = match shared.take_warm_tail(&digest).await {
-                    Some(t) => Arc::new(WarmBlob::new(t)),
-                    None => Arc::new(RegistryBlob(shared.client.blob(&reference, &digest))),
-                };
-                let resolved = match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
-                    Err(FetchError::ExternalToc { .. }) => {
-                        let toc = external_toc(&shared, &reference, &digest).await?;
-                        resolve_with_toc(shared.cache.clone(), blob, &digest, expected, allow, Some(toc), &shared.opts).await
-                    }
-                    other => other,
-                };
-                resolved.map(Arc::new)
-            })
-            .await
-            .map_err(|e| {
-                tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
-                self.shared
-                    .errors
-                    .push(src.digest.clone(), format!("resolving (image {}): {e}", src.image_ref));
-                status_of(&e)
-            })?
-            .clone();
         *self.info(&layer.digest).image_ref.lock().expect("info") = src.image_ref.clone();
-        self.save_source(&layer.digest, src, allow_unverified);
         Ok(layer)
     }
 
@@ -463,14 +469,7 @@ impl FetcherService {
         let src = LayerSource {
             image_ref: v["image_ref"].as_str().unwrap_or_default().to_string(),
             digest: digest.to_string(),
-            annotations: v["annotations"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            annotations: annotations_of(&v),
             ..Default::default()
         };
         let allow = v["allow_unverified"].as_bool().unwrap_or(false);
@@ -512,14 +511,7 @@ impl FetcherService {
             else {
                 continue;
             };
-            let annotations: HashMap<String, String> = d["annotations"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let annotations = annotations_of(&d);
             if !annotations.contains_key(TOC_DIGEST_ANNOTATION) {
                 continue;
             }
@@ -914,6 +906,19 @@ impl Fetcher for FetcherService {
             cache_kept_bytes: totals.last.map_or(0, |p| p.kept_bytes),
         }))
     }
+}
+
+/// The string `annotations` of a JSON object (a descriptor, a saved
+/// layer source).
+fn annotations_of(v: &serde_json::Value) -> HashMap<String, String> {
+    v["annotations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Disk blocks used below `dir` (sparse files count what is really stored).
