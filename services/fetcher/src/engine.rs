@@ -78,8 +78,10 @@ pub struct Layer {
     read_slots: Arc<Semaphore>,
     /// Set when eviction deleted the layer's files: nothing more is written.
     evicted: std::sync::atomic::AtomicBool,
-    /// When the layer's last use was last recorded (seconds since start).
+    /// When the layer's last use was last recorded, in seconds after
+    /// `resolved` (resolution records one).
     touched: AtomicU64,
+    resolved: std::time::Instant,
 }
 
 /// A member to decode and the claims it serves.
@@ -113,7 +115,8 @@ impl Layer {
             compression,
             state: Mutex::new(State::default()),
             evicted: Default::default(),
-            touched: AtomicU64::new(u64::MAX),
+            touched: AtomicU64::new(0),
+            resolved: std::time::Instant::now(),
         }
     }
 
@@ -136,13 +139,9 @@ impl Layer {
     /// Record a use of the layer for eviction's LRU order (at most every
     /// 30 s: it is a metadata write).
     fn touch(&self) {
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs();
+        let now = self.resolved.elapsed().as_secs();
         let last = self.touched.load(Ordering::Relaxed);
-        if (last == u64::MAX || now >= last + 30)
+        if now >= last + 30
             && self
                 .touched
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
