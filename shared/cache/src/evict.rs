@@ -107,6 +107,7 @@ struct LayerEntry {
     digest: String,
     last_used: SystemTime,
     bytes: u64,
+    pinned: bool,
     kept: bool,
 }
 
@@ -178,14 +179,19 @@ impl Evictor {
 
     /// Record now as the last use of every pinned layer; returns how many.
     pub fn touch_pinned(&self) -> u32 {
-        let mut n = 0;
-        for d in self.layer_digests() {
-            if self.cache.layer_in_use(&d) {
-                self.cache.touch_layer(&d);
-                n += 1;
-            }
+        self.layer_digests()
+            .iter()
+            .filter(|d| self.pinned_now(d))
+            .count() as u32
+    }
+
+    /// Is the layer pinned? If so, now is its last use.
+    fn pinned_now(&self, digest: &str) -> bool {
+        let pinned = self.cache.layer_in_use(digest);
+        if pinned {
+            self.cache.touch_layer(digest);
         }
-        n
+        pinned
     }
 
     fn last_used(&self, dir: &Path) -> Option<SystemTime> {
@@ -254,27 +260,22 @@ impl Evictor {
         let mut layers = Vec::new();
         for digest in self.layer_digests() {
             let dir = self.cache.layer_dir(&digest);
-            let pinned = self.cache.layer_in_use(&digest);
-            if pinned {
-                self.cache.touch_layer(&digest);
-            }
+            let pinned = self.pinned_now(&digest);
             let last_used = self.last_used(&dir).unwrap_or(SystemTime::UNIX_EPOCH);
             let kept = pinned || self.is_recent(last_used);
             self.add_refs(&mut refs, &digest, kept);
-            layers.push((
-                LayerEntry {
-                    bytes: dir_allocated(&dir),
-                    digest,
-                    last_used,
-                    kept,
-                },
+            layers.push(LayerEntry {
+                bytes: dir_allocated(&dir),
+                digest,
+                last_used,
                 pinned,
-            ));
+                kept,
+            });
         }
         let content_bytes: u64 = content.values().map(|c| c.bytes).sum();
-        let layer_bytes: u64 = layers.iter().map(|(l, _)| l.bytes).sum();
+        let layer_bytes: u64 = layers.iter().map(|l| l.bytes).sum();
         let mut usage = content_bytes + layer_bytes;
-        let kept_bytes = |refs: &HashMap<Digest, Refs>, layers: &[(LayerEntry, bool)]| {
+        let kept_bytes = |refs: &HashMap<Digest, Refs>, layers: &[LayerEntry]| {
             let c: u64 = content
                 .iter()
                 .filter(|(k, _)| refs.get(*k).is_some_and(|r| r.kept))
@@ -282,14 +283,14 @@ impl Evictor {
                 .sum();
             c + layers
                 .iter()
-                .filter(|(l, _)| l.kept)
-                .map(|(l, _)| l.bytes)
+                .filter(|l| l.kept)
+                .map(|l| l.bytes)
                 .sum::<u64>()
         };
         let mut pass = Eviction {
             usage_before: usage,
             layers: layers.len() as u32,
-            layers_pinned: layers.iter().filter(|(_, p)| *p).count() as u32,
+            layers_pinned: layers.iter().filter(|l| l.pinned).count() as u32,
             content_files: content.len() as u64,
             ..Default::default()
         };
@@ -310,7 +311,7 @@ impl Evictor {
                 victims.push((c.mtime, Victim::Orphan(*k)));
             }
         }
-        for (i, (l, _)) in layers.iter().enumerate() {
+        for (i, l) in layers.iter().enumerate() {
             if !l.kept {
                 victims.push((l.last_used, Victim::Layer(i)));
             }
@@ -319,7 +320,7 @@ impl Evictor {
 
         let _gate = self.cache.evicting();
         // Layers resolved since the scan reference their files too.
-        let seen: HashSet<&str> = layers.iter().map(|(l, _)| l.digest.as_str()).collect();
+        let seen: HashSet<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
         for d in self.layer_digests() {
             if !seen.contains(d.as_str()) {
                 self.add_refs(&mut refs, &d, true);
@@ -350,7 +351,7 @@ impl Evictor {
                     }
                 }
                 Victim::Layer(i) => {
-                    let l = &mut layers[i].0;
+                    let l = &layers[i];
                     let dir = self.cache.layer_dir(&l.digest);
                     // Pinned since the scan, or used again: keep it.
                     let _lock =
