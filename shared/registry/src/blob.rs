@@ -212,14 +212,10 @@ impl Blob {
                 (tail, status, crange.clone())
             {
                 let stats = resp.stats.clone();
-                let body = http_body_util::Limited::new(resp.resp.into_body(), n as usize + 65536)
-                    .collect()
-                    .await
-                    .map_err(|e| RegistryError::Body {
-                        blob: self.name(),
-                        reason: format!("reading the blob's tail: {e}"),
-                    })?
-                    .to_bytes();
+                let expected = (r.end - r.start).min(n) as usize;
+                let body = self
+                    .read_body(resp.resp.into_body(), expected, n as usize + 65536)
+                    .await?;
                 stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                 let whole = body.len() as u64 == r.end - r.start && r.end == total;
                 return Ok((ep, redirect, total, whole.then_some((r.start, body))));
