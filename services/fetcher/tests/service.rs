@@ -87,6 +87,33 @@ impl Drop for Fetcher {
     }
 }
 
+/// Convert the layout at `src` (tag `src`) into `out` under `tag`, push
+/// that tag to `image_ref` and return the converted manifest.
+fn convert(
+    src: &Path,
+    out: &Path,
+    tag: &str,
+    opts: &ImageConvertOptions,
+    image_ref: &str,
+) -> serde_json::Value {
+    let dst = OciLayout::open_or_create(out).unwrap();
+    stargaze_oci::convert_image(
+        &OciLayout::open(src).unwrap(),
+        Some("src"),
+        &dst,
+        tag,
+        opts,
+        &|_| {},
+    )
+    .unwrap();
+    skopeo_copy(
+        &format!("oci:{}:{tag}", out.display()),
+        &format!("docker://{image_ref}"),
+    );
+    dst.read_json(&dst.resolve(Some(tag)).unwrap().digest)
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolves_and_fetches_every_file_from_a_real_registry() {
     let reg = Registry::start();
@@ -94,28 +121,15 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     let src = work.path().join("src");
     let layers = vec![image::busybox_layer(), image::data_layer(21).0];
     image::write_layout(&src, "x", "src", &layers);
-    let out = work.path().join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
-        "esgz",
-        &ImageConvertOptions {
-            layer: stargaze_format::ConvertOptions {
-                chunk_size: 128 << 10,
-                ..Default::default()
-            },
-            tmp_dir: None,
-        },
-        &|_| {},
-    )
-    .unwrap();
     let image_ref = format!("{}/stargaze/fetcher:esgz", reg.addr);
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{image_ref}"),
-    );
+    let opts = ImageConvertOptions {
+        layer: stargaze_format::ConvertOptions {
+            chunk_size: 128 << 10,
+            ..Default::default()
+        },
+        tmp_dir: None,
+    };
+    let manifest = convert(&src, &work.path().join("out"), "esgz", &opts, &image_ref);
     // Also an ordinary gzip image: not lazily pullable.
     let plain_ref = format!("{}/stargaze/fetcher:plain", reg.addr);
     skopeo_copy(
@@ -126,9 +140,6 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     let metrics_port = stargaze_testkit::free_port();
     let mut fetcher = Fetcher::start(work.path(), metrics_port);
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
-    let manifest = dst
-        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
-        .unwrap();
     let reader = Cache::open_reader(&fetcher.cache);
     for (desc, tar) in manifest["layers"].as_array().unwrap().iter().zip(&layers) {
         let annotations: std::collections::HashMap<String, String> =
@@ -275,7 +286,6 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
     let (tar, files) = image::data_layer(8);
     image::write_layout(&src, "x", "src", std::slice::from_ref(&tar));
     let out = work.path().join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
     let opts = ImageConvertOptions {
         layer: stargaze_format::ConvertOptions {
             external_toc: true,
@@ -284,25 +294,8 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
         },
         tmp_dir: None,
     };
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
-        "ext",
-        &opts,
-        &|_| {},
-    )
-    .unwrap();
-    let push = |tag: &str| {
-        skopeo_copy(
-            &format!("oci:{}:{tag}", out.display()),
-            &format!("docker://{}/stargaze/ext:{tag}", reg.addr),
-        );
-    };
-    push("ext");
-    let manifest = dst
-        .read_json(&dst.resolve(Some("ext")).unwrap().digest)
-        .unwrap();
+    let image_ref = format!("{}/stargaze/ext:ext", reg.addr);
+    let manifest = convert(&src, &out, "ext", &opts, &image_ref);
     let desc = &manifest["layers"][0];
     let annotations: std::collections::HashMap<String, String> =
         serde_json::from_value(desc["annotations"].clone()).unwrap();
@@ -323,7 +316,10 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("-esgztoc"), "{}", e.message());
     // With it: resolved, verified against toc.digest, files readable.
-    push("ext-esgztoc");
+    skopeo_copy(
+        &format!("oci:{}:ext-esgztoc", out.display()),
+        &format!("docker://{image_ref}-esgztoc"),
+    );
     let r = client.resolve_layer(req()).await.unwrap().into_inner();
     assert!(r.toc_verified);
     let index = LayerIndex::open(Path::new(&r.index_path)).unwrap();
@@ -357,20 +353,12 @@ async fn go_snapshotter_resolver_mirrors_are_used() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     image::write_layout(&src, "x", "src", &[image::busybox_layer()]);
-    let out = work.path().join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
+    let manifest = convert(
+        &src,
+        &work.path().join("out"),
         "esgz",
         &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{}/stargaze/mirrored:esgz", reg.addr),
+        &format!("{}/stargaze/mirrored:esgz", reg.addr),
     );
     // A Go snapshotter config as operators write it, other keys included.
     let go_config = work.path().join("containerd-stargz-grpc.toml");
@@ -388,9 +376,6 @@ async fn go_snapshotter_resolver_mirrors_are_used() {
         &format!("stargz_config = \"{}\"", go_config.display()),
     );
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
-    let manifest = dst
-        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
-        .unwrap();
     let desc = &manifest["layers"][0];
     let r = client
         .resolve_layer(ResolveLayerRequest {
@@ -419,33 +404,16 @@ async fn warming_resolves_and_prefetches_layers_before_their_prepare() {
     let src = work.path().join("src");
     let (data, files) = image::data_layer(22);
     image::write_layout(&src, "x", "src", &[image::busybox_layer(), data]);
-    let out = work.path().join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
     // Optimized: the data layer's files first, behind a prefetch landmark.
-    let prioritized: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
-        "esgz",
-        &ImageConvertOptions {
-            layer: stargaze_format::ConvertOptions {
-                prioritized_files: Some(prioritized),
-                ..Default::default()
-            },
-            tmp_dir: None,
+    let opts = ImageConvertOptions {
+        layer: stargaze_format::ConvertOptions {
+            prioritized_files: Some(files.iter().map(|(n, _)| n.clone()).collect()),
+            ..Default::default()
         },
-        &|_| {},
-    )
-    .unwrap();
+        tmp_dir: None,
+    };
     let image_ref = format!("{}/stargaze/warm:esgz", reg.addr);
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{image_ref}"),
-    );
-    let manifest = dst
-        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
-        .unwrap();
+    let manifest = convert(&src, &work.path().join("out"), "esgz", &opts, &image_ref);
     let descs = manifest["layers"].as_array().unwrap().clone();
     let digests: Vec<String> = descs
         .iter()
