@@ -35,6 +35,19 @@ type Outcome = Option<Result<(), String>>;
 struct Claim {
     ino: u64,
     chunk: ChunkInfo,
+    background: bool,
+}
+
+/// Who a fetch is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A process waiting for the bytes, or a prefetch of what a starting
+    /// container is about to read.
+    Normal,
+    /// The rest of a layer, fetched while nobody waits: its chunks are
+    /// decoded and written by low-priority threads, so that a node's
+    /// background fetches take little CPU from its running containers.
+    Background,
 }
 
 #[derive(Default)]
@@ -183,7 +196,11 @@ impl Layer {
             if c.file_offset >= end {
                 break;
             }
-            out.push(Claim { ino, chunk: c });
+            out.push(Claim {
+                ino,
+                chunk: c,
+                background: false,
+            });
         }
         Ok(out)
     }
@@ -192,6 +209,15 @@ impl Layer {
     pub async fn fetch(
         self: &Arc<Self>,
         ranges: &[(u64, u64, u64)],
+    ) -> Result<FetchStats, FetchError> {
+        self.fetch_at(ranges, Priority::Normal).await
+    }
+
+    /// [`Layer::fetch`] at the given priority.
+    pub async fn fetch_at(
+        self: &Arc<Self>,
+        ranges: &[(u64, u64, u64)],
+        priority: Priority,
     ) -> Result<FetchStats, FetchError> {
         if self.is_evicted() {
             return Err(self.evicted_error());
@@ -203,6 +229,9 @@ impl Layer {
         }
         let asked = wanted.len();
         wanted.retain(|c| !self.presence.is_present(c.chunk.global));
+        for c in &mut wanted {
+            c.background = priority == Priority::Background;
+        }
         self.counters
             .chunks_hit
             .fetch_add((asked - wanted.len()) as u64, Ordering::Relaxed);
@@ -380,12 +409,20 @@ impl Layer {
             let me = self.clone();
             let claims: Vec<Vec<Claim>> =
                 jobs.iter().map(|(s, ..)| todo[s].claims.clone()).collect();
+            // Only when nobody waits for any chunk of the batch.
+            let background = claims.iter().flatten().all(|c| c.background);
             let outcomes = tokio::task::spawn_blocking(move || {
                 use rayon::prelude::*;
-                jobs.par_iter()
-                    .zip(claims.par_iter())
-                    .map(|((_, member), claims)| me.decode_member(member, claims))
-                    .collect::<Vec<_>>()
+                let decode = || {
+                    jobs.par_iter()
+                        .zip(claims.par_iter())
+                        .map(|((_, member), claims)| me.decode_member(member, claims))
+                        .collect::<Vec<_>>()
+                };
+                match background.then(background_pool).flatten() {
+                    Some(pool) => pool.install(decode),
+                    None => decode(),
+                }
             })
             .await
             .unwrap_or_default();
@@ -503,6 +540,33 @@ impl Layer {
     pub fn progress(&self) -> (u32, u32) {
         (self.presence.count_present(), self.presence.chunk_count())
     }
+}
+
+/// The threads that decode background batches: as many as the machine has
+/// cores, each at nice 19, so that a running container gets nearly all of a
+/// busy CPU. (Not `SCHED_IDLE`: on a fully loaded node that would stall a
+/// batch for good, and with it any on-demand read of one of its chunks.)
+/// `None` if the pool cannot be built: background batches then decode on
+/// the shared pool.
+fn background_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("background-decode-{i}"))
+            .start_handler(|_| {
+                // SAFETY: a plain syscall; on Linux, PRIO_PROCESS with
+                // who = 0 sets the calling thread's nice value only.
+                // Failure leaves the thread at the normal priority.
+                let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                if rc != 0 {
+                    tracing::debug!(error = %std::io::Error::last_os_error(), "background decode thread keeps its priority");
+                }
+            })
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "no low-priority decode threads; background batches decode on the shared pool"))
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Take queued claims, in blob order, until their members add up to

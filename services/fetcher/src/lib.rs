@@ -25,6 +25,7 @@
 
 pub mod blob;
 pub mod engine;
+pub mod entrypoint;
 pub mod evict;
 pub mod metrics;
 pub mod recover;

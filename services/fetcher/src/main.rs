@@ -98,6 +98,7 @@ fn main() -> ExitCode {
             let service = FetcherService::new(cache.clone(), client, opts, c.prefetch_size, c.background_fetch && !args.no_background_fetch)
                 .with_background_silence(c.background_silence, c.background_max_wait)
                 .with_background_bandwidth(c.background_bandwidth)
+                .with_entrypoint_prefetch(c.prefetch_entrypoint)
                 .with_cache_limit(stargaze_cache::EvictOptions {
                     limit: c.cache_size_limit,
                     keep_unused: c.cache_keep_unused,

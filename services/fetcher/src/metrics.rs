@@ -17,6 +17,8 @@
 //! | `stargaze_fetcher_ranges_total` | layer | byte ranges in those reads (merge ratio = chunks / requests) |
 //! | `stargaze_fetcher_compressed_bytes_total` | layer | compressed bytes read |
 //! | `stargaze_fetcher_verification_failures_total` | layer | chunks whose bytes did not match |
+//! | `stargaze_fetcher_entrypoint_files_total` | | files fetched by the entrypoint prefetch (program, interpreter, libraries) |
+//! | `stargaze_fetcher_entrypoint_bytes_total` | | their uncompressed bytes |
 //! | `stargaze_fetcher_cache_limit_bytes` | | `cache_size_limit` (only with a limit, as the rest of these) |
 //! | `stargaze_fetcher_cache_bytes` | | cache size at the last eviction pass |
 //! | `stargaze_fetcher_cache_kept_bytes` | | of it, bytes of layers in use or used recently |
@@ -190,6 +192,21 @@ impl Collector for FetcherCollector {
             MetricType::Counter,
             &c(|c| &c.verification_failures),
         )?;
+        for (name, help, v) in [
+            (
+                "stargaze_fetcher_entrypoint_files",
+                "Files fetched by the entrypoint prefetch",
+                &self.0.shared.entrypoint_files,
+            ),
+            (
+                "stargaze_fetcher_entrypoint_bytes",
+                "Uncompressed bytes of those files",
+                &self.0.shared.entrypoint_bytes,
+            ),
+        ] {
+            let v = vec![(Labels::new(), v.load(Ordering::Relaxed))];
+            family(&mut e, name, help, MetricType::Counter, &v)?;
+        }
         if let Some(limit) = &self.0.shared.cache_limit {
             let t = limit.totals();
             let last = t.last.clone().unwrap_or_default();

@@ -2,7 +2,7 @@
 //! prefetch and background fetch, status.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,12 @@ pub(crate) struct Shared {
     /// (0 = none), and when the budget spent so far runs out.
     background_bandwidth: u64,
     background_budget: Mutex<Instant>,
+    /// Files the entrypoint prefetch fetched.
+    pub(crate) entrypoint_files: AtomicU64,
+    /// ... and their uncompressed bytes.
+    pub(crate) entrypoint_bytes: AtomicU64,
+    /// Prefetch each new image's entrypoint chain (`entrypoint.rs`).
+    entrypoint: bool,
     activity: Activity,
     /// Tails read ahead by WarmLayers, by digest, until the layer's resolve
     /// takes them.
@@ -240,6 +246,9 @@ impl FetcherService {
                 background_max_wait: DEFAULT_BACKGROUND_MAX_WAIT,
                 background_bandwidth: 0,
                 background_budget: Mutex::new(Instant::now()),
+                entrypoint: true,
+                entrypoint_files: AtomicU64::new(0),
+                entrypoint_bytes: AtomicU64::new(0),
                 activity: Activity::new(),
                 tails: Mutex::new(HashMap::new()),
                 layers: Mutex::new(HashMap::new()),
@@ -256,6 +265,15 @@ impl FetcherService {
     pub fn with_background_bandwidth(mut self, bytes_per_sec: u64) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.background_bandwidth = bytes_per_sec;
+        }
+        self
+    }
+
+    /// Whether WarmLayers prefetches the image's entrypoint chain (on by
+    /// default; before serving).
+    pub fn with_entrypoint_prefetch(mut self, on: bool) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.entrypoint = on;
         }
         self
     }
@@ -503,8 +521,20 @@ impl FetcherService {
             return;
         };
         let descs = v["layers"].as_array().cloned().unwrap_or_default();
+        // The config (for the entrypoint) is read while the layers resolve.
+        let config = v["config"]["digest"]
+            .as_str()
+            .filter(|_| self.shared.entrypoint)
+            .map(|digest| {
+                let (client, reference, digest) = (
+                    self.shared.client.clone(),
+                    reference.clone(),
+                    digest.to_string(),
+                );
+                tokio::spawn(async move { client.fetch_small_blob(&reference, &digest).await })
+            });
         let mut set = tokio::task::JoinSet::new();
-        for d in descs {
+        for d in descs.iter().cloned() {
             let Some(digest) = d["digest"]
                 .as_str()
                 .filter(|x| digests.iter().any(|w| w == x))
@@ -535,6 +565,52 @@ impl FetcherService {
             });
         }
         while set.join_next().await.is_some() {}
+        if let Some(config) = config {
+            let layers: Vec<String> = descs
+                .iter()
+                .filter_map(|d| d["digest"].as_str().map(str::to_string))
+                .collect();
+            match config.await {
+                Ok(Ok(bytes)) => self.prefetch_entrypoint(image_ref, &bytes, &layers).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Fetch the program the image's config runs and what it loads
+    /// (`entrypoint.rs`), from the image's lazily served layers
+    /// (`layers` bottom first, as the manifest lists them).
+    async fn prefetch_entrypoint(&self, image_ref: &str, config: &[u8], layers: &[String]) {
+        let Ok(config) = serde_json::from_slice::<serde_json::Value>(config) else {
+            return;
+        };
+        let Some(command) = crate::entrypoint::Command::from_config(&config) else {
+            return;
+        };
+        // Layers unpacked by containerd instead are not ours to fetch; the
+        // paths they hold are looked up in the remaining ones.
+        let stack = crate::entrypoint::Stack::new(
+            layers.iter().rev().filter_map(|d| self.layer(d)).collect(),
+        );
+        let t0 = Instant::now();
+        let done = crate::entrypoint::prefetch(&stack, &command).await;
+        self.shared
+            .entrypoint_files
+            .fetch_add(done.files.len() as u64, Ordering::Relaxed);
+        self.shared
+            .entrypoint_bytes
+            .fetch_add(done.bytes, Ordering::Relaxed);
+        tracing::info!(
+            image = image_ref,
+            program = %command.program,
+            files = ?done.files,
+            bytes = done.bytes,
+            elapsed = ?t0.elapsed(),
+            "prefetched the entrypoint and what it loads"
+        );
     }
 
     /// File ranges (inode, offset, length) of chunks whose compressed
@@ -589,7 +665,10 @@ impl FetcherService {
                 .await;
             let before = layer.counters.compressed_bytes.load(Ordering::Relaxed);
             // Chunks fetched on demand meanwhile are skipped by the engine.
-            bytes += layer.fetch(batch).await?.bytes_fetched;
+            bytes += layer
+                .fetch_at(batch, crate::engine::Priority::Background)
+                .await?
+                .bytes_fetched;
             if shared.background_bandwidth > 0 {
                 // The counter also moves with on-demand reads of this layer
                 // meanwhile; charging them too errs on the quiet side.

@@ -87,6 +87,17 @@ impl Drop for Fetcher {
     }
 }
 
+/// The fetcher's Prometheus metrics, as text.
+fn scrape(metrics_port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Convert the layout at `src` (tag `src`) into `out` under `tag`, push
 /// that tag to `image_ref` and return the converted manifest.
 fn convert(
@@ -246,15 +257,7 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     assert_eq!(s.verification_failures, 0);
 
     // Prometheus metrics describe what happened.
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let metrics = scrape(metrics_port);
     for name in [
         "stargaze_fetcher_registry_requests_total{host=",
         "stargaze_fetcher_registry_request_duration_seconds_bucket{",
@@ -503,6 +506,159 @@ async fn warming_resolves_and_prefetches_layers_before_their_prepare() {
     assert_eq!(
         before, after,
         "resolving a warmed layer went to the registry"
+    );
+    assert!(fetcher.stop().success());
+}
+
+/// A tar entry for `tar_of`: a file from this machine, a symlink, or a
+/// directory.
+enum Entry {
+    Host(&'static str, &'static str),
+    Link(&'static str, &'static str),
+    Dir(&'static str),
+}
+
+fn tar_of(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_600_000_000);
+        match e {
+            Entry::Host(name, host) => {
+                let bytes = std::fs::read(host).unwrap_or_else(|e| panic!("{host}: {e}"));
+                h.set_mode(0o755);
+                h.set_size(bytes.len() as u64);
+                b.append_data(&mut h, name, &bytes[..]).unwrap();
+            }
+            Entry::Link(name, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, name, target).unwrap();
+            }
+            Entry::Dir(name) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, name, &[][..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// What a layer has present in the cache, in file bytes (0 until it is
+/// resolved).
+async fn present_bytes(client: &mut FetcherClient<tonic::transport::Channel>, digest: &str) -> u64 {
+    client
+        .layer_status(LayerStatusRequest {
+            layer_digest: digest.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner().file_bytes_present)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
+    const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    const LOADER: &str = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+    const DECOY: &str = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+    if !cfg!(target_arch = "x86_64") || !Path::new(DECOY).exists() {
+        eprintln!("skipped: needs this machine's x86_64 Debian libraries");
+        return;
+    }
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // Debian's merged /usr in the lower layer: /bin, /lib64 are symlinks
+    // and the loader a symlink in /usr/lib64. A library nobody loads sits
+    // beside the ones the program needs.
+    let lower = tar_of(&[
+        Entry::Link("bin", "usr/bin"),
+        Entry::Link("lib", "usr/lib"),
+        Entry::Link("lib64", "usr/lib64"),
+        Entry::Dir("usr/"),
+        Entry::Dir("usr/bin/"),
+        Entry::Dir("usr/lib/"),
+        Entry::Dir("usr/lib/x86_64-linux-gnu/"),
+        Entry::Dir("usr/lib64/"),
+        Entry::Host("usr/lib/x86_64-linux-gnu/libc.so.6", LIBC),
+        Entry::Host("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", LOADER),
+        Entry::Host("usr/lib/x86_64-linux-gnu/libstdc++.so.6", DECOY),
+        Entry::Link(
+            "usr/lib64/ld-linux-x86-64.so.2",
+            "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        ),
+    ]);
+    // The program in the upper layer, reached as /bin/sh (the config's
+    // Cmd) through the lower layer's /bin and a relative link.
+    let upper = tar_of(&[
+        Entry::Dir("usr/"),
+        Entry::Dir("usr/bin/"),
+        Entry::Host("usr/bin/dash", "/usr/bin/dash"),
+        Entry::Link("usr/bin/sh", "dash"),
+    ]);
+    image::write_layout(&src, "x", "src", &[lower, upper]);
+    let image_ref = format!("{}/stargaze/entry:esgz", reg.addr);
+    let manifest = convert(
+        &src,
+        &work.path().join("out"),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &image_ref,
+    );
+    let digests: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+
+    let metrics_port = stargaze_testkit::free_port();
+    let mut fetcher = Fetcher::start_with(work.path(), metrics_port, "background_fetch = false");
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    client
+        .warm_layers(WarmLayersRequest {
+            image_ref: image_ref.clone(),
+            digests: digests.clone(),
+        })
+        .await
+        .unwrap();
+    let size = |p: &str| std::fs::metadata(p).unwrap().len();
+    let want_lower = size(LIBC) + size(LOADER);
+    let want_upper = size("/usr/bin/dash");
+    let start = Instant::now();
+    loop {
+        let lower = present_bytes(&mut client, &digests[0]).await;
+        let upper = present_bytes(&mut client, &digests[1]).await;
+        if lower >= want_lower && upper >= want_upper {
+            // Exactly those files: the unused library was left alone.
+            assert_eq!((lower, upper), (want_lower, want_upper));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "entrypoint chain not prefetched: {lower}/{want_lower} {upper}/{want_upper}\n{}",
+            std::fs::read_to_string(work.path().join("fetcher.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cached bytes are the files' own.
+    let cache = Cache::open_reader(&fetcher.cache);
+    for (layer, path, host) in [
+        (&digests[0], "usr/lib/x86_64-linux-gnu/libc.so.6", LIBC),
+        (&digests[1], "usr/bin/dash", "/usr/bin/dash"),
+    ] {
+        let index = LayerIndex::open(&cache.index_path(layer)).unwrap();
+        let ino = index.lookup_path(path).unwrap();
+        let cached = std::fs::read(cache.content_path(&index.content_key(ino))).unwrap();
+        assert!(cached == std::fs::read(host).unwrap(), "{path} differs");
+    }
+    let metrics = scrape(metrics_port);
+    assert!(
+        metrics.contains("stargaze_fetcher_entrypoint_files_total 3"),
+        "{metrics}"
     );
     assert!(fetcher.stop().success());
 }

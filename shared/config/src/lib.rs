@@ -83,6 +83,11 @@ pub struct FetcherConfig {
     pub prefetch_size: u64,
     /// Fetch the rest of every layer in the background after its prefetch.
     pub background_fetch: bool,
+    /// While an image is pulled, fetch the program its config runs
+    /// (entrypoint, else command), that program's interpreter and the
+    /// shared libraries it loads: files every container of the image reads
+    /// first, otherwise found one registry round trip at a time.
+    pub prefetch_entrypoint: bool,
     /// Background fetches run only after on-demand reads and layer
     /// resolution have been quiet this long, one small batch at a time, so
     /// that they never hold up a starting container on a slow link.
@@ -207,6 +212,7 @@ impl Default for FetcherConfig {
             max_merged_range: 16 * 1024 * 1024,
             prefetch_size: 0,
             background_fetch: true,
+            prefetch_entrypoint: true,
             background_silence: Duration::from_secs(2),
             background_max_wait: Duration::from_secs(10),
             background_bandwidth: 0,
