@@ -531,7 +531,7 @@ impl Layer {
             .all_present(first..first + node.chunk_count() as u32)
             && node.digest().is_some()
         {
-            let _ = self.cache.mark_complete(&key);
+            let _ = content.mark_complete();
         }
         Ok(())
     }

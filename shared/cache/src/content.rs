@@ -18,21 +18,31 @@ pub struct ContentFile {
 
 impl ContentFile {
     /// Open for writing; a new file is created sparse at its final size so
-    /// that chunks can land in any order.
+    /// that chunks can land in any order. (This runs once per chunk stored:
+    /// the fan-out directory is created only when the open says it is
+    /// missing, and the size set only on a file of another size.)
     pub fn open_rw(path: &Path, size: u64) -> Result<ContentFile, CacheError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
-        }
         // Root writes even to a complete (0444) file, which happens when a
         // chunk is fetched again for another layer: same verified bytes.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(crate::PARTIAL_MODE)
-            .open(path)
-            .map_err(|e| CacheError::io(path, e))?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(crate::PARTIAL_MODE)
+                .open(path)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
+                }
+                open()
+            }
+            r => r,
+        }
+        .map_err(|e| CacheError::io(path, e))?;
         let len = file.metadata().map_err(|e| CacheError::io(path, e))?.len();
         if len != size {
             file.set_len(size).map_err(|e| CacheError::io(path, e))?;
@@ -42,6 +52,16 @@ impl ContentFile {
             path: path.to_path_buf(),
             uring: None,
         })
+    }
+
+    /// Mark this file complete: every chunk written and verified (the
+    /// open descriptor's mode, as [`crate::Cache::mark_complete`] does by
+    /// path).
+    pub fn mark_complete(&self) -> Result<(), CacheError> {
+        use std::os::unix::fs::PermissionsExt;
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(crate::COMPLETE_MODE))
+            .map_err(|e| CacheError::io(&self.path, e))
     }
 
     pub fn open_ro(path: &Path) -> Result<ContentFile, CacheError> {
