@@ -108,6 +108,9 @@ impl Shared {
 struct Activity {
     in_flight: AtomicUsize,
     last_end: Mutex<Instant>,
+    /// Background fetches wait until then whatever their deadline: a
+    /// container is starting (PauseBackground).
+    held_until: Mutex<Instant>,
 }
 
 /// Marks one piece of on-demand work while alive.
@@ -125,7 +128,14 @@ impl Activity {
         Activity {
             in_flight: AtomicUsize::new(0),
             last_end: Mutex::new(Instant::now()),
+            held_until: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Hold background fetches for `d` from now.
+    fn hold(&self, d: Duration) {
+        let mut until = self.held_until.lock().expect("activity");
+        *until = (*until).max(Instant::now() + d);
     }
 
     fn begin(&self) -> OnDemand<'_> {
@@ -139,6 +149,11 @@ impl Activity {
     /// fetch and pay a small request per miss for the whole layer.
     async fn quiet(&self, silence: Duration, deadline: Instant) {
         loop {
+            let held = *self.held_until.lock().expect("activity");
+            if held > Instant::now() {
+                tokio::time::sleep_until(held.into()).await;
+                continue;
+            }
             let busy = self.in_flight.load(Ordering::Acquire) > 0;
             let since = self.last_end.lock().expect("activity").elapsed();
             let now = Instant::now();
@@ -902,6 +917,16 @@ impl Fetcher for FetcherService {
             );
         }
         Ok(Response::new(WarmLayersResponse { started }))
+    }
+
+    async fn pause_background(
+        &self,
+        r: Request<PauseBackgroundRequest>,
+    ) -> Result<Response<PauseBackgroundResponse>, Status> {
+        let key = r.into_inner().key;
+        self.shared.activity.hold(self.shared.background_silence);
+        tracing::debug!(snapshot = %key, hold = ?self.shared.background_silence, "a container is starting: background fetches pause");
+        Ok(Response::new(PauseBackgroundResponse {}))
     }
 
     async fn layer_status(

@@ -662,3 +662,81 @@ async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
     );
     assert!(fetcher.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_container_pauses_background_fetches() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    image::write_layout(&src, "x", "src", &[image::data_layer(23).0]);
+    let image_ref = format!("{}/stargaze/pause:esgz", reg.addr);
+    let manifest = convert(
+        &src,
+        &work.path().join("out"),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &image_ref,
+    );
+    let desc = &manifest["layers"][0];
+    // No quiet period to wait for otherwise: without a pause the background
+    // fetch starts right after the prefetch (of nothing: no landmark).
+    let mut fetcher = Fetcher::start_with(
+        work.path(),
+        stargaze_testkit::free_port(),
+        "background_fetch = true\nbackground_silence = \"3s\"\nbackground_max_wait = \"0s\"\nprefetch_entrypoint = false",
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    client
+        .pause_background(PauseBackgroundRequest { key: "c1".into() })
+        .await
+        .unwrap();
+    let paused_at = Instant::now();
+    let digest = desc["digest"].as_str().unwrap().to_string();
+    client
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: image_ref.clone(),
+                digest: digest.clone(),
+                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap();
+    client
+        .prefetch(PrefetchRequest {
+            layer_digest: digest.clone(),
+            prefetch_size: 0,
+            wait: true,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = present_bytes(&mut client, &digest).await;
+    // (A machine so slow that the pause is over by now proves nothing.)
+    if paused_at.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(during, 0, "background fetch ran during the pause");
+    }
+    // After the pause it fetches the whole layer.
+    let start = Instant::now();
+    loop {
+        let l = client
+            .layer_status(LayerStatusRequest {
+                layer_digest: digest.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if l.file_bytes_present == l.file_bytes {
+            assert!(paused_at.elapsed() >= Duration::from_secs(3));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "background fetch did not resume: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fetcher.stop().success());
+}

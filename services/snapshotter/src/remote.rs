@@ -15,8 +15,8 @@ use std::path::Path;
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::{
-    AttachRequest, DetachRequest, LayerSource, ListRequest, PrefetchRequest, ResolveLayerRequest,
-    WarmLayersRequest,
+    AttachRequest, DetachRequest, LayerSource, ListRequest, PauseBackgroundRequest,
+    PrefetchRequest, ResolveLayerRequest, WarmLayersRequest,
 };
 use tonic::transport::Channel;
 
@@ -105,6 +105,21 @@ impl Remote {
             .await;
         if let Err(s) = r {
             tracing::debug!(image = image_ref, error = %s.message(), "warming layers failed");
+        }
+    }
+
+    /// Tell the fetcher a container is starting, so that background
+    /// fetches pause meanwhile.
+    pub async fn pause_background(&self, key: &str) {
+        let r = self
+            .fetcher
+            .clone()
+            .pause_background(PauseBackgroundRequest {
+                key: key.to_string(),
+            })
+            .await;
+        if let Err(s) = r {
+            tracing::debug!(snapshot = key, error = %s.message(), "pausing background fetches failed");
         }
     }
 

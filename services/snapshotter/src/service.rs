@@ -340,6 +340,12 @@ impl Snapshots for SnapshotService {
                 "target snapshot {target:?}: already exists"
             )));
         }
+        if let Some(remote) = &self.remote {
+            // A container (or an unpack) starts now: without waiting,
+            // ask the fetcher to keep background fetches out of its way.
+            let (remote, key) = (remote.clone(), req.key.clone());
+            tokio::spawn(async move { remote.pause_background(&key).await });
+        }
         if !req.parent.is_empty() {
             self.ensure_served(&req.parent).await?;
         }

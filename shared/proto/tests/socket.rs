@@ -39,6 +39,12 @@ impl Fetcher for Fake {
     ) -> Result<Response<WarmLayersResponse>, Status> {
         Err(Status::unimplemented("warm_layers"))
     }
+    async fn pause_background(
+        &self,
+        _: Request<PauseBackgroundRequest>,
+    ) -> Result<Response<PauseBackgroundResponse>, Status> {
+        Err(Status::unimplemented("pause_background"))
+    }
     async fn layer_status(
         &self,
         _: Request<LayerStatusRequest>,
