@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use stargaze_cache::{Cache, PresenceMap};
 use stargaze_format::Digest;
-use stargaze_format::chunk::decompress_prefix;
+use stargaze_format::chunk::with_decompressed_prefix;
 use stargaze_format::footer::Compression;
 use stargaze_index::{ChunkInfo, LayerIndex};
 use tokio::sync::{Semaphore, watch};
@@ -481,17 +481,16 @@ impl Layer {
             .map(|c| c.chunk.inner_offset + c.chunk.size)
             .max()
             .unwrap_or(0);
-        let data = match decompress_prefix(self.compression, compressed, needed) {
-            Ok(d) => d,
-            Err(e) => return vec![Err(format!("{VERIFY}: {e}")); claims.len()],
-        };
-        claims
-            .iter()
-            .map(|c| {
-                let from = c.chunk.inner_offset as usize;
-                self.store(c, &data[from..from + c.chunk.size as usize])
-            })
-            .collect()
+        let stored = with_decompressed_prefix(self.compression, compressed, needed, |data| {
+            claims
+                .iter()
+                .map(|c| {
+                    let from = c.chunk.inner_offset as usize;
+                    self.store(c, &data[from..from + c.chunk.size as usize])
+                })
+                .collect()
+        });
+        stored.unwrap_or_else(|e| vec![Err(format!("{VERIFY}: {e}")); claims.len()])
     }
 
     /// Verify a chunk's bytes, write them, then publish the chunk.

@@ -14,44 +14,76 @@ pub struct ContentFile {
     path: PathBuf,
     /// Set by [`crate::Cache::content_writer`] when writes go through io_uring.
     pub(crate) uring: Option<std::sync::Arc<crate::uring::UringWriter>>,
+    /// The file's final size.
+    size: u64,
+    /// Created by this open and not yet at its final size: the first write
+    /// sets it.
+    size_pending: std::sync::atomic::AtomicBool,
 }
 
 impl ContentFile {
-    /// Open for writing; a new file is created sparse at its final size so
-    /// that chunks can land in any order. (This runs once per chunk stored:
-    /// the fan-out directory is created only when the open says it is
-    /// missing, and the size set only on a file of another size.)
+    /// Open for writing. This runs once per chunk stored, so it costs as
+    /// few system calls as it can: a new file is created with `O_EXCL`
+    /// (no `fstat`), its fan-out directory made only when the create says
+    /// it is missing, and its length set by the first write (a chunk that
+    /// covers the whole file, the common small file, needs no `ftruncate`;
+    /// any other write first makes the file sparse at its final size so
+    /// that chunks can land in any order). An existing file of another size
+    /// is resized here.
     pub fn open_rw(path: &Path, size: u64) -> Result<ContentFile, CacheError> {
         // Root writes even to a complete (0444) file, which happens when a
         // chunk is fetched again for another layer: same verified bytes.
-        let open = || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(crate::PARTIAL_MODE)
-                .open(path)
-        };
-        let file = match open() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
-                }
-                open()
+        let options = |new: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(true).mode(crate::PARTIAL_MODE);
+            if new {
+                o.create_new(true);
             }
-            r => r,
+            o
+        };
+        let mut made_dir = false;
+        for _ in 0..4 {
+            match options(true).open(path) {
+                Ok(file) => {
+                    return Ok(ContentFile {
+                        file,
+                        path: path.to_path_buf(),
+                        uring: None,
+                        size,
+                        size_pending: std::sync::atomic::AtomicBool::new(size > 0),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !made_dir => {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
+                    }
+                    made_dir = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let file = match options(false).open(path) {
+                        // Deleted between the two opens: create it again.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        r => r.map_err(|e| CacheError::io(path, e))?,
+                    };
+                    let len = file.metadata().map_err(|e| CacheError::io(path, e))?.len();
+                    if len != size {
+                        file.set_len(size).map_err(|e| CacheError::io(path, e))?;
+                    }
+                    return Ok(ContentFile {
+                        file,
+                        path: path.to_path_buf(),
+                        uring: None,
+                        size,
+                        size_pending: std::sync::atomic::AtomicBool::new(false),
+                    });
+                }
+                Err(e) => return Err(CacheError::io(path, e)),
+            }
         }
-        .map_err(|e| CacheError::io(path, e))?;
-        let len = file.metadata().map_err(|e| CacheError::io(path, e))?.len();
-        if len != size {
-            file.set_len(size).map_err(|e| CacheError::io(path, e))?;
-        }
-        Ok(ContentFile {
-            file,
-            path: path.to_path_buf(),
-            uring: None,
-        })
+        Err(CacheError::io(
+            path,
+            std::io::Error::other("the file kept vanishing while being opened"),
+        ))
     }
 
     /// Mark this file complete: every chunk written and verified (the
@@ -70,6 +102,9 @@ impl ContentFile {
             file,
             path: path.to_path_buf(),
             uring: None,
+            // Never written through this handle.
+            size: 0,
+            size_pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -84,6 +119,15 @@ impl ContentFile {
     /// Write verified bytes at `offset` (pwrite or io_uring; returns when
     /// the kernel has them).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), CacheError> {
+        if self
+            .size_pending
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            && offset + data.len() as u64 != self.size
+        {
+            self.file
+                .set_len(self.size)
+                .map_err(|e| CacheError::io(&self.path, e))?;
+        }
         match &self.uring {
             Some(u) => u.write_all_at(&self.file, data, offset),
             None => self.file.write_all_at(data, offset),

@@ -155,3 +155,33 @@ fn bits_cross_process_boundaries() {
     let word = u64::from_str_radix(String::from_utf8_lossy(&out.stdout).trim(), 16).unwrap();
     assert_eq!(word, 1 << 42);
 }
+
+#[test]
+fn content_files_reach_their_final_size_whichever_chunk_lands_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open_writer(dir.path()).unwrap();
+    let len = |d: &Digest| std::fs::metadata(cache.content_path(d)).unwrap().len();
+    // A chunk in the middle of a new file: the file is sparse at its size.
+    let middle = Digest::of(b"middle");
+    let w = cache.content_writer(&middle, 1000).unwrap();
+    w.write_at(100, b"abc").unwrap();
+    assert_eq!(len(&middle), 1000);
+    // A chunk covering the whole new file: one write, exact size.
+    let whole = Digest::of(b"whole");
+    let w = cache.content_writer(&whole, 5).unwrap();
+    w.write_at(0, b"whole").unwrap();
+    assert_eq!(len(&whole), 5);
+    // An existing file of the wrong size (a crash mid-create) is resized
+    // when opened, before any write.
+    std::fs::write(cache.content_path(&middle), b"short").unwrap();
+    let _w = cache.content_writer(&middle, 1000).unwrap();
+    assert_eq!(len(&middle), 1000);
+    // The last chunk first, then the first: size right after each.
+    let tail = Digest::of(b"tail");
+    let w = cache.content_writer(&tail, 10).unwrap();
+    w.write_at(6, b"tail").unwrap();
+    assert_eq!(len(&tail), 10);
+    let w = cache.content_writer(&tail, 10).unwrap();
+    w.write_at(0, b"head").unwrap();
+    assert_eq!(len(&tail), 10);
+}
