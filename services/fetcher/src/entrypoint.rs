@@ -15,6 +15,18 @@
 //! it (`goblin`), then fetches its interpreter and libraries together, wave
 //! after wave until nothing new is needed. Only files the program will load
 //! are fetched: no extra bytes when the container runs the image's command.
+//!
+//! The same holds for the files the runtime around the program reads, one
+//! miss after another, before the program prints anything ([`Runtime`]):
+//! containerd reads the image's `/etc/passwd` and `/etc/group` to set up the
+//! process; glibc's loader reads `/etc/ld.so.cache`, its locale code the
+//! locale named by `LC_ALL`/`LC_CTYPE`/`LANG` and the gconv module cache,
+//! `localtime` reads `/etc/localtime`, user lookups `/etc/nsswitch.conf`; a
+//! CPython interpreter (known by its file name, `pythonX.Y`) imports the
+//! codecs of its filesystem encoding, `sitecustomize`, and runs the `.pth`
+//! files of its site directories (whose `import` lines name more modules,
+//! one more wave). Files named as arguments of the command (`python3
+//! app.py`) are fetched too.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -37,9 +49,13 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct Command {
     /// `Entrypoint[0]`, else `Cmd[0]`.
     pub program: String,
+    /// The rest of the command line (the entrypoint's, then `Cmd`).
+    pub args: Vec<String>,
     /// The directories of the config's `PATH`.
     pub path: Vec<String>,
     pub workdir: String,
+    /// The config's `Env` (`NAME=value`; the last of a name wins).
+    pub env: Vec<(String, String)>,
 }
 
 impl Command {
@@ -55,15 +71,34 @@ impl Command {
                 .map(str::to_string)
         };
         let program = first("Entrypoint").or_else(|| first("Cmd"))?;
-        let path = c["Env"]
+        let words = |key: &str| -> Vec<String> {
+            c[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        let mut argv = words("Entrypoint");
+        argv.extend(words("Cmd"));
+        let args = argv.into_iter().skip(1).collect();
+        let env: Vec<(String, String)> = c["Env"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|v| v.as_str()?.strip_prefix("PATH="))
-            .next_back()
-            .unwrap_or(DEFAULT_PATH);
+            .filter_map(|v| {
+                let (k, v) = v.as_str()?.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect();
+        let path = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
         Some(Command {
             program,
+            args,
             path: path
                 .split(':')
                 .filter(|d| d.starts_with('/'))
@@ -74,7 +109,42 @@ impl Command {
                 .filter(|w| w.starts_with('/'))
                 .unwrap_or("/")
                 .to_string(),
+            env,
         })
+    }
+
+    /// The value of `name` in the config's environment.
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The locale glibc's `setlocale(LC_CTYPE, "")` picks from the
+    /// environment; `None` for the built-in C/POSIX locale.
+    pub fn ctype_locale(&self) -> Option<&str> {
+        ["LC_ALL", "LC_CTYPE", "LANG"]
+            .iter()
+            .find_map(|n| self.var(n).filter(|v| !v.is_empty()))
+            .filter(|l| *l != "C" && *l != "POSIX")
+    }
+
+    /// Arguments that name files relative to the working directory or
+    /// absolute (`app.py`, `/srv/run.sh`), not options.
+    fn file_arguments(&self) -> Vec<String> {
+        self.args
+            .iter()
+            .filter(|a| !a.starts_with('-') && !a.is_empty() && !a.contains(char::is_whitespace))
+            .map(|a| {
+                if a.starts_with('/') {
+                    a.clone()
+                } else {
+                    format!("{}/{a}", self.workdir.trim_end_matches('/'))
+                }
+            })
+            .collect()
     }
 
     /// The absolute paths the runtime would try for the program, in order.
@@ -162,6 +232,301 @@ impl Stack {
             .iter()
             .find_map(|p| self.resolve(p).map(|(i, ino)| (p.clone(), i, ino)))
     }
+
+    /// Does `path` exist (any kind, after symlinks in its directories)?
+    fn exists(&self, path: &str) -> bool {
+        self.entry(path).is_some() || self.resolve(path).is_some()
+    }
+
+    /// Names in directory `dir` in any layer (a listing's union, not
+    /// checked against whiteouts: callers resolve each name).
+    fn names_in(&self, dir: &str) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for layer in &self.layers {
+            let Some(ino) = layer.index.lookup_path(dir) else {
+                continue;
+            };
+            for e in layer.index.readdir(ino, 0) {
+                if let Ok(n) = std::str::from_utf8(e.name)
+                    && !names.iter().any(|m| m == n)
+                {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+}
+
+/// How a fetched file is read for what it loads next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parse {
+    /// An ELF binary or a `#!` script: interpreter, libraries.
+    Program,
+    /// A CPython `.pth` file: the modules its `import` lines load.
+    Pth,
+    /// Data: nothing follows from it.
+    Data,
+}
+
+/// A CPython interpreter, known by its file name (`python3.11`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Python {
+    pub major: u32,
+    pub minor: u32,
+    /// The installation prefix (`/usr`, `/usr/local`): the binary's
+    /// directory's parent.
+    pub prefix: String,
+}
+
+/// Modules CPython imports at startup that it does not freeze in its
+/// binary before 3.11 (3.11 freezes all of these).
+const PY_STARTUP_BEFORE_311: &[&str] = &[
+    "abc",
+    "codecs",
+    "io",
+    "os",
+    "stat",
+    "posixpath",
+    "genericpath",
+    "_collections_abc",
+    "_sitebuiltins",
+    "site",
+];
+/// Modules 3.11+ freezes (imports of them read no file).
+const PY_FROZEN_311: &[&str] = &[
+    "abc",
+    "codecs",
+    "io",
+    "os",
+    "stat",
+    "posixpath",
+    "ntpath",
+    "genericpath",
+    "_collections_abc",
+    "_sitebuiltins",
+    "site",
+    "importlib",
+    "runpy",
+    "zipimport",
+];
+
+impl Python {
+    /// From the real path of the program (`/usr/bin/python3.11`).
+    pub fn from_program(path: &str) -> Option<Python> {
+        let (dir, name) = path.rsplit_once('/')?;
+        let version = name.strip_prefix("python")?;
+        let (major, minor) = version.split_once('.')?;
+        let (major, minor) = (major.parse().ok()?, minor.parse().ok()?);
+        if major < 3 {
+            return None;
+        }
+        let prefix = dir.rsplit_once('/').map_or("", |(p, _)| p).to_string();
+        Some(Python {
+            major,
+            minor,
+            prefix,
+        })
+    }
+
+    fn stdlib(&self) -> String {
+        format!("{}/lib/python{}.{}", self.prefix, self.major, self.minor)
+    }
+
+    /// The `__pycache__` tag: `cpython-311`.
+    fn tag(&self) -> String {
+        format!("cpython-{}{}", self.major, self.minor)
+    }
+
+    /// Site directories of upstream and of Debian's builds, in the order
+    /// `site` adds them.
+    fn site_dirs(&self) -> Vec<String> {
+        let (p, v) = (&self.prefix, format!("{}.{}", self.major, self.minor));
+        vec![
+            format!("/usr/local/lib/python{v}/dist-packages"),
+            format!("{p}/lib/python{v}/site-packages"),
+            format!("{p}/lib/python3/dist-packages"),
+            format!("{p}/lib/python{v}/dist-packages"),
+        ]
+    }
+
+    fn frozen(&self, module: &str) -> bool {
+        self.minor >= 11 && PY_FROZEN_311.contains(&module)
+    }
+
+    /// The file an import of top-level `module` reads from `dirs`: the
+    /// compiled `__pycache__` file when the image has it, else the source.
+    fn module_file(&self, stack: &Stack, dirs: &[String], module: &str) -> Option<String> {
+        let tag = self.tag();
+        for d in dirs {
+            let (source, cached) = if stack.exists(&format!("{d}/{module}/__init__.py")) {
+                (
+                    format!("{d}/{module}/__init__.py"),
+                    format!("{d}/{module}/__pycache__/__init__.{tag}.pyc"),
+                )
+            } else if stack.exists(&format!("{d}/{module}.py")) {
+                (
+                    format!("{d}/{module}.py"),
+                    format!("{d}/__pycache__/{module}.{tag}.pyc"),
+                )
+            } else {
+                continue;
+            };
+            return Some(if stack.exists(&cached) {
+                cached
+            } else {
+                source
+            });
+        }
+        None
+    }
+
+    /// What the interpreter reads before running any code of the
+    /// container's: codecs, startup modules, `sitecustomize`, `.pth` files.
+    fn startup_files(&self, stack: &Stack) -> Vec<(String, Parse)> {
+        let stdlib = self.stdlib();
+        let tag = self.tag();
+        let mut out = Vec::new();
+        // The filesystem and locale encoding is UTF-8 in containers (PEP
+        // 538/540 coerce the C locale to C.UTF-8).
+        for codec in ["__init__", "aliases", "utf_8"] {
+            let cached = format!("{stdlib}/encodings/__pycache__/{codec}.{tag}.pyc");
+            let source = format!("{stdlib}/encodings/{codec}.py");
+            out.push((
+                if stack.exists(&cached) {
+                    cached
+                } else {
+                    source
+                },
+                Parse::Data,
+            ));
+        }
+        if self.minor < 11 {
+            for m in PY_STARTUP_BEFORE_311 {
+                out.extend(
+                    self.module_file(stack, std::slice::from_ref(&stdlib), m)
+                        .map(|f| (f, Parse::Data)),
+                );
+            }
+        }
+        let mut dirs = vec![stdlib.clone(), format!("{stdlib}/lib-dynload")];
+        dirs.extend(self.site_dirs());
+        out.extend(
+            self.module_file(stack, &dirs, "sitecustomize")
+                .map(|f| (f, Parse::Data)),
+        );
+        for d in self.site_dirs() {
+            for name in stack.names_in(&d) {
+                if name.ends_with(".pth") {
+                    out.push((format!("{d}/{name}"), Parse::Pth));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The top-level modules a `.pth` file's `import` lines load (`import a,
+/// b.c` and `__import__('d')` anywhere on such a line).
+pub fn pth_imports(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |m: &str| {
+        let top = m.split('.').next().unwrap_or("").trim();
+        if !top.is_empty()
+            && top.chars().all(|c| c.is_alphanumeric() || c == '_')
+            && !out.iter().any(|o| o == top)
+        {
+            out.push(top.to_string());
+        }
+    };
+    for line in text.lines() {
+        // site.py executes exactly the lines that start with "import".
+        if !(line.starts_with("import ") || line.starts_with("import\t")) {
+            continue;
+        }
+        for stmt in line.split(';').map(str::trim) {
+            if let Some(names) = stmt.strip_prefix("import") {
+                for n in names.split(',') {
+                    add(n.split_whitespace().next().unwrap_or(""));
+                }
+            }
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("__import__(") {
+            rest = &rest[at + "__import__(".len()..];
+            let quoted = rest.trim_start();
+            if let Some(q) = quoted.chars().next().filter(|c| *c == '\'' || *c == '"')
+                && let Some(end) = quoted[1..].find(q)
+            {
+                add(&quoted[1..1 + end]);
+            }
+        }
+    }
+    out
+}
+
+/// The files around the program that the runtime reads at start.
+struct Runtime;
+
+impl Runtime {
+    /// Read by containerd itself from every image's root filesystem when
+    /// it creates a container (the user and its additional groups).
+    const CONTAINERD: [&'static str; 2] = ["/etc/passwd", "/etc/group"];
+
+    /// Read by glibc when a dynamically linked program starts: the loader's
+    /// cache, user lookups' switch file, the time zone (unless `TZ` is
+    /// set), and the locale's character classes plus the gconv module
+    /// cache when a locale other than C is asked for (`python`: always,
+    /// C.UTF-8). `search`: the program's library directories.
+    fn glibc(stack: &Stack, command: &Command, python: bool, search: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = vec!["/etc/ld.so.cache".into(), "/etc/nsswitch.conf".into()];
+        if command.var("TZ").is_none() {
+            out.push("/etc/localtime".into());
+        }
+        let locale = command.ctype_locale().or(python.then_some("C.UTF-8"));
+        // With a locale archive glibc maps that instead of the files;
+        // which parts of it it reads is not known here.
+        if let Some(locale) = locale
+            && !stack.exists("/usr/lib/locale/locale-archive")
+        {
+            let names = [locale.to_string(), normalize_codeset(locale)];
+            let ctype: Vec<String> = names
+                .iter()
+                .map(|n| format!("/usr/lib/locale/{n}/LC_CTYPE"))
+                .collect();
+            out.extend(stack.first_file(&ctype).map(|(p, ..)| p));
+            let gconv: Vec<String> = search
+                .iter()
+                .map(|d| format!("{d}/gconv/gconv-modules.cache"))
+                .collect();
+            out.extend(stack.first_file(&gconv).map(|(p, ..)| p));
+        }
+        out
+    }
+}
+
+/// glibc's normalized codeset: `C.UTF-8` → `C.utf8`, `de_DE.ISO-8859-1@euro`
+/// → `de_DE.iso88591@euro`.
+fn normalize_codeset(locale: &str) -> String {
+    let Some((lang, rest)) = locale.split_once('.') else {
+        return locale.to_string();
+    };
+    let (codeset, modifier) = match rest.split_once('@') {
+        Some((c, m)) => (c, format!("@{m}")),
+        None => (rest, String::new()),
+    };
+    let norm: String = codeset
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let norm = if norm.chars().all(|c| c.is_ascii_digit()) {
+        format!("iso{norm}")
+    } else {
+        norm
+    };
+    format!("{lang}.{norm}{modifier}")
 }
 
 /// What a prediction fetched.
@@ -243,18 +608,59 @@ pub fn needs_of(bytes: &[u8]) -> Needs {
     needs
 }
 
-/// Fetch the program `command` runs and everything it loads, wave by wave:
-/// each wave's files in parallel, then parsed for the next wave.
+/// Largest file named as an argument that is fetched (a script, not a
+/// data set).
+const MAX_ARGUMENT_FILE: u64 = 16 << 20;
+
+/// What one fetched file leads to.
+#[derive(Debug, Default)]
+struct Found {
+    needs: Needs,
+    /// Modules named by a `.pth` file.
+    modules: Vec<String>,
+}
+
+/// Fetch the program `command` runs and everything it and its runtime
+/// load, wave by wave: each wave's files in parallel, then parsed for the
+/// next wave.
 pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
     let mut out = Prefetched::default();
     let mut seen: HashSet<(usize, u64)> = HashSet::new();
-    let mut wave: Vec<(String, usize, u64)> = stack
-        .first_file(&command.candidates())
-        .into_iter()
-        .collect();
+    let mut wave: Vec<(String, usize, u64, Parse)> = Vec::new();
+    let want = |wave: &mut Vec<_>, path: &str, parse: Parse| {
+        if let Some((p, i, ino)) = stack.first_file(&[path.to_string()]) {
+            wave.push((p, i, ino, parse));
+        }
+    };
+    let mut python: Option<Python> = None;
+    if let Some((path, i, ino)) = stack.first_file(&command.candidates()) {
+        // An interpreter is known by its real name before any byte of it
+        // is fetched: its startup files go in the first wave.
+        python = Python::from_program(&stack.layers[i].index.path_of(ino));
+        if let Some(py) = &python {
+            for (f, parse) in py.startup_files(stack) {
+                want(&mut wave, &f, parse);
+            }
+        }
+        wave.insert(0, (path, i, ino, Parse::Program));
+        for f in Runtime::CONTAINERD {
+            want(&mut wave, f, Parse::Data);
+        }
+        for f in command.file_arguments() {
+            if let Some((p, i, ino)) = stack.first_file(&[f])
+                && stack.layers[i]
+                    .index
+                    .inode(ino)
+                    .is_some_and(|n| n.size() <= MAX_ARGUMENT_FILE)
+            {
+                wave.push((p, i, ino, Parse::Program));
+            }
+        }
+    }
+    let mut glibc_done = false;
     while !wave.is_empty() {
         let mut fetches = tokio::task::JoinSet::new();
-        for (path, i, ino) in wave.drain(..) {
+        for (path, i, ino, parse) in wave.drain(..) {
             if out.files.len() >= MAX_FILES || !seen.insert((i, ino)) {
                 continue;
             }
@@ -270,21 +676,52 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
             fetches.spawn(async move {
                 if let Err(e) = layer.fetch(&[(ino, 0, size)]).await {
                     tracing::debug!(layer = %layer.digest, file = %path, error = %e, "entrypoint prefetch failed");
-                    return Needs::default();
+                    return Found::default();
+                }
+                if parse == Parse::Data {
+                    return Found::default();
                 }
                 // Parsing reads the file back from the cache (a binary is
                 // parsed whole: the dynamic section sits near its end).
                 let content = layer.content_path(ino);
-                match tokio::task::spawn_blocking(move || std::fs::read(&content).map(|b| needs_of(&b)))
-                .await
-                {
-                    Ok(Ok(needs)) => needs,
-                    _ => Needs::default(),
+                let read = tokio::task::spawn_blocking(move || {
+                    std::fs::read(&content).map(|b| match parse {
+                        Parse::Pth => Found {
+                            modules: pth_imports(&String::from_utf8_lossy(&b)),
+                            ..Found::default()
+                        },
+                        _ => Found {
+                            needs: needs_of(&b),
+                            ..Found::default()
+                        },
+                    })
+                })
+                .await;
+                match read {
+                    Ok(Ok(found)) => found,
+                    _ => Found::default(),
                 }
             });
         }
         while let Some(done) = fetches.join_next().await {
-            let Ok(needs) = done else { continue };
+            let Ok(Found { needs, modules }) = done else {
+                continue;
+            };
+            // glibc's loader: the files glibc itself reads at start.
+            if !glibc_done && needs.programs.iter().any(|p| p.contains("/ld-linux")) {
+                glibc_done = true;
+                for f in Runtime::glibc(stack, command, python.is_some(), &needs.search) {
+                    want(&mut wave, &f, Parse::Data);
+                }
+            }
+            if let Some(py) = &python {
+                let dirs = py.site_dirs();
+                for m in modules.iter().filter(|m| !py.frozen(m)) {
+                    if let Some(f) = py.module_file(stack, &dirs, m) {
+                        want(&mut wave, &f, Parse::Data);
+                    }
+                }
+            }
             for p in needs.programs {
                 let found = if p.contains('/') {
                     stack.first_file(&[p])
@@ -297,12 +734,16 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
                         .candidates(),
                     )
                 };
-                wave.extend(found);
+                wave.extend(found.map(|(p, i, ino)| (p, i, ino, Parse::Program)));
             }
             for lib in needs.libraries {
                 let paths: Vec<String> =
                     needs.search.iter().map(|d| format!("{d}/{lib}")).collect();
-                wave.extend(stack.first_file(&paths));
+                wave.extend(
+                    stack
+                        .first_file(&paths)
+                        .map(|(p, i, ino)| (p, i, ino, Parse::Program)),
+                );
             }
         }
     }
@@ -328,6 +769,68 @@ mod tests {
         assert!(Command::from_config(&serde_json::json!({"config": {}})).is_none());
         let c = serde_json::json!({"config": {"Cmd": ["sh"]}});
         assert_eq!(Command::from_config(&c).unwrap().path.len(), 6);
+    }
+
+    #[test]
+    fn command_line_environment_and_locale() {
+        let c = serde_json::json!({"config": {
+            "Entrypoint": ["python3", "-u"], "Cmd": ["app.py", "--port", "80", "/srv/x.conf"],
+            "Env": ["LANG=C.UTF-8", "TZ=", "LANG=de_DE.UTF-8"], "WorkingDir": "/srv/"}});
+        let cmd = Command::from_config(&c).unwrap();
+        assert_eq!(cmd.args, ["-u", "app.py", "--port", "80", "/srv/x.conf"]);
+        assert_eq!(cmd.var("LANG"), Some("de_DE.UTF-8"), "the last wins");
+        assert_eq!(cmd.var("TZ"), Some(""));
+        assert_eq!(cmd.ctype_locale(), Some("de_DE.UTF-8"));
+        assert_eq!(
+            cmd.file_arguments(),
+            ["/srv/app.py", "/srv/80", "/srv/x.conf"]
+        );
+        let c = serde_json::json!({"config": {"Cmd": ["sh"], "Env": ["LC_ALL=POSIX", "LANG=en_US.UTF-8"]}});
+        assert_eq!(Command::from_config(&c).unwrap().ctype_locale(), None);
+        assert_eq!(normalize_codeset("C.UTF-8"), "C.utf8");
+        assert_eq!(
+            normalize_codeset("de_DE.ISO-8859-1@euro"),
+            "de_DE.iso88591@euro"
+        );
+        assert_eq!(normalize_codeset("en_US"), "en_US");
+    }
+
+    #[test]
+    fn python_is_known_by_its_name_and_finds_its_directories() {
+        let py = Python::from_program("/usr/bin/python3.11").unwrap();
+        assert_eq!((py.major, py.minor, py.prefix.as_str()), (3, 11, "/usr"));
+        assert_eq!(py.stdlib(), "/usr/lib/python3.11");
+        assert_eq!(py.tag(), "cpython-311");
+        assert!(
+            py.site_dirs()
+                .contains(&"/usr/lib/python3/dist-packages".to_string())
+        );
+        assert!(py.frozen("os") && !py.frozen("encodings"));
+        let py = Python::from_program("/usr/local/bin/python3.9").unwrap();
+        assert_eq!(py.prefix, "/usr/local");
+        assert!(
+            py.site_dirs()
+                .contains(&"/usr/local/lib/python3.9/site-packages".to_string())
+        );
+        assert!(!py.frozen("os"));
+        for not in [
+            "/usr/bin/python3",
+            "/usr/bin/python2.7",
+            "/usr/bin/python3.x",
+            "/bin/sh",
+        ] {
+            assert_eq!(Python::from_program(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn pth_files_import_what_their_import_lines_name() {
+        // setuptools' distutils-precedence.pth, verbatim.
+        let setuptools = "import os; var = 'SETUPTOOLS_USE_DISTUTILS'; enabled = os.environ.get(var, 'local') == 'local'; enabled and __import__('_distutils_hack').add_shim(); \n";
+        assert_eq!(pth_imports(setuptools), ["os", "_distutils_hack"]);
+        let text = "# a comment\n/opt/extra/path\nimport a.b, c as d\n  import not_executed\nimportant/dir\n";
+        assert_eq!(pth_imports(text), ["a", "c"]);
+        assert!(pth_imports("").is_empty());
     }
 
     #[test]

@@ -28,6 +28,27 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
 /// The image is tagged `tag` (skopeo's `oci:DIR:TAG`) and named `name`
 /// (containerd's `ctr image import`). Returns the manifest digest.
 pub fn write_layout(dir: &Path, name: &str, tag: &str, layers: &[Vec<u8>]) -> String {
+    write_layout_with_config(
+        dir,
+        name,
+        tag,
+        layers,
+        serde_json::json!({
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+        }),
+    )
+}
+
+/// [`write_layout`] with the image config's `config` object (Env, Cmd,
+/// Entrypoint, WorkingDir) given.
+pub fn write_layout_with_config(
+    dir: &Path,
+    name: &str,
+    tag: &str,
+    layers: &[Vec<u8>],
+    run_config: serde_json::Value,
+) -> String {
     std::fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dir");
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
         .expect("oci-layout");
@@ -46,10 +67,7 @@ pub fn write_layout(dir: &Path, name: &str, tag: &str, layers: &[Vec<u8>]) -> St
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["/bin/sh"],
-        },
+        "config": run_config,
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let config_bytes = serde_json::to_vec(&config).expect("config json");
