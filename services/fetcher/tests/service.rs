@@ -98,6 +98,25 @@ fn scrape(metrics_port: u16) -> String {
     out
 }
 
+/// Scrape until the metrics contain `line`: counters an async task bumps
+/// after its work is visible (the entrypoint prefetch counts its files when
+/// the last one is in) lag the cache by a moment. Panics with the last
+/// scrape after 10 s.
+fn scrape_until(metrics_port: u16, line: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let metrics = scrape(metrics_port);
+        if metrics.lines().any(|l| l == line) {
+            return metrics;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no `{line}` in the metrics:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Convert the layout at `src` (tag `src`) into `out` under `tag`, push
 /// that tag to `image_ref` and return the converted manifest.
 fn convert(
@@ -662,11 +681,7 @@ async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
         let cached = std::fs::read(cache.content_path(&index.content_key(ino))).unwrap();
         assert!(cached == std::fs::read(host).unwrap(), "{path} differs");
     }
-    let metrics = scrape(metrics_port);
-    assert!(
-        metrics.contains("stargaze_fetcher_entrypoint_files_total 3"),
-        "{metrics}"
-    );
+    scrape_until(metrics_port, "stargaze_fetcher_entrypoint_files_total 3");
     assert!(fetcher.stop().success());
 }
 
@@ -874,10 +889,9 @@ async fn warming_prefetches_what_python_and_glibc_read_at_start() {
         }
     }
     let files = 3 + glibc_wanted.len() + python_wanted.len();
-    let metrics = scrape(metrics_port);
-    assert!(
-        metrics.contains(&format!("stargaze_fetcher_entrypoint_files_total {files}")),
-        "{metrics}"
+    scrape_until(
+        metrics_port,
+        &format!("stargaze_fetcher_entrypoint_files_total {files}"),
     );
     assert!(fetcher.stop().success());
 }
