@@ -171,7 +171,7 @@ fn stat_all(paths: &[PathBuf]) -> f64 {
 
 struct Mount {
     dir: tempfile::TempDir,
-    session: Option<fuser::BackgroundSession>,
+    session: Option<stargaze_fs::FuseMount>,
 }
 
 impl Drop for Mount {

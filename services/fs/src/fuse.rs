@@ -10,10 +10,12 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -23,8 +25,10 @@ use fuser::{
 };
 use stargaze_index::model::kind;
 
+use crate::handover::{self, HandoverError, SessionFile};
 use crate::layers::{Attached, LayerTable, MOUNT_ROOT};
 use crate::metrics::{FsCounters, Op};
+use crate::opens::{Mode, OpenHandle, OpenTable};
 use crate::source::ChunkSource;
 
 /// How long the kernel may cache what the mount root lists (layers come and go).
@@ -52,6 +56,10 @@ pub struct FsShared {
     pub notifier: Mutex<Option<fuser::Notifier>>,
     handles: Mutex<HashMap<u64, Arc<std::fs::File>>>,
     next_fh: AtomicU64,
+    /// Open handles, recorded so a restarted process knows them.
+    opens: OnceLock<OpenTable>,
+    /// The session's `/dev/fuse` descriptor (backing files are registered on it).
+    dev_fd: AtomicI32,
 }
 
 impl FsShared {
@@ -74,6 +82,57 @@ impl FsShared {
             notifier: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            opens: OnceLock::new(),
+            dev_fd: AtomicI32::new(-1),
+        }
+    }
+
+    /// A handle number for a new open of `ino`.
+    fn new_handle(&self, ino: u64) -> u64 {
+        match self.opens.get() {
+            Some(t) => t.open_handle(ino, Mode::Cached),
+            None => self.next_fh.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Take over the handles a previous process left open: their numbers
+    /// stay reserved and their inodes keep their I/O mode.
+    fn restore_handles(&self, left: Vec<OpenHandle>) {
+        let p = &self.passthrough;
+        let wanted = p.wanted.load(Ordering::Relaxed);
+        let mut restored = p.restored.lock().expect("restored backing ids");
+        let mut cached = p.cached.lock().expect("cached opens");
+        let (mut n_cached, mut n_passthrough) = (0, 0);
+        for h in left {
+            match h.mode {
+                Mode::Cached => {
+                    n_cached += 1;
+                    if wanted {
+                        cached.add(h.fh, h.ino);
+                    }
+                }
+                Mode::Passthrough(raw) => {
+                    n_passthrough += 1;
+                    let r = restored.entry(h.ino).or_insert(Restored {
+                        raw,
+                        old_handles: 0,
+                        held: None,
+                    });
+                    r.old_handles += 1;
+                    p.restored_fh
+                        .lock()
+                        .expect("restored handles")
+                        .insert(h.fh, h.ino);
+                }
+            }
+        }
+        if n_cached + n_passthrough > 0 {
+            tracing::info!(
+                cached = n_cached,
+                passthrough = n_passthrough,
+                inodes_with_backing_files = restored.len(),
+                "took over the files the previous process left open"
+            );
         }
     }
 }
@@ -93,7 +152,8 @@ pub struct Passthrough {
     /// Backing ids by open handle (closed when the last handle of the
     /// inode is released) and by inode (shared by concurrent opens).
     by_handle: Mutex<HashMap<u64, Arc<fuser::BackingId>>>,
-    by_inode: Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>,
+    /// (with the kernel's number of the id, for the open table).
+    by_inode: Mutex<HashMap<u64, (std::sync::Weak<fuser::BackingId>, u32)>>,
     /// Files opened with passthrough.
     pub opens: AtomicU64,
     /// Handles opened without passthrough. The kernel refuses (EIO) a
@@ -101,7 +161,25 @@ pub struct Passthrough {
     /// a binary that started running before it was complete: such an inode
     /// is opened in cached mode until its last cached handle is released.
     cached: Mutex<CachedOpens>,
+    /// Backing ids a previous process registered, by inode, while handles
+    /// it opened are open: new opens of the inode must use the same one.
+    restored: Mutex<HashMap<u64, Restored>>,
+    /// Those handles, to their inode.
+    restored_fh: Mutex<HashMap<u64, u64>>,
 }
+
+/// A backing id inherited from a previous process.
+struct Restored {
+    raw: u32,
+    /// Its handles still open.
+    old_handles: u32,
+    /// Wrapped at the first new open; dropped (closing the id once no new
+    /// handle holds it either) when the old handles are gone.
+    held: Option<Arc<fuser::BackingId>>,
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
 
 /// Handles open in cached mode (tracked only while passthrough is wanted).
 #[derive(Default)]
@@ -139,9 +217,32 @@ impl Passthrough {
         }
     }
 
-    fn release(&self, fh: u64) {
+    fn release(&self, fh: u64, dev_fd: RawFd) {
+        // A handle of the previous process: the last one of its inode
+        // lets the inherited backing id go.
+        let old = self
+            .restored_fh
+            .lock()
+            .expect("restored handles")
+            .remove(&fh);
+        if let Some(ino) = old {
+            let mut restored = self.restored.lock().expect("restored backing ids");
+            if let Some(r) = restored.get_mut(&ino) {
+                r.old_handles -= 1;
+                if r.old_handles == 0 {
+                    let r = restored.remove(&ino).expect("present");
+                    if r.held.is_none() && dev_fd >= 0 {
+                        // Never used since: close it here.
+                        // SAFETY: an ioctl on our /dev/fuse descriptor with a local u32.
+                        unsafe {
+                            libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &r.raw);
+                        }
+                    }
+                }
+            }
+        }
         // `wanted` is set before mounting and never changes: without
-        // passthrough there is nothing to forget.
+        // passthrough there is nothing else to forget.
         if !self.wanted.load(Ordering::Relaxed) {
             return;
         }
@@ -150,11 +251,16 @@ impl Passthrough {
     }
 
     fn has_backing(&self, ino: u64) -> bool {
-        self.by_inode
+        self.restored
             .lock()
-            .expect("backing ids")
-            .get(&ino)
-            .is_some_and(|w| w.strong_count() > 0)
+            .expect("restored backing ids")
+            .contains_key(&ino)
+            || self
+                .by_inode
+                .lock()
+                .expect("backing ids")
+                .get(&ino)
+                .is_some_and(|(w, _)| w.strong_count() > 0)
     }
 }
 
@@ -324,19 +430,53 @@ impl StargazeFs {
         let p = &self.shared.passthrough;
         let ino = a.global(local);
         let mut by_inode = p.by_inode.lock().expect("backing ids");
-        let id = match by_inode.get(&ino).and_then(std::sync::Weak::upgrade) {
-            Some(id) => id,
+        let live = by_inode
+            .get(&ino)
+            .and_then(|(w, raw)| Some((w.upgrade()?, *raw)));
+        let (id, raw) = match live {
+            Some(live) => live,
             None => {
-                let n = a.index.inode(local).ok_or(std::io::ErrorKind::NotFound)?;
-                let key = n.digest().ok_or(std::io::ErrorKind::NotFound)?;
-                let file = std::fs::File::open(a.cache.content_path(&key))?;
-                let id = Arc::new(reply.open_backing(&file)?);
-                by_inode.retain(|_, w| w.strong_count() > 0);
-                by_inode.insert(ino, Arc::downgrade(&id));
-                id
+                let mut restored = p.restored.lock().expect("restored backing ids");
+                let (id, raw) = if let Some(r) = restored.get_mut(&ino) {
+                    // The kernel's inode already has this backing file.
+                    let id = match &r.held {
+                        Some(id) => id.clone(),
+                        None => {
+                            // SAFETY: the id is open on this connection (the
+                            // previous process never closed it) and is closed
+                            // only through this wrapper from now on.
+                            let id = Arc::new(unsafe { reply.wrap_backing(r.raw) });
+                            r.held = Some(id.clone());
+                            id
+                        }
+                    };
+                    (id, r.raw)
+                } else {
+                    let n = a.index.inode(local).ok_or(std::io::ErrorKind::NotFound)?;
+                    let key = n.digest().ok_or(std::io::ErrorKind::NotFound)?;
+                    let file = std::fs::File::open(a.cache.content_path(&key))?;
+                    let dev = self.shared.dev_fd.load(Ordering::Relaxed);
+                    if dev < 0 {
+                        (Arc::new(reply.open_backing(&file)?), 0)
+                    } else {
+                        // SAFETY: the session's descriptor lives as long as the mount.
+                        let dev = unsafe { BorrowedFd::borrow_raw(dev) };
+                        let raw = fuser::BackingId::create_raw(dev, &file)?;
+                        // SAFETY: just opened on this connection; closed
+                        // only through the wrapper.
+                        (Arc::new(unsafe { reply.wrap_backing(raw) }), raw)
+                    }
+                };
+                drop(restored);
+                by_inode.retain(|_, (w, _)| w.strong_count() > 0);
+                by_inode.insert(ino, (Arc::downgrade(&id), raw));
+                (id, raw)
             }
         };
         drop(by_inode);
+        if let Some(t) = self.shared.opens.get() {
+            t.set_mode(fh, Mode::Passthrough(raw));
+        }
         p.by_handle
             .lock()
             .expect("backing ids")
@@ -510,13 +650,13 @@ impl Filesystem for StargazeFs {
         }
         match a.index.inode(local) {
             Some(n) if n.is_reg() => {
-                let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed);
+                let ino = a.global(local);
+                let fh = self.shared.new_handle(ino);
                 let p = &self.shared.passthrough;
                 if !p.wanted.load(Ordering::Relaxed) {
                     // The layer never changes: let the kernel keep cached pages.
                     return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
                 }
-                let ino = a.global(local);
                 // Held across the decision and the reply, so a concurrent
                 // open of the same inode cannot choose the other mode.
                 let mut cached = p.cached.lock().expect("cached opens");
@@ -658,12 +798,14 @@ impl Filesystem for StargazeFs {
         reply: ReplyEmpty,
     ) {
         let _timer = self.shared.counters.timer(Op::Release);
+        let fh = u64::from(fh);
+        if let Some(t) = self.shared.opens.get() {
+            t.release(fh);
+        }
+        self.shared.handles.lock().expect("handles").remove(&fh);
         self.shared
-            .handles
-            .lock()
-            .expect("handles")
-            .remove(&u64::from(fh));
-        self.shared.passthrough.release(u64::from(fh));
+            .passthrough
+            .release(fh, self.shared.dev_fd.load(Ordering::Relaxed));
         reply.ok();
     }
 
@@ -787,33 +929,211 @@ fn libc_o_accmode() -> i32 {
     0o3
 }
 
-/// Mount the node's filesystem at `mountpoint` with `n_threads` FUSE
-/// threads (each with its own cloned `/dev/fuse` descriptor).
-pub fn mount(
-    shared: Arc<FsShared>,
-    mountpoint: &std::path::Path,
-    n_threads: usize,
-) -> std::io::Result<fuser::BackgroundSession> {
+/// The node's FUSE mount being served.
+pub struct FuseMount {
+    session: Option<fuser::BackgroundSession>,
+    pub mountpoint: PathBuf,
+    /// The session's `/dev/fuse` descriptor (owned by the session).
+    pub dev_fd: RawFd,
+    /// The connection was inherited from a previous process.
+    pub taken_over: bool,
+}
+
+impl FuseMount {
+    /// Unmount and wait for the session's threads (tests, benchmarks).
+    pub fn umount_and_join(mut self) -> std::io::Result<()> {
+        if nix::mount::umount(&self.mountpoint).is_err() {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn session_config(n_threads: usize) -> fuser::Config {
     let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::FSName("stargaze".into()),
-        fuser::MountOption::Subtype("stargaze".into()),
-        fuser::MountOption::RO,
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Suid,
-    ];
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(n_threads.max(1));
-    config.clone_fd = true;
-    let session = fuser::spawn_mount(
+    // All threads read the one descriptor systemd keeps: the kernel ends the
+    // requests a closing descriptor holds (ECONNABORTED), so requests read
+    // through per-thread clones would fail when the process dies, where
+    // those on the kept descriptor wait to be resent to the next process.
+    config.clone_fd = false;
+    config
+}
+
+/// Mount the node's filesystem at `mountpoint` with `n_threads` FUSE
+/// threads, as a new connection, without a session file.
+pub fn mount(
+    shared: Arc<FsShared>,
+    mountpoint: &Path,
+    n_threads: usize,
+) -> Result<FuseMount, HandoverError> {
+    let (dev, init) = handover::mount_fresh(mountpoint)?;
+    serve(shared, mountpoint, n_threads, dev, &init, false)
+}
+
+/// Start serving `dev`; `taken_over` when its INIT was answered by a
+/// previous process.
+fn serve(
+    shared: Arc<FsShared>,
+    mountpoint: &Path,
+    n_threads: usize,
+    dev: OwnedFd,
+    init: &[u8],
+    taken_over: bool,
+) -> Result<FuseMount, HandoverError> {
+    let session = handover::start_session(
         StargazeFs {
             shared: shared.clone(),
         },
-        mountpoint,
-        &config,
+        dev,
+        init,
+        !taken_over,
+        session_config(n_threads),
     )?;
+    let dev_fd = session.dev_fd;
+    shared.dev_fd.store(dev_fd, Ordering::Release);
+    if taken_over {
+        // Requests the previous process read and never answered go back to
+        // the queue before any thread reads it (once threads run, a resend
+        // would also duplicate what they are serving).
+        match handover::resend_pending(dev_fd) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel cannot resend the requests the previous process held (needs Linux >= 6.9): their callers wait until the mount goes")
+            }
+        }
+    }
+    let session = session.session.spawn().map_err(|e| HandoverError::Io {
+        what: "starting the FUSE threads".into(),
+        source: e,
+    })?;
     *shared.notifier.lock().expect("notifier") = Some(session.notifier());
-    Ok(session)
+    Ok(FuseMount {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        dev_fd,
+        taken_over,
+    })
+}
+
+/// Detach whatever is mounted at `dir` when it is a dead FUSE mount of
+/// ours; `known_ours` skips the liveness probe (a connection systemd still
+/// holds but nobody serves would make it wait forever).
+pub fn clean_stale_mount(dir: &Path, known_ours: bool) {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&dir.to_string_lossy()));
+    if !mounted {
+        return;
+    }
+    if !known_ours && std::fs::read_dir(dir).is_ok() {
+        tracing::warn!(mountpoint = %dir.display(), "something is already mounted here and answering; leaving it");
+        return;
+    }
+    tracing::warn!(mountpoint = %dir.display(), "detaching a stale mount left by a previous run");
+    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// Serve the node's mount at `mountpoint`: take over the connection of a
+/// previous process when `inherited` (its `/dev/fuse` descriptor, from
+/// systemd's store) is still the mount's and the session file describes
+/// it; otherwise mount anew. Either way the session file and the open-file
+/// table beside the mountpoint describe the new session from then on.
+pub fn mount_or_take_over(
+    shared: Arc<FsShared>,
+    mountpoint: &Path,
+    n_threads: usize,
+    inherited: Option<OwnedFd>,
+) -> Result<FuseMount, HandoverError> {
+    let file = SessionFile::beside(mountpoint);
+    let state = match file.load() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "starting a new FUSE session");
+            None
+        }
+    };
+    let had_fd = inherited.is_some();
+    let device_now = handover::mount_device(mountpoint);
+    let takeover = match (inherited, state) {
+        (Some(fd), Some(state)) if device_now.as_deref() == Some(state.device.as_str()) => {
+            handover::unhex(&state.init).map(|init| (fd, init, state))
+        }
+        (Some(_), Some(state)) => {
+            tracing::warn!(
+                mountpoint = %mountpoint.display(),
+                saved = %state.device,
+                now = ?device_now,
+                "the stored FUSE descriptor is not the mount's any more: mounting anew"
+            );
+            None
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "a FUSE descriptor was handed over without a session file: mounting anew"
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let (table_path, keep) = (OpenTable::beside(mountpoint), takeover.is_some());
+    let (table, left) = OpenTable::open(&table_path, keep).map_err(|e| HandoverError::Io {
+        what: format!("opening the open-file table {}", table_path.display()),
+        source: e,
+    })?;
+    let _ = shared.opens.set(table);
+    let mounted = match takeover {
+        Some((dev, init, state)) => {
+            shared.restore_handles(left);
+            shared.layers.reserve_slots(state.next_slot);
+            let mut attached = 0;
+            for l in &state.layers {
+                match shared.layers.attach_in(
+                    &l.digest,
+                    &l.index_path,
+                    &l.presence_path,
+                    Some(l.slot),
+                ) {
+                    Ok(_) => attached += 1,
+                    Err(e) => tracing::warn!(
+                        layer = %l.digest,
+                        error = %e,
+                        "cannot attach a layer of the previous session again: its files answer ENOENT until the snapshotter attaches it"
+                    ),
+                }
+            }
+            let m = serve(shared.clone(), mountpoint, n_threads, dev, &init, true)?;
+            shared
+                .layers
+                .journal_to(file, state.init.clone(), state.device.clone());
+            tracing::info!(
+                mountpoint = %mountpoint.display(),
+                layers = attached,
+                "took over the FUSE connection of the previous stargaze-fs: running containers keep their files"
+            );
+            m
+        }
+        None => {
+            // A dropped inherited descriptor ends its connection only if
+            // nobody else holds one: never probe such a mount.
+            clean_stale_mount(mountpoint, had_fd);
+            std::fs::create_dir_all(mountpoint).map_err(|e| HandoverError::Io {
+                what: format!("creating the mountpoint {}", mountpoint.display()),
+                source: e,
+            })?;
+            let (dev, init) = handover::mount_fresh(mountpoint)?;
+            let device = handover::mount_device(mountpoint).unwrap_or_default();
+            let m = serve(shared.clone(), mountpoint, n_threads, dev, &init, false)?;
+            shared.layers.journal_to(file, handover::hex(&init), device);
+            m
+        }
+    };
+    Ok(mounted)
 }
 
 impl FsShared {

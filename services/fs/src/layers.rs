@@ -3,15 +3,19 @@
 //! The mount root is inode 1; a layer attached in slot `s` has its index's
 //! inode `i` at `s << SLOT_SHIFT | i`, so inode numbers are unique across
 //! layers without any per-inode table, and a layer's slot is never reused
-//! while the process runs (the kernel may still hold old numbers).
+//! while the FUSE connection lives (the kernel may still hold old numbers):
+//! with a session file ([`crate::handover`]) every change of the table is
+//! saved, so a restarted process attaches the same layers in the same slots.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use stargaze_cache::{Cache, LayerPin, PresenceMap};
 use stargaze_index::LayerIndex;
+
+use crate::handover::{SavedLayer, SessionFile, SessionState};
 
 /// Bits of a global inode number that hold the index's inode.
 pub const SLOT_SHIFT: u32 = 40;
@@ -30,6 +34,8 @@ pub struct Attached {
     /// Directory name in the mount: the digest's hex.
     pub name: String,
     pub slot: u64,
+    pub index_path: PathBuf,
+    pub presence_path: PathBuf,
     pub index: LayerIndex,
     pub presence: PresenceMap,
     pub cache: Cache,
@@ -73,6 +79,14 @@ pub enum AttachError {
 #[derive(Default)]
 pub struct LayerTable {
     inner: RwLock<Table>,
+    journal: OnceLock<Journal>,
+}
+
+/// Where the table is saved, with the rest of the session's state.
+struct Journal {
+    file: SessionFile,
+    init: String,
+    device: String,
 }
 
 #[derive(Default)]
@@ -93,12 +107,63 @@ fn cache_root(index_path: &Path) -> PathBuf {
 }
 
 impl LayerTable {
+    /// Save the table (and the session's INIT and device) to `file` from
+    /// now on, at every change; saves it once now.
+    pub fn journal_to(&self, file: SessionFile, init: String, device: String) {
+        let _ = self.journal.set(Journal { file, init, device });
+        let t = self.inner.read().expect("layer table");
+        self.save(&t);
+    }
+
+    fn save(&self, t: &Table) {
+        let Some(j) = self.journal.get() else {
+            return;
+        };
+        let mut layers: Vec<SavedLayer> = t
+            .by_slot
+            .values()
+            .map(|a| SavedLayer {
+                digest: a.digest.clone(),
+                slot: a.slot,
+                index_path: a.index_path.clone(),
+                presence_path: a.presence_path.clone(),
+            })
+            .collect();
+        layers.sort_by_key(|l| l.slot);
+        let state = SessionState {
+            init: j.init.clone(),
+            device: j.device.clone(),
+            next_slot: t.next_slot,
+            layers,
+        };
+        if let Err(e) = j.file.save(&state) {
+            tracing::warn!(error = %e, "cannot save the FUSE session: after a restart of stargaze-fs running containers may lose their layers");
+        }
+    }
+
+    /// Slots up to `next_slot` were given out by a previous process.
+    pub fn reserve_slots(&self, next_slot: u64) {
+        let mut t = self.inner.write().expect("layer table");
+        t.next_slot = t.next_slot.max(next_slot);
+    }
+
     /// Attach (or find) a layer; returns it.
     pub fn attach(
         &self,
         digest: &str,
         index_path: &Path,
         presence_path: &Path,
+    ) -> Result<Arc<Attached>, AttachError> {
+        self.attach_in(digest, index_path, presence_path, None)
+    }
+
+    /// Attach a layer in the slot a previous process gave it.
+    pub fn attach_in(
+        &self,
+        digest: &str,
+        index_path: &Path,
+        presence_path: &Path,
+        slot: Option<u64>,
     ) -> Result<Arc<Attached>, AttachError> {
         let name = digest
             .strip_prefix("sha256:")
@@ -137,12 +202,22 @@ impl LayerTable {
         if let Some(slot) = t.by_name.get(&name) {
             return Ok(t.by_slot[slot].clone());
         }
-        t.next_slot += 1;
-        let slot = t.next_slot;
+        let slot = match slot {
+            Some(s) if !t.by_slot.contains_key(&s) => {
+                t.next_slot = t.next_slot.max(s);
+                s
+            }
+            _ => {
+                t.next_slot += 1;
+                t.next_slot
+            }
+        };
         let a = Arc::new(Attached {
             digest: digest.to_string(),
             name: name.clone(),
             slot,
+            index_path: index_path.to_path_buf(),
+            presence_path: presence_path.to_path_buf(),
             index,
             presence,
             cache,
@@ -151,13 +226,16 @@ impl LayerTable {
         });
         t.by_slot.insert(slot, a.clone());
         t.by_name.insert(name, slot);
+        self.save(&t);
         Ok(a)
     }
 
     pub fn detach(&self, name: &str) -> Option<Arc<Attached>> {
         let mut t = self.inner.write().expect("layer table");
         let slot = t.by_name.remove(name)?;
-        t.by_slot.remove(&slot)
+        let a = t.by_slot.remove(&slot);
+        self.save(&t);
+        a
     }
 
     pub fn by_name(&self, name: &str) -> Option<Arc<Attached>> {

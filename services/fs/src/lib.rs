@@ -7,6 +7,12 @@
 //! * [`fuse`] is the `fuser` filesystem: metadata straight from the mapped
 //!   index, reads of present chunks from the cache file, reads of missing
 //!   chunks answered from a tokio task once the fetcher made them present.
+//! * [`handover`] keeps the FUSE connection across a restart: the
+//!   `/dev/fuse` descriptor in systemd's store, the session file (the
+//!   kernel's INIT, the layers and their inode slots) and the resend of
+//!   requests the dead process held; [`opens`] records open handles and
+//!   their I/O mode (cached or passthrough with its backing id) in a shared
+//!   mapping, so the next process answers the kernel consistently.
 //! * [`source`] is how missing chunks are asked for (the fetcher's gRPC
 //!   `Fetch`, retried while the fetcher restarts).
 //!
@@ -16,11 +22,13 @@
 //!   cache vs after a fetch, for Prometheus and `stargaze status`.
 
 pub mod fuse;
+pub mod handover;
 pub mod layers;
 pub mod metrics;
+pub mod opens;
 pub mod service;
 pub mod source;
 
-pub use fuse::{FsShared, StargazeFs, mount};
+pub use fuse::{FsShared, FuseMount, StargazeFs, mount, mount_or_take_over};
 pub use layers::{Attached, LayerTable};
 pub use source::{ChunkSource, GrpcFetcher};

@@ -2,13 +2,20 @@
 //! `stargaze.v1.Fs` on a unix socket to attach and detach them (see the
 //! library docs for the parts).
 //!
-//! Start-up: a stale mount left at the mountpoint by a crash ("transport
-//! endpoint is not connected") is detached first; then the filesystem is
-//! mounted with `n_threads` FUSE threads, the socket bound (0600) and systemd
-//! told it is ready. SIGTERM or SIGINT unmount (lazily, so overlays already
-//! using it keep their references until they go) and exit.
+//! Start-up: when systemd hands back the `/dev/fuse` descriptor of a
+//! previous run (its file descriptor store) and the mount is still that
+//! connection's, the connection is taken over (see `handover` in the
+//! library): running containers keep their files. Otherwise a stale mount
+//! left at the mountpoint ("transport endpoint is not connected") is
+//! detached and the filesystem mounted anew, and its descriptor is given to
+//! systemd's store. Then `n_threads` FUSE threads serve it, the socket is
+//! bound (0600) and systemd told it is ready. SIGTERM or SIGINT: with the
+//! descriptor in systemd's store the mount is left to the next run (a
+//! `systemctl restart` keeps containers running; a stop closes the store
+//! and the next start detaches the dead mount); without it the mount is
+//! detached lazily, so overlays already using it keep their references
+//! until they go.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -27,23 +34,6 @@ struct Args {
     common: CommonArgs,
 }
 
-/// Detach whatever is mounted at `dir` when it is a dead FUSE mount of ours.
-fn clean_stale_mount(dir: &Path) {
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&dir.to_string_lossy()));
-    if !mounted {
-        return;
-    }
-    if std::fs::read_dir(dir).is_ok() {
-        tracing::warn!(mountpoint = %dir.display(), "something is already mounted here and answering; leaving it");
-        return;
-    }
-    tracing::warn!(mountpoint = %dir.display(), "detaching a stale mount left by a previous run");
-    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     stargaze_service::run(
@@ -59,16 +49,18 @@ fn main() -> ExitCode {
                 .context("cannot start the async runtime")?;
             let handle = runtime.handle().clone();
             runtime.block_on(async move {
-            // First the stale mount: a dead FUSE mount fails every stat
-            // (ENOTCONN), which makes creating the directory fail too.
-            clean_stale_mount(&c.mountpoint);
-            std::fs::create_dir_all(&c.mountpoint)
-                .with_context(|| format!("creating the mountpoint {}", c.mountpoint.display()))?;
             let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
             let shared = Arc::new(FsShared::new(source, handle, c.entry_timeout.max(c.attr_timeout)));
             shared.passthrough.wanted.store(c.passthrough, std::sync::atomic::Ordering::Release);
-            let session = stargaze_fs::mount(shared.clone(), &c.mountpoint, c.n_threads as usize)
-                .with_context(|| format!("mounting FUSE at {}", c.mountpoint.display()))?;
+            let inherited = stargaze_fs::handover::take_stored_fd(stargaze_fs::handover::FDNAME);
+            let session = stargaze_fs::mount_or_take_over(
+                shared.clone(),
+                &c.mountpoint,
+                c.n_threads as usize,
+                inherited,
+            )
+            .with_context(|| format!("serving FUSE at {}", c.mountpoint.display()))?;
+            let stored = stargaze_fs::handover::store_fd(session.dev_fd, stargaze_fs::handover::FDNAME);
             let rpc = Arc::new(stargaze_service::metrics::RpcMetrics::default());
             if !c.metrics_address.is_empty() {
                 let metrics = stargaze_fs::metrics::FsMetrics {
@@ -107,8 +99,18 @@ fn main() -> ExitCode {
                 .await
                 .context("serving gRPC")?;
             let _ = std::fs::remove_file(&c.socket);
-            // Lazy unmount: overlays that still use the mount keep it until they go.
-            let _ = nix::mount::umount2(&c.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            if stored {
+                // Exit at once: dropping the runtime would answer the reads
+                // still waiting for the fetcher with EIO; unanswered, the
+                // kernel gives them to the next run (FUSE_NOTIFY_RESEND).
+                tracing::info!("the FUSE connection stays with systemd's descriptor store for the next run");
+                std::process::exit(0);
+            } else {
+                // Lazy unmount: overlays that still use the mount keep it until they go.
+                let _ = nix::mount::umount2(&c.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                stargaze_fs::handover::SessionFile::beside(&c.mountpoint).remove();
+                let _ = std::fs::remove_file(stargaze_fs::opens::OpenTable::beside(&c.mountpoint));
+            }
             drop(session);
             Ok(())
         })

@@ -256,7 +256,7 @@ fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
 
 struct Mounted {
     dir: tempfile::TempDir,
-    session: Option<fuser::BackgroundSession>,
+    session: Option<stargaze_fs::FuseMount>,
 }
 
 impl Drop for Mounted {

@@ -8,11 +8,13 @@
 //!   the registry), and later cold reads work.
 //! * snapshotter: the running container keeps reading (the snapshotter is
 //!   not on the read path), and new containers run after its restart.
-//! * fs: after its restart, new containers run (the snapshotter re-attaches
-//!   the layers it lost), and a restarted snapshotter restores every remote
-//!   layer by itself. Containers that were running when fs died lose their
-//!   lazily mounted files: the kernel's FUSE connection ends with the process
-//!   until the `/dev/fuse` descriptor is handed over across restarts.
+//! * fs: the `/dev/fuse` descriptor waits in the (emulated) systemd
+//!   descriptor store; the restarted fs takes the connection over, so the
+//!   running container keeps reading — a read fs held when it died is
+//!   resent by the kernel, one issued meanwhile waits — and new containers
+//!   run. When fs and the snapshotter restart together without the store
+//!   (a reboot-like start), the snapshotter restores every remote layer by
+//!   itself.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,6 +35,19 @@ fn sha_line(files: &[(String, Vec<u8>)], name: &str) -> String {
     format!("{}  /{name}", Digest::of(data).hex())
 }
 
+/// Whether a process with this command line runs (in any container).
+fn running(cmdline: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim_end() == cmdline)
+                .unwrap_or(false)
+        })
+}
+
 #[test]
 fn each_service_survives_a_kill_9() {
     assert!(
@@ -51,12 +66,28 @@ fn each_service_survives_a_kill_9() {
     let reference = format!("{}/stargaze/restart:esgz", registry.addr);
 
     let src = w.join("src");
-    let (data, files) = image::data_layer(31);
+    let (data, mut files) = image::data_layer(31);
+    // Files nothing reads before fs is killed: large enough that no
+    // sibling prefetch or read-ahead brings them in.
+    let mut x = 0x5eed_u32;
+    let cold: Vec<(String, Vec<u8>)> = ["cold/a", "cold/b"]
+        .iter()
+        .map(|n| (n.to_string(), image::file_bytes(600_000, &mut x)))
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in &cold {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        b.append_data(&mut h, name, &bytes[..]).unwrap();
+    }
+    let cold_layer = b.into_inner().unwrap();
+    files.extend(cold);
     image::write_layout(
         &src,
         "stargaze.test/restart:src",
         "src",
-        &[image::busybox_layer(), data],
+        &[image::busybox_layer(), data, cold_layer],
     );
     let out = w.join("out");
     push_esgz(&src, &out, &reference);
@@ -223,16 +254,90 @@ fn each_service_survives_a_kill_9() {
         "after the snapshotter restarted",
     );
 
-    // 3. fs dies. The running container's FUSE-backed files are gone with
-    // it (no descriptor hand-over yet); stop it.
+    // 3. fs dies while it serves a read (which waits for the fetcher,
+    // killed first so the read is held by fs when it dies), and another
+    // read arrives while fs is down. The FUSE connection lives on in the
+    // descriptor store: both reads wait, and the restarted fs takes the
+    // connection over and answers them (the held one resent by the
+    // kernel); the running container never notices.
+    let exec_in_long = |id: &str, name: &str| {
+        ctd.cmd("ctr")
+            .args([
+                "task",
+                "exec",
+                "--exec-id",
+                id,
+                &long,
+                // Bounded: a request lost with fs would hang the read.
+                "/bin/busybox",
+                "timeout",
+                "-s",
+                "KILL",
+                "60",
+                "/bin/sha256sum",
+                &format!("/{name}"),
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    stack.kill(Service::Fetcher);
+    let (held, queued) = std::thread::scope(|scope| {
+        let held = scope.spawn(|| exec_in_long("held-by-fs", "cold/a"));
+        // The reader runs (runc took its time) and has asked fs by now.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !running("/bin/sha256sum /cold/a") {
+            assert!(Instant::now() < deadline, "the reader did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        stack.kill(Service::Fs);
+        let queued = scope.spawn(|| exec_in_long("while-fs-down", "cold/b"));
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            !held.is_finished() && !queued.is_finished(),
+            "reads failed at once while fs was down:\n{}",
+            stack_log()
+        );
+        stack.spawn(Service::Fetcher);
+        stack.spawn(Service::Fs);
+        (held.join().unwrap(), queued.join().unwrap())
+    });
+    std::fs::write("/tmp/fslog.txt", stack.log(Service::Fs)).unwrap();
+    ok(&held, "cold/a", "a read fs held when it was killed");
+    ok(&queued, "cold/b", "a read issued while fs was down");
+    assert!(
+        stack
+            .log(Service::Fs)
+            .contains("took over the FUSE connection"),
+        "{}",
+        stack.log(Service::Fs)
+    );
+    ok(
+        &exec_in_long("after-fs", "data/file2"),
+        "data/file2",
+        "a read in the running container after fs restarted",
+    );
+    ok(
+        &exec_in_long("after-fs-again", "data/file1"),
+        "data/file1",
+        "a cached file in the running container after fs restarted",
+    );
+    // New containers run too, on the same (taken over) layers: inodes that
+    // the running container holds open keep their I/O mode.
+    expect_new(&new_container("after-fs"), "after fs restarted");
     ctd.cmd("ctr")
         .args(["task", "kill", "--signal", "SIGKILL", &long])
         .status()
         .unwrap();
+
+    // 4. fs is stopped (its unit's descriptor store closes, the connection
+    // ends) and started again on a new mount without layers: new containers
+    // run, Prepare re-attaches the layers fs lost.
     stack.kill(Service::Fs);
+    stack.fs_store.clear();
     stack.spawn(Service::Fs);
-    // New containers run: Prepare finds the layers gone and re-attaches them.
-    expect_new(&new_container("after-fs"), "after fs restarted");
+    expect_new(&new_container("after-fs-stop"), "after fs was stopped");
     assert!(
         stack
             .log(Service::Snapshotter)
@@ -241,10 +346,11 @@ fn each_service_survives_a_kill_9() {
         stack.log(Service::Snapshotter)
     );
 
-    // 4. fs and then the snapshotter restart: the snapshotter restores every
-    // remote layer at start, before anyone asks.
+    // 5. fs (stopped again) and then the snapshotter restart: the
+    // snapshotter restores every remote layer at start, before anyone asks.
     stack.kill(Service::Snapshotter);
     stack.kill(Service::Fs);
+    stack.fs_store.clear();
     stack.spawn(Service::Fs);
     stack.spawn(Service::Snapshotter);
     let layers: Vec<String> = std::fs::read_dir(out.join("blobs/sha256"))
@@ -256,7 +362,7 @@ fn each_service_survives_a_kill_9() {
             p.exists() || stack.cache_dir.join("layers").join(hex).exists()
         })
         .collect();
-    assert_eq!(layers.len(), 2, "two layers were resolved: {layers:?}");
+    assert_eq!(layers.len(), 3, "three layers were resolved: {layers:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !layers.iter().all(|h| stack.mountpoint.join(h).is_dir()) {
         assert!(

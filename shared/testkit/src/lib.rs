@@ -15,6 +15,7 @@
 //! Nothing here touches the system containerd, `/run/containerd` sockets or
 //! ports other than the ones it picked.
 
+pub mod fdstore;
 pub mod image;
 pub mod service_cli;
 pub mod stack;

@@ -1,7 +1,8 @@
 //! The three stargaze services as real processes (the binaries of this
 //! workspace) with one private config: sockets, cache, FUSE mountpoint and
 //! snapshot root all in a temporary directory. Each service can be killed
-//! with SIGKILL and started again, as systemd would restart it.
+//! with SIGKILL and started again, as systemd would restart it; fs gets a
+//! file descriptor store as its unit has (`FileDescriptorStoreMax=1`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,6 +63,8 @@ pub struct Stack {
     pub root: PathBuf,
     children: [Option<Child>; 3],
     args: [Vec<String>; 3],
+    /// systemd's descriptor store of the fs unit.
+    pub fs_store: crate::fdstore::FdStore,
 }
 
 impl Stack {
@@ -92,6 +95,7 @@ impl Stack {
             root: dir.join("root"),
             children: [None, None, None],
             args: Default::default(),
+            fs_store: crate::fdstore::FdStore::bind(&dir.join("fs-notify.sock")),
         };
         for (svc, a) in args {
             s.args[Self::index(*svc)].push(a.to_string());
@@ -148,7 +152,11 @@ impl Stack {
             .append(true)
             .open(self.log_path(svc))
             .expect("service log");
-        let child = Command::new(workspace_bin(svc.binary()))
+        let mut cmd = match svc {
+            Service::Fs => self.fs_store.command(&workspace_bin(svc.binary())),
+            _ => Command::new(workspace_bin(svc.binary())),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(&self.args[Self::index(svc)])
@@ -209,6 +217,9 @@ impl Drop for Stack {
                 crate::stop(&mut c);
             }
         }
+        // The unit is stopped: systemd closes its store, ending the FUSE
+        // connection, before anything below could wait on it.
+        self.fs_store.clear();
         crate::unmount_below(&self.dir);
     }
 }

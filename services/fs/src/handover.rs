@@ -1,0 +1,405 @@
+//! Keeping the node's FUSE connection alive across a restart of `stargaze-fs`.
+//!
+//! The kernel ends a FUSE connection when the last descriptor of its
+//! `/dev/fuse` file closes; every overlay stacked on the mount then answers
+//! ENOTCONN, so a crash of this process would break every running
+//! container. Three things keep the connection:
+//!
+//! * **The descriptor is stored outside the process.** After mounting, a
+//!   copy goes to systemd's file descriptor store (`sd_notify` with
+//!   `FDSTORE=1`, `FDNAME=stargaze-fuse`; the unit sets
+//!   `FileDescriptorStoreMax=1`). systemd hands it back to the restarted
+//!   process (`LISTEN_FDS`, `LISTEN_FDNAMES`). Requests that arrive
+//!   meanwhile wait in the kernel's queue.
+//! * **The session file** (`<mountpoint>.session`, on /run: it must not
+//!   outlive the mount) keeps what the new process needs to answer the
+//!   kernel exactly as the old one did: the kernel's INIT request (the
+//!   connection is initialised once; the new process negotiates the same
+//!   capabilities from the saved bytes), the mount's device number (is the
+//!   descriptor still the mount's?), and the attached layers with their
+//!   inode slots (the kernel still holds node ids `slot << 40 | inode`).
+//!   Open files are in [`crate::opens`].
+//! * **Requests read but not answered** by the dead process are given back
+//!   to the queue with `FUSE_NOTIFY_RESEND` (Linux >= 6.9) once the layers
+//!   are attached again.
+//!
+//! fuser only starts a session with an INIT handshake, which the kernel
+//! sends once per connection. So fuser is given one end of a socket pair
+//! carrying the INIT request (the kernel's on a fresh mount, the saved one
+//! on a take-over), its reply is forwarded to the kernel (fresh) or dropped
+//! (take-over), and then the socket's descriptor number is made the
+//! `/dev/fuse` descriptor with `dup3`, before any session thread reads.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The name of the descriptor in systemd's store.
+pub const FDNAME: &str = "stargaze-fuse";
+/// `FUSE_NOTIFY_RESEND` in `enum fuse_notify_code` (Linux 6.9).
+const FUSE_NOTIFY_RESEND: i32 = 7;
+/// Larger than any request before INIT (the kernel refuses reads into
+/// buffers smaller than its maximum request).
+const READ_BUFFER: usize = (1 << 20) + 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the session file {path} is unreadable ({reason}); it is replaced at the next mount")]
+    BadSession { path: PathBuf, reason: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HandoverError {
+    let what = what.into();
+    move |source| HandoverError::Io { what, source }
+}
+
+/// A layer as it was attached, to attach it again in the same slot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SavedLayer {
+    pub digest: String,
+    pub slot: u64,
+    pub index_path: PathBuf,
+    pub presence_path: PathBuf,
+}
+
+/// What a restarted process needs to serve the same connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionState {
+    /// The kernel's INIT request, hex.
+    pub init: String,
+    /// `major:minor` of the mount in /proc/self/mountinfo.
+    pub device: String,
+    /// Slots are never reused while the connection lives.
+    pub next_slot: u64,
+    pub layers: Vec<SavedLayer>,
+}
+
+/// The session file beside the mountpoint.
+#[derive(Debug, Clone)]
+pub struct SessionFile {
+    pub path: PathBuf,
+}
+
+impl SessionFile {
+    pub fn beside(mountpoint: &Path) -> SessionFile {
+        let mut name = mountpoint.as_os_str().to_owned();
+        name.push(".session");
+        SessionFile {
+            path: PathBuf::from(name),
+        }
+    }
+
+    pub fn load(&self) -> Result<Option<SessionState>, HandoverError> {
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(format!("reading {}", self.path.display()))(e)),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| HandoverError::BadSession {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Write atomically: a crash leaves the old or the new state.
+    pub fn save(&self, state: &SessionState) -> Result<(), HandoverError> {
+        let tmp = self.path.with_extension("session.tmp");
+        let text = serde_json::to_vec(state).expect("session state serialises");
+        let mut f = File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
+        f.write_all(&text)
+            .and_then(|()| f.sync_data())
+            .map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &self.path).map_err(io(format!("renaming {}", tmp.display())))
+    }
+
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The `major:minor` of the FUSE mount at `mountpoint`, from mountinfo (a
+/// `stat` of the mount root would wait for a server that is not there yet).
+pub fn mount_device(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.to_string_lossy();
+    info.lines().rev().find_map(|l| {
+        // id parent major:minor root mountpoint options ... - fstype source ...
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        let fstype = f.get(sep + 1)?;
+        (f.get(4) == Some(&&*want) && fstype.starts_with("fuse")).then(|| f[2].to_string())
+    })
+}
+
+/// The descriptor systemd handed back under `name`, if any. The
+/// `LISTEN_*` variables are cleared; other passed descriptors are closed.
+pub fn take_stored_fd(name: &str) -> Option<OwnedFd> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    // SAFETY: single-threaded start-up; nothing else reads these.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if !pid_ok || count <= 0 {
+        return None;
+    }
+    let mut found = None;
+    for (i, n) in (0..count).zip(names.split(':').chain(std::iter::repeat(""))) {
+        // SAFETY: systemd passes descriptors 3.. to this process, which owns them.
+        let fd = unsafe { OwnedFd::from_raw_fd(3 + i) };
+        if n == name && found.is_none() {
+            found = Some(fd);
+        }
+    }
+    found
+}
+
+/// Hand a copy of `fd` to systemd's descriptor store. False outside
+/// systemd (no `NOTIFY_SOCKET`) or when the message was refused.
+pub fn store_fd(fd: RawFd, name: &str) -> bool {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let msg = format!("FDSTORE=1\nFDNAME={name}\n");
+    match send_with_fd(&path, msg.as_bytes(), fd) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(socket = %path, error = %e, "cannot store the FUSE descriptor with systemd: a restart of stargaze-fs will end the mount");
+            false
+        }
+    }
+}
+
+fn send_with_fd(socket: &str, msg: &[u8], fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on locally owned buffers and descriptors.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = OwnedFd::from_raw_fd(s);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = socket.as_bytes();
+        if bytes.len() >= addr.sun_path.len() {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *b as libc::c_char;
+        }
+        if bytes.first() == Some(&b'@') {
+            addr.sun_path[0] = 0;
+        }
+        let addr_len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len()) as u32;
+        let mut iov = libc::iovec {
+            iov_base: msg.as_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
+        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut hdr: libc::msghdr = std::mem::zeroed();
+        hdr.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+        hdr.msg_namelen = addr_len;
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        hdr.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        if libc::sendmsg(s.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Mount the node's filesystem at `mountpoint` with a new `/dev/fuse`
+/// connection and read the kernel's INIT request from it.
+pub fn mount_fresh(mountpoint: &Path) -> Result<(OwnedFd, Vec<u8>), HandoverError> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(io("opening /dev/fuse"))?;
+    let data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other",
+        dev.as_raw_fd()
+    );
+    nix::mount::mount(
+        Some("stargaze"),
+        mountpoint,
+        Some("fuse.stargaze"),
+        nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(|e| io(format!("mounting FUSE at {}", mountpoint.display()))(e.into()))?;
+    let mut dev = dev;
+    let mut buf = vec![0u8; READ_BUFFER];
+    let n = loop {
+        match dev.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                return Err(io("reading the kernel's FUSE INIT request")(e));
+            }
+        }
+    };
+    buf.truncate(n);
+    Ok((OwnedFd::from(dev), buf))
+}
+
+/// Start a fuser session on `dev` whose INIT request is `init`: fuser
+/// handshakes over a socket pair, its reply goes to the kernel when
+/// `answer_kernel` (a fresh mount), and then the session's descriptor is
+/// replaced by `dev`.
+pub fn start_session<FS: fuser::Filesystem>(
+    fs: FS,
+    dev: OwnedFd,
+    init: &[u8],
+    answer_kernel: bool,
+    config: fuser::Config,
+) -> Result<Started<FS>, HandoverError> {
+    let mut pair = [0; 2];
+    // SAFETY: socketpair fills the two descriptors, owned below.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io("creating a socket pair for the FUSE handshake")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fresh descriptors from socketpair.
+    let (ours, theirs) = unsafe { (File::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let theirs_raw = theirs.as_raw_fd();
+    let mut ours = ours;
+    ours.write_all(init)
+        .map_err(io("passing INIT to the FUSE session"))?;
+    let session = fuser::Session::from_fd(fs, theirs, fuser::SessionACL::All, config)
+        .map_err(io("the FUSE INIT handshake"))?;
+    let mut reply = vec![0u8; 4096];
+    let n = ours
+        .read(&mut reply)
+        .map_err(io("reading the session's INIT reply"))?;
+    if answer_kernel {
+        let mut dev_file = File::from(dev.try_clone().map_err(io("duplicating /dev/fuse"))?);
+        dev_file
+            .write_all(&reply[..n])
+            .map_err(io("answering the kernel's FUSE INIT"))?;
+    }
+    // SAFETY: `theirs_raw` is the session's descriptor; dup3 atomically makes
+    // it the /dev/fuse connection. No session thread runs yet.
+    let r = unsafe { libc::dup3(dev.as_raw_fd(), theirs_raw, libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(io("giving the FUSE session its /dev/fuse descriptor")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    drop(dev);
+    Ok(Started {
+        session,
+        dev_fd: theirs_raw,
+    })
+}
+
+/// A session ready to spawn, and its `/dev/fuse` descriptor number.
+pub struct Started<FS: fuser::Filesystem> {
+    pub session: fuser::Session<FS>,
+    pub dev_fd: RawFd,
+}
+
+/// Ask the kernel to queue again the requests a previous process read and
+/// never answered. Linux < 6.9 does not know the notification: those
+/// requests stay unanswered (their callers wait until the mount goes).
+pub fn resend_pending(dev_fd: RawFd) -> std::io::Result<()> {
+    // struct fuse_out_header { len: u32, error: i32, unique: u64 }
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: a write of a local buffer to a descriptor we hold.
+    let n = unsafe { libc::write(dev_fd, msg.as_ptr() as *const libc::c_void, msg.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_state_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = SessionFile::beside(&dir.path().join("mnt"));
+        assert_eq!(f.path, dir.path().join("mnt.session"));
+        assert_eq!(f.load().unwrap(), None);
+        let s = SessionState {
+            init: hex(&[1, 2, 0xfe]),
+            device: "0:61".into(),
+            next_slot: 3,
+            layers: vec![SavedLayer {
+                digest: format!("sha256:{}", "a".repeat(64)),
+                slot: 2,
+                index_path: "/c/layers/x/index".into(),
+                presence_path: "/c/layers/x/presence".into(),
+            }],
+        };
+        f.save(&s).unwrap();
+        assert_eq!(f.load().unwrap(), Some(s.clone()));
+        assert_eq!(unhex(&s.init), Some(vec![1, 2, 0xfe]));
+        std::fs::write(&f.path, b"{").unwrap();
+        assert!(matches!(f.load(), Err(HandoverError::BadSession { .. })));
+    }
+
+    #[test]
+    fn odd_or_non_hex_is_refused() {
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex(""), Some(vec![]));
+    }
+}

@@ -1,0 +1,232 @@
+//! The mount's open files, in a table that outlives the process.
+//!
+//! After a restart the kernel still holds the file handles the previous
+//! process gave out, and its FUSE inodes are in the I/O mode those opens
+//! chose: an inode with a file open through FUSE passthrough accepts new
+//! opens only with the same backing file, one with a file open in cached
+//! mode refuses passthrough (both fail the `open` with EIO). So every open
+//! handle is recorded here — its inode and, for passthrough, the kernel's
+//! backing id — in a shared mapping of a file beside the mountpoint (on
+//! /run, so it goes with the mount at a reboot). The handle number is the
+//! record's position + 1: a restarted process never gives out a number that
+//! is still open, and learns the mode of every inode from the records.
+//!
+//! A record is written before the open is answered and cleared before a
+//! release is: a crash can leave a record of a handle the kernel never got
+//! (its inode keeps its mode until the connection ends), never the reverse.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Records in the table: more files than this open at once get handle
+/// numbers that are not recorded (and a warning).
+pub const CAPACITY: u64 = 1 << 22;
+/// Handle numbers above this are not in the table.
+const UNRECORDED_BASE: u64 = 1 << 40;
+
+/// How a handle was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Through `read` (the kernel's page cache).
+    Cached,
+    /// FUSE passthrough with this backing id.
+    Passthrough(u32),
+}
+
+/// A handle the previous process left open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenHandle {
+    pub fh: u64,
+    pub ino: u64,
+    pub mode: Mode,
+}
+
+pub struct OpenTable {
+    path: PathBuf,
+    map: memmap2::MmapMut,
+    free: Mutex<Free>,
+    unrecorded: AtomicU64,
+}
+
+#[derive(Default)]
+struct Free {
+    slots: Vec<u64>,
+    next: u64,
+}
+
+impl OpenTable {
+    pub fn beside(mountpoint: &Path) -> PathBuf {
+        let mut name = mountpoint.as_os_str().to_owned();
+        name.push(".opens");
+        PathBuf::from(name)
+    }
+
+    /// Open the table at `path`. With `keep`, the records of a previous
+    /// process are returned; otherwise the table starts empty.
+    pub fn open(path: &Path, keep: bool) -> std::io::Result<(OpenTable, Vec<OpenHandle>)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(!keep)
+            .open(path)?;
+        // Sparse: only pages of records ever used take memory.
+        file.set_len(CAPACITY * 16)?;
+        // SAFETY: the file is private to this service; nothing truncates it
+        // while mapped.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+        let table = OpenTable {
+            path: path.to_path_buf(),
+            map,
+            free: Mutex::new(Free::default()),
+            unrecorded: AtomicU64::new(0),
+        };
+        let mut left = Vec::new();
+        if keep {
+            let mut free = table.free.lock().expect("open table");
+            for slot in 0..CAPACITY {
+                let (ino, mode) = table.read(slot);
+                if ino == 0 {
+                    continue;
+                }
+                // Free slots below the highest used one are given out first.
+                for s in free.next..slot {
+                    free.slots.push(s);
+                }
+                free.next = slot + 1;
+                left.push(OpenHandle {
+                    fh: slot + 1,
+                    ino,
+                    mode: if mode == 0 {
+                        Mode::Cached
+                    } else {
+                        Mode::Passthrough((mode - 1) as u32)
+                    },
+                });
+            }
+            free.slots.reverse();
+        }
+        Ok((table, left))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn words(&self, slot: u64) -> (&AtomicU64, &AtomicU64) {
+        let base = self.map.as_ptr() as *const AtomicU64;
+        // SAFETY: slot < CAPACITY and the map holds CAPACITY * 2 aligned
+        // u64s (page-aligned mapping); AtomicU64 has u64's layout.
+        unsafe {
+            (
+                &*base.add((slot * 2) as usize),
+                &*base.add((slot * 2 + 1) as usize),
+            )
+        }
+    }
+
+    fn read(&self, slot: u64) -> (u64, u64) {
+        let (ino, mode) = self.words(slot);
+        let i = ino.load(Ordering::Acquire);
+        (i, mode.load(Ordering::Relaxed))
+    }
+
+    /// A new handle number for an open of `ino`, recorded before the
+    /// caller answers the kernel.
+    pub fn open_handle(&self, ino: u64, mode: Mode) -> u64 {
+        let slot = {
+            let mut free = self.free.lock().expect("open table");
+            match free.slots.pop() {
+                Some(s) => Some(s),
+                None if free.next < CAPACITY => {
+                    free.next += 1;
+                    Some(free.next - 1)
+                }
+                None => None,
+            }
+        };
+        let Some(slot) = slot else {
+            if self.unrecorded.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    capacity = CAPACITY,
+                    "more files open on the mount than the open-file table holds: those are not restored after a restart"
+                );
+            }
+            return UNRECORDED_BASE + self.unrecorded.load(Ordering::Relaxed);
+        };
+        self.set_mode(slot + 1, mode);
+        self.words(slot).0.store(ino, Ordering::Release);
+        slot + 1
+    }
+
+    /// Change a recorded handle's mode (the open fell back to cached mode).
+    pub fn set_mode(&self, fh: u64, mode: Mode) {
+        if fh == 0 || fh > CAPACITY {
+            return;
+        }
+        let word = match mode {
+            Mode::Cached => 0,
+            Mode::Passthrough(id) => u64::from(id) + 1,
+        };
+        self.words(fh - 1).1.store(word, Ordering::Release);
+    }
+
+    /// Forget a handle; called before the release is answered.
+    pub fn release(&self, fh: u64) {
+        if fh == 0 || fh > CAPACITY {
+            return;
+        }
+        let slot = fh - 1;
+        if self.words(slot).0.swap(0, Ordering::AcqRel) != 0 {
+            self.free.lock().expect("open table").slots.push(slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_survive_a_reopen_and_their_numbers_are_not_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = OpenTable::beside(&dir.path().join("mnt"));
+        let (t, left) = OpenTable::open(&path, false).unwrap();
+        assert!(left.is_empty());
+        let a = t.open_handle(10, Mode::Cached);
+        let b = t.open_handle(11, Mode::Passthrough(0));
+        let c = t.open_handle(12, Mode::Passthrough(7));
+        t.release(b);
+        t.set_mode(a, Mode::Cached);
+        drop(t);
+
+        let (t, left) = OpenTable::open(&path, true).unwrap();
+        assert_eq!(
+            left,
+            vec![
+                OpenHandle {
+                    fh: a,
+                    ino: 10,
+                    mode: Mode::Cached
+                },
+                OpenHandle {
+                    fh: c,
+                    ino: 12,
+                    mode: Mode::Passthrough(7)
+                },
+            ]
+        );
+        // The freed number comes back; the open ones never do.
+        let d = t.open_handle(13, Mode::Cached);
+        let e = t.open_handle(14, Mode::Cached);
+        assert_eq!(d, b);
+        assert!(![a, c, d].contains(&e));
+        drop(t);
+
+        // A fresh start forgets everything.
+        let (_t, left) = OpenTable::open(&path, false).unwrap();
+        assert!(left.is_empty());
+    }
+}
