@@ -379,15 +379,6 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
         diff_ids,
         chain: chain.clone(),
     };
-    let result = pull_into(&ctd, &args, &registry, &parts).await;
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => {
-            delete_lease(&ctd, &lease_id).await;
-            return Err(e);
-        }
-    };
-
     // Config and manifest, with the references garbage collection follows.
     let host_label = format!("containerd.io/distribution.source.{}", reference.host);
     let mut config_labels = HashMap::from([(host_label.clone(), reference.repository.clone())]);
@@ -397,9 +388,6 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
             top.clone(),
         );
     }
-    tracing::debug!(elapsed = ?started.elapsed(), "layers prepared");
-    ctd.write_content(&config_digest, config.to_vec(), config_labels)
-        .await?;
     let mut manifest_labels = HashMap::from([
         (host_label, reference.repository.clone()),
         (
@@ -412,8 +400,24 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
             manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.to_string());
         }
     }
-    ctd.write_content(&manifest.digest, manifest.bytes.to_vec(), manifest_labels)
-        .await?;
+    // Stored while the layers are prepared (the lease keeps them): each
+    // commit is a containerd transaction with an fsync, off the path of the
+    // remote snapshots.
+    let content = async {
+        ctd.write_content(&config_digest, config.to_vec(), config_labels)
+            .await?;
+        ctd.write_content(&manifest.digest, manifest.bytes.to_vec(), manifest_labels)
+            .await
+    };
+    let (result, stored) = tokio::join!(pull_into(&ctd, &args, &registry, &parts), content);
+    let outcome = match result.and_then(|o| stored.map(|()| o)) {
+        Ok(o) => o,
+        Err(e) => {
+            delete_lease(&ctd, &lease_id).await;
+            return Err(e);
+        }
+    };
+    tracing::debug!(elapsed = ?started.elapsed(), "layers prepared");
     let media_type = m["mediaType"]
         .as_str()
         .map(String::from)

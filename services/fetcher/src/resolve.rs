@@ -77,7 +77,9 @@ pub async fn resolve_with_toc(
     let (index, presence) = match reused {
         Some(parts) => parts?,
         None => {
+            let started = std::time::Instant::now();
             let toc = fetch_toc(&*blob, layer_digest, expected_toc, toc_blob, opts).await?;
+            let toc_read = started.elapsed();
             let meta = IndexMeta {
                 layer_digest: layer_digest.to_string(),
                 toc_digest: toc.toc_digest,
@@ -98,7 +100,18 @@ pub async fn resolve_with_toc(
                 open_presence(&cache, &layer, index)
             })
             .await
-            .expect("index build task panicked")?
+            .expect("index build task panicked")
+            .inspect(|(index, _)| {
+                // Resolution is on the path of every cold Prepare: say
+                // where its time went.
+                tracing::info!(
+                    layer = layer_digest,
+                    entries = index.inode_count(),
+                    toc_read_ms = toc_read.as_millis() as u64,
+                    index_ms = (started.elapsed() - toc_read).as_millis() as u64,
+                    "layer resolved"
+                );
+            })?
         }
     };
     Ok(Layer::new(

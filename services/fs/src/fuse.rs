@@ -1119,8 +1119,11 @@ pub fn mount_or_take_over(
             m
         }
         None => {
-            // A dropped inherited descriptor ends its connection only if
-            // nobody else holds one: never probe such a mount.
+            // An inherited descriptor that cannot be served: systemd still
+            // holds a copy, so the connection would wait forever. End it.
+            if had_fd {
+                handover::abandon(mountpoint);
+            }
             clean_stale_mount(mountpoint, had_fd);
             std::fs::create_dir_all(mountpoint).map_err(|e| HandoverError::Io {
                 what: format!("creating the mountpoint {}", mountpoint.display()),

@@ -223,18 +223,53 @@ fn send_with_fd(socket: &str, msg: &[u8], fd: RawFd) -> std::io::Result<()> {
         hdr.msg_namelen = addr_len;
         hdr.msg_iov = &mut iov;
         hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        hdr.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        // A negative `fd`: the message alone.
+        if fd >= 0 {
+            hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            hdr.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        }
         if libc::sendmsg(s.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())
+}
+
+/// A connection handed back that cannot be taken over (no session file, or
+/// not the mount's any more): abort it through fusectl, so its waiting
+/// callers fail (ENOTCONN) instead of waiting for a server that never comes,
+/// and drop it from systemd's store.
+pub fn abandon(mountpoint: &Path) {
+    if let Some(minor) = mount_device(mountpoint)
+        .as_deref()
+        .and_then(|d| d.strip_prefix("0:"))
+    {
+        let connections = Path::new("/sys/fs/fuse/connections");
+        if !connections.join(minor).exists() {
+            // systemd mounts fusectl at boot; elsewhere it may be missing.
+            let _ = nix::mount::mount(
+                Some("fusectl"),
+                connections,
+                Some("fusectl"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            );
+        }
+        let abort = connections.join(minor).join("abort");
+        if let Err(e) = std::fs::write(&abort, b"1") {
+            tracing::warn!(file = %abort.display(), error = %e, "cannot abort the old FUSE connection");
+        }
+    }
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let msg = format!("FDSTOREREMOVE=1\nFDNAME={FDNAME}\n");
+        let path = path.to_string_lossy().into_owned();
+        let _ = send_with_fd(&path, msg.as_bytes(), -1);
+    }
 }
 
 /// Mount the node's filesystem at `mountpoint` with a new `/dev/fuse`

@@ -12,7 +12,8 @@
 //!   descriptor store; the restarted fs takes the connection over, so the
 //!   running container keeps reading — a read fs held when it died is
 //!   resent by the kernel, one issued meanwhile waits — and new containers
-//!   run. When fs and the snapshotter restart together without the store
+//!   run; a clean restart (SIGTERM) hands the connection over too. When fs
+//!   and the snapshotter restart together without the store
 //!   (a reboot-like start), the snapshotter restores every remote layer by
 //!   itself.
 
@@ -326,6 +327,24 @@ fn each_service_survives_a_kill_9() {
     // New containers run too, on the same (taken over) layers: inodes that
     // the running container holds open keep their I/O mode.
     expect_new(&new_container("after-fs"), "after fs restarted");
+    // A clean restart (`systemctl restart`: SIGTERM, then a new start with
+    // the store kept) hands the connection over the same way.
+    stack.stop(Service::Fs);
+    stack.spawn(Service::Fs);
+    ok(
+        &exec_in_long("after-fs-restart", "data/file3"),
+        "data/file3",
+        "in the running container after a clean restart of fs",
+    );
+    assert_eq!(
+        stack
+            .log(Service::Fs)
+            .matches("took over the FUSE connection")
+            .count(),
+        2,
+        "{}",
+        stack.log(Service::Fs)
+    );
     ctd.cmd("ctr")
         .args(["task", "kill", "--signal", "SIGKILL", &long])
         .status()

@@ -191,6 +191,14 @@ impl Stack {
         }
     }
 
+    /// SIGTERM one service and wait for it, as `systemctl stop` would
+    /// (without releasing its descriptor store: `systemctl restart`).
+    pub fn stop(&mut self, svc: Service) {
+        if let Some(mut c) = self.children[Self::index(svc)].take() {
+            crate::stop(&mut c);
+        }
+    }
+
     /// SIGKILL one service, as a crash would.
     pub fn kill(&mut self, svc: Service) {
         if let Some(mut c) = self.children[Self::index(svc)].take() {
