@@ -162,34 +162,63 @@ impl Command {
     }
 }
 
-/// An image's layers as its containers see them: top layer first.
+/// An image's layers as its containers see them: top layer first. While
+/// the image resolves, some may not be known yet (`None`): a lookup that
+/// reaches one cannot be answered yet.
 pub struct Stack {
-    layers: Vec<Arc<Layer>>,
+    layers: Vec<Option<Arc<Layer>>>,
 }
+
+/// A lookup that needed a layer not resolved yet.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unknown;
 
 impl Stack {
     pub fn new(top_first: Vec<Arc<Layer>>) -> Stack {
+        Stack::partial(top_first.into_iter().map(Some).collect())
+    }
+
+    /// A stack of which some layers are not resolved yet.
+    pub fn partial(top_first: Vec<Option<Arc<Layer>>>) -> Stack {
         Stack { layers: top_first }
+    }
+
+    /// The layer at a position a lookup returned (always resolved).
+    fn layer(&self, i: usize) -> &Arc<Layer> {
+        self.layers[i]
+            .as_ref()
+            .expect("lookups only return resolved layers")
     }
 
     /// The top-most entry at exactly `path` (no symlink followed):
     /// `None` when no layer has it or a whiteout hides it.
-    fn entry(&self, path: &str) -> Option<(usize, u64)> {
+    fn entry(&self, path: &str) -> Result<Option<(usize, u64)>, Unknown> {
         for (i, layer) in self.layers.iter().enumerate() {
+            let Some(layer) = layer else {
+                return Err(Unknown);
+            };
             if let Some(ino) = layer.index.lookup_path(path) {
-                let node = layer.index.inode(ino)?;
+                let Some(node) = layer.index.inode(ino) else {
+                    return Ok(None);
+                };
                 if node.kind() == kind::CHAR && node.rdev() == (0, 0) {
-                    return None;
+                    return Ok(None);
                 }
-                return Some((i, ino));
+                return Ok(Some((i, ino)));
             }
         }
-        None
+        Ok(None)
     }
 
     /// The regular file `path` names, following symlinks in any component
     /// and across layers: `(layer position, inode)`.
     pub fn resolve(&self, path: &str) -> Option<(usize, u64)> {
+        self.resolve_known(path).ok().flatten()
+    }
+
+    /// [`Stack::resolve`], telling a missing file from one that needs a
+    /// layer not resolved yet.
+    pub fn resolve_known(&self, path: &str) -> Result<Option<(usize, u64)>, Unknown> {
         let mut pending: Vec<String> = path.rsplit('/').map(str::to_string).collect();
         let mut done: Vec<String> = Vec::new();
         let mut links = 0;
@@ -203,14 +232,20 @@ impl Stack {
                 _ => {}
             }
             let candidate = format!("/{}/{comp}", done.join("/"));
-            let (i, ino) = self.entry(&candidate)?;
-            let node = self.layers[i].index.inode(ino)?;
+            let Some((i, ino)) = self.entry(&candidate)? else {
+                return Ok(None);
+            };
+            let Some(node) = self.layer(i).index.inode(ino) else {
+                return Ok(None);
+            };
             if let Some(target) = node.symlink() {
                 links += 1;
                 if links > MAX_LINKS {
-                    return None;
+                    return Ok(None);
                 }
-                let target = std::str::from_utf8(target).ok()?;
+                let Ok(target) = std::str::from_utf8(target) else {
+                    return Ok(None);
+                };
                 if target.starts_with('/') {
                     done.clear();
                 }
@@ -218,12 +253,30 @@ impl Stack {
             } else if node.is_dir() {
                 done.push(comp);
             } else if node.is_reg() && pending.iter().all(|c| c.is_empty() || c == ".") {
-                return Some((i, ino));
+                return Ok(Some((i, ino)));
             } else {
-                return None;
+                return Ok(None);
             }
         }
-        None
+        Ok(None)
+    }
+
+    /// The program a command most likely runs, from the layers resolved so
+    /// far: the first `PATH` candidate whose file the known layers decide
+    /// (found, and no unknown layer above any step of its path), to start
+    /// fetching it before the rest of the image is resolved. Speculative:
+    /// a candidate earlier in `PATH` that only an unknown layer could hold
+    /// (`/usr/local/bin/python3` in a base image not resolved yet) is taken
+    /// as absent; a wrong guess costs the bytes of one unused file, since
+    /// the entrypoint prefetch runs again on the whole stack.
+    pub fn program_known(&self, command: &Command) -> Option<(Arc<Layer>, u64)> {
+        command
+            .candidates()
+            .iter()
+            .find_map(|path| match self.resolve_known(path) {
+                Ok(Some((i, ino))) => Some((self.layer(i).clone(), ino)),
+                Ok(None) | Err(Unknown) => None,
+            })
     }
 
     /// The first of `paths` that is a regular file.
@@ -235,14 +288,14 @@ impl Stack {
 
     /// Does `path` exist (any kind, after symlinks in its directories)?
     fn exists(&self, path: &str) -> bool {
-        self.entry(path).is_some() || self.resolve(path).is_some()
+        self.entry(path).ok().flatten().is_some() || self.resolve(path).is_some()
     }
 
     /// Names in directory `dir` in any layer (a listing's union, not
     /// checked against whiteouts: callers resolve each name).
     fn names_in(&self, dir: &str) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
-        for layer in &self.layers {
+        for layer in self.layers.iter().flatten() {
             let Some(ino) = layer.index.lookup_path(dir) else {
                 continue;
             };
@@ -636,7 +689,7 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
     if let Some((path, i, ino)) = stack.first_file(&command.candidates()) {
         // An interpreter is known by its real name before any byte of it
         // is fetched: its startup files go in the first wave.
-        python = Python::from_program(&stack.layers[i].index.path_of(ino));
+        python = Python::from_program(&stack.layer(i).index.path_of(ino));
         if let Some(py) = &python {
             for (f, parse) in py.startup_files(stack) {
                 want(&mut wave, &f, parse);
@@ -648,7 +701,8 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
         }
         for f in command.file_arguments() {
             if let Some((p, i, ino)) = stack.first_file(&[f])
-                && stack.layers[i]
+                && stack
+                    .layer(i)
                     .index
                     .inode(ino)
                     .is_some_and(|n| n.size() <= MAX_ARGUMENT_FILE)
@@ -664,7 +718,7 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
             if out.files.len() >= MAX_FILES || !seen.insert((i, ino)) {
                 continue;
             }
-            let layer = stack.layers[i].clone();
+            let layer = stack.layer(i).clone();
             let Some(size) = layer.index.inode(ino).map(|n| n.size()) else {
                 continue;
             };

@@ -1,7 +1,7 @@
 //! `stargaze.v1.Fetcher` over the engine: resolved layers by digest,
 //! prefetch and background fetch, status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -549,6 +549,7 @@ impl FetcherService {
                 tokio::spawn(async move { client.fetch_small_blob(&reference, &digest).await })
             });
         let mut set = tokio::task::JoinSet::new();
+        let mut early: HashSet<String> = HashSet::new();
         for d in descs.iter().cloned() {
             let Some(digest) = d["digest"]
                 .as_str()
@@ -560,6 +561,7 @@ impl FetcherService {
             if !annotations.contains_key(TOC_DIGEST_ANNOTATION) {
                 continue;
             }
+            early.insert(digest.to_string());
             let src = LayerSource {
                 image_ref: image_ref.to_string(),
                 digest: digest.to_string(),
@@ -579,20 +581,93 @@ impl FetcherService {
                 }
             });
         }
-        while set.join_next().await.is_some() {}
+        let layers: Vec<String> = descs
+            .iter()
+            .filter_map(|d| d["digest"].as_str().map(str::to_string))
+            .collect();
+        // While the layers resolve: once the config is in and the layers
+        // resolved so far decide which file the program is (it and the
+        // layers above it are known), its fetch starts — it is usually the
+        // largest file a start needs, and the last layer to resolve is often
+        // the base image's, far below it. The full entrypoint prefetch
+        // after the loop finds it in flight or present.
+        let mut config = config;
+        let mut config_bytes: Option<Vec<u8>> = None;
+        let mut program_started = false;
+        loop {
+            tokio::select! {
+                done = set.join_next() => {
+                    if done.is_none() {
+                        break;
+                    }
+                }
+                read = async { config.as_mut().expect("guarded").await }, if config.is_some() => {
+                    config = None;
+                    match read {
+                        Ok(Ok(bytes)) => config_bytes = Some(bytes.to_vec()),
+                        Ok(Err(e)) => {
+                            tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read")
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            if !program_started && let Some(bytes) = &config_bytes {
+                program_started = self.start_program_fetch(bytes, &layers, &early);
+            }
+        }
         if let Some(config) = config {
-            let layers: Vec<String> = descs
-                .iter()
-                .filter_map(|d| d["digest"].as_str().map(str::to_string))
-                .collect();
             match config.await {
-                Ok(Ok(bytes)) => self.prefetch_entrypoint(image_ref, &bytes, &layers).await,
+                Ok(Ok(bytes)) => config_bytes = Some(bytes.to_vec()),
                 Ok(Err(e)) => {
                     tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read")
                 }
                 Err(_) => {}
             }
         }
+        if let Some(bytes) = config_bytes {
+            self.prefetch_entrypoint(image_ref, &bytes, &layers).await;
+        }
+    }
+
+    /// Start fetching the config's program if the layers resolved so far
+    /// decide it (`layers` bottom first; those in `resolving` may still
+    /// come, the others are not served lazily). True once started, or when
+    /// there is nothing to start.
+    fn start_program_fetch(
+        &self,
+        config: &[u8],
+        layers: &[String],
+        resolving: &HashSet<String>,
+    ) -> bool {
+        let Some(command) = serde_json::from_slice::<serde_json::Value>(config)
+            .ok()
+            .and_then(|c| crate::entrypoint::Command::from_config(&c))
+        else {
+            return true;
+        };
+        let stack = crate::entrypoint::Stack::partial(
+            layers
+                .iter()
+                .rev()
+                .filter_map(|d| match self.layer(d) {
+                    Some(l) => Some(Some(l)),
+                    None if resolving.contains(d) => Some(None),
+                    None => None,
+                })
+                .collect(),
+        );
+        let Some((layer, ino)) = stack.program_known(&command) else {
+            return false;
+        };
+        let Some(size) = layer.index.inode(ino).map(|n| n.size()) else {
+            return true;
+        };
+        tracing::debug!(layer = %layer.digest, program = %layer.index.path_of(ino), "the program's fetch starts before the image's other layers are resolved");
+        tokio::spawn(async move {
+            let _ = layer.fetch(&[(ino, 0, size)]).await;
+        });
+        true
     }
 
     /// Fetch the program the image's config runs and what it loads
