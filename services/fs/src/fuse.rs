@@ -729,7 +729,16 @@ impl Filesystem for StargazeFs {
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     reply.data(&buf)
                 }
-                Err(e) => reply.error(e),
+                Err(e) => {
+                    a.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    let file = a.index.path_of(local);
+                    tracing::warn!(layer = %a.digest, file = %file, offset, "read of a cached file failed: EIO");
+                    self.shared.errors.push(
+                        a.digest.clone(),
+                        format!("read of {file} at {offset} from the cache failed"),
+                    );
+                    reply.error(e)
+                }
             }
             return;
         }
@@ -799,13 +808,15 @@ impl Filesystem for StargazeFs {
     ) {
         let _timer = self.shared.counters.timer(Op::Release);
         let fh = u64::from(fh);
-        if let Some(t) = self.shared.opens.get() {
-            t.release(fh);
-        }
         self.shared.handles.lock().expect("handles").remove(&fh);
         self.shared
             .passthrough
             .release(fh, self.shared.dev_fd.load(Ordering::Relaxed));
+        // Last: from here on the number may be given to a new open, which
+        // must not find this handle's file or backing id.
+        if let Some(t) = self.shared.opens.get() {
+            t.release(fh);
+        }
         reply.ok();
     }
 

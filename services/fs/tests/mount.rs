@@ -557,3 +557,64 @@ async fn complete_files_are_opened_with_passthrough() {
     assert_eq!(stargaze_format::Digest::of(&through_overlay.unwrap()), want);
     assert!(p.opens.load(Ordering::Relaxed) >= 2);
 }
+
+/// Handle numbers come from the open-file table and are given again once
+/// released: a new open must never see the state (the cached cache file,
+/// a backing id) of the handle that had its number before. Many threads
+/// open, read and close many different small files at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_handle_numbers_never_serve_another_files_bytes() {
+    if !can_mount() {
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut files = Vec::new();
+    for i in 0..64u32 {
+        // Different sizes and contents: a read through a stale handle
+        // returns other bytes or fails.
+        let data: Vec<u8> = (0..(i * 131 + 1)).map(|j| (i * 7 + j) as u8).collect();
+        let name = format!("many/f{i:02}");
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, &name, &data[..]).unwrap();
+        files.push((name, data));
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (shared, _layer, digest) = setup(&b.into_inner().unwrap(), work.path()).await;
+    let dir = tempfile::Builder::new()
+        .prefix("sg-fs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let m = stargaze_fs::mount_or_take_over(shared, dir.path(), 4, None).unwrap();
+    let root = dir.path().join(&digest[7..]);
+    let files = Arc::new(files);
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let (root, files) = (root.clone(), files.clone());
+            std::thread::spawn(move || {
+                for n in 0..1500usize {
+                    let (name, want) = &files[(n * 7 + t * 13) % files.len()];
+                    // Out of the page cache first, so the read reaches fs
+                    // through this handle.
+                    let mut f = std::fs::File::open(root.join(name)).unwrap();
+                    nix::fcntl::posix_fadvise(
+                        &f,
+                        0,
+                        0,
+                        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                    )
+                    .unwrap();
+                    let mut got = Vec::new();
+                    std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+                    assert!(&got == want, "{name}: wrong bytes through a reused handle");
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+    let _ = m.umount_and_join();
+    for r in results {
+        r.unwrap();
+    }
+}
