@@ -593,7 +593,17 @@ impl FetcherService {
         // after the loop finds it in flight or present.
         let mut config = config;
         let mut config_bytes: Option<Vec<u8>> = None;
-        let mut program_started = false;
+        // The config's program, parsed once; `None` once started or when
+        // there is nothing to start.
+        let mut program: Option<crate::entrypoint::Command> = None;
+        let read_config = |read: Result<Result<_, _>, tokio::task::JoinError>| match read {
+            Ok(Ok(bytes)) => Some(bytes),
+            Ok(Err(e)) => {
+                tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read");
+                None
+            }
+            Err(_) => None,
+        };
         loop {
             tokio::select! {
                 done = set.join_next() => {
@@ -603,49 +613,37 @@ impl FetcherService {
                 }
                 read = async { config.as_mut().expect("guarded").await }, if config.is_some() => {
                     config = None;
-                    match read {
-                        Ok(Ok(bytes)) => config_bytes = Some(bytes.to_vec()),
-                        Ok(Err(e)) => {
-                            tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read")
-                        }
-                        Err(_) => {}
-                    }
+                    config_bytes = read_config(read).map(|b| b.to_vec());
+                    program = config_bytes
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                        .and_then(|c| crate::entrypoint::Command::from_config(&c));
                 }
             }
-            if !program_started && let Some(bytes) = &config_bytes {
-                program_started = self.start_program_fetch(bytes, &layers, &early);
+            if let Some(command) = &program
+                && self.start_program_fetch(command, &layers, &early)
+            {
+                program = None;
             }
         }
         if let Some(config) = config {
-            match config.await {
-                Ok(Ok(bytes)) => config_bytes = Some(bytes.to_vec()),
-                Ok(Err(e)) => {
-                    tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read")
-                }
-                Err(_) => {}
-            }
+            config_bytes = read_config(config.await).map(|b| b.to_vec());
         }
         if let Some(bytes) = config_bytes {
             self.prefetch_entrypoint(image_ref, &bytes, &layers).await;
         }
     }
 
-    /// Start fetching the config's program if the layers resolved so far
+    /// Start fetching `command`'s program if the layers resolved so far
     /// decide it (`layers` bottom first; those in `resolving` may still
     /// come, the others are not served lazily). True once started, or when
     /// there is nothing to start.
     fn start_program_fetch(
         &self,
-        config: &[u8],
+        command: &crate::entrypoint::Command,
         layers: &[String],
         resolving: &HashSet<String>,
     ) -> bool {
-        let Some(command) = serde_json::from_slice::<serde_json::Value>(config)
-            .ok()
-            .and_then(|c| crate::entrypoint::Command::from_config(&c))
-        else {
-            return true;
-        };
         let stack = crate::entrypoint::Stack::partial(
             layers
                 .iter()
@@ -657,7 +655,7 @@ impl FetcherService {
                 })
                 .collect(),
         );
-        let Some((layer, ino)) = stack.program_known(&command) else {
+        let Some((layer, ino)) = stack.program_known(command) else {
             return false;
         };
         let Some(size) = layer.index.inode(ino).map(|n| n.size()) else {

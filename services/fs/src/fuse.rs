@@ -455,17 +455,15 @@ impl StargazeFs {
                     let n = a.index.inode(local).ok_or(std::io::ErrorKind::NotFound)?;
                     let key = n.digest().ok_or(std::io::ErrorKind::NotFound)?;
                     let file = std::fs::File::open(a.cache.content_path(&key))?;
+                    // Set by `serve` before the session's threads start.
                     let dev = self.shared.dev_fd.load(Ordering::Relaxed);
-                    if dev < 0 {
-                        (Arc::new(reply.open_backing(&file)?), 0)
-                    } else {
-                        // SAFETY: the session's descriptor lives as long as the mount.
-                        let dev = unsafe { BorrowedFd::borrow_raw(dev) };
-                        let raw = fuser::BackingId::create_raw(dev, &file)?;
-                        // SAFETY: just opened on this connection; closed
-                        // only through the wrapper.
-                        (Arc::new(unsafe { reply.wrap_backing(raw) }), raw)
-                    }
+                    // SAFETY: the session's descriptor lives as long as the mount.
+                    let dev = unsafe { BorrowedFd::borrow_raw(dev) };
+                    // The raw id goes into the open-file table.
+                    let raw = fuser::BackingId::create_raw(dev, &file)?;
+                    // SAFETY: just opened on this connection; closed only
+                    // through the wrapper.
+                    (Arc::new(unsafe { reply.wrap_backing(raw) }), raw)
                 };
                 drop(restored);
                 by_inode.retain(|_, (w, _)| w.strong_count() > 0);
@@ -1073,7 +1071,7 @@ pub fn mount_or_take_over(
     let device_now = handover::mount_device(mountpoint);
     let takeover = match (inherited, state) {
         (Some(fd), Some(state)) if device_now.as_deref() == Some(state.device.as_str()) => {
-            handover::unhex(&state.init).map(|init| (fd, init, state))
+            hex::decode(&state.init).ok().map(|init| (fd, init, state))
         }
         (Some(_), Some(state)) => {
             tracing::warn!(
@@ -1143,7 +1141,7 @@ pub fn mount_or_take_over(
             let (dev, init) = handover::mount_fresh(mountpoint)?;
             let device = handover::mount_device(mountpoint).unwrap_or_default();
             let m = serve(shared.clone(), mountpoint, n_threads, dev, &init, false)?;
-            shared.layers.journal_to(file, handover::hex(&init), device);
+            shared.layers.journal_to(file, hex::encode(&init), device);
             m
         }
     };

@@ -389,20 +389,6 @@ pub fn resend_pending(dev_fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,7 +400,7 @@ mod tests {
         assert_eq!(f.path, dir.path().join("mnt.session"));
         assert_eq!(f.load().unwrap(), None);
         let s = SessionState {
-            init: hex(&[1, 2, 0xfe]),
+            init: hex::encode([1, 2, 0xfe]),
             device: "0:61".into(),
             next_slot: 3,
             layers: vec![SavedLayer {
@@ -426,15 +412,15 @@ mod tests {
         };
         f.save(&s).unwrap();
         assert_eq!(f.load().unwrap(), Some(s.clone()));
-        assert_eq!(unhex(&s.init), Some(vec![1, 2, 0xfe]));
+        assert_eq!(hex::decode(&s.init).ok(), Some(vec![1, 2, 0xfe]));
         std::fs::write(&f.path, b"{").unwrap();
         assert!(matches!(f.load(), Err(HandoverError::BadSession { .. })));
     }
 
     #[test]
     fn odd_or_non_hex_is_refused() {
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("zz"), None);
-        assert_eq!(unhex(""), Some(vec![]));
+        assert_eq!(hex::decode("abc").ok(), None);
+        assert_eq!(hex::decode("zz").ok(), None);
+        assert_eq!(hex::decode("").ok(), Some(vec![]));
     }
 }
