@@ -112,13 +112,16 @@ impl SessionFile {
             })
     }
 
-    /// Write atomically: a crash leaves the old or the new state.
+    /// Write atomically: a crash of the process leaves the old or the new
+    /// state. Not synced to disk: the FUSE connection it describes does not
+    /// outlive the machine, so only a process crash matters, and the page
+    /// cache survives that (an fsync here cost every attach milliseconds,
+    /// with the layer table locked).
     pub fn save(&self, state: &SessionState) -> Result<(), HandoverError> {
         let tmp = self.path.with_extension("session.tmp");
         let text = serde_json::to_vec(state).expect("session state serialises");
         let mut f = File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
         f.write_all(&text)
-            .and_then(|()| f.sync_data())
             .map_err(io(format!("writing {}", tmp.display())))?;
         std::fs::rename(&tmp, &self.path).map_err(io(format!("renaming {}", tmp.display())))
     }
