@@ -12,9 +12,14 @@
 //! command, `PATH`, working directory) and the index of every layer
 //! ([`Stack`]: paths resolved top layer first, through symlinks and
 //! whiteouts, as overlayfs will). [`prefetch`] fetches the program, parses
-//! it (`goblin`), then fetches its interpreter and libraries together, wave
-//! after wave until nothing new is needed. Only files the program will load
-//! are fetched: no extra bytes when the container runs the image's command.
+//! it (`goblin`), then fetches its interpreter and libraries; each file's
+//! follow-ups start as soon as it is parsed, until nothing new is needed.
+//! Only files the program will load are fetched: no extra bytes when the
+//! container runs the image's command. One guess is made: a CPython
+//! interpreter in an image holding glibc's loader for its architecture is a
+//! dynamically linked glibc program (distributions build it so), so the
+//! loader, `libc.so.6` and glibc's start-up files are fetched with it
+//! instead of after its 2-3 MB are in and parsed.
 //!
 //! The same holds for the files the runtime around the program reads, one
 //! miss after another, before the program prints anything ([`Runtime`]):
@@ -56,6 +61,8 @@ pub struct Command {
     pub workdir: String,
     /// The config's `Env` (`NAME=value`; the last of a name wins).
     pub env: Vec<(String, String)>,
+    /// The config's `architecture` (`amd64`, `arm64`, ...).
+    pub arch: Option<String>,
 }
 
 impl Command {
@@ -110,6 +117,7 @@ impl Command {
                 .unwrap_or("/")
                 .to_string(),
             env,
+            arch: config["architecture"].as_str().map(str::to_string),
         })
     }
 
@@ -636,29 +644,113 @@ pub fn needs_of(bytes: &[u8]) -> Needs {
         .filter(|d| d.starts_with('/'))
         .map(str::to_string)
         .collect();
-    let triple = match elf.header.e_machine {
-        goblin::elf::header::EM_X86_64 => Some("x86_64-linux-gnu"),
-        goblin::elf::header::EM_AARCH64 => Some("aarch64-linux-gnu"),
-        goblin::elf::header::EM_ARM => Some("arm-linux-gnueabihf"),
-        goblin::elf::header::EM_PPC64 => Some("powerpc64le-linux-gnu"),
-        goblin::elf::header::EM_S390 => Some("s390x-linux-gnu"),
-        goblin::elf::header::EM_386 => Some("i386-linux-gnu"),
-        _ => None,
-    };
+    let triple = GLIBC
+        .iter()
+        .find(|g| g.machine == elf.header.e_machine)
+        .map(|g| g.triple);
+    needs.search.extend(default_search(triple, elf.is_64));
+    needs
+}
+
+/// The dynamic loader's default library directories: the multiarch ones
+/// of `triple` (Debian's layout), then the classic ones.
+fn default_search(triple: Option<&str>, is_64: bool) -> Vec<String> {
+    let mut out = Vec::new();
     if let Some(t) = triple {
-        needs.search.push(format!("/lib/{t}"));
-        needs.search.push(format!("/usr/lib/{t}"));
+        out.push(format!("/lib/{t}"));
+        out.push(format!("/usr/lib/{t}"));
     }
-    let lib64 = if elf.is_64 {
+    let lib64 = if is_64 {
         ["/lib64", "/usr/lib64"]
     } else {
         ["/lib32", "/usr/lib32"]
     };
-    needs.search.extend(lib64.map(str::to_string));
-    needs
-        .search
-        .extend(["/lib", "/usr/lib", "/usr/local/lib"].map(str::to_string));
-    needs
+    out.extend(lib64.map(str::to_string));
+    out.extend(["/lib", "/usr/lib", "/usr/local/lib"].map(str::to_string));
+    out
+}
+
+/// glibc on one architecture: its dynamic loader's path (`PT_INTERP` of
+/// every program linked against it), its multiarch triple, the ELF machine
+/// and the OCI `architecture` name.
+struct Glibc {
+    oci_arch: &'static str,
+    machine: u16,
+    loader: &'static str,
+    triple: &'static str,
+    is_64: bool,
+}
+
+const GLIBC: &[Glibc] = &[
+    Glibc {
+        oci_arch: "amd64",
+        machine: goblin::elf::header::EM_X86_64,
+        loader: "/lib64/ld-linux-x86-64.so.2",
+        triple: "x86_64-linux-gnu",
+        is_64: true,
+    },
+    Glibc {
+        oci_arch: "arm64",
+        machine: goblin::elf::header::EM_AARCH64,
+        loader: "/lib/ld-linux-aarch64.so.1",
+        triple: "aarch64-linux-gnu",
+        is_64: true,
+    },
+    Glibc {
+        oci_arch: "arm",
+        machine: goblin::elf::header::EM_ARM,
+        loader: "/lib/ld-linux-armhf.so.3",
+        triple: "arm-linux-gnueabihf",
+        is_64: false,
+    },
+    Glibc {
+        oci_arch: "ppc64le",
+        machine: goblin::elf::header::EM_PPC64,
+        loader: "/lib64/ld64.so.2",
+        triple: "powerpc64le-linux-gnu",
+        is_64: true,
+    },
+    Glibc {
+        oci_arch: "s390x",
+        machine: goblin::elf::header::EM_S390,
+        loader: "/lib/ld64.so.1",
+        triple: "s390x-linux-gnu",
+        is_64: true,
+    },
+    Glibc {
+        oci_arch: "386",
+        machine: goblin::elf::header::EM_386,
+        loader: "/lib/ld-linux.so.2",
+        triple: "i386-linux-gnu",
+        is_64: false,
+    },
+];
+
+impl Glibc {
+    /// The glibc of the image's architecture (the config's, else the first
+    /// whose loader the image holds), when the image holds its loader.
+    fn in_stack(stack: &Stack, arch: Option<&str>) -> Option<&'static Glibc> {
+        GLIBC
+            .iter()
+            .filter(|g| arch.is_none_or(|a| a == g.oci_arch))
+            .find(|g| stack.resolve(g.loader).is_some())
+    }
+
+    /// What a program linked against this glibc loads before any library
+    /// of its own: the loader, `libc.so.6`, and the files glibc reads at
+    /// start (`Runtime::glibc`).
+    fn start_files(&self, stack: &Stack, command: &Command, python: bool) -> Vec<(String, Parse)> {
+        let search = default_search(Some(self.triple), self.is_64);
+        let mut out = vec![(self.loader.to_string(), Parse::Program)];
+        let libc: Vec<String> = search.iter().map(|d| format!("{d}/libc.so.6")).collect();
+        out.extend(stack.first_file(&libc).map(|(p, ..)| (p, Parse::Program)));
+        out.extend(
+            Runtime::glibc(stack, command, python, &search)
+                .into_iter()
+                .map(|f| (f, Parse::Data)),
+        );
+        out
+    }
 }
 
 /// Largest file named as an argument that is fetched (a script, not a
@@ -679,6 +771,7 @@ struct Found {
 pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
     let mut out = Prefetched::default();
     let mut seen: HashSet<(usize, u64)> = HashSet::new();
+    // Files found and not started yet.
     let mut wave: Vec<(String, usize, u64, Parse)> = Vec::new();
     let want = |wave: &mut Vec<_>, path: &str, parse: Parse| {
         if let Some((p, i, ino)) = stack.first_file(&[path.to_string()]) {
@@ -686,6 +779,7 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
         }
     };
     let mut python: Option<Python> = None;
+    let mut glibc_done = false;
     if let Some((path, i, ino)) = stack.first_file(&command.candidates()) {
         // An interpreter is known by its real name before any byte of it
         // is fetched: its startup files go in the first wave.
@@ -693,6 +787,16 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
         if let Some(py) = &python {
             for (f, parse) in py.startup_files(stack) {
                 want(&mut wave, &f, parse);
+            }
+            // CPython as distributions build it is a dynamically linked
+            // glibc program when the image has glibc: its loader, libc and
+            // glibc's start-up files are known before its bytes are, and
+            // fetch alongside it instead of a wave after it.
+            if let Some(glibc) = Glibc::in_stack(stack, command.arch.as_deref()) {
+                glibc_done = true;
+                for (f, parse) in glibc.start_files(stack, command, true) {
+                    want(&mut wave, &f, parse);
+                }
             }
         }
         wave.insert(0, (path, i, ino, Parse::Program));
@@ -711,9 +815,11 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
             }
         }
     }
-    let mut glibc_done = false;
-    while !wave.is_empty() {
-        let mut fetches = tokio::task::JoinSet::new();
+    // No waves in lockstep: a file's follow-ups start as soon as it is
+    // parsed, while the rest of what was found with it is still arriving
+    // (a program's libraries do not wait for its data files).
+    let mut fetches = tokio::task::JoinSet::new();
+    loop {
         for (path, i, ino, parse) in wave.drain(..) {
             if out.files.len() >= MAX_FILES || !seen.insert((i, ino)) {
                 continue;
@@ -757,48 +863,53 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
                 }
             });
         }
-        while let Some(done) = fetches.join_next().await {
-            let Ok(Found { needs, modules }) = done else {
-                continue;
-            };
-            // glibc's loader: the files glibc itself reads at start.
-            if !glibc_done && needs.programs.iter().any(|p| p.contains("/ld-linux")) {
-                glibc_done = true;
-                for f in Runtime::glibc(stack, command, python.is_some(), &needs.search) {
+        let Some(done) = fetches.join_next().await else {
+            break;
+        };
+        let Ok(Found { needs, modules }) = done else {
+            continue;
+        };
+        // glibc's loader: the files glibc itself reads at start.
+        if !glibc_done
+            && needs
+                .programs
+                .iter()
+                .any(|p| p.contains("/ld-linux") || GLIBC.iter().any(|g| p == g.loader))
+        {
+            glibc_done = true;
+            for f in Runtime::glibc(stack, command, python.is_some(), &needs.search) {
+                want(&mut wave, &f, Parse::Data);
+            }
+        }
+        if let Some(py) = &python {
+            let dirs = py.site_dirs();
+            for m in modules.iter().filter(|m| !py.frozen(m)) {
+                if let Some(f) = py.module_file(stack, &dirs, m) {
                     want(&mut wave, &f, Parse::Data);
                 }
             }
-            if let Some(py) = &python {
-                let dirs = py.site_dirs();
-                for m in modules.iter().filter(|m| !py.frozen(m)) {
-                    if let Some(f) = py.module_file(stack, &dirs, m) {
-                        want(&mut wave, &f, Parse::Data);
+        }
+        for p in needs.programs {
+            let found = if p.contains('/') {
+                stack.first_file(&[p])
+            } else {
+                stack.first_file(
+                    &Command {
+                        program: p,
+                        ..command.clone()
                     }
-                }
-            }
-            for p in needs.programs {
-                let found = if p.contains('/') {
-                    stack.first_file(&[p])
-                } else {
-                    stack.first_file(
-                        &Command {
-                            program: p,
-                            ..command.clone()
-                        }
-                        .candidates(),
-                    )
-                };
-                wave.extend(found.map(|(p, i, ino)| (p, i, ino, Parse::Program)));
-            }
-            for lib in needs.libraries {
-                let paths: Vec<String> =
-                    needs.search.iter().map(|d| format!("{d}/{lib}")).collect();
-                wave.extend(
-                    stack
-                        .first_file(&paths)
-                        .map(|(p, i, ino)| (p, i, ino, Parse::Program)),
-                );
-            }
+                    .candidates(),
+                )
+            };
+            wave.extend(found.map(|(p, i, ino)| (p, i, ino, Parse::Program)));
+        }
+        for lib in needs.libraries {
+            let paths: Vec<String> = needs.search.iter().map(|d| format!("{d}/{lib}")).collect();
+            wave.extend(
+                stack
+                    .first_file(&paths)
+                    .map(|(p, i, ino)| (p, i, ino, Parse::Program)),
+            );
         }
     }
     out

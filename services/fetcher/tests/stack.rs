@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use stargaze_cache::Cache;
-use stargaze_fetcher::entrypoint::{Command, Stack};
+use stargaze_fetcher::entrypoint::{Command, Stack, prefetch};
 use stargaze_fetcher::{FetchOptions, FileBlob, Layer, resolve_layer};
 use stargaze_format::convert::ConvertOptions;
 
@@ -134,4 +134,103 @@ async fn the_program_is_known_once_the_layers_above_it_are() {
     // Complete stack, absent program: decided, nothing to fetch.
     assert!(stack.program_known(&command("ruby")).is_none());
     assert_eq!(stack.resolve_known("/usr/bin/ruby"), Ok(None));
+}
+
+/// CPython in an image with glibc is a dynamically linked glibc program:
+/// its loader, libc and glibc's start-up files are fetched with it, before
+/// its bytes are parsed (here they cannot be: it is no real ELF file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpython_in_a_glibc_image_fetches_loader_and_libc_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
+    let base = layer(
+        dir.path(),
+        &cache,
+        "base",
+        tar_of(&[
+            E::Link("lib64", "usr/lib64"),
+            E::Link("lib", "usr/lib"),
+            E::Dir("usr/"),
+            E::Dir("usr/lib64/"),
+            E::Link(
+                "usr/lib64/ld-linux-x86-64.so.2",
+                "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            ),
+            E::Dir("usr/lib/"),
+            E::Dir("usr/lib/x86_64-linux-gnu/"),
+            E::File("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", b"loader"),
+            E::File("usr/lib/x86_64-linux-gnu/libc.so.6", b"libc"),
+            E::File(
+                "usr/lib/x86_64-linux-gnu/libm.so.6",
+                b"libm, needed by nobody here",
+            ),
+            E::Dir("etc/"),
+            E::File("etc/ld.so.cache", b"cache"),
+            E::File("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+            E::Dir("usr/bin/"),
+            E::File("usr/bin/sh", b"#!not a shell\n"),
+        ]),
+    )
+    .await;
+    let python = layer(
+        dir.path(),
+        &cache,
+        "python",
+        tar_of(&[
+            E::Dir("usr/"),
+            E::Dir("usr/bin/"),
+            E::File("usr/bin/python3.11", b"\x7fELF not really"),
+            E::Link("usr/bin/python3", "python3.11"),
+        ]),
+    )
+    .await;
+    let stack = Stack::new(vec![python.clone(), base.clone()]);
+    let with_arch = |program: &str, arch: &str| {
+        let config = serde_json::json!({"architecture": arch, "config": {"Cmd": [program]}});
+        Command::from_config(&config).unwrap()
+    };
+
+    let done = prefetch(&stack, &with_arch("python3", "amd64")).await;
+    for f in [
+        "/usr/bin/python3",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/etc/ld.so.cache",
+        "/etc/passwd",
+    ] {
+        assert!(
+            done.files.iter().any(|p| p == f),
+            "{f} not in {:?}",
+            done.files
+        );
+    }
+    assert!(
+        !done.files.iter().any(|p| p.contains("libm")),
+        "{:?}",
+        done.files
+    );
+    let libc = base
+        .index
+        .lookup_path("/usr/lib/x86_64-linux-gnu/libc.so.6")
+        .unwrap();
+    let node = base.index.inode(libc).unwrap();
+    assert!(
+        node.chunks().all(|c| base.presence.is_present(c.global)),
+        "libc was fetched"
+    );
+
+    // Another architecture's glibc is not this image's: nothing guessed.
+    let done = prefetch(&stack, &with_arch("python3", "arm64")).await;
+    assert!(
+        !done.files.iter().any(|p| p.contains("libc")),
+        "{:?}",
+        done.files
+    );
+    // Nor for a program not known to be a glibc program (a script).
+    let done = prefetch(&stack, &with_arch("sh", "amd64")).await;
+    assert!(
+        !done.files.iter().any(|p| p.contains("libc")),
+        "{:?}",
+        done.files
+    );
 }
