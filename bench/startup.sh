@@ -31,7 +31,8 @@
 # RTT_MS [20], WORK [/tmp/stargaze-startup], WORKLOADS [hello imports warm
 # readall hello-opt], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS [hello
 # readall] (one more round of each with the link unshaped; "" = none), KEEP
-# [0] (1 keeps the daemons and network for a look).
+# [0] (1 keeps the daemons and network for a look), SG_BIN [target/release]
+# (where our binaries are: for A/B runs of two builds).
 # Needs root. Touches nothing outside $WORK but one network namespace, one
 # veth pair and its own processes, all removed at exit.
 set -euo pipefail
