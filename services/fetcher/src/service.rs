@@ -565,7 +565,6 @@ impl FetcherService {
             let src = LayerSource {
                 image_ref: image_ref.to_string(),
                 digest: digest.to_string(),
-                size: d["size"].as_u64().unwrap_or(0),
                 annotations,
                 ..Default::default()
             };
