@@ -63,6 +63,18 @@ async fn layer(dir: &std::path::Path, cache: &Arc<Cache>, name: &str, tar: Vec<u
     Arc::new(l)
 }
 
+/// A layer with a CPython interpreter (no real ELF file) and the usual
+/// `python3` link to it.
+async fn python_layer(dir: &std::path::Path, cache: &Arc<Cache>, name: &str) -> Arc<Layer> {
+    let tar = tar_of(&[
+        E::Dir("usr/"),
+        E::Dir("usr/bin/"),
+        E::File("usr/bin/python3.11", b"\x7fELF not really"),
+        E::Link("usr/bin/python3", "python3.11"),
+    ]);
+    layer(dir, cache, name, tar).await
+}
+
 fn command(program: &str) -> Command {
     let config = serde_json::json!({"config": {"Cmd": [program]}});
     Command::from_config(&config).unwrap()
@@ -86,18 +98,7 @@ async fn the_program_is_known_once_the_layers_above_it_are() {
     )
     .await;
     // The interpreter, reached through a relative link.
-    let middle = layer(
-        dir.path(),
-        &cache,
-        "middle",
-        tar_of(&[
-            E::Dir("usr/"),
-            E::Dir("usr/bin/"),
-            E::File("usr/bin/python3.11", b"\x7fELF not really"),
-            E::Link("usr/bin/python3", "python3.11"),
-        ]),
-    )
-    .await;
+    let middle = python_layer(dir.path(), &cache, "middle").await;
     let top = layer(
         dir.path(),
         &cache,
@@ -172,18 +173,7 @@ async fn a_cpython_in_a_glibc_image_fetches_loader_and_libc_with_it() {
         ]),
     )
     .await;
-    let python = layer(
-        dir.path(),
-        &cache,
-        "python",
-        tar_of(&[
-            E::Dir("usr/"),
-            E::Dir("usr/bin/"),
-            E::File("usr/bin/python3.11", b"\x7fELF not really"),
-            E::Link("usr/bin/python3", "python3.11"),
-        ]),
-    )
-    .await;
+    let python = python_layer(dir.path(), &cache, "python").await;
     let stack = Stack::new(vec![python.clone(), base.clone()]);
     let with_arch = |program: &str, arch: &str| {
         let config = serde_json::json!({"architecture": arch, "config": {"Cmd": [program]}});
