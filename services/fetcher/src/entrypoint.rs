@@ -736,6 +736,12 @@ impl Glibc {
             .find(|g| stack.resolve(g.loader).is_some())
     }
 
+    /// Is `path` (a `PT_INTERP`) glibc's dynamic loader? Also under other
+    /// directories than the usual (`/usr/lib64/ld-linux-x86-64.so.2`).
+    fn is_loader(path: &str) -> bool {
+        path.contains("/ld-linux") || GLIBC.iter().any(|g| path == g.loader)
+    }
+
     /// What a program linked against this glibc loads before any library
     /// of its own: the loader, `libc.so.6`, and the files glibc reads at
     /// start (`Runtime::glibc`).
@@ -766,42 +772,42 @@ struct Found {
 }
 
 /// Fetch the program `command` runs and everything it and its runtime
-/// load, wave by wave: each wave's files in parallel, then parsed for the
-/// next wave.
+/// load: every file found is fetched at once, and each fetched program or
+/// `.pth` file is parsed for more as soon as it is in.
 pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
     let mut out = Prefetched::default();
     let mut seen: HashSet<(usize, u64)> = HashSet::new();
     // Files found and not started yet.
-    let mut wave: Vec<(String, usize, u64, Parse)> = Vec::new();
-    let want = |wave: &mut Vec<_>, path: &str, parse: Parse| {
+    let mut pending: Vec<(String, usize, u64, Parse)> = Vec::new();
+    let want = |pending: &mut Vec<_>, path: &str, parse: Parse| {
         if let Some((p, i, ino)) = stack.first_file(&[path.to_string()]) {
-            wave.push((p, i, ino, parse));
+            pending.push((p, i, ino, parse));
         }
     };
     let mut python: Option<Python> = None;
     let mut glibc_done = false;
     if let Some((path, i, ino)) = stack.first_file(&command.candidates()) {
         // An interpreter is known by its real name before any byte of it
-        // is fetched: its startup files go in the first wave.
+        // is fetched: its startup files go in the first pending.
         python = Python::from_program(&stack.layer(i).index.path_of(ino));
         if let Some(py) = &python {
             for (f, parse) in py.startup_files(stack) {
-                want(&mut wave, &f, parse);
+                want(&mut pending, &f, parse);
             }
             // CPython as distributions build it is a dynamically linked
             // glibc program when the image has glibc: its loader, libc and
             // glibc's start-up files are known before its bytes are, and
-            // fetch alongside it instead of a wave after it.
+            // fetch alongside it instead of a pending after it.
             if let Some(glibc) = Glibc::in_stack(stack, command.arch.as_deref()) {
                 glibc_done = true;
                 for (f, parse) in glibc.start_files(stack, command, true) {
-                    want(&mut wave, &f, parse);
+                    want(&mut pending, &f, parse);
                 }
             }
         }
-        wave.insert(0, (path, i, ino, Parse::Program));
+        pending.insert(0, (path, i, ino, Parse::Program));
         for f in Runtime::CONTAINERD {
-            want(&mut wave, f, Parse::Data);
+            want(&mut pending, f, Parse::Data);
         }
         for f in command.file_arguments() {
             if let Some((p, i, ino)) = stack.first_file(&[f])
@@ -811,7 +817,7 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
                     .inode(ino)
                     .is_some_and(|n| n.size() <= MAX_ARGUMENT_FILE)
             {
-                wave.push((p, i, ino, Parse::Program));
+                pending.push((p, i, ino, Parse::Program));
             }
         }
     }
@@ -820,7 +826,7 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
     // (a program's libraries do not wait for its data files).
     let mut fetches = tokio::task::JoinSet::new();
     loop {
-        for (path, i, ino, parse) in wave.drain(..) {
+        for (path, i, ino, parse) in pending.drain(..) {
             if out.files.len() >= MAX_FILES || !seen.insert((i, ino)) {
                 continue;
             }
@@ -870,22 +876,17 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
             continue;
         };
         // glibc's loader: the files glibc itself reads at start.
-        if !glibc_done
-            && needs
-                .programs
-                .iter()
-                .any(|p| p.contains("/ld-linux") || GLIBC.iter().any(|g| p == g.loader))
-        {
+        if !glibc_done && needs.programs.iter().any(|p| Glibc::is_loader(p)) {
             glibc_done = true;
             for f in Runtime::glibc(stack, command, python.is_some(), &needs.search) {
-                want(&mut wave, &f, Parse::Data);
+                want(&mut pending, &f, Parse::Data);
             }
         }
         if let Some(py) = &python {
             let dirs = py.site_dirs();
             for m in modules.iter().filter(|m| !py.frozen(m)) {
                 if let Some(f) = py.module_file(stack, &dirs, m) {
-                    want(&mut wave, &f, Parse::Data);
+                    want(&mut pending, &f, Parse::Data);
                 }
             }
         }
@@ -901,11 +902,11 @@ pub async fn prefetch(stack: &Stack, command: &Command) -> Prefetched {
                     .candidates(),
                 )
             };
-            wave.extend(found.map(|(p, i, ino)| (p, i, ino, Parse::Program)));
+            pending.extend(found.map(|(p, i, ino)| (p, i, ino, Parse::Program)));
         }
         for lib in needs.libraries {
             let paths: Vec<String> = needs.search.iter().map(|d| format!("{d}/{lib}")).collect();
-            wave.extend(
+            pending.extend(
                 stack
                     .first_file(&paths)
                     .map(|(p, i, ino)| (p, i, ino, Parse::Program)),
