@@ -192,6 +192,30 @@ fn cpu_seconds() -> f64 {
     secs(u.ru_utime) + secs(u.ru_stime)
 }
 
+/// Busy CPU seconds of the whole machine so far (every process and the
+/// kernel: the registry and the network stack share the cores with us).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle, iowait.
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .take(6)
+        .map(|(_, t)| t)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 async fn fetch_everything(layer: &Arc<Layer>) -> u64 {
     // As the fetcher's prefetch and background fetch do it.
     stargaze_fetcher::engine::fetch_in_batches(layer, all_chunks(layer), 256, 4)
@@ -312,6 +336,14 @@ fn wanted(section: &str) -> bool {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    // BENCH_LOG: a tracing filter (e.g. `stargaze_fetcher=debug`) to see
+    // the engine's range reads with their timing, on stderr.
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let work = tempfile::tempdir().expect("temp dir");
     let tar = match std::env::var("BENCH_SYNTHETIC_MB") {
         Ok(mb) => {
@@ -360,77 +392,101 @@ async fn main() {
             v
         };
         chunk_count = chunks.len();
-        // The reference loop: median of 3 rounds as well.
-        let mut loop_bytes = 0u64;
-        let mut loop_times = Vec::new();
-        for _ in 0..3 {
+        // The reference loop. This machine's speed drifts by tens of per
+        // cent from second to second (a VM), so the loop runs right before
+        // every engine round and each ratio is taken within its pair.
+        let loop_bytes: u64 = chunks.iter().map(|c| c.size).sum();
+        let reference_loop = || {
             let t = Instant::now();
-            loop_bytes = 0;
             for c in &chunks {
                 let member = &blob[c.compressed_offset as usize..c.compressed_end as usize];
                 let data = decompress_prefix(Compression::Gzip, member, c.inner_offset + c.size)
                     .expect("decompress");
                 let d = Digest::of(&data[c.inner_offset as usize..]);
                 assert_eq!(d.0, c.digest);
-                loop_bytes += c.size;
             }
-            loop_times.push(t.elapsed().as_secs_f64());
-        }
-        let loop_secs = median(loop_times);
+            t.elapsed().as_secs_f64()
+        };
         drop(layer);
-        // Each way of writing the cache, 3 rounds into a fresh cache each:
+        // Each way of writing the cache, rounds into a fresh cache each:
         // median wall time and median CPU time of all the process's threads
-        // (the engine is all that runs meanwhile). On tmpfs the filesystem's
+        // (the engine is all that runs meanwhile), each also as a ratio to
+        // the loop run just before it. On tmpfs the filesystem's
         // block and inode allocation (one content file per file digest)
         // is left out; io_uring writes through one ring instead of pwrite.
         let (disk, shm) = (work.path(), std::path::Path::new("/dev/shm"));
-        let mut timed: Vec<(f64, f64)> = Vec::new();
+        struct Timed {
+            wall: f64,
+            cpu: f64,
+            loop_secs: f64,
+            /// Median of loop / wall and of loop / CPU over the rounds.
+            wall_ratio: f64,
+            cpu_ratio: f64,
+        }
+        let mut timed: Vec<Timed> = Vec::new();
         // Every round's cache is kept until the end: deleting thousands of
         // files just before creating as many makes ext4's inode allocation
         // slow (it steps over inodes deleted in the last 30 s,
         // `recently_deleted` in its profile), which no node does per fetch.
         let mut caches = Vec::new();
-        for (base, io_uring) in [(disk, false), (shm, false), (disk, true), (shm, true)] {
-            let mut walls = Vec::new();
-            let mut cpus = Vec::new();
-            for _ in 0..3 {
+        for (base, io_uring, rounds) in [
+            (disk, false, 5),
+            (shm, false, 3),
+            (disk, true, 3),
+            (shm, true, 3),
+        ] {
+            let (mut walls, mut cpus, mut loops) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut wall_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
                 let tmp = tempfile::tempdir_in(base).expect("cache dir");
                 let layer = local(tmp.path().to_path_buf(), io_uring).await;
+                let loop_secs = reference_loop();
                 let (t, cpu) = (Instant::now(), cpu_seconds());
                 let engine_bytes = fetch_everything(&layer).await;
-                walls.push(t.elapsed().as_secs_f64());
-                cpus.push(cpu_seconds() - cpu);
+                let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - cpu);
                 assert_eq!(engine_bytes, loop_bytes);
                 caches.push(tmp);
+                walls.push(wall);
+                cpus.push(cpu);
+                loops.push(loop_secs);
+                wall_ratios.push(loop_secs / wall);
+                cpu_ratios.push(loop_secs / cpu);
             }
-            timed.push((median(walls), median(cpus)));
+            timed.push(Timed {
+                wall: median(walls),
+                cpu: median(cpus),
+                loop_secs: median(loops),
+                wall_ratio: median(wall_ratios),
+                cpu_ratio: median(cpu_ratios),
+            });
         }
-        let (engine_secs, engine_cpu) = timed[0];
-        let (tmpfs_secs, tmpfs_cpu) = timed[1];
-        let uring_secs = [timed[2].0, timed[3].0];
+        let (pw, tmpfs) = (&timed[0], &timed[1]);
+        let uring_secs = [timed[2].wall, timed[3].wall];
+        let (engine_secs, tmpfs_secs) = (pw.wall, tmpfs.wall);
         rows.push(format!(
-            "| decompress + verify + write, local blob (engine, all cores) | {:.2} s, {:.0} MB/s | single-core libdeflate + sha256 loop: {:.2} s, {:.0} MB/s | **{:.2}×** |",
-            engine_secs,
-            mb(loop_bytes, engine_secs),
-            loop_secs,
-            mb(loop_bytes, loop_secs),
-            loop_secs / engine_secs
+            "| decompress + verify + write, local blob (engine, all cores) | {:.2} s, {:.0} MB/s | single-core libdeflate + sha256 loop, run just before each round: {:.2} s, {:.0} MB/s | **{:.2}×** |",
+            pw.wall,
+            mb(loop_bytes, pw.wall),
+            pw.loop_secs,
+            mb(loop_bytes, pw.loop_secs),
+            pw.wall_ratio
         ));
         rows.push(format!(
             "| the same per core used: MB per CPU-second of all its threads (decompress, verify, write, scheduling) | {:.2} CPU-s, {:.0} MB/s per core | the loop: {:.0} MB/s on its one core | **{:.2}×** |",
-            engine_cpu,
-            mb(loop_bytes, engine_cpu),
-            mb(loop_bytes, loop_secs),
-            loop_secs / engine_cpu
+            pw.cpu,
+            mb(loop_bytes, pw.cpu),
+            mb(loop_bytes, pw.loop_secs),
+            pw.cpu_ratio
         ));
         rows.push(format!(
-            "| the same, cache on tmpfs (no ext4 inode allocation): wall / per core used | {:.2} s, {:.0} MB/s / {:.2} CPU-s, {:.0} MB/s per core | single-core loop as above | **{:.2}× / {:.2}×** |",
-            tmpfs_secs,
-            mb(loop_bytes, tmpfs_secs),
-            tmpfs_cpu,
-            mb(loop_bytes, tmpfs_cpu),
-            loop_secs / tmpfs_secs,
-            loop_secs / tmpfs_cpu
+            "| the same, cache on tmpfs (no ext4 inode allocation): wall / per core used | {:.2} s, {:.0} MB/s / {:.2} CPU-s, {:.0} MB/s per core | the loop: {:.0} MB/s | **{:.2}× / {:.2}×** |",
+            tmpfs.wall,
+            mb(loop_bytes, tmpfs.wall),
+            tmpfs.cpu,
+            mb(loop_bytes, tmpfs.cpu),
+            mb(loop_bytes, tmpfs.loop_secs),
+            tmpfs.wall_ratio,
+            tmpfs.cpu_ratio
         ));
         rows.push(format!(
             "| the same with `cache_io = \"io_uring\"`, cache on disk / on tmpfs | {:.2} s, {:.0} MB/s / {:.2} s, {:.0} MB/s | pwrite (the two rows above): {:.2} s / {:.2} s | **{:.2}× / {:.2}×** |",
@@ -498,13 +554,23 @@ async fn main() {
             let blob = Arc::new(RegistryBlob(client.blob(&r, &digest)));
             let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
             let t = Instant::now();
+            let cpu0 = cpu_seconds();
+            let busy0 = machine_busy_seconds();
             let layer = Arc::new(
                 resolve_layer(cache, blob, &digest, Some(res.toc_digest), false, &opts())
                     .await
                     .unwrap(),
             );
+            let resolved = t.elapsed().as_secs_f64();
             fetch_everything(&layer).await;
             fetch_times.push(t.elapsed().as_secs_f64());
+            eprintln!(
+                "round {round}: curl {:.3} s; stargaze {:.3} s (resolve {resolved:.3} s, {:.2} CPU-s, machine {:.2} CPU-s busy)",
+                curl_times[round],
+                fetch_times[round],
+                cpu_seconds() - cpu0,
+                machine_busy_seconds() - busy0
+            );
             requests = client
                 .stats()
                 .iter()

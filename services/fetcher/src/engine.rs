@@ -9,13 +9,15 @@
 //! members (the gzip member or zstd frame holding a chunk; several chunks
 //! may share one) are merged into ranges while the gap between them is at
 //! most `merge_gap` and the range at most `max_merged_range`, all ranges are
-//! read in one `read_ranges` call, each member is decompressed once, each
-//! chunk is verified against its sha256, written to the content file, and
-//! only then published in the presence map. Claims are completed through
+//! read in one `stream_ranges` call, and each member is decompressed once,
+//! as soon as its last byte has arrived (an [`Assembly`] cuts the streamed
+//! pieces into members), on the decode threads while the rest of the read
+//! is still on the wire; each chunk is verified against its sha256, written
+//! to the content file, and only then published in the presence map. Claims are completed through
 //! watch channels; the drain runs as its own task, so a caller that gives up
 //! never strands chunks that others wait for.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -356,83 +358,55 @@ impl Layer {
             self.counters
                 .ranges
                 .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+            // Members are decoded while the read streams in: each as soon as
+            // its last byte has arrived, on the decode threads
+            // (decompression and hashing are the CPU-heavy part), so that
+            // little is left to decode when the last byte is in.
+            // Low-priority threads only when nobody waits for any chunk of
+            // the batch.
+            let background = todo.values().flat_map(|m| &m.claims).all(|c| c.background);
+            let pool = background.then(background_pool).flatten();
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut assembly = Assembly::new(&plan, &todo);
             let t0 = std::time::Instant::now();
-            let read = self.blob.read_ranges(&ranges).await;
+            let read = {
+                let mut sink = |i: usize, piece: bytes::Bytes| {
+                    self.counters
+                        .compressed_bytes
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    for (start, member) in assembly.add(i, piece) {
+                        self.decode_later(pool, start, member, &todo[&start].claims, &done_tx);
+                    }
+                };
+                self.blob.stream_ranges(&ranges, &mut sink).await
+            };
+            let read_time = t0.elapsed();
+            drop(done_tx);
+            let mut outcomes: HashMap<u64, Vec<Result<(), String>>> = HashMap::new();
+            while let Some((start, outcome)) = done_rx.recv().await {
+                outcomes.insert(start, outcome);
+            }
             tracing::debug!(
                 layer = %self.digest,
                 ranges = ranges.len(),
                 bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
                 first = ranges.first().map(|r| r.start).unwrap_or(0),
-                elapsed = ?t0.elapsed(),
+                elapsed = ?read_time,
+                decode_after_read = ?t0.elapsed() - read_time,
                 "range read"
             );
-            let data = match read {
-                Ok(d)
-                    if d.len() == ranges.len()
-                        && d.iter()
-                            .zip(&ranges)
-                            .all(|(b, r)| b.len() as u64 == r.end - r.start) =>
-                {
-                    d
-                }
-                other => {
-                    let reason = match other {
-                        Err(e) => e.to_string(),
-                        Ok(_) => {
-                            format!("{}: ranges of the wrong length came back", self.blob.name())
-                        }
-                    };
-                    for m in todo.values() {
-                        for c in &m.claims {
-                            results.insert(c.chunk.global, Err(reason.clone()));
-                        }
-                    }
-                    break;
-                }
+            // Members the read did not bring in full.
+            let missing = match &read {
+                Err(e) => e.to_string(),
+                Ok(()) => format!(
+                    "{}: the registry's answer did not match the ranges asked for",
+                    self.blob.name()
+                ),
             };
-            // Every member of this read, decoded in parallel on the blocking
-            // pool (decompression and hashing are the CPU-heavy part).
-            // Each member a view of its read's buffer (no copy).
-            let mut jobs: Vec<(u64, bytes::Bytes)> = Vec::new();
-            for ((range, starts), bytes) in plan.into_iter().zip(data) {
-                self.counters
-                    .compressed_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                for start in starts {
-                    let m = &todo[&start];
-                    jobs.push((
-                        start,
-                        bytes.slice((start - range.start) as usize..(m.end - range.start) as usize),
-                    ));
-                }
-            }
-            let me = self.clone();
-            let claims: Vec<Vec<Claim>> =
-                jobs.iter().map(|(s, ..)| todo[s].claims.clone()).collect();
-            // Only when nobody waits for any chunk of the batch.
-            let background = claims.iter().flatten().all(|c| c.background);
-            let outcomes = tokio::task::spawn_blocking(move || {
-                use rayon::prelude::*;
-                let decode = || {
-                    jobs.par_iter()
-                        .zip(claims.par_iter())
-                        .map(|((_, member), claims)| me.decode_member(member, claims))
-                        .collect::<Vec<_>>()
-                };
-                match background.then(background_pool).flatten() {
-                    Some(pool) => pool.install(decode),
-                    None => decode(),
-                }
-            })
-            .await
-            .unwrap_or_default();
-            // Jobs were built in `todo`'s order (ranges and members ascending).
-            let failed_task = outcomes.len() != todo.len();
-            for (i, (start, m)) in todo.iter().enumerate() {
-                let outcome = match outcomes.get(i) {
-                    Some(o) if !failed_task => o.clone(),
-                    _ => vec![Err("the decoder task failed".to_string()); m.claims.len()],
-                };
+            for (start, m) in &todo {
+                let outcome = outcomes
+                    .remove(start)
+                    .unwrap_or_else(|| vec![Err(missing.clone()); m.claims.len()]);
                 let mut failed = Vec::new();
                 for (c, r) in m.claims.iter().zip(outcome) {
                     match r {
@@ -472,6 +446,30 @@ impl Layer {
                     .unwrap_or_else(|| Err("chunk was not fetched".into()))
             })
             .collect()
+    }
+
+    /// Decode a member on the decode threads (`pool`, else rayon's shared
+    /// pool); its outcome, one result per claim, goes to `done`.
+    fn decode_later(
+        self: &Arc<Self>,
+        pool: Option<&'static rayon::ThreadPool>,
+        start: u64,
+        member: bytes::Bytes,
+        claims: &[Claim],
+        done: &tokio::sync::mpsc::UnboundedSender<(u64, Vec<Result<(), String>>)>,
+    ) {
+        let (me, claims, done) = (self.clone(), claims.to_vec(), done.clone());
+        let job = move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                me.decode_member(&member, &claims)
+            }))
+            .unwrap_or_else(|_| vec![Err("the decoder failed".to_string()); claims.len()]);
+            let _ = done.send((start, outcome));
+        };
+        match pool {
+            Some(p) => p.spawn(job),
+            None => rayon::spawn(job),
+        }
     }
 
     /// Decompress one member and store every chunk it serves.
@@ -568,6 +566,98 @@ fn background_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// The pieces of a streamed read turned into whole members: each member
+/// is handed out as soon as its last byte is in, as a view of the piece
+/// holding it (copied only when it straddles pieces).
+struct Assembly {
+    ranges: Vec<RangeAssembly>,
+}
+
+struct RangeAssembly {
+    /// Blob offset after the bytes received so far.
+    received: u64,
+    end: u64,
+    /// Pieces that may still hold bytes of a waiting member, with their
+    /// blob offsets.
+    held: VecDeque<(u64, bytes::Bytes)>,
+    /// Members still waiting for bytes, `(start, end)` by start.
+    waiting: VecDeque<(u64, u64)>,
+    /// More bytes came back than the range holds: the rest is ignored.
+    overflowed: bool,
+}
+
+impl Assembly {
+    fn new(plan: &[(Range<u64>, Vec<u64>)], members: &BTreeMap<u64, Member>) -> Assembly {
+        Assembly {
+            ranges: plan
+                .iter()
+                .map(|(range, starts)| RangeAssembly {
+                    received: range.start,
+                    end: range.end,
+                    held: VecDeque::new(),
+                    waiting: starts.iter().map(|s| (*s, members[s].end)).collect(),
+                    overflowed: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// Take the next piece of range `i`; returns the members it completed
+    /// as `(start, bytes)`.
+    fn add(&mut self, i: usize, piece: bytes::Bytes) -> Vec<(u64, bytes::Bytes)> {
+        let Some(r) = self.ranges.get_mut(i) else {
+            return Vec::new();
+        };
+        if r.overflowed || r.received + piece.len() as u64 > r.end {
+            r.overflowed = true;
+            return Vec::new();
+        }
+        if !piece.is_empty() {
+            let at = r.received;
+            r.received += piece.len() as u64;
+            r.held.push_back((at, piece));
+        }
+        let mut out = Vec::new();
+        while let Some(&(start, end)) = r.waiting.front() {
+            if end > r.received {
+                break;
+            }
+            r.waiting.pop_front();
+            out.push((start, gather(&r.held, start..end)));
+        }
+        // Pieces wholly before the next waiting member are done with.
+        let keep_from = r.waiting.front().map_or(u64::MAX, |m| m.0);
+        while r
+            .held
+            .front()
+            .is_some_and(|(at, p)| at + p.len() as u64 <= keep_from)
+        {
+            r.held.pop_front();
+        }
+        out
+    }
+}
+
+/// Bytes `want` out of consecutive pieces that hold all of it.
+fn gather(held: &VecDeque<(u64, bytes::Bytes)>, want: Range<u64>) -> bytes::Bytes {
+    let overlapping = || {
+        held.iter()
+            .filter(move |(at, p)| *at < want.end && want.start < at + p.len() as u64)
+    };
+    if let Some((at, p)) =
+        overlapping().find(|(at, p)| *at <= want.start && want.end <= at + p.len() as u64)
+    {
+        return p.slice((want.start - at) as usize..(want.end - at) as usize);
+    }
+    let mut joined = bytes::BytesMut::with_capacity((want.end - want.start) as usize);
+    for (at, p) in overlapping() {
+        let from = want.start.max(*at) - at;
+        let to = want.end.min(at + p.len() as u64) - at;
+        joined.extend_from_slice(&p[from as usize..to as usize]);
+    }
+    joined.freeze()
+}
+
 /// Take queued claims, in blob order, until their members add up to
 /// `budget` compressed bytes (at least one member; a member is never split).
 /// This bounds the memory of one read however large the layer's chunks are.
@@ -628,3 +718,87 @@ pub async fn fetch_in_batches(
 
 /// Prefix of reasons that mean "the bytes were wrong" (worth one refetch).
 const VERIFY: &str = "verification failed";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(spans: &[(u64, u64)]) -> BTreeMap<u64, Member> {
+        spans
+            .iter()
+            .map(|&(start, end)| {
+                (
+                    start,
+                    Member {
+                        end,
+                        claims: Vec::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Blob bytes: each byte its offset, modulo 251.
+    fn blob(range: Range<u64>) -> bytes::Bytes {
+        range.map(|i| (i % 251) as u8).collect::<Vec<u8>>().into()
+    }
+
+    /// Members of two ranges (with a gap inside the first) come out whole
+    /// and in order however the ranges are cut into pieces, each as soon
+    /// as its last byte is in.
+    #[test]
+    fn streamed_pieces_become_whole_members() {
+        let todo = members(&[(10, 20), (20, 45), (60, 61), (100, 180)]);
+        let plan = vec![(10..61, vec![10, 20, 60]), (100..180, vec![100])];
+        for piece in [1, 3, 7, 10, 25, 51, 80, 1000] {
+            let mut asm = Assembly::new(&plan, &todo);
+            let mut got = Vec::new();
+            for (i, (range, _)) in plan.iter().enumerate() {
+                let mut at = range.start;
+                while at < range.end {
+                    let to = (at + piece).min(range.end);
+                    for (start, bytes) in asm.add(i, blob(at..to)) {
+                        // Complete when handed out, never later than needed.
+                        assert!(todo[&start].end <= to, "piece {piece}: {start} early");
+                        assert!(todo[&start].end > at, "piece {piece}: {start} late");
+                        got.push((start, bytes));
+                    }
+                    at = to;
+                }
+            }
+            let want: Vec<(u64, bytes::Bytes)> =
+                todo.iter().map(|(s, m)| (*s, blob(*s..m.end))).collect();
+            assert_eq!(got, want, "piece size {piece}");
+            // Nothing is held once every member is out.
+            assert!(asm.ranges.iter().all(|r| r.held.is_empty()));
+        }
+    }
+
+    /// A member inside one piece is a view of it, not a copy.
+    #[test]
+    fn a_member_inside_one_piece_is_not_copied() {
+        let todo = members(&[(0, 10), (10, 30)]);
+        let plan = vec![(0..30, vec![0, 10])];
+        let mut asm = Assembly::new(&plan, &todo);
+        let piece = blob(0..30);
+        let out = asm.add(0, piece.clone());
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].1.as_ptr(), piece[10..].as_ptr());
+    }
+
+    /// Bytes past a range's end (a registry answering more than asked)
+    /// and pieces for a range never asked for complete nothing.
+    #[test]
+    fn too_many_bytes_complete_nothing() {
+        let todo = members(&[(0, 10), (10, 20)]);
+        let plan = vec![(0..20, vec![0, 10])];
+        let mut asm = Assembly::new(&plan, &todo);
+        assert_eq!(asm.add(0, blob(0..12)).len(), 1);
+        assert!(asm.add(0, blob(12..25)).is_empty());
+        assert!(
+            asm.add(0, blob(12..20)).is_empty(),
+            "the range stays refused"
+        );
+        assert!(asm.add(3, blob(0..20)).is_empty());
+    }
+}

@@ -58,6 +58,14 @@ impl RemoteBlob for WarmBlob {
         self.blob.read_ranges(ranges).await
     }
 
+    async fn stream_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut (dyn FnMut(usize, bytes::Bytes) + Send),
+    ) -> Result<(), BlobError> {
+        self.blob.stream_ranges(ranges, sink).await
+    }
+
     async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
         let warm = self.tail.lock().expect("warm tail").take();
         match warm {
@@ -92,4 +100,21 @@ impl RemoteBlob for RegistryBlob {
             Err(e) => Err(self.error(e)),
         }
     }
+
+    async fn stream_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        sink: &mut (dyn FnMut(usize, bytes::Bytes) + Send),
+    ) -> Result<(), BlobError> {
+        self.0
+            .stream_ranges(ranges, STREAM_PIECE, sink)
+            .await
+            .map_err(|e| self.error(e))
+    }
 }
+
+/// Bytes a registry answer is handed on in while it streams: small enough
+/// that decoding starts soon after a range's first members arrive, large
+/// enough that a piece usually holds whole members (a member cut by a
+/// piece boundary is copied once to join it).
+const STREAM_PIECE: usize = 256 << 10;

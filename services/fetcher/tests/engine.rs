@@ -69,7 +69,9 @@ async fn resolve(
     o: &FetchOptions,
 ) -> (Arc<stargaze_fetcher::Layer>, Arc<FileBlob>, Arc<Cache>) {
     let cache = Arc::new(Cache::open_writer(&f.cache_dir).unwrap());
-    let blob = Arc::new(FileBlob::open(&f.blob_path).unwrap());
+    // Ranges stream in pieces of an odd size, smaller than most members:
+    // members straddle pieces and must be joined before they are decoded.
+    let blob = Arc::new(FileBlob::open(&f.blob_path).unwrap().with_piece_size(4093));
     let layer = resolve_layer(
         cache.clone(),
         blob.clone(),

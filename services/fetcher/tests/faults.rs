@@ -41,6 +41,8 @@ struct Proxy {
     addr: String,
     fault: Arc<Mutex<Fault>>,
     requests: Arc<AtomicUsize>,
+    /// The `Range` header of every ranged request, in arrival order.
+    ranges: Arc<Mutex<Vec<String>>>,
 }
 
 async fn read_head(s: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -66,13 +68,14 @@ async fn proxy(upstream: String) -> Proxy {
     let addr = listener.local_addr().unwrap().to_string();
     let fault = Arc::new(Mutex::new(Fault::None));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (f, n) = (fault.clone(), requests.clone());
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let (f, n, seen) = (fault.clone(), requests.clone(), ranges.clone());
     tokio::spawn(async move {
         loop {
             let Ok((mut client, _)) = listener.accept().await else {
                 return;
             };
-            let (f, n, upstream) = (f.clone(), n.clone(), upstream.clone());
+            let (f, n, seen, upstream) = (f.clone(), n.clone(), seen.clone(), upstream.clone());
             tokio::spawn(async move {
                 let Some((head, _)) = read_head(&mut client).await else {
                     return;
@@ -85,6 +88,12 @@ async fn proxy(upstream: String) -> Proxy {
                 let ranged = head
                     .lines()
                     .any(|l| l.to_ascii_lowercase().starts_with("range:"));
+                if let Some(r) = head
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                {
+                    seen.lock().unwrap().push(r[6..].trim().to_string());
+                }
                 let fault = {
                     let mut g = f.lock().unwrap();
                     let now = *g;
@@ -151,6 +160,7 @@ async fn proxy(upstream: String) -> Proxy {
         addr,
         fault,
         requests,
+        ranges,
     }
 }
 
@@ -327,4 +337,47 @@ async fn a_too_slow_registry_is_an_error_in_bounded_time() {
     );
     assert!(err.contains(&s.proxy.addr), "{err}");
     assert!(s.proxy.requests.load(Ordering::SeqCst) > 0);
+}
+
+/// An answer cut off mid-body is resumed after the bytes already handed
+/// on, not asked for again from the start, and the bytes come out whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_answer_resumes_after_what_arrived() {
+    let s = setup().await;
+    let work = tempfile::tempdir().unwrap();
+    let client = Client::new(Hosts::new(), DockerConfig::in_dir(work.path()), fast());
+    let blob = client.blob(&Reference::parse(&s.repo).unwrap(), &s.layer_digest);
+    let size = blob.size().await.unwrap();
+    let want = blob
+        .read_ranges(std::slice::from_ref(&(0..size)))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(Digest::of(&want).to_string(), s.layer_digest);
+    s.proxy.ranges.lock().unwrap().clear();
+    *s.proxy.fault.lock().unwrap() = Fault::Truncate(1);
+    let mut got = Vec::new();
+    let mut pieces = 0;
+    blob.stream_ranges(std::slice::from_ref(&(0..size)), 4096, &mut |i, bytes| {
+        assert_eq!(i, 0);
+        pieces += 1;
+        got.extend_from_slice(&bytes);
+    })
+    .await
+    .unwrap();
+    assert!(got == want[..], "the resumed read returns the blob");
+    assert!(pieces > 2, "handed on while it arrived ({pieces} pieces)");
+    let seen = s.proxy.ranges.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], format!("bytes=0-{}", size - 1));
+    let resumed_at: u64 = seen[1]
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split('-').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{seen:?}"));
+    assert!(
+        resumed_at > 0 && resumed_at <= size / 2,
+        "resumed at {resumed_at} of {size}: {seen:?}"
+    );
+    assert_eq!(seen[1], format!("bytes={resumed_at}-{}", size - 1));
 }

@@ -309,6 +309,41 @@ impl Blob {
     /// registry allows: one multi-range request per `max_ranges_per_request`,
     /// or one request per range once the host has refused multi-range.
     pub async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+        let mut parts: Vec<Vec<Bytes>> = vec![Vec::new(); ranges.len()];
+        self.read_into(ranges, usize::MAX, &mut |i, bytes| parts[i].push(bytes))
+            .await?;
+        Ok(parts
+            .into_iter()
+            .map(|mut p| match p.len() {
+                // Each range comes whole, unless a broken answer was resumed.
+                1 => p.pop().unwrap_or_default(),
+                _ => Bytes::from(p.concat()),
+            })
+            .collect())
+    }
+
+    /// [`Blob::read_ranges`], handing the bytes on as they arrive: `sink`
+    /// gets `(range index, bytes)` with each range's bytes in order, in
+    /// pieces of at least `piece` bytes (a range's last piece may be
+    /// smaller; ranges of a multi-range answer come whole). A reader can
+    /// use the start of a range while the rest is still on the wire. When
+    /// an answer breaks off, the read resumes after the last piece handed
+    /// on; on error, what was handed on stays valid.
+    pub async fn stream_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        piece: usize,
+        sink: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<(), RegistryError> {
+        self.read_into(ranges, piece.max(1), sink).await
+    }
+
+    async fn read_into(
+        &self,
+        ranges: &[Range<u64>],
+        piece: usize,
+        sink: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<(), RegistryError> {
         let (_, _, size) = self.endpoint(false).await?;
         for r in ranges {
             if r.start >= r.end || r.end > size {
@@ -321,10 +356,20 @@ impl Blob {
                 });
             }
         }
-        let mut out = Vec::with_capacity(ranges.len());
+        // Bytes of each range handed on so far: a retry asks for the rest.
+        let mut done = vec![0u64; ranges.len()];
         let per = self.client.options().max_ranges_per_request.max(1);
-        let mut i = 0;
-        while i < ranges.len() {
+        let mut attempt = 0;
+        loop {
+            let missing: Vec<(usize, Range<u64>)> = ranges
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| r.start + done[*i] < r.end)
+                .map(|(i, r)| (i, r.start + done[i]..r.end))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
             let single = self.client.options().force_single_range
                 || self
                     .client
@@ -333,9 +378,26 @@ impl Blob {
                     .lock()
                     .expect("single range hosts")
                     .contains(&self.reference.host);
-            let n = if single { 1 } else { per.min(ranges.len() - i) };
-            match self.read_group_retrying(&ranges[i..i + n]).await {
-                Ok(mut parts) => out.append(&mut parts),
+            let n = if single { 1 } else { per.min(missing.len()) };
+            let group: Vec<Range<u64>> = missing[..n].iter().map(|(_, r)| r.clone()).collect();
+            let mut deliver = |k: usize, bytes: Bytes| {
+                let i = missing[k].0;
+                done[i] += bytes.len() as u64;
+                sink(i, bytes)
+            };
+            match self.read_group(&group, false, piece, &mut deliver).await {
+                Ok(()) => {
+                    if missing[..n]
+                        .iter()
+                        .any(|(i, r)| ranges[*i].start + done[*i] != r.end)
+                    {
+                        return Err(RegistryError::Range {
+                            blob: self.name(),
+                            reason: "the answer did not cover the ranges asked for".into(),
+                        });
+                    }
+                    attempt = 0;
+                }
                 Err(RegistryError::MultiRangeRefused) => {
                     tracing::info!(host = %self.reference.host, "registry refuses multi-range requests: switching to one range per request");
                     self.client
@@ -344,37 +406,30 @@ impl Blob {
                         .lock()
                         .expect("single range hosts")
                         .insert(self.reference.host.clone());
-                    continue;
                 }
-                Err(e) => return Err(e),
-            }
-            i += n;
-        }
-        Ok(out)
-    }
-
-    /// `read_group`, again when the answer's body broke off (connection
-    /// errors and 5xx are already retried per request by the client).
-    async fn read_group_retrying(&self, group: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
-        let mut attempt = 0;
-        loop {
-            match self.read_group(group, false).await {
+                // The answer broke off (connection errors and 5xx are
+                // already retried per request by the client): ask again
+                // for what is still missing.
                 Err(e @ RegistryError::Body { .. }) if attempt < self.client.options().retries => {
-                    tracing::debug!(blob = %self.name(), error = %e, "retrying a broken answer");
+                    tracing::debug!(blob = %self.name(), error = %e, "resuming a broken answer");
                     tokio::time::sleep(self.client.options().min_backoff * (1 << attempt.min(10)))
                         .await;
                     attempt += 1;
                 }
-                r => return r,
+                Err(e) => return Err(e),
             }
         }
     }
 
+    /// One request for `group`; its bytes go to `deliver` as
+    /// `(index in group, bytes)`.
     async fn read_group(
         &self,
         group: &[Range<u64>],
         reprobed: bool,
-    ) -> Result<Vec<Bytes>, RegistryError> {
+        piece: usize,
+        deliver: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<(), RegistryError> {
         let (ep, redirect, _) = self.endpoint(reprobed).await?;
         let mut h = HeaderMap::new();
         h.insert(
@@ -396,12 +451,12 @@ impl Blob {
             .await?;
         let status = resp.resp.status();
         match status {
-            StatusCode::PARTIAL_CONTENT => self.partial(resp, group).await,
-            StatusCode::OK => self.whole(resp, group).await,
+            StatusCode::PARTIAL_CONTENT => self.partial(resp, group, piece, deliver).await,
+            StatusCode::OK => self.whole(resp, group, piece, deliver).await,
             StatusCode::FORBIDDEN if redirect.is_some() && !reprobed => {
                 // An expired pre-signed URL: ask the registry for a new one.
                 drop(resp);
-                Box::pin(self.read_group(group, true)).await
+                Box::pin(self.read_group(group, true, piece, deliver)).await
             }
             StatusCode::BAD_REQUEST if group.len() > 1 => Err(RegistryError::MultiRangeRefused),
             StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -415,7 +470,13 @@ impl Blob {
         }
     }
 
-    async fn partial(&self, resp: Resp, group: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+    async fn partial(
+        &self,
+        resp: Resp,
+        group: &[Range<u64>],
+        piece: usize,
+        deliver: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<(), RegistryError> {
         let ctype = resp
             .resp
             .headers()
@@ -429,28 +490,39 @@ impl Blob {
             .get(http::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_content_range);
+        let stats = resp.stats.clone();
+        let multipart = ctype
+            .split(';')
+            .map(str::trim)
+            .find_map(|p| p.strip_prefix("boundary="))
+            .filter(|_| ctype.starts_with("multipart/byteranges"))
+            .map(|b| b.trim_matches('"').to_string());
+        if multipart.is_none()
+            && let [wanted] = group
+            && crange.as_ref().is_some_and(|(r, _)| r == wanted)
+        {
+            // The common answer: exactly the one range asked for, handed on
+            // while it arrives.
+            return self
+                .stream_body(resp.resp.into_body(), wanted, piece, &stats, deliver)
+                .await;
+        }
         let limit = group.iter().map(|r| r.end - r.start).sum::<u64>() as usize
             + 4096 * group.len()
             + 65536;
-        let stats = resp.stats.clone();
         // One buffer of the expected size (a single range's length, or the
         // ranges plus room for the multipart headers): collecting the
         // frames and joining them would hold the body twice.
         let expected = match &crange {
-            Some((r, _)) if !ctype.starts_with("multipart/") => (r.end - r.start) as usize,
+            Some((r, _)) if multipart.is_none() => (r.end - r.start) as usize,
             _ => limit,
         };
         let body = self
             .read_body(resp.resp.into_body(), expected.min(limit), limit)
             .await?;
         stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-        let parts = if let Some(b) = ctype
-            .split(';')
-            .map(str::trim)
-            .find_map(|p| p.strip_prefix("boundary="))
-            .filter(|_| ctype.starts_with("multipart/byteranges"))
-        {
-            parse_multipart(&body, b.trim_matches('"')).map_err(|reason| RegistryError::Range {
+        let parts = if let Some(b) = multipart {
+            parse_multipart(&body, &b).map_err(|reason| RegistryError::Range {
                 blob: self.name(),
                 reason,
             })?
@@ -471,10 +543,54 @@ impl Blob {
             }
             vec![(r, body)]
         };
-        slice_out(group, &parts).ok_or_else(|| RegistryError::Range {
+        let wanted = slice_out(group, &parts).ok_or_else(|| RegistryError::Range {
             blob: self.name(),
             reason: "the registry answered other ranges than requested".into(),
-        })
+        })?;
+        for (k, bytes) in wanted.into_iter().enumerate() {
+            deliver(k, bytes);
+        }
+        Ok(())
+    }
+
+    /// The body of a single-range answer, handed on in pieces of at least
+    /// `piece` bytes as it arrives. The pieces are views of one buffer of
+    /// the range's size (no copies, no joining).
+    async fn stream_body(
+        &self,
+        mut body: hyper::body::Incoming,
+        range: &Range<u64>,
+        piece: usize,
+        stats: &crate::client::HostStats,
+        deliver: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<(), RegistryError> {
+        let len = (range.end - range.start) as usize;
+        let mut buf = BytesMut::with_capacity(len);
+        let mut received = 0usize;
+        while let Some(data) = self.next_data(&mut body).await? {
+            stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if received + data.len() > len {
+                return Err(RegistryError::Body {
+                    blob: self.name(),
+                    reason: format!("the body is longer than the {len} bytes asked for"),
+                });
+            }
+            received += data.len();
+            buf.extend_from_slice(&data);
+            if buf.len() >= piece && received < len {
+                deliver(0, buf.split().freeze());
+            }
+        }
+        if !buf.is_empty() {
+            deliver(0, buf.freeze());
+        }
+        if received != len {
+            return Err(RegistryError::Body {
+                blob: self.name(),
+                reason: format!("206 body of {received} bytes for a range of {len}"),
+            });
+        }
+        Ok(())
     }
 
     /// The next data frame of a body (trailers are skipped); `None` at its end.
@@ -516,13 +632,20 @@ impl Blob {
     }
 
     /// A 200 answer carries the whole blob: keep only the wanted slices
-    /// while streaming it.
-    async fn whole(&self, resp: Resp, group: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+    /// while streaming it, handing each on in pieces of at least `piece`.
+    async fn whole(
+        &self,
+        resp: Resp,
+        group: &[Range<u64>],
+        piece: usize,
+        deliver: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<(), RegistryError> {
         let stats = resp.stats.clone();
         let mut bufs: Vec<BytesMut> = group
             .iter()
             .map(|r| BytesMut::with_capacity((r.end - r.start) as usize))
             .collect();
+        let mut got = vec![0u64; group.len()];
         let mut body = resp.resp.into_body();
         let mut pos = 0u64;
         let end = group.iter().map(|r| r.end).max().unwrap_or(0);
@@ -532,33 +655,35 @@ impl Blob {
             };
             stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             let chunk = pos..pos + data.len() as u64;
-            for (r, buf) in group.iter().zip(bufs.iter_mut()) {
+            for (k, (r, buf)) in group.iter().zip(bufs.iter_mut()).enumerate() {
                 let from = r.start.max(chunk.start);
                 let to = r.end.min(chunk.end);
                 if from < to {
                     buf.extend_from_slice(
                         &data[(from - chunk.start) as usize..(to - chunk.start) as usize],
                     );
+                    got[k] += to - from;
+                    if buf.len() >= piece && got[k] < r.end - r.start {
+                        deliver(k, buf.split().freeze());
+                    }
                 }
             }
             pos = chunk.end;
         }
         // Stop reading here: dropping the body closes the connection.
         drop(body);
-        group
-            .iter()
-            .zip(bufs)
-            .map(|(r, b)| {
-                if b.len() as u64 == r.end - r.start {
-                    Ok(b.freeze())
-                } else {
-                    Err(RegistryError::Body {
-                        blob: self.name(),
-                        reason: "the blob ended before the requested range".into(),
-                    })
-                }
-            })
-            .collect()
+        for (k, (r, buf)) in group.iter().zip(bufs).enumerate() {
+            if !buf.is_empty() {
+                deliver(k, buf.freeze());
+            }
+            if got[k] != r.end - r.start {
+                return Err(RegistryError::Body {
+                    blob: self.name(),
+                    reason: "the blob ended before the requested range".into(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
