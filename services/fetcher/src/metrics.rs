@@ -17,6 +17,7 @@
 //! | `stargaze_fetcher_ranges_total` | layer | byte ranges in those reads (merge ratio = chunks / requests) |
 //! | `stargaze_fetcher_compressed_bytes_total` | layer | compressed bytes read |
 //! | `stargaze_fetcher_verification_failures_total` | layer | chunks whose bytes did not match |
+//! | `stargaze_fetcher_decode_cpu_seconds_total` | stage | CPU time storing chunks: `decompress`, `verify` (sha256), `write` (content files, presence bits) |
 //! | `stargaze_fetcher_entrypoint_files_total` | | files fetched by the entrypoint prefetch (program, interpreter, libraries) |
 //! | `stargaze_fetcher_entrypoint_bytes_total` | | their uncompressed bytes |
 //! | `stargaze_fetcher_cache_limit_bytes` | | `cache_size_limit` (only with a limit, as the rest of these) |
@@ -191,6 +192,17 @@ impl Collector for FetcherCollector {
             "Chunks whose bytes did not match their digest",
             MetricType::Counter,
             &c(|c| &c.verification_failures),
+        )?;
+        let (decompress, verify, write) = crate::engine::STAGE_CPU.seconds();
+        stargaze_service::metrics::seconds_family(
+            &mut e,
+            "stargaze_fetcher_decode_cpu_seconds",
+            "CPU time spent storing fetched chunks, by stage",
+            &[
+                (vec![("stage".into(), "decompress".into())], decompress),
+                (vec![("stage".into(), "verify".into())], verify),
+                (vec![("stage".into(), "write".into())], write),
+            ],
         )?;
         for (name, help, v) in [
             (

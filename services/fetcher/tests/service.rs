@@ -286,6 +286,16 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
+    // Where the decode threads' CPU went: chunks were inflated and hashed.
+    for stage in ["decompress", "verify", "write"] {
+        let series = format!("stargaze_fetcher_decode_cpu_seconds_total{{stage=\"{stage}\"}} ");
+        let secs: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{metrics}"));
+        assert!(secs > 0.0, "{series}{secs}");
+    }
 
     let status = fetcher.stop();
     assert!(

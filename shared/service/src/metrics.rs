@@ -113,6 +113,20 @@ pub fn family(
     Ok(())
 }
 
+/// Write a counter family of seconds (fractional) with one series per entry.
+pub fn seconds_family(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, f64)],
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 /// Write a histogram family with one series per entry.
 pub fn histogram_family<'a>(
     e: &mut DescriptorEncoder,
