@@ -244,6 +244,9 @@ impl Layer {
         wanted.dedup_by_key(|c| c.chunk.global);
         let mut waits: Vec<(Claim, watch::Receiver<Outcome>)> = Vec::with_capacity(wanted.len());
         let mut stats = FetchStats::default();
+        // Compressed bytes of the members newly claimed (each counted once).
+        let mut claimed_bytes = 0u64;
+        let mut last_member = None;
         {
             let mut st = self.state.lock().expect("layer state");
             for c in wanted {
@@ -259,11 +262,23 @@ impl Layer {
                 st.queue.push(c);
                 stats.chunks_fetched += 1;
                 stats.bytes_fetched += c.chunk.size;
+                if last_member != Some(c.chunk.compressed_offset) {
+                    claimed_bytes += c.chunk.compressed_end - c.chunk.compressed_offset;
+                    last_member = Some(c.chunk.compressed_offset);
+                }
                 waits.push((c, rx));
             }
         }
         if stats.chunks_fetched > 0 {
-            tokio::spawn(self.clone().drain());
+            // One drain per read's worth of bytes, up to the read slots: a
+            // large fetch goes out as parallel reads instead of one read
+            // after another (each waiting for the decoding of the last).
+            let drains = claimed_bytes
+                .div_ceil(self.opts.max_read_bytes.max(1))
+                .clamp(1, self.opts.max_inflight_reads.max(1) as u64);
+            for _ in 0..drains {
+                tokio::spawn(self.clone().drain());
+            }
         }
         for (c, mut rx) in waits {
             let outcome = rx

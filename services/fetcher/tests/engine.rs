@@ -291,6 +291,68 @@ async fn corrupted_bytes_are_refetched_once_then_reported_never_published() {
     layer.fetch(&[(ino, 0, 10)]).await.unwrap();
 }
 
+/// A blob that records how many reads it serves at once.
+struct Concurrency {
+    inner: FileBlob,
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for Concurrency {
+    fn name(&self) -> String {
+        "concurrency-blob".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        self.inner.size().await
+    }
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+        // As if on the wire for a while.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let out = self.inner.read_ranges(ranges).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+/// One fetch of more than a read's worth of bytes goes out as parallel
+/// reads (up to the read slots), not one read after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fetch_reads_in_parallel_up_to_the_read_slots() {
+    let f = fixture(small_chunks());
+    let cache = Arc::new(Cache::open_writer(&f.cache_dir).unwrap());
+    let blob = Arc::new(Concurrency {
+        inner: FileBlob::open(&f.blob_path).unwrap(),
+        now: Default::default(),
+        max: Default::default(),
+    });
+    let o = FetchOptions {
+        max_read_bytes: 32 << 10,
+        max_inflight_reads: 3,
+        ..opts()
+    };
+    let layer = Arc::new(
+        resolve_layer(cache, blob.clone(), &f.digest, Some(f.toc), false, &o)
+            .await
+            .unwrap(),
+    );
+    blob.max.store(0, Ordering::SeqCst);
+    let all: Vec<_> = f
+        .files
+        .iter()
+        .map(|(p, d)| (layer.index.lookup_path(p).unwrap(), 0, d.len() as u64))
+        .collect();
+    layer.fetch(&all).await.unwrap();
+    let max = blob.max.load(Ordering::SeqCst);
+    assert_eq!(max, 3, "reads at once: {max}");
+    for (path, data) in &f.files {
+        let ino = layer.index.lookup_path(path).unwrap();
+        assert_eq!(read_content(&layer, ino, 0..data.len() as u64), *data);
+    }
+}
+
 #[tokio::test]
 async fn verification_is_required_unless_allowed() {
     let f = fixture(small_chunks());
