@@ -35,13 +35,18 @@ pub trait RemoteBlob: Send + Sync + 'static {
     /// [`RemoteBlob::read_ranges`], handing the bytes on as they arrive:
     /// `sink(range index, bytes)`, each range's bytes in order, so that a
     /// reader can decode the start of a range while the rest is on the
-    /// wire. Transports that cannot stream hand each range on whole (the
+    /// wire. `ends[i]` are blob offsets inside range `i` (ascending) where
+    /// the reader's units end: a transport that can, cuts its pieces there
+    /// as soon as the bytes up to one are in, so that no unit straddles two
+    /// pieces. Transports that cannot stream hand each range on whole (the
     /// default). After an error, what was handed on is still valid.
     async fn stream_ranges(
         &self,
         ranges: &[Range<u64>],
+        ends: &[Vec<u64>],
         sink: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), BlobError> {
+        let _ = ends;
         for (i, bytes) in self.read_ranges(ranges).await?.into_iter().enumerate() {
             sink(i, bytes);
         }
@@ -140,9 +145,12 @@ impl RemoteBlob for FileBlob {
         Ok(out)
     }
 
+    /// In pieces of a fixed size, whatever `ends` says: tests use odd sizes
+    /// so that members straddle pieces and must be joined.
     async fn stream_ranges(
         &self,
         ranges: &[Range<u64>],
+        _ends: &[Vec<u64>],
         sink: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), BlobError> {
         for (i, bytes) in self.read_ranges(ranges).await?.into_iter().enumerate() {

@@ -270,12 +270,13 @@ impl Layer {
             }
         }
         if stats.chunks_fetched > 0 {
-            // One drain per read's worth of bytes, up to the read slots: a
-            // large fetch goes out as parallel reads instead of one read
-            // after another (each waiting for the decoding of the last).
+            // One drain per read's worth of bytes, up to
+            // `max_reads_per_fetch`: a large fetch goes out as parallel
+            // reads instead of one read after another (each waiting for the
+            // decoding of the last); every drain still takes a read slot.
             let drains = claimed_bytes
                 .div_ceil(self.opts.max_read_bytes.max(1))
-                .clamp(1, self.opts.max_inflight_reads.max(1) as u64);
+                .clamp(1, self.opts.max_reads_per_fetch.max(1) as u64);
             for _ in 0..drains {
                 tokio::spawn(self.clone().drain());
             }
@@ -369,6 +370,15 @@ impl Layer {
             }
             let plan = self.plan(&todo);
             let ranges: Vec<Range<u64>> = plan.iter().map(|(r, _)| r.clone()).collect();
+            // Where members end: the transport cuts its pieces there.
+            let ends: Vec<Vec<u64>> = plan
+                .iter()
+                .map(|(_, starts)| {
+                    let mut e: Vec<u64> = starts.iter().map(|s| todo[s].end).collect();
+                    e.sort_unstable();
+                    e
+                })
+                .collect();
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .ranges
@@ -393,7 +403,7 @@ impl Layer {
                         self.decode_later(pool, start, member, &todo[&start].claims, &done_tx);
                     }
                 };
-                self.blob.stream_ranges(&ranges, &mut sink).await
+                self.blob.stream_ranges(&ranges, &ends, &mut sink).await
             };
             let read_time = t0.elapsed();
             drop(done_tx);

@@ -61,9 +61,10 @@ impl RemoteBlob for WarmBlob {
     async fn stream_ranges(
         &self,
         ranges: &[Range<u64>],
+        ends: &[Vec<u64>],
         sink: &mut (dyn FnMut(usize, bytes::Bytes) + Send),
     ) -> Result<(), BlobError> {
-        self.blob.stream_ranges(ranges, sink).await
+        self.blob.stream_ranges(ranges, ends, sink).await
     }
 
     async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
@@ -101,20 +102,17 @@ impl RemoteBlob for RegistryBlob {
         }
     }
 
+    /// Pieces cut at member ends: each member is handed on the moment its
+    /// last byte is in, as a view of the answer's buffer (never copied).
     async fn stream_ranges(
         &self,
         ranges: &[Range<u64>],
+        ends: &[Vec<u64>],
         sink: &mut (dyn FnMut(usize, bytes::Bytes) + Send),
     ) -> Result<(), BlobError> {
         self.0
-            .stream_ranges(ranges, STREAM_PIECE, sink)
+            .stream_ranges(ranges, ends, sink)
             .await
             .map_err(|e| self.error(e))
     }
 }
-
-/// Bytes a registry answer is handed on in while it streams: small enough
-/// that decoding starts soon after a range's first members arrive, large
-/// enough that a piece usually holds whole members (a member cut by a
-/// piece boundary is copied once to join it).
-const STREAM_PIECE: usize = 256 << 10;

@@ -356,16 +356,21 @@ async fn a_broken_answer_resumes_after_what_arrived() {
     assert_eq!(Digest::of(&want).to_string(), s.layer_digest);
     s.proxy.ranges.lock().unwrap().clear();
     *s.proxy.fault.lock().unwrap() = Fault::Truncate(1);
-    let mut got = Vec::new();
+    let mut got: Vec<u8> = Vec::new();
     let mut pieces = 0;
-    blob.stream_ranges(std::slice::from_ref(&(0..size)), 4096, &mut |i, bytes| {
+    let mut pieces_at_ends = true;
+    // Pieces may end every 4 KiB, as if members were that long.
+    let ends = vec![(4096..size).step_by(4096).collect::<Vec<u64>>()];
+    blob.stream_ranges(std::slice::from_ref(&(0..size)), &ends, &mut |i, bytes| {
         assert_eq!(i, 0);
         pieces += 1;
         got.extend_from_slice(&bytes);
+        pieces_at_ends &= (got.len() as u64).is_multiple_of(4096) || got.len() as u64 == size;
     })
     .await
     .unwrap();
     assert!(got == want[..], "the resumed read returns the blob");
+    assert!(pieces_at_ends, "pieces end where members end");
     assert!(pieces > 2, "handed on while it arrived ({pieces} pieces)");
     let seen = s.proxy.ranges.lock().unwrap().clone();
     assert_eq!(seen.len(), 2, "{seen:?}");

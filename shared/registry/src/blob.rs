@@ -106,6 +106,44 @@ fn slice_out(wanted: &[Range<u64>], parts: &[(Range<u64>, Bytes)]) -> Option<Vec
         .collect()
 }
 
+/// Where the pieces of a streamed range may end: the caller's unit ends,
+/// relative to what was handed on so far.
+struct Cuts<'a> {
+    start: u64,
+    ends: &'a [u64],
+    /// Bytes of the range handed on so far.
+    delivered: usize,
+}
+
+impl<'a> Cuts<'a> {
+    fn new(start: u64, ends: &'a [u64]) -> Cuts<'a> {
+        // A resumed range starts after some of its ends.
+        let passed = ends.partition_point(|&e| e <= start);
+        Cuts {
+            start,
+            ends: &ends[passed..],
+            delivered: 0,
+        }
+    }
+
+    /// With `received` bytes of the range in: how many more to hand on
+    /// now (up to the furthest end reached), if any.
+    fn reached(&mut self, received: usize) -> Option<usize> {
+        let upto = self.start + received as u64;
+        let mut cut = None;
+        while let Some((&end, rest)) = self.ends.split_first()
+            && end <= upto
+        {
+            cut = Some(end);
+            self.ends = rest;
+        }
+        let n = cut?.checked_sub(self.start)? as usize;
+        let more = n.checked_sub(self.delivered).filter(|m| *m > 0)?;
+        self.delivered = n;
+        Some(more)
+    }
+}
+
 impl Blob {
     pub(crate) fn new(client: Client, reference: Reference, digest: String) -> Blob {
         Blob {
@@ -310,7 +348,8 @@ impl Blob {
     /// or one request per range once the host has refused multi-range.
     pub async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
         let mut parts: Vec<Vec<Bytes>> = vec![Vec::new(); ranges.len()];
-        self.read_into(ranges, usize::MAX, &mut |i, bytes| parts[i].push(bytes))
+        let whole = vec![Vec::new(); ranges.len()];
+        self.read_into(ranges, &whole, &mut |i, bytes| parts[i].push(bytes))
             .await?;
         Ok(parts
             .into_iter()
@@ -323,25 +362,28 @@ impl Blob {
     }
 
     /// [`Blob::read_ranges`], handing the bytes on as they arrive: `sink`
-    /// gets `(range index, bytes)` with each range's bytes in order, in
-    /// pieces of at least `piece` bytes (a range's last piece may be
-    /// smaller; ranges of a multi-range answer come whole). A reader can
-    /// use the start of a range while the rest is still on the wire. When
-    /// an answer breaks off, the read resumes after the last piece handed
-    /// on; on error, what was handed on stays valid.
+    /// gets `(range index, bytes)` with each range's bytes in order. A
+    /// piece ends at one of `ends[range index]` (blob offsets inside the
+    /// range, ascending: where the caller's units, such as compressed
+    /// members, end), as soon as the bytes up to it are in, so that no
+    /// unit is cut in two and each can be used the moment it is complete;
+    /// the rest of a range comes at its end (ranges of a multi-range answer
+    /// come whole). Pieces are views of one buffer per answer, never
+    /// copies. When an answer breaks off, the read resumes after the last
+    /// piece handed on; on error, what was handed on stays valid.
     pub async fn stream_ranges(
         &self,
         ranges: &[Range<u64>],
-        piece: usize,
+        ends: &[Vec<u64>],
         sink: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
-        self.read_into(ranges, piece.max(1), sink).await
+        self.read_into(ranges, ends, sink).await
     }
 
     async fn read_into(
         &self,
         ranges: &[Range<u64>],
-        piece: usize,
+        ends: &[Vec<u64>],
         sink: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
         let (_, _, size) = self.endpoint(false).await?;
@@ -380,12 +422,19 @@ impl Blob {
                     .contains(&self.reference.host);
             let n = if single { 1 } else { per.min(missing.len()) };
             let group: Vec<Range<u64>> = missing[..n].iter().map(|(_, r)| r.clone()).collect();
+            let group_ends: Vec<&[u64]> = missing[..n]
+                .iter()
+                .map(|(i, _)| ends.get(*i).map_or(&[][..], |e| e.as_slice()))
+                .collect();
             let mut deliver = |k: usize, bytes: Bytes| {
                 let i = missing[k].0;
                 done[i] += bytes.len() as u64;
                 sink(i, bytes)
             };
-            match self.read_group(&group, false, piece, &mut deliver).await {
+            match self
+                .read_group(&group, &group_ends, false, &mut deliver)
+                .await
+            {
                 Ok(()) => {
                     if missing[..n]
                         .iter()
@@ -426,8 +475,8 @@ impl Blob {
     async fn read_group(
         &self,
         group: &[Range<u64>],
+        ends: &[&[u64]],
         reprobed: bool,
-        piece: usize,
         deliver: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
         let (ep, redirect, _) = self.endpoint(reprobed).await?;
@@ -451,12 +500,12 @@ impl Blob {
             .await?;
         let status = resp.resp.status();
         match status {
-            StatusCode::PARTIAL_CONTENT => self.partial(resp, group, piece, deliver).await,
-            StatusCode::OK => self.whole(resp, group, piece, deliver).await,
+            StatusCode::PARTIAL_CONTENT => self.partial(resp, group, ends, deliver).await,
+            StatusCode::OK => self.whole(resp, group, ends, deliver).await,
             StatusCode::FORBIDDEN if redirect.is_some() && !reprobed => {
                 // An expired pre-signed URL: ask the registry for a new one.
                 drop(resp);
-                Box::pin(self.read_group(group, true, piece, deliver)).await
+                Box::pin(self.read_group(group, ends, true, deliver)).await
             }
             StatusCode::BAD_REQUEST if group.len() > 1 => Err(RegistryError::MultiRangeRefused),
             StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -474,7 +523,7 @@ impl Blob {
         &self,
         resp: Resp,
         group: &[Range<u64>],
-        piece: usize,
+        ends: &[&[u64]],
         deliver: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
         let ctype = resp
@@ -504,7 +553,13 @@ impl Blob {
             // The common answer: exactly the one range asked for, handed on
             // while it arrives.
             return self
-                .stream_body(resp.resp.into_body(), wanted, piece, &stats, deliver)
+                .stream_body(
+                    resp.resp.into_body(),
+                    wanted,
+                    ends.first().copied().unwrap_or_default(),
+                    &stats,
+                    deliver,
+                )
                 .await;
         }
         let limit = group.iter().map(|r| r.end - r.start).sum::<u64>() as usize
@@ -553,19 +608,20 @@ impl Blob {
         Ok(())
     }
 
-    /// The body of a single-range answer, handed on in pieces of at least
-    /// `piece` bytes as it arrives. The pieces are views of one buffer of
-    /// the range's size (no copies, no joining).
+    /// The body of a single-range answer, handed on as it arrives, in
+    /// pieces ending at `ends` (see [`Blob::stream_ranges`]). The pieces
+    /// are views of one buffer of the range's size (no copies, no joining).
     async fn stream_body(
         &self,
         mut body: hyper::body::Incoming,
         range: &Range<u64>,
-        piece: usize,
+        ends: &[u64],
         stats: &crate::client::HostStats,
         deliver: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
         let len = (range.end - range.start) as usize;
         let mut buf = BytesMut::with_capacity(len);
+        let mut cuts = Cuts::new(range.start, ends);
         let mut received = 0usize;
         while let Some(data) = self.next_data(&mut body).await? {
             stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -577,8 +633,10 @@ impl Blob {
             }
             received += data.len();
             buf.extend_from_slice(&data);
-            if buf.len() >= piece && received < len {
-                deliver(0, buf.split().freeze());
+            if received < len
+                && let Some(n) = cuts.reached(received)
+            {
+                deliver(0, buf.split_to(n).freeze());
             }
         }
         if !buf.is_empty() {
@@ -632,18 +690,23 @@ impl Blob {
     }
 
     /// A 200 answer carries the whole blob: keep only the wanted slices
-    /// while streaming it, handing each on in pieces of at least `piece`.
+    /// while streaming it, handing each on in pieces ending at `ends`.
     async fn whole(
         &self,
         resp: Resp,
         group: &[Range<u64>],
-        piece: usize,
+        ends: &[&[u64]],
         deliver: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
         let stats = resp.stats.clone();
         let mut bufs: Vec<BytesMut> = group
             .iter()
             .map(|r| BytesMut::with_capacity((r.end - r.start) as usize))
+            .collect();
+        let mut cuts: Vec<Cuts> = group
+            .iter()
+            .enumerate()
+            .map(|(k, r)| Cuts::new(r.start, ends.get(k).copied().unwrap_or_default()))
             .collect();
         let mut got = vec![0u64; group.len()];
         let mut body = resp.resp.into_body();
@@ -663,8 +726,10 @@ impl Blob {
                         &data[(from - chunk.start) as usize..(to - chunk.start) as usize],
                     );
                     got[k] += to - from;
-                    if buf.len() >= piece && got[k] < r.end - r.start {
-                        deliver(k, buf.split().freeze());
+                    if got[k] < r.end - r.start
+                        && let Some(n) = cuts[k].reached(got[k] as usize)
+                    {
+                        deliver(k, buf.split_to(n).freeze());
                     }
                 }
             }
@@ -764,6 +829,23 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn pieces_end_at_the_furthest_end_reached() {
+        let ends = [110, 150, 160, 200];
+        let mut c = Cuts::new(100, &ends);
+        assert_eq!(c.reached(5), None, "no end reached yet");
+        assert_eq!(c.reached(10), Some(10));
+        assert_eq!(c.reached(55), Some(40), "150: up to the furthest end");
+        assert_eq!(c.reached(59), None);
+        assert_eq!(c.reached(99), Some(60 - 50));
+        assert_eq!(c.reached(100), Some(40));
+        // A range resumed at 155 skips the ends before it.
+        let mut c = Cuts::new(155, &ends);
+        assert_eq!(c.reached(5), Some(5));
+        assert_eq!(c.reached(44), None);
+        assert_eq!(Cuts::new(0, &[]).reached(1 << 20), None);
     }
 
     #[test]
