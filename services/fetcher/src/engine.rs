@@ -13,9 +13,11 @@
 //! as soon as its last byte has arrived (an [`Assembly`] cuts the streamed
 //! pieces into members), on the decode threads while the rest of the read
 //! is still on the wire; each chunk is verified against its sha256, written
-//! to the content file, and only then published in the presence map. Claims are completed through
-//! watch channels; the drain runs as its own task, so a caller that gives up
-//! never strands chunks that others wait for.
+//! to the content file, and only then published in the presence map. A
+//! fetch of more than one read's worth starts up to `max_reads_per_fetch`
+//! drains, so that its reads overlap. Claims are completed through watch
+//! channels; the drain runs as its own task, so a caller that gives up never
+//! strands chunks that others wait for.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;

@@ -14,7 +14,10 @@
 //!   probe, redirects followed and refreshed on 403, many ranges per request
 //!   with `206`, `206 multipart/byteranges` and `200` answers all handled, a
 //!   fall back to one range per request for registries that refuse
-//!   multi-range, and 416 answers never leaving a poisoned connection behind.
+//!   multi-range, and 416 answers never leaving a poisoned connection behind;
+//!   `stream_ranges` hands an answer on while it arrives, in pieces cut
+//!   where the caller's members end, and resumes a broken answer after the
+//!   bytes already handed on.
 //! * [`Client::resolve_manifest`] turns a reference into a platform's
 //!   manifest (through an index when there is one).
 
