@@ -349,7 +349,7 @@ impl Blob {
     pub async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
         let mut parts: Vec<Vec<Bytes>> = vec![Vec::new(); ranges.len()];
         let whole = vec![Vec::new(); ranges.len()];
-        self.read_into(ranges, &whole, &mut |i, bytes| parts[i].push(bytes))
+        self.stream_ranges(ranges, &whole, &mut |i, bytes| parts[i].push(bytes))
             .await?;
         Ok(parts
             .into_iter()
@@ -372,15 +372,6 @@ impl Blob {
     /// copies. When an answer breaks off, the read resumes after the last
     /// piece handed on; on error, what was handed on stays valid.
     pub async fn stream_ranges(
-        &self,
-        ranges: &[Range<u64>],
-        ends: &[Vec<u64>],
-        sink: &mut (dyn FnMut(usize, Bytes) + Send),
-    ) -> Result<(), RegistryError> {
-        self.read_into(ranges, ends, sink).await
-    }
-
-    async fn read_into(
         &self,
         ranges: &[Range<u64>],
         ends: &[Vec<u64>],
