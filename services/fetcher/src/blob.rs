@@ -76,8 +76,10 @@ pub struct FileBlob {
     file: std::fs::File,
     requests: AtomicU64,
     bytes: AtomicU64,
-    /// Bytes per piece of [`RemoteBlob::stream_ranges`].
-    piece: usize,
+    /// Bytes per piece of [`RemoteBlob::stream_ranges`]; whole ranges
+    /// unless a test asks for pieces (a local read is done at once: nothing
+    /// to overlap, and whole ranges let every member be a view, not a copy).
+    piece: Option<usize>,
 }
 
 impl FileBlob {
@@ -87,14 +89,14 @@ impl FileBlob {
             file: std::fs::File::open(path)?,
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            piece: 1 << 20,
+            piece: None,
         })
     }
 
-    /// Stream ranges in pieces of `piece` bytes (1 MiB by default; tests
-    /// use odd sizes so that members straddle pieces).
+    /// Stream ranges in pieces of `piece` bytes (tests use odd sizes so
+    /// that members straddle pieces).
     pub fn with_piece_size(mut self, piece: usize) -> FileBlob {
-        self.piece = piece.max(1);
+        self.piece = Some(piece.max(1));
         self
     }
 
@@ -145,8 +147,8 @@ impl RemoteBlob for FileBlob {
         Ok(out)
     }
 
-    /// In pieces of a fixed size, whatever `ends` says: tests use odd sizes
-    /// so that members straddle pieces and must be joined.
+    /// Whole ranges, or pieces of a fixed size whatever `ends` says: tests
+    /// use odd sizes so that members straddle pieces and must be joined.
     async fn stream_ranges(
         &self,
         ranges: &[Range<u64>],
@@ -156,7 +158,7 @@ impl RemoteBlob for FileBlob {
         for (i, bytes) in self.read_ranges(ranges).await?.into_iter().enumerate() {
             let mut at = 0;
             while at < bytes.len() {
-                let n = self.piece.min(bytes.len() - at);
+                let n = self.piece.unwrap_or(usize::MAX).min(bytes.len() - at);
                 sink(i, bytes.slice(at..at + n));
                 at += n;
             }
