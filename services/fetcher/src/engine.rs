@@ -168,9 +168,9 @@ impl Layer {
         }
     }
 
-    /// The cache file holding inode `ino`'s content.
+    /// The cache file holding inode `ino`'s content for this layer.
     pub fn content_path(&self, ino: u64) -> std::path::PathBuf {
-        self.cache.content_path(&self.index.content_key(ino))
+        self.cache.layer_file_path(&self.digest, ino)
     }
 
     /// Chunks covering `[offset, offset + len)` of a file (the whole file
@@ -538,38 +538,90 @@ impl Layer {
         stored
     }
 
-    /// Write verified bytes to the content file, then publish the chunk.
+    /// Write verified bytes to the layer's file, then publish the chunk.
+    /// The chunk that completes a file shares it with other layers once
+    /// the whole file is verified.
     fn write_and_publish(&self, c: &Claim, data: &[u8]) -> Result<(), String> {
         let node = self
             .index
             .inode(c.ino)
             .ok_or("inode vanished from the index")?;
-        let key = self.index.content_key(c.ino);
         // Eviction cannot delete the file between this check and the bit.
-        let _writing = self.cache.writing();
+        let writing = self.cache.writing();
         if self.is_evicted() {
             return Err(self.evicted_error().to_string());
         }
         let content = self
             .cache
-            .content_writer(&key, node.size())
+            .layer_file_writer(&self.digest, c.ino, node.size())
             .map_err(|e| e.to_string())?;
-        content
-            .write_at(c.chunk.file_offset, data)
-            .map_err(|e| e.to_string())?;
-        self.cache.note_written(c.chunk.size);
+        // `None`: the file is complete, every byte already verified for
+        // this layer (the chunk was cleared after a crash, or the file was
+        // adopted from shared content meanwhile).
+        if let Some(content) = &content {
+            content
+                .write_at(c.chunk.file_offset, data)
+                .map_err(|e| e.to_string())?;
+            self.cache.note_written(c.chunk.size);
+        }
         self.presence.set_present(c.chunk.global);
         self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-        // The last chunk of a file completes it for every layer.
+        drop(writing);
         let first = c.chunk.global - c.chunk.index as u32;
-        if self
-            .presence
-            .all_present(first..first + node.chunk_count() as u32)
-            && node.digest().is_some()
+        if let (Some(content), Some(digest)) = (content, node.digest())
+            && self
+                .presence
+                .all_present(first..first + node.chunk_count() as u32)
         {
-            let _ = content.mark_complete();
+            let whole_chunk = node.chunk_count() == 1
+                && c.chunk.size == node.size()
+                && c.chunk.digest == digest.0;
+            self.share_later(c.ino, content, digest, whole_chunk);
         }
         Ok(())
+    }
+
+    /// Share a complete file once its bytes hash to its TOC digest. A
+    /// one-chunk file whose chunk digest is the file digest was just
+    /// verified by that chunk; any other file is hashed whole, on the
+    /// background threads: the layer reads its own file meanwhile, and
+    /// only other layers wait for the shared copy.
+    fn share_later(
+        &self,
+        ino: u64,
+        content: stargaze_cache::ContentFile,
+        digest: Digest,
+        verified: bool,
+    ) {
+        let (cache, layer, index_path) = (
+            self.cache.clone(),
+            self.digest.clone(),
+            self.index.path_of(ino),
+        );
+        let share = move || {
+            let size = content.file().metadata().map(|m| m.len()).unwrap_or(0);
+            if !verified && !stargaze_cache::hashes_to(&content, size, &digest) {
+                tracing::warn!(
+                    layer = %layer,
+                    file = %index_path,
+                    toc_digest = %digest,
+                    "the file's chunks match their digests but the whole file does not hash to the digest the TOC gives: it is kept to this layer and never shared"
+                );
+                return;
+            }
+            let _writing = cache.writing();
+            if let Err(e) = cache.share(&layer, ino, &content, &digest) {
+                tracing::warn!(layer = %layer, file = %index_path, error = %e, "cannot share a verified file (it stays the layer's own)");
+            }
+        };
+        if verified {
+            share();
+        } else {
+            match background_pool() {
+                Some(p) => p.spawn(share),
+                None => rayon::spawn(share),
+            }
+        }
     }
 
     /// Chunks present / total.

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             if cache.was_unclean() {
                 tracing::warn!(cache = %c.cache_dir.display(), "the last stop was not clean: re-verifying cached chunks");
                 let r = tokio::task::block_in_place(|| stargaze_fetcher::recover::reverify(&cache));
-                tracing::warn!(layers = r.layers, checked = r.chunks_checked, cleared = r.chunks_cleared, "re-verification done");
+                tracing::warn!(layers = r.layers, checked = r.chunks_checked, cleared = r.chunks_cleared, shared_checked = r.shared_checked, shared_removed = r.shared_removed, "re-verification done");
             }
             let mut cache = cache;
             if c.cache_io == stargaze_service::config::CacheIo::IoUring {

@@ -1,12 +1,16 @@
 //! Re-verification after an unclean stop.
 //!
-//! Presence bits and content bytes reach the disk in no particular order, so
-//! after a crash a bit may describe bytes that never landed. Before serving
-//! anything, every present chunk is read back and hashed; chunks that fail
-//! are cleared (and refetched on demand), and files marked complete that no
-//! longer match their digest lose the mark.
+//! Presence bits, content bytes and the links that share content reach the
+//! disk in no particular order, so after a crash a bit may describe bytes
+//! that never landed and a shared file may not hold what its name says.
+//! Before serving anything, every shared content file is hashed whole and
+//! removed unless it matches its digest, and every present chunk of every
+//! layer is read back and hashed; chunks that fail are cleared (and
+//! refetched on demand). A layer's file that was complete (perhaps a link
+//! to shared content) and fails is removed, so that what is fetched again
+//! goes into a file of the layer's own.
 
-use stargaze_cache::{Cache, PresenceMap, verify_range};
+use stargaze_cache::{Cache, PresenceMap, hashes_to, verify_range};
 use stargaze_format::Digest;
 use stargaze_index::LayerIndex;
 
@@ -16,11 +20,15 @@ pub struct Recovery {
     pub layers: u32,
     pub chunks_checked: u64,
     pub chunks_cleared: u64,
+    /// Shared content files hashed whole, and those removed.
+    pub shared_checked: u64,
+    pub shared_removed: u64,
 }
 
-/// Re-verify every layer in the cache.
+/// Re-verify the shared content and every layer in the cache.
 pub fn reverify(cache: &Cache) -> Recovery {
     let mut r = Recovery::default();
+    reverify_shared(cache, &mut r);
     let Ok(dirs) = std::fs::read_dir(cache.root().join("layers")) else {
         return r;
     };
@@ -43,8 +51,9 @@ pub fn reverify(cache: &Cache) -> Recovery {
             if !n.is_reg() || n.chunk_count() == 0 {
                 continue;
             }
-            let key = index.content_key(ino);
-            let content = cache.content_reader(&key).ok();
+            let content = cache.layer_file_reader(&digest, ino).ok();
+            let complete = cache.layer_file_is_complete(&digest, ino);
+            let mut failed = false;
             for c in n.chunks() {
                 if !presence.is_present(c.global) {
                     continue;
@@ -55,11 +64,53 @@ pub fn reverify(cache: &Cache) -> Recovery {
                     .is_some_and(|f| verify_range(f, c.file_offset, c.size, &Digest(c.digest)));
                 if !ok {
                     presence.clear(c.global);
-                    cache.unmark_complete(&key);
                     r.chunks_cleared += 1;
+                    failed = true;
+                }
+            }
+            if failed && complete {
+                // Never write into a complete file: start a new one.
+                for c in n.chunks() {
+                    presence.clear(c.global);
+                }
+                if let Err(e) = cache.remove_layer_file(&digest, ino) {
+                    tracing::warn!(layer = %digest, file = %index.path_of(ino), error = %e, "cannot remove a cache file that failed re-verification");
                 }
             }
         }
     }
     r
+}
+
+/// Hash every shared content file whole; remove those that do not match
+/// the digest they are named by.
+fn reverify_shared(cache: &Cache, r: &mut Recovery) {
+    let Ok(shards) = std::fs::read_dir(cache.root().join("content")) else {
+        return;
+    };
+    for shard in shards.flatten() {
+        let Ok(files) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let path = f.path();
+            let digest = f
+                .file_name()
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok());
+            let good = digest.is_some_and(|d| {
+                r.shared_checked += 1;
+                cache.content_reader(&d).is_ok_and(|c| {
+                    let size = c.file().metadata().map(|m| m.len()).unwrap_or(0);
+                    hashes_to(&c, size, &d)
+                })
+            });
+            if !good {
+                r.shared_removed += 1;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove a shared cache file that failed re-verification");
+                }
+            }
+        }
+    }
 }

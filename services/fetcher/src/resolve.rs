@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use stargaze_cache::{Cache, PresenceMap};
+use stargaze_cache::{Cache, PresenceMap, verify_range};
 use stargaze_format::footer::{MAX_FOOTER_SIZE, parse_footer};
 use stargaze_format::reader::{LayerToc, decode_toc};
 use stargaze_format::{Digest, Error as FormatError, ErrorKind, Footer};
@@ -124,8 +124,8 @@ pub async fn resolve_with_toc(
     ))
 }
 
-/// Open (or create) a layer's presence map, mark the files another layer
-/// already completed as present, and record the layer's use. Called with
+/// Open (or create) a layer's presence map, adopt the files other layers
+/// already verified and shared, and record the layer's use. Called with
 /// the cache's write gate held, so eviction sees either no layer or one it
 /// must keep.
 fn open_presence(
@@ -144,14 +144,33 @@ fn open_presence(
     })?;
     for ino in 1..=index.inode_count() {
         let Some(n) = index.inode(ino) else { continue };
-        if n.is_reg()
-            && let Some(d) = n.digest()
-            && n.chunk_count() > 0
-            && cache.is_complete(&d)
+        let Some(digest) = n.digest() else { continue };
+        if !n.is_reg()
+            || n.chunk_count() == 0
+            || n.chunks().any(|c| presence.is_present(c.global))
+            || !cache.is_shared(&digest)
         {
+            continue;
+        }
+        let adopted = cache.adopt(layer_digest, ino, &digest, n.size(), |content| {
+            // The shared bytes hash to `digest`; this layer's TOC must
+            // describe those very bytes, chunk by chunk.
+            n.chunks().all(|c| {
+                (n.chunk_count() == 1 && c.size == n.size() && c.digest == digest.0)
+                    || verify_range(content, c.file_offset, c.size, &Digest(c.digest))
+            })
+        });
+        if adopted {
             for c in n.chunks() {
                 presence.set_present(c.global);
             }
+        } else if cache.is_shared(&digest) && !cache.layer_file_path(layer_digest, ino).exists() {
+            tracing::warn!(
+                layer = layer_digest,
+                file = %index.path_of(ino),
+                toc_digest = %digest,
+                "the layer's TOC disagrees with the verified content of the digest it gives: the file is fetched for this layer alone"
+            );
         }
     }
     cache.touch_layer(layer_digest);

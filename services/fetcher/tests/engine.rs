@@ -463,8 +463,15 @@ async fn files_completed_by_one_layer_are_present_in_another() {
     );
     let ino = la.index.lookup_path("bin/busybox").unwrap();
     la.fetch(&[(ino, 0, u64::MAX / 2)]).await.unwrap();
+    // Complete, the file is hashed whole (background threads) and shared.
+    let digest = la.index.inode(ino).unwrap().digest().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cache.is_shared(&digest) {
+        assert!(std::time::Instant::now() < deadline, "never shared");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     // The second layer holds the same file (other chunking): once the first
-    // completed it, it is present there at resolve time.
+    // completed and shared it, it is present there at resolve time.
     let lb = Arc::new(
         resolve_layer(
             cache,
@@ -480,5 +487,11 @@ async fn files_completed_by_one_layer_are_present_in_another() {
     let ino_b = lb.index.lookup_path("bin/busybox").unwrap();
     let stats = lb.fetch(&[(ino_b, 0, u64::MAX / 2)]).await.unwrap();
     assert_eq!(stats.chunks_fetched, 0);
-    assert_eq!(lb.content_path(ino_b), la.content_path(ino), "stored once");
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        inode(lb.content_path(ino_b)),
+        inode(la.content_path(ino)),
+        "stored once"
+    );
 }

@@ -70,7 +70,23 @@ async fn resolve_all(cache: &Arc<Cache>, s: &Source) -> Arc<Layer> {
         .map(|(p, d)| (layer.index.lookup_path(p).unwrap(), 0, d.len() as u64))
         .collect();
     layer.fetch(&all).await.unwrap();
+    wait_shared(cache, &layer);
     layer
+}
+
+/// Complete files are shared (hashed whole on background threads): wait
+/// until every one of the layer's is.
+fn wait_shared(cache: &Cache, layer: &Layer) {
+    let digests: Vec<Digest> = (1..=layer.index.inode_count())
+        .filter_map(|ino| layer.index.inode(ino))
+        .filter(|n| n.is_reg() && n.chunk_count() > 0)
+        .filter_map(|n| n.digest())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !digests.iter().all(|d| cache.is_shared(d)) {
+        assert!(std::time::Instant::now() < deadline, "files not shared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn assert_content(layer: &Layer, s: &Source) {
@@ -87,26 +103,41 @@ fn assert_content(layer: &Layer, s: &Source) {
     }
 }
 
-fn content_paths(layer: &Layer, s: &Source) -> HashSet<PathBuf> {
+/// The files holding a layer's content, by inode (a file shared by
+/// several layers is one), with their allocated bytes.
+fn content_files(layer: &Layer, s: &Source) -> BTreeMap<(u64, u64), u64> {
     s.files
         .iter()
         .filter(|(_, d)| !d.is_empty())
-        .map(|(p, _)| layer.content_path(layer.index.lookup_path(p).unwrap()))
+        .map(|(p, _)| {
+            let m =
+                std::fs::metadata(layer.content_path(layer.index.lookup_path(p).unwrap())).unwrap();
+            ((m.dev(), m.ino()), m.blocks() * 512)
+        })
         .collect()
 }
 
-fn allocated(paths: &HashSet<PathBuf>) -> u64 {
-    paths
-        .iter()
-        .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
-        .sum()
+fn allocated(files: &BTreeMap<(u64, u64), u64>) -> u64 {
+    files.values().sum()
 }
 
+/// The layer directory's own files (index, presence map).
 fn dir_allocated(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
         .sum()
+}
+
+/// The shared content paths of a source's files.
+fn shared_paths(cache: &Cache, s: &Source) -> Vec<PathBuf> {
+    s.files
+        .values()
+        .filter(|d| !d.is_empty())
+        .map(|d| cache.content_path(&Digest::of(d)))
+        .collect()
 }
 
 fn set_last_use(cache: &Cache, digest: &str, ago: Duration) {
@@ -155,8 +186,8 @@ async fn least_recently_used_unpinned_layers_are_evicted_with_their_own_files() 
     let lc = resolve_all(&cache, &c).await;
     let ld = resolve_all(&cache, &e).await;
     assert_eq!(
-        content_paths(&la, &a),
-        content_paths(&lb, &b),
+        content_files(&la, &a),
+        content_files(&lb, &b),
         "stored once"
     );
     // Attached in fs (pinned), and the oldest by far.
@@ -179,9 +210,9 @@ async fn least_recently_used_unpinned_layers_are_evicted_with_their_own_files() 
     // Under the limit: a scan, nothing else.
     let mut forgotten = Vec::new();
     let pass = evictor(&cache, 1 << 40, Duration::ZERO).run(&mut |d| forgotten.push(d.to_string()));
-    let shared = allocated(&content_paths(&la, &a));
-    let only_c = allocated(&content_paths(&lc, &c));
-    let only_d = allocated(&content_paths(&ld, &e));
+    let shared = allocated(&content_files(&la, &a));
+    let only_c = allocated(&content_files(&lc, &c));
+    let only_d = allocated(&content_files(&ld, &e));
     let orphan_bytes = std::fs::metadata(&orphan).unwrap().blocks() * 512;
     let layer_dirs: u64 = [&a, &b, &c, &e]
         .iter()
@@ -206,7 +237,7 @@ async fn least_recently_used_unpinned_layers_are_evicted_with_their_own_files() 
     assert_eq!(forgotten, std::slice::from_ref(&c.digest), "{pass:?}");
     assert!(!orphan.exists());
     assert!(!cache.layer_dir(&c.digest).exists());
-    assert!(content_paths(&lc, &c).iter().all(|p| !p.exists()));
+    assert!(shared_paths(&cache, &c).iter().all(|p| !p.exists()));
     assert!(pass.usage_after <= limit * 90 / 100, "{pass:?}");
     assert_eq!(pass.bytes_freed, pass.usage_before - pass.usage_after);
     assert_content(&la, &a);

@@ -222,8 +222,8 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
             .into_inner();
         assert!(r.chunks_fetched > 0);
         for (p, d) in &files {
-            let n = index.inode(index.lookup_path(p).unwrap()).unwrap();
-            let content = std::fs::read(reader.content_path(&n.digest().unwrap())).unwrap();
+            let ino = index.lookup_path(p).unwrap();
+            let content = std::fs::read(reader.layer_file_path(&a.layer_digest, ino)).unwrap();
             assert!(content == *d, "{p}: bytes differ");
         }
         let st = client
@@ -370,8 +370,7 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
         .await
         .unwrap();
     let reader = Cache::open_reader(&fetcher.cache);
-    let content =
-        std::fs::read(reader.content_path(&index.inode(ino).unwrap().digest().unwrap())).unwrap();
+    let content = std::fs::read(reader.layer_file_path(index.layer_digest(), ino)).unwrap();
     assert!(content == *data);
 }
 
@@ -688,7 +687,7 @@ async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
     ] {
         let index = LayerIndex::open(&cache.index_path(layer)).unwrap();
         let ino = index.lookup_path(path).unwrap();
-        let cached = std::fs::read(cache.content_path(&index.content_key(ino))).unwrap();
+        let cached = std::fs::read(cache.layer_file_path(layer, ino)).unwrap();
         assert!(cached == std::fs::read(host).unwrap(), "{path} differs");
     }
     scrape_until(metrics_port, "stargaze_fetcher_entrypoint_files_total 3");
@@ -894,7 +893,7 @@ async fn warming_prefetches_what_python_and_glibc_read_at_start() {
         let index = LayerIndex::open(&cache.index_path(layer)).unwrap();
         for (path, bytes) in files {
             let ino = index.lookup_path(path).unwrap();
-            let cached = std::fs::read(cache.content_path(&index.content_key(ino))).unwrap();
+            let cached = std::fs::read(cache.layer_file_path(layer, ino)).unwrap();
             assert_eq!(cached, *bytes, "{path}");
         }
     }

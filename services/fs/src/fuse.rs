@@ -452,9 +452,9 @@ impl StargazeFs {
                     };
                     (id, r.raw)
                 } else {
-                    let n = a.index.inode(local).ok_or(std::io::ErrorKind::NotFound)?;
-                    let key = n.digest().ok_or(std::io::ErrorKind::NotFound)?;
-                    let file = std::fs::File::open(a.cache.content_path(&key))?;
+                    let file = std::fs::File::open(
+                        a.cache.layer_file_path(a.index.layer_digest(), local),
+                    )?;
                     // Set by `serve` before the session's threads start.
                     let dev = self.shared.dev_fd.load(Ordering::Relaxed);
                     // SAFETY: the session's descriptor lives as long as the mount.
@@ -488,8 +488,8 @@ impl StargazeFs {
         if let Some(f) = self.shared.handles.lock().expect("handles").get(&fh) {
             return Ok(f.clone());
         }
-        let key = a.index.content_key(local);
-        let f = Arc::new(std::fs::File::open(a.cache.content_path(&key)).map_err(|_| Errno::EIO)?);
+        let path = a.cache.layer_file_path(a.index.layer_digest(), local);
+        let f = Arc::new(std::fs::File::open(path).map_err(|_| Errno::EIO)?);
         if fh != 0 {
             self.shared
                 .handles

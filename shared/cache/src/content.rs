@@ -12,7 +12,7 @@ use crate::CacheError;
 pub struct ContentFile {
     file: std::fs::File,
     path: PathBuf,
-    /// Set by [`crate::Cache::content_writer`] when writes go through io_uring.
+    /// Set by [`crate::Cache::layer_file_writer`] when writes go through io_uring.
     pub(crate) uring: Option<std::sync::Arc<crate::uring::UringWriter>>,
     /// The file's final size.
     size: u64,
@@ -22,17 +22,19 @@ pub struct ContentFile {
 }
 
 impl ContentFile {
-    /// Open for writing. This runs once per chunk stored, so it costs as
-    /// few system calls as it can: a new file is created with `O_EXCL`
-    /// (no `fstat`), its fan-out directory made only when the create says
-    /// it is missing, and its length set by the first write (a chunk that
-    /// covers the whole file, the common small file, needs no `ftruncate`;
-    /// any other write first makes the file sparse at its final size so
-    /// that chunks can land in any order). An existing file of another size
-    /// is resized here.
-    pub fn open_rw(path: &Path, size: u64) -> Result<ContentFile, CacheError> {
-        // Root writes even to a complete (0444) file, which happens when a
-        // chunk is fetched again for another layer: same verified bytes.
+    /// Open for writing, or `None` when the file is complete: a complete
+    /// file holds verified bytes, may be shared with other layers (hard
+    /// links), and is never opened for writing again.
+    ///
+    /// This runs once per chunk stored, so it costs as few system calls as
+    /// it can: a new file is created with `O_EXCL` (no `fstat`), its
+    /// directory made only when the create says it is missing, and its
+    /// length set by the first write (a chunk that covers the whole file,
+    /// the common small file, needs no `ftruncate`; any other write first
+    /// makes the file sparse at its final size so that chunks can land in
+    /// any order). An existing file is looked at read-only first; one of
+    /// another size is resized.
+    pub fn open_rw(path: &Path, size: u64) -> Result<Option<ContentFile>, CacheError> {
         let options = |new: bool| {
             let mut o = std::fs::OpenOptions::new();
             o.read(true).write(true).mode(crate::PARTIAL_MODE);
@@ -45,13 +47,13 @@ impl ContentFile {
         for _ in 0..4 {
             match options(true).open(path) {
                 Ok(file) => {
-                    return Ok(ContentFile {
+                    return Ok(Some(ContentFile {
                         file,
                         path: path.to_path_buf(),
                         uring: None,
                         size,
                         size_pending: std::sync::atomic::AtomicBool::new(size > 0),
-                    });
+                    }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !made_dir => {
                     if let Some(dir) = path.parent() {
@@ -60,22 +62,29 @@ impl ContentFile {
                     made_dir = true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let file = match options(false).open(path) {
-                        // Deleted between the two opens: create it again.
+                    // Root could write a read-only file: look before opening.
+                    let meta = match std::fs::symlink_metadata(path) {
+                        // Deleted meanwhile: create it again.
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         r => r.map_err(|e| CacheError::io(path, e))?,
                     };
-                    let len = file.metadata().map_err(|e| CacheError::io(path, e))?.len();
-                    if len != size {
+                    if is_complete_mode(&meta) {
+                        return Ok(None);
+                    }
+                    let file = match options(false).open(path) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        r => r.map_err(|e| CacheError::io(path, e))?,
+                    };
+                    if meta.len() != size {
                         file.set_len(size).map_err(|e| CacheError::io(path, e))?;
                     }
-                    return Ok(ContentFile {
+                    return Ok(Some(ContentFile {
                         file,
                         path: path.to_path_buf(),
                         uring: None,
                         size,
                         size_pending: std::sync::atomic::AtomicBool::new(false),
-                    });
+                    }));
                 }
                 Err(e) => return Err(CacheError::io(path, e)),
             }
@@ -86,9 +95,8 @@ impl ContentFile {
         ))
     }
 
-    /// Mark this file complete: every chunk written and verified (the
-    /// open descriptor's mode, as [`crate::Cache::mark_complete`] does by
-    /// path).
+    /// Mark this file complete: every byte written and verified (the
+    /// mode of the file, through the open descriptor).
     pub fn mark_complete(&self) -> Result<(), CacheError> {
         use std::os::unix::fs::PermissionsExt;
         self.file
@@ -143,8 +151,36 @@ impl ContentFile {
     }
 }
 
+/// Is this the mode of a complete file ([`crate::COMPLETE_MODE`])?
+pub(crate) fn is_complete_mode(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.is_file() && meta.permissions().mode() & 0o777 == crate::COMPLETE_MODE
+}
+
+/// Do the first `size` bytes of `content` hash to `digest`, and is that
+/// the file's whole length? Read in blocks: files can be large.
+pub fn hashes_to(content: &ContentFile, size: u64, digest: &Digest) -> bool {
+    const BLOCK: u64 = 1 << 20;
+    match content.file.metadata() {
+        Ok(m) if m.len() == size => {}
+        _ => return false,
+    }
+    let mut hasher = stargaze_format::digest::Hasher::new();
+    let mut buf = vec![0u8; BLOCK.min(size) as usize];
+    let mut offset = 0;
+    while offset < size {
+        let n = BLOCK.min(size - offset) as usize;
+        if content.read_at(offset, &mut buf[..n]).is_err() {
+            return false;
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    hasher.finish() == *digest
+}
+
 /// Does `content[offset..offset+len]` hash to `digest`? Used to re-verify
-/// chunks after an unclean stop.
+/// chunks after an unclean stop, and a layer's chunks over shared content.
 pub fn verify_range(content: &ContentFile, offset: u64, len: u64, digest: &Digest) -> bool {
     let Ok(len) = usize::try_from(len) else {
         return false;

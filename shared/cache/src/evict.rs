@@ -12,23 +12,23 @@
 //!   so that a reboot gives the snapshotter the time to re-attach its layers
 //!   before anything counts as unused.
 //!
-//! A pass ([`Evictor::run`]) first scans without blocking writers: the
-//! allocated size of every content file, every layer directory's size,
-//! last use and whether it is pinned, and how many layers reference each
-//! content file (read from their indexes). If the total is over the limit,
-//! it takes the cache's write gate ([`crate::Cache::writing`] is its shared
-//! side, held by every content write and layer resolution), adds layers
-//! that appeared since the scan, and deletes, oldest first, until the total
-//! is below `low_water_percent` of the limit: content files no layer
-//! references (left by a crash), and unused layers — each first locked
-//! exclusively (so fs cannot pin it meanwhile), handed to the `forget`
-//! callback (the fetcher drops it from memory), its directory removed, then
-//! every content file whose last referencing layer it was.
+//! A pass ([`Evictor::run`]) first scans without blocking writers: every
+//! file of every layer directory (its index, presence map and files) and
+//! every shared content file, by inode, so that a file linked from several
+//! layers and from `content/` is counted once; each layer's last use and
+//! whether it is pinned. If the total is over the limit, it takes the
+//! cache's write gate ([`crate::Cache::writing`] is its shared side, held by
+//! every content write and layer resolution), adds layers that appeared
+//! since the scan, and deletes, oldest first, until the total is below
+//! `low_water_percent` of the limit: shared content no layer links to any
+//! more (a crash, or its layers went), and unused layers — each first
+//! locked exclusively (so fs cannot pin it meanwhile), handed to the
+//! `forget` callback (the fetcher drops it from memory), its directory
+//! removed, then the shared content that only it still linked to.
 //!
-//! Presence bits are per layer, and a content file is deleted only when no
-//! remaining layer references it, so no remaining presence map can describe
-//! a deleted file. A crash midway leaves content files without a layer;
-//! the next pass removes them.
+//! Presence bits are per layer and describe the layer's own files (which
+//! may be links to shared content), so deleting a layer or a `content/`
+//! name never takes bytes from a remaining layer.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -37,7 +37,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use stargaze_format::Digest;
-use stargaze_index::LayerIndex;
 
 use crate::Cache;
 
@@ -91,28 +90,32 @@ pub struct Evictor {
     started: SystemTime,
 }
 
-struct ContentEntry {
-    bytes: u64,
-    mtime: SystemTime,
-}
+/// A file of the cache by device and inode: the same bytes under a
+/// layer's name and a `content/` name are one entry.
+type FileId = (u64, u64);
 
 #[derive(Default)]
-struct Refs {
+struct FileEntry {
+    bytes: u64,
+    /// Layer directories that hold it.
     layers: u32,
-    /// Referenced by a layer that is kept.
+    /// Held by a layer that is kept.
     kept: bool,
+    /// Its name in `content/`, if shared.
+    shared: Option<Digest>,
+    mtime: Option<SystemTime>,
 }
 
 struct LayerEntry {
     digest: String,
     last_used: SystemTime,
-    bytes: u64,
+    files: Vec<FileId>,
     pinned: bool,
     kept: bool,
 }
 
 enum Victim {
-    Orphan(Digest),
+    Orphan(FileId),
     Layer(usize),
 }
 
@@ -120,27 +123,25 @@ fn allocated(m: &std::fs::Metadata) -> u64 {
     m.blocks() * 512
 }
 
-fn dir_allocated(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| allocated(&m))
-                .sum()
-        })
-        .unwrap_or(0)
+fn file_id(m: &std::fs::Metadata) -> FileId {
+    (m.dev(), m.ino())
 }
 
-/// Content keys a layer's index references (deduplicated).
-fn layer_keys(index: &LayerIndex) -> HashSet<Digest> {
-    (1..=index.inode_count())
-        .filter(|&ino| {
-            index
-                .inode(ino)
-                .is_some_and(|n| n.is_reg() && n.chunk_count() > 0)
-        })
-        .map(|ino| index.content_key(ino))
-        .collect()
+/// Every file of a layer directory (its own and in `files/`).
+fn layer_files(dir: &Path) -> Vec<std::fs::Metadata> {
+    let mut out = Vec::new();
+    for sub in [dir.to_path_buf(), dir.join("files")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        out.extend(
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file()),
+        );
+    }
+    out
 }
 
 impl Evictor {
@@ -209,16 +210,17 @@ impl Evictor {
         within(t) || within(self.started)
     }
 
-    fn scan_content(&self) -> HashMap<Digest, ContentEntry> {
-        let mut out = HashMap::new();
+    /// Shared content files into `files`.
+    fn scan_content(&self, files: &mut HashMap<FileId, FileEntry>) -> u64 {
+        let mut count = 0;
         let Ok(shards) = std::fs::read_dir(self.cache.root().join("content")) else {
-            return out;
+            return count;
         };
         for shard in shards.flatten() {
-            let Ok(files) = std::fs::read_dir(shard.path()) else {
+            let Ok(entries) = std::fs::read_dir(shard.path()) else {
                 continue;
             };
-            for f in files.flatten() {
+            for f in entries.flatten() {
                 let (Some(key), Ok(m)) = (
                     f.file_name()
                         .to_str()
@@ -227,27 +229,35 @@ impl Evictor {
                 ) else {
                     continue;
                 };
-                out.insert(
-                    key,
-                    ContentEntry {
-                        bytes: allocated(&m),
-                        mtime: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    },
-                );
+                count += 1;
+                let e = files.entry(file_id(&m)).or_default();
+                e.bytes = allocated(&m);
+                e.shared = Some(key);
+                e.mtime = Some(m.modified().unwrap_or(SystemTime::UNIX_EPOCH));
             }
         }
-        out
+        count
     }
 
-    /// Count a layer's references; `kept` marks its keys as not evictable.
-    fn add_refs(&self, refs: &mut HashMap<Digest, Refs>, digest: &str, kept: bool) {
-        if let Ok(index) = LayerIndex::open(&self.cache.index_path(digest)) {
-            for k in layer_keys(&index) {
-                let r = refs.entry(k).or_default();
-                r.layers += 1;
-                r.kept |= kept;
-            }
-        }
+    /// Count a layer's files into `files`; `kept` marks them as not
+    /// evictable. Returns the layer's file ids.
+    fn add_layer(
+        &self,
+        files: &mut HashMap<FileId, FileEntry>,
+        digest: &str,
+        kept: bool,
+    ) -> Vec<FileId> {
+        layer_files(&self.cache.layer_dir(digest))
+            .iter()
+            .map(|m| {
+                let id = file_id(m);
+                let e = files.entry(id).or_default();
+                e.bytes = allocated(m);
+                e.layers += 1;
+                e.kept |= kept;
+                id
+            })
+            .collect()
     }
 
     /// Scan the cache and, when it is over the limit, evict. `forget` is
@@ -255,48 +265,40 @@ impl Evictor {
     /// (with the write gate held: no resolution or write runs meanwhile).
     pub fn run(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
         let t0 = Instant::now();
-        let content = self.scan_content();
-        let mut refs: HashMap<Digest, Refs> = HashMap::new();
+        let mut files: HashMap<FileId, FileEntry> = HashMap::new();
+        let content_files = self.scan_content(&mut files);
         let mut layers = Vec::new();
         for digest in self.layer_digests() {
             let dir = self.cache.layer_dir(&digest);
             let pinned = self.pinned_now(&digest);
             let last_used = self.last_used(&dir).unwrap_or(SystemTime::UNIX_EPOCH);
             let kept = pinned || self.is_recent(last_used);
-            self.add_refs(&mut refs, &digest, kept);
             layers.push(LayerEntry {
-                bytes: dir_allocated(&dir),
+                files: self.add_layer(&mut files, &digest, kept),
                 digest,
                 last_used,
                 pinned,
                 kept,
             });
         }
-        let content_bytes: u64 = content.values().map(|c| c.bytes).sum();
-        let layer_bytes: u64 = layers.iter().map(|l| l.bytes).sum();
-        let mut usage = content_bytes + layer_bytes;
-        let kept_bytes = |refs: &HashMap<Digest, Refs>, layers: &[LayerEntry]| {
-            let c: u64 = content
-                .iter()
-                .filter(|(k, _)| refs.get(*k).is_some_and(|r| r.kept))
-                .map(|(_, c)| c.bytes)
-                .sum();
-            c + layers
-                .iter()
-                .filter(|l| l.kept)
-                .map(|l| l.bytes)
+        let mut usage: u64 = files.values().map(|f| f.bytes).sum();
+        let kept_bytes = |files: &HashMap<FileId, FileEntry>| {
+            files
+                .values()
+                .filter(|f| f.kept)
+                .map(|f| f.bytes)
                 .sum::<u64>()
         };
         let mut pass = Eviction {
             usage_before: usage,
             layers: layers.len() as u32,
             layers_pinned: layers.iter().filter(|l| l.pinned).count() as u32,
-            content_files: content.len() as u64,
+            content_files,
             ..Default::default()
         };
         if self.opts.limit == 0 || usage <= self.opts.limit {
             pass.usage_after = usage;
-            pass.kept_bytes = kept_bytes(&refs, &layers);
+            pass.kept_bytes = kept_bytes(&files);
             pass.elapsed = t0.elapsed();
             return pass;
         }
@@ -304,11 +306,13 @@ impl Evictor {
             * u128::from(self.opts.low_water_percent.min(100))
             / 100) as u64;
 
-        // Oldest first: content no layer references, and unused layers.
+        // Oldest first: shared content no layer holds, and unused layers.
         let mut victims: Vec<(SystemTime, Victim)> = Vec::new();
-        for (k, c) in &content {
-            if !refs.contains_key(k) && !self.is_recent(c.mtime) {
-                victims.push((c.mtime, Victim::Orphan(*k)));
+        for (id, f) in &files {
+            if let (Some(_), Some(mtime), 0) = (f.shared, f.mtime, f.layers)
+                && !self.is_recent(mtime)
+            {
+                victims.push((mtime, Victim::Orphan(*id)));
             }
         }
         for (i, l) in layers.iter().enumerate() {
@@ -319,24 +323,25 @@ impl Evictor {
         victims.sort_by_key(|(t, _)| *t);
 
         let _gate = self.cache.evicting();
-        // Layers resolved since the scan reference their files too.
+        // Layers resolved since the scan hold their files too.
         let seen: HashSet<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
         for d in self.layer_digests() {
             if !seen.contains(d.as_str()) {
-                self.add_refs(&mut refs, &d, true);
+                self.add_layer(&mut files, &d, true);
             }
         }
-        let unlink = |key: &Digest, usage: &mut u64, pass: &mut Eviction| {
-            let Some(c) = content.get(key) else { return };
-            match std::fs::remove_file(self.cache.content_path(key)) {
+        let unshare = |f: &FileEntry, usage: &mut u64, pass: &mut Eviction| {
+            let Some(key) = f.shared else { return };
+            let path = self.cache.content_path(&key);
+            match std::fs::remove_file(&path) {
                 Ok(()) => {
-                    *usage = usage.saturating_sub(c.bytes);
+                    *usage = usage.saturating_sub(f.bytes);
                     pass.files_evicted += 1;
-                    pass.bytes_freed += c.bytes;
+                    pass.bytes_freed += f.bytes;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(file = %self.cache.content_path(key).display(), error = %e, "cannot evict a cache file")
+                    tracing::warn!(file = %path.display(), error = %e, "cannot evict a cache file")
                 }
             }
         };
@@ -345,9 +350,11 @@ impl Evictor {
                 break;
             }
             match victim {
-                Victim::Orphan(key) => {
-                    if !refs.contains_key(&key) {
-                        unlink(&key, &mut usage, &mut pass);
+                Victim::Orphan(id) => {
+                    if let Some(f) = files.get(&id)
+                        && f.layers == 0
+                    {
+                        unshare(f, &mut usage, &mut pass);
                     }
                 }
                 Victim::Layer(i) => {
@@ -364,31 +371,32 @@ impl Evictor {
                     if self.last_used(&dir).is_some_and(|t| t > l.last_used) {
                         continue;
                     }
-                    let keys = LayerIndex::open(&self.cache.index_path(&l.digest))
-                        .map(|i| layer_keys(&i))
-                        .unwrap_or_default();
                     forget(&l.digest);
                     if let Err(e) = std::fs::remove_dir_all(&dir) {
                         tracing::warn!(layer = %l.digest, dir = %dir.display(), error = %e, "cannot evict a layer's files");
                         continue;
                     }
-                    usage = usage.saturating_sub(l.bytes);
-                    pass.bytes_freed += l.bytes;
                     pass.layers_evicted += 1;
                     tracing::debug!(layer = %l.digest, "evicted from the cache");
-                    for k in keys {
-                        let Some(r) = refs.get_mut(&k) else { continue };
-                        r.layers = r.layers.saturating_sub(1);
-                        if r.layers == 0 && !r.kept {
-                            refs.remove(&k);
-                            unlink(&k, &mut usage, &mut pass);
+                    for id in &l.files {
+                        let Some(f) = files.get_mut(id) else { continue };
+                        f.layers = f.layers.saturating_sub(1);
+                        if f.layers > 0 || f.kept {
+                            continue;
+                        }
+                        if f.shared.is_some() {
+                            // Shared content only this layer held goes with it.
+                            unshare(f, &mut usage, &mut pass);
+                        } else {
+                            usage = usage.saturating_sub(f.bytes);
+                            pass.bytes_freed += f.bytes;
                         }
                     }
                 }
             }
         }
         pass.usage_after = usage;
-        pass.kept_bytes = kept_bytes(&refs, &layers);
+        pass.kept_bytes = kept_bytes(&files);
         pass.elapsed = t0.elapsed();
         pass
     }

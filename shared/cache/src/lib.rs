@@ -4,27 +4,41 @@
 //! ```text
 //! <root>/lock                          flock held by the fetcher while it runs
 //! <root>/clean                         exists only after a clean stop
+//! <root>/layout                        the layout's version (older caches are emptied)
 //! <root>/layers/<hex>/index            TOC index (stargaze-index), written once
 //! <root>/layers/<hex>/presence         presence map: one bit per chunk of the index
-//! <root>/content/<hh>/<hex>            uncompressed file content by file digest, sparse
-//!                                      (mode 0444 once complete and verified)
+//! <root>/layers/<hex>/files/<ino>      the layer's regular file <ino>, sparse until
+//!                                      complete (mode 0444 once complete and verified)
+//! <root>/content/<hh>/<hex>            verified content by file digest: hard links to
+//!                                      complete layer files, shared by all layers
 //! ```
 //!
-//! Data flows one way: the fetcher decompresses and verifies a chunk, writes
-//! it into the content file ([`ContentFile::write_at`]) and only then sets the
-//! chunk's bit in the layer's [`PresenceMap`] with release ordering; the fs
-//! service reads the bit with acquire ordering and serves bytes from the
-//! content file only when it is set. Content is keyed by the file's digest,
-//! so a file shared by many layers or images is stored once; presence is per
-//! layer because layers may chunk the same file differently.
+//! Data flows one way: the fetcher decompresses and verifies a chunk
+//! against its layer's TOC, writes it into that layer's file
+//! ([`Cache::layer_file_writer`], [`ContentFile::write_at`]) and only then
+//! sets the chunk's bit in the layer's [`PresenceMap`] with release
+//! ordering; the fs service reads the bit with acquire ordering and serves
+//! bytes from the layer's file only when it is set.
+//!
+//! A file digest in a TOC is a claim made by whoever built the image, so
+//! nothing is shared on its word. A layer fills files of its own; once one
+//! is complete and its bytes hash to the digest its TOC gives, it becomes
+//! read-only and is linked into `content/` ([`Cache::share`]): the same
+//! file in many layers or images is then stored once. Another layer uses
+//! shared content without fetching it only when its own TOC agrees with
+//! the bytes (size and every chunk digest, [`Cache::adopt`]) and it has no
+//! file of its own yet; a complete file is never written again. So a TOC
+//! that lies about a digest can only ever change what its own layer reads.
+//! Presence is per layer because layers may chunk the same file differently.
 //!
 //! Content writes are `pwrite`s, or go through io_uring on a dedicated
 //! thread after [`Cache::use_io_uring`] ([`uring`]); either way a write has
 //! returned before its presence bit is set.
 //!
 //! [`Cache::open_writer`] detects an unclean stop (no `clean` marker): the
-//! fetcher must then re-verify present chunks before trusting them
-//! ([`verify_range`]), because bits and data are not flushed in order.
+//! fetcher must then re-verify present chunks and shared content before
+//! trusting them ([`verify_range`], [`hashes_to`]), because bits and data
+//! are not flushed in order.
 
 mod content;
 pub mod evict;
@@ -32,7 +46,7 @@ mod pin;
 mod presence;
 pub mod uring;
 
-pub use content::{ContentFile, verify_range};
+pub use content::{ContentFile, hashes_to, verify_range};
 pub use evict::{EvictOptions, Eviction, Evictor};
 pub use pin::LayerPin;
 pub use presence::{PRESENCE_HEADER, PresenceMap};
@@ -89,6 +103,37 @@ pub struct Cache {
     written: std::sync::atomic::AtomicU64,
 }
 
+/// Version of the directory layout above. A cache of another version is
+/// emptied when the fetcher opens it: its presence bits describe files
+/// where this version does not look (everything is fetched again).
+const LAYOUT_VERSION: &str = "2";
+
+/// Empty a cache whose layout is not [`LAYOUT_VERSION`], then record it.
+fn check_layout(root: &Path) -> Result<(), CacheError> {
+    let path = root.join("layout");
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == LAYOUT_VERSION => return Ok(()),
+        Ok(_) | Err(_) => {}
+    }
+    let used = ["layers", "content"].iter().any(|d| {
+        std::fs::read_dir(root.join(d))
+            .map(|mut e| e.next().is_some())
+            .unwrap_or(false)
+    });
+    if used {
+        tracing::warn!(
+            cache = %root.display(),
+            "the cache has an older layout: emptying it (its layers are fetched again)"
+        );
+        for d in ["layers", "content"] {
+            let dir = root.join(d);
+            std::fs::remove_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
+        }
+    }
+    std::fs::write(&path, format!("{LAYOUT_VERSION}\n")).map_err(|e| CacheError::io(&path, e))
+}
+
 /// Mode of a content file that is complete and verified.
 pub const COMPLETE_MODE: u32 = 0o444;
 /// Mode of a content file still being filled.
@@ -123,6 +168,7 @@ impl Cache {
             format!("{}\n", std::process::id()).as_bytes(),
             0,
         );
+        check_layout(root)?;
         let clean_path = root.join("clean");
         let had_content = std::fs::read_dir(root.join("layers"))
             .map(|mut d| d.next().is_some())
@@ -183,48 +229,165 @@ impl Cache {
         self.layer_dir(layer_digest).join("presence")
     }
 
-    /// Content file of a file digest.
+    /// Shared, verified content of a file digest (see the module docs).
     pub fn content_path(&self, file_digest: &Digest) -> PathBuf {
         let hex = file_digest.hex();
         self.root.join("content").join(&hex[..2]).join(hex)
     }
 
-    /// Is the content of this file complete and verified in the cache?
-    /// (Complete content files are read-only: one `chmod` marks them, no
-    /// extra file per content file.)
-    pub fn is_complete(&self, file_digest: &Digest) -> bool {
-        use std::os::unix::fs::PermissionsExt;
+    /// Is verified content of this digest shared in the cache?
+    pub fn is_shared(&self, file_digest: &Digest) -> bool {
         std::fs::metadata(self.content_path(file_digest))
-            .map(|m| m.permissions().mode() & 0o777 == COMPLETE_MODE)
+            .map(|m| content::is_complete_mode(&m))
             .unwrap_or(false)
     }
 
-    /// Record that every chunk of the file has been written and verified.
-    pub fn mark_complete(&self, file_digest: &Digest) -> Result<(), CacheError> {
-        use std::os::unix::fs::PermissionsExt;
-        let p = self.content_path(file_digest);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(COMPLETE_MODE))
-            .map_err(|e| CacheError::io(&p, e))
+    /// A layer's file for its regular file `ino`: what the layer's presence
+    /// bits describe and the fs service reads.
+    pub fn layer_file_path(&self, layer_digest: &str, ino: u64) -> PathBuf {
+        self.layer_dir(layer_digest)
+            .join("files")
+            .join(ino.to_string())
     }
 
-    /// Forget that a file is complete (after a failed re-verification).
-    pub fn unmark_complete(&self, file_digest: &Digest) {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(
-            self.content_path(file_digest),
-            std::fs::Permissions::from_mode(PARTIAL_MODE),
-        );
-    }
-
-    /// Open (creating, sparse, at its final size) a file's content for writing.
-    pub fn content_writer(
+    /// Open (creating, sparse, at its final size) a layer's file for
+    /// writing verified chunks; `None` when it is complete (every byte
+    /// verified for this layer, perhaps shared: never written again).
+    pub fn layer_file_writer(
         &self,
+        layer_digest: &str,
+        ino: u64,
+        size: u64,
+    ) -> Result<Option<ContentFile>, CacheError> {
+        let Some(mut f) = ContentFile::open_rw(&self.layer_file_path(layer_digest, ino), size)?
+        else {
+            return Ok(None);
+        };
+        f.uring = self.uring.clone();
+        Ok(Some(f))
+    }
+
+    /// Open a layer's file for reading.
+    pub fn layer_file_reader(
+        &self,
+        layer_digest: &str,
+        ino: u64,
+    ) -> Result<ContentFile, CacheError> {
+        ContentFile::open_ro(&self.layer_file_path(layer_digest, ino))
+    }
+
+    /// Is the layer's file complete (read-only)?
+    pub fn layer_file_is_complete(&self, layer_digest: &str, ino: u64) -> bool {
+        std::fs::symlink_metadata(self.layer_file_path(layer_digest, ino))
+            .map(|m| content::is_complete_mode(&m))
+            .unwrap_or(false)
+    }
+
+    /// Drop a layer's file (after a failed re-verification): the next
+    /// write starts a new file of the layer's own, whatever the old one
+    /// was linked to.
+    pub fn remove_layer_file(&self, layer_digest: &str, ino: u64) -> Result<(), CacheError> {
+        let p = self.layer_file_path(layer_digest, ino);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CacheError::io(&p, e)),
+        }
+    }
+
+    /// Share a layer's complete file as the content of `file_digest`. The
+    /// caller has checked that every byte of `file` hashes to that digest
+    /// ([`hashes_to`], or the one chunk of a one-chunk file had it as its
+    /// chunk digest). The file becomes read-only and is linked into
+    /// `content/`; where another layer shared the same content first, the
+    /// layer's file is replaced by a link to that copy (the same bytes,
+    /// stored once; open descriptors keep the old copy, equal to it).
+    pub fn share(
+        &self,
+        layer_digest: &str,
+        ino: u64,
+        file: &ContentFile,
+        file_digest: &Digest,
+    ) -> Result<(), CacheError> {
+        use std::os::unix::fs::MetadataExt;
+        file.mark_complete()?;
+        let own = self.layer_file_path(layer_digest, ino);
+        if std::fs::symlink_metadata(&own).is_err() {
+            return Ok(()); // the layer was evicted meanwhile
+        }
+        let shared = self.content_path(file_digest);
+        let link = |from: &Path, to: &Path| -> std::io::Result<()> {
+            match std::fs::hard_link(from, to) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Some(dir) = to.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    std::fs::hard_link(from, to)
+                }
+                r => r,
+            }
+        };
+        match link(&own, &shared) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let (Ok(a), Ok(b)) = (std::fs::metadata(&own), std::fs::metadata(&shared)) else {
+                    return Ok(());
+                };
+                if a.ino() == b.ino() || !content::is_complete_mode(&b) || b.len() != a.len() {
+                    return Ok(());
+                }
+                // Store once: the layer's file becomes a link to the copy.
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tmp = own.with_extension(format!("dedup.{}.{n}", std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                std::fs::hard_link(&shared, &tmp)
+                    .and_then(|()| std::fs::rename(&tmp, &own))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        CacheError::io(&own, e)
+                    })
+            }
+            Err(e) => Err(CacheError::io(&shared, e)),
+        }
+    }
+
+    /// Let a layer use the shared content of `file_digest` for its file
+    /// `ino` without fetching it. Only when the layer has no file of its
+    /// own yet, the content is complete and has the size the layer's TOC
+    /// gives, and `agrees` (the layer's own chunk digests over the shared
+    /// bytes) holds: a layer whose TOC disagrees with shared content never
+    /// uses it. Returns whether the layer's file is now that content.
+    pub fn adopt(
+        &self,
+        layer_digest: &str,
+        ino: u64,
         file_digest: &Digest,
         size: u64,
-    ) -> Result<ContentFile, CacheError> {
-        let mut f = ContentFile::open_rw(&self.content_path(file_digest), size)?;
-        f.uring = self.uring.clone();
-        Ok(f)
+        agrees: impl FnOnce(&ContentFile) -> bool,
+    ) -> bool {
+        let shared = self.content_path(file_digest);
+        let Ok(content) = ContentFile::open_ro(&shared) else {
+            return false;
+        };
+        match content.file().metadata() {
+            Ok(m) if content::is_complete_mode(&m) && m.len() == size => {}
+            _ => return false,
+        }
+        if !agrees(&content) {
+            return false;
+        }
+        let own = self.layer_file_path(layer_digest, ino);
+        let linked = match std::fs::hard_link(&shared, &own) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => own
+                .parent()
+                .map(std::fs::create_dir_all)
+                .unwrap_or(Ok(()))
+                .and_then(|()| std::fs::hard_link(&shared, &own)),
+            r => r,
+        };
+        // AlreadyExists: the layer has a file of its own; it keeps it.
+        linked.is_ok()
     }
 
     /// Write content through io_uring from now on. On error (io_uring not

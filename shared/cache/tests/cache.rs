@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use stargaze_cache::{Cache, CacheError, PresenceMap, verify_range};
+use stargaze_cache::{Cache, CacheError, PresenceMap, hashes_to, verify_range};
 use stargaze_format::Digest;
 
 const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -76,15 +76,22 @@ fn corrupt_maps_are_errors() {
     ));
 }
 
+fn writer(cache: &Cache, layer: &str, ino: u64, size: u64) -> stargaze_cache::ContentFile {
+    cache
+        .layer_file_writer(layer, ino, size)
+        .unwrap()
+        .expect("not complete")
+}
+
 #[test]
-fn content_is_sparse_until_written_and_verifiable() {
+fn layer_files_are_sparse_until_written_and_verifiable() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open_writer(dir.path()).unwrap();
     let data = b"hello, lazily pulled world";
     let d = Digest::of(data);
-    let w = cache.content_writer(&d, data.len() as u64).unwrap();
+    let w = writer(&cache, LAYER, 7, data.len() as u64);
     w.write_at(7, &data[7..]).unwrap();
-    let r = cache.content_reader(&d).unwrap();
+    let r = cache.layer_file_reader(LAYER, 7).unwrap();
     assert!(verify_range(
         &r,
         7,
@@ -97,16 +104,115 @@ fn content_is_sparse_until_written_and_verifiable() {
     );
     w.write_at(0, &data[..7]).unwrap();
     assert!(verify_range(&r, 0, data.len() as u64, &d));
-    assert!(!cache.is_complete(&d));
-    cache.mark_complete(&d).unwrap();
-    assert!(cache.is_complete(&d));
-    cache.unmark_complete(&d);
-    assert!(!cache.is_complete(&d));
+    assert!(hashes_to(&r, data.len() as u64, &d));
+    assert!(!hashes_to(&r, data.len() as u64 - 1, &d), "a lying size");
+    assert!(!cache.layer_file_is_complete(LAYER, 7));
     assert!(
         cache
-            .content_path(&d)
-            .starts_with(dir.path().join("content"))
+            .layer_file_path(LAYER, 7)
+            .starts_with(cache.layer_dir(LAYER))
     );
+}
+
+const OTHER: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+/// Sharing: a verified file is linked into content/, becomes read-only and
+/// is never opened for writing again; a second layer that completes the
+/// same content stores it once.
+#[test]
+fn shared_files_are_complete_read_only_and_stored_once() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open_writer(dir.path()).unwrap();
+    let data = b"shared bytes";
+    let d = Digest::of(data);
+    let w = writer(&cache, LAYER, 3, data.len() as u64);
+    w.write_at(0, data).unwrap();
+    assert!(!cache.is_shared(&d));
+    cache.share(LAYER, 3, &w, &d).unwrap();
+    assert!(cache.is_shared(&d));
+    assert!(cache.layer_file_is_complete(LAYER, 3));
+    assert!(
+        cache
+            .layer_file_writer(LAYER, 3, data.len() as u64)
+            .unwrap()
+            .is_none(),
+        "a complete file is never opened for writing"
+    );
+    let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(&cache.layer_file_path(LAYER, 3)),
+        ino(&cache.content_path(&d))
+    );
+    // Another layer fills its own file with the same bytes, then shares:
+    // its file becomes the one copy.
+    let w2 = writer(&cache, OTHER, 9, data.len() as u64);
+    w2.write_at(0, data).unwrap();
+    assert_ne!(
+        ino(&cache.layer_file_path(OTHER, 9)),
+        ino(&cache.content_path(&d))
+    );
+    cache.share(OTHER, 9, &w2, &d).unwrap();
+    assert_eq!(
+        ino(&cache.layer_file_path(OTHER, 9)),
+        ino(&cache.content_path(&d))
+    );
+    assert_eq!(
+        std::fs::read(cache.layer_file_path(OTHER, 9)).unwrap(),
+        data
+    );
+}
+
+/// Adoption: a layer uses shared content only when its TOC agrees with the
+/// bytes (size and the caller's chunk check) and it has no file of its own.
+#[test]
+fn shared_content_is_adopted_only_when_the_layer_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open_writer(dir.path()).unwrap();
+    let data = b"0123456789";
+    let d = Digest::of(data);
+    assert!(
+        !cache.adopt(OTHER, 1, &d, 10, |_| true),
+        "nothing shared yet"
+    );
+    let w = writer(&cache, LAYER, 1, 10);
+    w.write_at(0, data).unwrap();
+    cache.share(LAYER, 1, &w, &d).unwrap();
+    assert!(!cache.adopt(OTHER, 1, &d, 11, |_| true), "another size");
+    assert!(!cache.adopt(OTHER, 1, &d, 10, |_| false), "chunks disagree");
+    assert!(!cache.layer_file_path(OTHER, 1).exists());
+    // A layer with a file of its own keeps it.
+    writer(&cache, OTHER, 2, 10).write_at(0, b"01234").unwrap();
+    assert!(!cache.adopt(OTHER, 2, &d, 10, |_| true));
+    assert_eq!(
+        &std::fs::read(cache.layer_file_path(OTHER, 2)).unwrap()[..5],
+        b"01234"
+    );
+    assert!(cache.adopt(OTHER, 1, &d, 10, |c| verify_range(c, 0, 10, &d)));
+    assert_eq!(
+        std::fs::read(cache.layer_file_path(OTHER, 1)).unwrap(),
+        data
+    );
+    assert!(cache.layer_file_writer(OTHER, 1, 10).unwrap().is_none());
+}
+
+/// A cache written with another layout (content keyed by the TOC's word)
+/// is emptied, not trusted.
+#[test]
+fn a_cache_of_an_older_layout_is_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("content/ab/abcd");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::write(&old, b"x").unwrap();
+    std::fs::create_dir_all(dir.path().join("layers/11")).unwrap();
+    drop(Cache::open_writer(dir.path()).unwrap());
+    assert!(!old.exists());
+    assert!(!dir.path().join("layers/11").exists());
+    // The current layout is kept as it is.
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::write(old.with_file_name("abce"), b"y").unwrap();
+    drop(Cache::open_writer(dir.path()).unwrap());
+    assert!(old.with_file_name("abce").exists());
 }
 
 #[test]
@@ -138,12 +244,7 @@ fn bits_cross_process_boundaries() {
     let cache = Cache::open_writer(dir.path()).unwrap();
     let path = cache.presence_path(LAYER);
     let w = PresenceMap::open_rw(&path, 64, LAYER).unwrap();
-    let d = Digest::of(b"x");
-    cache
-        .content_writer(&d, 1)
-        .unwrap()
-        .write_at(0, b"x")
-        .unwrap();
+    writer(&cache, LAYER, 5, 1).write_at(0, b"x").unwrap();
     w.set_present(42);
     // Read the bit with a plain read of the file from another process: the
     // kernel's page cache is the shared memory.
@@ -157,31 +258,32 @@ fn bits_cross_process_boundaries() {
 }
 
 #[test]
-fn content_files_reach_their_final_size_whichever_chunk_lands_first() {
+fn layer_files_reach_their_final_size_whichever_chunk_lands_first() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open_writer(dir.path()).unwrap();
-    let len = |d: &Digest| std::fs::metadata(cache.content_path(d)).unwrap().len();
+    let len = |ino: u64| {
+        std::fs::metadata(cache.layer_file_path(LAYER, ino))
+            .unwrap()
+            .len()
+    };
     // A chunk in the middle of a new file: the file is sparse at its size.
-    let middle = Digest::of(b"middle");
-    let w = cache.content_writer(&middle, 1000).unwrap();
+    let w = writer(&cache, LAYER, 1, 1000);
     w.write_at(100, b"abc").unwrap();
-    assert_eq!(len(&middle), 1000);
+    assert_eq!(len(1), 1000);
     // A chunk covering the whole new file: one write, exact size.
-    let whole = Digest::of(b"whole");
-    let w = cache.content_writer(&whole, 5).unwrap();
+    let w = writer(&cache, LAYER, 2, 5);
     w.write_at(0, b"whole").unwrap();
-    assert_eq!(len(&whole), 5);
+    assert_eq!(len(2), 5);
     // An existing file of the wrong size (a crash mid-create) is resized
     // when opened, before any write.
-    std::fs::write(cache.content_path(&middle), b"short").unwrap();
-    let _w = cache.content_writer(&middle, 1000).unwrap();
-    assert_eq!(len(&middle), 1000);
+    std::fs::write(cache.layer_file_path(LAYER, 1), b"short").unwrap();
+    let _w = writer(&cache, LAYER, 1, 1000);
+    assert_eq!(len(1), 1000);
     // The last chunk first, then the first: size right after each.
-    let tail = Digest::of(b"tail");
-    let w = cache.content_writer(&tail, 10).unwrap();
+    let w = writer(&cache, LAYER, 3, 10);
     w.write_at(6, b"tail").unwrap();
-    assert_eq!(len(&tail), 10);
-    let w = cache.content_writer(&tail, 10).unwrap();
+    assert_eq!(len(3), 10);
+    let w = writer(&cache, LAYER, 3, 10);
     w.write_at(0, b"head").unwrap();
-    assert_eq!(len(&tail), 10);
+    assert_eq!(len(3), 10);
 }

@@ -191,15 +191,6 @@ impl LayerIndex {
             .expect("validated at open: the root exists")
     }
 
-    /// The cache key of a regular file's content: its sha256 when the TOC
-    /// gives one (shared by every layer holding the same file), else a key
-    /// private to this layer and inode.
-    pub fn content_key(&self, ino: u64) -> Digest {
-        self.inode(ino)
-            .and_then(|n| n.digest())
-            .unwrap_or_else(|| Digest::of(format!("{}/{ino}", self.layer_digest()).as_bytes()))
-    }
-
     /// O(1).
     pub fn inode(&self, ino: u64) -> Option<Inode<'_>> {
         let i = usize::try_from(ino.checked_sub(1)?).ok()?;
