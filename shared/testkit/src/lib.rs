@@ -5,7 +5,9 @@
 //!   directory with their own sockets and ports, and stop them — processes,
 //!   mounts and files — when dropped, even when a test fails.
 //! * [`go_build`] compiles one of our own Go helper programs (in `tests/go/`)
-//!   against Debian's packaged Go sources, offline, and caches the binary.
+//!   against Debian's packaged Go sources, offline, and caches the binary
+//!   ([`go_build_with_aliases`] when a dependency imports a module by a
+//!   major-version path Debian does not have).
 //! * [`image`] writes OCI image layouts from in-memory tars for tests.
 //! * [`require`] fails a test with the command that installs a missing tool.
 //! * [`service_cli`] is the command-line contract of the service binaries.
@@ -493,6 +495,16 @@ impl Drop for Registry {
 /// (GOPATH mode, no network) and return the binary path. Binaries are
 /// cached under the cargo target dir by source content.
 pub fn go_build(name: &str) -> PathBuf {
+    go_build_with_aliases(name, &[])
+}
+
+/// [`go_build`] for helpers whose dependencies import a Go module by its
+/// major-version path while Debian packages it without the suffix (e.g.
+/// containerd's snapshotter test suite imports `gotest.tools/v3/assert`,
+/// packaged as `/usr/share/gocode/src/gotest.tools`). Each
+/// `(import_path, packaged)` pair makes `import_path` resolve to
+/// `/usr/share/gocode/src/<packaged>` in the build's private GOPATH.
+pub fn go_build_with_aliases(name: &str, aliases: &[(&str, &str)]) -> PathBuf {
     require("go");
     let src_dir = repo_root().join("tests/go").join(name);
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
@@ -504,6 +516,9 @@ pub fn go_build(name: &str) -> PathBuf {
     files.sort();
     for f in &files {
         sha2::Digest::update(&mut hasher, std::fs::read(f).expect("read go source"));
+    }
+    for (import_path, packaged) in aliases {
+        sha2::Digest::update(&mut hasher, format!("alias {import_path} {packaged}\n"));
     }
     let key = hex::encode(&sha2::Digest::finalize(hasher)[..8]);
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -520,6 +535,17 @@ pub fn go_build(name: &str) -> PathBuf {
     std::fs::create_dir_all(&pkg).expect("gopath src");
     for f in &files {
         std::fs::copy(f, pkg.join(f.file_name().expect("name"))).expect("copy go source");
+    }
+    for (import_path, packaged) in aliases {
+        let packaged = Path::new("/usr/share/gocode/src").join(packaged);
+        assert!(
+            packaged.is_dir(),
+            "{} is missing: run `make deps` (as root) to install the Go packages the tests build against",
+            packaged.display()
+        );
+        let link = gopath.path().join("src").join(import_path);
+        std::fs::create_dir_all(link.parent().expect("alias parent")).expect("gopath alias dir");
+        std::os::unix::fs::symlink(&packaged, &link).expect("gopath alias");
     }
     let tmp_bin = out_dir.join(format!(".{name}-{key}.{}", std::process::id()));
     run(Command::new("go")
