@@ -342,10 +342,14 @@ impl Store {
                 return Err(SnapError::AlreadyExists(name.to_string()));
             }
             t.remove(key).map_err(|e| self.internal(e))?;
+            // A commit makes a new snapshot: containerd's metadata store
+            // (and its snapshotter suite) has both times at the commit.
+            let t0 = now();
             let committed = Record {
                 kind: Kind::Committed,
                 labels,
-                updated: now(),
+                created: t0,
+                updated: t0,
                 size: if r.remote_dir.is_some() { 0 } else { size },
                 inodes: if r.remote_dir.is_some() { 0 } else { inodes },
                 ..r

@@ -93,6 +93,8 @@ async fn containerd_overlay_semantics() {
         .unwrap();
     assert_eq!(info.kind, Kind::Committed as i32);
     assert_eq!(info.labels["l"], "1");
+    // Committing creates the snapshot: both times are the commit's.
+    assert_eq!(info.created_at, info.updated_at);
 
     // Parents must exist and be committed.
     assert_eq!(
