@@ -19,6 +19,61 @@ fn blob_err(layer: &str) -> impl Fn(crate::BlobError) -> FetchError + '_ {
     }
 }
 
+/// What a layer's TOC is checked against: decided for every `Prepare`
+/// from its labels, never only for the first one that resolved the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TocCheck {
+    /// `containerd.io/snapshot/stargz/toc.digest`: the sha256 of the TOC JSON.
+    TocDigest(Digest),
+    /// Nothing to check against: the operator allowed unverified layers
+    /// (`allow_no_verification` and the skipverify label).
+    Unverified,
+}
+
+impl TocCheck {
+    /// The check for a layer with `expected` as its `toc.digest`;
+    /// without one, only where unverified layers are allowed.
+    pub fn new(
+        layer: &str,
+        expected: Option<Digest>,
+        allow_unverified: bool,
+    ) -> Result<TocCheck, FetchError> {
+        match expected {
+            Some(d) => Ok(TocCheck::TocDigest(d)),
+            None if allow_unverified => Ok(TocCheck::Unverified),
+            None => Err(FetchError::NotVerifiable {
+                layer: layer.to_string(),
+            }),
+        }
+    }
+
+    /// The TOC digest this check requires, if it names one.
+    fn toc_digest(self) -> Option<Digest> {
+        match self {
+            TocCheck::TocDigest(d) => Some(d),
+            TocCheck::Unverified => None,
+        }
+    }
+
+    /// Does the resolved layer `index` satisfy this check? A layer
+    /// resolved for one manifest is served for another only when that
+    /// manifest names the same TOC.
+    pub fn check_index(self, layer: &str, index: &LayerIndex) -> Result<(), FetchError> {
+        match self {
+            TocCheck::TocDigest(expected) if index.toc_digest() != expected => {
+                Err(FetchError::Format(FormatError::new(
+                    layer,
+                    ErrorKind::TocDigestMismatch {
+                        expected,
+                        actual: index.toc_digest(),
+                    },
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Read footer and TOC, verify, write the index and presence map. A valid
 /// index already in the cache (a restart) is reused without touching the
 /// registry, as long as its TOC digest matches the expected one.
@@ -30,34 +85,21 @@ pub async fn resolve_layer(
     allow_unverified: bool,
     opts: &FetchOptions,
 ) -> Result<Layer, FetchError> {
-    resolve_with_toc(
-        cache,
-        blob,
-        layer_digest,
-        expected_toc,
-        allow_unverified,
-        None,
-        opts,
-    )
-    .await
+    let check = TocCheck::new(layer_digest, expected_toc, allow_unverified)?;
+    resolve_with_toc(cache, blob, layer_digest, check, None, opts).await
 }
 
-/// [`resolve_layer`] for a layer converted with an external TOC: `toc_blob`
-/// is its layer of the `-esgztoc` image (still verified against `toc.digest`).
+/// [`resolve_layer`] with the check already decided; `toc_blob` is, for a
+/// layer converted with an external TOC, its layer of the `-esgztoc` image
+/// (still verified against `toc.digest`).
 pub async fn resolve_with_toc(
     cache: Arc<Cache>,
     blob: Arc<dyn RemoteBlob>,
     layer_digest: &str,
-    expected_toc: Option<Digest>,
-    allow_unverified: bool,
+    check: TocCheck,
     toc_blob: Option<Vec<u8>>,
     opts: &FetchOptions,
 ) -> Result<Layer, FetchError> {
-    if expected_toc.is_none() && !allow_unverified {
-        return Err(FetchError::NotVerifiable {
-            layer: layer_digest.to_string(),
-        });
-    }
     // Reuse a valid index already in the cache (a restart, or a layer
     // resolved before), without touching the registry.
     let reused = {
@@ -66,9 +108,7 @@ pub async fn resolve_with_toc(
             let _writing = cache.writing();
             LayerIndex::open(&cache.index_path(&layer))
                 .ok()
-                .filter(|i| {
-                    i.layer_digest() == layer && expected_toc.is_none_or(|t| i.toc_digest() == t)
-                })
+                .filter(|i| i.layer_digest() == layer && check.check_index(&layer, i).is_ok())
                 .map(|index| open_presence(&cache, &layer, index))
         })
         .await
@@ -78,7 +118,7 @@ pub async fn resolve_with_toc(
         Some(parts) => parts?,
         None => {
             let started = std::time::Instant::now();
-            let toc = fetch_toc(&*blob, layer_digest, expected_toc, toc_blob, opts).await?;
+            let toc = fetch_toc(&*blob, layer_digest, check, toc_blob, opts).await?;
             let toc_read = started.elapsed();
             let meta = IndexMeta {
                 layer_digest: layer_digest.to_string(),
@@ -182,11 +222,12 @@ fn open_presence(
 async fn fetch_toc(
     blob: &dyn RemoteBlob,
     layer: &str,
-    expected: Option<Digest>,
+    check: TocCheck,
     toc_blob: Option<Vec<u8>>,
     opts: &FetchOptions,
 ) -> Result<LayerToc, FetchError> {
     let fmt = |k: ErrorKind| FetchError::Format(FormatError::new(layer, k));
+    let expected = check.toc_digest();
     let want = opts.tail_window.max(MAX_FOOTER_SIZE as u64);
     let (size, tail) = blob.read_tail(want).await.map_err(blob_err(layer))?;
     let window = size.min(want);

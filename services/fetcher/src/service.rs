@@ -18,7 +18,8 @@ use tonic::{Request, Response, Status};
 use crate::RemoteBlob;
 use crate::evict::CacheLimit;
 use crate::registry::{RegistryBlob, WarmBlob, WarmTail};
-use crate::{FetchError, FetchOptions, Layer, resolve_layer, resolve_with_toc};
+use crate::resolve::{TocCheck, resolve_with_toc};
+use crate::{FetchError, FetchOptions, Layer};
 use stargaze_cache::EvictOptions;
 
 /// Label that lets a layer without `toc.digest` through when the request allows it.
@@ -381,7 +382,10 @@ impl FetcherService {
             .clone()
     }
 
-    /// Resolve once per layer; concurrent callers share the work.
+    /// Resolve once per layer; concurrent callers share the work. Every
+    /// call checks the layer against its own labels: a layer resolved for
+    /// one image is served for another only when that image names the
+    /// same TOC (or allows unverified layers).
     pub async fn resolve(
         &self,
         src: &LayerSource,
@@ -401,9 +405,18 @@ impl FetcherService {
             None => None,
         };
         let _on_demand = self.shared.activity.begin();
+        let report = |e: FetchError| {
+            tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
+            self.shared.errors.push(
+                src.digest.clone(),
+                format!("resolving (image {}): {e}", src.image_ref),
+            );
+            status_of(&e)
+        };
         // As in the Go snapshotter: the configuration must allow it and the
         // layer must carry the skipverify label.
         let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
+        let check = TocCheck::new(&digest, expected, allow).map_err(report)?;
         let (layer, fresh) = loop {
             let cell = self
                 .shared
@@ -423,23 +436,34 @@ impl FetcherService {
                         Some(t) => Arc::new(WarmBlob::new(t)),
                         None => Arc::new(RegistryBlob(shared.client.blob(&reference, &digest))),
                     };
-                    let resolved = match resolve_layer(shared.cache.clone(), blob.clone(), &digest, expected, allow, &shared.opts).await {
+                    let resolved = match resolve_with_toc(
+                        shared.cache.clone(),
+                        blob.clone(),
+                        &digest,
+                        check,
+                        None,
+                        &shared.opts,
+                    )
+                    .await
+                    {
                         Err(FetchError::ExternalToc { .. }) => {
                             let toc = external_toc(&shared, &reference, &digest).await?;
-                            resolve_with_toc(shared.cache.clone(), blob, &digest, expected, allow, Some(toc), &shared.opts).await
+                            resolve_with_toc(
+                                shared.cache.clone(),
+                                blob,
+                                &digest,
+                                check,
+                                Some(toc),
+                                &shared.opts,
+                            )
+                            .await
                         }
                         other => other,
                     };
                     resolved.map(Arc::new)
                 })
                 .await
-                .map_err(|e| {
-                    tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
-                    self.shared
-                        .errors
-                        .push(src.digest.clone(), format!("resolving (image {}): {e}", src.image_ref));
-                    status_of(&e)
-                })?
+                .map_err(report)?
                 .clone();
             // Evicted between the lookup and now (the pass took it out of
             // the map): the next lookup resolves it anew.
@@ -447,6 +471,8 @@ impl FetcherService {
                 break (layer, fresh);
             }
         };
+        // The layer may have been resolved for another image's Prepare.
+        check.check_index(&digest, &layer.index).map_err(report)?;
         if fresh {
             self.save_source(&layer.digest, src, allow_unverified);
         } else {

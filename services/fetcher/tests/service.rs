@@ -982,3 +982,117 @@ async fn a_starting_container_pauses_background_fetches() {
     }
     assert!(fetcher.stop().success());
 }
+
+/// A layer already resolved for one manifest is checked against every
+/// later request's labels: another manifest naming the same blob with
+/// another `toc.digest`, or with none (where unverified layers are not
+/// allowed), is refused, while the first manifest's requests still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_checked_against_its_own_toc_digest() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    image::write_layout(
+        &src,
+        "x",
+        "src",
+        &[image::busybox_layer(), image::data_layer(5).0],
+    );
+    let image_ref = format!("{}/stargaze/tocs:esgz", reg.addr);
+    let manifest = convert(
+        &src,
+        &work.path().join("out"),
+        "esgz",
+        &ImageConvertOptions::default(),
+        &image_ref,
+    );
+    let layer = |i: usize| {
+        manifest["layers"][i]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let toc = |i: usize| {
+        manifest["layers"][i]["annotations"][stargaze_format::TOC_DIGEST_ANNOTATION]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let fetcher = Fetcher::start(work.path(), stargaze_testkit::free_port());
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    let resolve = |labels: Vec<(&'static str, String)>, allow_unverified: bool| {
+        let mut client = client.clone();
+        let (image_ref, digest) = (image_ref.clone(), layer(1));
+        async move {
+            client
+                .resolve_layer(ResolveLayerRequest {
+                    layer: Some(LayerSource {
+                        image_ref,
+                        digest,
+                        annotations: labels
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    allow_unverified,
+                })
+                .await
+        }
+    };
+    let toc_label = stargaze_format::TOC_DIGEST_ANNOTATION;
+    let skip_verify = "containerd.io/snapshot/remote/stargz.skipverify";
+
+    // The first manifest: resolved and verified.
+    let r = resolve(vec![(toc_label, toc(1))], false)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.toc_digest, toc(1));
+    // Another manifest names the same blob with the other layer's TOC
+    // digest: refused, naming the layer and both digests.
+    let e = resolve(vec![(toc_label, toc(0))], false)
+        .await
+        .expect_err("a resolved layer was served for a manifest naming another TOC");
+    for part in [layer(1), toc(0), toc(1)] {
+        assert!(
+            e.message().contains(&part),
+            "{part} not in: {}",
+            e.message()
+        );
+    }
+    // No digest at all: refused unless unverified layers are allowed and
+    // the request carries the skipverify label.
+    let e = resolve(vec![], false)
+        .await
+        .expect_err("a resolved layer was served for a manifest without toc.digest");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&layer(1)), "{}", e.message());
+    assert!(resolve(vec![], true).await.is_err(), "no skipverify label");
+    resolve(vec![(skip_verify, String::new())], true)
+        .await
+        .unwrap();
+    // The first manifest's requests are served as before, and so are its reads.
+    let r = resolve(vec![(toc_label, toc(1))], false)
+        .await
+        .unwrap()
+        .into_inner();
+    let index = LayerIndex::open(Path::new(&r.index_path)).unwrap();
+    let (ino, size) = (1..=index.inode_count())
+        .filter_map(|i| index.inode(i).map(|n| (i, n)))
+        .find(|(_, n)| n.is_reg() && n.size() > 0)
+        .map(|(i, n)| (i, n.size()))
+        .unwrap();
+    client
+        .fetch(FetchRequest {
+            layer_digest: layer(1),
+            ranges: vec![FileRange {
+                inode: ino,
+                offset: 0,
+                length: size,
+            }],
+            priority: Priority::OnDemand as i32,
+        })
+        .await
+        .unwrap();
+}

@@ -30,6 +30,7 @@ const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 const CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
 const CRI_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 const CRI_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 
 /// The layer a `Prepare` is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,23 @@ pub fn layer_from_labels(labels: &BTreeMap<String, String>) -> Option<LayerLabel
             })
             .unwrap_or_default(),
     })
+}
+
+/// A layer is mounted for a `Prepare` only if the TOC the fetcher resolved
+/// is the one this `Prepare`'s `toc.digest` label names: the same blob may
+/// be named by several manifests, and each one's label is checked.
+fn check_toc_digest(
+    layer: &LayerLabels,
+    labels: &BTreeMap<String, String>,
+    resolved: &str,
+) -> Result<(), String> {
+    match labels.get(TOC_DIGEST) {
+        Some(expected) if expected != resolved => Err(format!(
+            "layer {} of {}: its {TOC_DIGEST} label says {expected} but the layer's TOC hashes to {resolved}; the manifest does not describe this layer",
+            layer.digest, layer.image_ref
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Clients of the fetcher and fs services.
@@ -171,6 +189,7 @@ impl Remote {
             .await
             .map_err(|s| format!("fetcher: {}", s.message()))?
             .into_inner();
+        check_toc_digest(layer, labels, &resolved.toc_digest)?;
         let attached = self
             .fs
             .clone()
@@ -213,5 +232,20 @@ mod tests {
         let x = layer_from_labels(&l).unwrap();
         assert_eq!((x.digest.as_str(), x.prefetch), ("sha256:sgz", 10 << 20));
         assert_eq!(x.layers, ["sha256:sgz", "sha256:b"]);
+    }
+
+    #[test]
+    fn a_resolved_toc_other_than_the_label_is_refused() {
+        let mut l = BTreeMap::new();
+        l.insert(STARGZ_REF.into(), "r/a:1".into());
+        l.insert(STARGZ_DIGEST.into(), "sha256:layer".into());
+        let layer = layer_from_labels(&l).unwrap();
+        assert!(check_toc_digest(&layer, &l, "sha256:any").is_ok());
+        l.insert(TOC_DIGEST.into(), "sha256:want".into());
+        assert!(check_toc_digest(&layer, &l, "sha256:want").is_ok());
+        let e = check_toc_digest(&layer, &l, "sha256:other").unwrap_err();
+        for part in ["sha256:layer", "r/a:1", "sha256:want", "sha256:other"] {
+            assert!(e.contains(part), "{e}");
+        }
     }
 }
