@@ -109,7 +109,7 @@ pub enum FetchError {
         source: stargaze_index::IndexError,
     },
     #[error(
-        "layer {layer} has no containerd.io/snapshot/stargz/toc.digest annotation: it is not an eStargz layer (convert the image with `stargaze convert` to pull it lazily), or it was converted without OCI annotations (ctr-remote needs --oci); without the digest its TOC cannot be verified ([snapshotter] allow_no_verification mounts such layers unverified)"
+        "layer {layer} has no containerd.io/snapshot/stargz/toc.digest annotation: it is not an eStargz layer (convert the image with `stargaze convert` to pull it lazily), or it was converted without OCI annotations (ctr-remote needs --oci); without the digest its TOC cannot be verified; to mount such layers (legacy stargz, for one) unverified, set [snapshotter] allow_no_verification = true and pull with the containerd.io/snapshot/remote/stargz.skipverify label (`ctr-remote image rpull --skip-content-verify`)"
     )]
     NotVerifiable { layer: String },
     #[error(

@@ -9,7 +9,9 @@
 //! is plausible, which is about twice as fast as a streaming inflater;
 //! otherwise (the fetched range spans several members, or the member is far
 //! larger than what we need) a streaming decoder stops after the bytes we
-//! need. zstd frames are decoded in one call when their header records the
+//! need. A chunk may span several gzip members (a legacy stargz file
+//! without chunk digests is one chunk verified whole): the streaming
+//! decoder reads on across member boundaries. zstd frames are decoded in one call when their header records the
 //! content size, else streamed.
 
 use std::io::Read;
@@ -117,11 +119,9 @@ pub fn with_decompressed_prefix<R>(
     };
     let result = match produced {
         Some(n) if n >= needed_usize => Ok(f(&scratch.buf[..needed_usize])),
-        Some(n) => Err(format!(
-            "member decompresses to {n} bytes, fewer than the {needed} the TOC promises"
-        )),
-        // More than one member in the range, or ISIZE wrapped: stream.
-        None => decompress_prefix(compression, compressed, needed).map(|d| f(&d)),
+        // More than one member in the range (a short first member, or a
+        // chunk spanning members), or ISIZE wrapped: stream.
+        _ => decompress_prefix(compression, compressed, needed).map(|d| f(&d)),
     };
     // Keep at most a few MiB per thread between calls.
     if scratch.buf.len() > SCRATCH_KEEP {
@@ -149,15 +149,19 @@ fn gzip_prefix(compressed: &[u8], needed: u64, needed_usize: usize) -> Result<Ve
         if isize >= needed && isize <= needed + ONE_SHOT_SLACK {
             let mut out = vec![0u8; isize as usize];
             let mut d = libdeflater::Decompressor::new();
-            if let Ok(n) = d.gzip_decompress(compressed, &mut out) {
+            if let Ok(n) = d.gzip_decompress(compressed, &mut out)
+                && n >= needed_usize
+            {
                 out.truncate(n);
                 return Ok(out);
             }
             // The range held more than one member or ISIZE wrapped: stream.
         }
     }
+    // Several members when a chunk spans them (a legacy stargz file
+    // verified whole); the decoder stops after the bytes needed.
     let mut out = Vec::with_capacity(needed_usize);
-    flate2::read::GzDecoder::new(compressed)
+    flate2::read::MultiGzDecoder::new(compressed)
         .take(needed)
         .read_to_end(&mut out)
         .map_err(|e| format!("gzip member is corrupt: {e}"))?;
@@ -253,6 +257,35 @@ mod tests {
         let got = decompress_prefix(Compression::Gzip, &gz(&a), 100_000).unwrap();
         assert_eq!(got, a);
         assert!(decompress_prefix(Compression::Gzip, &gz(&a), 100_001).is_err());
+    }
+
+    #[test]
+    fn a_chunk_spanning_gzip_members_decodes_on_every_path() {
+        let parts: Vec<Vec<u8>> = (0..3u32)
+            .map(|p| (0..70_000u32).map(|i| ((i * 7 + p) % 253) as u8).collect())
+            .collect();
+        let whole = parts.concat();
+        let members: Vec<u8> = parts.iter().flat_map(|p| gz(p)).collect();
+        let need = whole.len() as u64;
+        assert_eq!(
+            decompress_prefix(Compression::Gzip, &members, need).unwrap(),
+            whole
+        );
+        let got = with_decompressed_prefix(Compression::Gzip, &members, need, |d| d.to_vec());
+        assert_eq!(got.unwrap(), whole);
+        // The last member records more bytes than the whole chunk (tar
+        // headers after the file): the one-shot decoder stops after the
+        // first member, and the stream takes over.
+        let mut tail = parts[2].clone();
+        tail.extend(vec![0u8; 300_000]);
+        let mut members: Vec<u8> = parts[..2].iter().flat_map(|p| gz(p)).collect();
+        members.extend(gz(&tail));
+        let got = with_decompressed_prefix(Compression::Gzip, &members, need, |d| d.to_vec());
+        assert_eq!(got.unwrap(), whole);
+        assert_eq!(
+            decompress_prefix(Compression::Gzip, &members, need).unwrap(),
+            whole
+        );
     }
 
     #[test]

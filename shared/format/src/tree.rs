@@ -7,7 +7,9 @@
 //! hostile TOC could use against us: names that climb out of the root,
 //! parents that are not directories, chunks that overlap, leave gaps, lie
 //! outside the blob or claim more bytes than their compressed size can hold,
-//! data without a digest to verify it, unknown entry types.
+//! data without a digest to verify it, unknown entry types. Legacy stargz
+//! files of several chunks without `chunkDigest`s become one chunk verified
+//! against the whole-file digest.
 //!
 //! The result is the input of the TOC index (`stargaze-index`) and of every
 //! consumer that needs file attributes or chunk locations.
@@ -478,9 +480,10 @@ impl Toc {
         // Chunks are filled in for every node, reachable or not, so that a
         // hostile unreachable entry cannot hide overlapping ranges either.
         let mut member_offsets: Vec<u64> = Vec::new();
+        let legacy = format == LayerFormat::LegacyStargz;
         for (id, raws) in &b.raw_chunks {
             let node = &mut nodes[*id as usize];
-            node.chunks = chunks_of(node, raws, payload_end)?;
+            node.chunks = chunks_of(node, raws, payload_end, legacy)?;
             member_offsets.extend(node.chunks.iter().map(|c| c.compressed_offset));
         }
         member_offsets.sort_unstable();
@@ -555,6 +558,13 @@ impl Toc {
                 ));
             }
         }
+        if legacy {
+            for (id, raws) in &b.raw_chunks {
+                if raws.len() > 1 && raws.iter().any(|r| r.digest.is_empty()) {
+                    merge_unverified_chunks(&mut nodes[*id as usize])?;
+                }
+            }
+        }
         let toc = compact(nodes, format, payload_end);
         Ok(toc)
     }
@@ -619,7 +629,14 @@ impl Node {
     }
 }
 
-fn chunks_of(node: &Node, raws: &[RawChunk], payload_end: u64) -> Result<Vec<Chunk>, ErrorKind> {
+/// `whole_file_verified`: chunks without a `chunkDigest` are verified by the
+/// file's digest (legacy stargz, see [`merge_unverified_chunks`]).
+fn chunks_of(
+    node: &Node,
+    raws: &[RawChunk],
+    payload_end: u64,
+    whole_file_verified: bool,
+) -> Result<Vec<Chunk>, ErrorKind> {
     let label = node.path_hint();
     let size = node.size;
     let mut out = Vec::with_capacity(raws.len());
@@ -674,9 +691,11 @@ fn chunks_of(node: &Node, raws: &[RawChunk], payload_end: u64) -> Result<Vec<Chu
         }
         let digest = if !r.digest.is_empty() {
             parse_digest(&label, "chunkDigest", &r.digest)?
-        } else if raws.len() == 1
+        } else if (raws.len() == 1 || whole_file_verified)
             && let Some(d) = node.digest
         {
+            // The whole file's digest: for several chunks a placeholder
+            // until `merge_unverified_chunks` makes them one.
             d
         } else {
             return Err(ErrorKind::chunk(
@@ -704,6 +723,47 @@ fn chunks_of(node: &Node, raws: &[RawChunk], payload_end: u64) -> Result<Vec<Chu
         ));
     }
     Ok(out)
+}
+
+/// Legacy stargz (the CRFS writer) gives a file of several chunks a
+/// whole-file `digest` but no `chunkDigest`s: no chunk can be verified on
+/// its own, so the file becomes one chunk from its first member to the end
+/// of its last, decoded as one multi-member stream and checked against the
+/// file digest before any byte is used. Each chunk starts a new member and
+/// a file's bytes are contiguous in the tar stream, so the members hold
+/// exactly the file's bytes in order (a TOC that says otherwise fails
+/// verification). Reads of such a file fetch all of it.
+fn merge_unverified_chunks(node: &mut Node) -> Result<(), ErrorKind> {
+    let label = node.path_hint();
+    let digest = node.digest.ok_or_else(|| {
+        ErrorKind::entry(
+            &label,
+            "no chunkDigest and no file digest: the data cannot be verified",
+        )
+    })?;
+    let in_blob_order = node
+        .chunks
+        .windows(2)
+        .all(|w| w[0].compressed_offset < w[1].compressed_offset);
+    let (Some(first), Some(last)) = (node.chunks.first(), node.chunks.last()) else {
+        return Ok(());
+    };
+    if !in_blob_order || last.compressed_end <= first.compressed_offset {
+        return Err(ErrorKind::entry(
+            &label,
+            "its chunks (without chunkDigest) are not in blob order: the file cannot be verified whole",
+        ));
+    }
+    node.chunks = vec![Chunk {
+        file_offset: 0,
+        size: node.size,
+        compressed_offset: first.compressed_offset,
+        compressed_end: last.compressed_end,
+        inner_offset: first.inner_offset,
+        digest,
+        zeros: false,
+    }];
+    Ok(())
 }
 
 /// Drop unreachable nodes, renumber depth first, set paths and link counts.
@@ -888,6 +948,57 @@ mod tests {
         let mut nodig = c2;
         nodig.chunk_digest.clear();
         assert!(build(vec![f, nodig]).is_err());
+    }
+
+    #[test]
+    fn legacy_files_without_chunk_digests_are_one_chunk_verified_whole() {
+        // As the CRFS writer wrote them: a file digest, no chunkDigest.
+        let mut f = reg("f", 10, 100);
+        f.chunk_size = 4;
+        f.chunk_digest.clear();
+        let mut c2 = entry("f", "chunk");
+        c2.offset = 200;
+        c2.chunk_offset = 4;
+        c2.chunk_size = 4;
+        let mut c3 = entry("f", "chunk");
+        c3.offset = 300;
+        c3.chunk_offset = 8;
+        let next = reg("g", 1, 400);
+        let legacy = |entries: Vec<JsonEntry>| {
+            Toc::build(
+                &JsonToc {
+                    version: 1,
+                    entries,
+                    ..Default::default()
+                },
+                LayerFormat::LegacyStargz,
+                1 << 20,
+            )
+        };
+        let toc = legacy(vec![f.clone(), c2.clone(), c3.clone(), next.clone()]).unwrap();
+        let node = toc.node(toc.lookup("f").unwrap());
+        assert_eq!(
+            node.chunks,
+            [Chunk {
+                file_offset: 0,
+                size: 10,
+                compressed_offset: 100,
+                compressed_end: 400,
+                inner_offset: 0,
+                digest: Digest::of(b"f"),
+                zeros: false,
+            }]
+        );
+        // eStargz requires chunk digests.
+        assert!(build(vec![f.clone(), c2.clone(), c3.clone()]).is_err());
+        // Without a file digest nothing verifies the data.
+        let mut nodigest = f.clone();
+        nodigest.digest.clear();
+        assert!(legacy(vec![nodigest, c2.clone(), c3.clone()]).is_err());
+        // Chunks that go backwards in the blob cannot be one stream.
+        let mut back = c3.clone();
+        back.offset = 50;
+        assert!(legacy(vec![f, c2, back]).is_err());
     }
 
     #[test]
