@@ -5,9 +5,12 @@
 //!   per request; the registry client implements it, [`FileBlob`] serves
 //!   local files).
 //! * [`resolve`]: a layer's footer and TOC in as few reads as possible (one
-//!   tail window that usually holds both), the TOC digest checked against
-//!   the layer's annotation, the TOC index and presence map written into the
-//!   cache ([`resolve::resolve_layer`]).
+//!   tail window that usually holds both), the TOC checked as the request
+//!   says ([`resolve::TocCheck`]: the layer's `toc.digest`, or for
+//!   zstd:chunked the compressed TOC against the manifest's
+//!   `manifest-checksum`, or nothing where unverified layers are allowed),
+//!   the TOC index and presence map written into the cache
+//!   ([`resolve::resolve_layer`]).
 //! * [`engine`]: turning "bytes of these files" into present chunks: chunks
 //!   already present are skipped, chunks in flight are waited for (never
 //!   fetched twice at once), the rest are queued; a batch takes everything

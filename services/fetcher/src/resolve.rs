@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use stargaze_cache::{Cache, PresenceMap, verify_range};
 use stargaze_format::footer::{MAX_FOOTER_SIZE, parse_footer};
-use stargaze_format::reader::{LayerToc, decode_toc};
+use stargaze_format::reader::{LayerToc, decode_toc, verify_manifest_checksum};
 use stargaze_format::{Digest, Error as FormatError, ErrorKind, Footer};
 use stargaze_index::{IndexMeta, LayerIndex, build, write_atomic};
 
@@ -25,6 +25,10 @@ fn blob_err(layer: &str) -> impl Fn(crate::BlobError) -> FetchError + '_ {
 pub enum TocCheck {
     /// `containerd.io/snapshot/stargz/toc.digest`: the sha256 of the TOC JSON.
     TocDigest(Digest),
+    /// zstd:chunked `manifest-checksum` (containers/storage, skopeo,
+    /// podman): the sha256 of the compressed TOC, checked before it is
+    /// decompressed.
+    ManifestChecksum(Digest),
     /// Nothing to check against: the operator allowed unverified layers
     /// (`allow_no_verification` and the skipverify label).
     Unverified,
@@ -51,26 +55,34 @@ impl TocCheck {
     fn toc_digest(self) -> Option<Digest> {
         match self {
             TocCheck::TocDigest(d) => Some(d),
-            TocCheck::Unverified => None,
+            TocCheck::ManifestChecksum(_) | TocCheck::Unverified => None,
         }
     }
 
     /// Does the resolved layer `index` satisfy this check? A layer
     /// resolved for one manifest is served for another only when that
-    /// manifest names the same TOC.
-    pub fn check_index(self, layer: &str, index: &LayerIndex) -> Result<(), FetchError> {
+    /// manifest names the same TOC. `None` when the index cannot tell: it
+    /// keeps the digest of the TOC JSON, not of the compressed TOC a
+    /// manifest checksum covers ([`compressed_toc_digest`] reads that).
+    pub fn check_index(self, layer: &str, index: &LayerIndex) -> Option<Result<(), FetchError>> {
         match self {
             TocCheck::TocDigest(expected) if index.toc_digest() != expected => {
-                Err(FetchError::Format(FormatError::new(
+                Some(Err(FetchError::Format(FormatError::new(
                     layer,
                     ErrorKind::TocDigestMismatch {
                         expected,
                         actual: index.toc_digest(),
                     },
-                )))
+                ))))
             }
-            _ => Ok(()),
+            TocCheck::TocDigest(_) | TocCheck::Unverified => Some(Ok(())),
+            TocCheck::ManifestChecksum(_) => None,
         }
+    }
+
+    /// Is anything verified?
+    pub fn verifies(self) -> bool {
+        !matches!(self, TocCheck::Unverified)
     }
 }
 
@@ -108,7 +120,10 @@ pub async fn resolve_with_toc(
             let _writing = cache.writing();
             LayerIndex::open(&cache.index_path(&layer))
                 .ok()
-                .filter(|i| i.layer_digest() == layer && check.check_index(&layer, i).is_ok())
+                .filter(|i| {
+                    i.layer_digest() == layer
+                        && check.check_index(&layer, i).is_some_and(|r| r.is_ok())
+                })
                 .map(|index| open_presence(&cache, &layer, index))
         })
         .await
@@ -132,8 +147,18 @@ pub async fn resolve_with_toc(
                     layer: layer.clone(),
                     source,
                 };
-                let bytes = build(&toc.toc, &meta).map_err(index_err)?;
                 let path = cache.index_path(&layer);
+                // An index of this very TOC (a layer checked by its
+                // manifest checksum, which the index cannot show, after a
+                // restart) is kept as it is.
+                if let Some(index) = LayerIndex::open(&path)
+                    .ok()
+                    .filter(|i| i.layer_digest() == layer && i.toc_digest() == meta.toc_digest)
+                {
+                    let _writing = cache.writing();
+                    return open_presence(&cache, &layer, index);
+                }
+                let bytes = build(&toc.toc, &meta).map_err(index_err)?;
                 let _writing = cache.writing();
                 write_atomic(&path, &bytes).map_err(index_err)?;
                 let index = LayerIndex::open(&path).map_err(index_err)?;
@@ -217,17 +242,15 @@ fn open_presence(
     Ok((index, presence))
 }
 
-/// The footer and TOC with as few reads as possible: one tail window,
-/// a second read only when the TOC starts before it.
-async fn fetch_toc(
+/// The footer and the compressed TOC (`None` for an external TOC) with as
+/// few reads as possible: one tail window, a second read only when the TOC
+/// starts before it. Also the blob's size.
+async fn read_toc_bytes(
     blob: &dyn RemoteBlob,
     layer: &str,
-    check: TocCheck,
-    toc_blob: Option<Vec<u8>>,
     opts: &FetchOptions,
-) -> Result<LayerToc, FetchError> {
+) -> Result<(Footer, u64, Option<Vec<u8>>), FetchError> {
     let fmt = |k: ErrorKind| FetchError::Format(FormatError::new(layer, k));
-    let expected = check.toc_digest();
     let want = opts.tail_window.max(MAX_FOOTER_SIZE as u64);
     let (size, tail) = blob.read_tail(want).await.map_err(blob_err(layer))?;
     let window = size.min(want);
@@ -240,21 +263,7 @@ async fn fetch_toc(
     let footer = parse_footer(footer_tail, size).map_err(fmt)?;
     let Some(range) = footer.toc_range(size) else {
         debug_assert!(matches!(footer, Footer::ExternalToc));
-        let Some(toc_blob) = toc_blob else {
-            return Err(FetchError::ExternalToc {
-                layer: layer.to_string(),
-            });
-        };
-        let (max, layer_name) = (opts.max_toc_size, layer.to_string());
-        return tokio::task::spawn_blocking(move || {
-            let json = stargaze_format::reader::decode_toc_member(&toc_blob, max)
-                .map_err(|k| FormatError::new(&layer_name, k))?;
-            LayerToc::from_json(footer, size, json, expected)
-                .map_err(|k| FormatError::new(&layer_name, k))
-        })
-        .await
-        .expect("TOC decode task panicked")
-        .map_err(FetchError::Format);
+        return Ok((footer, size, None));
     };
     let window_start = size - window;
     let compressed = if range.start >= window_start {
@@ -275,15 +284,85 @@ async fn fetch_toc(
         }
         head
     };
-    let max = opts.max_toc_size;
-    let layer_name = layer.to_string();
+    Ok((footer, size, Some(compressed)))
+}
+
+/// The footer and TOC, checked as `check` says.
+async fn fetch_toc(
+    blob: &dyn RemoteBlob,
+    layer: &str,
+    check: TocCheck,
+    toc_blob: Option<Vec<u8>>,
+    opts: &FetchOptions,
+) -> Result<LayerToc, FetchError> {
+    let expected = check.toc_digest();
+    let (footer, size, compressed) = read_toc_bytes(blob, layer, opts).await?;
+    let (max, layer_name) = (opts.max_toc_size, layer.to_string());
+    let Some(compressed) = compressed else {
+        let Some(toc_blob) = toc_blob else {
+            return Err(FetchError::ExternalToc {
+                layer: layer.to_string(),
+            });
+        };
+        if let TocCheck::ManifestChecksum(_) = check {
+            return Err(FetchError::Format(FormatError::new(
+                layer,
+                ErrorKind::ManifestChecksumWrongFormat {
+                    format: footer.format(),
+                },
+            )));
+        }
+        return tokio::task::spawn_blocking(move || {
+            let json = stargaze_format::reader::decode_toc_member(&toc_blob, max)
+                .map_err(|k| FormatError::new(&layer_name, k))?;
+            LayerToc::from_json(footer, size, json, expected)
+                .map_err(|k| FormatError::new(&layer_name, k))
+        })
+        .await
+        .expect("TOC decode task panicked")
+        .map_err(FetchError::Format);
+    };
     tokio::task::spawn_blocking(move || {
-        let json =
-            decode_toc(&footer, &compressed, max).map_err(|k| FormatError::new(&layer_name, k))?;
-        LayerToc::from_json(footer, size, json, expected)
-            .map_err(|k| FormatError::new(&layer_name, k))
+        let err = |k| FormatError::new(&layer_name, k);
+        if let TocCheck::ManifestChecksum(sum) = check {
+            verify_manifest_checksum(&footer, &compressed, sum).map_err(err)?;
+        }
+        let json = decode_toc(&footer, &compressed, max).map_err(err)?;
+        LayerToc::from_json(footer, size, json, expected).map_err(err)
     })
     .await
     .expect("TOC decode task panicked")
     .map_err(FetchError::Format)
+}
+
+/// The sha256 of a resolved layer's compressed TOC, what a zstd:chunked
+/// manifest checksum names, read from the blob; the TOC it decompresses to
+/// must be the one the layer's index was built from (`index_toc`).
+pub async fn compressed_toc_digest(
+    blob: &dyn RemoteBlob,
+    layer: &str,
+    index_toc: Digest,
+    opts: &FetchOptions,
+) -> Result<Digest, FetchError> {
+    let (footer, _, compressed) = read_toc_bytes(blob, layer, opts).await?;
+    let err = |k| FetchError::Format(FormatError::new(layer, k));
+    let Some(compressed) = compressed else {
+        return Err(err(ErrorKind::ManifestChecksumWrongFormat {
+            format: footer.format(),
+        }));
+    };
+    let max = opts.max_toc_size;
+    let (json, checksum) = tokio::task::spawn_blocking(move || {
+        decode_toc(&footer, &compressed, max).map(|j| (Digest::of(&j), Digest::of(&compressed)))
+    })
+    .await
+    .expect("TOC decode task panicked")
+    .map_err(err)?;
+    if json != index_toc {
+        return Err(err(ErrorKind::TocDigestMismatch {
+            expected: index_toc,
+            actual: json,
+        }));
+    }
+    Ok(checksum)
 }

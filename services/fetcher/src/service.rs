@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stargaze_cache::Cache;
-use stargaze_format::{Digest, Prefetch, TOC_DIGEST_ANNOTATION};
+use stargaze_format::{
+    Digest, Prefetch, TOC_DIGEST_ANNOTATION, ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION,
+    manifest_checksum_annotation,
+};
 use stargaze_proto::v1::fetcher_server::Fetcher;
 use stargaze_proto::v1::*;
 use stargaze_registry::Reference;
@@ -35,6 +38,14 @@ const BACKGROUND_BATCH: usize = 16;
 /// reads it itself and reports the error).
 type TailCell = Arc<OnceCell<Option<Arc<WarmTail>>>>;
 
+/// An image's manifest, read once (`None`: it could not be read).
+type ManifestCell = Arc<OnceCell<Option<Arc<serde_json::Value>>>>;
+/// How long a manifest read by reference is used again: the length of a
+/// pull, not longer, since a tag may move.
+const MANIFEST_TTL: Duration = Duration::from_secs(60);
+/// Manifests kept at most.
+const MAX_MANIFESTS: usize = 256;
+
 /// Layer tails (each `tail_window` bytes) WarmLayers keeps at most.
 const MAX_WARM_TAILS: usize = 256;
 /// Default quiet period before background fetches (the Go snapshotter
@@ -53,6 +64,9 @@ struct LayerInfo {
     background_started: AtomicBool,
     background_done: AtomicBool,
     last_error: Mutex<String>,
+    /// The sha256 of the layer's compressed TOC, once known (what a
+    /// zstd:chunked manifest checksum names).
+    toc_checksum: Mutex<Option<Digest>>,
 }
 
 pub(crate) struct Shared {
@@ -81,6 +95,10 @@ pub(crate) struct Shared {
     /// takes them.
     tails: Mutex<HashMap<String, TailCell>>,
     layers: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
+    /// Image manifests by reference, read once for WarmLayers and for the
+    /// zstd:chunked checksums that containerd does not pass as labels;
+    /// kept for [`MANIFEST_TTL`].
+    manifests: Mutex<HashMap<String, (Instant, ManifestCell)>>,
     info: Mutex<HashMap<String, Arc<LayerInfo>>>,
     /// Failures users should see in `stargaze status`.
     errors: RecentErrors,
@@ -268,6 +286,7 @@ impl FetcherService {
                 activity: Activity::new(),
                 tails: Mutex::new(HashMap::new()),
                 layers: Mutex::new(HashMap::new()),
+                manifests: Mutex::new(HashMap::new()),
                 info: Mutex::new(HashMap::new()),
                 errors: RecentErrors::default(),
                 rpc: Arc::default(),
@@ -382,6 +401,116 @@ impl FetcherService {
             .clone()
     }
 
+    /// The manifest `reference` names for this host's platform, read once
+    /// per [`MANIFEST_TTL`]; `None` when it cannot be read.
+    async fn image_manifest(&self, reference: &Reference) -> Option<Arc<serde_json::Value>> {
+        let key = reference.to_string();
+        let cell = {
+            let mut m = self.shared.manifests.lock().expect("manifests");
+            m.retain(|_, (at, _)| at.elapsed() < MANIFEST_TTL);
+            if m.len() >= MAX_MANIFESTS {
+                m.clear();
+            }
+            m.entry(key)
+                .or_insert_with(|| (Instant::now(), ManifestCell::default()))
+                .1
+                .clone()
+        };
+        cell.get_or_init(|| async {
+            let platform = stargaze_registry::Platform::host();
+            match self
+                .shared
+                .client
+                .resolve_manifest(reference, &platform)
+                .await
+            {
+                Ok(m) => serde_json::from_slice(&m.bytes).ok().map(Arc::new),
+                Err(e) => {
+                    tracing::debug!(image = %reference, error = %e, "manifest not read");
+                    None
+                }
+            }
+        })
+        .await
+        .clone()
+    }
+
+    /// How this request's layer is verified: its `toc.digest` label; else a
+    /// zstd:chunked manifest checksum, from the request or (containerd
+    /// passes only `containerd.io/snapshot/` annotations as labels) from
+    /// the image's manifest; else nothing, where that is allowed.
+    async fn toc_check(
+        &self,
+        src: &LayerSource,
+        reference: &Reference,
+        digest: &str,
+        allow: bool,
+    ) -> Result<TocCheck, Status> {
+        let parse = |key: &str, v: &str| {
+            v.parse::<Digest>()
+                .map_err(|e| Status::invalid_argument(format!("layer {digest}: {key}: {e}")))
+        };
+        if let Some(v) = src.annotations.get(TOC_DIGEST_ANNOTATION) {
+            return Ok(TocCheck::TocDigest(parse(TOC_DIGEST_ANNOTATION, v)?));
+        }
+        if let Some(v) = manifest_checksum_annotation(&src.annotations) {
+            return Ok(TocCheck::ManifestChecksum(parse(
+                ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION,
+                v,
+            )?));
+        }
+        let listed = self.image_manifest(reference).await.and_then(|m| {
+            let desc = m["layers"]
+                .as_array()?
+                .iter()
+                .find(|l| l["digest"].as_str() == Some(digest))?
+                .clone();
+            Some(annotations_of(&desc))
+        });
+        if let Some(v) = listed.as_ref().and_then(manifest_checksum_annotation) {
+            return Ok(TocCheck::ManifestChecksum(parse(
+                ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION,
+                v,
+            )?));
+        }
+        TocCheck::new(digest, None, allow).map_err(|e| status_of(&e))
+    }
+
+    /// A layer checked by its manifest checksum: compare it with the
+    /// layer's compressed TOC digest (known when the layer was resolved by
+    /// checksum, else read from the blob once).
+    async fn check_checksum(
+        &self,
+        layer: &Layer,
+        reference: &Reference,
+        expected: Digest,
+    ) -> Result<(), FetchError> {
+        let info = self.info(&layer.digest);
+        let known = *info.toc_checksum.lock().expect("info");
+        let actual = match known {
+            Some(d) => d,
+            None => {
+                let blob = RegistryBlob(self.shared.client.blob(reference, &layer.digest));
+                let d = crate::resolve::compressed_toc_digest(
+                    &blob,
+                    &layer.digest,
+                    layer.index.toc_digest(),
+                    &self.shared.opts,
+                )
+                .await?;
+                *info.toc_checksum.lock().expect("info") = Some(d);
+                d
+            }
+        };
+        if actual != expected {
+            return Err(FetchError::Format(stargaze_format::Error::new(
+                &layer.digest,
+                stargaze_format::ErrorKind::ManifestChecksumMismatch { expected, actual },
+            )));
+        }
+        Ok(())
+    }
+
     /// Resolve once per layer; concurrent callers share the work. Every
     /// call checks the layer against its own labels: a layer resolved for
     /// one image is served for another only when that image names the
@@ -391,6 +520,17 @@ impl FetcherService {
         src: &LayerSource,
         allow_unverified: bool,
     ) -> Result<Arc<Layer>, Status> {
+        self.resolve_checked(src, allow_unverified)
+            .await
+            .map(|(layer, _)| layer)
+    }
+
+    /// [`FetcherService::resolve`], also saying how the layer was checked.
+    async fn resolve_checked(
+        &self,
+        src: &LayerSource,
+        allow_unverified: bool,
+    ) -> Result<(Arc<Layer>, TocCheck), Status> {
         let digest: Digest = src
             .digest
             .parse()
@@ -398,12 +538,6 @@ impl FetcherService {
         let digest = digest.to_string();
         let reference = Reference::parse(&src.image_ref)
             .map_err(|e| Status::invalid_argument(format!("layer {digest}: {e}")))?;
-        let expected = match src.annotations.get(TOC_DIGEST_ANNOTATION) {
-            Some(v) => Some(v.parse::<Digest>().map_err(|e| {
-                Status::invalid_argument(format!("layer {digest}: {TOC_DIGEST_ANNOTATION}: {e}"))
-            })?),
-            None => None,
-        };
         let _on_demand = self.shared.activity.begin();
         let report = |e: FetchError| {
             tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %e, "layer not resolved");
@@ -416,7 +550,17 @@ impl FetcherService {
         // As in the Go snapshotter: the configuration must allow it and the
         // layer must carry the skipverify label.
         let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
-        let check = TocCheck::new(&digest, expected, allow).map_err(report)?;
+        let check = match self.toc_check(src, &reference, &digest, allow).await {
+            Ok(c) => c,
+            Err(s) => {
+                tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %s.message(), "layer not resolved");
+                self.shared.errors.push(
+                    src.digest.clone(),
+                    format!("resolving (image {}): {}", src.image_ref, s.message()),
+                );
+                return Err(s);
+            }
+        };
         let (layer, fresh) = loop {
             let cell = self
                 .shared
@@ -460,6 +604,16 @@ impl FetcherService {
                         }
                         other => other,
                     };
+                    if let (Ok(_), TocCheck::ManifestChecksum(sum)) = (&resolved, check) {
+                        let info = shared
+                            .info
+                            .lock()
+                            .expect("info")
+                            .entry(digest.clone())
+                            .or_default()
+                            .clone();
+                        *info.toc_checksum.lock().expect("info") = Some(sum);
+                    }
                     resolved.map(Arc::new)
                 })
                 .await
@@ -472,16 +626,23 @@ impl FetcherService {
             }
         };
         // The layer may have been resolved for another image's Prepare.
-        check.check_index(&digest, &layer.index).map_err(report)?;
+        match (check.check_index(&digest, &layer.index), check) {
+            (Some(r), _) => r.map_err(report)?,
+            (None, TocCheck::ManifestChecksum(sum)) => self
+                .check_checksum(&layer, &reference, sum)
+                .await
+                .map_err(report)?,
+            (None, _) => {}
+        }
         if fresh {
-            self.save_source(&layer.digest, src, allow_unverified);
+            self.save_source(&layer.digest, src, check, allow_unverified);
         } else {
             // A new use of a layer resolved before (eviction's LRU order).
             let (cache, d) = (self.shared.cache.clone(), digest.clone());
             let _ = tokio::task::spawn_blocking(move || cache.touch_layer(&d)).await;
         }
         *self.info(&layer.digest).image_ref.lock().expect("info") = src.image_ref.clone();
-        Ok(layer)
+        Ok((layer, check))
     }
 
     /// `layers/<hex>/source.json`: where a resolved layer comes from, so that
@@ -490,13 +651,29 @@ impl FetcherService {
         self.shared.cache.layer_dir(digest).join("source.json")
     }
 
-    fn save_source(&self, digest: &str, src: &LayerSource, allow_unverified: bool) {
+    fn save_source(
+        &self,
+        digest: &str,
+        src: &LayerSource,
+        check: TocCheck,
+        allow_unverified: bool,
+    ) {
         let path = self.source_path(digest);
         let keep = |k: &String| k == TOC_DIGEST_ANNOTATION || k == SKIP_VERIFY_LABEL;
+        let mut annotations: HashMap<&str, String> = src
+            .annotations
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        // A checksum read from the manifest is what the layer was checked by.
+        if let TocCheck::ManifestChecksum(sum) = check {
+            annotations.insert(ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION, sum.to_string());
+        }
         let saved = serde_json::json!({
             "image_ref": src.image_ref,
             "digest": digest,
-            "annotations": src.annotations.iter().filter(|(k, _)| keep(k)).collect::<HashMap<_, _>>(),
+            "annotations": annotations,
             "allow_unverified": allow_unverified,
         });
         let tmp = path.with_extension("json.tmp");
@@ -538,27 +715,15 @@ impl FetcherService {
 
     /// Resolve and prefetch the layers being warmed before their Prepare
     /// arrives: the image's manifest (one request, alongside the tail
-    /// reads) gives every layer's `toc.digest`, so each layer is verified
-    /// and its prefetch starts as soon as its own TOC is in, not after the
-    /// layers below it were prepared one by one. Layers without the
-    /// annotation, or whose digest the manifest does not list (the tag
+    /// reads) gives every layer's `toc.digest` (or zstd:chunked
+    /// `manifest-checksum`), so each layer is verified and its prefetch
+    /// starts as soon as its own TOC is in, not after the layers below it
+    /// were prepared one by one. Layers without either annotation, or whose digest the manifest does not list (the tag
     /// moved), wait for their Prepare as before; so do all of them when
     /// the manifest cannot be read.
     async fn resolve_early(&self, image_ref: &str, reference: &Reference, digests: Vec<String>) {
-        let platform = stargaze_registry::Platform::host();
-        let manifest = match self
-            .shared
-            .client
-            .resolve_manifest(reference, &platform)
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(image = image_ref, error = %e, "no early resolution: manifest not read");
-                return;
-            }
-        };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&manifest.bytes) else {
+        let Some(v) = self.image_manifest(reference).await else {
+            tracing::debug!(image = image_ref, "no early resolution: manifest not read");
             return;
         };
         let descs = v["layers"].as_array().cloned().unwrap_or_default();
@@ -584,7 +749,9 @@ impl FetcherService {
                 continue;
             };
             let annotations = annotations_of(&d);
-            if !annotations.contains_key(TOC_DIGEST_ANNOTATION) {
+            if !annotations.contains_key(TOC_DIGEST_ANNOTATION)
+                && manifest_checksum_annotation(&annotations).is_none()
+            {
                 continue;
             }
             early.insert(digest.to_string());
@@ -871,7 +1038,7 @@ impl Fetcher for FetcherService {
         let src = req
             .layer
             .ok_or_else(|| Status::invalid_argument("no layer given"))?;
-        let layer = self.resolve(&src, req.allow_unverified).await?;
+        let (layer, check) = self.resolve_checked(&src, req.allow_unverified).await?;
         let idx = &layer.index;
         let (mut files, mut file_bytes) = (0u64, 0u64);
         for ino in 1..=idx.inode_count() {
@@ -897,7 +1064,7 @@ impl Fetcher for FetcherService {
             layer_digest: layer.digest.clone(),
             format: idx.format().map(|f| f.to_string()).unwrap_or_default(),
             toc_digest: idx.toc_digest().to_string(),
-            toc_verified: src.annotations.contains_key(TOC_DIGEST_ANNOTATION),
+            toc_verified: check.verifies(),
             index_path: self
                 .shared
                 .cache

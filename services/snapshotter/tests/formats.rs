@@ -256,3 +256,269 @@ fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
     drop(ctd);
     drop(stack);
 }
+
+/// zstd:chunked as skopeo writes it (containers/storage's writer; Debian's
+/// skopeo 1.9 writes the 40-byte `GnUlInUx` footer and the
+/// `io.containers.zstd-chunked.*` annotations), with no `toc.digest`: the
+/// layers are checked against the manifest's `manifest-checksum` (which
+/// containerd does not pass as a label, so the fetcher reads the manifest)
+/// and mounted lazily; every file read through the mount equals the tar's.
+/// A manifest whose checksum for the data layer is wrong falls back, on a
+/// cold node and with the layer already resolved for the right manifest.
+#[test]
+fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
+    );
+    for tool in ["runc", "ctr-remote", "skopeo"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-zstd-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let repo = format!("{}/stargaze/zstd", registry.addr);
+    let (data, files) = image::data_layer(71);
+    let tars = [image::busybox_layer(), data];
+    let src = w.join("src");
+    image::write_layout(&src, "stargaze.test/zstd:src", "src", &tars);
+    let zc = w.join("zc");
+    run(Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--dest-compress-format",
+            "zstd:chunked",
+        ])
+        .arg(format!("oci:{}:src", src.display()))
+        .arg(format!("oci:{}:good", zc.display())));
+    // The bad manifest: the data layer's checksum is the base layer's.
+    let layout = stargaze_oci::OciLayout::open(&zc).unwrap();
+    let good = layout
+        .read_json(&layout.resolve(Some("good")).unwrap().digest)
+        .unwrap();
+    let checksum_key = [
+        "io.github.containers.zstd-chunked.manifest-checksum",
+        "io.containers.zstd-chunked.manifest-checksum",
+    ]
+    .into_iter()
+    .find(|k| good["layers"][1]["annotations"][k].is_string())
+    .expect("skopeo annotates the manifest checksum");
+    let checksum = |i: usize| {
+        good["layers"][i]["annotations"][checksum_key]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        good["layers"][1]["annotations"][stargaze_format::TOC_DIGEST_ANNOTATION].is_null(),
+        "skopeo's layers carry no toc.digest"
+    );
+    let mut bad = good.clone();
+    bad["layers"][1]["annotations"][checksum_key] = checksum(0).into();
+    let (digest, size) = layout.write_json(&bad).unwrap();
+    layout
+        .set_tag(
+            "bad",
+            stargaze_oci::Descriptor {
+                media_type: bad["mediaType"].as_str().unwrap().into(),
+                digest,
+                size,
+                annotations: Default::default(),
+                extra: Default::default(),
+            },
+        )
+        .unwrap();
+    for tag in ["good", "bad"] {
+        skopeo_copy(
+            &format!("oci:{}:{tag}", zc.display()),
+            &format!("docker://{repo}:{tag}"),
+        );
+    }
+    let (image_good, image_bad) = (format!("{repo}:good"), format!("{repo}:bad"));
+    let data_layer = good["layers"][1]["digest"].as_str().unwrap().to_string();
+
+    let stack = Stack::start(w, &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let fallbacks = |stack: &Stack| {
+        stack
+            .log(Service::Snapshotter)
+            .lines()
+            .filter(|l| l.contains("remote_snapshot_prepared=false") && l.contains(&data_layer))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let lazy_count = |stack: &Stack| {
+        stack
+            .log(Service::Snapshotter)
+            .matches("remote_snapshot_prepared=true")
+            .count()
+    };
+
+    // The bad manifest on a cold node: the data layer falls back, naming
+    // the annotated and the real checksum.
+    pull(&ctd, &image_bad, &[]);
+    assert!(
+        content(&ctd).contains(&data_layer),
+        "the bad manifest's data layer was mounted lazily"
+    );
+    let reasons = fallbacks(&stack);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    for part in [checksum(0), checksum(1)] {
+        assert!(reasons[0].contains(&part), "{part} not in: {}", reasons[0]);
+    }
+    ctd.ctr(&["image", "rm", "--sync", &image_bad]);
+
+    // The right manifest: both layers lazily, every file as in the tar.
+    let before = lazy_count(&stack);
+    pull(&ctd, &image_good, &[]);
+    assert_eq!(
+        lazy_count(&stack) - before,
+        2,
+        "both zstd:chunked layers are remote snapshots:\n{}\n{}",
+        stack.log(Service::Snapshotter),
+        stack.log(Service::Fetcher)
+    );
+    let digests = layer_digests(&ctd, &image_good);
+    let blobs = content(&ctd);
+    let mut compared = 0;
+    for (d, tar) in digests.iter().zip(&tars) {
+        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
+        compared += assert_layer_reads_like_the_tar(&stack, d, tar);
+    }
+    assert!(compared > 8, "only {compared} files compared");
+    let (name, bytes) = files.iter().max_by_key(|(_, b)| b.len()).unwrap();
+    let o = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        &image_good,
+        &format!("sg-zstd-{}", std::process::id()),
+        "/bin/sh",
+        "-c",
+        &format!("busybox sha256sum /{name}"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("{}  /{name}", &sha256(bytes)[7..])
+    );
+
+    // The bad manifest again, now that the layer is resolved for the good
+    // one (whose snapshots are removed, so containerd prepares them anew).
+    ctd.ctr(&["image", "rm", "--sync", &image_good]);
+    let before = lazy_count(&stack);
+    pull(&ctd, &image_bad, &[]);
+    assert!(
+        content(&ctd).contains(&data_layer),
+        "the bad manifest's data layer was mounted lazily once resolved for the good one"
+    );
+    assert_eq!(fallbacks(&stack).len(), 2, "{:?}", fallbacks(&stack));
+    assert_eq!(
+        lazy_count(&stack) - before,
+        1,
+        "only the base layer is lazy"
+    );
+    ctd.ctr(&["image", "rm", "--sync", &image_bad]);
+
+    // The same data layer with the 64-byte footer and `io.github.*`
+    // annotations of current containers/storage (which Debian's skopeo
+    // does not write yet): mounted lazily, checked by its checksum.
+    let image_v2 = format!("{repo}:v2");
+    let v2_layer = push_with_64_byte_footer(&layout, &good, &zc, &image_v2);
+    let before = lazy_count(&stack);
+    pull(&ctd, &image_v2, &[]);
+    assert_eq!(
+        lazy_count(&stack) - before,
+        2,
+        "the 64-byte footer layer is a remote snapshot:\n{}",
+        stack.log(Service::Snapshotter)
+    );
+    assert!(
+        !content(&ctd).contains(&v2_layer),
+        "{v2_layer} was downloaded"
+    );
+    assert!(assert_layer_reads_like_the_tar(&stack, &v2_layer, &tars[1]) > 4);
+    drop(ctd);
+    drop(stack);
+}
+
+/// Push `good` with its data layer rewritten as current containers/storage
+/// writes zstd:chunked: the payload and TOC frame unchanged, then a
+/// skippable frame for the tar-split data and the 64-byte `GNUlInUx`
+/// footer, annotated with `io.github.containers.zstd-chunked.*`. Returns
+/// the new layer's digest.
+fn push_with_64_byte_footer(
+    layout: &stargaze_oci::OciLayout,
+    good: &serde_json::Value,
+    dir: &Path,
+    reference: &str,
+) -> String {
+    use stargaze_format::Footer;
+    use stargaze_format::footer::skippable_header;
+    let blob = layout
+        .read_blob(good["layers"][1]["digest"].as_str().unwrap())
+        .unwrap();
+    let size = blob.len() as u64;
+    let footer = stargaze_format::parse_footer(&blob[blob.len() - 72..], size).unwrap();
+    let Footer::ZstdChunked {
+        toc_offset,
+        toc_compressed_len,
+        toc_uncompressed_len,
+    } = footer
+    else {
+        panic!("skopeo wrote {footer:?}, not the 40-byte footer");
+    };
+    let mut v2 = blob[..(size - footer.size()) as usize].to_vec();
+    // The tar-split frame's content is opaque to a lazy reader.
+    let tar_split = b"tar-split data".to_vec();
+    v2.extend(skippable_header(tar_split.len()));
+    let tar_split_offset = v2.len() as u64;
+    v2.extend(&tar_split);
+    v2.extend(
+        Footer::ZstdChunkedV2 {
+            toc_offset,
+            toc_compressed_len,
+            toc_uncompressed_len,
+            tar_split_offset,
+            tar_split_compressed_len: tar_split.len() as u64,
+            tar_split_uncompressed_len: tar_split.len() as u64,
+        }
+        .encode(),
+    );
+    let (digest, blob_size) = layout.write_blob(&v2).unwrap();
+    let old = &good["layers"][1]["annotations"];
+    let checksum = old["io.github.containers.zstd-chunked.manifest-checksum"]
+        .as_str()
+        .or(old["io.containers.zstd-chunked.manifest-checksum"].as_str())
+        .unwrap();
+    let mut manifest = good.clone();
+    manifest["layers"][1]["digest"] = digest.clone().into();
+    manifest["layers"][1]["size"] = blob_size.into();
+    manifest["layers"][1]["annotations"] = serde_json::json!({
+        "io.github.containers.zstd-chunked.manifest-checksum": checksum,
+        "io.github.containers.zstd-chunked.manifest-position":
+            format!("{toc_offset}:{toc_compressed_len}:{toc_uncompressed_len}:1"),
+    });
+    let (m, n) = layout.write_json(&manifest).unwrap();
+    layout
+        .set_tag(
+            "v2",
+            stargaze_oci::Descriptor {
+                media_type: manifest["mediaType"].as_str().unwrap().into(),
+                digest: m,
+                size: n,
+                annotations: Default::default(),
+                extra: Default::default(),
+            },
+        )
+        .unwrap();
+    skopeo_copy(
+        &format!("oci:{}:v2", dir.display()),
+        &format!("docker://{reference}"),
+    );
+    digest
+}

@@ -9,6 +9,7 @@
 use std::io;
 
 use crate::digest::Digest;
+use crate::footer::LayerFormat;
 
 /// An error about one layer.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,16 @@ pub enum ErrorKind {
         "TOC digest mismatch: the layer annotation says {expected} but the TOC in the blob hashes to {actual}; the image was modified after conversion or the registry served other bytes"
     )]
     TocDigestMismatch { expected: Digest, actual: Digest },
+
+    #[error(
+        "zstd:chunked manifest checksum mismatch: the layer annotation (io.github.containers.zstd-chunked.manifest-checksum or io.containers.zstd-chunked.manifest-checksum) says {expected} but the compressed TOC in the blob hashes to {actual}; the image was modified after it was written or the registry served other bytes"
+    )]
+    ManifestChecksumMismatch { expected: Digest, actual: Digest },
+
+    #[error(
+        "the layer is annotated with a zstd:chunked manifest checksum but is a {format} layer; the checksum cannot verify its TOC"
+    )]
+    ManifestChecksumWrongFormat { format: LayerFormat },
 
     #[error(
         "TOC is {size} bytes, more than the limit of {limit} bytes; raise the limit if the layer is trusted"

@@ -8,7 +8,8 @@
 //!   says where the TOC is.
 //! * [`reader`] decodes the TOC (a gzip member holding a tar entry, or a zstd
 //!   skippable frame), hashes the raw JSON into the TOC digest and checks it
-//!   against the layer's `toc.digest` annotation.
+//!   against the layer's `toc.digest` annotation, or for zstd:chunked the
+//!   compressed TOC against its `manifest-checksum` annotation.
 //! * [`toc`] is the JSON wire model; [`tree`] turns it into a checked,
 //!   normalised file tree ([`tree::Toc`]) with hardlinks resolved, implicit
 //!   directories added and every chunk located and bounded.
@@ -54,3 +55,14 @@ pub const ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION: &str =
     "io.github.containers.zstd-chunked.manifest-checksum";
 pub const ZSTD_V2_MANIFEST_POSITION_ANNOTATION: &str =
     "io.github.containers.zstd-chunked.manifest-position";
+
+/// The zstd:chunked `manifest-checksum` among a layer's annotations (either
+/// dialect's key), unparsed.
+pub fn manifest_checksum_annotation<S: std::hash::BuildHasher>(
+    annotations: &std::collections::HashMap<String, String, S>,
+) -> Option<&str> {
+    annotations
+        .get(ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION)
+        .or_else(|| annotations.get(ZSTD_MANIFEST_CHECKSUM_ANNOTATION))
+        .map(String::as_str)
+}

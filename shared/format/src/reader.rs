@@ -75,6 +75,9 @@ pub struct OpenOptions {
     pub max_toc_size: u64,
     /// For external-TOC layers: the TOC layer blob from the `-esgztoc` image.
     pub external_toc: Option<Vec<u8>>,
+    /// For zstd:chunked layers: the `manifest-checksum` annotation, the
+    /// digest of the compressed TOC (checked before it is decompressed).
+    pub expected_manifest_checksum: Option<Digest>,
 }
 
 impl Default for OpenOptions {
@@ -83,6 +86,7 @@ impl Default for OpenOptions {
             expected_toc_digest: None,
             max_toc_size: DEFAULT_MAX_TOC_SIZE,
             external_toc: None,
+            expected_manifest_checksum: None,
         }
     }
 }
@@ -131,6 +135,27 @@ impl LayerToc {
             toc,
         })
     }
+}
+
+/// Check the compressed TOC of a zstd:chunked layer against its
+/// `manifest-checksum` annotation (containers/storage and the stargz
+/// converter annotate the sha256 of these bytes, not of the JSON). Done
+/// before the TOC is decompressed.
+pub fn verify_manifest_checksum(
+    footer: &Footer,
+    compressed: &[u8],
+    expected: Digest,
+) -> Result<(), ErrorKind> {
+    if footer.format() != LayerFormat::ZstdChunked {
+        return Err(ErrorKind::ManifestChecksumWrongFormat {
+            format: footer.format(),
+        });
+    }
+    let actual = Digest::of(compressed);
+    if actual != expected {
+        return Err(ErrorKind::ManifestChecksumMismatch { expected, actual });
+    }
+    Ok(())
 }
 
 /// Decode the TOC JSON from its compressed bytes (the footer's `toc_range`,
@@ -228,9 +253,17 @@ pub fn open_blob<B: BlobRead + ?Sized>(
             let compressed = blob
                 .read_range(range)
                 .map_err(|e| wrap(ErrorKind::io("reading the TOC", e)))?;
+            if let Some(expected) = opts.expected_manifest_checksum {
+                verify_manifest_checksum(&footer, &compressed, expected).map_err(wrap)?;
+            }
             decode_toc(&footer, &compressed, opts.max_toc_size).map_err(wrap)?
         }
         None => {
+            if opts.expected_manifest_checksum.is_some() {
+                return Err(wrap(ErrorKind::ManifestChecksumWrongFormat {
+                    format: footer.format(),
+                }));
+            }
             let ext = opts
                 .external_toc
                 .as_deref()
@@ -270,4 +303,28 @@ pub fn read_file<B: BlobRead + ?Sized>(
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_checksum_checks_only_zstd_chunked_tocs() {
+        let zstd = Footer::ZstdChunked {
+            toc_offset: 8,
+            toc_compressed_len: 3,
+            toc_uncompressed_len: 3,
+        };
+        verify_manifest_checksum(&zstd, b"toc", Digest::of(b"toc")).unwrap();
+        assert!(matches!(
+            verify_manifest_checksum(&zstd, b"toc", Digest::of(b"other")),
+            Err(ErrorKind::ManifestChecksumMismatch { .. })
+        ));
+        let gzip = Footer::Estargz { toc_offset: 8 };
+        assert!(matches!(
+            verify_manifest_checksum(&gzip, b"toc", Digest::of(b"toc")),
+            Err(ErrorKind::ManifestChecksumWrongFormat { .. })
+        ));
+    }
 }

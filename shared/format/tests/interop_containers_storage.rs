@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use stargaze_format::tar::{TarKind, TarReader};
-use stargaze_format::{Digest, LayerFormat, NodeKind, OpenOptions, open_blob, read_file};
+use stargaze_format::{
+    Digest, ErrorKind, LayerFormat, NodeKind, OpenOptions, open_blob, read_file,
+};
 use stargaze_testkit::{image, require, run};
 
 fn source_layer() -> Vec<u8> {
@@ -76,6 +78,18 @@ fn we_read_zstd_chunked_written_by_skopeo() {
         Digest::of(&blob[range.start as usize..range.end as usize]).to_string(),
         checksum
     );
+    // The reader checks the TOC against that annotation.
+    let with = |sum: Digest| OpenOptions {
+        expected_manifest_checksum: Some(sum),
+        ..Default::default()
+    };
+    open_blob(digest, &blob[..], &with(checksum.parse().unwrap())).unwrap();
+    let err = open_blob(digest, &blob[..], &with(Digest::of(b"other"))).unwrap_err();
+    assert!(
+        matches!(err.kind, ErrorKind::ManifestChecksumMismatch { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(digest), "{err}");
 
     let sources: BTreeMap<String, (TarKind, Vec<u8>)> = TarReader::new(&tar)
         .map(|e| e.unwrap())
