@@ -8,6 +8,7 @@ use stargaze_format::toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 use stargaze_format::{Digest, LayerFormat, NodeId, NodeKind, Prefetch, Toc};
 
 use crate::model::{self, ChunkRec, DirentRec, Index, InodeRec, Span, Str, XattrRec};
+use crate::xattrs::kept_by_unpack;
 use crate::{IndexError, MAGIC, OPAQUE_XATTR, VERSION};
 
 /// What the index records about the layer besides its tree.
@@ -251,9 +252,13 @@ pub fn build(toc: &Toc, meta: &IndexMeta) -> Result<rkyv::util::AlignedVec, Inde
                     digest: c.digest.0,
                     zeros: c.zeros,
                 }));
+                // Only what containerd's unpack would leave (no
+                // `trusted.*`: a layer must not steer overlayfs); the opaque
+                // marker made from `.wh..wh..opq` is ours, added after.
                 let mut attrs: BTreeMap<&str, &[u8]> = n
                     .xattrs
                     .iter()
+                    .filter(|(k, _)| kept_by_unpack(k, n.kind))
                     .map(|(k, v)| (k.as_str(), v.as_slice()))
                     .collect();
                 if opaque[ino as usize] {

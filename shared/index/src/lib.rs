@@ -20,12 +20,15 @@
 //!
 //! The index holds the layer as overlayfs must see it ([`build`]): tar
 //! whiteouts `.wh.NAME` become 0/0 character devices, `.wh..wh..opq` becomes
-//! the `trusted.overlay.opaque` xattr, and the landmark files and
-//! `stargz.index.json` are hidden.
+//! the `trusted.overlay.opaque` xattr, the landmark files and
+//! `stargz.index.json` are hidden, and only the xattrs containerd's own
+//! unpack would set are kept (no `trusted.*` from the TOC, no `user.*` on
+//! symlinks or devices; see `xattrs.rs`).
 
 mod build;
 pub mod model;
 mod view;
+mod xattrs;
 
 pub use build::{IndexMeta, build, write_atomic};
 pub use view::{ChunkInfo, DirEntry, Inode, LayerIndex, Xattr};
@@ -34,8 +37,9 @@ use std::path::PathBuf;
 
 /// Magic number at the start of the header ("SGIX").
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SGIX");
-/// Bumped whenever the archived layout changes; older files are rebuilt.
-pub const VERSION: u32 = 1;
+/// Bumped whenever the archived layout or what it holds changes (which
+/// xattrs are kept, the overlayfs view); older files are rebuilt.
+pub const VERSION: u32 = 2;
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;
 /// The xattr overlayfs reads to treat a directory as opaque.

@@ -318,3 +318,86 @@ fn wrong_version_is_reported() {
         Err(IndexError::Version { found: 999, .. })
     ));
 }
+
+/// The mount shows the xattrs containerd's unpack sets, nothing more: no
+/// `trusted.*` from the TOC (overlayfs would obey them in a lower layer),
+/// no `user.*` where the kernel refuses it. The opaque marker made from
+/// `.wh..wh..opq` stays.
+#[test]
+fn only_xattrs_containerd_unpacks_are_shown() {
+    let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+    let with = |mut entry: JsonEntry, attrs: &[(&str, &[u8])]| {
+        for (k, v) in attrs {
+            entry.xattrs.insert(k.to_string(), b64(v));
+        }
+        entry
+    };
+    let trusted: &[(&str, &[u8])] = &[
+        ("trusted.overlay.redirect", b"/elsewhere"),
+        ("trusted.overlay.opaque", b"y"),
+        ("trusted.overlay.metacopy", b""),
+        ("trusted.overlay.whiteout", b"y"),
+        ("trusted.overlay.whiteouts", b"y"),
+    ];
+    // In name order, as the index keeps them.
+    let kept: &[(&str, &[u8])] = &[
+        ("security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00"),
+        ("user.x", b"\xff\x00u"),
+    ];
+    let all = [trusted, kept].concat();
+    let mut link = e("link", "symlink");
+    link.link_name = "file".into();
+    let entries = vec![
+        with(e("dir/", "dir"), &all),
+        with(reg("dir/file", 1, 100), &all),
+        with(reg("dir/metacopy", 1, 200), &all),
+        with(link, &all),
+        with(e("fifo", "fifo"), &all),
+        // Opaque in the tar's own way, and claiming another value as xattr.
+        with(e("opq/", "dir"), &[("trusted.overlay.opaque", b"x")]),
+        reg("opq/.wh..wh..opq", 0, 0),
+        with(
+            reg("odd", 1, 300),
+            &[("foo", b"bar"), ("system.nfs4_acl", b"x")],
+        ),
+    ];
+    let toc = Toc::build(
+        &JsonToc {
+            version: 1,
+            entries,
+            ..Default::default()
+        },
+        LayerFormat::Estargz,
+        1000,
+    )
+    .unwrap();
+    let idx = open(&toc);
+    let attrs = |p: &str| -> Vec<(String, Vec<u8>)> {
+        idx.inode(idx.lookup_path(p).unwrap())
+            .unwrap()
+            .xattrs()
+            .map(|x| {
+                (
+                    String::from_utf8(x.name.to_vec()).unwrap(),
+                    x.value.to_vec(),
+                )
+            })
+            .collect()
+    };
+    let owned = |list: &[(&str, &[u8])]| -> Vec<(String, Vec<u8>)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect()
+    };
+    for p in ["dir", "dir/file", "dir/metacopy"] {
+        assert_eq!(attrs(p), owned(kept), "{p}");
+    }
+    // `user.*` exists on regular files and directories only.
+    for p in ["link", "fifo"] {
+        assert_eq!(attrs(p), owned(&kept[..1]), "{p}");
+    }
+    assert_eq!(attrs("opq"), owned(&[(OPAQUE_XATTR, b"y")]));
+    assert_eq!(attrs("odd"), owned(&[]));
+    // The same TOC would have shown them all before: nothing else hides them.
+    assert_eq!(toc.nodes.iter().map(|n| n.xattrs.len()).max(), Some(7));
+}
