@@ -594,15 +594,28 @@ async fn present_bytes(client: &mut FetcherClient<tonic::transport::Channel>, di
         .unwrap_or(0)
 }
 
+/// The warming tests build images from this machine's own ELF files (CI's
+/// machine is x86_64 Debian): without them they must fail, not pass.
+fn require_debian_x86_64_libraries(paths: &[&str]) {
+    stargaze_testkit::require_that(
+        cfg!(target_arch = "x86_64"),
+        "an x86_64 machine (the images are built from its Debian libraries)",
+        "run the tests on x86_64 Debian, as CI does",
+    );
+    for p in paths {
+        stargaze_testkit::require_file(
+            p,
+            "install Debian's libc6 and libstdc++6 (`apt-get install libc6 libstdc++6`)",
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
     const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
     const LOADER: &str = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
     const DECOY: &str = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
-    if !cfg!(target_arch = "x86_64") || !Path::new(DECOY).exists() {
-        eprintln!("skipped: needs this machine's x86_64 Debian libraries");
-        return;
-    }
+    require_debian_x86_64_libraries(&[LIBC, LOADER, DECOY]);
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
@@ -703,10 +716,7 @@ async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
 async fn warming_prefetches_what_python_and_glibc_read_at_start() {
     const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
     const LOADER: &str = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
-    if !cfg!(target_arch = "x86_64") || !Path::new(LOADER).exists() {
-        eprintln!("skipped: needs this machine's x86_64 Debian libraries");
-        return;
-    }
+    require_debian_x86_64_libraries(&[LIBC, LOADER]);
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");

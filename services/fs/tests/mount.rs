@@ -1,7 +1,8 @@
-//! Real FUSE mounts (needs root and /dev/fuse; skipped with a message
-//! otherwise): the mounted layer, converted by our converter and by the Go
-//! estargz library `ctr-remote` uses, against GNU tar's extraction of the
-//! same tar, field by field; concurrent cold reads; passthrough.
+//! Real FUSE mounts (root and /dev/fuse, which CI has: without them the
+//! tests fail, they never skip): the mounted layer, converted by our
+//! converter and by the Go estargz library `ctr-remote` uses, against GNU
+//! tar's extraction of the same tar, field by field; concurrent cold reads;
+//! passthrough.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -28,14 +29,6 @@ impl ChunkSource for Engine {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
-}
-
-fn can_mount() -> bool {
-    let ok = Path::new("/dev/fuse").exists() && nix::unistd::geteuid().is_root();
-    if !ok {
-        eprintln!("skipped: needs root and /dev/fuse (run `make test` as root)");
-    }
-    ok
 }
 
 /// Every entry type GNU tar can extract (no whiteouts: those are overlay's business).
@@ -372,9 +365,7 @@ async fn a_layer_converted_by_the_go_library_is_the_tree_gnu_tar_extracts() {
 }
 
 async fn mounted_tree_equals_gnu_tar(converter: Converter) {
-    if !can_mount() {
-        return;
-    }
+    stargaze_testkit::require_root_fuse();
     let work = tempfile::tempdir().unwrap();
     let tar = layer_tar();
     let (shared, _layer, digest) = setup_with(&tar, work.path(), converter).await;
@@ -435,9 +426,7 @@ async fn mounted_tree_equals_gnu_tar(converter: Converter) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_readers_of_a_cold_file_fetch_each_chunk_once() {
-    if !can_mount() {
-        return;
-    }
+    stargaze_testkit::require_root_fuse();
     let work = tempfile::tempdir().unwrap();
     let (shared, layer, digest) = setup(&layer_tar(), work.path()).await;
     let m = mount(shared.clone());
@@ -465,27 +454,14 @@ async fn many_readers_of_a_cold_file_fetch_each_chunk_once() {
     assert!(shared.counters.bytes_after_fetch.load(Ordering::Relaxed) > 0);
 }
 
-/// Does this kernel offer FUSE passthrough (Linux >= 6.9)?
-fn kernel_has_passthrough() -> bool {
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (6, 9)
-}
-
 /// A file complete in the cache is opened with FUSE passthrough (the kernel
 /// reads the cache file itself) and still reads the same, also through an
 /// overlay stacked on the mount (max_stack_depth 1). A file that is not
 /// complete yet is served through read().
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_files_are_opened_with_passthrough() {
-    if !can_mount() {
-        return;
-    }
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_fuse_passthrough();
     let work = tempfile::tempdir().unwrap();
     let (shared, layer, digest) = setup(&layer_tar(), work.path()).await;
     shared.passthrough.wanted.store(true, Ordering::Release);
@@ -509,11 +485,6 @@ async fn complete_files_are_opened_with_passthrough() {
     assert_eq!(stargaze_format::Digest::of(&again), want);
     assert_eq!(p.opens.load(Ordering::Relaxed), 0);
     drop(first);
-    if !kernel_has_passthrough() {
-        assert!(!p.active.load(Ordering::Acquire));
-        eprintln!("this kernel has no FUSE passthrough: checked the fallback only");
-        return;
-    }
     assert!(
         p.active.load(Ordering::Acquire),
         "the kernel offers passthrough but it is not active"
@@ -564,9 +535,7 @@ async fn complete_files_are_opened_with_passthrough() {
 /// open, read and close many different small files at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_handle_numbers_never_serve_another_files_bytes() {
-    if !can_mount() {
-        return;
-    }
+    stargaze_testkit::require_root_fuse();
     let mut b = tar::Builder::new(Vec::new());
     let mut files = Vec::new();
     for i in 0..64u32 {

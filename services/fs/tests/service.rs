@@ -6,7 +6,7 @@
 //! /dev/fuse.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,10 +37,7 @@ impl Drop for FsProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
-    if !Path::new("/dev/fuse").exists() || !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root and /dev/fuse (run `make test` as root)");
-        return;
-    }
+    stargaze_testkit::require_root_fuse();
     let reg = Registry::start();
     let work = tempfile::Builder::new()
         .prefix("sg-fst-")

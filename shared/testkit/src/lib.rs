@@ -9,7 +9,10 @@
 //!   ([`go_build_with_aliases`] when a dependency imports a module by a
 //!   major-version path Debian does not have).
 //! * [`image`] writes OCI image layouts from in-memory tars for tests.
-//! * [`require`] fails a test with the command that installs a missing tool.
+//! * [`require`] fails a test with the command that installs a missing tool;
+//!   [`require_root_fuse`], [`require_fuse_passthrough`] and
+//!   [`require_that`] fail it when root, FUSE or another prerequisite CI has
+//!   is missing (no test passes by skipping itself).
 //! * [`service_cli`] is the command-line contract of the service binaries.
 //! * [`stack`] runs the three stargaze services as processes with a private
 //!   config, and kills and restarts them one at a time.
@@ -46,6 +49,57 @@ pub fn require(tool: &str) -> PathBuf {
             "`{tool}` is not installed: run `make deps` (as root) to install the test dependencies"
         )
     })
+}
+
+/// Fail the test unless `present`: CI runs every test as root on a kernel
+/// with FUSE, passthrough and io_uring, so a missing prerequisite is an
+/// error to fix on this machine (`how`), never a test to skip: a test that
+/// returned early would pass without testing anything.
+pub fn require_that(present: bool, what: &str, how: &str) {
+    if !present {
+        panic!("this test needs {what}, which this machine lacks: {how}");
+    }
+}
+
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Fail unless this process is root and `/dev/fuse` exists: the FUSE tests
+/// mount the filesystem (and overlays on it) for real.
+pub fn require_root_fuse() {
+    require_that(
+        is_root(),
+        "root (it mounts FUSE and overlayfs)",
+        "run the tests as root, as `make test` and CI do",
+    );
+    require_that(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse",
+        "load the fuse module (`modprobe fuse`) or run on a host with FUSE",
+    );
+}
+
+/// Fail unless the kernel offers FUSE passthrough (Linux 6.9 or later,
+/// `CONFIG_FUSE_PASSTHROUGH`).
+pub fn require_fuse_passthrough() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    require_that(
+        version >= (6, 9),
+        &format!("FUSE passthrough (Linux >= 6.9; this is {release:?})"),
+        "run the tests on a newer kernel, as CI does",
+    );
+}
+
+/// Fail unless `path` exists (a file from the host a test builds on).
+pub fn require_file(path: &str, how: &str) {
+    require_that(Path::new(path).exists(), path, how);
 }
 
 pub fn which(tool: &str) -> Option<PathBuf> {
