@@ -1,8 +1,9 @@
 //! Real FUSE mounts (root and /dev/fuse, which CI has: without them the
 //! tests fail, they never skip): the mounted layer, converted by our
 //! converter and by the Go estargz library `ctr-remote` uses, against GNU
-//! tar's extraction of the same tar, field by field; concurrent cold reads;
-//! passthrough.
+//! tar's extraction of the same tar, field by field; a layer's overlayfs
+//! xattrs against containerd's unpack under overlayfs; concurrent cold
+//! reads; passthrough.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -158,7 +159,7 @@ fn layer_tar() -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 struct Entry {
     kind: &'static str,
     mode: u32,
@@ -171,33 +172,40 @@ struct Entry {
     link: Option<PathBuf>,
     xattrs: BTreeMap<String, Vec<u8>>,
     sha: Option<String>,
+    /// Why `lstat` failed (overlayfs refuses some lookups).
+    error: Option<&'static str>,
 }
 
-fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
+/// Every xattr name of `p` (not following a symlink).
+fn xattr_names(p: &Path) -> Vec<String> {
     let mut buf = vec![0u8; 4096];
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: valid C string and buffer.
     let n = unsafe { nix::libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n <= 0 {
-        return out;
-    }
-    for name in buf[..n as usize]
+    buf[..n.max(0) as usize]
         .split(|&b| b == 0)
         .filter(|n| !n.is_empty())
-    {
-        let name_s = String::from_utf8_lossy(name).to_string();
-        if !name_s.starts_with("user.") {
-            continue; // security.* and trusted.* depend on the host
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
+}
+
+/// The xattrs of `p` that do not depend on the host: `user.*` and file
+/// capabilities (the LSM's `security.*` and `trusted.*` do).
+fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut out = BTreeMap::new();
+    for name in xattr_names(p) {
+        if !name.starts_with("user.") && name != "security.capability" {
+            continue;
         }
-        let cn = std::ffi::CString::new(name).unwrap();
+        let cn = std::ffi::CString::new(name.as_bytes()).unwrap();
         let mut v = vec![0u8; 4096];
         // SAFETY: valid C strings and buffer.
         let m = unsafe {
             nix::libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len())
         };
         v.truncate(m.max(0) as usize);
-        out.insert(name_s, v);
+        out.insert(name, v);
     }
     out
 }
@@ -208,7 +216,22 @@ fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            let m = match std::fs::symlink_metadata(&p) {
+                Ok(m) => m,
+                Err(e) => {
+                    let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0));
+                    let error = Some(errno.desc());
+                    out.insert(
+                        rel,
+                        Entry {
+                            error,
+                            ..Default::default()
+                        },
+                    );
+                    continue;
+                }
+            };
             let ft = m.file_type();
             let kind = if ft.is_dir() {
                 stack.push(p.clone());
@@ -227,7 +250,7 @@ fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
             let sha = (kind == "reg")
                 .then(|| stargaze_format::Digest::of(&std::fs::read(&p).unwrap()).to_string());
             out.insert(
-                p.strip_prefix(root).unwrap().to_path_buf(),
+                rel,
                 Entry {
                     kind,
                     mode: m.mode() & 0o7777,
@@ -240,6 +263,7 @@ fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
                     link: (kind == "symlink").then(|| std::fs::read_link(&p).unwrap()),
                     xattrs: xattrs(&p),
                     sha,
+                    error: None,
                 },
             );
         }
@@ -586,4 +610,187 @@ async fn reused_handle_numbers_never_serve_another_files_bytes() {
     for r in results {
         r.unwrap();
     }
+}
+
+/// One tar entry: name, type, contents (a symlink's target), xattrs.
+type TarItem<'a> = (&'a str, tar::EntryType, &'a [u8], &'a [(&'a str, &'a [u8])]);
+
+/// A tar of `items`, owned by root, of one mtime, xattrs as PAX
+/// `SCHILY.xattr.*` records (as `tar --xattrs` and image builders write them).
+fn tar_of(items: &[TarItem]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for &(name, kind, data, attrs) in items {
+        if !attrs.is_empty() {
+            let records: Vec<(String, &[u8])> = attrs
+                .iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+                .collect();
+            b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
+                .unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mtime(1_650_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        match kind {
+            tar::EntryType::Symlink => {
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, name, std::str::from_utf8(data).unwrap())
+                    .unwrap();
+            }
+            _ => {
+                h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, name, data).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// A read-only overlay of `lowers` (first on top) at `at`, unmounted when
+/// dropped.
+struct Overlay(PathBuf);
+
+impl Overlay {
+    fn mount(lowers: &[&Path], at: PathBuf) -> Overlay {
+        std::fs::create_dir_all(&at).unwrap();
+        let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!("lowerdir={}", lowerdir.join(":")))
+            .arg(&at));
+        Overlay(at)
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// containerd's applier refuses a layer's `trusted.*` xattrs, so overlayfs
+/// never sees them; a lazily mounted layer must not show them either, or
+/// its `trusted.overlay.*` would steer the overlay of a container's rootfs
+/// (this kernel follows `trusted.overlay.redirect` in lower layers). A
+/// layer carrying redirect, opaque, metacopy and whiteout xattrs, lazily
+/// mounted above another layer, shows under overlayfs exactly what
+/// containerd's unpack of the same two layers shows, and keeps its
+/// `user.*` and `security.capability`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layers_overlay_xattrs_change_nothing_overlayfs_shows() {
+    use tar::EntryType::{Directory as D, Regular as R, Symlink as L};
+    stargaze_testkit::require_root_fuse();
+    let ctd_apply = stargaze_testkit::go_build("ctd-apply");
+    // VFS capabilities v2, effective, cap_net_bind_service permitted.
+    const CAP: &[u8] = &[1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let user: (&str, &[u8]) = ("user.x", b"\xff\x00u");
+    let cap: (&str, &[u8]) = ("security.capability", CAP);
+    let below = tar_of(&[
+        ("a/", D, b"", &[]),
+        ("a/old", R, b"old", &[]),
+        ("b/", D, b"", &[]),
+        ("b/from-b", R, b"b", &[]),
+        ("w/", D, b"", &[]),
+        ("w/gone", R, b"lower", &[]),
+        ("m/", D, b"", &[]),
+        ("m/meta", R, b"lower data", &[]),
+        ("o/", D, b"", &[]),
+        ("o/hidden", R, b"h", &[]),
+        ("gone2", R, b"g", &[]),
+    ]);
+    let steering = tar_of(&[
+        ("a/", D, b"", &[("trusted.overlay.opaque", b"y")]),
+        ("a/new", R, b"new", &[]),
+        (
+            "r/",
+            D,
+            b"",
+            &[("trusted.overlay.redirect", b"/b"), user, cap],
+        ),
+        ("r/own", R, b"own", &[]),
+        (
+            "w/",
+            D,
+            b"",
+            &[
+                ("trusted.overlay.opaque", b"x"),
+                ("trusted.overlay.whiteouts", b"y"),
+            ],
+        ),
+        ("w/gone", R, b"", &[("trusted.overlay.whiteout", b"y")]),
+        ("m/", D, b"", &[]),
+        (
+            "m/meta",
+            R,
+            b"upper data",
+            &[("trusted.overlay.metacopy", b""), user, cap],
+        ),
+        // The tar's own opaque directory and whiteout still work.
+        ("o/", D, b"", &[]),
+        ("o/.wh..wh..opq", R, b"", &[]),
+        ("o/kept", R, b"k", &[]),
+        (".wh.gone2", R, b"", &[]),
+        // The kernel refuses user.* on a symlink; containerd skips it.
+        ("link", L, b"r/own", &[("user.x", b"on a symlink")]),
+    ]);
+
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // The reference: both layers unpacked by containerd's applier.
+    for (name, tar, parents) in [
+        ("below", &below, vec![]),
+        ("steering", &steering, vec![w.join("below")]),
+    ] {
+        let tar_path = w.join(format!("{name}.tar"));
+        std::fs::write(&tar_path, tar).unwrap();
+        run(Command::new(&ctd_apply)
+            .arg(&tar_path)
+            .arg(w.join(name))
+            .args(parents));
+    }
+    let (shared, _layer, digest) = setup(&steering, w).await;
+    let m = mount(shared);
+    let lazy_layer = m.dir.path().join(&digest[7..]);
+    // Dropped before `m`: the overlays go before the FUSE mount.
+    let unpacked = Overlay::mount(&[&w.join("steering"), &w.join("below")], w.join("unpacked"));
+    let lazy = Overlay::mount(&[&lazy_layer, &w.join("below")], w.join("lazy"));
+
+    let (want, got) = {
+        let (u, l) = (unpacked.0.clone(), lazy.0.clone());
+        tokio::task::spawn_blocking(move || (walk(&u), walk(&l)))
+            .await
+            .unwrap()
+    };
+    let names = |t: &BTreeMap<PathBuf, Entry>| t.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&want), "the same names under overlayfs");
+    for (path, w) in &want {
+        assert_eq!(&got[path], w, "{}", path.display());
+    }
+    // Not vacuous: containerd's unpack keeps these, so the lazy one does.
+    let kept: BTreeMap<String, Vec<u8>> = [user, cap]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect();
+    for p in ["r", "m/meta"] {
+        assert_eq!(got[Path::new(p)].xattrs, kept, "{p}");
+    }
+    assert_eq!(std::fs::read(lazy.0.join("m/meta")).unwrap(), b"upper data");
+    // On the lazy layer itself: no trusted.* but the opaque marker's.
+    for p in ["a", "r", "w", "w/gone", "m/meta", "link", "o"] {
+        let trusted: Vec<String> = xattr_names(&lazy_layer.join(p))
+            .into_iter()
+            .filter(|n| n.starts_with("trusted."))
+            .collect();
+        let want: &[&str] = if p == "o" {
+            &["trusted.overlay.opaque"]
+        } else {
+            &[]
+        };
+        assert_eq!(trusted, want, "{p}: trusted xattrs on the lazy layer");
+    }
+    drop((lazy, unpacked));
 }
