@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -23,6 +23,7 @@ use fuser::{
     INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
+use parking_lot::Mutex;
 use stargaze_index::model::kind;
 
 use crate::handover::{self, HandoverError, SessionFile};
@@ -100,8 +101,8 @@ impl FsShared {
     fn restore_handles(&self, left: Vec<OpenHandle>) {
         let p = &self.passthrough;
         let wanted = p.wanted.load(Ordering::Relaxed);
-        let mut restored = p.restored.lock().expect("restored backing ids");
-        let mut cached = p.cached.lock().expect("cached opens");
+        let mut restored = p.restored.lock();
+        let mut cached = p.cached.lock();
         let (mut n_cached, mut n_passthrough) = (0, 0);
         for h in left {
             match h.mode {
@@ -119,10 +120,7 @@ impl FsShared {
                         held: None,
                     });
                     r.old_handles += 1;
-                    p.restored_fh
-                        .lock()
-                        .expect("restored handles")
-                        .insert(h.fh, h.ino);
+                    p.restored_fh.lock().insert(h.fh, h.ino);
                 }
             }
         }
@@ -220,13 +218,9 @@ impl Passthrough {
     fn release(&self, fh: u64, dev_fd: RawFd) {
         // A handle of the previous process: the last one of its inode
         // lets the inherited backing id go.
-        let old = self
-            .restored_fh
-            .lock()
-            .expect("restored handles")
-            .remove(&fh);
+        let old = self.restored_fh.lock().remove(&fh);
         if let Some(ino) = old {
-            let mut restored = self.restored.lock().expect("restored backing ids");
+            let mut restored = self.restored.lock();
             if let Some(r) = restored.get_mut(&ino) {
                 r.old_handles -= 1;
                 if r.old_handles == 0 {
@@ -246,19 +240,15 @@ impl Passthrough {
         if !self.wanted.load(Ordering::Relaxed) {
             return;
         }
-        self.by_handle.lock().expect("backing ids").remove(&fh);
-        self.cached.lock().expect("cached opens").remove(fh);
+        self.by_handle.lock().remove(&fh);
+        self.cached.lock().remove(fh);
     }
 
     fn has_backing(&self, ino: u64) -> bool {
-        self.restored
-            .lock()
-            .expect("restored backing ids")
-            .contains_key(&ino)
+        self.restored.lock().contains_key(&ino)
             || self
                 .by_inode
                 .lock()
-                .expect("backing ids")
                 .get(&ino)
                 .is_some_and(|(w, _)| w.strong_count() > 0)
     }
@@ -429,14 +419,14 @@ impl StargazeFs {
     ) -> std::io::Result<Arc<fuser::BackingId>> {
         let p = &self.shared.passthrough;
         let ino = a.global(local);
-        let mut by_inode = p.by_inode.lock().expect("backing ids");
+        let mut by_inode = p.by_inode.lock();
         let live = by_inode
             .get(&ino)
             .and_then(|(w, raw)| Some((w.upgrade()?, *raw)));
         let (id, raw) = match live {
             Some(live) => live,
             None => {
-                let mut restored = p.restored.lock().expect("restored backing ids");
+                let mut restored = p.restored.lock();
                 let (id, raw) = if let Some(r) = restored.get_mut(&ino) {
                     // The kernel's inode already has this backing file.
                     let id = match &r.held {
@@ -475,27 +465,20 @@ impl StargazeFs {
         if let Some(t) = self.shared.opens.get() {
             t.set_mode(fh, Mode::Passthrough(raw));
         }
-        p.by_handle
-            .lock()
-            .expect("backing ids")
-            .insert(fh, id.clone());
+        p.by_handle.lock().insert(fh, id.clone());
         Ok(id)
     }
 
     /// The open cache file of a handle (opened on first use: the file may
     /// not exist before the first chunk arrives).
     fn content(&self, a: &Attached, local: u64, fh: u64) -> Result<Arc<std::fs::File>, Errno> {
-        if let Some(f) = self.shared.handles.lock().expect("handles").get(&fh) {
+        if let Some(f) = self.shared.handles.lock().get(&fh) {
             return Ok(f.clone());
         }
         let path = a.cache.layer_file_path(a.index.layer_digest(), local);
         let f = Arc::new(std::fs::File::open(path).map_err(|_| Errno::EIO)?);
         if fh != 0 {
-            self.shared
-                .handles
-                .lock()
-                .expect("handles")
-                .insert(fh, f.clone());
+            self.shared.handles.lock().insert(fh, f.clone());
         }
         Ok(f)
     }
@@ -657,7 +640,7 @@ impl Filesystem for StargazeFs {
                 }
                 // Held across the decision and the reply, so a concurrent
                 // open of the same inode cannot choose the other mode.
-                let mut cached = p.cached.lock().expect("cached opens");
+                let mut cached = p.cached.lock();
                 // An inode with a live backing file stays in passthrough
                 // mode even if passthrough was given up meanwhile: the
                 // kernel refuses mixing the modes on one inode.
@@ -806,7 +789,7 @@ impl Filesystem for StargazeFs {
     ) {
         let _timer = self.shared.counters.timer(Op::Release);
         let fh = u64::from(fh);
-        self.shared.handles.lock().expect("handles").remove(&fh);
+        self.shared.handles.lock().remove(&fh);
         self.shared
             .passthrough
             .release(fh, self.shared.dev_fd.load(Ordering::Relaxed));
@@ -1020,7 +1003,7 @@ fn serve(
         what: "starting the FUSE threads".into(),
         source: e,
     })?;
-    *shared.notifier.lock().expect("notifier") = Some(session.notifier());
+    *shared.notifier.lock() = Some(session.notifier());
     Ok(FuseMount {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
@@ -1152,9 +1135,87 @@ impl FsShared {
     /// Detach a layer and make the kernel forget its directory entry.
     pub fn detach(&self, name: &str) -> bool {
         let found = self.layers.detach(name).is_some();
-        if found && let Some(n) = self.notifier.lock().expect("notifier").as_ref() {
+        if found && let Some(n) = self.notifier.lock().as_ref() {
             let _ = n.inval_entry(INodeNo(MOUNT_ROOT), OsStr::new(name));
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoFetcher;
+
+    #[tonic::async_trait]
+    impl ChunkSource for NoFetcher {
+        async fn fetch(&self, _: &str, _: u64, _: u64, _: u64) -> Result<(), String> {
+            Err("no fetcher in this test".into())
+        }
+    }
+
+    /// Take a lock on another thread and panic while holding it, as a bug
+    /// in one FUSE request would.
+    macro_rules! panic_holding {
+        ($lock:expr) => {
+            std::thread::scope(|s| {
+                let bug = s.spawn(|| {
+                    let _held = $lock;
+                    panic!(concat!("a bug while holding ", stringify!($lock)));
+                });
+                assert!(bug.join().is_err());
+            })
+        };
+    }
+
+    /// A request that panics while it holds one of the mount's locks must
+    /// not turn every later open, read and release into a panic (as a
+    /// poisoned std mutex with `.lock().expect(..)` did).
+    #[test]
+    fn a_panic_while_a_lock_is_held_leaves_later_requests_working() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let shared = FsShared::new(
+            Arc::new(NoFetcher),
+            rt.handle().clone(),
+            Duration::from_secs(1),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (table, _) =
+            OpenTable::open(&OpenTable::beside(&dir.path().join("mnt")), false).unwrap();
+        assert!(shared.opens.set(table).is_ok());
+        let p = &shared.passthrough;
+        p.wanted.store(true, Ordering::Relaxed);
+
+        panic_holding!(p.by_handle.lock());
+        panic_holding!(p.by_inode.lock());
+        panic_holding!(p.cached.lock());
+        panic_holding!(p.restored.lock());
+        panic_holding!(p.restored_fh.lock());
+
+        // What a restarted process, an open and a release take next.
+        shared.restore_handles(vec![
+            OpenHandle {
+                fh: 7,
+                ino: 42,
+                mode: Mode::Passthrough(3),
+            },
+            OpenHandle {
+                fh: 8,
+                ino: 43,
+                mode: Mode::Cached,
+            },
+        ]);
+        assert!(p.has_backing(42));
+        assert!(!p.has_backing(43));
+        let fh = shared.new_handle(44);
+        assert_ne!(fh, 0);
+        p.release(fh, -1);
+        p.release(8, -1);
+        p.release(7, -1);
+        assert!(!p.has_backing(42));
+        assert!(!shared.detach("absent"));
     }
 }

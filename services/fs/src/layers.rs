@@ -10,8 +10,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
+use parking_lot::RwLock;
 use stargaze_cache::{Cache, LayerPin, PresenceMap};
 use stargaze_index::LayerIndex;
 
@@ -111,7 +112,7 @@ impl LayerTable {
     /// now on, at every change; saves it once now.
     pub fn journal_to(&self, file: SessionFile, init: String, device: String) {
         let _ = self.journal.set(Journal { file, init, device });
-        let t = self.inner.read().expect("layer table");
+        let t = self.inner.read();
         self.save(&t);
     }
 
@@ -143,7 +144,7 @@ impl LayerTable {
 
     /// Slots up to `next_slot` were given out by a previous process.
     pub fn reserve_slots(&self, next_slot: u64) {
-        let mut t = self.inner.write().expect("layer table");
+        let mut t = self.inner.write();
         t.next_slot = t.next_slot.max(next_slot);
     }
 
@@ -198,7 +199,7 @@ impl LayerTable {
                 layer: digest.to_string(),
                 source,
             })?;
-        let mut t = self.inner.write().expect("layer table");
+        let mut t = self.inner.write();
         if let Some(slot) = t.by_name.get(&name) {
             return Ok(t.by_slot[slot].clone());
         }
@@ -231,7 +232,7 @@ impl LayerTable {
     }
 
     pub fn detach(&self, name: &str) -> Option<Arc<Attached>> {
-        let mut t = self.inner.write().expect("layer table");
+        let mut t = self.inner.write();
         let slot = t.by_name.remove(name)?;
         let a = t.by_slot.remove(&slot);
         self.save(&t);
@@ -239,7 +240,7 @@ impl LayerTable {
     }
 
     pub fn by_name(&self, name: &str) -> Option<Arc<Attached>> {
-        let t = self.inner.read().expect("layer table");
+        let t = self.inner.read();
         t.by_name.get(name).and_then(|s| t.by_slot.get(s)).cloned()
     }
 
@@ -247,23 +248,47 @@ impl LayerTable {
     pub fn resolve(&self, ino: u64) -> Option<(Arc<Attached>, u64)> {
         let slot = ino >> SLOT_SHIFT;
         let local = ino & ((1 << SLOT_SHIFT) - 1);
-        let t = self.inner.read().expect("layer table");
+        let t = self.inner.read();
         t.by_slot.get(&slot).map(|a| (a.clone(), local))
     }
 
     /// Every attached layer, sorted by name (the mount root's listing).
     pub fn list(&self) -> Vec<Arc<Attached>> {
-        let t = self.inner.read().expect("layer table");
+        let t = self.inner.read();
         let mut v: Vec<_> = t.by_slot.values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     pub fn len(&self) -> usize {
-        self.inner.read().expect("layer table").by_slot.len()
+        self.inner.read().by_slot.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the table is locked (a bug in one request) must not
+    /// make every later lookup, attach and detach of the mount panic.
+    #[test]
+    fn a_panic_while_the_table_is_locked_leaves_it_usable() {
+        let t = LayerTable::default();
+        std::thread::scope(|s| {
+            let bug = s.spawn(|| {
+                let _held = t.inner.write();
+                panic!("a bug while holding the layer table");
+            });
+            assert!(bug.join().is_err());
+        });
+        assert!(t.resolve(1 << SLOT_SHIFT | 1).is_none());
+        assert!(t.by_name("x").is_none());
+        assert!(t.detach("x").is_none());
+        t.reserve_slots(3);
+        assert!(t.list().is_empty() && t.is_empty());
     }
 }
