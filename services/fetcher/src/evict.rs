@@ -11,9 +11,10 @@
 //! In between it records every minute which layers are attached, so that
 //! eviction's "least recently used" means used by a container, not fetched.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use stargaze_cache::{Cache, EvictOptions, Eviction, Evictor};
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -51,14 +52,14 @@ impl CacheLimit {
     }
 
     pub fn totals(&self) -> EvictionTotals {
-        self.totals.lock().expect("eviction totals").clone()
+        self.totals.lock().clone()
     }
 
     /// One pass now; `forget` drops an evicted layer from the fetcher's
     /// memory (called with the cache's write gate held).
     pub fn pass(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
         let pass = self.evictor.run(forget);
-        let mut t = self.totals.lock().expect("eviction totals");
+        let mut t = self.totals.lock();
         t.passes += 1;
         t.layers += u64::from(pass.layers_evicted);
         t.files += pass.files_evicted;

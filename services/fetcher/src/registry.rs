@@ -1,8 +1,9 @@
 //! Registry blobs as [`RemoteBlob`]s.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use stargaze_registry::Blob;
 
 use crate::{BlobError, RemoteBlob};
@@ -68,7 +69,7 @@ impl RemoteBlob for WarmBlob {
     }
 
     async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
-        let warm = self.tail.lock().expect("warm tail").take();
+        let warm = self.tail.lock().take();
         match warm {
             Some(t) if t.bytes.len() as u64 >= n.min(t.size) => {
                 let skip = t.bytes.len() - n.min(t.size) as usize;

@@ -204,13 +204,13 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
 /// Cached bearer tokens by (host, scope).
 #[derive(Default)]
 pub struct TokenCache {
-    tokens: std::sync::Mutex<HashMap<(String, String), (String, Instant)>>,
+    tokens: parking_lot::Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
 impl TokenCache {
     /// A token valid for at least a few more seconds.
     pub fn get(&self, host: &str, scope: &str) -> Option<String> {
-        let t = self.tokens.lock().expect("token cache");
+        let t = self.tokens.lock();
         t.get(&(host.to_string(), scope.to_string()))
             .filter(|(_, exp)| *exp > Instant::now() + Duration::from_secs(5))
             .map(|(tok, _)| tok.clone())
@@ -221,14 +221,12 @@ impl TokenCache {
         let exp = Instant::now() + lifetime.mul_f64(0.9);
         self.tokens
             .lock()
-            .expect("token cache")
             .insert((host.to_string(), scope.to_string()), (token, exp));
     }
 
     pub fn forget(&self, host: &str, scope: &str) {
         self.tokens
             .lock()
-            .expect("token cache")
             .remove(&(host.to_string(), scope.to_string()));
     }
 }

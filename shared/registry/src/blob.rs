@@ -2,12 +2,12 @@
 //! discovery, multi-range requests and their three possible answers.
 
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
+use parking_lot::Mutex;
 
 use crate::client::{Client, Resp};
 use crate::hosts::Endpoint;
@@ -286,13 +286,13 @@ impl Blob {
         reprobe: bool,
     ) -> Result<(Endpoint, Option<String>, u64), RegistryError> {
         if !reprobe {
-            let st = self.state.lock().expect("blob state");
+            let st = self.state.lock();
             if let (Some(ep), Some(size)) = (&st.endpoint, st.size) {
                 return Ok((ep.clone(), st.redirect.clone(), size));
             }
         }
         let (ep, redirect, size) = self.probe().await?;
-        let mut st = self.state.lock().expect("blob state");
+        let mut st = self.state.lock();
         st.endpoint = Some(ep.clone());
         st.redirect = redirect.clone();
         st.size = Some(size);
@@ -311,14 +311,14 @@ impl Blob {
     /// and read (and report their errors from those).
     pub async fn read_tail(&self, n: u64) -> Result<(u64, u64, Bytes), RegistryError> {
         let probed = {
-            let st = self.state.lock().expect("blob state");
+            let st = self.state.lock();
             st.endpoint.is_some() && st.size.is_some()
         };
         // A registry that refuses suffix ranges (416, 400) gets the usual
         // probe and read below.
         if !probed && let Ok((ep, redirect, size, tail)) = self.probe_with(Some(n)).await {
             {
-                let mut st = self.state.lock().expect("blob state");
+                let mut st = self.state.lock();
                 st.endpoint = Some(ep);
                 st.redirect = redirect;
                 st.size = Some(size);
@@ -409,7 +409,6 @@ impl Blob {
                     .inner
                     .single_range
                     .lock()
-                    .expect("single range hosts")
                     .contains(&self.reference.host);
             let n = if single { 1 } else { per.min(missing.len()) };
             let group: Vec<Range<u64>> = missing[..n].iter().map(|(_, r)| r.clone()).collect();
@@ -444,7 +443,6 @@ impl Blob {
                         .inner
                         .single_range
                         .lock()
-                        .expect("single range hosts")
                         .insert(self.reference.host.clone());
                 }
                 // The answer broke off (connection errors and 5xx are
@@ -790,13 +788,13 @@ mod tests {
         let blob = client.blob(&r, digest);
         let size = blob.size().await.unwrap();
         // Pretend the blob is larger so that a range past its end goes out.
-        blob.state.lock().unwrap().size = Some(size * 10);
+        blob.state.lock().size = Some(size * 10);
         let e = blob
             .read_ranges(std::slice::from_ref(&(size + 10..size + 20)))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("416"), "{e}");
-        blob.state.lock().unwrap().size = Some(size);
+        blob.state.lock().size = Some(size);
         for _ in 0..5 {
             let got = blob.read_ranges(&[0..100, size - 10..size]).await.unwrap();
             assert_eq!(got[0].len(), 100);

@@ -1,8 +1,8 @@
 //! HTTP to registries: pools, limits, authentication, retries.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Challenge, Credential, DockerConfig, TokenCache, basic_header, parse_challenge};
@@ -245,7 +246,7 @@ impl Client {
 
     /// Counters of every host contacted so far.
     pub fn stats(&self) -> Vec<(String, Arc<HostStats>)> {
-        let s = self.inner.stats.lock().expect("stats");
+        let s = self.inner.stats.lock();
         let mut v: Vec<_> = s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -255,7 +256,6 @@ impl Client {
         self.inner
             .stats
             .lock()
-            .expect("stats")
             .entry(host.to_string())
             .or_default()
             .clone()
@@ -266,7 +266,7 @@ impl Client {
             skip_verify: ep.skip_verify,
             ca: ep.ca.clone(),
         };
-        let mut pools = self.inner.pools.lock().expect("pools");
+        let mut pools = self.inner.pools.lock();
         if let Some(p) = pools.get(&key) {
             return Ok(p.clone());
         }
@@ -280,7 +280,6 @@ impl Client {
             .inner
             .limits
             .lock()
-            .expect("limits")
             .entry(host.to_string())
             .or_insert_with(|| {
                 Arc::new(Semaphore::new(

@@ -7,11 +7,12 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -211,7 +212,7 @@ impl MethodStats {
 impl RpcMetrics {
     /// The counters of `method`, created on its first request.
     pub fn method(&self, method: &str) -> Arc<MethodStats> {
-        let mut methods = self.methods.lock().expect("rpc counters");
+        let mut methods = self.methods.lock();
         if let Some(m) = methods.get(method) {
             return m.clone();
         }
@@ -224,7 +225,6 @@ impl RpcMetrics {
         let methods: Vec<(String, Arc<MethodStats>)> = self
             .methods
             .lock()
-            .expect("rpc counters")
             .iter()
             .map(|(m, s)| (m.clone(), s.clone()))
             .collect();
@@ -352,7 +352,7 @@ impl RecentErrors {
             subject: subject.into(),
             message: message.into(),
         };
-        let mut errors = self.errors.lock().expect("recent errors");
+        let mut errors = self.errors.lock();
         if let Some(pos) = errors
             .iter()
             .position(|x| x.subject == e.subject && x.message == e.message)
@@ -367,12 +367,7 @@ impl RecentErrors {
 
     /// Oldest first.
     pub fn list(&self) -> Vec<RecentError> {
-        self.errors
-            .lock()
-            .expect("recent errors")
-            .iter()
-            .cloned()
-            .collect()
+        self.errors.lock().iter().cloned().collect()
     }
 }
 
@@ -420,6 +415,22 @@ mod tests {
             l.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>(),
             ["layer2", "layer4", "layer3"]
         );
+    }
+
+    /// A panic while the list is locked must not make every later failed
+    /// read (which records its error here) panic as well.
+    #[test]
+    fn a_panic_while_the_list_is_locked_leaves_it_usable() {
+        let r = RecentErrors::new(3);
+        std::thread::scope(|s| {
+            let bug = s.spawn(|| {
+                let _held = r.errors.lock();
+                panic!("a bug while holding the recent errors");
+            });
+            assert!(bug.join().is_err());
+        });
+        r.push("layer", "read failed");
+        assert_eq!(r.list().len(), 1);
     }
 
     #[test]
