@@ -19,10 +19,11 @@
 //! channels; the drain runs as its own task, so a caller that gives up never
 //! strands chunks that others wait for.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use stargaze_cache::{Cache, PresenceMap};
 use stargaze_format::Digest;
@@ -250,7 +251,7 @@ impl Layer {
         let mut claimed_bytes = 0u64;
         let mut last_member = None;
         {
-            let mut st = self.state.lock().expect("layer state");
+            let mut st = self.state.lock();
             for c in wanted {
                 if self.presence.is_present(c.chunk.global) {
                     continue;
@@ -306,15 +307,12 @@ impl Layer {
             return;
         };
         loop {
-            let batch = take_budget(
-                &mut self.state.lock().expect("layer state").queue,
-                self.opts.max_read_bytes,
-            );
+            let batch = take_budget(&mut self.state.lock().queue, self.opts.max_read_bytes);
             if batch.is_empty() {
                 return;
             }
             let results = self.fetch_batch(&batch).await;
-            let mut st = self.state.lock().expect("layer state");
+            let mut st = self.state.lock();
             for (c, r) in batch.iter().zip(results) {
                 if let Some(tx) = st.inflight.remove(&c.chunk.global) {
                     let _ = tx.send(Some(r));

@@ -1,9 +1,10 @@
 //! `stargaze.v1.Fetcher` over the engine: resolved layers by digest,
 //! prefetch and background fetch, status.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stargaze_cache::Cache;
@@ -113,9 +114,9 @@ impl Shared {
     /// the map; `None` when none was asked for, so a resolve that can reuse
     /// the index in the cache never touches the registry.
     async fn take_warm_tail(&self, digest: &str) -> Option<Arc<WarmTail>> {
-        let cell = self.tails.lock().expect("tails").get(digest).cloned()?;
+        let cell = self.tails.lock().get(digest).cloned()?;
         let tail = cell.get_or_init(|| async { None }).await.clone();
-        self.tails.lock().expect("tails").remove(digest);
+        self.tails.lock().remove(digest);
         tail
     }
 }
@@ -137,7 +138,7 @@ struct OnDemand<'a>(&'a Activity);
 
 impl Drop for OnDemand<'_> {
     fn drop(&mut self) {
-        *self.0.last_end.lock().expect("activity") = Instant::now();
+        *self.0.last_end.lock() = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -153,7 +154,7 @@ impl Activity {
 
     /// Hold background fetches for `d` from now.
     fn hold(&self, d: Duration) {
-        let mut until = self.held_until.lock().expect("activity");
+        let mut until = self.held_until.lock();
         *until = (*until).max(Instant::now() + d);
     }
 
@@ -168,13 +169,13 @@ impl Activity {
     /// fetch and pay a small request per miss for the whole layer.
     async fn quiet(&self, silence: Duration, deadline: Instant) {
         loop {
-            let held = *self.held_until.lock().expect("activity");
+            let held = *self.held_until.lock();
             if held > Instant::now() {
                 tokio::time::sleep_until(held.into()).await;
                 continue;
             }
             let busy = self.in_flight.load(Ordering::Acquire) > 0;
-            let since = self.last_end.lock().expect("activity").elapsed();
+            let since = self.last_end.lock().elapsed();
             let now = Instant::now();
             if (!busy && since >= silence) || now >= deadline {
                 return;
@@ -361,12 +362,12 @@ impl FetcherService {
     fn forgetter(&self) -> Arc<dyn Fn(&str) + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move |digest: &str| {
-            if let Some(cell) = shared.layers.lock().expect("layers").remove(digest)
+            if let Some(cell) = shared.layers.lock().remove(digest)
                 && let Some(layer) = cell.get()
             {
                 layer.mark_evicted();
             }
-            shared.info.lock().expect("info").remove(digest);
+            shared.info.lock().remove(digest);
         })
     }
 
@@ -375,7 +376,6 @@ impl FetcherService {
         self.shared
             .layers
             .lock()
-            .expect("layers")
             .values()
             .filter_map(|c| c.get().cloned())
             .collect()
@@ -386,7 +386,6 @@ impl FetcherService {
         self.shared
             .layers
             .lock()
-            .expect("layers")
             .get(digest)
             .and_then(|c| c.get().cloned())
     }
@@ -395,7 +394,6 @@ impl FetcherService {
         self.shared
             .info
             .lock()
-            .expect("info")
             .entry(digest.to_string())
             .or_default()
             .clone()
@@ -406,7 +404,7 @@ impl FetcherService {
     async fn image_manifest(&self, reference: &Reference) -> Option<Arc<serde_json::Value>> {
         let key = reference.to_string();
         let cell = {
-            let mut m = self.shared.manifests.lock().expect("manifests");
+            let mut m = self.shared.manifests.lock();
             m.retain(|_, (at, _)| at.elapsed() < MANIFEST_TTL);
             if m.len() >= MAX_MANIFESTS {
                 m.clear();
@@ -486,7 +484,7 @@ impl FetcherService {
         expected: Digest,
     ) -> Result<(), FetchError> {
         let info = self.info(&layer.digest);
-        let known = *info.toc_checksum.lock().expect("info");
+        let known = *info.toc_checksum.lock();
         let actual = match known {
             Some(d) => d,
             None => {
@@ -498,7 +496,7 @@ impl FetcherService {
                     &self.shared.opts,
                 )
                 .await?;
-                *info.toc_checksum.lock().expect("info") = Some(d);
+                *info.toc_checksum.lock() = Some(d);
                 d
             }
         };
@@ -566,7 +564,6 @@ impl FetcherService {
                 .shared
                 .layers
                 .lock()
-                .expect("layers")
                 .entry(digest.clone())
                 .or_default()
                 .clone();
@@ -608,11 +605,10 @@ impl FetcherService {
                         let info = shared
                             .info
                             .lock()
-                            .expect("info")
                             .entry(digest.clone())
                             .or_default()
                             .clone();
-                        *info.toc_checksum.lock().expect("info") = Some(sum);
+                        *info.toc_checksum.lock() = Some(sum);
                     }
                     resolved.map(Arc::new)
                 })
@@ -641,7 +637,7 @@ impl FetcherService {
             let (cache, d) = (self.shared.cache.clone(), digest.clone());
             let _ = tokio::task::spawn_blocking(move || cache.touch_layer(&d)).await;
         }
-        *self.info(&layer.digest).image_ref.lock().expect("info") = src.image_ref.clone();
+        *self.info(&layer.digest).image_ref.lock() = src.image_ref.clone();
         Ok((layer, check))
     }
 
@@ -955,7 +951,7 @@ impl FetcherService {
                 // meanwhile; charging them too errs on the quiet side.
                 let spent = layer.counters.compressed_bytes.load(Ordering::Relaxed) - before;
                 let until = {
-                    let mut budget = shared.background_budget.lock().expect("budget");
+                    let mut budget = shared.background_budget.lock();
                     *budget = pace(*budget, Instant::now(), spent, shared.background_bandwidth);
                     *budget
                 };
@@ -993,7 +989,7 @@ impl FetcherService {
                 let r = Self::fetch_all(&layer, ranges).await;
                 info.prefetch_done.store(true, Ordering::Release);
                 if let Err(e) = &r {
-                    *info.last_error.lock().expect("error") = e.to_string();
+                    *info.last_error.lock() = e.to_string();
                     shared
                         .errors
                         .push(layer.digest.clone(), format!("prefetch: {e}"));
@@ -1008,7 +1004,7 @@ impl FetcherService {
                             && !layer2.is_evicted()
                         {
                             tracing::warn!(layer = %layer2.digest, error = %e, "background fetch stopped");
-                            *info2.last_error.lock().expect("error") = e.to_string();
+                            *info2.last_error.lock() = e.to_string();
                             shared
                                 .errors
                                 .push(layer2.digest.clone(), format!("background fetch: {e}"));
@@ -1135,7 +1131,7 @@ impl Fetcher for FetcherService {
             };
             let digest = digest.to_string();
             let cell = {
-                let mut tails = self.shared.tails.lock().expect("tails");
+                let mut tails = self.shared.tails.lock();
                 // Bounded: tails of layers nobody resolves stay until then.
                 if self.layer(&digest).is_some()
                     || tails.contains_key(&digest)
@@ -1168,11 +1164,10 @@ impl Fetcher for FetcherService {
                 let resolved = shared
                     .layers
                     .lock()
-                    .expect("layers")
                     .get(&digest)
                     .is_some_and(|c| c.initialized());
                 if resolved {
-                    shared.tails.lock().expect("tails").remove(&digest);
+                    shared.tails.lock().remove(&digest);
                 }
             });
         }
@@ -1217,7 +1212,7 @@ impl Fetcher for FetcherService {
         }
         Ok(Response::new(LayerStatusResponse {
             layer_digest: layer.digest.clone(),
-            image_ref: info.image_ref.lock().expect("info").clone(),
+            image_ref: info.image_ref.lock().clone(),
             blob_size: layer.index.blob_size(),
             chunks: total,
             chunks_present: present,
@@ -1225,7 +1220,7 @@ impl Fetcher for FetcherService {
             file_bytes_present: bytes_present,
             prefetch_done: info.prefetch_done.load(Ordering::Acquire),
             background_done: info.background_done.load(Ordering::Acquire),
-            last_error: info.last_error.lock().expect("error").clone(),
+            last_error: info.last_error.lock().clone(),
         }))
     }
 
@@ -1234,7 +1229,6 @@ impl Fetcher for FetcherService {
             .shared
             .layers
             .lock()
-            .expect("layers")
             .values()
             .filter_map(|c| c.get().cloned())
             .collect();
@@ -1336,7 +1330,7 @@ mod tests {
     async fn background_waits_for_quiet_but_not_past_the_deadline() {
         let a = Activity::new();
         // Quiet long enough already: no wait.
-        *a.last_end.lock().unwrap() = Instant::now() - Duration::from_secs(5);
+        *a.last_end.lock() = Instant::now() - Duration::from_secs(5);
         let t = Instant::now();
         a.quiet(Duration::from_secs(2), t + Duration::from_secs(60))
             .await;

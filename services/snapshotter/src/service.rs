@@ -5,11 +5,12 @@
 //! Store calls block on redb and the filesystem, so each runs on the
 //! blocking pool.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stargaze_proto::containerd::services::snapshots::v1 as api;
@@ -111,7 +112,7 @@ impl SnapshotService {
         // TOCs ahead, once per image, while containerd goes layer by layer.
         if layer.layers.len() > 1 {
             let first = {
-                let mut warmed = self.warmed.lock().expect("warmed set");
+                let mut warmed = self.warmed.lock();
                 if warmed.len() >= 4096 {
                     warmed.clear();
                 }
@@ -141,11 +142,7 @@ impl SnapshotService {
                         layer.image_ref
                     ),
                 );
-                let first = self
-                    .warned
-                    .lock()
-                    .expect("warned set")
-                    .insert(layer.digest.clone());
+                let first = self.warned.lock().insert(layer.digest.clone());
                 if first {
                     tracing::warn!(
                         key, layer = %layer.digest, image = %layer.image_ref, %reason,
