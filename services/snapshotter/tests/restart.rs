@@ -304,7 +304,6 @@ fn each_service_survives_a_kill_9() {
         stack.spawn(Service::Fs);
         (held.join().unwrap(), queued.join().unwrap())
     });
-    std::fs::write("/tmp/fslog.txt", stack.log(Service::Fs)).unwrap();
     ok(&held, "cold/a", "a read fs held when it was killed");
     ok(&queued, "cold/b", "a read issued while fs was down");
     assert!(

@@ -110,23 +110,6 @@ pub fn run(
     }
 }
 
-/// For the skeletons: log the configuration in use and that the service does
-/// nothing yet.
-pub fn not_implemented(name: &str, startup: &Startup, summary: &[(&str, String)]) {
-    let source = match &startup.config_file {
-        Some(p) => p.display().to_string(),
-        None => format!(
-            "built-in defaults ({} absent)",
-            stargaze_config::DEFAULT_PATH
-        ),
-    };
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %source, "{name} starting");
-    for (key, value) in summary {
-        tracing::info!("{key} = {value}");
-    }
-    tracing::warn!("{name} is not implemented yet: the configuration is valid; exiting");
-}
-
 /// Tell systemd (`Type=notify`) about the service's state, e.g. `READY=1` or
 /// `STOPPING=1`. Does nothing outside systemd (no `NOTIFY_SOCKET`).
 pub fn sd_notify(state: &str) {

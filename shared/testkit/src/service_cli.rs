@@ -156,36 +156,6 @@ impl ServiceCli {
         assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), Config::default().to_toml());
     }
-
-    pub fn skeleton_logs_and_exits_cleanly(&self) {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = write(dir.path(), "c.toml", "");
-        let out = self.run(&["--config", &cfg]);
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
-        assert!(stderr.contains("not implemented yet"), "{stderr}");
-        assert!(stderr.contains(&cfg), "{stderr}");
-        assert!(
-            !stderr.contains('\x1b'),
-            "no colours when stderr is not a terminal: {stderr}"
-        );
-
-        let cfg = write(dir.path(), "json.toml", "[log]\nformat = \"json\"\n");
-        let out = self.run(&["--config", &cfg]);
-        assert_eq!(out.status.code(), Some(0));
-        let stderr = text(&out.stderr);
-        for line in stderr.lines() {
-            assert!(
-                line.starts_with('{') && line.ends_with('}'),
-                "not JSON: {line}"
-            );
-        }
-        assert!(stderr.contains("not implemented yet"), "{stderr}");
-
-        let out = self.run(&["--config", &cfg, "--log-level", "error"]);
-        assert_eq!(out.status.code(), Some(0));
-        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
-    }
 }
 
 /// One `#[test]` per contract item for a service binary.

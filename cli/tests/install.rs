@@ -1,4 +1,5 @@
-//! `make install` into a scratch root, checked the way an operator's node
+//! `make install` of the files in `deploy/` (systemd units, the containerd
+//! snippet, the default config) into a scratch root, checked the way an operator's node
 //! would see it: the files and modes, the units through `systemd-analyze
 //! verify` and `systemd-analyze security`, the installed binaries reading the
 //! installed config, idempotence, an edited config surviving install and
@@ -10,8 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::SystemTime;
 
-use stargaze_deploy::UNITS;
 use stargaze_testkit::{repo_root, run, stack::workspace_bin};
+
+/// The units `make install` puts in place, in start order.
+const UNITS: [&str; 3] = [
+    "stargaze-fetcher.service",
+    "stargaze-fs.service",
+    "stargaze-snapshotter.service",
+];
 
 const BINARIES: [&str; 4] = [
     "stargaze",
