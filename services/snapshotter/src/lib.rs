@@ -5,7 +5,7 @@
 //!   snapshotter, and builds their bind/overlay mounts.
 //! * [`filters`] evaluates containerd's list filters.
 //! * [`service`] serves `containerd.services.snapshots.v1.Snapshots` over
-//!   the store.
+//!   the store, counting what it does in [`stats`].
 //! * [`status`] serves `stargaze.v1.Snapshotter` (for `stargaze status`) on
 //!   the same socket and renders the Prometheus metrics.
 //!
@@ -25,5 +25,6 @@ pub mod filters;
 pub mod mounts;
 pub mod remote;
 pub mod service;
+pub mod stats;
 pub mod status;
 pub mod store;

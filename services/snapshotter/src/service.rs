@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::filters::Filter;
 use crate::remote::{REMOTE_LABEL, REMOTE_LABEL_VALUE, Remote, TARGET_LABEL, layer_from_labels};
-use crate::status::SnapshotterStats;
+use crate::stats::SnapshotterStats;
 use crate::store::{Kind, Record, SnapError, Store, mounts};
 
 /// The snapshots service.

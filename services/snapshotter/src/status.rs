@@ -11,7 +11,6 @@
 //! | `stargaze_snapshotter_grpc_requests_total` | method, code | requests from containerd and `stargaze status` |
 //! | `stargaze_snapshotter_grpc_request_duration_seconds` | method | their latency |
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
@@ -19,23 +18,12 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use stargaze_proto::v1::snapshotter_server::Snapshotter;
 use stargaze_proto::v1::{RemoteSnapshot, SnapshotterStatusRequest, SnapshotterStatusResponse};
-use stargaze_service::metrics::{RecentErrors, RpcMetrics, family};
+use stargaze_service::metrics::family;
 use tonic::{Request, Response, Status};
 
 use crate::remote::layer_from_labels;
 use crate::service::SnapshotService;
 use crate::store::{Kind, Record};
-
-/// Counters kept by [`SnapshotService`].
-#[derive(Debug, Default)]
-pub struct SnapshotterStats {
-    pub remote_prepared: AtomicU64,
-    pub fallbacks: AtomicU64,
-    pub reattached: AtomicU64,
-    /// Fallback reasons and failed re-attaches.
-    pub errors: RecentErrors,
-    pub rpc: Arc<RpcMetrics>,
-}
 
 /// `stargaze.v1.Snapshotter`.
 #[derive(Clone)]
