@@ -722,6 +722,21 @@ fn chunks_of(
             format!("chunks cover {covered} bytes of a {size}-byte file"),
         ));
     }
+    // One chunk is the whole file: its digest is the file's. A TOC that
+    // says otherwise claims a file digest its bytes cannot have (the way to
+    // pass another image's file off as this one's).
+    if let ([only], Some(file_digest)) = (out.as_slice(), node.digest)
+        && !only.zeros
+        && only.digest != file_digest
+    {
+        return Err(ErrorKind::entry(
+            &label,
+            format!(
+                "its one chunk hashes to {} but the TOC gives the file digest {file_digest}: the TOC contradicts itself",
+                only.digest
+            ),
+        ));
+    }
     Ok(out)
 }
 
@@ -914,6 +929,20 @@ mod tests {
         b.uid = 5;
         let toc = build(vec![a, b]).unwrap();
         assert_eq!(toc.node(toc.lookup("b").unwrap()).user_name, "five");
+    }
+
+    #[test]
+    fn a_one_chunk_file_whose_chunk_digest_is_not_its_digest_is_refused() {
+        let mut f = reg("etc/b.txt", 6, 100);
+        f.digest = Digest::of(b"AAAAAA").to_string();
+        f.chunk_digest = Digest::of(b"BBBBBB").to_string();
+        let err = build(vec![f.clone()]).unwrap_err().to_string();
+        assert!(
+            err.contains("etc/b.txt") && err.contains("contradicts"),
+            "{err}"
+        );
+        f.chunk_digest = f.digest.clone();
+        assert!(build(vec![f]).is_ok());
     }
 
     #[test]
