@@ -214,6 +214,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The longest `Retry-After` waited for before a retry.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// `Retry-After` in seconds (the form registries send; an HTTP date is
+/// not honoured and the usual backoff applies).
+fn parse_retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 /// Should a failure be retried?
 pub(crate) fn retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
@@ -350,6 +360,9 @@ impl Client {
             let t0 = Instant::now();
             let outcome = tokio::time::timeout(timeout, pool.request(req)).await;
             stats.observe(t0.elapsed());
+            // A registry that says when to come back is believed (up to
+            // a bound): retrying sooner only earns another 429.
+            let mut retry_after = None;
             let failure = match outcome {
                 Ok(Ok(resp)) => {
                     if resp.version() == http::Version::HTTP_2 {
@@ -370,6 +383,7 @@ impl Client {
                         continue;
                     }
                     if retryable(status) && attempt < self.inner.opts.retries {
+                        retry_after = parse_retry_after(resp.headers());
                         format!("HTTP {status}")
                     } else {
                         if !status.is_success() && status != StatusCode::PARTIAL_CONTENT {
@@ -397,7 +411,9 @@ impl Client {
                 });
             }
             stats.retries.fetch_add(1, Ordering::Relaxed);
-            let wait = self.backoff(attempt);
+            let wait = self
+                .backoff(attempt)
+                .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
             tracing::debug!(%url, %failure, ?wait, "retrying registry request");
             tokio::time::sleep(wait).await;
             attempt += 1;

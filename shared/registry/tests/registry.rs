@@ -302,3 +302,71 @@ async fn retries_503_and_falls_back_to_single_ranges_on_400() {
         "{e}"
     );
 }
+
+/// A registry that answers 429 with `Retry-After: 1` is asked again only
+/// after that second, whatever the client's own backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_retried_after_the_retry_after_it_gives() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = times.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut have = 0;
+                loop {
+                    let Ok(n) = sock.read(&mut buf[have..]).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    have += n;
+                    if !buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    have = 0;
+                    let first = {
+                        let mut t = seen.lock().unwrap();
+                        t.push(std::time::Instant::now());
+                        t.len() == 1
+                    };
+                    let resp: &[u8] = if first {
+                        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"
+                    };
+                    if sock.write_all(resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let c = Client::new(
+        Hosts::new(),
+        DockerConfig::in_dir(work.path()),
+        stargaze_registry::ClientOptions {
+            min_backoff: std::time::Duration::from_millis(1),
+            max_backoff: std::time::Duration::from_millis(5),
+            ..Default::default()
+        },
+    );
+    let r = Reference::parse(&format!("{addr}/limited/app:v1")).unwrap();
+    let blob = c.blob(&r, &format!("sha256:{}", "3".repeat(64)));
+    assert_eq!(blob.size().await.unwrap(), 7);
+    let t = times.lock().unwrap().clone();
+    assert_eq!(t.len(), 2, "one 429, one answer");
+    assert!(
+        t[1] - t[0] >= std::time::Duration::from_millis(950),
+        "asked again after {:?}",
+        t[1] - t[0]
+    );
+}
