@@ -1,7 +1,10 @@
 //! `stargaze`: the command-line tool.
 //!
-//! * `stargaze convert` turns an image into eStargz or zstd:chunked
-//!   (image locations in skopeo's syntax, so it pipes with `skopeo copy`).
+//! * `stargaze convert` turns an image into eStargz or zstd:chunked, from
+//!   and to OCI layouts, registries and archives (locations in skopeo's
+//!   syntax: `oci:`, `docker://`, `oci-archive:`, `docker-archive:`);
+//!   `stargaze image convert` is the same with nerdctl's and ctr-remote's
+//!   flags and plain image references.
 //! * `stargaze inspect` shows a layer's format and TOC and verifies every
 //!   chunk, for a blob file or every layer of an image.
 //!
@@ -14,6 +17,9 @@
 //!   cache use and hit rate, recent errors (`--json` for scripts).
 
 mod convert;
+mod convert_progress;
+mod image;
+mod image_store;
 mod inspect;
 mod rpull;
 mod status;
@@ -38,8 +44,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert an image to eStargz or zstd:chunked (SRC and DST as oci:DIR[:TAG]).
+    /// Convert an image to eStargz or zstd:chunked (SRC and DST as oci:DIR[:TAG],
+    /// docker://REF, oci-archive:PATH or docker-archive:PATH).
     Convert(convert::Args),
+    /// nerdctl-style image commands (`stargaze image convert`).
+    #[command(subcommand)]
+    Image(image::Command),
     /// Show a layer's format and table of contents and verify every chunk.
     Inspect(inspect::Args),
     /// Pull an image into containerd lazily through the stargaze snapshotter.
@@ -58,6 +68,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Convert(a) => convert::run(a),
+        Command::Image(c) => image::run(c),
         Command::Inspect(a) => inspect::run(a),
         Command::Rpull(a) => rpull::run(a),
         Command::Status(a) => status::run(a),

@@ -370,14 +370,13 @@ fn errors_name_the_image_layer_and_what_to_do() {
     assert!(!o.status.success());
     assert!(e.contains("nope") && e.contains("src"), "missing tag: {e}");
 
-    let o = stargaze(&[
-        "convert",
-        "docker://registry.example/app:1",
-        &format!("oci:{}:x", out.display()),
-    ]);
+    // A registry image that is not there: the image, the registry's answer.
+    let reg = stargaze_testkit::Registry::start();
+    let missing = format!("docker://{}/app:1", reg.addr);
+    let o = stargaze(&["convert", &missing, &format!("oci:{}:x", out.display())]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && e.contains("skopeo copy docker://registry.example/app:1"),
+        !o.status.success() && e.contains(&missing) && e.contains("HTTP 404"),
         "{e}"
     );
 

@@ -20,6 +20,8 @@ use stargaze_format::{
 };
 
 use crate::layout::{Descriptor, OciLayout};
+use crate::platform::PlatformFilter;
+use crate::store::{ImageDest, ImageSource, LocalBlob, parse_json};
 use crate::{OciError, media};
 
 /// How to convert an image.
@@ -60,10 +62,24 @@ pub enum LayerEvent<'a> {
         done: u64,
         total: u64,
     },
+    /// Bytes of a layer moved from the source or to the destination.
+    Transfer {
+        layer: &'a str,
+        direction: Direction,
+        done: u64,
+        total: u64,
+    },
     Finished {
         layer: &'a str,
         outcome: &'a LayerOutcome,
     },
+}
+
+/// Which way a [`LayerEvent::Transfer`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Pull,
+    Push,
 }
 
 /// The result of [`convert_image`].
@@ -84,10 +100,11 @@ struct LayerResult {
 }
 
 struct Converter<'a> {
-    src: &'a OciLayout,
-    dst: &'a OciLayout,
+    src: &'a dyn ImageSource,
+    dst: &'a dyn ImageDest,
     image: String,
     opts: &'a ImageConvertOptions,
+    platforms: &'a [PlatformFilter],
     on_event: &'a (dyn Fn(LayerEvent<'_>) + Sync),
     done: HashMap<String, LayerResult>,
     report: Vec<(String, LayerOutcome)>,
@@ -115,8 +132,25 @@ const STALE_ANNOTATIONS: &[&str] = &[
 ];
 
 impl Converter<'_> {
-    fn copy(&self, digest: &str) -> Result<(), OciError> {
-        self.dst.copy_blob_from(self.src, digest)
+    fn transfer(&self, layer: &str, direction: Direction, done: u64, total: u64) {
+        (self.on_event)(LayerEvent::Transfer {
+            layer,
+            direction,
+            done,
+            total,
+        })
+    }
+
+    /// Carry a blob over unchanged.
+    fn copy(&self, d: &Descriptor, local: Option<&LocalBlob>) -> Result<(), OciError> {
+        let progress = |done, total| self.transfer(&d.digest, Direction::Push, done, total);
+        self.dst.copy_blob(self.src, d, local, &progress)?;
+        Ok(())
+    }
+
+    fn local_blob(&self, d: &Descriptor) -> Result<LocalBlob, OciError> {
+        let progress = |done, total| self.transfer(&d.digest, Direction::Pull, done, total);
+        self.src.local_blob(d, &progress)
     }
 
     fn layer_error(&self, layer: &str, source: stargaze_format::Error) -> OciError {
@@ -127,21 +161,25 @@ impl Converter<'_> {
         }
     }
 
-    /// Is the layer already lazily pullable in the target format?
-    fn already_lazy(&self, d: &Descriptor) -> Option<String> {
+    /// Could the layer already be lazily pullable in the target format?
+    /// (Its descriptor says so; [`Converter::already_lazy`] checks.)
+    fn maybe_lazy(&self, d: &Descriptor) -> bool {
+        d.annotations.contains_key(TOC_DIGEST_ANNOTATION)
+            && (d.media_type == target_media_type(self.opts.layer.format)
+                || (self.opts.layer.format == TargetFormat::Estargz
+                    && d.media_type == media::DOCKER_LAYER_GZIP))
+    }
+
+    /// Is the layer (its bytes at `local`) already lazily pullable in the
+    /// target format, with a TOC matching its annotation?
+    fn already_lazy(&self, d: &Descriptor, local: &LocalBlob) -> Option<String> {
         let want = match self.opts.layer.format {
             TargetFormat::Estargz => LayerFormat::Estargz,
             TargetFormat::ZstdChunked => LayerFormat::ZstdChunked,
         };
         let toc: stargaze_format::Digest =
             d.annotations.get(TOC_DIGEST_ANNOTATION)?.parse().ok()?;
-        if d.media_type != target_media_type(self.opts.layer.format)
-            && !(want == LayerFormat::Estargz && d.media_type == media::DOCKER_LAYER_GZIP)
-        {
-            return None;
-        }
-        let path = self.src.blob_path(&d.digest).ok()?;
-        let file = std::fs::File::open(path).ok()?;
+        let file = std::fs::File::open(local.path()).ok()?;
         let opts = OpenOptions {
             expected_toc_digest: Some(toc),
             ..Default::default()
@@ -151,12 +189,40 @@ impl Converter<'_> {
         (layer.format() == want).then(|| toc.to_string())
     }
 
+    fn read_manifest(&self, d: &Descriptor) -> Result<Value, OciError> {
+        let bytes = self.src.read_manifest(d)?;
+        parse_json(
+            &bytes,
+            &format!("{}, {} {}", self.image, d.media_type, d.digest),
+        )
+    }
+
+    fn write_json(&self, v: &Value) -> Result<(String, u64), OciError> {
+        self.dst
+            .put_blob(&serde_json::to_vec(v).expect("JSON values serialise"))
+    }
+
+    fn write_manifest(&self, v: &Value, media_type: &str) -> Result<(String, u64), OciError> {
+        self.dst.put_manifest(
+            &serde_json::to_vec(v).expect("JSON values serialise"),
+            media_type,
+        )
+    }
+
     fn convert_layer(&mut self, d: &Descriptor) -> Result<&LayerResult, OciError> {
         if self.done.contains_key(&d.digest) {
             return Ok(&self.done[&d.digest]);
         }
+        // The source's bytes on disk when the layer may be lazy already:
+        // checked, then carried over or converted without a second read.
+        let mut local = if media::is_layer(&d.media_type) && self.maybe_lazy(d) {
+            Some(self.local_blob(d)?)
+        } else {
+            None
+        };
+        let lazy = local.as_ref().and_then(|l| self.already_lazy(d, l));
         let (result, outcome) = if !media::is_layer(&d.media_type) {
-            self.copy(&d.digest)?;
+            self.copy(d, None)?;
             let reason = if media::is_foreign_layer(&d.media_type) {
                 "foreign layer".to_string()
             } else {
@@ -170,8 +236,8 @@ impl Converter<'_> {
                 },
                 LayerOutcome::Kept { reason },
             )
-        } else if let Some(toc_digest) = self.already_lazy(d) {
-            self.copy(&d.digest)?;
+        } else if let Some(toc_digest) = lazy {
+            self.copy(d, local.as_ref())?;
             let mut desc = d.clone();
             if desc.media_type == media::DOCKER_LAYER_GZIP {
                 // The manifest becomes an OCI manifest; say so for its layers too.
@@ -191,13 +257,16 @@ impl Converter<'_> {
                 size: d.size,
             });
             let start = Instant::now();
-            let input = self.src.verify_blob(&d.digest)?;
-            let tmp = self.dst.temp_blob()?;
+            let input = match local.take() {
+                Some(l) => l,
+                None => self.local_blob(d)?,
+            };
+            let tmp = self.dst.temp_file()?;
             let tmp_dir = self
                 .opts
                 .tmp_dir
                 .clone()
-                .unwrap_or_else(|| self.dst.root().join("blobs/sha256"));
+                .unwrap_or_else(|| self.dst.scratch_dir());
             let layer_name = d.digest.clone();
             let on_event = self.on_event;
             let progress = |done: u64, total: u64| {
@@ -210,15 +279,18 @@ impl Converter<'_> {
             let out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
             let res = convert_file(
                 &d.digest,
-                &input,
+                input.path(),
                 &tmp_dir,
                 out,
                 &self.opts.layer,
                 Some(&progress),
             )
             .map_err(|e| self.layer_error(&d.digest, e))?;
+            // The input is not needed any more: keep the spill small.
+            drop(input);
             let new_digest = res.digest.to_string();
-            self.dst.commit_blob(tmp, &new_digest)?;
+            let push = |done, total| self.transfer(&d.digest, Direction::Push, done, total);
+            self.dst.put_layer(tmp, &new_digest, res.size, &push)?;
             let mut annotations = d.annotations.clone();
             for k in STALE_ANNOTATIONS {
                 annotations.remove(*k);
@@ -244,7 +316,7 @@ impl Converter<'_> {
             };
             let toc = match &res.external_toc {
                 Some(ext) => {
-                    let (digest, size) = self.dst.write_blob(&ext.bytes)?;
+                    let (digest, size) = self.dst.put_blob(&ext.bytes)?;
                     let mut annotations = BTreeMap::new();
                     annotations.insert(TOC_LAYER_DIGEST_ANNOTATION.to_string(), new_digest.clone());
                     Some((
@@ -286,10 +358,13 @@ impl Converter<'_> {
     }
 
     fn convert_manifest(&mut self, desc: &Descriptor) -> Result<Descriptor, OciError> {
-        let mut manifest = self.src.read_json(&desc.digest)?;
+        let mut manifest = self.read_manifest(desc)?;
         let what = format!("{}, manifest {}", self.image, desc.digest);
         let config_desc = Descriptor::from_value(&manifest["config"], &what)?;
-        let mut config = self.src.read_json(&config_desc.digest)?;
+        let mut config = parse_json(
+            &self.src.read_blob(&config_desc.digest)?,
+            &format!("{what}, config {}", config_desc.digest),
+        )?;
         let layers: Vec<Descriptor> = manifest["layers"]
             .as_array()
             .ok_or_else(|| OciError::Invalid(format!("{what}: no layers list")))?
@@ -321,7 +396,7 @@ impl Converter<'_> {
             }
         }
         config["rootfs"]["diff_ids"] = Value::Array(diff_ids);
-        let (config_digest, config_size) = self.dst.write_json(&config)?;
+        let (config_digest, config_size) = self.write_json(&config)?;
         let mut new_config = config_desc.clone();
         new_config.media_type = media::OCI_CONFIG.to_string();
         new_config.digest = config_digest;
@@ -330,7 +405,7 @@ impl Converter<'_> {
         manifest["layers"] = Value::Array(new_layers);
         manifest["mediaType"] = Value::String(media::OCI_MANIFEST.into());
         manifest["schemaVersion"] = json!(2);
-        let (digest, size) = self.dst.write_json(&manifest)?;
+        let (digest, size) = self.write_manifest(&manifest, media::OCI_MANIFEST)?;
         if !tocs.is_empty() {
             let platform = json!({
                 "architecture": config["architecture"].clone(),
@@ -356,30 +431,59 @@ impl Converter<'_> {
             return self.convert_manifest(desc);
         }
         if !media::is_index(&desc.media_type) {
-            // Attestations, signatures, artifacts: carried over unchanged.
-            self.copy(&desc.digest)?;
+            // Signatures, artifacts: carried over unchanged.
+            self.copy_artifact(desc)?;
             return Ok(desc.clone());
         }
-        let mut index = self.src.read_json(&desc.digest)?;
+        let mut index = self.read_manifest(desc)?;
         let what = format!("{}, index {}", self.image, desc.digest);
-        let entries: Vec<Descriptor> = index["manifests"]
+        let all: Vec<Descriptor> = index["manifests"]
             .as_array()
             .ok_or_else(|| OciError::Invalid(format!("{what}: no manifests list")))?
             .iter()
             .map(|m| Descriptor::from_value(m, &what))
             .collect::<Result<_, _>>()?;
+        let entries: Vec<Descriptor> = all
+            .iter()
+            .filter(|e| PlatformFilter::keep(self.platforms, e.extra.get("platform")))
+            .cloned()
+            .collect();
+        if entries.is_empty() && !all.is_empty() {
+            return Err(OciError::Invalid(format!(
+                "{what}: no manifest for platform {} (the index has {})",
+                PlatformFilter::list(self.platforms),
+                PlatformFilter::describe(&all)
+            )));
+        }
         let mut new_entries = Vec::with_capacity(entries.len());
         for e in &entries {
             new_entries.push(self.convert_node(e, depth + 1)?.to_value());
         }
         index["manifests"] = Value::Array(new_entries);
         index["mediaType"] = Value::String(media::OCI_INDEX.into());
-        let (digest, size) = self.dst.write_json(&index)?;
+        let (digest, size) = self.write_manifest(&index, media::OCI_INDEX)?;
         let mut out = desc.clone();
         out.media_type = media::OCI_INDEX.to_string();
         out.digest = digest;
         out.size = size;
         Ok(out)
+    }
+
+    /// A manifest that is not an image: its blobs, then itself, unchanged.
+    fn copy_artifact(&mut self, desc: &Descriptor) -> Result<(), OciError> {
+        let what = format!("{}, {} {}", self.image, desc.media_type, desc.digest);
+        if let Ok(v) = parse_json(&self.src.read_manifest(desc)?, &what) {
+            let blobs = v["config"]
+                .as_object()
+                .map(|_| &v["config"])
+                .into_iter()
+                .chain(v["layers"].as_array().into_iter().flatten())
+                .chain(v["blobs"].as_array().into_iter().flatten());
+            for b in blobs {
+                self.copy(&Descriptor::from_value(b, &what)?, None)?;
+            }
+        }
+        self.dst.copy_manifest(self.src, desc)
     }
 
     /// The `<tag>-esgztoc` image: per platform, a manifest whose layers are
@@ -395,14 +499,14 @@ impl Converter<'_> {
                     "diff_ids": tocs.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(),
                 },
             });
-            let (cd, cs) = self.dst.write_json(&config)?;
+            let (cd, cs) = self.write_json(&config)?;
             let manifest = json!({
                 "schemaVersion": 2,
                 "mediaType": media::OCI_MANIFEST,
                 "config": { "mediaType": media::OCI_CONFIG, "digest": cd, "size": cs },
                 "layers": tocs.iter().map(|(d, _)| d.to_value()).collect::<Vec<_>>(),
             });
-            let (md, ms) = self.dst.write_json(&manifest)?;
+            let (md, ms) = self.write_manifest(&manifest, media::OCI_MANIFEST)?;
             let mut extra = serde_json::Map::new();
             extra.insert("platform".into(), platform.clone());
             manifests.push(Descriptor {
@@ -422,7 +526,7 @@ impl Converter<'_> {
                     "mediaType": media::OCI_INDEX,
                     "manifests": manifests.iter().map(Descriptor::to_value).collect::<Vec<_>>(),
                 });
-                let (d, s) = self.dst.write_json(&index)?;
+                let (d, s) = self.write_manifest(&index, media::OCI_INDEX)?;
                 Ok(Some(Descriptor {
                     media_type: media::OCI_INDEX.into(),
                     digest: d,
@@ -448,12 +552,30 @@ pub fn convert_image(
         Some(t) => format!("oci:{}:{t}", src.root().display()),
         None => format!("oci:{}", src.root().display()),
     };
+    convert_between(&image, src, src_tag, dst, dst_tag, opts, &[], on_event)
+}
+
+/// Convert the image `src_tag` of any source (`image`: its name for
+/// messages) into any destination under `dst_tag`, keeping only the
+/// index entries of `platforms` (all when empty).
+#[allow(clippy::too_many_arguments)]
+pub fn convert_between(
+    image: &str,
+    src: &dyn ImageSource,
+    src_tag: Option<&str>,
+    dst: &dyn ImageDest,
+    dst_tag: &str,
+    opts: &ImageConvertOptions,
+    platforms: &[PlatformFilter],
+    on_event: &(dyn Fn(LayerEvent<'_>) + Sync),
+) -> Result<ConvertReport, OciError> {
     let top = src.resolve(src_tag)?;
     let mut c = Converter {
         src,
         dst,
-        image,
+        image: image.to_string(),
         opts,
+        platforms,
         on_event,
         done: HashMap::new(),
         report: Vec::new(),
@@ -463,7 +585,7 @@ pub fn convert_image(
     let toc_image = match c.write_toc_image()? {
         Some(desc) => {
             let tag = format!("{dst_tag}{EXTERNAL_TOC_REF_SUFFIX}");
-            dst.set_tag(&tag, desc.clone())?;
+            dst.set_tag(&tag, &desc)?;
             Some((tag, desc))
         }
         None => None,
@@ -473,7 +595,7 @@ pub fn convert_image(
     new_top
         .annotations
         .remove(crate::layout::CONTAINERD_IMAGE_NAME);
-    dst.set_tag(dst_tag, new_top.clone())?;
+    dst.set_tag(dst_tag, &new_top)?;
     Ok(ConvertReport {
         image: new_top,
         layers: c.report,

@@ -15,14 +15,24 @@
 //! Manifests, indexes and configs are handled as `serde_json::Value` on
 //! purpose: conversion must not drop fields this code does not know.
 
+pub mod archive;
 pub mod convert;
 pub mod layout;
 pub mod location;
 pub mod media;
+pub mod platform;
+pub mod registry;
+pub mod store;
 
-pub use convert::{ConvertReport, ImageConvertOptions, LayerEvent, LayerOutcome, convert_image};
+pub use convert::{
+    ConvertReport, Direction, ImageConvertOptions, LayerEvent, LayerOutcome, convert_between,
+    convert_image,
+};
 pub use layout::{Descriptor, OciLayout};
 pub use location::ImageLocation;
+pub use platform::PlatformFilter;
+pub use registry::RegistryImage;
+pub use store::{ImageDest, ImageSource, LocalBlob};
 
 use std::path::PathBuf;
 
@@ -63,6 +73,12 @@ pub enum OciError {
         "{0} needs the registry client, which is not built yet; copy the image into a layout first: skopeo copy {0} oci:DIR:TAG"
     )]
     RegistryUnsupported(String),
+    #[error("image {image}: {source}")]
+    Registry {
+        image: String,
+        #[source]
+        source: stargaze_registry::RegistryError,
+    },
 }
 
 impl OciError {

@@ -12,6 +12,33 @@ pub enum ImageLocation {
     Oci { dir: PathBuf, tag: Option<String> },
     /// `docker://REF`: a registry.
     Docker { reference: String },
+    /// `oci-archive:PATH[:REF]`: a tar of an OCI layout.
+    OciArchive {
+        path: PathBuf,
+        reference: Option<String>,
+    },
+    /// `docker-archive:PATH[:REF|:@N]`: a `docker save` tar.
+    DockerArchive {
+        path: PathBuf,
+        reference: Option<String>,
+    },
+}
+
+/// `PATH[:REF]`, split at the first ':' as skopeo does for archives.
+fn archive(s: &str, rest: &str) -> Result<(PathBuf, Option<String>), OciError> {
+    let (path, reference) = match rest.split_once(':') {
+        Some((p, r)) => (p, Some(r.to_string())),
+        None => (rest, None),
+    };
+    if path.is_empty() {
+        return Err(OciError::Invalid(format!(
+            "{s:?}: missing the archive path"
+        )));
+    }
+    if reference.as_deref() == Some("") {
+        return Err(OciError::Invalid(format!("{s:?}: empty image reference")));
+    }
+    Ok((PathBuf::from(path), reference))
 }
 
 impl ImageLocation {
@@ -38,6 +65,14 @@ impl ImageLocation {
                 tag,
             });
         }
+        if let Some(rest) = s.strip_prefix("oci-archive:") {
+            let (path, reference) = archive(s, rest)?;
+            return Ok(ImageLocation::OciArchive { path, reference });
+        }
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            let (path, reference) = archive(s, rest)?;
+            return Ok(ImageLocation::DockerArchive { path, reference });
+        }
         if let Some(reference) = s.strip_prefix("docker://") {
             if reference.is_empty() {
                 return Err(OciError::Invalid(format!(
@@ -49,7 +84,7 @@ impl ImageLocation {
             });
         }
         Err(OciError::Invalid(format!(
-            "{s:?}: unknown transport; use oci:DIR[:TAG] or docker://REF (as skopeo does)"
+            "{s:?}: unknown transport; use oci:DIR[:TAG], docker://REF, oci-archive:PATH[:REF] or docker-archive:PATH[:REF] (as skopeo does)"
         )))
     }
 }
@@ -60,6 +95,14 @@ impl fmt::Display for ImageLocation {
             ImageLocation::Oci { dir, tag: Some(t) } => write!(f, "oci:{}:{t}", dir.display()),
             ImageLocation::Oci { dir, tag: None } => write!(f, "oci:{}", dir.display()),
             ImageLocation::Docker { reference } => write!(f, "docker://{reference}"),
+            ImageLocation::OciArchive { path, reference } => {
+                write!(f, "oci-archive:{}", path.display())?;
+                reference.iter().try_for_each(|r| write!(f, ":{r}"))
+            }
+            ImageLocation::DockerArchive { path, reference } => {
+                write!(f, "docker-archive:{}", path.display())?;
+                reference.iter().try_for_each(|r| write!(f, ":{r}"))
+            }
         }
     }
 }
@@ -93,5 +136,16 @@ mod tests {
         assert!(ImageLocation::parse("/just/a/path").is_err());
         let l = ImageLocation::parse("oci:/x:y").unwrap();
         assert_eq!(l.to_string(), "oci:/x:y");
+        assert_eq!(
+            ImageLocation::parse("docker-archive:/tmp/a.tar:busybox:1").unwrap(),
+            ImageLocation::DockerArchive {
+                path: "/tmp/a.tar".into(),
+                reference: Some("busybox:1".into())
+            }
+        );
+        let l = ImageLocation::parse("oci-archive:/tmp/o.tar").unwrap();
+        assert_eq!(l.to_string(), "oci-archive:/tmp/o.tar");
+        assert!(ImageLocation::parse("oci-archive:").is_err());
+        assert!(ImageLocation::parse("docker-archive:/a.tar:").is_err());
     }
 }

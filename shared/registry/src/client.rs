@@ -224,6 +224,51 @@ fn parse_retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// The access a request needs, as a token scope: `repository:NAME:ACTIONS`
+/// items separated by spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scope(String);
+
+impl Scope {
+    pub(crate) fn pull(r: &Reference) -> Scope {
+        Scope(format!("repository:{}:pull", r.repository))
+    }
+
+    pub(crate) fn push(r: &Reference) -> Scope {
+        Scope(format!("repository:{}:pull,push", r.repository))
+    }
+
+    /// Push to `r` and pull from `from` (a cross-repository mount).
+    pub(crate) fn push_and_pull(r: &Reference, from: &str) -> Scope {
+        if from == r.repository {
+            return Scope::push(r);
+        }
+        Scope(format!(
+            "repository:{}:pull,push repository:{from}:pull",
+            r.repository
+        ))
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Percent-encode a query value (RFC 3986 unreserved characters stay).
+pub(crate) fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Should a failure be retried?
 pub(crate) fn retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
@@ -325,6 +370,36 @@ impl Client {
         headers: &HeaderMap,
         authenticate: bool,
     ) -> Result<Resp, RegistryError> {
+        let scope = Scope::pull(reference);
+        self.send_body(
+            ep,
+            reference,
+            method,
+            url,
+            headers,
+            Bytes::new(),
+            &scope,
+            authenticate,
+        )
+        .await
+    }
+
+    /// [`Client::send`] with a request body (resent whole on a retry) and
+    /// the access the request needs (`pull`, `pull,push`, or a push plus a
+    /// pull of a cross-mount's source repository).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_body(
+        &self,
+        ep: &Endpoint,
+        reference: &Reference,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        scope: &Scope,
+        authenticate: bool,
+    ) -> Result<Resp, RegistryError> {
+        let scope = scope.to_string();
         let host = url
             .split_once("://")
             .map(|(_, r)| r.split('/').next().unwrap_or(r))
@@ -332,7 +407,6 @@ impl Client {
             .to_string();
         let stats = self.host_stats(&host);
         let pool = self.pool(ep)?;
-        let scope = format!("repository:{}:pull", reference.repository);
         let timeout = ep.timeout.unwrap_or(self.inner.opts.request_timeout);
         let mut reauthenticated = false;
         let mut attempt = 0u32;
@@ -351,7 +425,7 @@ impl Client {
                 }
             }
             let req = req
-                .body(Full::new(Bytes::new()))
+                .body(Full::new(body.clone()))
                 .map_err(|e| RegistryError::Request {
                     url: url.to_string(),
                     reason: e.to_string(),
@@ -467,12 +541,23 @@ impl Client {
                 service,
                 scope: challenge_scope,
             }) => {
-                let want = challenge_scope.unwrap_or_else(|| scope.to_string());
-                let mut url = format!("{realm}?scope={}", want.replace(' ', "%20"));
-                if let Some(s) = service {
-                    url.push_str("&service=");
-                    url.push_str(&s);
+                // What the request needs and what the registry asked for,
+                // one `scope=` parameter each, as the token spec has it.
+                let mut scopes: Vec<&str> = scope.split(' ').collect();
+                for s in challenge_scope.iter().flat_map(|s| s.split(' ')) {
+                    if !s.is_empty() && !scopes.contains(&s) {
+                        scopes.push(s);
+                    }
                 }
+                let mut query: Vec<String> = scopes
+                    .iter()
+                    .map(|s| format!("scope={}", query_escape(s)))
+                    .collect();
+                if let Some(s) = service {
+                    query.push(format!("service={}", query_escape(&s)));
+                }
+                let sep = if realm.contains('?') { '&' } else { '?' };
+                let url = format!("{realm}{sep}{}", query.join("&"));
                 let mut headers = HeaderMap::new();
                 if let Some(Credential::Basic { username, password }) = &cred
                     && let Ok(v) = HeaderValue::from_str(&basic_header(username, password))

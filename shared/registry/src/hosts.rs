@@ -218,6 +218,20 @@ impl Hosts {
         self
     }
 
+    /// Talk HTTPS to `host` without verifying its certificate (`--insecure`
+    /// of skopeo and nerdctl's `--insecure-registry`).
+    pub fn with_skip_verify(mut self, host: &str) -> Hosts {
+        self.stargz
+            .entry(host.to_string())
+            .or_default()
+            .push(StargzMirror {
+                host: format!("https://{host}"),
+                insecure: true,
+                ..Default::default()
+            });
+        self
+    }
+
     /// Parse a Go snapshotter config file's text and take its `[resolver]`.
     pub fn with_stargz_config_text(self, text: &str) -> Result<Hosts, RegistryError> {
         #[derive(Deserialize)]
@@ -251,6 +265,20 @@ impl Hosts {
 
     /// Endpoints to try for reference `r`, in order.
     pub fn endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, RegistryError> {
+        self.endpoints_for(r, "pull")
+    }
+
+    /// Endpoints to push `r` to, in order: hosts.toml hosts with the `push`
+    /// capability and the server (mirrors serve pulls only).
+    pub fn push_endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, RegistryError> {
+        self.endpoints_for(r, "push")
+    }
+
+    fn endpoints_for(
+        &self,
+        r: &Reference,
+        capability: &str,
+    ) -> Result<Vec<Endpoint>, RegistryError> {
         let default_scheme = if r.is_localhost() { "http" } else { "https" };
         let mut out = Vec::new();
         // The Go snapshotter's mirrors for this host.
@@ -263,8 +291,12 @@ impl Hosts {
             };
             let (origin, path) = split_url(&url, false);
             let host_only = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+            let mirror = host_only != r.host && host_only != r.api_host();
+            if mirror && capability != "pull" {
+                continue;
+            }
             out.push(Endpoint {
-                mirror: host_only != r.host && host_only != r.api_host(),
+                mirror,
                 origin,
                 path,
                 skip_verify: m.insecure,
@@ -294,11 +326,12 @@ impl Hosts {
                         .collect()
                 };
                 for (url, e) in &t.host.0 {
-                    let pull = e
-                        .capabilities
-                        .as_ref()
-                        .is_none_or(|c| c.iter().any(|c| c == "pull"));
-                    if !pull {
+                    // containerd's default for a `[host]` is pull and resolve.
+                    let capable = match &e.capabilities {
+                        Some(c) => c.iter().any(|c| c == capability),
+                        None => capability == "pull",
+                    };
+                    if !capable {
                         continue;
                     }
                     let (origin, path) = split_url(url, e.override_path);
@@ -317,7 +350,7 @@ impl Hosts {
                     Some(server)
                         if t.capabilities
                             .as_ref()
-                            .is_none_or(|c| c.iter().any(|c| c == "pull")) =>
+                            .is_none_or(|c| c.iter().any(|c| c == capability)) =>
                     {
                         let (origin, path) = split_url(server, t.override_path);
                         out.push(Endpoint {
@@ -398,6 +431,16 @@ ca = "ca.pem"
         );
         assert!(!e[2].mirror);
         assert_eq!(e[2].ca, [d.join("ca.pem")]);
+        let push: Vec<_> = h
+            .push_endpoints(&r)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.origin)
+            .collect();
+        assert_eq!(
+            push,
+            ["https://push-only.example", "https://registry.example:5000"]
+        );
     }
 
     #[test]

@@ -20,17 +20,24 @@
 //!   bytes already handed on.
 //! * [`Client::resolve_manifest`] turns a reference into a platform's
 //!   manifest (through an index when there is one).
+//! * [`push`] writes to registries (for `stargaze convert docker://…`):
+//!   blob existence checks, cross-repository mounts, uploads in one PUT or
+//!   in PATCH chunks (memory stays at one chunk), manifest PUTs, and whole
+//!   blobs downloaded as a stream and verified. Requests that write ask
+//!   for `pull,push` tokens (plus `pull` on a mount's source repository).
 
 pub mod auth;
 pub mod blob;
 pub mod client;
 pub mod hosts;
+pub mod push;
 pub mod reference;
 
 pub use auth::DockerConfig;
 pub use blob::Blob;
 pub use client::{Client, ClientOptions, HostStats};
 pub use hosts::{Endpoint, Hosts};
+pub use push::UploadSource;
 pub use reference::Reference;
 
 use http::StatusCode;
