@@ -73,11 +73,12 @@ pub enum OciError {
         "{0} needs the registry client, which is not built yet; copy the image into a layout first: skopeo copy {0} oci:DIR:TAG"
     )]
     RegistryUnsupported(String),
-    #[error("image {image}: {source}")]
+    /// The registry error is part of the message (not a source, which
+    /// would print it twice in a chain).
+    #[error("image {image}: {error}")]
     Registry {
         image: String,
-        #[source]
-        source: stargaze_registry::RegistryError,
+        error: Box<stargaze_registry::RegistryError>,
     },
 }
 

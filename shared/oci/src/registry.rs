@@ -70,7 +70,7 @@ impl RegistryImage {
     fn err(&self, source: RegistryError) -> OciError {
         OciError::Registry {
             image: format!("docker://{}", self.reference),
-            source,
+            error: Box::new(source),
         }
     }
 
