@@ -24,6 +24,7 @@ pub mod fdstore;
 pub mod image;
 pub mod service_cli;
 pub mod stack;
+pub mod token;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
