@@ -103,7 +103,10 @@ async fn tokens_are_scoped_refreshed_mid_pull_and_renewed_on_a_new_challenge() {
     let mut reads = 0;
     while start.elapsed() < Duration::from_secs(5) {
         let off = (reads * 997) % (data.len() as u64 - 100);
-        let got = blob.read_ranges(&[off..off + 100]).await.unwrap();
+        let got = blob
+            .read_ranges(std::slice::from_ref(&(off..off + 100)))
+            .await
+            .unwrap();
         assert_eq!(&got[0][..], &data[off as usize..off as usize + 100]);
         reads += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
