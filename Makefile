@@ -6,7 +6,7 @@ SHELL := bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test lint fmt demo fuzz bench install uninstall
+.PHONY: help deps build test lint fmt demo fuzz bench soak install uninstall
 
 help:
 	@echo "make deps    install missing Debian packages and cargo-nextest (as root)"
@@ -17,6 +17,7 @@ help:
 	@echo "make demo    run a container from a lazily pulled image next to a full pull (as root)"
 	@echo "make fuzz    run the fuzz targets for a bounded time (scripts/fuzz.sh)"
 	@echo "make bench   run the benchmarks (bench/run.sh)"
+	@echo "make soak    10,000 random reads through a hostile network proxy (HOSTILE_READS)"
 	@echo "make install     release build, then binaries, systemd units and config (PREFIX, DESTDIR)"
 	@echo "make uninstall   remove what install put in place (keeps an edited config and all state)"
 
@@ -55,6 +56,10 @@ fuzz:
 
 bench:
 	bash bench/run.sh
+
+# The hostile-network test of `make test` (1500 reads), run long.
+soak: deps
+	HOSTILE_READS=$${HOSTILE_READS:-10000} $(CARGO) nextest run -p stargaze-fetcher --test hostile_network --no-capture
 
 # PREFIX, DESTDIR, BINDIR, UNITDIR, SYSCONFDIR pass through the environment
 # (scripts/install.sh documents them). STARGAZE_BINARIES=DIR installs already
