@@ -32,7 +32,9 @@ use stargaze_format::footer::Compression;
 use stargaze_index::{ChunkInfo, LayerIndex};
 use tokio::sync::{Semaphore, watch};
 
-use crate::{FetchError, FetchOptions, RemoteBlob};
+use crate::blob::RemoteBlob;
+use crate::error::FetchError;
+use crate::options::FetchOptions;
 
 type Outcome = Option<Result<(), String>>;
 

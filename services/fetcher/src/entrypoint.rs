@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use stargaze_index::model::kind;
 
-use crate::Layer;
+use crate::engine::Layer;
 
 /// Files one prediction fetches at most.
 const MAX_FILES: usize = 64;

@@ -128,7 +128,7 @@ impl Collector for FetcherCollector {
             }
         }
         let layers = self.0.layers();
-        let per_layer = |f: &dyn Fn(&crate::Layer) -> u64| -> Series {
+        let per_layer = |f: &dyn Fn(&crate::engine::Layer) -> u64| -> Series {
             layers
                 .iter()
                 .map(|l| (vec![("layer".to_string(), l.digest.clone())], f(l)))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use stargaze_registry::Blob;
 
-use crate::{BlobError, RemoteBlob};
+use crate::blob::{BlobError, RemoteBlob};
 
 /// A layer blob read from its registry.
 pub struct RegistryBlob(pub Blob);

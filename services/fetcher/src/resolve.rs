@@ -9,10 +9,12 @@ use stargaze_format::reader::{LayerToc, decode_toc, verify_manifest_checksum};
 use stargaze_format::{Digest, Error as FormatError, ErrorKind, Footer};
 use stargaze_index::{IndexMeta, LayerIndex, build, write_atomic};
 
+use crate::blob::RemoteBlob;
 use crate::engine::Layer;
-use crate::{FetchError, FetchOptions, RemoteBlob};
+use crate::error::FetchError;
+use crate::options::FetchOptions;
 
-fn blob_err(layer: &str) -> impl Fn(crate::BlobError) -> FetchError + '_ {
+fn blob_err(layer: &str) -> impl Fn(crate::blob::BlobError) -> FetchError + '_ {
     move |source| FetchError::Blob {
         layer: layer.to_string(),
         source,

@@ -19,11 +19,13 @@ use stargaze_service::metrics::{RecentErrors, RpcMetrics};
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
-use crate::RemoteBlob;
+use crate::blob::RemoteBlob;
+use crate::engine::Layer;
+use crate::error::FetchError;
 use crate::evict::CacheLimit;
+use crate::options::FetchOptions;
 use crate::registry::{RegistryBlob, WarmBlob, WarmTail};
 use crate::resolve::{TocCheck, resolve_with_toc};
-use crate::{FetchError, FetchOptions, Layer};
 use stargaze_cache::EvictOptions;
 
 /// Label that lets a layer without `toc.digest` through when the request allows it.
@@ -253,7 +255,7 @@ async fn external_toc(
         .await
         .map_err(|e| FetchError::Blob {
             layer: digest.to_string(),
-            source: crate::BlobError {
+            source: crate::blob::BlobError {
                 blob: format!("{toc_ref}@{toc_digest}"),
                 message: e.to_string(),
                 retryable: e.is_transient(),
