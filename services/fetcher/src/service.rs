@@ -2,7 +2,7 @@
 //! prefetch and background fetch, status.
 
 use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -643,12 +643,6 @@ impl FetcherService {
         Ok((layer, check))
     }
 
-    /// `layers/<hex>/source.json`: where a resolved layer comes from, so that
-    /// a restarted fetcher can serve fs's reads of layers attached before.
-    fn source_path(&self, digest: &str) -> std::path::PathBuf {
-        self.shared.cache.layer_dir(digest).join("source.json")
-    }
-
     fn save_source(
         &self,
         digest: &str,
@@ -656,29 +650,28 @@ impl FetcherService {
         check: TocCheck,
         allow_unverified: bool,
     ) {
-        let path = self.source_path(digest);
         let keep = |k: &String| k == TOC_DIGEST_ANNOTATION || k == SKIP_VERIFY_LABEL;
-        let mut annotations: HashMap<&str, String> = src
+        let mut annotations: BTreeMap<String, String> = src
             .annotations
             .iter()
             .filter(|(k, _)| keep(k))
-            .map(|(k, v)| (k.as_str(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         // A checksum read from the manifest is what the layer was checked by.
         if let TocCheck::ManifestChecksum(sum) = check {
-            annotations.insert(ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION, sum.to_string());
+            annotations.insert(
+                ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION.to_string(),
+                sum.to_string(),
+            );
         }
-        let saved = serde_json::json!({
-            "image_ref": src.image_ref,
-            "digest": digest,
-            "annotations": annotations,
-            "allow_unverified": allow_unverified,
-        });
-        let tmp = path.with_extension("json.tmp");
-        let written =
-            std::fs::write(&tmp, saved.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            tracing::warn!(layer = digest, path = %path.display(), error = %e, "cannot record the layer's source; after a restart its reads fail until it is resolved again");
+        let saved = stargaze_cache::LayerSource {
+            image_ref: src.image_ref.clone(),
+            digest: digest.to_string(),
+            annotations,
+            allow_unverified,
+        };
+        if let Err(e) = self.shared.cache.save_source(&saved) {
+            tracing::warn!(layer = digest, error = %e, "cannot record the layer's source");
         }
     }
 
@@ -696,17 +689,21 @@ impl FetcherService {
         let Ok(parsed) = digest.parse::<Digest>() else {
             return Err(not_resolved());
         };
-        let Ok(text) = std::fs::read(self.source_path(&parsed.to_string())) else {
-            return Err(not_resolved());
+        let saved = match self.shared.cache.load_source(&parsed.to_string()) {
+            Ok(Some(saved)) => saved,
+            Ok(None) => return Err(not_resolved()),
+            Err(e) => {
+                tracing::warn!(layer = digest, error = %e, "layer not recovered");
+                return Err(not_resolved());
+            }
         };
-        let v: serde_json::Value = serde_json::from_slice(&text).map_err(|_| not_resolved())?;
         let src = LayerSource {
-            image_ref: v["image_ref"].as_str().unwrap_or_default().to_string(),
+            image_ref: saved.image_ref,
             digest: digest.to_string(),
-            annotations: annotations_of(&v),
+            annotations: saved.annotations.into_iter().collect(),
             ..Default::default()
         };
-        let allow = v["allow_unverified"].as_bool().unwrap_or(false);
+        let allow = saved.allow_unverified;
         tracing::info!(layer = digest, image = %src.image_ref, "layer recovered from its saved source");
         self.resolve(&src, allow).await
     }
@@ -1274,8 +1271,7 @@ impl Fetcher for FetcherService {
     }
 }
 
-/// The string `annotations` of a JSON object (a descriptor, a saved
-/// layer source).
+/// The string `annotations` of a manifest's layer descriptor.
 fn annotations_of(v: &serde_json::Value) -> HashMap<String, String> {
     v["annotations"]
         .as_object()

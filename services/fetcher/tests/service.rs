@@ -171,6 +171,7 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
     let mut fetcher = Fetcher::start(work.path(), metrics_port);
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     let reader = Cache::open_reader(&fetcher.cache);
+    let mut resolved = Vec::new();
     for (desc, tar) in manifest["layers"].as_array().unwrap().iter().zip(&layers) {
         let annotations: std::collections::HashMap<String, String> =
             serde_json::from_value(desc["annotations"].clone()).unwrap();
@@ -235,6 +236,7 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
             .into_inner();
         assert_eq!(st.chunks, st.chunks_present);
         assert_eq!(st.image_ref, image_ref);
+        resolved.push(a.layer_digest);
     }
 
     // A plain gzip layer: FAILED_PRECONDITION, so the snapshotter falls back.
@@ -308,6 +310,23 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
         "a clean stop is recorded"
     );
     assert!(!fetcher.socket.exists());
+
+    // Restarted, the fetcher serves the layers it resolved before from
+    // their saved sources (fs keeps them attached across the restart),
+    // without a ResolveLayer.
+    let _restarted = Fetcher::start(work.path(), stargaze_testkit::free_port());
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    for digest in &resolved {
+        let st = client
+            .layer_status(LayerStatusRequest {
+                layer_digest: digest.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{digest} not recovered: {e:?}"))
+            .into_inner();
+        assert_eq!(st.chunks, st.chunks_present, "{digest}");
+        assert_eq!(st.image_ref, image_ref, "{digest}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,8 @@
 //! <root>/layout                        the layout's version (older caches are emptied)
 //! <root>/layers/<hex>/index            TOC index (stargaze-index), written once
 //! <root>/layers/<hex>/presence         presence map: one bit per chunk of the index
+//! <root>/layers/<hex>/source.json      where the layer comes from ([`LayerSource`]), so a
+//!                                      restarted fetcher can resolve it again
 //! <root>/layers/<hex>/files/<ino>      the layer's regular file <ino>, sparse until
 //!                                      complete (mode 0444 once complete and verified)
 //! <root>/content/<hh>/<hex>            verified content by file digest: hard links to
@@ -44,12 +46,14 @@ mod content;
 pub mod evict;
 mod pin;
 mod presence;
+mod source;
 pub mod uring;
 
 pub use content::{ContentFile, hashes_to, verify_range};
 pub use evict::{EvictOptions, Eviction, Evictor};
 pub use pin::LayerPin;
 pub use presence::{PRESENCE_HEADER, PresenceMap};
+pub use source::{LayerSource, SourceError};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
