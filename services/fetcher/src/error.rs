@@ -1,6 +1,7 @@
 //! Why resolving or fetching failed.
 
 use crate::blob::BlobError;
+use tonic::Status;
 
 /// Why resolving or fetching failed; every message names the layer.
 #[derive(Debug, thiserror::Error)]
@@ -59,5 +60,25 @@ impl FetchError {
             }) | FetchError::ExternalToc { .. }
                 | FetchError::NotVerifiable { .. }
         )
+    }
+}
+
+impl FetchError {
+    /// The gRPC status a caller sees: its code is what callers decide by
+    /// (FAILED_PRECONDITION: pull the layer normally; UNAVAILABLE: try
+    /// again; DATA_LOSS: the bytes could not be had verified), the message
+    /// is for people.
+    pub fn status(&self) -> Status {
+        let msg = self.to_string();
+        if self.is_not_lazy() {
+            Status::failed_precondition(msg)
+        } else {
+            match self {
+                FetchError::NoSuchInode { .. } => Status::invalid_argument(msg),
+                FetchError::Blob { source, .. } if source.retryable => Status::unavailable(msg),
+                FetchError::Chunk { .. } => Status::data_loss(msg),
+                _ => Status::internal(msg),
+            }
+        }
     }
 }

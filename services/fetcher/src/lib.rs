@@ -31,12 +31,15 @@ pub mod engine;
 pub mod entrypoint;
 pub mod error;
 pub mod evict;
+mod layers;
 pub mod metrics;
 pub mod options;
 pub mod recover;
 pub mod registry;
 pub mod resolve;
+mod schedule;
 pub mod service;
+mod warm;
 
 pub use blob::{BlobError, FileBlob, RemoteBlob};
 pub use engine::{FetchStats, Layer};

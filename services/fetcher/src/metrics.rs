@@ -53,7 +53,7 @@ type Series = Vec<(Labels, u64)>;
 
 impl Collector for FetcherCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let hosts = self.0.shared.client.stats();
+        let hosts = self.0.shared.layers.client.stats();
         let per_host = |f: &dyn Fn(&stargaze_registry::HostStats) -> &AtomicU64| -> Series {
             hosts
                 .iter()

@@ -1,0 +1,266 @@
+//! WarmLayers: an image's layers made ready ahead of their Prepares. The
+//! tail of each layer (footer and, usually, TOC) is read at once; the
+//! image's manifest gives each layer's TOC check, so layers resolve and
+//! start their prefetch in parallel; the image's config names its
+//! entrypoint, whose program and what it loads are fetched first
+//! (`entrypoint.rs`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use stargaze_format::{Digest, TOC_DIGEST_ANNOTATION, manifest_checksum_annotation};
+use stargaze_proto::v1::{LayerSource, WarmLayersRequest};
+use stargaze_registry::Reference;
+use tonic::Status;
+
+use crate::blob::RemoteBlob;
+use crate::layers::annotations_of;
+use crate::registry::{RegistryBlob, WarmTail};
+use crate::service::FetcherService;
+
+/// Layer tails (each `tail_window` bytes) WarmLayers keeps at most.
+const MAX_WARM_TAILS: usize = 256;
+
+impl FetcherService {
+    /// Start reading the tails of the layers `req` names that are neither
+    /// resolved nor being read, then resolve them early; returns how many
+    /// were started.
+    pub(crate) fn warm(&self, req: WarmLayersRequest) -> Result<u32, Status> {
+        let reference = Reference::parse(&req.image_ref)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut started = 0;
+        let mut warming = Vec::new();
+        for d in req.digests {
+            let Ok(digest) = d.parse::<Digest>() else {
+                continue;
+            };
+            let digest = digest.to_string();
+            let cell = {
+                let mut tails = self.shared.layers.tails.lock();
+                // Bounded: tails of layers nobody resolves stay until then.
+                if self.layer(&digest).is_some()
+                    || tails.contains_key(&digest)
+                    || tails.len() >= MAX_WARM_TAILS
+                {
+                    continue;
+                }
+                tails.entry(digest.clone()).or_default().clone()
+            };
+            started += 1;
+            warming.push(digest.clone());
+            let shared = self.shared.clone();
+            let blob = RegistryBlob(self.shared.layers.client.blob(&reference, &digest));
+            tokio::spawn(async move {
+                let _on_demand = shared.schedule.activity.begin();
+                let window = shared
+                    .layers
+                    .opts
+                    .tail_window
+                    .max(stargaze_format::footer::MAX_FOOTER_SIZE as u64);
+                cell.get_or_init(|| async move {
+                    let (size, bytes) = blob.read_tail(window).await.ok()?;
+                    Some(Arc::new(WarmTail {
+                        blob: Arc::new(blob),
+                        size,
+                        bytes,
+                    }))
+                })
+                .await;
+                // Resolved meanwhile without it: drop it.
+                if shared.layers.is_resolved(&digest) {
+                    shared.layers.tails.lock().remove(&digest);
+                }
+            });
+        }
+        if !warming.is_empty() {
+            let me = self.clone();
+            tokio::spawn(
+                async move { me.resolve_early(&req.image_ref, &reference, warming).await },
+            );
+        }
+        Ok(started)
+    }
+
+    /// Resolve and prefetch the layers being warmed before their Prepare
+    /// arrives: the image's manifest (one request, alongside the tail
+    /// reads) gives every layer's `toc.digest` (or zstd:chunked
+    /// `manifest-checksum`), so each layer is verified and its prefetch
+    /// starts as soon as its own TOC is in, not after the layers below it
+    /// were prepared one by one. Layers without either annotation, or whose digest the manifest does not list (the tag
+    /// moved), wait for their Prepare as before; so do all of them when
+    /// the manifest cannot be read.
+    async fn resolve_early(&self, image_ref: &str, reference: &Reference, digests: Vec<String>) {
+        let Some(v) = self.shared.layers.image_manifest(reference).await else {
+            tracing::debug!(image = image_ref, "no early resolution: manifest not read");
+            return;
+        };
+        let descs = v["layers"].as_array().cloned().unwrap_or_default();
+        // The config (for the entrypoint) is read while the layers resolve.
+        let config = v["config"]["digest"]
+            .as_str()
+            .filter(|_| self.shared.entrypoint)
+            .map(|digest| {
+                let (client, reference, digest) = (
+                    self.shared.layers.client.clone(),
+                    reference.clone(),
+                    digest.to_string(),
+                );
+                tokio::spawn(async move { client.fetch_small_blob(&reference, &digest).await })
+            });
+        let mut set = tokio::task::JoinSet::new();
+        let mut early: HashSet<String> = HashSet::new();
+        for d in descs.iter().cloned() {
+            let Some(digest) = d["digest"]
+                .as_str()
+                .filter(|x| digests.iter().any(|w| w == x))
+            else {
+                continue;
+            };
+            let annotations = annotations_of(&d);
+            if !annotations.contains_key(TOC_DIGEST_ANNOTATION)
+                && manifest_checksum_annotation(&annotations).is_none()
+            {
+                continue;
+            }
+            early.insert(digest.to_string());
+            let src = LayerSource {
+                image_ref: image_ref.to_string(),
+                digest: digest.to_string(),
+                annotations,
+                ..Default::default()
+            };
+            let me = self.clone();
+            set.spawn(async move {
+                match me.resolve(&src, false).await {
+                    Ok(layer) => {
+                        tracing::debug!(layer = %src.digest, "resolved ahead of its Prepare");
+                        let _ = me.prefetch(layer, 0, false).await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(layer = %src.digest, error = %e.message(), "early resolution failed; the layer's Prepare resolves it")
+                    }
+                }
+            });
+        }
+        let layers: Vec<String> = descs
+            .iter()
+            .filter_map(|d| d["digest"].as_str().map(str::to_string))
+            .collect();
+        // While the layers resolve: once the config is in and the layers
+        // resolved so far decide which file the program is (it and the
+        // layers above it are known), its fetch starts — it is usually the
+        // largest file a start needs, and the last layer to resolve is often
+        // the base image's, far below it. The full entrypoint prefetch
+        // after the loop finds it in flight or present.
+        let mut config = config;
+        let mut config_bytes: Option<Vec<u8>> = None;
+        // The config's program, parsed once; `None` once started or when
+        // there is nothing to start.
+        let mut program: Option<crate::entrypoint::Command> = None;
+        let read_config = |read: Result<Result<_, _>, tokio::task::JoinError>| match read {
+            Ok(Ok(bytes)) => Some(bytes),
+            Ok(Err(e)) => {
+                tracing::debug!(image = image_ref, error = %e, "no entrypoint prefetch: config not read");
+                None
+            }
+            Err(_) => None,
+        };
+        loop {
+            tokio::select! {
+                done = set.join_next() => {
+                    if done.is_none() {
+                        break;
+                    }
+                }
+                read = async { config.as_mut().expect("guarded").await }, if config.is_some() => {
+                    config = None;
+                    config_bytes = read_config(read).map(|b| b.to_vec());
+                    program = config_bytes
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                        .and_then(|c| crate::entrypoint::Command::from_config(&c));
+                }
+            }
+            if let Some(command) = &program
+                && self.start_program_fetch(command, &layers, &early)
+            {
+                program = None;
+            }
+        }
+        if let Some(config) = config {
+            config_bytes = read_config(config.await).map(|b| b.to_vec());
+        }
+        if let Some(bytes) = config_bytes {
+            self.prefetch_entrypoint(image_ref, &bytes, &layers).await;
+        }
+    }
+
+    /// Start fetching `command`'s program if the layers resolved so far
+    /// decide it (`layers` bottom first; those in `resolving` may still
+    /// come, the others are not served lazily). True once started, or when
+    /// there is nothing to start.
+    fn start_program_fetch(
+        &self,
+        command: &crate::entrypoint::Command,
+        layers: &[String],
+        resolving: &HashSet<String>,
+    ) -> bool {
+        let stack = crate::entrypoint::Stack::partial(
+            layers
+                .iter()
+                .rev()
+                .filter_map(|d| match self.layer(d) {
+                    Some(l) => Some(Some(l)),
+                    None if resolving.contains(d) => Some(None),
+                    None => None,
+                })
+                .collect(),
+        );
+        let Some((layer, ino)) = stack.program_known(command) else {
+            return false;
+        };
+        let Some(size) = layer.index.inode(ino).map(|n| n.size()) else {
+            return true;
+        };
+        tracing::debug!(layer = %layer.digest, program = %layer.index.path_of(ino), "the program's fetch starts before the image's other layers are resolved");
+        tokio::spawn(async move {
+            let _ = layer.fetch(&[(ino, 0, size)]).await;
+        });
+        true
+    }
+
+    /// Fetch the program the image's config runs and what it loads
+    /// (`entrypoint.rs`), from the image's lazily served layers
+    /// (`layers` bottom first, as the manifest lists them).
+    async fn prefetch_entrypoint(&self, image_ref: &str, config: &[u8], layers: &[String]) {
+        let Ok(config) = serde_json::from_slice::<serde_json::Value>(config) else {
+            return;
+        };
+        let Some(command) = crate::entrypoint::Command::from_config(&config) else {
+            return;
+        };
+        // Layers unpacked by containerd instead are not ours to fetch; the
+        // paths they hold are looked up in the remaining ones.
+        let stack = crate::entrypoint::Stack::new(
+            layers.iter().rev().filter_map(|d| self.layer(d)).collect(),
+        );
+        let t0 = Instant::now();
+        let done = crate::entrypoint::prefetch(&stack, &command).await;
+        self.shared
+            .entrypoint_files
+            .fetch_add(done.files.len() as u64, Ordering::Relaxed);
+        self.shared
+            .entrypoint_bytes
+            .fetch_add(done.bytes, Ordering::Relaxed);
+        tracing::info!(
+            image = image_ref,
+            program = %command.program,
+            files = ?done.files,
+            bytes = done.bytes,
+            elapsed = ?t0.elapsed(),
+            "prefetched the entrypoint and what it loads"
+        );
+    }
+}
