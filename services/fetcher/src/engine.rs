@@ -33,10 +33,10 @@ use stargaze_index::{ChunkInfo, LayerIndex};
 use tokio::sync::{Semaphore, watch};
 
 use crate::blob::RemoteBlob;
-use crate::error::FetchError;
+use crate::error::{ChunkError, FetchError};
 use crate::options::FetchOptions;
 
-type Outcome = Option<Result<(), String>>;
+type Outcome = Option<Result<(), ChunkError>>;
 
 #[derive(Clone, Copy, Debug)]
 struct Claim {
@@ -291,12 +291,12 @@ impl Layer {
                 .wait_for(|o| o.is_some())
                 .await
                 .map(|o| o.clone())
-                .unwrap_or_else(|_| Some(Err("the fetch was abandoned".into())));
-            if let Some(Err(reason)) = outcome {
+                .unwrap_or_else(|_| Some(Err(ChunkError::Abandoned)));
+            if let Some(Err(source)) = outcome {
                 return Err(FetchError::Chunk {
                     layer: self.digest.clone(),
                     file: self.index.path_of(c.ino),
-                    reason,
+                    source: Box::new(source),
                 });
             }
         }
@@ -341,8 +341,8 @@ impl Layer {
     }
 
     /// Fetch, verify, write and publish a batch; one result per claim.
-    async fn fetch_batch(self: &Arc<Self>, batch: &[Claim]) -> Vec<Result<(), String>> {
-        let mut results: HashMap<u32, Result<(), String>> = HashMap::new();
+    async fn fetch_batch(self: &Arc<Self>, batch: &[Claim]) -> Vec<Result<(), ChunkError>> {
+        let mut results: HashMap<u32, Result<(), ChunkError>> = HashMap::new();
         let mut members: BTreeMap<u64, Member> = BTreeMap::new();
         for c in batch {
             if c.chunk.zeros {
@@ -409,7 +409,7 @@ impl Layer {
             };
             let read_time = t0.elapsed();
             drop(done_tx);
-            let mut outcomes: HashMap<u64, Vec<Result<(), String>>> = HashMap::new();
+            let mut outcomes: HashMap<u64, Vec<Result<(), ChunkError>>> = HashMap::new();
             while let Some((start, outcome)) = done_rx.recv().await {
                 outcomes.insert(start, outcome);
             }
@@ -424,11 +424,10 @@ impl Layer {
             );
             // Members the read did not bring in full.
             let missing = match &read {
-                Err(e) => e.to_string(),
-                Ok(()) => format!(
-                    "{}: the registry's answer did not match the ranges asked for",
-                    self.blob.name()
-                ),
+                Err(e) => ChunkError::Transport(e.clone()),
+                Ok(()) => ChunkError::ShortAnswer {
+                    blob: self.blob.name(),
+                },
             };
             for (start, m) in &todo {
                 let outcome = outcomes
@@ -437,7 +436,7 @@ impl Layer {
                 let mut failed = Vec::new();
                 for (c, r) in m.claims.iter().zip(outcome) {
                     match r {
-                        Err(reason) if attempt == 0 && reason.starts_with(VERIFY) => {
+                        Err(reason) if attempt == 0 && reason.is_retryable() => {
                             self.counters
                                 .verification_failures
                                 .fetch_add(1, Ordering::Relaxed);
@@ -445,7 +444,7 @@ impl Layer {
                             failed.push(*c);
                         }
                         r => {
-                            if matches!(r, Err(ref reason) if reason.starts_with(VERIFY)) {
+                            if matches!(r, Err(ref reason) if reason.is_retryable()) {
                                 self.counters
                                     .verification_failures
                                     .fetch_add(1, Ordering::Relaxed);
@@ -470,7 +469,7 @@ impl Layer {
             .map(|c| {
                 results
                     .remove(&c.chunk.global)
-                    .unwrap_or_else(|| Err("chunk was not fetched".into()))
+                    .unwrap_or(Err(ChunkError::NotFetched))
             })
             .collect()
     }
@@ -483,14 +482,14 @@ impl Layer {
         start: u64,
         member: bytes::Bytes,
         claims: &[Claim],
-        done: &tokio::sync::mpsc::UnboundedSender<(u64, Vec<Result<(), String>>)>,
+        done: &tokio::sync::mpsc::UnboundedSender<(u64, Vec<Result<(), ChunkError>>)>,
     ) {
         let (me, claims, done) = (self.clone(), claims.to_vec(), done.clone());
         let job = move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 me.decode_member(&member, &claims)
             }))
-            .unwrap_or_else(|_| vec![Err("the decoder failed".to_string()); claims.len()]);
+            .unwrap_or_else(|_| vec![Err(ChunkError::DecoderPanicked); claims.len()]);
             let _ = done.send((start, outcome));
         };
         match pool {
@@ -500,7 +499,7 @@ impl Layer {
     }
 
     /// Decompress one member and store every chunk it serves.
-    fn decode_member(&self, compressed: &[u8], claims: &[Claim]) -> Vec<Result<(), String>> {
+    fn decode_member(&self, compressed: &[u8], claims: &[Claim]) -> Vec<Result<(), ChunkError>> {
         let needed = claims
             .iter()
             .map(|c| c.chunk.inner_offset + c.chunk.size)
@@ -517,21 +516,21 @@ impl Layer {
                 })
                 .collect()
         });
-        stored.unwrap_or_else(|e| vec![Err(format!("{VERIFY}: {e}")); claims.len()])
+        stored.unwrap_or_else(|cause| vec![Err(ChunkError::Decode { cause }); claims.len()])
     }
 
     /// Verify a chunk's bytes, write them, then publish the chunk.
-    fn store(&self, c: &Claim, data: &[u8]) -> Result<(), String> {
+    fn store(&self, c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
         let started = thread_cpu_ns();
         let actual = Digest::of(data);
         // The end of the hash is the start of the write (one clock read).
         let verified = STAGE_CPU.add(&STAGE_CPU.verify_ns, started);
         if actual.0 != c.chunk.digest {
-            return Err(format!(
-                "{VERIFY}: chunk at offset {} hashes to {actual}, the TOC says {}",
-                c.chunk.file_offset,
-                Digest(c.chunk.digest)
-            ));
+            return Err(ChunkError::Mismatch {
+                offset: c.chunk.file_offset,
+                actual,
+                expected: Digest(c.chunk.digest),
+            });
         }
         let stored = self.write_and_publish(c, data);
         STAGE_CPU.add(&STAGE_CPU.write_ns, verified);
@@ -541,27 +540,27 @@ impl Layer {
     /// Write verified bytes to the layer's file, then publish the chunk.
     /// The chunk that completes a file shares it with other layers once
     /// the whole file is verified.
-    fn write_and_publish(&self, c: &Claim, data: &[u8]) -> Result<(), String> {
+    fn write_and_publish(&self, c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
         let node = self
             .index
             .inode(c.ino)
-            .ok_or("inode vanished from the index")?;
+            .ok_or(ChunkError::NoInode { ino: c.ino })?;
         // Eviction cannot delete the file between this check and the bit.
         let writing = self.cache.writing();
         if self.is_evicted() {
-            return Err(self.evicted_error().to_string());
+            return Err(ChunkError::Evicted);
         }
         let content = self
             .cache
             .layer_file_writer(&self.digest, c.ino, node.size())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ChunkError::CacheWrite(Arc::new(e)))?;
         // `None`: the file is complete, every byte already verified for
         // this layer (the chunk was cleared after a crash, or the file was
         // adopted from shared content meanwhile).
         if let Some(content) = &content {
             content
                 .write_at(c.chunk.file_offset, data)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ChunkError::CacheWrite(Arc::new(e)))?;
             self.cache.note_written(c.chunk.size);
         }
         self.presence.set_present(c.chunk.global);
@@ -860,9 +859,6 @@ pub async fn fetch_in_batches(
         None => Ok(bytes),
     }
 }
-
-/// Prefix of reasons that mean "the bytes were wrong" (worth one refetch).
-const VERIFY: &str = "verification failed";
 
 #[cfg(test)]
 mod tests {

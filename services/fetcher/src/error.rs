@@ -1,5 +1,9 @@
 //! Why resolving or fetching failed.
 
+use std::sync::Arc;
+
+use stargaze_format::Digest;
+
 use crate::blob::BlobError;
 use tonic::Status;
 
@@ -40,11 +44,12 @@ pub enum FetchError {
     Evicted { layer: String },
     #[error("layer {layer}: no inode {ino} in its TOC index")]
     NoSuchInode { layer: String, ino: u64 },
-    #[error("layer {layer}, file {file}: {reason}")]
+    #[error("layer {layer}, file {file}: {source}")]
     Chunk {
         layer: String,
         file: String,
-        reason: String,
+        #[source]
+        source: Box<ChunkError>,
     },
 }
 
@@ -79,6 +84,105 @@ impl FetchError {
                 FetchError::Chunk { .. } => Status::data_loss(msg),
                 _ => Status::internal(msg),
             }
+        }
+    }
+}
+
+/// Why one chunk could not be made present. [`FetchError::Chunk`] adds the
+/// layer and the file; each variant carries the rest. `Clone`: every caller
+/// waiting for the chunk gets the same outcome.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChunkError {
+    /// The chunk's bytes do not hash to the digest its TOC gives.
+    #[error(
+        "verification failed: chunk at offset {offset} hashes to {actual}, the TOC says {expected}"
+    )]
+    Mismatch {
+        offset: u64,
+        actual: Digest,
+        expected: Digest,
+    },
+    /// The member holding the chunk does not decompress: its bytes were
+    /// damaged, as a mismatch would show.
+    #[error("verification failed: {cause}")]
+    Decode { cause: String },
+    /// The read of the member failed.
+    #[error(transparent)]
+    Transport(BlobError),
+    /// The read succeeded but did not bring the member in full.
+    #[error("{blob}: the registry's answer did not match the ranges asked for")]
+    ShortAnswer { blob: String },
+    /// The verified bytes could not be written to the cache.
+    #[error(transparent)]
+    CacheWrite(Arc<stargaze_cache::CacheError>),
+    /// Eviction deleted the layer's files meanwhile.
+    #[error(
+        "the layer was evicted from the cache meanwhile (the cache is over [fetcher] cache_size_limit and no snapshot used the layer); resolve it again"
+    )]
+    Evicted,
+    /// The chunk's file is no longer in the layer's index.
+    #[error("inode {ino} vanished from the index")]
+    NoInode { ino: u64 },
+    /// Decoding the member panicked (a bug; logged where it happened).
+    #[error("the decoder failed")]
+    DecoderPanicked,
+    /// The task fetching the chunk went away without an outcome.
+    #[error("the fetch was abandoned")]
+    Abandoned,
+    /// The batch holding the chunk ended without an outcome for it.
+    #[error("chunk was not fetched")]
+    NotFetched,
+}
+
+impl ChunkError {
+    /// Worth fetching once more: the bytes that came were wrong (a flipped
+    /// bit on the way, a proxy's bad cache); anything else would fail the
+    /// same way again right now.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ChunkError::Mismatch { .. } | ChunkError::Decode { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_wrong_bytes_are_retried() {
+        let d = Digest([0; 32]);
+        let retried = [
+            ChunkError::Mismatch {
+                offset: 0,
+                actual: d,
+                expected: d,
+            },
+            ChunkError::Decode {
+                cause: "bad gzip".into(),
+            },
+        ];
+        for e in &retried {
+            assert!(e.is_retryable(), "{e}");
+            assert!(e.to_string().starts_with("verification failed"), "{e}");
+        }
+        let blob = "verification failed.example/app@sha256:1".to_string();
+        let not_retried = [
+            ChunkError::Transport(BlobError {
+                blob: blob.clone(),
+                message: "connection reset".into(),
+                retryable: true,
+            }),
+            ChunkError::ShortAnswer { blob },
+            ChunkError::Evicted,
+            ChunkError::NoInode { ino: 3 },
+            ChunkError::DecoderPanicked,
+            ChunkError::Abandoned,
+            ChunkError::NotFetched,
+        ];
+        for e in &not_retried {
+            assert!(!e.is_retryable(), "{e}");
         }
     }
 }

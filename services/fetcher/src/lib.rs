@@ -43,6 +43,6 @@ mod warm;
 
 pub use blob::{BlobError, FileBlob, RemoteBlob};
 pub use engine::{FetchStats, Layer};
-pub use error::FetchError;
+pub use error::{ChunkError, FetchError};
 pub use options::FetchOptions;
 pub use resolve::{resolve_layer, resolve_with_toc};

@@ -495,3 +495,70 @@ async fn files_completed_by_one_layer_are_present_in_another() {
         "stored once"
     );
 }
+
+/// A blob that answers every chunk read with nothing at all (a registry
+/// or proxy that drops the ranges it was asked for), under a name that
+/// reads like a verification failure.
+struct EmptyAnswers {
+    inner: FileBlob,
+    streams: std::sync::atomic::AtomicUsize,
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for EmptyAnswers {
+    fn name(&self) -> String {
+        "verification failed.example/app@sha256:0".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        self.inner.size().await
+    }
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
+        self.inner.read_ranges(ranges).await
+    }
+    async fn stream_ranges(
+        &self,
+        _: &[Range<u64>],
+        _: &[Vec<u64>],
+        _: &mut (dyn FnMut(usize, bytes::Bytes) + Send),
+    ) -> Result<(), BlobError> {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Only wrong bytes are fetched again and counted as verification
+/// failures; a read that brought nothing is reported at once, whatever
+/// its message says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_answer_is_not_a_verification_failure() {
+    let f = fixture(small_chunks());
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(cache_dir.path()).unwrap());
+    let blob = Arc::new(EmptyAnswers {
+        inner: FileBlob::open(&f.blob_path).unwrap(),
+        streams: Default::default(),
+    });
+    let layer = Arc::new(
+        resolve_layer(cache, blob.clone(), &f.digest, Some(f.toc), false, &opts())
+            .await
+            .unwrap(),
+    );
+    let ino = layer.index.lookup_path("data/file7").unwrap();
+    let err = layer.fetch(&[(ino, 0, 10)]).await.unwrap_err();
+    let FetchError::Chunk { source, .. } = &err else {
+        panic!("{err}");
+    };
+    assert!(
+        matches!(**source, stargaze_fetcher::ChunkError::ShortAnswer { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("did not match the ranges"),
+        "{err}"
+    );
+    assert_eq!(blob.streams.load(Ordering::SeqCst), 1, "not read again");
+    assert_eq!(
+        layer.counters.verification_failures.load(Ordering::Relaxed),
+        0
+    );
+}
