@@ -19,12 +19,24 @@
 //!   member once, verifies every chunk's sha256, writes the content file and
 //!   only then sets the chunk's presence bit. A chunk that fails verification
 //!   is fetched once more, then reported, never served.
-//!
 //! * [`evict`]: the cache's size limit, a task running eviction passes
 //!   (`stargaze_cache::evict`) when the cache outgrows it; evicted layers
 //!   are dropped from memory and resolved anew when asked for again.
 //!
-//! The gRPC service (`stargaze.v1.Fetcher`) and the registry glue sit on top.
+//! The service on top, in the order a request goes through it:
+//! [`service`] is the `stargaze.v1.Fetcher` adapter (requests in, status
+//! codes out through [`FetchError::status`]); `layers` keeps the table of
+//! resolved layers and resolves them (the TOC check from the request's
+//! labels or the image's manifest, external TOCs from the `-esgztoc`
+//! image, the layer's source saved in the cache so that a restart recovers
+//! it); `schedule` runs the work nobody waits for (prefetch, then the
+//! background fetch once on-demand work is quiet, within a bandwidth
+//! budget); `warm` answers WarmLayers (tails read ahead, layers resolved
+//! from the manifest, [`entrypoint`] prefetch); [`registry`] adapts the
+//! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
+//! after an unclean stop; [`metrics`] renders Prometheus metrics. [`options`] and [`error`] hold the
+//! tunables and the errors ([`FetchError`], and [`ChunkError`] for one
+//! chunk, whose variant decides the one refetch) every layer above uses.
 
 pub mod blob;
 pub mod engine;

@@ -5,11 +5,11 @@
 pub struct FetchOptions {
     /// Bytes first read from the end of a blob: the footer and a small
     /// TOC in one request, else a second request reads exactly the rest of
-    /// the TOC. 64 KiB: a bigger window saves the second round trip for
+    /// the TOC. Small: a bigger window saves the second round trip for
     /// TOCs up to its size but reads layer data nobody asked for in front
-    /// of every smaller TOC (256 KiB cost the benchmark image 0.3 MB, 6 %
-    /// of a cold start's bytes; its layers resolve in parallel, so the
-    /// largest TOC's two round trips set the time anyway).
+    /// of every smaller TOC, and layers resolve in parallel, so the largest
+    /// TOC's two round trips set the time anyway (measured in
+    /// `bench/results/startup.md`).
     pub tail_window: u64,
     /// Members closer than this are fetched in one range.
     pub merge_gap: u64,
@@ -20,9 +20,8 @@ pub struct FetchOptions {
     pub max_inflight_reads: usize,
     /// Reads one fetch call keeps in flight when it claims more than one
     /// read's worth (`max_read_bytes`) of members. Two keep the link busy
-    /// while the members of the other read decode; more only add buffers:
-    /// with 4, the fetcher's peak RSS while fetching a 1 GiB layer rose
-    /// from 58 to 80 MB at the same speed (`bench/fetch-link.sh`).
+    /// while the members of the other read decode; more only add buffers
+    /// (peak RSS, not speed: `bench/results/fetch-link.md`).
     pub max_reads_per_fetch: usize,
     /// Compressed bytes one read may carry (bounds memory per read; with
     /// `max_inflight_reads` it bounds the fetcher's buffers).
