@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use stargaze_cache::Cache;
 use stargaze_fetcher::{FetchOptions, FileBlob, Layer, resolve_layer};
-use stargaze_fs::{ChunkSource, FsShared};
+use stargaze_fs::{ChunkSource, FsShared, SourceError};
 
 const FILES: usize = 4;
 const FILE_MIB: usize = 64;
@@ -40,12 +40,15 @@ struct Engine(HashMap<String, Arc<Layer>>);
 
 #[tonic::async_trait]
 impl ChunkSource for Engine {
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String> {
-        let l = self.0.get(layer).ok_or("unknown layer")?;
+    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError> {
+        let l = self
+            .0
+            .get(layer)
+            .ok_or_else(|| SourceError::InProcess(format!("unknown layer {layer}").into()))?;
         l.fetch(&[(ino, offset, len)])
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| SourceError::InProcess(Box::new(e)))
     }
 }
 

@@ -1150,8 +1150,10 @@ mod tests {
 
     #[tonic::async_trait]
     impl ChunkSource for NoFetcher {
-        async fn fetch(&self, _: &str, _: u64, _: u64, _: u64) -> Result<(), String> {
-            Err("no fetcher in this test".into())
+        async fn fetch(&self, _: &str, _: u64, _: u64, _: u64) -> Result<(), crate::SourceError> {
+            Err(crate::SourceError::InProcess(
+                "no fetcher in this test".into(),
+            ))
         }
     }
 

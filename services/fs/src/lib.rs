@@ -31,4 +31,4 @@ pub mod source;
 
 pub use fuse::{FsShared, FuseMount, StargazeFs, mount, mount_or_take_over};
 pub use layers::{Attached, LayerTable};
-pub use source::{ChunkSource, GrpcFetcher};
+pub use source::{ChunkSource, GrpcFetcher, SourceError};

@@ -11,12 +11,33 @@ use std::time::{Duration, Instant};
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::{FetchRequest, FileRange, Priority};
 
+/// Why a range could not be made present (the read fails with EIO and
+/// this is logged with the layer and file).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The fetcher's socket did not answer for the whole patience.
+    #[error(
+        "the fetcher ({socket}) did not answer within {waited:?}; is stargaze-fetcher running?"
+    )]
+    Unavailable { socket: PathBuf, waited: Duration },
+    /// The fetcher answered with an error (its message names the cause).
+    #[error("fetcher ({socket}): {message} ({code:?})")]
+    Fetch {
+        socket: PathBuf,
+        code: tonic::Code,
+        message: String,
+    },
+    /// An in-process source (the fetcher's engine in tests) failed.
+    #[error(transparent)]
+    InProcess(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Makes file ranges of attached layers present in the cache.
 #[tonic::async_trait]
 pub trait ChunkSource: Send + Sync + 'static {
     /// Bytes `[offset, offset + len)` of inode `ino` (the layer index's
     /// numbering) of `layer`. Returns when they are present.
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String>;
+    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError>;
 
     /// Best effort: make whole files `(inode, size)` present ahead of any
     /// read. Nobody waits for it and failures are ignored (a later read
@@ -46,7 +67,7 @@ impl GrpcFetcher {
 
 #[tonic::async_trait]
 impl ChunkSource for GrpcFetcher {
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), String> {
+    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError> {
         let start = Instant::now();
         let mut wait = Duration::from_millis(50);
         loop {
@@ -69,12 +90,18 @@ impl ChunkSource for GrpcFetcher {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    return Err(SourceError::Unavailable {
+                        socket: self.socket.clone(),
+                        waited: start.elapsed(),
+                    });
+                }
                 Err(s) => {
-                    return Err(format!(
-                        "fetcher ({}): {}",
-                        self.socket.display(),
-                        s.message()
-                    ));
+                    return Err(SourceError::Fetch {
+                        socket: self.socket.clone(),
+                        code: s.code(),
+                        message: s.message().to_string(),
+                    });
                 }
             }
         }
