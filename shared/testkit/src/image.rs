@@ -242,3 +242,79 @@ pub fn data_layer(seed: u32) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     b.append_data(&mut h, "bin/.wh.wc", &[][..]).expect("tar");
     (b.into_inner().expect("tar"), files)
 }
+
+/// The decompressed bytes of a gzip stream of one or more members (an
+/// eStargz blob's diffID is the sha256 of these).
+pub fn gunzip(gz: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(gz), &mut out)
+        .expect("gunzip");
+    out
+}
+
+/// A layer blob as it goes into a manifest: its bytes, media type, diffID
+/// (`sha256:…` of the uncompressed tar) and annotations.
+#[derive(Clone)]
+pub struct LayerBlob {
+    pub blob: Vec<u8>,
+    pub media_type: String,
+    pub diff_id: String,
+    pub annotations: serde_json::Value,
+}
+
+/// A single-platform OCI image layout at `dir` (tag `tag`) of the given
+/// layer blobs, which are stored as they are (already compressed or
+/// converted). Returns the manifest digest.
+pub fn write_layout_of_blobs(dir: &Path, tag: &str, layers: &[LayerBlob]) -> String {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dir");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("oci-layout");
+    let descs: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "mediaType": l.media_type,
+                "digest": put_blob(dir, &l.blob),
+                "size": l.blob.len(),
+                "annotations": l.annotations,
+            })
+        })
+        .collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] },
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>(),
+        },
+    }))
+    .expect("config json");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": put_blob(dir, &config),
+            "size": config.len(),
+        },
+        "layers": descs,
+    }))
+    .expect("manifest json");
+    let manifest_digest = put_blob(dir, &manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }],
+    });
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("index json"),
+    )
+    .expect("index.json");
+    manifest_digest
+}

@@ -1,0 +1,360 @@
+//! One image can never change what another reads on the same node, end to
+//! end with the real components (Debian's containerd 1.6 and runc,
+//! docker-registry, our three services sharing one cache).
+//!
+//! Image A holds a 6-byte file and a file of four 64 KiB chunks. Image B's
+//! TOC gives its own 6-byte and multi-chunk files A's file digests, while
+//! every chunk digest is true to B's bytes and its `toc.digest` annotation
+//! is its real TOC digest: B verifies and is mounted lazily. B's large file
+//! begins with A's first chunk, so a file made of A's and B's chunks would
+//! pass either TOC's check of that chunk. Whichever image is pulled and
+//! read first, containers of A read A's bytes and containers of B read B's
+//! (or get EIO): never A's silently, never a mix.
+//!
+//! Needs root, /dev/fuse and the Debian packages `make deps` installs.
+
+use std::time::{Duration, Instant};
+
+use stargaze_format::footer::{Footer, MAX_FOOTER_SIZE, parse_footer};
+use stargaze_format::reader::decode_toc;
+use stargaze_format::tar::ustar_header;
+use stargaze_format::toc::{JsonToc, TOC_TAR_NAME};
+use stargaze_format::{ConvertOptions, Digest, TOC_DIGEST_ANNOTATION};
+use stargaze_testkit::image::{self, LayerBlob};
+use stargaze_testkit::stack::{Service, Stack};
+use stargaze_testkit::{Containerd, Registry, require, run};
+
+mod common;
+
+use common::{layer_digests, skopeo_copy};
+
+const SMALL: &str = "etc/small";
+const LARGE: &str = "etc/large";
+
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, "etc/", &[][..]).unwrap();
+    for (name, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// An eStargz layer of `tar` (64 KiB chunks) whose TOC `edit` rewrites: the
+/// blob gets the edited TOC and a footer pointing at it, and the manifest
+/// annotation the edited TOC's digest, so the layer verifies.
+fn esgz(name: &str, tar: &[u8], edit: impl FnOnce(&mut JsonToc)) -> LayerBlob {
+    let opts = ConvertOptions {
+        chunk_size: 64 << 10,
+        ..Default::default()
+    };
+    let mut blob = Vec::new();
+    stargaze_format::convert(name, tar, &mut blob, &opts, None).unwrap();
+    let size = blob.len() as u64;
+    let footer = parse_footer(&blob[blob.len() - MAX_FOOTER_SIZE..], size).unwrap();
+    let Footer::Estargz { toc_offset } = footer else {
+        panic!("not an eStargz footer: {footer:?}")
+    };
+    let range = footer.toc_range(size).unwrap();
+    let json = decode_toc(
+        &footer,
+        &blob[range.start as usize..range.end as usize],
+        1 << 30,
+    )
+    .unwrap();
+    let mut toc = JsonToc::parse(&json).unwrap();
+    edit(&mut toc);
+    let json = toc.to_json();
+    let mut member = ustar_header(TOC_TAR_NAME, b'0', 0o644, json.len() as u64, 0).to_vec();
+    member.extend_from_slice(&json);
+    member.resize(member.len().div_ceil(512) * 512 + 1024, 0);
+    blob.truncate(toc_offset as usize);
+    blob.extend(image::gzip(&member));
+    blob.extend(Footer::Estargz { toc_offset }.encode());
+    LayerBlob {
+        diff_id: Digest::of(&image::gunzip(&blob)).to_string(),
+        blob,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        annotations: serde_json::json!({ TOC_DIGEST_ANNOTATION: Digest::of(&json).to_string() }),
+    }
+}
+
+/// Give `path` the file digest `digest` in the TOC (its chunk digests stay).
+fn claim(toc: &mut JsonToc, path: &str, digest: &Digest) {
+    let e = toc
+        .entries
+        .iter_mut()
+        .find(|e| e.name == path && e.kind == "reg")
+        .unwrap_or_else(|| panic!("{path} not in the TOC"));
+    e.digest = digest.to_string();
+}
+
+fn patterned(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+/// What a container read of one file gave: the sha256 of its bytes, or the
+/// error busybox printed.
+#[derive(Debug, PartialEq)]
+enum Read {
+    Bytes(String),
+    Failed(String),
+}
+
+/// The two images in a registry, the stack and containerd they run on
+/// (dropped in this order: containers, services, registry, files).
+struct Node {
+    ctd: Containerd,
+    stack: Stack,
+    _registry: Registry,
+    _work: tempfile::TempDir,
+    image_a: String,
+    image_b: String,
+    /// Per file: A's bytes, B's bytes.
+    files: [(&'static str, Vec<u8>, Vec<u8>); 2],
+    runs: std::cell::Cell<u32>,
+}
+
+impl Node {
+    fn start(prefix: &str) -> Node {
+        stargaze_testkit::require_root_fuse();
+        for tool in ["runc", "ctr-remote", "skopeo"] {
+            require(tool);
+        }
+        let work = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/tmp")
+            .unwrap();
+        let w = work.path();
+        let registry = Registry::start();
+        let repo = format!("{}/stargaze/trust", registry.addr);
+        let small = (b"AAAAAA".to_vec(), b"BBBBBB".to_vec());
+        let large_a = patterned(1, 256 << 10);
+        let mut large_b = large_a.clone();
+        let tail = large_b.len() - (64 << 10);
+        large_b[64 << 10..].copy_from_slice(&patterned(9, tail));
+        let files = [(SMALL, small.0, small.1), (LARGE, large_a, large_b)];
+        let base = esgz("base", &image::busybox_layer(), |_| {});
+        let a_tar = tar_of(&[(SMALL, &files[0].1), (LARGE, &files[1].1)]);
+        let b_tar = tar_of(&[(SMALL, &files[0].2), (LARGE, &files[1].2)]);
+        let data_a = esgz("a", &a_tar, |_| {});
+        let data_b = esgz("b", &b_tar, |toc| {
+            for (path, a, _) in &files {
+                claim(toc, path, &Digest::of(a));
+            }
+        });
+        let push = |tag: &str, data: LayerBlob| {
+            let layout = w.join(tag);
+            image::write_layout_of_blobs(&layout, tag, &[base.clone(), data]);
+            let reference = format!("{repo}:{tag}");
+            skopeo_copy(
+                &format!("oci:{}:{tag}", layout.display()),
+                &format!("docker://{reference}"),
+            );
+            reference
+        };
+        let image_a = push("a", data_a);
+        let image_b = push("b", data_b);
+        let stack = Stack::start(w, &[]);
+        let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+        Node {
+            _work: work,
+            _registry: registry,
+            stack,
+            ctd,
+            image_a,
+            image_b,
+            files,
+            runs: Default::default(),
+        }
+    }
+
+    /// Pull lazily; every layer must be a remote snapshot (no blob in
+    /// containerd's content store), or nothing is tested.
+    fn pull(&self, reference: &str) {
+        run(self.ctd.cmd("ctr-remote").args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargaze",
+            reference,
+        ]));
+        let blobs = String::from_utf8(self.ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
+        for d in layer_digests(&self.ctd, reference) {
+            assert!(
+                !blobs.contains(&d),
+                "layer {d} of {reference} was not mounted lazily:\n{}",
+                self.stack.log(Service::Snapshotter)
+            );
+        }
+    }
+
+    /// Read both files in a new container of `reference`.
+    fn read(&self, reference: &str) -> Vec<Read> {
+        self.runs.set(self.runs.get() + 1);
+        let script = self
+            .files
+            .iter()
+            .map(|(p, ..)| format!("busybox sha256sum /{p} 2>&1 || echo FAILED"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let o = self.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargaze",
+            reference,
+            &format!("sg-trust-{}-{}", self.runs.get(), std::process::id()),
+            "/bin/sh",
+            "-c",
+            &script,
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let lines: Vec<&str> = out.lines().collect();
+        let mut reads = Vec::new();
+        let mut i = 0;
+        for (path, ..) in &self.files {
+            let line = lines
+                .get(i)
+                .unwrap_or_else(|| panic!("no output for {path}: {out}"));
+            i += 1;
+            if let Some(hex) = line.strip_suffix(&format!("  /{path}")) {
+                reads.push(Read::Bytes(hex.to_string()));
+            } else {
+                // The error line, then FAILED.
+                assert_eq!(lines.get(i), Some(&"FAILED"), "{out}");
+                i += 1;
+                reads.push(Read::Failed(line.to_string()));
+            }
+        }
+        reads
+    }
+
+    /// Containers of A read exactly A's bytes.
+    fn assert_a_reads_its_own(&self, when: &str) {
+        for ((path, a, b), got) in self.files.iter().zip(self.read(&self.image_a)) {
+            let want = Read::Bytes(Digest::of(a).hex());
+            assert!(
+                got == want,
+                "{when}: /{path} in a container of A: {}",
+                self.describe(&got, a, b)
+            );
+        }
+    }
+
+    /// Containers of B read B's bytes or get EIO.
+    fn assert_b_reads_its_own_or_eio(&self, when: &str) {
+        for ((path, a, b), got) in self.files.iter().zip(self.read(&self.image_b)) {
+            let ok = match &got {
+                Read::Bytes(hex) => *hex == Digest::of(b).hex(),
+                Read::Failed(e) => e.contains("I/O error"),
+            };
+            assert!(
+                ok,
+                "{when}: /{path} in a container of B: {}",
+                self.describe(&got, a, b)
+            );
+        }
+    }
+
+    fn describe(&self, got: &Read, a: &[u8], b: &[u8]) -> String {
+        match got {
+            Read::Bytes(h) if *h == Digest::of(a).hex() => "A's bytes".into(),
+            Read::Bytes(h) if *h == Digest::of(b).hex() => "B's bytes".into(),
+            Read::Bytes(h) => format!("bytes of neither image (a mix?), sha256 {h}"),
+            Read::Failed(e) => format!("failed: {e}"),
+        }
+    }
+
+    /// Wait until A's honest files are shared content in the cache, so that
+    /// B's layer, resolved next, could be steered by them.
+    fn wait_until_a_is_shared(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (path, a, _) in &self.files {
+            let hex = Digest::of(a).hex();
+            let shared = self
+                .stack
+                .cache_dir
+                .join("content")
+                .join(&hex[..2])
+                .join(&hex);
+            while !shared.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "A's /{path} was never shared as {}",
+                    shared.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Nothing that does not hash to A's digests is stored under them.
+    fn assert_shared_content_is_a(&self) {
+        for (path, a, _) in &self.files {
+            let hex = Digest::of(a).hex();
+            let shared = self
+                .stack
+                .cache_dir
+                .join("content")
+                .join(&hex[..2])
+                .join(&hex);
+            if let Ok(bytes) = std::fs::read(&shared) {
+                assert!(
+                    bytes == *a,
+                    "the cache's shared content for A's /{path} ({}) holds other bytes",
+                    shared.display()
+                );
+            }
+        }
+    }
+
+    fn assert_only_lazy_layers(&self) {
+        let log = self.stack.log(Service::Snapshotter);
+        assert!(
+            !log.contains("remote_snapshot_prepared=false"),
+            "a layer fell back to unpacking:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn an_image_claiming_another_images_file_digests_changes_nothing_it_reads_a_first() {
+    let n = Node::start("sg-trust-a-");
+    n.pull(&n.image_a);
+    n.assert_a_reads_its_own("A alone");
+    n.wait_until_a_is_shared();
+    n.pull(&n.image_b);
+    n.assert_b_reads_its_own_or_eio("B after A");
+    n.assert_a_reads_its_own("A after B");
+    n.assert_b_reads_its_own_or_eio("B again");
+    n.assert_shared_content_is_a();
+    n.assert_only_lazy_layers();
+}
+
+#[test]
+fn an_image_claiming_another_images_file_digests_changes_nothing_it_reads_b_first() {
+    let n = Node::start("sg-trust-b-");
+    n.pull(&n.image_b);
+    n.assert_b_reads_its_own_or_eio("B alone");
+    // Give background sharing of B's files time to happen, if it would.
+    std::thread::sleep(Duration::from_millis(500));
+    n.pull(&n.image_a);
+    n.assert_a_reads_its_own("A after B");
+    n.assert_b_reads_its_own_or_eio("B after A");
+    n.assert_a_reads_its_own("A again");
+    n.assert_shared_content_is_a();
+    n.assert_only_lazy_layers();
+}
