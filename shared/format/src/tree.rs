@@ -2,8 +2,9 @@
 //!
 //! [`Toc::build`] applies the reader rules of the reference implementation
 //! (names cleaned of `./` and `/` prefixes, user and group names carried
-//! forward per id, implicit parent directories, hardlinks sharing one node,
-//! chunk sizes filled in, link counts computed) and rejects everything that a
+//! forward per id, implicit parent directories, hardlinks sharing one node
+//! whose attributes the last header naming it sets, as containerd's unpack
+//! does, chunk sizes filled in, link counts computed) and rejects everything that a
 //! hostile TOC could use against us: names that climb out of the root,
 //! parents that are not directories, chunks that overlap, leave gaps, lie
 //! outside the blob or claim more bytes than their compressed size can hold,
@@ -395,6 +396,13 @@ impl Toc {
                     b.nodes[parent as usize]
                         .children
                         .insert(base.to_string(), target_id);
+                    // containerd's applier (as Docker's) sets a hard link's
+                    // own header on the inode it shares: owner, xattrs
+                    // (added to the target's), mode and mtime. The last
+                    // header naming the inode wins.
+                    let mut target = b.nodes[target_id as usize].clone();
+                    b.fill_common(e, &mut target)?;
+                    b.nodes[target_id as usize] = target;
                     continue;
                 }
                 other => {
@@ -918,6 +926,37 @@ mod tests {
         assert_eq!(toc.node(a).nlink, 2);
         assert!(toc.node(toc.lookup("a").unwrap()).implicit);
         assert_eq!(toc.node(toc.lookup("x").unwrap()).mode, 0o755);
+    }
+
+    #[test]
+    fn a_hard_links_own_header_is_the_inodes_as_containerd_unpacks_it() {
+        let mut file = reg("a/file", 10, 100);
+        file.mode = 0o644;
+        file.modtime = "2022-04-15T05:20:00Z".into();
+        file.xattrs = [("user.a".to_string(), "YQ==".to_string())].into();
+        let mut link = entry("b/link", "hardlink");
+        link.link_name = "a/file".into();
+        link.mode = 0o4750;
+        (link.uid, link.gid) = (7, 8);
+        link.modtime = "2017-07-14T02:40:00Z".into();
+        link.xattrs = [
+            ("user.a".to_string(), "QQ==".to_string()),
+            ("user.b".to_string(), "Yg==".to_string()),
+        ]
+        .into();
+        let toc = build(vec![file, link]).unwrap();
+        let n = toc.node(toc.lookup("a/file").unwrap());
+        assert_eq!(
+            (n.mode, n.uid, n.gid, n.mtime),
+            (0o4750, 7, 8, 1_500_000_000)
+        );
+        let xattrs: Vec<(&str, &[u8])> = n
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(xattrs, [("user.a", &b"A"[..]), ("user.b", &b"b"[..])]);
+        assert_eq!(toc.lookup("b/link"), toc.lookup("a/file"));
     }
 
     #[test]

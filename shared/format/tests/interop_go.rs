@@ -134,9 +134,15 @@ fn sample_layer() -> Vec<u8> {
         b"x",
         &none,
     );
+    // The link's header says what its target's says, as builders write it:
+    // where they differ, the Go reader keeps the target's attributes while
+    // containerd's unpack (and our tree) takes the link's.
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Link);
-    h.set_mode(0o644);
+    h.set_mode(0o4755);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(1000);
+    h.set_gid(1000);
     h.set_size(0);
     b.append_link(&mut h, "data/tool-hardlink", "data/tool")
         .unwrap();

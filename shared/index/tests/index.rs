@@ -45,6 +45,9 @@ fn sample_toc() -> Toc {
     sym.link_name = "big".into();
     let mut hard = e("usr/bin/big-link", "hardlink");
     hard.link_name = "usr/bin/big".into();
+    // The link's header says what its target's says, as builders write it
+    // (a link's own header sets the inode's attributes).
+    hard.mode = 0o644;
     let mut dev = e("dev/null", "char");
     dev.dev_major = 1;
     dev.dev_minor = 3;
