@@ -8,6 +8,7 @@ use stargaze_format::toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 use stargaze_format::{Digest, LayerFormat, NodeId, NodeKind, Prefetch, Toc};
 
 use crate::model::{self, ChunkRec, DirentRec, Index, InodeRec, Span, Str, XattrRec};
+use crate::times::unpacked_mtime;
 use crate::xattrs::kept_by_unpack;
 use crate::{IndexError, MAGIC, OPAQUE_XATTR, VERSION};
 
@@ -208,7 +209,7 @@ pub fn build(toc: &Toc, meta: &IndexMeta) -> Result<rkyv::util::AlignedVec, Inde
             Target::Whiteout { mode, mtime } => {
                 rec.kind = model::kind::CHAR;
                 rec.mode = (mode & 0o7777) as u16;
-                rec.mtime = mtime;
+                rec.mtime = unpacked_mtime(mtime);
                 rec.nlink = 1;
             }
             Target::Node(id) => {
@@ -222,7 +223,7 @@ pub fn build(toc: &Toc, meta: &IndexMeta) -> Result<rkyv::util::AlignedVec, Inde
                 };
                 rec.uid = n.uid;
                 rec.gid = n.gid;
-                rec.mtime = n.mtime;
+                rec.mtime = unpacked_mtime(n.mtime);
                 rec.size = match n.kind {
                     NodeKind::Reg => n.size,
                     NodeKind::Symlink => n.link_target.len() as u64,

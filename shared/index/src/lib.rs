@@ -23,10 +23,12 @@
 //! the `trusted.overlay.opaque` xattr, the landmark files and
 //! `stargz.index.json` are hidden, and only the xattrs containerd's own
 //! unpack would set are kept (no `trusted.*` from the TOC, no `user.*` on
-//! symlinks or devices; see `xattrs.rs`).
+//! symlinks or devices; see `xattrs.rs`), with the mtimes it would set
+//! (none before 1970 or after 2262; see `times.rs`).
 
 mod build;
 pub mod model;
+mod times;
 mod view;
 mod xattrs;
 
@@ -39,7 +41,7 @@ use std::path::PathBuf;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SGIX");
 /// Bumped whenever the archived layout or what it holds changes (which
 /// xattrs are kept, the overlayfs view); older files are rebuilt.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;
 /// The xattr overlayfs reads to treat a directory as opaque.

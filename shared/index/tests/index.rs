@@ -404,3 +404,41 @@ fn only_xattrs_containerd_unpacks_are_shown() {
     // The same TOC would have shown them all before: nothing else hides them.
     assert_eq!(toc.nodes.iter().map(|n| n.xattrs.len()).max(), Some(7));
 }
+
+/// containerd's unpack sets a time before 1970 or after 2262 to the epoch;
+/// the index shows what it sets.
+#[test]
+fn mtimes_containerd_cannot_set_are_the_epoch() {
+    let at = |name: &str, modtime: &str| JsonEntry {
+        modtime: modtime.into(),
+        ..reg(name, 0, 0)
+    };
+    let toc = Toc::build(
+        &JsonToc {
+            version: 1,
+            entries: vec![
+                at("before-1970", "1969-12-31T00:00:00Z"),
+                at("y2100", "2100-01-01T00:00:00Z"),
+                at("y2262", "2262-04-11T23:47:16Z"),
+                at("y2263", "2263-01-01T00:00:00Z"),
+                at("y5138", "5138-11-16T09:46:39Z"),
+                JsonEntry {
+                    modtime: "1900-01-01T00:00:00Z".into(),
+                    ..e("old-dir/", "dir")
+                },
+            ],
+            ..Default::default()
+        },
+        LayerFormat::Estargz,
+        1000,
+    )
+    .unwrap();
+    let idx = open(&toc);
+    let mtime = |p: &str| idx.inode(idx.lookup_path(p).unwrap()).unwrap().mtime();
+    assert_eq!(mtime("before-1970"), 0);
+    assert_eq!(mtime("y2100"), 4_102_444_800);
+    assert_eq!(mtime("y2262"), 9_223_372_036);
+    assert_eq!(mtime("y2263"), 0);
+    assert_eq!(mtime("y5138"), 0);
+    assert_eq!(mtime("old-dir"), 0);
+}
