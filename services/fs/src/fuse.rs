@@ -278,17 +278,18 @@ fn rdev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
-fn time(secs: i64) -> SystemTime {
-    if secs >= 0 {
+fn time(secs: i64, nsec: u32) -> SystemTime {
+    let t = if secs >= 0 {
         UNIX_EPOCH + Duration::from_secs(secs as u64)
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
+    };
+    t + Duration::from_nanos(u64::from(nsec))
 }
 
 fn layer_attr(a: &Attached, local: u64) -> Option<FileAttr> {
     let n = a.index.inode(local)?;
-    let t = time(n.mtime());
+    let t = time(n.mtime(), n.mtime_nsec());
     let (major, minor) = n.rdev();
     Some(FileAttr {
         ino: INodeNo(a.global(local)),

@@ -222,7 +222,7 @@ impl<'a> Planner<'a> {
             } else {
                 0
             },
-            modtime: format_modtime(e.mtime),
+            modtime: format_modtime(e.mtime, e.mtime_nsec),
             link_name: if matches!(e.kind, TarKind::Symlink | TarKind::HardLink) {
                 e.link_name.clone()
             } else {

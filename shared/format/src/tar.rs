@@ -67,6 +67,8 @@ pub struct TarEntry {
     pub group_name: String,
     /// Modification time in seconds since the epoch.
     pub mtime: i64,
+    /// Nanoseconds of the modification time (PAX `mtime` has them).
+    pub mtime_nsec: u32,
     pub dev_major: u32,
     pub dev_minor: u32,
     /// From PAX `SCHILY.xattr.NAME` records.
@@ -99,7 +101,7 @@ struct Pax {
     gid: Option<u64>,
     uname: Option<String>,
     gname: Option<String>,
-    mtime: Option<i64>,
+    mtime: Option<(i64, u32)>,
     xattrs: BTreeMap<String, Vec<u8>>,
 }
 
@@ -256,10 +258,13 @@ impl<'a> TarReader<'a> {
             let mode = num(100..108, "mode")?;
             let uid = pax.uid.map(Ok).unwrap_or_else(|| num(108..116, "uid"))?;
             let gid = pax.gid.map(Ok).unwrap_or_else(|| num(116..124, "gid"))?;
-            let mtime = match pax.mtime {
+            let (mtime, mtime_nsec) = match pax.mtime {
                 Some(t) => t,
-                None => i64::try_from(num(136..148, "mtime")?)
-                    .map_err(|_| self.err(at, format!("{name}: mtime out of range")))?,
+                None => (
+                    i64::try_from(num(136..148, "mtime")?)
+                        .map_err(|_| self.err(at, format!("{name}: mtime out of range")))?,
+                    0,
+                ),
             };
             let (dev_major, dev_minor) = if matches!(kind, TarKind::Char | TarKind::Block) {
                 let ma = num(329..337, "devmajor")?;
@@ -294,6 +299,7 @@ impl<'a> TarReader<'a> {
                 user_name,
                 group_name,
                 mtime,
+                mtime_nsec,
                 dev_major,
                 dev_minor,
                 xattrs: pax.xattrs,
@@ -457,12 +463,8 @@ fn parse_pax(mut data: &[u8], into: &mut Pax) -> Result<(), String> {
             "gname" => into.gname = Some(text()?),
             "mtime" => {
                 let t = text()?;
-                let whole = t.split('.').next().unwrap_or("");
-                into.mtime = Some(
-                    whole
-                        .parse()
-                        .map_err(|_| format!("PAX mtime {t:?} is not a time"))?,
-                );
+                into.mtime =
+                    Some(pax_time(&t).ok_or_else(|| format!("PAX mtime {t:?} is not a time"))?);
             }
             k if k.starts_with("SCHILY.xattr.") => {
                 into.xattrs
@@ -475,6 +477,29 @@ fn parse_pax(mut data: &[u8], into: &mut Pax) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A PAX time (`SECONDS[.FRACTION]`, maybe negative) as seconds and
+/// nanoseconds (0..1e9) since the epoch; digits past the ninth are dropped,
+/// as Go's reader drops them.
+fn pax_time(t: &str) -> Option<(i64, u32)> {
+    let (whole, fraction) = t.split_once('.').unwrap_or((t, ""));
+    let secs: i64 = whole.parse().ok()?;
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = fraction
+        .chars()
+        .chain(std::iter::repeat('0'))
+        .take(9)
+        .collect();
+    let nsec: u32 = digits.parse().ok()?;
+    if whole.starts_with('-') && nsec > 0 {
+        // -1.25 is 2 seconds before the epoch plus 0.75.
+        Some((secs.checked_sub(1)?, 1_000_000_000 - nsec))
+    } else {
+        Some((secs, nsec))
+    }
 }
 
 /// Build a ustar header block (used for landmarks and the TOC entry).
@@ -512,6 +537,31 @@ mod tests {
         let mut b = tar::Builder::new(Vec::new());
         entries(&mut b);
         b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn pax_times_keep_their_nanoseconds() {
+        assert_eq!(pax_time("1650000000"), Some((1_650_000_000, 0)));
+        assert_eq!(pax_time("1650000000.5"), Some((1_650_000_000, 500_000_000)));
+        assert_eq!(
+            pax_time("1650000000.1234567891"),
+            Some((1_650_000_000, 123_456_789))
+        );
+        assert_eq!(pax_time("-86400"), Some((-86_400, 0)));
+        assert_eq!(pax_time("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(pax_time("-0.5"), Some((-1, 500_000_000)));
+        for bad in ["", "x", "1.x", "1.-5", "1e9"] {
+            assert_eq!(pax_time(bad), None, "{bad:?}");
+        }
+        let data = build(|b| {
+            b.append_pax_extensions([("mtime", &b"1650000000.123456789"[..])])
+                .unwrap();
+            let mut h = tar::Header::new_ustar();
+            h.set_size(0);
+            b.append_data(&mut h, "f", &[][..]).unwrap();
+        });
+        let e = TarReader::new(&data).next().unwrap().unwrap();
+        assert_eq!((e.mtime, e.mtime_nsec), (1_650_000_000, 123_456_789));
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct Node {
     pub group_name: String,
     /// Seconds since the epoch (0 when the TOC has none).
     pub mtime: i64,
+    /// Nanoseconds of the mtime (a TOC's RFC 3339 time may have them).
+    pub mtime_nsec: u32,
     /// File size for regular files; 0 otherwise.
     pub size: u64,
     /// Symlink target.
@@ -109,6 +111,7 @@ impl Node {
             user_name: String::new(),
             group_name: String::new(),
             mtime: 0,
+            mtime_nsec: 0,
             size: 0,
             link_target: String::new(),
             dev_major: 0,
@@ -198,22 +201,26 @@ pub fn normalize_path(name: &str) -> Result<String, String> {
     Ok(parts.join("/"))
 }
 
-fn parse_modtime(s: &str) -> Result<i64, String> {
+/// Seconds and nanoseconds since the epoch of a TOC's RFC 3339 time.
+fn parse_modtime(s: &str) -> Result<(i64, u32), String> {
     if s.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(|t| t.unix_timestamp())
+        .map(|t| (t.unix_timestamp(), t.nanosecond()))
         .map_err(|e| format!("modtime {s:?} is not RFC 3339: {e}"))
 }
 
-/// Format a time like the Go writer: UTC, whole seconds, RFC 3339; empty for 0.
-pub fn format_modtime(secs: i64) -> String {
-    if secs == 0 {
+/// Format a time like the Go writer: UTC, RFC 3339, empty for 0; a
+/// fraction of a second only when there is one (Go's and containers/
+/// storage's readers parse it).
+pub fn format_modtime(secs: i64, nsec: u32) -> String {
+    if secs == 0 && nsec == 0 {
         return String::new();
     }
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
+        .and_then(|t| t.replace_nanosecond(nsec).ok())
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
@@ -321,7 +328,8 @@ impl<'a> Builder<'a> {
             self.group_names.insert(node.gid, e.group_name.clone());
             e.group_name.clone()
         };
-        node.mtime = parse_modtime(&e.modtime).map_err(|r| ErrorKind::entry(name, r))?;
+        (node.mtime, node.mtime_nsec) =
+            parse_modtime(&e.modtime).map_err(|r| ErrorKind::entry(name, r))?;
         for (k, v) in &e.xattrs {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(v)
@@ -1125,11 +1133,26 @@ mod tests {
 
     #[test]
     fn modtime_round_trip() {
+        for t in [
+            (1_600_000_000, 0),
+            (1_650_000_000, 123_456_789),
+            (-86_400, 5),
+            (0, 1),
+        ] {
+            assert_eq!(parse_modtime(&format_modtime(t.0, t.1)).unwrap(), t);
+        }
+        // Whole seconds look as the Go writer writes them.
+        assert_eq!(format_modtime(1_600_000_000, 0), "2020-09-13T12:26:40Z");
         assert_eq!(
-            parse_modtime(&format_modtime(1_600_000_000)).unwrap(),
-            1_600_000_000
+            format_modtime(1_650_000_000, 500_000_000),
+            "2022-04-15T05:20:00.5Z"
         );
-        assert_eq!(format_modtime(0), "");
+        assert_eq!(format_modtime(0, 0), "");
         assert!(parse_modtime("yesterday").is_err());
+        // containers/storage writes nanoseconds.
+        assert_eq!(
+            parse_modtime("2022-04-15T05:20:00.25Z").unwrap(),
+            (1_650_000_000, 250_000_000)
+        );
     }
 }

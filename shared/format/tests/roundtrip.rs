@@ -726,3 +726,30 @@ fn zstd_chunked_with_the_64_byte_containers_storage_footer_reads() {
         decompress_all(TargetFormat::ZstdChunked, &blob)
     );
 }
+
+/// A PAX mtime with a fraction of a second keeps its nanoseconds through
+/// conversion, as containerd's unpack of the tar keeps them.
+#[test]
+fn sub_second_mtimes_keep_their_nanoseconds() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("mtime", &b"1650000000.123456789"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(1);
+    b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(1);
+    h.set_mtime(1_600_000_000);
+    b.append_data(&mut h, "g", &b"y"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    for format in [TargetFormat::Estargz, TargetFormat::ZstdChunked] {
+        let (blob, _) = convert(&tar, &opts(format));
+        let layer = open_blob("l", &blob[..], &OpenOptions::default()).unwrap();
+        let mtime = |p: &str| {
+            let n = layer.toc.node(layer.toc.lookup(p).unwrap());
+            (n.mtime, n.mtime_nsec)
+        };
+        assert_eq!(mtime("f"), (1_650_000_000, 123_456_789), "{format:?}");
+        assert_eq!(mtime("g"), (1_600_000_000, 0), "{format:?}");
+    }
+}

@@ -209,7 +209,7 @@ pub fn build(toc: &Toc, meta: &IndexMeta) -> Result<rkyv::util::AlignedVec, Inde
             Target::Whiteout { mode, mtime } => {
                 rec.kind = model::kind::CHAR;
                 rec.mode = (mode & 0o7777) as u16;
-                rec.mtime = unpacked_mtime(mtime);
+                (rec.mtime, rec.mtime_nsec) = unpacked_mtime(mtime, 0);
                 rec.nlink = 1;
             }
             Target::Node(id) => {
@@ -223,7 +223,7 @@ pub fn build(toc: &Toc, meta: &IndexMeta) -> Result<rkyv::util::AlignedVec, Inde
                 };
                 rec.uid = n.uid;
                 rec.gid = n.gid;
-                rec.mtime = unpacked_mtime(n.mtime);
+                (rec.mtime, rec.mtime_nsec) = unpacked_mtime(n.mtime, n.mtime_nsec);
                 rec.size = match n.kind {
                     NodeKind::Reg => n.size,
                     NodeKind::Symlink => n.link_target.len() as u64,

@@ -41,7 +41,7 @@ use std::path::PathBuf;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SGIX");
 /// Bumped whenever the archived layout or what it holds changes (which
 /// xattrs are kept, the overlayfs view); older files are rebuilt.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;
 /// The xattr overlayfs reads to treat a directory as opaque.

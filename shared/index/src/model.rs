@@ -59,6 +59,8 @@ pub struct InodeRec {
     pub nlink: u32,
     pub size: u64,
     pub mtime: i64,
+    /// Nanoseconds of the mtime.
+    pub mtime_nsec: u32,
     pub rdev_major: u32,
     pub rdev_minor: u32,
     /// Inode number of the parent directory (the root's is itself).

@@ -332,6 +332,11 @@ impl<'a> Inode<'a> {
         self.rec.mtime.to_native()
     }
 
+    /// Nanoseconds of [`Inode::mtime`] (below 1e9).
+    pub fn mtime_nsec(&self) -> u32 {
+        self.rec.mtime_nsec.to_native()
+    }
+
     pub fn rdev(&self) -> (u32, u32) {
         (
             self.rec.rdev_major.to_native(),

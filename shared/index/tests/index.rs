@@ -442,3 +442,24 @@ fn mtimes_containerd_cannot_set_are_the_epoch() {
     assert_eq!(mtime("y5138"), 0);
     assert_eq!(mtime("old-dir"), 0);
 }
+
+/// Nanoseconds of an mtime are kept, as containerd's unpack keeps them.
+#[test]
+fn mtimes_keep_their_nanoseconds() {
+    let toc = Toc::build(
+        &JsonToc {
+            version: 1,
+            entries: vec![JsonEntry {
+                modtime: "2022-04-15T05:20:00.123456789Z".into(),
+                ..reg("f", 0, 0)
+            }],
+            ..Default::default()
+        },
+        LayerFormat::ZstdChunked,
+        1000,
+    )
+    .unwrap();
+    let idx = open(&toc);
+    let f = idx.inode(idx.lookup_path("f").unwrap()).unwrap();
+    assert_eq!((f.mtime(), f.mtime_nsec()), (1_650_000_000, 123_456_789));
+}
