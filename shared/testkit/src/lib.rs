@@ -8,7 +8,10 @@
 //!   against Debian's packaged Go sources, offline, and caches the binary
 //!   ([`go_build_with_aliases`] when a dependency imports a module by a
 //!   major-version path Debian does not have).
-//! * [`image`] writes OCI image layouts from in-memory tars for tests.
+//! * [`image`] writes OCI image layouts from in-memory tars for tests;
+//!   [`crafted`] writes two layers of unusual entries (hard links,
+//!   whiteouts, xattrs of every namespace, devices, odd modes, names,
+//!   mtimes and owners).
 //! * [`require`] fails a test with the command that installs a missing tool;
 //!   [`require_root_fuse`], [`require_fuse_passthrough`] and
 //!   [`require_that`] fail it when root, FUSE or another prerequisite CI has
@@ -16,15 +19,20 @@
 //! * [`service_cli`] is the command-line contract of the service binaries.
 //! * [`stack`] runs the three stargaze services as processes with a private
 //!   config, and kills and restarts them one at a time.
+//! * [`tree`] records a directory tree as `lstat`, `readlink`, the xattr
+//!   calls and `read` see it, and lists how another tree differs from it,
+//!   path by path and field by field.
 //!
 //! Nothing here touches the system containerd, `/run/containerd` sockets or
 //! ports other than the ones it picked.
 
+pub mod crafted;
 pub mod fdstore;
 pub mod image;
 pub mod service_cli;
 pub mod stack;
 pub mod token;
+pub mod tree;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
