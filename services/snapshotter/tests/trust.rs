@@ -3,13 +3,16 @@
 //! docker-registry, our three services sharing one cache).
 //!
 //! Image A holds a 6-byte file and a file of four 64 KiB chunks. Image B's
-//! TOC gives its own 6-byte and multi-chunk files A's file digests, while
-//! every chunk digest is true to B's bytes and its `toc.digest` annotation
-//! is its real TOC digest: B verifies and is mounted lazily. B's large file
-//! begins with A's first chunk, so a file made of A's and B's chunks would
-//! pass either TOC's check of that chunk. Whichever image is pulled and
-//! read first, containers of A read A's bytes and containers of B read B's
-//! (or get EIO): never A's silently, never a mix.
+//! TOCs give its own 6-byte and multi-chunk files A's file digests, while
+//! every chunk digest is true to B's bytes and each `toc.digest` annotation
+//! is the real TOC digest. B's multi-chunk file (its own layer) verifies and
+//! is mounted lazily; it begins with A's first chunk, so a file made of A's
+//! and B's chunks would pass either TOC's check of that chunk. B's 6-byte
+//! file (another layer) has one chunk whose digest is not the file digest
+//! its TOC claims: that layer is refused as self-contradicting and unpacked
+//! by containerd. Whichever image is pulled and read first, containers of A
+//! read A's bytes and containers of B read B's (or get EIO): never A's
+//! silently, never a mix.
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
@@ -121,6 +124,8 @@ struct Node {
     _work: tempfile::TempDir,
     image_a: String,
     image_b: String,
+    /// B's layer with the self-contradicting one-chunk claim: unpacked.
+    refused: String,
     /// Per file: A's bytes, B's bytes.
     files: [(&'static str, Vec<u8>, Vec<u8>); 2],
     runs: std::cell::Cell<u32>,
@@ -147,16 +152,20 @@ impl Node {
         let files = [(SMALL, small.0, small.1), (LARGE, large_a, large_b)];
         let base = esgz("base", &image::busybox_layer(), |_| {});
         let a_tar = tar_of(&[(SMALL, &files[0].1), (LARGE, &files[1].1)]);
-        let b_tar = tar_of(&[(SMALL, &files[0].2), (LARGE, &files[1].2)]);
         let data_a = esgz("a", &a_tar, |_| {});
-        let data_b = esgz("b", &b_tar, |toc| {
-            for (path, a, _) in &files {
-                claim(toc, path, &Digest::of(a));
-            }
-        });
-        let push = |tag: &str, data: LayerBlob| {
+        let claimed = |path: &str, a: &[u8], b: &[u8]| {
+            esgz(path, &tar_of(&[(path, b)]), |toc| {
+                claim(toc, path, &Digest::of(a))
+            })
+        };
+        let b_large = claimed(LARGE, &files[1].1, &files[1].2);
+        let b_small = claimed(SMALL, &files[0].1, &files[0].2);
+        let refused = Digest::of(&b_small.blob).to_string();
+        let push = |tag: &str, data: Vec<LayerBlob>| {
             let layout = w.join(tag);
-            image::write_layout_of_blobs(&layout, tag, &[base.clone(), data]);
+            let mut layers = vec![base.clone()];
+            layers.extend(data);
+            image::write_layout_of_blobs(&layout, tag, &layers);
             let reference = format!("{repo}:{tag}");
             skopeo_copy(
                 &format!("oci:{}:{tag}", layout.display()),
@@ -164,8 +173,8 @@ impl Node {
             );
             reference
         };
-        let image_a = push("a", data_a);
-        let image_b = push("b", data_b);
+        let image_a = push("a", vec![data_a]);
+        let image_b = push("b", vec![b_large, b_small]);
         let stack = Stack::start(w, &[]);
         let ctd = Containerd::start(&stack.proxy_config("stargaze"));
         Node {
@@ -175,13 +184,15 @@ impl Node {
             ctd,
             image_a,
             image_b,
+            refused,
             files,
             runs: Default::default(),
         }
     }
 
-    /// Pull lazily; every layer must be a remote snapshot (no blob in
-    /// containerd's content store), or nothing is tested.
+    /// Pull lazily; every layer but the refused one must be a remote
+    /// snapshot (no blob in containerd's content store), or nothing is
+    /// tested; the refused one is unpacked, for the reason expected.
     fn pull(&self, reference: &str) {
         run(self.ctd.cmd("ctr-remote").args([
             "image",
@@ -193,6 +204,10 @@ impl Node {
         ]));
         let blobs = String::from_utf8(self.ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
         for d in layer_digests(&self.ctd, reference) {
+            if d == self.refused {
+                assert!(blobs.contains(&d), "{d} was not unpacked");
+                continue;
+            }
             assert!(
                 !blobs.contains(&d),
                 "layer {d} of {reference} was not mounted lazily:\n{}",
@@ -321,12 +336,21 @@ impl Node {
         }
     }
 
-    fn assert_only_lazy_layers(&self) {
+    /// Only the self-contradicting layer fell back, and for that reason.
+    fn assert_only_the_refused_layer_fell_back(&self) {
         let log = self.stack.log(Service::Snapshotter);
-        assert!(
-            !log.contains("remote_snapshot_prepared=false"),
-            "a layer fell back to unpacking:\n{log}"
-        );
+        for line in log
+            .lines()
+            .filter(|l| l.contains("remote_snapshot_prepared=false"))
+        {
+            assert!(
+                line.contains(&format!("layer={}", self.refused))
+                    && line.contains(SMALL)
+                    && line.contains("contradicts itself"),
+                "a layer fell back to unpacking: {line}"
+            );
+        }
+        assert!(log.contains("contradicts itself"), "{log}");
     }
 }
 
@@ -341,7 +365,7 @@ fn an_image_claiming_another_images_file_digests_changes_nothing_it_reads_a_firs
     n.assert_a_reads_its_own("A after B");
     n.assert_b_reads_its_own_or_eio("B again");
     n.assert_shared_content_is_a();
-    n.assert_only_lazy_layers();
+    n.assert_only_the_refused_layer_fell_back();
 }
 
 #[test]
@@ -356,5 +380,5 @@ fn an_image_claiming_another_images_file_digests_changes_nothing_it_reads_b_firs
     n.assert_b_reads_its_own_or_eio("B after A");
     n.assert_a_reads_its_own("A again");
     n.assert_shared_content_is_a();
-    n.assert_only_lazy_layers();
+    n.assert_only_the_refused_layer_fell_back();
 }
