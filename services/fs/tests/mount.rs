@@ -292,6 +292,17 @@ impl Drop for Mounted {
             let _ = s.umount_and_join();
         }
         unmount_below(self.dir.path());
+        remove_session_files(self.dir.path());
+    }
+}
+
+/// fs keeps `<mountpoint>.session` and `<mountpoint>.opens` beside its
+/// mountpoint (for a restart to take the mount over): gone with the test.
+fn remove_session_files(mountpoint: &Path) {
+    for ext in [".session", ".opens"] {
+        let mut name = mountpoint.as_os_str().to_owned();
+        name.push(ext);
+        let _ = std::fs::remove_file(name);
     }
 }
 
@@ -617,6 +628,7 @@ async fn reused_handle_numbers_never_serve_another_files_bytes() {
         .collect();
     let results: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
     let _ = m.umount_and_join();
+    remove_session_files(dir.path());
     for r in results {
         r.unwrap();
     }
