@@ -387,6 +387,8 @@ impl Fetcher for FetcherService {
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
+    // Shared content is hard-linked from layers: count each file once.
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -395,10 +397,26 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         for e in rd.flatten() {
             match e.metadata() {
                 Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.blocks() * 512,
+                Ok(m) if seen.insert((m.dev(), m.ino())) => total += m.blocks() * 512,
+                Ok(_) => {}
                 Err(_) => {}
             }
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_file_linked_twice_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("content")).unwrap();
+        let file = dir.path().join("content/a");
+        std::fs::write(&file, vec![7u8; 64 << 10]).unwrap();
+        let once = super::dir_bytes(dir.path());
+        assert!(once >= 64 << 10, "{once}");
+        std::fs::hard_link(&file, dir.path().join("b")).unwrap();
+        assert_eq!(super::dir_bytes(dir.path()), once);
+    }
 }
