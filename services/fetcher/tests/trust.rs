@@ -14,10 +14,7 @@ use stargaze_cache::Cache;
 use stargaze_fetcher::{FetchOptions, FileBlob, Layer, resolve_layer};
 use stargaze_format::Digest;
 use stargaze_format::convert::ConvertOptions;
-use stargaze_format::footer::{Footer, MAX_FOOTER_SIZE, parse_footer};
-use stargaze_format::reader::decode_toc;
-use stargaze_format::tar::ustar_header;
-use stargaze_format::toc::{JsonToc, TOC_TAR_NAME};
+use stargaze_format::toc::JsonToc;
 
 struct Layered {
     blob: std::path::PathBuf,
@@ -54,33 +51,13 @@ fn layer(
     };
     let mut blob = Vec::new();
     stargaze_format::convert(name, &tar_of(files), &mut blob, &opts, None).unwrap();
-    let size = blob.len() as u64;
-    let footer = parse_footer(&blob[blob.len() - MAX_FOOTER_SIZE..], size).unwrap();
-    let Footer::Estargz { toc_offset } = footer else {
-        panic!("not an eStargz footer: {footer:?}")
-    };
-    let toc_range = footer.toc_range(size).unwrap();
-    let json = decode_toc(
-        &footer,
-        &blob[toc_range.start as usize..toc_range.end as usize],
-        1 << 30,
-    )
-    .unwrap();
-    let mut toc = JsonToc::parse(&json).unwrap();
-    edit(&mut toc);
-    let json = toc.to_json();
-    let mut member = ustar_header(TOC_TAR_NAME, b'0', 0o644, json.len() as u64, 0).to_vec();
-    member.extend_from_slice(&json);
-    member.resize(member.len().div_ceil(512) * 512 + 1024, 0);
-    blob.truncate(toc_offset as usize);
-    blob.extend(stargaze_testkit::image::gzip(&member));
-    blob.extend(Footer::Estargz { toc_offset }.encode());
+    let (blob, toc) = stargaze_format::convert::with_edited_toc(&blob, edit).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, &blob).unwrap();
     Layered {
         blob: path,
         digest: Digest::of(&blob).to_string(),
-        toc: Digest::of(&json),
+        toc,
     }
 }
 

@@ -18,10 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use stargaze_format::footer::{Footer, MAX_FOOTER_SIZE, parse_footer};
-use stargaze_format::reader::decode_toc;
-use stargaze_format::tar::ustar_header;
-use stargaze_format::toc::{JsonToc, TOC_TAR_NAME};
+use stargaze_format::toc::JsonToc;
 use stargaze_format::{ConvertOptions, Digest, TOC_DIGEST_ANNOTATION};
 use stargaze_testkit::image::{self, LayerBlob};
 use stargaze_testkit::stack::{Service, Stack};
@@ -62,32 +59,12 @@ fn esgz(name: &str, tar: &[u8], edit: impl FnOnce(&mut JsonToc)) -> LayerBlob {
     };
     let mut blob = Vec::new();
     stargaze_format::convert(name, tar, &mut blob, &opts, None).unwrap();
-    let size = blob.len() as u64;
-    let footer = parse_footer(&blob[blob.len() - MAX_FOOTER_SIZE..], size).unwrap();
-    let Footer::Estargz { toc_offset } = footer else {
-        panic!("not an eStargz footer: {footer:?}")
-    };
-    let range = footer.toc_range(size).unwrap();
-    let json = decode_toc(
-        &footer,
-        &blob[range.start as usize..range.end as usize],
-        1 << 30,
-    )
-    .unwrap();
-    let mut toc = JsonToc::parse(&json).unwrap();
-    edit(&mut toc);
-    let json = toc.to_json();
-    let mut member = ustar_header(TOC_TAR_NAME, b'0', 0o644, json.len() as u64, 0).to_vec();
-    member.extend_from_slice(&json);
-    member.resize(member.len().div_ceil(512) * 512 + 1024, 0);
-    blob.truncate(toc_offset as usize);
-    blob.extend(image::gzip(&member));
-    blob.extend(Footer::Estargz { toc_offset }.encode());
+    let (blob, toc) = stargaze_format::convert::with_edited_toc(&blob, edit).unwrap();
     LayerBlob {
         diff_id: Digest::of(&image::gunzip(&blob)).to_string(),
         blob,
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-        annotations: serde_json::json!({ TOC_DIGEST_ANNOTATION: Digest::of(&json).to_string() }),
+        annotations: serde_json::json!({ TOC_DIGEST_ANNOTATION: toc.to_string() }),
     }
 }
 

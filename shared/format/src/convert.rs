@@ -735,6 +735,39 @@ fn check_plan(
         })
 }
 
+/// An eStargz blob with its TOC edited: the payload in front of the TOC
+/// stays byte for byte, `edit` changes the TOC, and a new TOC member and
+/// footer follow. Returns the blob and the new TOC's digest (what its
+/// `toc.digest` annotation must say). Tests craft hostile layers with it.
+pub fn with_edited_toc(
+    blob: &[u8],
+    edit: impl FnOnce(&mut JsonToc),
+) -> std::result::Result<(Vec<u8>, Digest), ErrorKind> {
+    let size = blob.len() as u64;
+    let tail = &blob[blob.len().saturating_sub(crate::footer::MAX_FOOTER_SIZE)..];
+    let footer = crate::footer::parse_footer(tail, size)?;
+    let (Footer::Estargz { toc_offset }, Some(range)) = (footer, footer.toc_range(size)) else {
+        return Err(ErrorKind::Unsupported(format!(
+            "only an eStargz TOC can be edited, not a {} one",
+            footer.format().name()
+        )));
+    };
+    let json = crate::reader::decode_toc(
+        &footer,
+        &blob[range.start as usize..range.end as usize],
+        crate::reader::DEFAULT_MAX_TOC_SIZE,
+    )?;
+    let mut toc = JsonToc::parse(&json)?;
+    edit(&mut toc);
+    let json = toc.to_json();
+    let member = compress_member(TargetFormat::Estargz, DEFAULT_GZIP_LEVEL, &toc_tar(&json))
+        .map_err(ErrorKind::Unsupported)?;
+    let mut out = blob[..toc_offset as usize].to_vec();
+    out.extend_from_slice(&member);
+    out.extend_from_slice(&Footer::Estargz { toc_offset }.encode());
+    Ok((out, Digest::of(&json)))
+}
+
 /// The uncompressed TOC member: a tar with `stargz.index.json` and the
 /// end-of-archive marker.
 fn toc_tar(json: &[u8]) -> Vec<u8> {
