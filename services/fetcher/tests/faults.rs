@@ -19,8 +19,10 @@ use stargaze_format::{Digest, TOC_DIGEST_ANNOTATION};
 use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts, Reference};
 use stargaze_testkit::{Registry, image, run};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+mod common;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -45,22 +47,6 @@ struct Proxy {
     ranges: Arc<Mutex<Vec<String>>>,
 }
 
-async fn read_head(s: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 8192];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            return Some((buf, rest));
-        }
-        let n = s.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-}
-
 /// One request per connection: forward it upstream with `Connection: close`,
 /// read the whole answer, apply the fault, answer and close.
 async fn proxy(upstream: String) -> Proxy {
@@ -77,7 +63,7 @@ async fn proxy(upstream: String) -> Proxy {
             };
             let (f, n, seen, upstream) = (f.clone(), n.clone(), seen.clone(), upstream.clone());
             tokio::spawn(async move {
-                let Some((head, _)) = read_head(&mut client).await else {
+                let Some(head) = common::read_head(&mut client).await else {
                     return;
                 };
                 n.fetch_add(1, Ordering::SeqCst);
@@ -117,29 +103,9 @@ async fn proxy(upstream: String) -> Proxy {
                     _ => {}
                 }
                 // Forward with the connection closed after the answer.
-                let mut req = String::new();
-                for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-                    if !line.to_ascii_lowercase().starts_with("connection:") {
-                        req.push_str(line);
-                        req.push_str("\r\n");
-                    }
-                }
-                req.push_str("Connection: close\r\n\r\n");
-                let Ok(mut up) = TcpStream::connect(&upstream).await else {
+                let Some((mut answer, body_at)) = common::forward(&head, &upstream).await else {
                     return;
                 };
-                if up.write_all(req.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut answer = Vec::new();
-                if up.read_to_end(&mut answer).await.is_err() {
-                    return;
-                }
-                let body_at = answer
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map(|p| p + 4)
-                    .unwrap_or(answer.len());
                 let is_range = answer.starts_with(b"HTTP/1.1 206");
                 match fault {
                     Fault::Truncate(k) if k > 0 && is_range => {

@@ -26,8 +26,10 @@ use stargaze_format::{Digest, TOC_DIGEST_ANNOTATION};
 use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts, Reference};
 use stargaze_testkit::{Registry, image, run};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+mod common;
 
 /// A stall is longer than this; a read that fails must fail within
 /// [`READ_BOUND`].
@@ -90,22 +92,6 @@ struct Proxy {
     requests: Arc<AtomicUsize>,
 }
 
-async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 8192];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end + 4);
-            return Some(buf);
-        }
-        let n = s.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-}
-
 /// One request per connection, forwarded with `Connection: close`; while
 /// `hostile`, a quarter of them get a fault. `blobs` are the layer digests
 /// one may be swapped for another (the "other blob" fault).
@@ -131,7 +117,7 @@ async fn proxy(upstream: String, blobs: Vec<String>, seed: u64) -> Proxy {
                 blobs.clone(),
             );
             tokio::spawn(async move {
-                let Some(head) = read_head(&mut client).await else {
+                let Some(head) = common::read_head(&mut client).await else {
                     return;
                 };
                 n.fetch_add(1, Ordering::Relaxed);
@@ -180,29 +166,9 @@ async fn proxy(upstream: String, blobs: Vec<String>, seed: u64) -> Proxy {
                     }
                     _ => {}
                 }
-                let mut req = String::new();
-                for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-                    if !line.to_ascii_lowercase().starts_with("connection:") {
-                        req.push_str(line);
-                        req.push_str("\r\n");
-                    }
-                }
-                req.push_str("Connection: close\r\n\r\n");
-                let Ok(mut up) = TcpStream::connect(&upstream).await else {
+                let Some((mut answer, body_at)) = common::forward(&head, &upstream).await else {
                     return;
                 };
-                if up.write_all(req.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut answer = Vec::new();
-                if up.read_to_end(&mut answer).await.is_err() {
-                    return;
-                }
-                let body_at = answer
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map(|p| p + 4)
-                    .unwrap_or(answer.len());
                 let body = answer.len() - body_at;
                 match fault {
                     Some(Fault::Reset) if body > 1 => {
