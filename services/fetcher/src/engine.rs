@@ -575,57 +575,70 @@ impl Layer {
             let whole_chunk = node.chunk_count() == 1
                 && c.chunk.size == node.size()
                 && c.chunk.digest == digest.0;
-            self.share_later(c.ino, content, digest, whole_chunk);
+            self.share_later(c.ino, content, digest, node.size(), whole_chunk);
         }
         Ok(())
     }
 
     /// Share a complete file once its bytes hash to its TOC digest. A
     /// one-chunk file whose chunk digest is the file digest was just
-    /// verified by that chunk; any other file is hashed whole, on the
-    /// background threads: the layer reads its own file meanwhile, and
-    /// only other layers wait for the shared copy.
+    /// verified by that chunk and is shared at once; any other file is
+    /// hashed whole (against the TOC's size too) on the background threads:
+    /// the layer reads its own file meanwhile, and only other layers wait
+    /// for the shared copy.
     fn share_later(
         &self,
         ino: u64,
         content: stargaze_cache::ContentFile,
         digest: Digest,
+        size: u64,
         verified: bool,
     ) {
-        let (cache, layer, index_path) = (
-            self.cache.clone(),
-            self.digest.clone(),
-            self.index.path_of(ino),
-        );
-        let share = move || {
-            let size = content.file().metadata().map(|m| m.len()).unwrap_or(0);
-            if !verified && !stargaze_cache::hashes_to(&content, size, &digest) {
+        if verified {
+            return share_verified(&self.cache, &self.digest, ino, &content, &digest, || {
+                self.index.path_of(ino)
+            });
+        }
+        // The file's name, for the log lines only.
+        let path = self.index.path_of(ino);
+        let (cache, layer) = (self.cache.clone(), self.digest.clone());
+        let job = move || {
+            if !stargaze_cache::hashes_to(&content, size, &digest) {
                 tracing::warn!(
                     layer = %layer,
-                    file = %index_path,
+                    file = %path,
                     toc_digest = %digest,
                     "the file's chunks match their digests but the whole file does not hash to the digest the TOC gives: it is kept to this layer and never shared"
                 );
                 return;
             }
-            let _writing = cache.writing();
-            if let Err(e) = cache.share(&layer, ino, &content, &digest) {
-                tracing::warn!(layer = %layer, file = %index_path, error = %e, "cannot share a verified file (it stays the layer's own)");
-            }
+            share_verified(&cache, &layer, ino, &content, &digest, || path);
         };
-        if verified {
-            share();
-        } else {
-            match background_pool() {
-                Some(p) => p.spawn(share),
-                None => rayon::spawn(share),
-            }
+        match background_pool() {
+            Some(p) => p.spawn(job),
+            None => rayon::spawn(job),
         }
     }
 
     /// Chunks present / total.
     pub fn progress(&self) -> (u32, u32) {
         (self.presence.count_present(), self.presence.chunk_count())
+    }
+}
+
+/// Share a layer's complete file whose bytes are known to hash to `digest`
+/// (`file` names it in the log, computed only on failure).
+fn share_verified(
+    cache: &Cache,
+    layer: &str,
+    ino: u64,
+    content: &stargaze_cache::ContentFile,
+    digest: &Digest,
+    file: impl FnOnce() -> String,
+) {
+    let _writing = cache.writing();
+    if let Err(e) = cache.share(layer, ino, content, digest) {
+        tracing::warn!(layer, file = %file(), error = %e, "cannot share a verified file (it stays the layer's own)");
     }
 }
 
