@@ -9,11 +9,13 @@ set -euo pipefail
 # Go and the Go sources of containerd/stargz for the Go helpers in tests/go,
 # busybox for test images, iproute2 + libnetfilter-queue-dev for the shaped
 # benchmark network, curl and zstd for scripts, systemd (systemd-analyze)
-# for the unit checks.
+# for the unit checks, gcc and libc6-dev for the ELF programs and libraries
+# the dependency-prefetch tests build.
 packages=(
     containerd runc docker-registry fuse3 skopeo stargz-snapshotter iproute2 curl zstd
     golang-go golang-github-containerd-stargz-snapshotter-dev
     golang-github-containerd-containerd-dev busybox-static libnetfilter-queue-dev systemd
+    gcc libc6-dev
 )
 
 missing=()

@@ -32,7 +32,10 @@
 //! it); `schedule` runs the work nobody waits for (prefetch, then the
 //! background fetch once on-demand work is quiet, within a bandwidth
 //! budget); `warm` answers WarmLayers (tails read ahead, layers resolved
-//! from the manifest, [`entrypoint`] prefetch); [`registry`] adapts the
+//! from the manifest, [`entrypoint`] prefetch); [`loads`] fetches what a
+//! program loads (its interpreter, its libraries as the dynamic loader
+//! finds them) as soon as a read reaches its start, looking paths up
+//! through the layer [`stack`]s containers run on; [`registry`] adapts the
 //! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
 //! after an unclean stop; [`metrics`] renders Prometheus metrics. [`options`] and [`error`] hold the
 //! tunables and the errors ([`FetchError`], and [`ChunkError`] for one
@@ -44,6 +47,7 @@ pub mod entrypoint;
 pub mod error;
 pub mod evict;
 mod layers;
+pub mod loads;
 pub mod metrics;
 pub mod options;
 pub mod recover;
@@ -51,6 +55,7 @@ pub mod registry;
 pub mod resolve;
 mod schedule;
 pub mod service;
+pub mod stack;
 mod warm;
 
 pub use blob::{BlobError, FileBlob, RemoteBlob};

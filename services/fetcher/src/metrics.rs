@@ -20,6 +20,8 @@
 //! | `stargaze_fetcher_decode_cpu_seconds_total` | stage | CPU time storing chunks: `decompress`, `verify` (sha256), `write` (content files, presence bits) |
 //! | `stargaze_fetcher_entrypoint_files_total` | | files fetched by the entrypoint prefetch (program, interpreter, libraries) |
 //! | `stargaze_fetcher_entrypoint_bytes_total` | | their uncompressed bytes |
+//! | `stargaze_fetcher_loads_files_total` | | files fetched because a program being read loads them (`loads.rs`: interpreters, libraries; the entrypoint prefetch's included) |
+//! | `stargaze_fetcher_loads_bytes_total` | | their uncompressed bytes |
 //! | `stargaze_fetcher_cache_limit_bytes` | | `cache_size_limit` (only with a limit, as the rest of these) |
 //! | `stargaze_fetcher_cache_bytes` | | cache size at the last eviction pass |
 //! | `stargaze_fetcher_cache_kept_bytes` | | of it, bytes of layers in use or used recently |
@@ -214,6 +216,16 @@ impl Collector for FetcherCollector {
                 "stargaze_fetcher_entrypoint_bytes",
                 "Uncompressed bytes of those files",
                 &self.0.shared.entrypoint_bytes,
+            ),
+            (
+                "stargaze_fetcher_loads_files",
+                "Files fetched because a program being read loads them",
+                &self.0.shared.loads.files,
+            ),
+            (
+                "stargaze_fetcher_loads_bytes",
+                "Uncompressed bytes of those files",
+                &self.0.shared.loads.bytes,
             ),
         ] {
             let v = vec![(Labels::new(), v.load(Ordering::Relaxed))];

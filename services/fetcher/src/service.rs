@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::Layer;
 use crate::evict::CacheLimit;
 use crate::layers::Layers;
+use crate::loads::Loads;
 use crate::options::FetchOptions;
 use crate::schedule::Schedule;
 
@@ -33,6 +34,10 @@ pub(crate) struct Shared {
     pub(crate) entrypoint_bytes: AtomicU64,
     /// Prefetch each new image's entrypoint chain (`entrypoint.rs`).
     pub(crate) entrypoint: bool,
+    /// Runtime dependency prefetch (`loads.rs`).
+    pub(crate) loads: Loads,
+    /// Follow what a file loads on its first read (`loads.rs`).
+    pub(crate) follow_loads: bool,
     /// Requests served, by method and code (Prometheus).
     pub(crate) rpc: Arc<RpcMetrics>,
     /// The cache's size limit, when one is set.
@@ -60,6 +65,8 @@ impl FetcherService {
                 layers: Arc::new(layers),
                 schedule: Arc::new(schedule),
                 entrypoint: true,
+                loads: Loads::new(crate::loads::DEFAULT_WHOLE_MAPPED_BELOW),
+                follow_loads: true,
                 entrypoint_files: AtomicU64::new(0),
                 entrypoint_bytes: AtomicU64::new(0),
                 rpc: Arc::default(),
@@ -87,6 +94,16 @@ impl FetcherService {
     pub fn with_entrypoint_prefetch(mut self, on: bool) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.entrypoint = on;
+        }
+        self
+    }
+
+    /// Whether a file's first read fetches what it loads, and up to which
+    /// size mapped files are fetched whole (`loads.rs`; before serving).
+    pub fn with_load_following(mut self, on: bool, whole_mapped_below: u64) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.follow_loads = on;
+            shared.loads.whole_mapped_below = whole_mapped_below;
         }
         self
     }
@@ -167,6 +184,19 @@ impl FetcherService {
     /// source; the index in the cache is reused, so this costs no request).
     pub async fn layer_or_recover(&self, digest: &str) -> Result<Arc<Layer>, Status> {
         self.shared.layers.recover(digest).await
+    }
+
+    /// Fetch what file `ino` of `layer` loads (`loads.rs`), without
+    /// holding up the read that reached its start.
+    fn follow_loads(&self, layer: &Arc<Layer>, ino: u64) {
+        let (me, layer) = (self.clone(), layer.clone());
+        tokio::spawn(async move {
+            let layers = me.shared.layers.clone();
+            me.shared
+                .loads
+                .first_read(&layer, ino, |d| layers.get(d))
+                .await;
+        });
     }
 
     /// Prefetch per the layer's landmark, the label or the configuration,
@@ -268,6 +298,14 @@ impl Fetcher for FetcherService {
                 .push(layer.digest.clone(), format!("fetch: {e}"));
             e.status()
         })?;
+        // A read reached the start of a file: what it loads comes next.
+        if req.priority == Priority::OnDemand as i32 && self.shared.follow_loads {
+            for &(ino, offset, _) in &ranges {
+                if offset == 0 {
+                    self.follow_loads(&layer, ino);
+                }
+            }
+        }
         Ok(Response::new(FetchResponse {
             chunks_fetched: stats.chunks_fetched,
             bytes_fetched: stats.bytes_fetched,
@@ -298,7 +336,8 @@ impl Fetcher for FetcherService {
         &self,
         r: Request<PauseBackgroundRequest>,
     ) -> Result<Response<PauseBackgroundResponse>, Status> {
-        let key = r.into_inner().key;
+        let PauseBackgroundRequest { key, layers } = r.into_inner();
+        self.shared.loads.stacks.note(layers);
         let hold = self.shared.schedule.background_silence;
         self.shared.schedule.activity.hold(hold);
         tracing::debug!(snapshot = %key, hold = ?hold, "a container is starting: background fetches pause");

@@ -148,6 +148,12 @@ impl FetcherService {
             .iter()
             .filter_map(|d| d["digest"].as_str().map(str::to_string))
             .collect();
+        // The image's stack: where the files its programs load are looked
+        // up when they are first read (`loads.rs`).
+        self.shared
+            .loads
+            .stacks
+            .note(layers.iter().rev().cloned().collect());
         // While the layers resolve: once the config is in and the layers
         // resolved so far decide which file the program is (it and the
         // layers above it are known), its fetch starts — it is usually the
@@ -207,7 +213,7 @@ impl FetcherService {
         layers: &[String],
         resolving: &HashSet<String>,
     ) -> bool {
-        let stack = crate::entrypoint::Stack::partial(
+        let stack = crate::stack::Stack::partial(
             layers
                 .iter()
                 .rev()
@@ -218,7 +224,7 @@ impl FetcherService {
                 })
                 .collect(),
         );
-        let Some((layer, ino)) = stack.program_known(command) else {
+        let Some((layer, ino)) = stack.program_known(&command.candidates()) else {
             return false;
         };
         let Some(size) = layer.index.inode(ino).map(|n| n.size()) else {
@@ -243,11 +249,10 @@ impl FetcherService {
         };
         // Layers unpacked by containerd instead are not ours to fetch; the
         // paths they hold are looked up in the remaining ones.
-        let stack = crate::entrypoint::Stack::new(
-            layers.iter().rev().filter_map(|d| self.layer(d)).collect(),
-        );
+        let stack =
+            crate::stack::Stack::new(layers.iter().rev().filter_map(|d| self.layer(d)).collect());
         let t0 = Instant::now();
-        let done = crate::entrypoint::prefetch(&stack, &command).await;
+        let done = crate::entrypoint::prefetch(&self.shared.loads, &stack, &command).await;
         self.shared
             .entrypoint_files
             .fetch_add(done.files.len() as u64, Ordering::Relaxed);

@@ -126,14 +126,16 @@ impl Remote {
         }
     }
 
-    /// Tell the fetcher a container is starting, so that background
-    /// fetches pause meanwhile.
-    pub async fn pause_background(&self, key: &str) {
+    /// Tell the fetcher a container is starting, on which lazily served
+    /// layers (top first), so that background fetches pause meanwhile and
+    /// what its programs load is looked up in its stack.
+    pub async fn pause_background(&self, key: &str, layers: Vec<String>) {
         let r = self
             .fetcher
             .clone()
             .pause_background(PauseBackgroundRequest {
                 key: key.to_string(),
+                layers,
             })
             .await;
         if let Err(s) = r {

@@ -183,9 +183,11 @@ impl SnapshotService {
     /// Make sure every remote layer in the chain ending at `key` (inclusive)
     /// is served, re-attaching layers the fs service lost (it restarted, or
     /// the node rebooted).
-    async fn ensure_served(&self, key: &str) -> Result<(), Status> {
+    /// Re-attach the remote layers of `key`'s chain that are not served
+    /// (after an fs restart); returns their layer digests, top first.
+    async fn ensure_served(&self, key: &str) -> Result<Vec<String>, Status> {
         let Some(remote) = &self.remote else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let key2 = key.to_string();
         let chain = self
@@ -197,6 +199,11 @@ impl SnapshotService {
             })
             .await?;
         let served = self.served(chain.iter().map(|(_, r)| r)).await;
+        let stack: Vec<String> = chain
+            .iter()
+            .filter(|(_, r)| r.remote_dir.is_some())
+            .filter_map(|(_, r)| layer_from_labels(&r.labels).map(|l| l.digest))
+            .collect();
         for ((k, r), served) in chain.into_iter().zip(served) {
             if served || r.remote_dir.is_none() {
                 continue;
@@ -223,7 +230,7 @@ impl SnapshotService {
             // Records the dir (it may have moved) and re-points the link.
             self.run(move |s| s.set_remote_dir(&k, &new_dir)).await?;
         }
-        Ok(())
+        Ok(stack)
     }
 
     /// Whether each snapshot's tree answers: always for ordinary snapshots;
@@ -265,7 +272,7 @@ impl SnapshotService {
                 continue;
             }
             match self.ensure_served(&k).await {
-                Ok(()) => ok += 1,
+                Ok(_) => ok += 1,
                 Err(e) => {
                     failed += 1;
                     tracing::warn!(snapshot = %k, error = %e.message(), "cannot restore remote snapshot; it is retried when a container uses it");
@@ -337,14 +344,17 @@ impl Snapshots for SnapshotService {
                 "target snapshot {target:?}: already exists"
             )));
         }
+        let stack = if req.parent.is_empty() {
+            Vec::new()
+        } else {
+            self.ensure_served(&req.parent).await?
+        };
         if let Some(remote) = &self.remote {
-            // A container (or an unpack) starts now: without waiting,
-            // ask the fetcher to keep background fetches out of its way.
+            // A container (or an unpack) starts now: without waiting, ask
+            // the fetcher to keep background fetches out of its way, and
+            // tell it the layers the container's programs load from.
             let (remote, key) = (remote.clone(), req.key.clone());
-            tokio::spawn(async move { remote.pause_background(&key).await });
-        }
-        if !req.parent.is_empty() {
-            self.ensure_served(&req.parent).await?;
+            tokio::spawn(async move { remote.pause_background(&key, stack).await });
         }
         let mounts = self
             .run(move |s| {

@@ -88,6 +88,16 @@ pub struct FetcherConfig {
     /// shared libraries it loads: files every container of the image reads
     /// first, otherwise found one registry round trip at a time.
     pub prefetch_entrypoint: bool,
+    /// When a read reaches the start of a program, shared library or `#!`
+    /// script, fetch its interpreter and the libraries it loads (resolved
+    /// as the dynamic loader does, through the container's layers), at
+    /// once and in parallel: for every exec, not only the image's command.
+    pub prefetch_loads: bool,
+    /// Programs and shared libraries (mapped files, read by page faults in
+    /// any order) up to this size are fetched whole when first read; larger
+    /// ones chunk by chunk as they are read. 0 = never whole.
+    #[serde(with = "size")]
+    pub whole_mapped_file_below: u64,
     /// Background fetches run only after on-demand reads and layer
     /// resolution have been quiet this long, one small batch at a time, so
     /// that they never hold up a starting container on a slow link.
@@ -213,6 +223,8 @@ impl Default for FetcherConfig {
             prefetch_size: 0,
             background_fetch: true,
             prefetch_entrypoint: true,
+            prefetch_loads: true,
+            whole_mapped_file_below: 64 << 20,
             background_silence: Duration::from_secs(2),
             background_max_wait: Duration::from_secs(10),
             background_bandwidth: 0,
