@@ -23,6 +23,7 @@ mod image_store;
 mod inspect;
 mod rpull;
 mod status;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -56,6 +57,9 @@ enum Command {
     Rpull(rpull::Args),
     /// Show the services' state: lazily pulled images, cache, recent errors.
     Status(status::Args),
+    /// Learned access traces (`stargaze trace show IMAGE`).
+    #[command(subcommand)]
+    Trace(trace::Command),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Rpull(a) => rpull::run(a),
         Command::Status(a) => status::run(a),
+        Command::Trace(c) => trace::run(c),
     };
     match result {
         Ok(code) => code,

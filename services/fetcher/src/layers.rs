@@ -38,7 +38,13 @@ const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify
 type TailCell = Arc<OnceCell<Option<Arc<WarmTail>>>>;
 
 /// An image's manifest, read once (`None`: it could not be read).
-type ManifestCell = Arc<OnceCell<Option<Arc<serde_json::Value>>>>;
+type ManifestCell = Arc<OnceCell<Option<Arc<ImageManifest>>>>;
+
+/// An image's manifest for this platform: its digest and its JSON.
+pub(crate) struct ImageManifest {
+    pub(crate) digest: String,
+    pub(crate) json: serde_json::Value,
+}
 /// How long a manifest read by reference is used again: the length of a
 /// pull, not longer, since a tag may move.
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
@@ -194,10 +200,7 @@ impl Layers {
     }
     /// The manifest `reference` names for this host's platform, read once
     /// per [`MANIFEST_TTL`]; `None` when it cannot be read.
-    pub(crate) async fn image_manifest(
-        &self,
-        reference: &Reference,
-    ) -> Option<Arc<serde_json::Value>> {
+    pub(crate) async fn image_manifest(&self, reference: &Reference) -> Option<Arc<ImageManifest>> {
         let key = reference.to_string();
         let cell = {
             let mut m = self.manifests.lock();
@@ -213,7 +216,12 @@ impl Layers {
         cell.get_or_init(|| async {
             let platform = stargaze_registry::Platform::host();
             match self.client.resolve_manifest(reference, &platform).await {
-                Ok(m) => serde_json::from_slice(&m.bytes).ok().map(Arc::new),
+                Ok(m) => serde_json::from_slice(&m.bytes).ok().map(|json| {
+                    Arc::new(ImageManifest {
+                        digest: m.digest,
+                        json,
+                    })
+                }),
                 Err(e) => {
                     tracing::debug!(image = %reference, error = %e, "manifest not read");
                     None
@@ -249,7 +257,7 @@ impl Layers {
             )?));
         }
         let listed = self.image_manifest(reference).await.and_then(|m| {
-            let desc = m["layers"]
+            let desc = m.json["layers"]
                 .as_array()?
                 .iter()
                 .find(|l| l["digest"].as_str() == Some(digest))?

@@ -35,7 +35,9 @@
 //! from the manifest, [`entrypoint`] prefetch); [`loads`] fetches what a
 //! program loads (its interpreter, its libraries as the dynamic loader
 //! finds them) as soon as a read reaches its start, looking paths up
-//! through the layer [`stack`]s containers run on; [`registry`] adapts the
+//! through the layer [`stack`]s containers run on; [`traces`] records
+//! what an image's first containers read and replays it on its next cold
+//! pull; [`registry`] adapts the
 //! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
 //! after an unclean stop; [`metrics`] renders Prometheus metrics. [`options`] and [`error`] hold the
 //! tunables and the errors ([`FetchError`], and [`ChunkError`] for one
@@ -56,6 +58,7 @@ pub mod resolve;
 mod schedule;
 pub mod service;
 pub mod stack;
+pub mod traces;
 mod warm;
 
 pub use blob::{BlobError, FileBlob, RemoteBlob};

@@ -22,6 +22,7 @@ use crate::layers::Layers;
 use crate::loads::Loads;
 use crate::options::FetchOptions;
 use crate::schedule::Schedule;
+use crate::traces::Traces;
 
 pub use crate::schedule::{DEFAULT_BACKGROUND_MAX_WAIT, DEFAULT_BACKGROUND_SILENCE};
 
@@ -38,6 +39,10 @@ pub(crate) struct Shared {
     pub(crate) loads: Loads,
     /// Follow what a file loads on its first read (`loads.rs`).
     pub(crate) follow_loads: bool,
+    /// Learned access traces (`traces.rs`).
+    pub(crate) traces: Arc<Traces>,
+    /// Record and replay them.
+    pub(crate) learn_traces: bool,
     /// Requests served, by method and code (Prometheus).
     pub(crate) rpc: Arc<RpcMetrics>,
     /// The cache's size limit, when one is set.
@@ -59,14 +64,20 @@ impl FetcherService {
         background: bool,
     ) -> FetcherService {
         let schedule = Schedule::new(prefetch_size, background);
+        let traces = Traces::new(cache.clone());
         let layers = Layers::new(cache, client, opts, schedule.activity.clone());
         FetcherService {
             shared: Arc::new(Shared {
                 layers: Arc::new(layers),
                 schedule: Arc::new(schedule),
                 entrypoint: true,
-                loads: Loads::new(crate::loads::DEFAULT_WHOLE_MAPPED_BELOW),
+                loads: Loads::new(
+                    crate::loads::DEFAULT_WHOLE_MAPPED_BELOW,
+                    Some(traces.clone()),
+                ),
                 follow_loads: true,
+                traces,
+                learn_traces: true,
                 entrypoint_files: AtomicU64::new(0),
                 entrypoint_bytes: AtomicU64::new(0),
                 rpc: Arc::default(),
@@ -94,6 +105,16 @@ impl FetcherService {
     pub fn with_entrypoint_prefetch(mut self, on: bool) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.entrypoint = on;
+        }
+        self
+    }
+
+    /// Whether images' first reads are recorded and replayed on their
+    /// next cold pull (`traces.rs`; before serving).
+    pub fn with_learned_traces(mut self, on: bool, window: Duration) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.learn_traces = on;
+            shared.traces.set_window(window);
         }
         self
     }
@@ -298,11 +319,21 @@ impl Fetcher for FetcherService {
                 .push(layer.digest.clone(), format!("fetch: {e}"));
             e.status()
         })?;
-        // A read reached the start of a file: what it loads comes next.
-        if req.priority == Priority::OnDemand as i32 && self.shared.follow_loads {
-            for &(ino, offset, _) in &ranges {
-                if offset == 0 {
-                    self.follow_loads(&layer, ino);
+        if req.priority == Priority::OnDemand as i32 {
+            if self.shared.traces.recording() {
+                for &(ino, offset, length) in &ranges {
+                    let path = layer.index.path_of(ino);
+                    self.shared
+                        .traces
+                        .note(&layer.digest, &path, offset, length);
+                }
+            }
+            // A read reached the start of a file: what it loads comes next.
+            if self.shared.follow_loads {
+                for &(ino, offset, _) in &ranges {
+                    if offset == 0 {
+                        self.follow_loads(&layer, ino);
+                    }
                 }
             }
         }
@@ -337,6 +368,9 @@ impl Fetcher for FetcherService {
         r: Request<PauseBackgroundRequest>,
     ) -> Result<Response<PauseBackgroundResponse>, Status> {
         let PauseBackgroundRequest { key, layers } = r.into_inner();
+        if self.shared.learn_traces {
+            self.shared.traces.container_started(&layers);
+        }
         self.shared.loads.stacks.note(layers);
         let hold = self.shared.schedule.background_silence;
         self.shared.schedule.activity.hold(hold);

@@ -92,11 +92,34 @@ impl FetcherService {
     /// moved), wait for their Prepare as before; so do all of them when
     /// the manifest cannot be read.
     async fn resolve_early(&self, image_ref: &str, reference: &Reference, digests: Vec<String>) {
-        let Some(v) = self.shared.layers.image_manifest(reference).await else {
+        let Some(m) = self.shared.layers.image_manifest(reference).await else {
             tracing::debug!(image = image_ref, "no early resolution: manifest not read");
             return;
         };
+        let v = &m.json;
         let descs = v["layers"].as_array().cloned().unwrap_or_default();
+        let layers: Vec<String> = descs
+            .iter()
+            .filter_map(|d| d["digest"].as_str().map(str::to_string))
+            .collect();
+        // The image's stack: where the files its programs load are looked
+        // up when they are first read (`loads.rs`).
+        self.shared
+            .loads
+            .stacks
+            .note(layers.iter().rev().cloned().collect());
+        // Its reads are recorded from now; what was learned before is
+        // fetched first, layer by layer as they resolve (`traces.rs`).
+        let trace = self
+            .shared
+            .learn_traces
+            .then(|| {
+                self.shared
+                    .traces
+                    .image_pulled(image_ref, &m.digest, &layers)
+            })
+            .flatten()
+            .map(Arc::new);
         // The config (for the entrypoint) is read while the layers resolve.
         let config = v["config"]["digest"]
             .as_str()
@@ -132,10 +155,14 @@ impl FetcherService {
                 ..Default::default()
             };
             let me = self.clone();
+            let trace = trace.clone();
             set.spawn(async move {
                 match me.resolve(&src, false).await {
                     Ok(layer) => {
                         tracing::debug!(layer = %src.digest, "resolved ahead of its Prepare");
+                        if let Some(trace) = trace {
+                            crate::traces::replay(&layer, &trace).await;
+                        }
                         let _ = me.prefetch(layer, 0, false).await;
                     }
                     Err(e) => {
@@ -144,16 +171,6 @@ impl FetcherService {
                 }
             });
         }
-        let layers: Vec<String> = descs
-            .iter()
-            .filter_map(|d| d["digest"].as_str().map(str::to_string))
-            .collect();
-        // The image's stack: where the files its programs load are looked
-        // up when they are first read (`loads.rs`).
-        self.shared
-            .loads
-            .stacks
-            .note(layers.iter().rev().cloned().collect());
         // While the layers resolve: once the config is in and the layers
         // resolved so far decide which file the program is (it and the
         // layers above it are known), its fetch starts — it is usually the

@@ -824,6 +824,171 @@ async fn a_programs_first_read_fetches_what_it_loads_from_the_stack() {
     assert!(fetcher.stop().success());
 }
 
+/// Warm an image and wait until its layers are resolved.
+async fn warm_and_resolve(
+    client: &mut FetcherClient<tonic::transport::Channel>,
+    image_ref: &str,
+    digests: &[String],
+) {
+    client
+        .warm_layers(WarmLayersRequest {
+            image_ref: image_ref.to_string(),
+            digests: digests.to_vec(),
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for d in digests {
+        while client
+            .layer_status(LayerStatusRequest {
+                layer_digest: d.clone(),
+            })
+            .await
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{d} not resolved"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The first cold pull's reads are recorded (in order, by layer and path)
+/// into the cache's trace of the image; on a node with an empty cache and
+/// that trace, the next cold pull fetches those ranges with nothing read
+/// yet; a corrupted or foreign trace is logged with its file and ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (image_ref, digests) = dash_image(&reg, work.path(), "trace");
+    // Only what reads ask for, so the trace holds exactly those reads.
+    let quiet = "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1s\"";
+    let first = work.path().join("first");
+    std::fs::create_dir_all(&first).unwrap();
+    let mut fetcher = Fetcher::start_with(&first, stargaze_testkit::free_port(), quiet);
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let cache = Cache::open_reader(&fetcher.cache);
+    let lower = LayerIndex::open(&cache.index_path(&digests[0])).unwrap();
+    let upper = LayerIndex::open(&cache.index_path(&digests[1])).unwrap();
+    let reads = [
+        (1usize, "/usr/bin/dash", 0u64, 4096u64),
+        (0, "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", 0, 8192),
+        (0, "/usr/lib/x86_64-linux-gnu/libc.so.6", 65536, 4096),
+    ];
+    for (layer, path, offset, length) in reads {
+        let index = if layer == 0 { &lower } else { &upper };
+        client
+            .fetch(FetchRequest {
+                layer_digest: digests[layer].clone(),
+                ranges: vec![FileRange {
+                    inode: index.lookup_path(path).unwrap(),
+                    offset,
+                    length,
+                }],
+                priority: Priority::OnDemand as i32,
+            })
+            .await
+            .unwrap();
+    }
+    let traces = fetcher.cache.join("traces");
+    let start = Instant::now();
+    let path = loop {
+        if let Some(e) = std::fs::read_dir(&traces).ok().and_then(|mut d| d.next()) {
+            break e.unwrap().path();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no trace saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let trace: stargaze_cache::Trace =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(trace.layers, digests);
+    assert_eq!(trace.image, image_ref);
+    let got: Vec<(usize, &str, u64, u64)> = trace
+        .reads
+        .iter()
+        .map(|r| (r.layer as usize, r.path.as_str(), r.offset, r.length))
+        .collect();
+    assert_eq!(got, reads, "the reads, in the order they were made");
+    assert!(fetcher.stop().success());
+
+    // A node with the trace and nothing else: the pull alone fetches the
+    // traced ranges (the whole small files, the chunk of libc).
+    let second = work.path().join("second");
+    std::fs::create_dir_all(second.join("cache/traces")).unwrap();
+    let name = path.file_name().unwrap();
+    std::fs::copy(&path, second.join("cache/traces").join(name)).unwrap();
+    let mut fetcher = Fetcher::start_with(&second, stargaze_testkit::free_port(), quiet);
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    // Is the chunk at `offset` of `path` in layer `layer` present in the
+    // cache at `root`?
+    let present = |root: &Path, layer: usize, path: &str, offset: u64| {
+        let cache = Cache::open_reader(root);
+        let index = LayerIndex::open(&cache.index_path(&digests[layer])).unwrap();
+        let presence =
+            stargaze_cache::PresenceMap::open_ro(&cache.presence_path(&digests[layer])).unwrap();
+        let node = index.inode(index.lookup_path(path).unwrap()).unwrap();
+        let chunk = node.chunk_at(offset).unwrap();
+        presence.is_present(chunk.global)
+    };
+    let start = Instant::now();
+    while !reads
+        .iter()
+        .all(|&(l, p, o, _)| present(&fetcher.cache, l, p, o))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the trace was not replayed:\n{}",
+            std::fs::read_to_string(second.join("fetcher.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fetcher.stop().success());
+
+    // Corrupted, then another image's: ignored with one warning naming the
+    // file; the pull goes on.
+    for (n, bytes) in [
+        ("corrupt", b"{not json".to_vec()),
+        ("foreign", {
+            let mut t = trace.clone();
+            t.layers = vec!["sha256:0000".into(); t.layers.len()];
+            serde_json::to_vec(&t).unwrap()
+        }),
+    ] {
+        let dir = work.path().join(n);
+        std::fs::create_dir_all(dir.join("cache/traces")).unwrap();
+        std::fs::write(dir.join("cache/traces").join(name), bytes).unwrap();
+        let mut fetcher = Fetcher::start_with(&dir, stargaze_testkit::free_port(), quiet);
+        let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+        warm_and_resolve(&mut client, &image_ref, &digests).await;
+        let log = std::fs::read_to_string(dir.join("fetcher.log")).unwrap();
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("trace ignored"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{n}: {log}");
+        assert!(
+            warned[0].contains(&name.to_string_lossy().to_string()),
+            "{n}: {}",
+            warned[0]
+        );
+        assert!(
+            !present(
+                &fetcher.cache,
+                0,
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                65536
+            ),
+            "{n}: an ignored trace fetched nothing"
+        );
+        assert!(fetcher.stop().success());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_container_pauses_background_fetches() {
     let reg = Registry::start();

@@ -13,6 +13,8 @@
 //!                                      complete (mode 0444 once complete and verified)
 //! <root>/content/<hh>/<hex>            verified content by file digest: hard links to
 //!                                      complete layer files, shared by all layers
+//! <root>/traces/sha256-<hex>.json      learned access trace of an image, by manifest
+//!                                      digest ([`Trace`]): what to fetch first next time
 //! ```
 //!
 //! Data flows one way: the fetcher decompresses and verifies a chunk
@@ -47,6 +49,7 @@ pub mod evict;
 mod pin;
 mod presence;
 mod source;
+pub mod trace;
 pub mod uring;
 
 pub use content::{ContentFile, hashes_to, verify_range};
@@ -54,6 +57,7 @@ pub use evict::{EvictOptions, Eviction, Evictor};
 pub use pin::LayerPin;
 pub use presence::{PRESENCE_HEADER, PresenceMap};
 pub use source::{LayerSource, SourceError};
+pub use trace::{Trace, TraceError, TraceRead};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -98,6 +98,15 @@ pub struct FetcherConfig {
     /// ones chunk by chunk as they are read. 0 = never whole.
     #[serde(with = "size")]
     pub whole_mapped_file_below: u64,
+    /// Record what each image's first containers read (files and ranges,
+    /// in order, for `trace_window` after a pull or a container start) in
+    /// the cache's `traces/`, and on the image's next cold pull fetch that
+    /// first, as each layer resolves.
+    pub learn_traces: bool,
+    /// How long reads are recorded after an image is pulled or a container
+    /// of it starts.
+    #[serde(with = "duration")]
+    pub trace_window: Duration,
     /// Background fetches run only after on-demand reads and layer
     /// resolution have been quiet this long, one small batch at a time, so
     /// that they never hold up a starting container on a slow link.
@@ -225,6 +234,8 @@ impl Default for FetcherConfig {
             prefetch_entrypoint: true,
             prefetch_loads: true,
             whole_mapped_file_below: 64 << 20,
+            learn_traces: true,
+            trace_window: Duration::from_secs(30),
             background_silence: Duration::from_secs(2),
             background_max_wait: Duration::from_secs(10),
             background_bandwidth: 0,

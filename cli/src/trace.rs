@@ -1,0 +1,121 @@
+//! `stargaze trace show IMAGE`: an image's learned access trace, as the
+//! fetcher recorded it in the cache (`[fetcher] cache_dir`, `traces/`):
+//! the files and ranges its first containers read, in order, which the
+//! image's next cold pull fetches first.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use stargaze_cache::{Cache, Trace};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Print the reads an image's trace lists, in the order they are
+    /// fetched (IMAGE: a reference or a manifest digest).
+    Show(ShowArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ShowArgs {
+    /// Image reference (as pulled) or manifest digest (sha256:...).
+    image: String,
+    /// Configuration file naming the cache directory (default
+    /// /etc/stargaze/config.toml when it exists, else the built-in defaults).
+    #[arg(long, value_name = "PATH", env = "STARGAZE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the trace file's JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(c: Command) -> anyhow::Result<std::process::ExitCode> {
+    match c {
+        Command::Show(a) => show(a).map(|()| std::process::ExitCode::SUCCESS),
+    }
+}
+
+/// Does `trace` belong to what the user named?
+fn names(trace: &Trace, image: &str) -> bool {
+    let normal = |r: &str| {
+        stargaze_registry::Reference::parse(r)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| r.to_string())
+    };
+    trace.manifest == image
+        || trace.manifest.strip_prefix("sha256:") == Some(image)
+        || trace.image == image
+        || normal(&trace.image) == normal(image)
+}
+
+/// The traces in `dir` that name `image` (unreadable files are skipped
+/// with a warning).
+fn find(dir: &Path, image: &str) -> anyhow::Result<Vec<(PathBuf, Trace)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let parsed = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| Trace::parse(&b, &path).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(t) if names(&t, image) => out.push((path, t)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    Ok(out)
+}
+
+fn show(a: ShowArgs) -> anyhow::Result<()> {
+    let (config, _) = stargaze_config::Config::load_with_origin(a.config.as_deref())?;
+    let cache = Cache::open_reader(&config.fetcher.cache_dir);
+    let dir = cache.traces_dir();
+    let found = find(&dir, &a.image)?;
+    if found.is_empty() {
+        bail!(
+            "no trace of {} in {}: one is recorded when the image is pulled lazily and its containers start ([fetcher] learn_traces)",
+            a.image,
+            dir.display()
+        );
+    }
+    for (path, t) in found {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&t)?);
+            continue;
+        }
+        println!("image     {}", t.image);
+        println!("manifest  {}", t.manifest);
+        println!("file      {}", path.display());
+        println!(
+            "reads     {} ({:.1} MiB)",
+            t.reads.len(),
+            t.bytes() as f64 / (1 << 20) as f64
+        );
+        println!(
+            "{:>5}  {:<14} {:>12} {:>10}  path",
+            "#", "layer", "offset", "length"
+        );
+        for (i, r) in t.reads.iter().enumerate() {
+            let layer = t.layers.get(r.layer as usize).map_or("?", |d| {
+                let hex = d.strip_prefix("sha256:").unwrap_or(d);
+                &hex[..hex.len().min(12)]
+            });
+            println!(
+                "{:>5}  {:<14} {:>12} {:>10}  {}",
+                i + 1,
+                layer,
+                r.offset,
+                r.length,
+                r.path
+            );
+        }
+    }
+    Ok(())
+}
