@@ -43,6 +43,8 @@ type ManifestCell = Arc<OnceCell<Option<Arc<ImageManifest>>>>;
 /// An image's manifest for this platform: its digest and its JSON.
 pub(crate) struct ImageManifest {
     pub(crate) digest: String,
+    pub(crate) media_type: String,
+    pub(crate) size: u64,
     pub(crate) json: serde_json::Value,
 }
 /// How long a manifest read by reference is used again: the length of a
@@ -218,7 +220,9 @@ impl Layers {
             match self.client.resolve_manifest(reference, &platform).await {
                 Ok(m) => serde_json::from_slice(&m.bytes).ok().map(|json| {
                     Arc::new(ImageManifest {
+                        size: m.bytes.len() as u64,
                         digest: m.digest,
+                        media_type: m.media_type,
                         json,
                     })
                 }),

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
                 .with_background_bandwidth(c.background_bandwidth)
                 .with_entrypoint_prefetch(c.prefetch_entrypoint)
                 .with_load_following(c.prefetch_loads, c.whole_mapped_file_below)
-                .with_learned_traces(c.learn_traces, c.trace_window)
+                .with_learned_traces(c.learn_traces, c.trace_window, c.fetch_published_traces, c.publish_traces)
                 .with_cache_limit(stargaze_cache::EvictOptions {
                     limit: c.cache_size_limit,
                     keep_unused: c.cache_keep_unused,

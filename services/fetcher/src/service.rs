@@ -64,7 +64,7 @@ impl FetcherService {
         background: bool,
     ) -> FetcherService {
         let schedule = Schedule::new(prefetch_size, background);
-        let traces = Traces::new(cache.clone());
+        let traces = Traces::new(cache.clone(), Some(client.clone()));
         let layers = Layers::new(cache, client, opts, schedule.activity.clone());
         FetcherService {
             shared: Arc::new(Shared {
@@ -111,10 +111,20 @@ impl FetcherService {
 
     /// Whether images' first reads are recorded and replayed on their
     /// next cold pull (`traces.rs`; before serving).
-    pub fn with_learned_traces(mut self, on: bool, window: Duration) -> FetcherService {
+    /// `read_published`: traces published in an image's repository are
+    /// used when the cache has none; `publish`: traces that learned
+    /// something are pushed there.
+    pub fn with_learned_traces(
+        mut self,
+        on: bool,
+        window: Duration,
+        read_published: bool,
+        publish: bool,
+    ) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.learn_traces = on;
             shared.traces.set_window(window);
+            shared.traces.set_sharing(read_published, publish);
         }
         self
     }

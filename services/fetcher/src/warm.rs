@@ -110,16 +110,15 @@ impl FetcherService {
             .note(layers.iter().rev().cloned().collect());
         // Its reads are recorded from now; what was learned before is
         // fetched first, layer by layer as they resolve (`traces.rs`).
-        let trace = self
-            .shared
-            .learn_traces
-            .then(|| {
-                self.shared
-                    .traces
-                    .image_pulled(image_ref, &m.digest, &layers)
+        let trace = self.shared.learn_traces.then(|| {
+            self.shared.traces.image_pulled(&crate::traces::Pulled {
+                image: image_ref,
+                manifest: &m.digest,
+                manifest_type: &m.media_type,
+                manifest_size: m.size,
+                layers: &layers,
             })
-            .flatten()
-            .map(Arc::new);
+        });
         // The config (for the entrypoint) is read while the layers resolve.
         let config = v["config"]["digest"]
             .as_str()
@@ -160,7 +159,9 @@ impl FetcherService {
                 match me.resolve(&src, false).await {
                     Ok(layer) => {
                         tracing::debug!(layer = %src.digest, "resolved ahead of its Prepare");
-                        if let Some(trace) = trace {
+                        if let Some(trace) = trace
+                            && let Some(trace) = trace.get().await
+                        {
                             crate::traces::replay(&layer, &trace).await;
                         }
                         let _ = me.prefetch(layer, 0, false).await;

@@ -824,6 +824,17 @@ async fn a_programs_first_read_fetches_what_it_loads_from_the_stack() {
     assert!(fetcher.stop().success());
 }
 
+/// Is the chunk at `offset` of `path` in layer `layer` present in the
+/// cache at `root`?
+fn chunk_present(root: &Path, layer: &str, path: &str, offset: u64) -> bool {
+    let cache = Cache::open_reader(root);
+    let index = LayerIndex::open(&cache.index_path(layer)).unwrap();
+    let presence = stargaze_cache::PresenceMap::open_ro(&cache.presence_path(layer)).unwrap();
+    let node = index.inode(index.lookup_path(path).unwrap()).unwrap();
+    let chunk = node.chunk_at(offset).unwrap();
+    presence.is_present(chunk.global)
+}
+
 /// Warm an image and wait until its layers are resolved.
 async fn warm_and_resolve(
     client: &mut FetcherClient<tonic::transport::Channel>,
@@ -924,16 +935,8 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
     let mut fetcher = Fetcher::start_with(&second, stargaze_testkit::free_port(), quiet);
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     warm_and_resolve(&mut client, &image_ref, &digests).await;
-    // Is the chunk at `offset` of `path` in layer `layer` present in the
-    // cache at `root`?
     let present = |root: &Path, layer: usize, path: &str, offset: u64| {
-        let cache = Cache::open_reader(root);
-        let index = LayerIndex::open(&cache.index_path(&digests[layer])).unwrap();
-        let presence =
-            stargaze_cache::PresenceMap::open_ro(&cache.presence_path(&digests[layer])).unwrap();
-        let node = index.inode(index.lookup_path(path).unwrap()).unwrap();
-        let chunk = node.chunk_at(offset).unwrap();
-        presence.is_present(chunk.global)
+        chunk_present(root, &digests[layer], path, offset)
     };
     let start = Instant::now();
     while !reads
@@ -1182,4 +1185,132 @@ async fn every_request_is_checked_against_its_own_toc_digest() {
         })
         .await
         .unwrap();
+}
+
+/// With `publish_traces`, a node pushes the trace it learned to the
+/// image's repository (tag `sha256-<hex>.stargaze-trace`); another node
+/// with an empty cache replays it on its first pull and keeps it. A
+/// published trace of other layers is ignored with one warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_trace_helps_another_nodes_first_pull() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (image_ref, digests) = dash_image(&reg, work.path(), "shared-trace");
+    let quiet = "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1s\"";
+    let node = |name: &str| {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let (a, b, c) = (node("a"), node("b"), node("c"));
+    let mut fetcher = Fetcher::start_with(
+        &a,
+        stargaze_testkit::free_port(),
+        &format!("{quiet}\npublish_traces = true"),
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let lower =
+        LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[0])).unwrap();
+    client
+        .fetch(FetchRequest {
+            layer_digest: digests[0].clone(),
+            ranges: vec![FileRange {
+                inode: lower.lookup_path(libc).unwrap(),
+                offset: 65536,
+                length: 4096,
+            }],
+            priority: Priority::OnDemand as i32,
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(a.join("fetcher.log"))
+        .unwrap()
+        .contains("access trace published")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not published:\n{}",
+            std::fs::read_to_string(a.join("fetcher.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fetcher.stop().success());
+    let local = std::fs::read_dir(a.join("cache/traces"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let trace: stargaze_cache::Trace =
+        serde_json::from_slice(&std::fs::read(&local).unwrap()).unwrap();
+
+    // Node b: nothing in its cache; the registry's trace is replayed.
+    let mut fetcher = Fetcher::start_with(&b, stargaze_testkit::free_port(), quiet);
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let start = Instant::now();
+    while !chunk_present(&fetcher.cache, &digests[0], libc, 65536) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the published trace was not replayed:\n{}",
+            std::fs::read_to_string(b.join("fetcher.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        b.join("cache/traces")
+            .join(local.file_name().unwrap())
+            .exists(),
+        "kept in the cache"
+    );
+    assert!(fetcher.stop().success());
+
+    // A trace of other layers published under the image's tag: ignored.
+    let registry = stargaze_registry::Client::new(
+        stargaze_registry::Hosts::new(),
+        stargaze_registry::DockerConfig::in_dir(work.path()),
+        stargaze_registry::ClientOptions::default(),
+    );
+    let mut forged = trace.clone();
+    forged.layers = vec![format!("sha256:{}", "00".repeat(32)); forged.layers.len()];
+    stargaze_fetcher::traces::registry::publish(
+        &registry,
+        &forged,
+        "application/vnd.oci.image.manifest.v1+json",
+        1,
+    )
+    .await
+    .unwrap();
+    let mut fetcher = Fetcher::start_with(&c, stargaze_testkit::free_port(), quiet);
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let start = Instant::now();
+    let log = loop {
+        let log = std::fs::read_to_string(c.join("fetcher.log")).unwrap();
+        if log.contains("published trace ignored") {
+            break log;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no warning:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("trace ignored"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("not of this image"), "{}", warned[0]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!chunk_present(&fetcher.cache, &digests[0], libc, 65536));
+    assert!(
+        !c.join("cache/traces")
+            .join(local.file_name().unwrap())
+            .exists()
+    );
+    assert!(fetcher.stop().success());
 }

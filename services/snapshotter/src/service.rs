@@ -110,7 +110,7 @@ impl SnapshotService {
         }
         // The first layer's Prepare names the image's layers: read their
         // TOCs ahead, once per image, while containerd goes layer by layer.
-        if layer.layers.len() > 1 {
+        if !layer.layers.is_empty() {
             let first = {
                 let mut warmed = self.warmed.lock();
                 if warmed.len() >= 4096 {

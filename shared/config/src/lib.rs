@@ -107,6 +107,13 @@ pub struct FetcherConfig {
     /// of it starts.
     #[serde(with = "duration")]
     pub trace_window: Duration,
+    /// When the cache has no trace of an image being pulled, use the one
+    /// published in its repository (tag `sha256-<manifest hex>.stargaze-trace`),
+    /// if any: one more request alongside the pull's first ones.
+    pub fetch_published_traces: bool,
+    /// Push a trace that learned something new to the image's repository
+    /// (needs push access there), for other nodes' first pulls.
+    pub publish_traces: bool,
     /// Background fetches run only after on-demand reads and layer
     /// resolution have been quiet this long, one small batch at a time, so
     /// that they never hold up a starting container on a slow link.
@@ -236,6 +243,8 @@ impl Default for FetcherConfig {
             whole_mapped_file_below: 64 << 20,
             learn_traces: true,
             trace_window: Duration::from_secs(30),
+            fetch_published_traces: true,
+            publish_traces: false,
             background_silence: Duration::from_secs(2),
             background_max_wait: Duration::from_secs(10),
             background_bandwidth: 0,

@@ -11,17 +11,24 @@
 //! the image's trace file, after those it had.
 //!
 //! Replay: [`Traces::image_pulled`] returns the image's trace when it has
-//! a valid one, and WarmLayers fetches each layer's traced ranges in trace
-//! order as soon as the layer resolves: what the image's containers read
-//! first arrives from the first round trip, whatever the programs are.
+//! a valid one (from the cache, else published in the image's registry:
+//! [`registry`]), and WarmLayers fetches each layer's traced ranges in
+//! trace order as soon as the layer resolves: what the image's containers
+//! read first arrives from the first round trip, whatever the programs are.
+//! With `publish_traces`, a trace that learned something new is pushed to
+//! the image's repository for other nodes.
+
+pub mod registry;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use stargaze_cache::{Cache, Trace, TraceRead};
+use stargaze_registry::{Client, Reference};
+use tokio::sync::watch;
 
 use crate::engine::Layer;
 
@@ -35,6 +42,10 @@ const MAX_IMAGES: usize = 256;
 struct Image {
     image: String,
     manifest: String,
+    /// The image manifest's media type and size (a published trace's
+    /// `subject`).
+    manifest_type: String,
+    manifest_size: u64,
     layers: Vec<String>,
     /// Recording until then; `None` when not recording.
     until: Option<Instant>,
@@ -52,16 +63,62 @@ pub struct Traces {
     recording: AtomicUsize,
     /// The recording window, in milliseconds.
     record_for_ms: AtomicU64,
+    /// The registry client, when traces are read from or published to
+    /// registries.
+    client: Option<Client>,
+    /// Read traces published in the image's repository.
+    read_published: AtomicBool,
+    /// Publish traces that learned something new.
+    publish: AtomicBool,
+}
+
+/// What an image pulled is known by.
+pub struct Pulled<'a> {
+    pub image: &'a str,
+    pub manifest: &'a str,
+    pub manifest_type: &'a str,
+    pub manifest_size: u64,
+    pub layers: &'a [String],
+}
+
+/// The trace a pull replays: known at once from the cache, or once the
+/// image's registry answered.
+#[derive(Clone)]
+pub struct PendingTrace(watch::Receiver<Option<Option<Arc<Trace>>>>);
+
+impl PendingTrace {
+    fn ready(t: Option<Arc<Trace>>) -> PendingTrace {
+        PendingTrace(watch::channel(Some(t)).1)
+    }
+
+    /// The trace, once known (`None`: there is none).
+    pub async fn get(mut self) -> Option<Arc<Trace>> {
+        self.0
+            .wait_for(|v| v.is_some())
+            .await
+            .ok()
+            .and_then(|v| v.clone().flatten())
+    }
 }
 
 impl Traces {
-    pub fn new(cache: Arc<Cache>) -> Arc<Traces> {
+    pub fn new(cache: Arc<Cache>, client: Option<Client>) -> Arc<Traces> {
         Arc::new(Traces {
             cache,
             images: Mutex::default(),
             recording: AtomicUsize::new(0),
             record_for_ms: AtomicU64::new(RECORD_FOR.as_millis() as u64),
+            client,
+            read_published: AtomicBool::new(true),
+            publish: AtomicBool::new(false),
         })
+    }
+
+    /// Whether traces are read from (`read`) and pushed to (`publish`)
+    /// images' repositories.
+    pub fn set_sharing(&self, read: bool, publish: bool) {
+        self.read_published.store(read, Ordering::Relaxed);
+        self.publish.store(publish, Ordering::Relaxed);
     }
 
     /// Record for `window` after each pull or container start.
@@ -87,32 +144,63 @@ impl Traces {
     }
 
     /// An image is being pulled: record its reads from now, and return the
-    /// trace learned before, if any.
-    pub fn image_pulled(
-        self: &Arc<Self>,
-        image: &str,
-        manifest: &str,
-        layers: &[String],
-    ) -> Option<Trace> {
+    /// trace learned before, if any (from the cache, else the registry).
+    pub fn image_pulled(self: &Arc<Self>, p: &Pulled) -> PendingTrace {
         {
             let mut images = self.images.lock();
-            if images.len() >= MAX_IMAGES && !images.contains_key(manifest) {
+            if images.len() >= MAX_IMAGES && !images.contains_key(p.manifest) {
                 images.retain(|_, i| i.until.is_some());
             }
             if images.len() < MAX_IMAGES {
-                images.entry(manifest.to_string()).or_insert_with(|| Image {
-                    image: image.to_string(),
-                    manifest: manifest.to_string(),
-                    layers: layers.to_vec(),
-                    until: None,
-                    saver: false,
-                    reads: Vec::new(),
-                    seen: HashSet::new(),
-                });
+                images
+                    .entry(p.manifest.to_string())
+                    .or_insert_with(|| Image {
+                        image: p.image.to_string(),
+                        manifest: p.manifest.to_string(),
+                        manifest_type: p.manifest_type.to_string(),
+                        manifest_size: p.manifest_size,
+                        layers: p.layers.to_vec(),
+                        until: None,
+                        saver: false,
+                        reads: Vec::new(),
+                        seen: HashSet::new(),
+                    });
             }
         }
-        self.open_window(manifest);
-        self.load(manifest, layers)
+        self.open_window(p.manifest);
+        if let Some(t) = self.load(p.manifest, p.layers) {
+            return PendingTrace::ready(Some(Arc::new(t)));
+        }
+        let (Some(client), true, Ok(reference)) = (
+            self.client.clone(),
+            self.read_published.load(Ordering::Relaxed),
+            Reference::parse(p.image),
+        ) else {
+            return PendingTrace::ready(None);
+        };
+        let (tx, rx) = watch::channel(None);
+        let (me, manifest, layers) = (self.clone(), p.manifest.to_string(), p.layers.to_vec());
+        tokio::spawn(async move {
+            let found = match registry::read(&client, &reference, &manifest, &layers).await {
+                Ok(Some(t)) => {
+                    tracing::info!(image = %reference, reads = t.reads.len(), "using the access trace published in the registry");
+                    // Kept: the next pull does not ask, and reads learned
+                    // here are merged into it.
+                    if let Some(path) = me.cache.trace_path(&manifest) {
+                        let t = t.clone();
+                        let _ = tokio::task::spawn_blocking(move || t.write(&path)).await;
+                    }
+                    Some(Arc::new(t))
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "published trace ignored");
+                    None
+                }
+            };
+            let _ = tx.send(Some(found));
+        });
+        PendingTrace(rx)
     }
 
     /// A container starts on these layers (top first): if its top layer is
@@ -167,7 +255,7 @@ impl Traces {
                 tokio::time::sleep_until(until.into()).await;
                 continue;
             }
-            let (image, layers, reads) = {
+            let (image, layers, reads, subject) = {
                 let mut images = self.images.lock();
                 let Some(img) = images.get_mut(manifest) else {
                     return;
@@ -183,17 +271,25 @@ impl Traces {
                     img.image.clone(),
                     img.layers.clone(),
                     std::mem::take(&mut img.reads),
+                    (img.manifest_type.clone(), img.manifest_size),
                 )
             };
             if !reads.is_empty() {
-                self.save(&image, manifest, layers, reads).await;
+                self.save(&image, manifest, layers, reads, subject).await;
             }
             return;
         }
     }
 
     /// Merge `reads` into the image's trace file, after its own reads.
-    async fn save(&self, image: &str, manifest: &str, layers: Vec<String>, reads: Vec<TraceRead>) {
+    async fn save(
+        &self,
+        image: &str,
+        manifest: &str,
+        layers: Vec<String>,
+        reads: Vec<TraceRead>,
+        (manifest_type, manifest_size): (String, u64),
+    ) {
         let Some(path) = self.cache.trace_path(manifest) else {
             return;
         };
@@ -206,10 +302,20 @@ impl Traces {
             return;
         }
         let n = trace.reads.len();
-        match tokio::task::spawn_blocking(move || trace.write(&path)).await {
+        let trace = Arc::new(trace);
+        let t = trace.clone();
+        match tokio::task::spawn_blocking(move || t.write(&path)).await {
             Ok(Ok(())) => tracing::info!(image, reads = n, new = n - before, "access trace saved"),
             Ok(Err(e)) => tracing::warn!(image, error = %e, "access trace not saved"),
             Err(_) => {}
+        }
+        if let (true, Some(client)) = (self.publish.load(Ordering::Relaxed), &self.client) {
+            match registry::publish(client, &trace, &manifest_type, manifest_size).await {
+                Ok(()) => tracing::info!(image, reads = n, "access trace published"),
+                Err(e) => {
+                    tracing::warn!(image, error = %e, "access trace not published; check the node's push credentials for the repository, or set publish_traces = false")
+                }
+            }
         }
     }
 
