@@ -21,6 +21,7 @@ mod convert_progress;
 mod image;
 mod image_store;
 mod inspect;
+mod optimize;
 mod rpull;
 mod status;
 mod trace;
@@ -55,6 +56,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Pull an image into containerd lazily through the stargaze snapshotter.
     Rpull(rpull::Args),
+    /// Run a workload in a container of SRC (pulled lazily), then write DST
+    /// with the files it read first, behind a prefetch landmark:
+    /// `stargaze optimize docker://SRC DST -- CMD ARGS...`.
+    Optimize(optimize::Args),
     /// Show the services' state: lazily pulled images, cache, recent errors.
     Status(status::Args),
     /// Learned access traces (`stargaze trace show IMAGE`).
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
         Command::Image(c) => image::run(c),
         Command::Inspect(a) => inspect::run(a),
         Command::Rpull(a) => rpull::run(a),
+        Command::Optimize(a) => optimize::run(a),
         Command::Status(a) => status::run(a),
         Command::Trace(c) => trace::run(c),
     };

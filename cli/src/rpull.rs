@@ -88,6 +88,30 @@ pub struct Args {
     quiet: bool,
 }
 
+impl Args {
+    /// A quiet lazy pull of `reference` (for `stargaze optimize`).
+    pub fn lazy(
+        reference: &str,
+        address: &std::path::Path,
+        namespace: &str,
+        snapshotter: &str,
+        plain_http: bool,
+        hosts_dir: &std::path::Path,
+    ) -> Args {
+        Args {
+            reference: reference.to_string(),
+            address: address.to_path_buf(),
+            namespace: namespace.to_string(),
+            snapshotter: snapshotter.to_string(),
+            plain_http,
+            prefetch_size: 0,
+            platform: None,
+            hosts_dir: hosts_dir.to_path_buf(),
+            quiet: true,
+        }
+    }
+}
+
 /// containerd's services on one connection, with the namespace and lease
 /// headers containerd reads.
 struct Containerd {

@@ -388,6 +388,32 @@ impl Fetcher for FetcherService {
         Ok(Response::new(PauseBackgroundResponse {}))
     }
 
+    async fn image_trace(
+        &self,
+        r: Request<ImageTraceRequest>,
+    ) -> Result<Response<ImageTraceResponse>, Status> {
+        let image = r.into_inner().image_ref;
+        let trace = self.shared.traces.close(&image).await.ok_or_else(|| {
+            Status::not_found(format!(
+                "no access trace of {image}: it is recorded when the image is pulled lazily (WarmLayers) and read, with [fetcher] learn_traces on"
+            ))
+        })?;
+        Ok(Response::new(ImageTraceResponse {
+            manifest: trace.manifest,
+            layers: trace.layers,
+            reads: trace
+                .reads
+                .into_iter()
+                .map(|r| TraceRead {
+                    layer: r.layer,
+                    path: r.path,
+                    offset: r.offset,
+                    length: r.length,
+                })
+                .collect(),
+        }))
+    }
+
     async fn layer_status(
         &self,
         r: Request<LayerStatusRequest>,

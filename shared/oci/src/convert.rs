@@ -163,8 +163,16 @@ impl Converter<'_> {
 
     /// Could the layer already be lazily pullable in the target format?
     /// (Its descriptor says so; [`Converter::already_lazy`] checks.)
+    /// Not when files are prioritized: the entries must be reordered.
     fn maybe_lazy(&self, d: &Descriptor) -> bool {
-        d.annotations.contains_key(TOC_DIGEST_ANNOTATION)
+        let reorder = self
+            .opts
+            .layer
+            .prioritized_files
+            .as_ref()
+            .is_some_and(|p| !p.is_empty());
+        !reorder
+            && d.annotations.contains_key(TOC_DIGEST_ANNOTATION)
             && (d.media_type == target_media_type(self.opts.layer.format)
                 || (self.opts.layer.format == TargetFormat::Estargz
                     && d.media_type == media::DOCKER_LAYER_GZIP))

@@ -245,11 +245,16 @@ impl Traces {
 
     async fn save_when_closed(&self, manifest: &str) {
         loop {
-            let until = match self.images.lock().get(manifest) {
+            let until = match self.images.lock().get_mut(manifest) {
                 Some(Image {
                     until: Some(until), ..
                 }) => *until,
-                _ => return,
+                // Closed meanwhile (`close`): a new window needs a new task.
+                Some(img) => {
+                    img.saver = false;
+                    return;
+                }
+                None => return,
             };
             if Instant::now() < until {
                 tokio::time::sleep_until(until.into()).await;
@@ -279,6 +284,36 @@ impl Traces {
             }
             return;
         }
+    }
+
+    /// Close the recording of the image pulled as `image` now, save what
+    /// it learned, and return its whole trace (`None`: no such image, or
+    /// nothing learned).
+    pub async fn close(&self, image: &str) -> Option<Trace> {
+        let (manifest, layers, reads, subject) = {
+            let mut images = self.images.lock();
+            let normal =
+                |r: &str| Reference::parse(r).map_or_else(|_| r.to_string(), |r| r.to_string());
+            let wanted = normal(image);
+            let img = images
+                .values_mut()
+                .find(|i| i.image == image || normal(&i.image) == wanted)?;
+            if img.until.take().is_some() {
+                self.recording.fetch_sub(1, Ordering::Relaxed);
+            }
+            img.seen.clear();
+            (
+                img.manifest.clone(),
+                img.layers.clone(),
+                std::mem::take(&mut img.reads),
+                (img.manifest_type.clone(), img.manifest_size),
+            )
+        };
+        if !reads.is_empty() {
+            self.save(image, &manifest, layers.clone(), reads, subject)
+                .await;
+        }
+        self.load(&manifest, &layers)
     }
 
     /// Merge `reads` into the image's trace file, after its own reads.

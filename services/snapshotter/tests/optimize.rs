@@ -1,0 +1,155 @@
+//! `stargaze optimize` with the real components: an eStargz image in the
+//! registry is pulled lazily into containerd 1.6 through our three
+//! services, a workload given on the command line runs in a container of
+//! it, and the image written has the files that workload read first in
+//! their layer, in the order it read them, before the prefetch landmark;
+//! the Go reference reader (the estargz package ctr-remote is built on)
+//! opens and verifies every layer of it.
+//!
+//! Needs root, /dev/fuse and the Debian packages `make deps` installs.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+
+use common::push_esgz;
+use stargaze_format::reader::{OpenOptions, open_blob};
+use stargaze_format::toc::PREFETCH_LANDMARK;
+use stargaze_testkit::stack::{Stack, workspace_bin};
+use stargaze_testkit::{Containerd, Registry, image, require, run};
+
+/// The layers (digest, TOC digest annotation) of the image tagged `tag` in
+/// the OCI layout `dir`.
+fn layers(dir: &Path, tag: &str) -> Vec<(String, String)> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let desc = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no {tag} in {index}"));
+    let blob = |d: &str| dir.join("blobs/sha256").join(&d[7..]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(desc["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn optimize_puts_what_a_workload_read_first_for_any_reader() {
+    stargaze_testkit::require_root_fuse();
+    for tool in ["runc", "skopeo", "ctr"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-optimize-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let src_ref = format!("{}/stargaze/opt:esgz", registry.addr);
+    let dst_ref = format!("{}/stargaze/opt:optimized", registry.addr);
+    let (data, _) = image::data_layer(11);
+    let src = w.join("src");
+    image::write_layout(
+        &src,
+        "stargaze.test/opt:src",
+        "src",
+        &[image::busybox_layer(), data],
+    );
+    push_esgz(&src, &w.join("out"), &src_ref);
+
+    // Nothing is fetched but what the workload reads.
+    let stack = Stack::start(
+        w,
+        &[(
+            "fetcher",
+            "background_fetch = false\nprefetch_entrypoint = false",
+        )],
+    );
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let o = run(Command::new(workspace_bin("stargaze"))
+        .args(["optimize", "--plain-http", "--period", "60s"])
+        .arg("--address")
+        .arg(&ctd.socket)
+        .args(["--namespace", &ctd.namespace, "--snapshotter", "stargaze"])
+        .arg("--config")
+        .arg(&stack.config)
+        .arg(format!("docker://{src_ref}"))
+        .arg(format!("docker://{dst_ref}"))
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /data/file6 /data/file3 > /dev/null; echo read",
+        ]));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("the workload read"), "{said}");
+
+    let opt = w.join("opt");
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{dst_ref}"),
+        &format!("oci:{}:opt", opt.display()),
+    ]));
+    let verify = stargaze_testkit::go_build("esgz-verify");
+    let mut data_order = None;
+    for (digest, toc) in layers(&opt, "opt") {
+        let path = opt.join("blobs/sha256").join(&digest[7..]);
+        // The Go reader opens it and verifies every chunk.
+        run(Command::new(&verify).arg(&path).arg(&toc));
+        let blob = std::fs::read(&path).unwrap();
+        let layer = open_blob(&digest, &blob[..], &OpenOptions::default()).unwrap();
+        let toc: serde_json::Value = serde_json::from_slice(&layer.toc_json).unwrap();
+        let mut names: Vec<String> = toc["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        names.dedup();
+        if names.iter().any(|n| n == "data/file6") {
+            data_order = Some(names);
+        }
+    }
+    let names = data_order.expect("the data layer");
+    let at = |n: &str| {
+        names
+            .iter()
+            .position(|x| x == n)
+            .unwrap_or_else(|| panic!("{n} not in {names:?}"))
+    };
+    let landmark = at(PREFETCH_LANDMARK);
+    assert!(
+        at("data/file6") < at("data/file3"),
+        "in read order: {names:?}"
+    );
+    assert!(
+        at("data/file3") < landmark,
+        "read files before the landmark: {names:?}"
+    );
+    assert!(
+        at("data/file5") > landmark,
+        "files not read after it: {names:?}"
+    );
+    // The workload's shell and what the trace noted of busybox were read
+    // too: the base layer has its own prioritized files and landmark.
+    drop(ctd);
+}
