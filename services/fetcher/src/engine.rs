@@ -102,6 +102,8 @@ pub struct Layer {
     /// `resolved` (resolution records one).
     touched: AtomicU64,
     resolved: std::time::Instant,
+    /// Read-ahead in blob order for sweeping workloads (`sweep.rs`).
+    pub sweep: crate::sweep::Sweep,
 }
 
 /// A member to decode and the claims it serves.
@@ -137,6 +139,7 @@ impl Layer {
             evicted: Default::default(),
             touched: AtomicU64::new(0),
             resolved: std::time::Instant::now(),
+            sweep: Default::default(),
         }
     }
 

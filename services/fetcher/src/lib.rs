@@ -35,7 +35,8 @@
 //! from the manifest, [`entrypoint`] prefetch); [`loads`] fetches what a
 //! program loads (its interpreter, its libraries as the dynamic loader
 //! finds them) as soon as a read reaches its start, looking paths up
-//! through the layer [`stack`]s containers run on; [`traces`] records
+//! through the layer [`stack`]s containers run on; [`sweep`] reads ahead in blob order when
+//! on-demand reads go through a layer's files one after another; [`traces`] records
 //! what an image's first containers read and replays it on its next cold
 //! pull; [`registry`] adapts the
 //! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
@@ -58,6 +59,7 @@ pub mod resolve;
 mod schedule;
 pub mod service;
 pub mod stack;
+pub mod sweep;
 pub mod traces;
 mod warm;
 

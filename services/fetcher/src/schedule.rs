@@ -187,8 +187,19 @@ impl Schedule {
         let rest = Self::ranges_below(layer, None);
         let mut bytes = 0;
         let deadline = Instant::now() + self.background_max_wait;
-        for batch in rest.chunks(BACKGROUND_BATCH) {
+        let mut next = 0;
+        while next < rest.len() {
             self.activity.quiet(self.background_silence, deadline).await;
+            // Past the deadline the workload never pauses (a build, a scan
+            // of the image): the rest streams in large requests instead of
+            // one small batch per round trip.
+            let n = if Instant::now() >= deadline {
+                PREFETCH_BATCH
+            } else {
+                BACKGROUND_BATCH
+            };
+            let batch = &rest[next..(next + n).min(rest.len())];
+            next += batch.len();
             let before = layer.counters.compressed_bytes.load(Ordering::Relaxed);
             // Chunks fetched on demand meanwhile are skipped by the engine.
             bytes += layer

@@ -330,6 +330,16 @@ impl Fetcher for FetcherService {
             e.status()
         })?;
         if req.priority == Priority::OnDemand as i32 {
+            // A sweep through the layer: fetch ahead in blob order.
+            let ahead = layer.sweep.read(&layer.index, &ranges);
+            if !ahead.is_empty() {
+                let layer = layer.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = layer.fetch(&ahead).await {
+                        tracing::debug!(layer = %layer.digest, error = %e, "read-ahead failed");
+                    }
+                });
+            }
             if self.shared.traces.recording() {
                 for &(ino, offset, length) in &ranges {
                     let path = layer.index.path_of(ino);

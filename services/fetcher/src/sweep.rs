@@ -1,0 +1,139 @@
+//! Read-ahead in blob order: a workload that reads the files of a layer
+//! one after another (`find | xargs cat`, a build scanning a source tree,
+//! a package manager verifying files) misses on each small file in turn,
+//! one round trip each, while the link idles. The kernel's read-ahead
+//! cannot help across files; this does the same thing in the order the
+//! layer stores its files.
+//!
+//! Each on-demand read of a layer is placed in the layer's blob (its
+//! chunks' compressed offsets). When [`SEQUENTIAL_AFTER`] reads in a row
+//! each start at most [`MAX_GAP`] after where the previous one ended, the
+//! layer is being swept: the next `window` compressed bytes in blob order
+//! are fetched ahead (not waited for), and the window doubles with every
+//! further sequential read up to [`MAX_WINDOW`], so a sweep soon streams
+//! at link rate in large requests. A read anywhere else resets it: random
+//! access (a program's imports, a database) fetches nothing extra.
+
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+use stargaze_index::LayerIndex;
+
+/// Sequential reads in a row before anything is fetched ahead.
+pub const SEQUENTIAL_AFTER: u32 = 3;
+/// Compressed bytes between the end of a read and the start of the next
+/// that still count as "next" (neighbours prefetched meanwhile, entries
+/// without data).
+pub const MAX_GAP: u64 = 512 << 10;
+/// The first window fetched ahead, and the largest.
+pub const FIRST_WINDOW: u64 = 1 << 20;
+pub const MAX_WINDOW: u64 = 32 << 20;
+
+#[derive(Default)]
+struct State {
+    /// Where the last on-demand read started and ended in the blob.
+    start: u64,
+    end: u64,
+    /// Sequential reads in a row.
+    run: u32,
+    window: u64,
+    /// Fetched ahead up to here already.
+    ahead: u64,
+}
+
+/// A layer's sweep detector and its chunks in blob order.
+#[derive(Default)]
+pub struct Sweep {
+    state: Mutex<State>,
+    /// (compressed offset, inode, chunk index) of every chunk, in blob
+    /// order; built on the first sweep.
+    order: OnceLock<Vec<(u64, u64, u32)>>,
+}
+
+impl Sweep {
+    /// An on-demand read of `ranges` (inode, offset, length) of the layer:
+    /// the file ranges to fetch ahead, when it continues a sweep.
+    pub fn read(&self, index: &LayerIndex, ranges: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
+        let Some((start, end)) = blob_span(index, ranges) else {
+            return Vec::new();
+        };
+        let (from, to) = {
+            let mut s = self.state.lock();
+            // Just after where the last read ended, or inside (or just
+            // past) what was fetched ahead since.
+            // Forward only: a read behind the last one is no sweep.
+            let reach = s.end.max(s.ahead);
+            let sequential = s.end > 0 && start > s.start && start <= reach + MAX_GAP;
+            if sequential {
+                s.run += 1;
+                s.start = start;
+                s.end = s.end.max(end);
+            } else {
+                *s = State {
+                    start,
+                    end,
+                    ..State::default()
+                };
+            }
+            if s.run < SEQUENTIAL_AFTER {
+                return Vec::new();
+            }
+            s.window = (s.window * 2).clamp(FIRST_WINDOW, MAX_WINDOW);
+            let from = s.ahead.max(end);
+            let to = end + s.window;
+            if from >= to {
+                return Vec::new();
+            }
+            s.ahead = to;
+            (from, to)
+        };
+        let order = self.order.get_or_init(|| blob_order(index));
+        let first = order.partition_point(|&(off, ..)| off < from);
+        order[first..]
+            .iter()
+            .take_while(|&&(off, ..)| off < to)
+            .filter_map(|&(_, ino, i)| {
+                let c = index.inode(ino)?.chunk(i as usize)?;
+                Some((ino, c.file_offset, c.size))
+            })
+            .collect()
+    }
+}
+
+/// The blob extent (first compressed offset, last compressed end) of the
+/// chunks a read covers.
+fn blob_span(index: &LayerIndex, ranges: &[(u64, u64, u64)]) -> Option<(u64, u64)> {
+    let mut span: Option<(u64, u64)> = None;
+    for &(ino, offset, len) in ranges {
+        let node = index.inode(ino)?;
+        let end = offset.saturating_add(len.max(1)).min(node.size());
+        let mut at = offset;
+        while at < end {
+            let c = node.chunk_at(at)?;
+            span = Some(match span {
+                None => (c.compressed_offset, c.compressed_end),
+                Some((s, e)) => (s.min(c.compressed_offset), e.max(c.compressed_end)),
+            });
+            at = c.file_offset + c.size;
+        }
+    }
+    span
+}
+
+/// Every chunk of the layer, in blob order.
+fn blob_order(index: &LayerIndex) -> Vec<(u64, u64, u32)> {
+    let mut out = Vec::new();
+    for ino in 1..=index.inode_count() {
+        let Some(n) = index.inode(ino) else {
+            continue;
+        };
+        if !n.is_reg() {
+            continue;
+        }
+        for c in n.chunks() {
+            out.push((c.compressed_offset, ino, c.index as u32));
+        }
+    }
+    out.sort_unstable();
+    out
+}

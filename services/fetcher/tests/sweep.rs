@@ -1,0 +1,96 @@
+//! Read-ahead in blob order: reads that go through a layer's files one
+//! after another get the next files fetched ahead, in a window that grows;
+//! reads that jump around get nothing extra.
+
+use std::sync::Arc;
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::sweep::{FIRST_WINDOW, SEQUENTIAL_AFTER};
+use stargaze_fetcher::{FetchOptions, FileBlob, Layer, resolve_layer};
+use stargaze_format::convert::ConvertOptions;
+use stargaze_testkit::crafted::{dir, reg, tar_of};
+
+const FILES: usize = 400;
+
+/// A layer of `FILES` files of 48 KiB of incompressible bytes, in one
+/// directory, and its files' inodes in blob order.
+async fn layer(d: &std::path::Path) -> (Arc<Layer>, Vec<u64>) {
+    let mut x = 7u32;
+    let mut entries = vec![dir("data/")];
+    for i in 0..FILES {
+        entries.push(reg(
+            &format!("data/f{i:04}"),
+            &stargaze_testkit::image::file_bytes(48 << 10, &mut x),
+        ));
+    }
+    let mut out = Vec::new();
+    let res = stargaze_format::convert(
+        "sweep",
+        &tar_of(&entries),
+        &mut out,
+        &ConvertOptions::default(),
+        None,
+    )
+    .unwrap();
+    let path = d.join("blob");
+    std::fs::write(&path, &out).unwrap();
+    let cache = Arc::new(Cache::open_writer(&d.join("cache")).unwrap());
+    let layer = Arc::new(
+        resolve_layer(
+            cache,
+            Arc::new(FileBlob::open(&path).unwrap()),
+            &res.digest.to_string(),
+            Some(res.toc_digest),
+            false,
+            &FetchOptions::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let inos = (0..FILES)
+        .map(|i| layer.index.lookup_path(&format!("/data/f{i:04}")).unwrap())
+        .collect();
+    (layer, inos)
+}
+
+#[tokio::test]
+async fn a_sweep_through_the_files_is_read_ahead_in_a_growing_window() {
+    let d = tempfile::tempdir().unwrap();
+    let (layer, inos) = layer(d.path()).await;
+    let whole = |ino: u64| (ino, 0u64, 48u64 << 10);
+    let mut ahead_sizes = Vec::new();
+    for (i, &ino) in inos.iter().take(12).enumerate() {
+        let ahead = layer.sweep.read(&layer.index, &[whole(ino)]);
+        if i < SEQUENTIAL_AFTER as usize {
+            assert!(ahead.is_empty(), "read {i}: nothing ahead yet");
+            continue;
+        }
+        let bytes: u64 = ahead.iter().map(|r| r.2).sum();
+        ahead_sizes.push(bytes);
+        // Ahead means the files after this one, never this one or before.
+        for r in &ahead {
+            let pos = inos.iter().position(|&x| x == r.0).unwrap();
+            assert!(pos > i, "read {i} fetched file {pos} ahead");
+        }
+    }
+    assert!(ahead_sizes[0] >= FIRST_WINDOW / 2, "{ahead_sizes:?}");
+    // The window doubles: the fifth step reads well past the first.
+    let reach: u64 = ahead_sizes.iter().sum();
+    assert!(reach > 8 * FIRST_WINDOW, "{ahead_sizes:?}");
+}
+
+#[tokio::test]
+async fn reads_that_jump_around_get_nothing_ahead() {
+    let d = tempfile::tempdir().unwrap();
+    let (layer, inos) = layer(d.path()).await;
+    let mut i = 17usize;
+    for _ in 0..60 {
+        i = (i * 97 + 13) % FILES;
+        let ahead = layer.sweep.read(&layer.index, &[(inos[i], 0, 4096)]);
+        assert!(ahead.is_empty(), "file {i}");
+    }
+    // Backwards one by one is no sweep either.
+    for &ino in inos.iter().rev().take(20) {
+        assert!(layer.sweep.read(&layer.index, &[(ino, 0, 4096)]).is_empty());
+    }
+}
