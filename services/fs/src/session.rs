@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use stargaze_service::mountinfo;
+
 use crate::handover::{self, HandoverError, SessionFile};
 use crate::opens::OpenTable;
 use crate::{FsShared, StargazeFs};
@@ -107,11 +109,8 @@ fn serve(
 /// ours; `known_ours` skips the liveness probe (a connection systemd still
 /// holds but nobody serves would make it wait forever).
 pub fn clean_stale_mount(dir: &Path, known_ours: bool) {
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&dir.to_string_lossy()));
-    if !mounted {
+    let mounts = mountinfo::read();
+    if mountinfo::mounted_at(&mounts, dir).is_none() {
         return;
     }
     if !known_ours && std::fs::read_dir(dir).is_ok() {
@@ -220,4 +219,46 @@ pub fn mount_or_take_over(
         }
     };
     Ok(mounted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn is_mount_point(p: &Path) -> bool {
+        let parent = p.parent().expect("a parent");
+        std::fs::metadata(p).unwrap().dev() != std::fs::metadata(parent).unwrap().dev()
+    }
+
+    /// The kernel writes a space in a mount point as `\040`: a stale mount
+    /// at a mountpoint with a space must still be found and detached.
+    #[test]
+    fn a_stale_mount_at_a_path_with_a_space_is_detached() {
+        stargaze_testkit::require_that(
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            unsafe { libc::geteuid() } == 0,
+            "root, to mount tmpfs",
+            "run the tests as root, as CI does",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("stargaze mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        nix::mount::mount(
+            Some("stargaze-test"),
+            &mnt,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        assert!(is_mount_point(&mnt));
+
+        clean_stale_mount(&mnt, true);
+
+        let detached = !is_mount_point(&mnt);
+        while nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        assert!(detached, "{} is still mounted", mnt.display());
+    }
 }

@@ -15,9 +15,11 @@
 //! [`metrics`] holds what the services share for Prometheus: latency
 //! histograms, gRPC request accounting (the tower layer `serve` installs),
 //! recent errors for `stargaze status`; [`metrics_endpoint`] answers the
-//! scrapes.
+//! scrapes. [`mountinfo`] reads the mount table (fs and the snapshotter
+//! find their mounts and the overlays on them there).
 
 pub mod metrics;
+pub mod mountinfo;
 pub mod notify;
 pub mod shell;
 
