@@ -284,22 +284,23 @@ fn push_blob(registry: &str, blob_path: &std::path::Path, digest: &str) {
 /// it creates a file (`recently_deleted`), which makes a cache that was just
 /// emptied slow to fill again. Production ext4 has a journal.
 fn describe_fs(path: &std::path::Path) -> String {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    use stargaze_service::mountinfo;
+    // The deepest mount point the path is under (the topmost of equals).
+    let best = mountinfo::read()
+        .into_iter()
+        .filter(|m| mountinfo::is_under(path, &m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count());
+    let Some(mountinfo::Mount {
+        mount_point,
+        fstype,
+        source,
+        ..
+    }) = best
+    else {
         return "unknown filesystem".into();
     };
-    // The longest mount point that is a prefix of the path.
-    let best = mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let dash = f.iter().position(|x| *x == "-")?;
-            Some((*f.get(4)?, *f.get(dash + 1)?, *f.get(dash + 2)?))
-        })
-        .filter(|(mp, ..)| path.starts_with(mp))
-        .max_by_key(|(mp, ..)| mp.len());
-    let Some((mount_point, fstype, source)) = best else {
-        return "unknown filesystem".into();
-    };
+    let mount_point = mount_point.display();
+    let source = source.as_str();
     let journal = if fstype == "ext4" {
         let dev = source.rsplit('/').next().unwrap_or(source);
         let journaled = std::fs::read_dir("/proc/fs/jbd2")

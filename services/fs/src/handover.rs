@@ -36,6 +36,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use stargaze_service::mountinfo;
 
 /// The name of the descriptor in systemd's store.
 pub const FDNAME: &str = "stargaze-fuse";
@@ -134,15 +135,11 @@ impl SessionFile {
 /// The `major:minor` of the FUSE mount at `mountpoint`, from mountinfo (a
 /// `stat` of the mount root would wait for a server that is not there yet).
 pub fn mount_device(mountpoint: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mountpoint.to_string_lossy();
-    info.lines().rev().find_map(|l| {
-        // id parent major:minor root mountpoint options ... - fstype source ...
-        let f: Vec<&str> = l.split(' ').collect();
-        let sep = f.iter().position(|x| *x == "-")?;
-        let fstype = f.get(sep + 1)?;
-        (f.get(4) == Some(&&*want) && fstype.starts_with("fuse")).then(|| f[2].to_string())
-    })
+    mountinfo::read()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == mountpoint && m.fstype.starts_with("fuse"))
+        .map(|m| m.device)
 }
 
 /// The descriptor systemd handed back under `name`, if any. The

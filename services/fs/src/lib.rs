@@ -4,15 +4,23 @@
 //! * [`layers`] keeps the attached layers (mapped TOC index, read-only
 //!   presence map, cache directory) and numbers inodes `slot << 40 | inode`
 //!   so they are unique across layers without a table.
-//! * [`fuse`] is the `fuser` filesystem: metadata straight from the mapped
-//!   index, reads of present chunks from the cache file, reads of missing
-//!   chunks answered from a tokio task once the fetcher made them present.
-//! * [`handover`] keeps the FUSE connection across a restart: the
-//!   `/dev/fuse` descriptor in systemd's store, the session file (the
-//!   kernel's INIT, the layers and their inode slots) and the resend of
-//!   requests the dead process held; [`opens`] records open handles and
-//!   their I/O mode (cached or passthrough with its backing id) in a shared
-//!   mapping, so the next process answers the kernel consistently.
+//! * [`ops`] is the `fuser` filesystem: metadata straight from the mapped
+//!   index (`entries`), reads of present chunks from the cache file, reads
+//!   of missing chunks answered from a tokio task once the fetcher made them
+//!   present, with read-ahead and, for a small file, its small neighbours
+//!   fetched alongside (`readahead`). [`FsShared`] is the state the FUSE
+//!   threads and the gRPC service share, open handles included.
+//! * [`passthrough`] gives files complete in the cache to the kernel as
+//!   backing files (one backing id per inode, never for an inode open in
+//!   cached mode).
+//! * [`session`] mounts the filesystem or takes over the connection of the
+//!   previous process, and starts the FUSE threads; [`handover`] keeps the
+//!   FUSE connection across a restart: the `/dev/fuse` descriptor in
+//!   systemd's store, the session file (the kernel's INIT, the layers and
+//!   their inode slots) and the resend of requests the dead process held;
+//!   [`opens`] records open handles and their I/O mode (cached or
+//!   passthrough with its backing id) in a shared mapping, so the next
+//!   process answers the kernel consistently.
 //! * [`source`] is how missing chunks are asked for (the fetcher's gRPC
 //!   `Fetch`, retried while the fetcher restarts).
 //!
@@ -21,14 +29,21 @@
 //! * [`metrics`] times every FUSE operation and counts bytes served from the
 //!   cache vs after a fetch, for Prometheus and `stargaze status`.
 
-pub mod fuse;
+mod entries;
 pub mod handover;
 pub mod layers;
 pub mod metrics;
 pub mod opens;
+pub mod ops;
+pub mod passthrough;
+mod readahead;
 pub mod service;
+pub mod session;
+mod shared;
 pub mod source;
 
-pub use fuse::{FsShared, FuseMount, StargazeFs, mount, mount_or_take_over};
 pub use layers::{Attached, LayerTable};
+pub use ops::StargazeFs;
+pub use session::{FuseMount, mount, mount_or_take_over};
+pub use shared::FsShared;
 pub use source::{ChunkSource, GrpcFetcher, SourceError};

@@ -19,12 +19,15 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, Result};
 use clap::Parser;
+use stargaze_fs::handover::{self, SessionFile};
+use stargaze_fs::opens::OpenTable;
 use stargaze_fs::service::FsService;
 use stargaze_fs::{FsShared, GrpcFetcher};
 use stargaze_proto::v1::fs_server::FsServer;
 use stargaze_service::CommonArgs;
+use stargaze_service::config::FsConfig;
 
 /// Serves lazily pulled layers through one FUSE mount.
 #[derive(Debug, Parser)]
@@ -40,80 +43,66 @@ fn main() -> ExitCode {
         "stargaze-fs",
         &args.common,
         |_| {},
-        |startup| {
-            let c = startup.config.fs.clone();
-            let fetcher_socket = startup.config.fetcher.socket.clone();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            let handle = runtime.handle().clone();
-            runtime.block_on(async move {
-            let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
-            let shared = Arc::new(FsShared::new(source, handle, c.entry_timeout.max(c.attr_timeout)));
-            shared.passthrough.wanted.store(c.passthrough, std::sync::atomic::Ordering::Release);
-            let inherited = stargaze_fs::handover::take_stored_fd(stargaze_fs::handover::FDNAME);
-            let session = stargaze_fs::mount_or_take_over(
-                shared.clone(),
-                &c.mountpoint,
-                c.n_threads as usize,
-                inherited,
-            )
-            .with_context(|| format!("serving FUSE at {}", c.mountpoint.display()))?;
-            let stored = stargaze_fs::handover::store_fd(session.dev_fd, stargaze_fs::handover::FDNAME);
-            let rpc = Arc::new(stargaze_service::metrics::RpcMetrics::default());
-            if !c.metrics_address.is_empty() {
-                let metrics = stargaze_fs::metrics::FsMetrics {
-                    shared: shared.clone(),
-                    rpc: rpc.clone(),
-                    fuse_threads: u64::from(c.n_threads),
-                };
-                let addr = stargaze_service::serve_metrics(
-                    &c.metrics_address,
-                    Arc::new(move || metrics.render()),
-                )
-                .await?;
-                tracing::info!(address = %addr, "serving Prometheus metrics on /metrics");
-            }
-            let service = FsService {
-                shared,
-                mountpoint: c.mountpoint.clone(),
-                fuse_threads: c.n_threads,
-            };
-            let listener = stargaze_proto::bind_unix(&c.socket).await?;
-            tracing::info!(socket = %c.socket.display(), mountpoint = %c.mountpoint.display(), "stargaze-fs serving");
-            stargaze_service::sd_notify("READY=1");
-            let shutdown = async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                stargaze_service::sd_notify("STOPPING=1");
-            };
-            tonic::transport::Server::builder()
-                .layer(stargaze_service::metrics::RpcMetricsLayer(rpc))
-                .add_service(FsServer::new(service))
-                .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
-                .await
-                .context("serving gRPC")?;
-            let _ = std::fs::remove_file(&c.socket);
-            if stored {
-                // Exit at once: dropping the runtime would answer the reads
-                // still waiting for the fetcher with EIO; unanswered, the
-                // kernel gives them to the next run (FUSE_NOTIFY_RESEND).
-                tracing::info!("the FUSE connection stays with systemd's descriptor store for the next run");
-                std::process::exit(0);
-            } else {
-                // Lazy unmount: overlays that still use the mount keep it until they go.
-                let _ = nix::mount::umount2(&c.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-                stargaze_fs::handover::SessionFile::beside(&c.mountpoint).remove();
-                let _ = std::fs::remove_file(stargaze_fs::opens::OpenTable::beside(&c.mountpoint));
-            }
-            drop(session);
-            Ok(())
-        })
-        },
+        |startup| serve(startup.config.fs, startup.config.fetcher.socket),
     )
+}
+
+async fn serve(c: FsConfig, fetcher_socket: std::path::PathBuf) -> Result<()> {
+    let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
+    let runtime = tokio::runtime::Handle::current();
+    let shared = Arc::new(FsShared::new(
+        source,
+        runtime,
+        c.entry_timeout.max(c.attr_timeout),
+    ));
+    shared
+        .passthrough
+        .wanted
+        .store(c.passthrough, std::sync::atomic::Ordering::Release);
+    let inherited = handover::take_stored_fd(handover::FDNAME);
+    let session = stargaze_fs::mount_or_take_over(
+        shared.clone(),
+        &c.mountpoint,
+        c.n_threads as usize,
+        inherited,
+    )
+    .with_context(|| format!("serving FUSE at {}", c.mountpoint.display()))?;
+    let stored = handover::store_fd(session.dev_fd, handover::FDNAME);
+    let rpc = Arc::new(stargaze_service::metrics::RpcMetrics::default());
+    let metrics = stargaze_fs::metrics::FsMetrics {
+        shared: shared.clone(),
+        rpc: rpc.clone(),
+        fuse_threads: u64::from(c.n_threads),
+    };
+    stargaze_service::metrics_endpoint(&c.metrics_address, Arc::new(move || metrics.render()))
+        .await?;
+    let service = FsService {
+        shared,
+        mountpoint: c.mountpoint.clone(),
+        fuse_threads: c.n_threads,
+    };
+    let routes = tonic::service::Routes::new(FsServer::new(service));
+    stargaze_service::serve(&c.socket, routes, rpc, || {
+        tracing::info!(
+            socket = %c.socket.display(),
+            mountpoint = %c.mountpoint.display(),
+            "stargaze-fs serving"
+        );
+    })
+    .await?;
+    if stored {
+        // Exit at once: dropping the runtime would answer the reads
+        // still waiting for the fetcher with EIO; unanswered, the
+        // kernel gives them to the next run (FUSE_NOTIFY_RESEND).
+        tracing::info!(
+            "the FUSE connection stays with systemd's descriptor store for the next run"
+        );
+        std::process::exit(0);
+    }
+    // Lazy unmount: overlays that still use the mount keep it until they go.
+    let _ = nix::mount::umount2(&c.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    SessionFile::beside(&c.mountpoint).remove();
+    let _ = std::fs::remove_file(OpenTable::beside(&c.mountpoint));
+    drop(session);
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use stargaze_proto::v1::fs_server::Fs;
 use stargaze_proto::v1::*;
+use stargaze_service::mountinfo;
 use tonic::{Request, Response, Status};
 
 use crate::FsShared;
@@ -19,21 +20,18 @@ pub struct FsService {
     pub fuse_threads: u32,
 }
 
-/// Overlay mounts (from `/proc/self/mountinfo`) whose options name `dir`.
+/// Overlay mounts whose options (lower, upper and work directories) name
+/// `dir` or a path under it.
 pub fn overlays_using(dir: &Path) -> Vec<String> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let needle = dir.to_string_lossy().to_string();
-    info.lines()
-        .filter(|l| l.contains(" - overlay "))
-        .filter(|l| {
-            l.split(" - overlay ").nth(1).is_some_and(|opts| {
-                opts.split([',', ':', '='])
-                    .any(|p| p == needle || p.starts_with(&format!("{needle}/")))
-            })
+    mountinfo::read()
+        .into_iter()
+        .filter(|m| m.fstype == "overlay")
+        .filter(|m| {
+            m.super_options
+                .split([',', ':', '='])
+                .any(|p| mountinfo::is_under(Path::new(&mountinfo::unescape(p)), dir))
         })
-        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .map(|m| m.mount_point.display().to_string())
         .collect()
 }
 

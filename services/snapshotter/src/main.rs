@@ -11,11 +11,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, Result};
 use clap::Parser;
 use stargaze_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use stargaze_proto::v1::snapshotter_server::SnapshotterServer;
 use stargaze_service::CommonArgs;
+use stargaze_service::config::Config;
 use stargaze_snapshotter::remote::Remote;
 use stargaze_snapshotter::service::SnapshotService;
 use stargaze_snapshotter::status::{SnapshotterMetrics, StatusService};
@@ -52,65 +53,48 @@ fn main() -> ExitCode {
                 config.snapshotter.root = root.clone();
             }
         },
-        |startup| {
-            let c = startup.config.snapshotter.clone();
-            let (fetcher_socket, fs_socket) = (
-                startup.config.fetcher.socket.clone(),
-                startup.config.fs.socket.clone(),
-            );
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(async move {
-                let store = Store::open(&c.root).with_context(|| format!("opening {}", c.root.display()))?;
-                let remote = if c.lazy_pull {
-                    let r = Remote::new(&fetcher_socket, &fs_socket, c.allow_no_verification)
-                        .context("cannot set up clients of stargaze-fetcher and stargaze-fs")?;
-                    Some(Arc::new(r))
-                } else {
-                    tracing::info!("lazy_pull = false: every layer is unpacked by containerd");
-                    None
-                };
-                let service = SnapshotService::new(Arc::new(store), remote);
-                // Re-attach remote layers in the background: containerd may
-                // connect meanwhile, and Mounts repairs any layer on demand.
-                tokio::spawn({
-                    let service = service.clone();
-                    async move { service.restore().await }
-                });
-                if !c.metrics_address.is_empty() {
-                    let metrics = SnapshotterMetrics(service.clone());
-                    let addr = stargaze_service::serve_metrics(&c.metrics_address, Arc::new(move || metrics.render())).await?;
-                    tracing::info!(address = %addr, "serving Prometheus metrics on /metrics");
-                }
-                let status = StatusService {
-                    snapshots: service.clone(),
-                    lazy_pull: c.lazy_pull,
-                };
-                let rpc = stargaze_service::metrics::RpcMetricsLayer(service.stats.rpc.clone());
-                let listener = stargaze_proto::bind_unix(&c.socket).await?;
-                tracing::info!(socket = %c.socket.display(), root = %c.root.display(), "stargaze-snapshotter serving");
-                stargaze_service::sd_notify("READY=1");
-                let shutdown = async {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                    stargaze_service::sd_notify("STOPPING=1");
-                };
-                tonic::transport::Server::builder()
-                    .layer(rpc)
-                    .add_service(SnapshotsServer::new(service))
-                    .add_service(SnapshotterServer::new(status))
-                    .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), shutdown)
-                    .await
-                    .context("serving gRPC")?;
-                let _ = std::fs::remove_file(&c.socket);
-                Ok(())
-            })
-        },
+        |startup| serve(startup.config),
     )
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let c = config.snapshotter;
+    let store = Store::open(&c.root).with_context(|| format!("opening {}", c.root.display()))?;
+    let remote = if c.lazy_pull {
+        let r = Remote::new(
+            &config.fetcher.socket,
+            &config.fs.socket,
+            c.allow_no_verification,
+        )
+        .context("cannot set up clients of stargaze-fetcher and stargaze-fs")?;
+        Some(Arc::new(r))
+    } else {
+        tracing::info!("lazy_pull = false: every layer is unpacked by containerd");
+        None
+    };
+    let service = SnapshotService::new(Arc::new(store), remote);
+    // Re-attach remote layers in the background: containerd may
+    // connect meanwhile, and Mounts repairs any layer on demand.
+    tokio::spawn({
+        let service = service.clone();
+        async move { service.restore().await }
+    });
+    let metrics = SnapshotterMetrics(service.clone());
+    stargaze_service::metrics_endpoint(&c.metrics_address, Arc::new(move || metrics.render()))
+        .await?;
+    let status = StatusService {
+        snapshots: service.clone(),
+        lazy_pull: c.lazy_pull,
+    };
+    let rpc = service.stats.rpc.clone();
+    let routes = tonic::service::Routes::new(SnapshotsServer::new(service))
+        .add_service(SnapshotterServer::new(status));
+    stargaze_service::serve(&c.socket, routes, rpc, || {
+        tracing::info!(
+            socket = %c.socket.display(),
+            root = %c.root.display(),
+            "stargaze-snapshotter serving"
+        );
+    })
+    .await
 }

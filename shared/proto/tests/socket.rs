@@ -51,6 +51,12 @@ impl Fetcher for Fake {
     ) -> Result<Response<LayerStatusResponse>, Status> {
         Err(Status::unimplemented("layer_status"))
     }
+    async fn image_trace(
+        &self,
+        _: Request<ImageTraceRequest>,
+    ) -> Result<Response<ImageTraceResponse>, Status> {
+        Err(Status::unimplemented("image_trace"))
+    }
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(StatusResponse {
             cache_dir: "/x".into(),

@@ -1,16 +1,30 @@
-//! Start-up shared by the three stargaze daemons.
+//! What the three stargaze daemons share around their own state: start-up,
+//! the serving shell, metrics.
 //!
 //! Each service's `main` flattens [`CommonArgs`] into its own clap parser,
-//! then calls [`run`] with a closure that gets the effective [`Config`]
+//! then calls [`run`] with an async body that gets the effective [`Config`]
 //! (file, then command-line overrides). `run` handles `--print-config`,
-//! sets up logging and turns any error into one clear line on stderr and
-//! exit code 1. (Usage errors are clap's: exit code 2.)
+//! sets up logging, starts the tokio runtime and turns any error into one
+//! clear line on stderr and exit code 1. (Usage errors are clap's: exit
+//! code 2.) The body builds the service's state from its config section and
+//! hands its gRPC services to [`serve`] ([`shell`]): the unix socket, systemd
+//! notification ([`notify`]), SIGTERM/SIGINT, socket cleanup; what the
+//! service must do at stop (mark the cache clean, leave or detach the FUSE
+//! mount) follows when `serve` returns.
 //!
 //! [`metrics`] holds what the services share for Prometheus: latency
-//! histograms, gRPC request accounting (a tower layer), recent errors for
-//! `stargaze status`; [`serve_metrics`] answers the scrapes.
+//! histograms, gRPC request accounting (the tower layer `serve` installs),
+//! recent errors for `stargaze status`; [`metrics_endpoint`] answers the
+//! scrapes. [`mountinfo`] reads the mount table (fs and the snapshotter
+//! find their mounts and the overlays on them there).
 
 pub mod metrics;
+pub mod mountinfo;
+pub mod notify;
+pub mod shell;
+
+pub use notify::sd_notify;
+pub use shell::{metrics_endpoint, serve, serve_metrics};
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -80,14 +94,17 @@ pub fn init_logging(config: &Config) -> Result<()> {
 }
 
 /// Run a service: load the configuration, handle `--print-config`, set up
-/// logging, then call `body`. Errors become `<name>: error: ...` on stderr and
-/// exit code 1.
-pub fn run(
+/// logging, then run `body` on a multi-threaded tokio runtime. Errors become
+/// `<name>: error: ...` on stderr and exit code 1.
+pub fn run<F>(
     name: &str,
     args: &CommonArgs,
     overrides: impl FnOnce(&mut Config),
-    body: impl FnOnce(Startup) -> Result<()>,
-) -> ExitCode {
+    body: impl FnOnce(Startup) -> F,
+) -> ExitCode
+where
+    F: Future<Output = Result<()>>,
+{
     let result = (|| {
         let startup = load_config(args, overrides)?;
         if args.print_config {
@@ -98,7 +115,11 @@ pub fn run(
             return Ok(());
         }
         init_logging(&startup.config)?;
-        body(startup)
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(body(startup))
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,71 +129,4 @@ pub fn run(
             ExitCode::FAILURE
         }
     }
-}
-
-/// Tell systemd (`Type=notify`) about the service's state, e.g. `READY=1` or
-/// `STOPPING=1`. Does nothing outside systemd (no `NOTIFY_SOCKET`).
-pub fn sd_notify(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match path.strip_prefix('@') {
-        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = UnixDatagram::unbound().and_then(|s| s.send_to_addr(state.as_bytes(), &addr?));
-    if let Err(e) = sent {
-        tracing::warn!(socket = %path, error = %e, "cannot notify systemd");
-    }
-}
-
-/// Serve Prometheus metrics: `GET /metrics` on `addr` answers with the text
-/// `render` produces at each scrape; other paths get 404. Runs until the
-/// process ends; a bind failure is returned at once.
-pub async fn serve_metrics(
-    addr: &str,
-    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
-) -> Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let render = render.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let render = render.clone();
-                        async move {
-                            let resp = if req.uri().path() == "/metrics" {
-                                http::Response::builder()
-                                .header(
-                                    http::header::CONTENT_TYPE,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(http_body_util::Full::new(bytes::Bytes::from(render())))
-                            } else {
-                                http::Response::builder()
-                                    .status(http::StatusCode::NOT_FOUND)
-                                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                                        b"try /metrics\n",
-                                    )))
-                            };
-                            resp.map_err(std::io::Error::other)
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(local)
 }

@@ -188,21 +188,12 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Unmount everything mounted below `dir`, deepest first.
+/// Unmount everything mounted at or below `dir`, deepest first (not what
+/// is mounted on a sibling whose name starts with `dir`'s).
 pub fn unmount_below(dir: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().to_string();
-    let mut points: Vec<String> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .map(|p| p.replace("\\040", " "))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    use stargaze_service::mountinfo;
+    for p in mountinfo::mount_points_under(&mountinfo::read(), dir) {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

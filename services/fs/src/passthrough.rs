@@ -1,0 +1,324 @@
+//! FUSE passthrough bookkeeping: which inodes have a kernel backing id (one
+//! per inode, shared by its open handles, closed with the last of them),
+//! which are open in cached mode (and so must not get one), and the backing
+//! ids and handles a previous process left open on the connection.
+
+use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use fuser::ReplyOpen;
+use parking_lot::Mutex;
+
+use crate::layers::Attached;
+use crate::opens::{Mode, OpenHandle};
+use crate::{FsShared, StargazeFs};
+
+/// FUSE passthrough: a file whose every chunk is in the cache is opened with
+/// its cache file as the kernel's backing file, so reads never reach this
+/// process. Asked for with `[fs] passthrough`; the kernel must offer it at
+/// init (Linux >= 6.9) and accept the backing file (root, cache on a
+/// non-stacked filesystem). If either refuses, files are served through
+/// `read` as before and the reason is logged once.
+#[derive(Default)]
+pub struct Passthrough {
+    /// Asked for in the configuration.
+    pub wanted: AtomicBool,
+    /// Granted by the kernel and not given up after a refused backing file.
+    pub active: AtomicBool,
+    /// Backing ids by open handle (closed when the last handle of the
+    /// inode is released) and by inode (shared by concurrent opens).
+    by_handle: Mutex<HashMap<u64, Arc<fuser::BackingId>>>,
+    /// (with the kernel's number of the id, for the open table).
+    by_inode: Mutex<HashMap<u64, (std::sync::Weak<fuser::BackingId>, u32)>>,
+    /// Files opened with passthrough.
+    pub opens: AtomicU64,
+    /// Handles opened without passthrough. The kernel refuses (EIO) a
+    /// passthrough open of an inode that has files open in cached mode, e.g.
+    /// a binary that started running before it was complete: such an inode
+    /// is opened in cached mode until its last cached handle is released.
+    pub(crate) cached: Mutex<CachedOpens>,
+    /// Backing ids a previous process registered, by inode, while handles
+    /// it opened are open: new opens of the inode must use the same one.
+    restored: Mutex<HashMap<u64, Restored>>,
+    /// Those handles, to their inode.
+    restored_fh: Mutex<HashMap<u64, u64>>,
+}
+
+/// A backing id inherited from a previous process.
+struct Restored {
+    raw: u32,
+    /// Its handles still open.
+    old_handles: u32,
+    /// Wrapped at the first new open; dropped (closing the id once no new
+    /// handle holds it either) when the old handles are gone.
+    held: Option<Arc<fuser::BackingId>>,
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
+
+/// Handles open in cached mode (tracked only while passthrough is wanted).
+#[derive(Default)]
+pub(crate) struct CachedOpens {
+    inode_of: HashMap<u64, u64>,
+    pub(crate) per_inode: HashMap<u64, u32>,
+}
+
+impl CachedOpens {
+    pub(crate) fn add(&mut self, fh: u64, ino: u64) {
+        self.inode_of.insert(fh, ino);
+        *self.per_inode.entry(ino).or_default() += 1;
+    }
+
+    fn remove(&mut self, fh: u64) {
+        if let Some(ino) = self.inode_of.remove(&fh)
+            && let Some(n) = self.per_inode.get_mut(&ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_inode.remove(&ino);
+            }
+        }
+    }
+}
+
+impl Passthrough {
+    /// Stop using passthrough, saying why once.
+    pub(crate) fn give_up(&self, why: &str) {
+        if self.active.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                reason = why,
+                "FUSE passthrough off: files are served through read()"
+            );
+        }
+    }
+
+    pub(crate) fn release(&self, fh: u64, dev_fd: RawFd) {
+        // A handle of the previous process: the last one of its inode
+        // lets the inherited backing id go.
+        let old = self.restored_fh.lock().remove(&fh);
+        if let Some(ino) = old {
+            let mut restored = self.restored.lock();
+            if let Some(r) = restored.get_mut(&ino) {
+                r.old_handles -= 1;
+                if r.old_handles == 0 {
+                    let r = restored.remove(&ino).expect("present");
+                    if r.held.is_none() && dev_fd >= 0 {
+                        // Never used since: close it here.
+                        // SAFETY: an ioctl on our /dev/fuse descriptor with a local u32.
+                        unsafe {
+                            libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &r.raw);
+                        }
+                    }
+                }
+            }
+        }
+        // `wanted` is set before mounting and never changes: without
+        // passthrough there is nothing else to forget.
+        if !self.wanted.load(Ordering::Relaxed) {
+            return;
+        }
+        self.by_handle.lock().remove(&fh);
+        self.cached.lock().remove(fh);
+    }
+
+    pub(crate) fn has_backing(&self, ino: u64) -> bool {
+        self.restored.lock().contains_key(&ino)
+            || self
+                .by_inode
+                .lock()
+                .get(&ino)
+                .is_some_and(|(w, _)| w.strong_count() > 0)
+    }
+}
+
+impl FsShared {
+    /// Take over the handles a previous process left open: their numbers
+    /// stay reserved and their inodes keep their I/O mode.
+    pub(crate) fn restore_handles(&self, left: Vec<OpenHandle>) {
+        let p = &self.passthrough;
+        let wanted = p.wanted.load(Ordering::Relaxed);
+        let mut restored = p.restored.lock();
+        let mut cached = p.cached.lock();
+        let (mut n_cached, mut n_passthrough) = (0, 0);
+        for h in left {
+            match h.mode {
+                Mode::Cached => {
+                    n_cached += 1;
+                    if wanted {
+                        cached.add(h.fh, h.ino);
+                    }
+                }
+                Mode::Passthrough(raw) => {
+                    n_passthrough += 1;
+                    let r = restored.entry(h.ino).or_insert(Restored {
+                        raw,
+                        old_handles: 0,
+                        held: None,
+                    });
+                    r.old_handles += 1;
+                    p.restored_fh.lock().insert(h.fh, h.ino);
+                }
+            }
+        }
+        if n_cached + n_passthrough > 0 {
+            tracing::info!(
+                cached = n_cached,
+                passthrough = n_passthrough,
+                inodes_with_backing_files = restored.len(),
+                "took over the files the previous process left open"
+            );
+        }
+    }
+}
+
+impl StargazeFs {
+    /// The kernel backing id of a complete file's cache file, shared by all
+    /// open handles of the inode and kept until the last one is released.
+    pub(crate) fn backing(
+        &self,
+        a: &Attached,
+        local: u64,
+        fh: u64,
+        reply: &ReplyOpen,
+    ) -> std::io::Result<Arc<fuser::BackingId>> {
+        let p = &self.shared.passthrough;
+        let ino = a.global(local);
+        let mut by_inode = p.by_inode.lock();
+        let live = by_inode
+            .get(&ino)
+            .and_then(|(w, raw)| Some((w.upgrade()?, *raw)));
+        let (id, raw) = match live {
+            Some(live) => live,
+            None => {
+                let mut restored = p.restored.lock();
+                let (id, raw) = if let Some(r) = restored.get_mut(&ino) {
+                    // The kernel's inode already has this backing file.
+                    let id = match &r.held {
+                        Some(id) => id.clone(),
+                        None => {
+                            // SAFETY: the id is open on this connection (the
+                            // previous process never closed it) and is closed
+                            // only through this wrapper from now on.
+                            let id = Arc::new(unsafe { reply.wrap_backing(r.raw) });
+                            r.held = Some(id.clone());
+                            id
+                        }
+                    };
+                    (id, r.raw)
+                } else {
+                    let file = std::fs::File::open(
+                        a.cache.layer_file_path(a.index.layer_digest(), local),
+                    )?;
+                    // Set by `serve` before the session's threads start.
+                    let dev = self.shared.dev_fd.load(Ordering::Relaxed);
+                    // SAFETY: the session's descriptor lives as long as the mount.
+                    let dev = unsafe { BorrowedFd::borrow_raw(dev) };
+                    // The raw id goes into the open-file table.
+                    let raw = fuser::BackingId::create_raw(dev, &file)?;
+                    // SAFETY: just opened on this connection; closed only
+                    // through the wrapper.
+                    (Arc::new(unsafe { reply.wrap_backing(raw) }), raw)
+                };
+                drop(restored);
+                by_inode.retain(|_, (w, _)| w.strong_count() > 0);
+                by_inode.insert(ino, (Arc::downgrade(&id), raw));
+                (id, raw)
+            }
+        };
+        drop(by_inode);
+        if let Some(t) = self.shared.opens.get() {
+            t.set_mode(fh, Mode::Passthrough(raw));
+        }
+        p.by_handle.lock().insert(fh, id.clone());
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use crate::FsShared;
+    use crate::opens::{Mode, OpenHandle, OpenTable};
+    use crate::source::ChunkSource;
+
+    struct NoFetcher;
+
+    #[tonic::async_trait]
+    impl ChunkSource for NoFetcher {
+        async fn fetch(&self, _: &str, _: u64, _: u64, _: u64) -> Result<(), crate::SourceError> {
+            Err(crate::SourceError::InProcess(
+                "no fetcher in this test".into(),
+            ))
+        }
+    }
+
+    /// Take a lock on another thread and panic while holding it, as a bug
+    /// in one FUSE request would.
+    macro_rules! panic_holding {
+        ($lock:expr) => {
+            std::thread::scope(|s| {
+                let bug = s.spawn(|| {
+                    let _held = $lock;
+                    panic!(concat!("a bug while holding ", stringify!($lock)));
+                });
+                assert!(bug.join().is_err());
+            })
+        };
+    }
+
+    /// A request that panics while it holds one of the mount's locks must
+    /// not turn every later open, read and release into a panic (as a
+    /// poisoned std mutex with `.lock().expect(..)` did).
+    #[test]
+    fn a_panic_while_a_lock_is_held_leaves_later_requests_working() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let shared = FsShared::new(
+            Arc::new(NoFetcher),
+            rt.handle().clone(),
+            Duration::from_secs(1),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (table, _) =
+            OpenTable::open(&OpenTable::beside(&dir.path().join("mnt")), false).unwrap();
+        assert!(shared.opens.set(table).is_ok());
+        let p = &shared.passthrough;
+        p.wanted.store(true, Ordering::Relaxed);
+
+        panic_holding!(p.by_handle.lock());
+        panic_holding!(p.by_inode.lock());
+        panic_holding!(p.cached.lock());
+        panic_holding!(p.restored.lock());
+        panic_holding!(p.restored_fh.lock());
+
+        // What a restarted process, an open and a release take next.
+        shared.restore_handles(vec![
+            OpenHandle {
+                fh: 7,
+                ino: 42,
+                mode: Mode::Passthrough(3),
+            },
+            OpenHandle {
+                fh: 8,
+                ino: 43,
+                mode: Mode::Cached,
+            },
+        ]);
+        assert!(p.has_backing(42));
+        assert!(!p.has_backing(43));
+        let fh = shared.new_handle(44);
+        assert_ne!(fh, 0);
+        p.release(fh, -1);
+        p.release(8, -1);
+        p.release(7, -1);
+        assert!(!p.has_backing(42));
+        assert!(!shared.detach("absent"));
+    }
+}

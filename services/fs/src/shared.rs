@@ -1,0 +1,89 @@
+//! What the FUSE threads and the gRPC service share: the layer table, the
+//! chunk source, the runtime that answers reads after a fetch, counters,
+//! the passthrough state, and the numbers and cache files of open handles.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fuser::INodeNo;
+use parking_lot::Mutex;
+
+use crate::layers::{LayerTable, MOUNT_ROOT};
+use crate::metrics::FsCounters;
+use crate::opens::{Mode, OpenTable};
+use crate::passthrough::Passthrough;
+use crate::source::ChunkSource;
+
+/// Everything the FUSE threads and the gRPC service share.
+pub struct FsShared {
+    pub layers: LayerTable,
+    pub source: Arc<dyn ChunkSource>,
+    pub runtime: tokio::runtime::Handle,
+    /// Entry and attribute timeout inside layers (they never change).
+    pub ttl: Duration,
+    /// Files up to this size are fetched whole on their first read.
+    pub whole_file_below: u64,
+    /// Bytes fetched ahead after a read that missed, when reading on.
+    pub readahead: u64,
+    pub fetch_errors: AtomicU64,
+    /// Operation latencies and bytes served, node-wide.
+    pub counters: Arc<FsCounters>,
+    /// Failed reads, for `stargaze status`.
+    pub errors: stargaze_service::metrics::RecentErrors,
+    /// FUSE passthrough of files complete in the cache.
+    pub passthrough: Passthrough,
+    /// Set once mounted: tells the kernel to forget entries (on detach).
+    pub notifier: Mutex<Option<fuser::Notifier>>,
+    pub(crate) handles: Mutex<HashMap<u64, Arc<std::fs::File>>>,
+    pub(crate) next_fh: AtomicU64,
+    /// Open handles, recorded so a restarted process knows them.
+    pub(crate) opens: OnceLock<OpenTable>,
+    /// The session's `/dev/fuse` descriptor (backing files are registered on it).
+    pub(crate) dev_fd: AtomicI32,
+}
+
+impl FsShared {
+    pub fn new(
+        source: Arc<dyn ChunkSource>,
+        runtime: tokio::runtime::Handle,
+        ttl: Duration,
+    ) -> FsShared {
+        FsShared {
+            layers: LayerTable::default(),
+            source,
+            runtime,
+            ttl,
+            whole_file_below: 128 << 10,
+            readahead: 1 << 20,
+            fetch_errors: AtomicU64::new(0),
+            counters: Arc::default(),
+            errors: Default::default(),
+            passthrough: Passthrough::default(),
+            notifier: Mutex::new(None),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            opens: OnceLock::new(),
+            dev_fd: AtomicI32::new(-1),
+        }
+    }
+
+    /// A handle number for a new open of `ino`.
+    pub(crate) fn new_handle(&self, ino: u64) -> u64 {
+        match self.opens.get() {
+            Some(t) => t.open_handle(ino, Mode::Cached),
+            None => self.next_fh.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Detach a layer and make the kernel forget its directory entry.
+    pub fn detach(&self, name: &str) -> bool {
+        let found = self.layers.detach(name).is_some();
+        if found && let Some(n) = self.notifier.lock().as_ref() {
+            let _ = n.inval_entry(INodeNo(MOUNT_ROOT), OsStr::new(name));
+        }
+        found
+    }
+}
