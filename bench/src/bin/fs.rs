@@ -193,7 +193,11 @@ fn mount(layers: &[(&Arc<Layer>, &Arc<Cache>)], passthrough: bool, work: &Path) 
             .map(|(l, _)| (l.digest.clone(), (*l).clone()))
             .collect(),
     );
+    let cache_root = layers
+        .first()
+        .map_or(work.to_path_buf(), |(_, c)| c.root().to_path_buf());
     let shared = Arc::new(FsShared::new(
+        &cache_root,
         Arc::new(engine),
         tokio::runtime::Handle::current(),
         Duration::from_secs(3600),
@@ -202,15 +206,8 @@ fn mount(layers: &[(&Arc<Layer>, &Arc<Cache>)], passthrough: bool, work: &Path) 
         .passthrough
         .wanted
         .store(passthrough, std::sync::atomic::Ordering::Release);
-    for (l, cache) in layers {
-        shared
-            .layers
-            .attach(
-                &l.digest,
-                &cache.index_path(&l.digest),
-                &cache.presence_path(&l.digest),
-            )
-            .expect("attach");
+    for (l, _) in layers {
+        shared.layers.attach(&l.digest).expect("attach");
     }
     let dir = tempfile::Builder::new()
         .prefix("sg-bench-fs-")
@@ -263,10 +260,11 @@ async fn service_footprint(work: &Path) -> [(f64, u64); 2] {
     std::fs::write(
         &config,
         format!(
-            "[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n[fetcher]\nsocket = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            "[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[log]\nlevel = \"warn\"\n",
             socket.display(),
             work.join("fs-mnt").display(),
-            work.join("no-fetcher.sock").display()
+            work.join("no-fetcher.sock").display(),
+            cache.root().display()
         ),
     )
     .expect("config");
@@ -289,8 +287,6 @@ async fn service_footprint(work: &Path) -> [(f64, u64); 2] {
         client
             .attach(AttachRequest {
                 layer_digest: l.digest.clone(),
-                index_path: cache.index_path(&l.digest).display().to_string(),
-                presence_path: cache.presence_path(&l.digest).display().to_string(),
             })
             .await
             .expect("attach");

@@ -197,22 +197,14 @@ impl Layer {
         } else {
             (offset, offset.saturating_add(len).min(node.size()))
         };
-        let mut out = Vec::new();
-        let Some(first) = node.chunk_at(start) else {
-            return Ok(out);
-        };
-        for i in first.index..node.chunk_count() {
-            let Some(c) = node.chunk(i) else { break };
-            if c.file_offset >= end {
-                break;
-            }
-            out.push(Claim {
+        Ok(node
+            .chunks_in(start, end)
+            .map(|chunk| Claim {
                 ino,
-                chunk: c,
+                chunk,
                 background: false,
-            });
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
     /// Make the given file ranges `(inode, offset, length)` present.

@@ -59,6 +59,7 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
     let opts = FetchOptions {
         merge_gap: c.merge_gap,
         max_merged_range: c.max_merged_range,
+        whole_file_below: c.whole_file_below,
         ..Default::default()
     };
     let service = FetcherService::new(

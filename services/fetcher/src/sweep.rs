@@ -106,15 +106,11 @@ fn blob_span(index: &LayerIndex, ranges: &[(u64, u64, u64)]) -> Option<(u64, u64
     let mut span: Option<(u64, u64)> = None;
     for &(ino, offset, len) in ranges {
         let node = index.inode(ino)?;
-        let end = offset.saturating_add(len.max(1)).min(node.size());
-        let mut at = offset;
-        while at < end {
-            let c = node.chunk_at(at)?;
+        for c in node.chunks_in(offset, offset.saturating_add(len.max(1))) {
             span = Some(match span {
                 None => (c.compressed_offset, c.compressed_end),
                 Some((s, e)) => (s.min(c.compressed_offset), e.max(c.compressed_end)),
             });
-            at = c.file_offset + c.size;
         }
     }
     span

@@ -68,8 +68,6 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HandoverError {
 pub struct SavedLayer {
     pub digest: String,
     pub slot: u64,
-    pub index_path: PathBuf,
-    pub presence_path: PathBuf,
 }
 
 /// What a restarted process needs to serve the same connection.
@@ -406,8 +404,6 @@ mod tests {
             layers: vec![SavedLayer {
                 digest: format!("sha256:{}", "a".repeat(64)),
                 slot: 2,
-                index_path: "/c/layers/x/index".into(),
-                presence_path: "/c/layers/x/presence".into(),
             }],
         };
         f.save(&s).unwrap();

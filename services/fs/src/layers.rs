@@ -35,11 +35,9 @@ pub struct Attached {
     /// Directory name in the mount: the digest's hex.
     pub name: String,
     pub slot: u64,
-    pub index_path: PathBuf,
-    pub presence_path: PathBuf,
     pub index: LayerIndex,
     pub presence: PresenceMap,
-    pub cache: Cache,
+    pub cache: Arc<Cache>,
     pub stats: LayerStats,
     /// Keeps the fetcher's eviction away from the layer while attached.
     _pin: LayerPin,
@@ -76,9 +74,11 @@ pub enum AttachError {
     BadDigest(String),
 }
 
-/// Attached layers by slot and by name.
-#[derive(Default)]
+/// Attached layers by slot and by name, from the node's cache.
 pub struct LayerTable {
+    /// The fetcher's cache (`[fetcher] cache_dir`): a layer's index and
+    /// presence map are where the cache keeps them for its digest.
+    cache: Arc<Cache>,
     inner: RwLock<Table>,
     journal: OnceLock<Journal>,
 }
@@ -97,17 +97,16 @@ struct Table {
     next_slot: u64,
 }
 
-/// The cache root of an index at `<cache>/layers/<hex>/index`.
-fn cache_root(index_path: &Path) -> PathBuf {
-    index_path
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("/"))
-        .to_path_buf()
-}
-
 impl LayerTable {
+    /// An empty table serving layers of the cache at `cache_root`.
+    pub fn new(cache_root: &Path) -> LayerTable {
+        LayerTable {
+            cache: Arc::new(Cache::open_reader(cache_root)),
+            inner: RwLock::default(),
+            journal: OnceLock::new(),
+        }
+    }
+
     /// Save the table (and the session's INIT and device) to `file` from
     /// now on, at every change; saves it once now.
     pub fn journal_to(&self, file: SessionFile, init: String, device: String) {
@@ -126,8 +125,6 @@ impl LayerTable {
             .map(|a| SavedLayer {
                 digest: a.digest.clone(),
                 slot: a.slot,
-                index_path: a.index_path.clone(),
-                presence_path: a.presence_path.clone(),
             })
             .collect();
         layers.sort_by_key(|l| l.slot);
@@ -148,24 +145,13 @@ impl LayerTable {
         t.next_slot = t.next_slot.max(next_slot);
     }
 
-    /// Attach (or find) a layer; returns it.
-    pub fn attach(
-        &self,
-        digest: &str,
-        index_path: &Path,
-        presence_path: &Path,
-    ) -> Result<Arc<Attached>, AttachError> {
-        self.attach_in(digest, index_path, presence_path, None)
+    /// Attach (or find) a layer the fetcher resolved; returns it.
+    pub fn attach(&self, digest: &str) -> Result<Arc<Attached>, AttachError> {
+        self.attach_in(digest, None)
     }
 
     /// Attach a layer in the slot a previous process gave it.
-    pub fn attach_in(
-        &self,
-        digest: &str,
-        index_path: &Path,
-        presence_path: &Path,
-        slot: Option<u64>,
-    ) -> Result<Arc<Attached>, AttachError> {
+    pub fn attach_in(&self, digest: &str, slot: Option<u64>) -> Result<Arc<Attached>, AttachError> {
         let name = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -176,26 +162,27 @@ impl LayerTable {
         }
         // Pinned before anything is opened: eviction cannot delete the files
         // between here and the detach.
-        let cache = Cache::open_reader(&cache_root(index_path));
+        let cache = self.cache.clone();
+        let (index_path, presence_path) = (cache.index_path(digest), cache.presence_path(digest));
         let pin = cache
             .pin_layer(digest)
             .map_err(|source| AttachError::Presence {
                 layer: digest.to_string(),
                 source,
             })?;
-        let index = LayerIndex::open(index_path).map_err(|source| AttachError::Index {
+        let index = LayerIndex::open(&index_path).map_err(|source| AttachError::Index {
             layer: digest.to_string(),
             source,
         })?;
         if index.layer_digest() != digest {
             return Err(AttachError::Mismatch {
                 layer: digest.to_string(),
-                index: index_path.to_path_buf(),
+                index: index_path.clone(),
                 other: index.layer_digest().to_string(),
             });
         }
         let presence =
-            PresenceMap::open_ro(presence_path).map_err(|source| AttachError::Presence {
+            PresenceMap::open_ro(&presence_path).map_err(|source| AttachError::Presence {
                 layer: digest.to_string(),
                 source,
             })?;
@@ -217,8 +204,6 @@ impl LayerTable {
             digest: digest.to_string(),
             name: name.clone(),
             slot,
-            index_path: index_path.to_path_buf(),
-            presence_path: presence_path.to_path_buf(),
             index,
             presence,
             cache,
@@ -277,7 +262,7 @@ mod tests {
     /// make every later lookup, attach and detach of the mount panic.
     #[test]
     fn a_panic_while_the_table_is_locked_leaves_it_usable() {
-        let t = LayerTable::default();
+        let t = LayerTable::new(Path::new("/nonexistent"));
         std::thread::scope(|s| {
             let bug = s.spawn(|| {
                 let _held = t.inner.write();

@@ -27,7 +27,7 @@ use stargaze_fs::service::FsService;
 use stargaze_fs::{FsShared, GrpcFetcher};
 use stargaze_proto::v1::fs_server::FsServer;
 use stargaze_service::CommonArgs;
-use stargaze_service::config::FsConfig;
+use stargaze_service::config::{FetcherConfig, FsConfig};
 
 /// Serves lazily pulled layers through one FUSE mount.
 #[derive(Debug, Parser)]
@@ -43,18 +43,22 @@ fn main() -> ExitCode {
         "stargaze-fs",
         &args.common,
         |_| {},
-        |startup| serve(startup.config.fs, startup.config.fetcher.socket),
+        |startup| serve(startup.config.fs, startup.config.fetcher),
     )
 }
 
-async fn serve(c: FsConfig, fetcher_socket: std::path::PathBuf) -> Result<()> {
-    let source = Arc::new(GrpcFetcher::new(&fetcher_socket)?);
+async fn serve(c: FsConfig, fetcher: FetcherConfig) -> Result<()> {
+    let source = Arc::new(GrpcFetcher::new(&fetcher.socket)?);
     let runtime = tokio::runtime::Handle::current();
-    let shared = Arc::new(FsShared::new(
+    // Layers are read from the fetcher's cache, found by their digest.
+    let mut shared = FsShared::new(
+        &fetcher.cache_dir,
         source,
         runtime,
         c.entry_timeout.max(c.attr_timeout),
-    ));
+    );
+    shared.readahead = c.readahead;
+    let shared = Arc::new(shared);
     shared
         .passthrough
         .wanted

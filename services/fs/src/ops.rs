@@ -24,7 +24,7 @@ use crate::FsShared;
 use crate::entries::{ROOT_TTL, layer_attr};
 use crate::layers::{Attached, MOUNT_ROOT};
 use crate::metrics::Op;
-use crate::readahead::{present, small_siblings};
+use crate::readahead::{SMALL_FILE, present, small_siblings};
 
 /// The `fuser::Filesystem` of the node's mount.
 pub struct StargazeFs {
@@ -244,16 +244,13 @@ impl Filesystem for StargazeFs {
             }
             return;
         }
-        // Missing chunks: fetch on the runtime and answer from there.
-        let (fetch_off, fetch_len) = if file_size <= self.shared.whole_file_below {
-            (0, file_size)
-        } else {
-            (offset, end - offset)
-        };
+        // Missing chunks: fetch on the runtime and answer from there (the
+        // fetcher fetches small files whole: `[fetcher] whole_file_below`).
+        let (fetch_off, fetch_len) = (offset, end - offset);
         // A small file is often read with its neighbours (modules of a
         // package, locale files): fetch the next small ones of its directory
         // alongside, at the cost of a few KiB instead of a round trip each.
-        let siblings = if file_size <= self.shared.whole_file_below {
+        let siblings = if file_size <= SMALL_FILE {
             small_siblings(&a, local)
         } else {
             Vec::new()

@@ -281,6 +281,7 @@ mod tests {
             .build()
             .unwrap();
         let shared = FsShared::new(
+            std::path::Path::new("/nonexistent"),
             Arc::new(NoFetcher),
             rt.handle().clone(),
             Duration::from_secs(1),

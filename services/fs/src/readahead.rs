@@ -3,6 +3,9 @@
 
 use crate::layers::Attached;
 
+/// A miss on a file up to this size fetches its small neighbours too.
+pub(crate) const SMALL_FILE: u64 = 128 << 10;
+
 /// Small regular files that follow `local` in its directory (name order,
 /// which is also the order image builders write them), not yet present.
 pub(crate) fn small_siblings(a: &Attached, local: u64) -> Vec<(u64, u64)> {
@@ -46,17 +49,9 @@ pub(crate) fn present(a: &Attached, local: u64, offset: u64, end: u64) -> bool {
     let Some(n) = a.index.inode(local) else {
         return false;
     };
-    let Some(first) = n.chunk_at(offset) else {
-        return end <= offset;
-    };
-    for i in first.index..n.chunk_count() {
-        let Some(c) = n.chunk(i) else { return false };
-        if c.file_offset >= end {
-            break;
-        }
-        if !a.presence.is_present(c.global) {
-            return false;
-        }
+    if end > offset && n.chunk_at(offset).is_none() {
+        return false;
     }
-    true
+    n.chunks_in(offset, end)
+        .all(|c| a.presence.is_present(c.global))
 }

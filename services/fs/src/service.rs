@@ -48,11 +48,7 @@ impl Fs for FsService {
         let a = self
             .shared
             .layers
-            .attach(
-                &req.layer_digest,
-                Path::new(&req.index_path),
-                Path::new(&req.presence_path),
-            )
+            .attach(&req.layer_digest)
             .map_err(|e| match e {
                 AttachError::BadDigest(_) => Status::invalid_argument(e.to_string()),
                 _ => Status::failed_precondition(format!(

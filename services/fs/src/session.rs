@@ -175,12 +175,7 @@ pub fn mount_or_take_over(
             shared.layers.reserve_slots(state.next_slot);
             let mut attached = 0;
             for l in &state.layers {
-                match shared.layers.attach_in(
-                    &l.digest,
-                    &l.index_path,
-                    &l.presence_path,
-                    Some(l.slot),
-                ) {
+                match shared.layers.attach_in(&l.digest, Some(l.slot)) {
                     Ok(_) => attached += 1,
                     Err(e) => tracing::warn!(
                         layer = %l.digest,

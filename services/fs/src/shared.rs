@@ -17,6 +17,9 @@ use crate::opens::{Mode, OpenTable};
 use crate::passthrough::Passthrough;
 use crate::source::ChunkSource;
 
+/// Default of `[fs] readahead`.
+pub const DEFAULT_READAHEAD: u64 = 1 << 20;
+
 /// Everything the FUSE threads and the gRPC service share.
 pub struct FsShared {
     pub layers: LayerTable,
@@ -24,8 +27,6 @@ pub struct FsShared {
     pub runtime: tokio::runtime::Handle,
     /// Entry and attribute timeout inside layers (they never change).
     pub ttl: Duration,
-    /// Files up to this size are fetched whole on their first read.
-    pub whole_file_below: u64,
     /// Bytes fetched ahead after a read that missed, when reading on.
     pub readahead: u64,
     pub fetch_errors: AtomicU64,
@@ -46,18 +47,20 @@ pub struct FsShared {
 }
 
 impl FsShared {
+    /// Shared state serving layers of the cache at `cache_root` (the
+    /// fetcher's `cache_dir`).
     pub fn new(
+        cache_root: &std::path::Path,
         source: Arc<dyn ChunkSource>,
         runtime: tokio::runtime::Handle,
         ttl: Duration,
     ) -> FsShared {
         FsShared {
-            layers: LayerTable::default(),
+            layers: LayerTable::new(cache_root),
             source,
             runtime,
             ttl,
-            whole_file_below: 128 << 10,
-            readahead: 1 << 20,
+            readahead: DEFAULT_READAHEAD,
             fetch_errors: AtomicU64::new(0),
             counters: Arc::default(),
             errors: Default::default(),

@@ -371,18 +371,12 @@ async fn setup_with(
     );
     let source = Arc::new(Engine([(digest.clone(), layer.clone())].into()));
     let shared = Arc::new(FsShared::new(
+        &cache_dir,
         source,
         tokio::runtime::Handle::current(),
         Duration::from_secs(3600),
     ));
-    shared
-        .layers
-        .attach(
-            &digest,
-            &cache.index_path(&digest),
-            &cache.presence_path(&digest),
-        )
-        .unwrap();
+    shared.layers.attach(&digest).unwrap();
     (shared, layer, digest)
 }
 

@@ -99,8 +99,9 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     std::fs::write(
         &config,
         format!(
-            "[fetcher]\nsocket = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n",
+            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n",
             fetcher_sock.display(),
+            w.join("cache").display(),
             fs_sock.display(),
             mnt.display()
         ),
@@ -299,8 +300,6 @@ async fn resolve_and_attach(
     let a = fsc
         .attach(AttachRequest {
             layer_digest: r.layer_digest.clone(),
-            index_path: r.index_path,
-            presence_path: r.presence_path,
         })
         .await
         .unwrap()

@@ -197,8 +197,6 @@ impl Remote {
             .clone()
             .attach(AttachRequest {
                 layer_digest: resolved.layer_digest.clone(),
-                index_path: resolved.index_path,
-                presence_path: resolved.presence_path,
             })
             .await
             .map_err(|s| format!("fs: {}", s.message()))?

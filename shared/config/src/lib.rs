@@ -96,6 +96,10 @@ pub struct FetcherConfig {
     /// Programs and shared libraries (mapped files, read by page faults in
     /// any order) up to this size are fetched whole when first read; larger
     /// ones chunk by chunk as they are read. 0 = never whole.
+    /// Files up to this size are fetched whole on their first read (a
+    /// small file is usually read whole, and one request beats several).
+    #[serde(with = "size")]
+    pub whole_file_below: u64,
     #[serde(with = "size")]
     pub whole_mapped_file_below: u64,
     /// Record what each image's first containers read (files and ranges,
@@ -167,6 +171,10 @@ pub struct FsConfig {
     /// 6.9, root, cache on a non-stacked filesystem); falls back to serving
     /// reads itself, logged once, where that is not possible.
     pub passthrough: bool,
+    /// When a read that missed continues through a large file, fetch this
+    /// many bytes after it too. 0 = off.
+    #[serde(with = "size")]
+    pub readahead: u64,
     /// How long the kernel may cache a name lookup.
     #[serde(with = "duration")]
     pub entry_timeout: Duration,
@@ -240,6 +248,7 @@ impl Default for FetcherConfig {
             background_fetch: true,
             prefetch_entrypoint: true,
             prefetch_loads: true,
+            whole_file_below: 256 << 10,
             whole_mapped_file_below: 64 << 20,
             learn_traces: true,
             trace_window: Duration::from_secs(30),
@@ -265,6 +274,7 @@ impl Default for FsConfig {
             mountpoint: "/run/stargaze/mnt".into(),
             n_threads: 4,
             passthrough: true,
+            readahead: 1 << 20,
             entry_timeout: Duration::from_secs(3600),
             attr_timeout: Duration::from_secs(3600),
             metrics_address: String::new(),

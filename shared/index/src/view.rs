@@ -425,6 +425,26 @@ impl<'a> Inode<'a> {
         (offset < c.file_offset + c.size).then_some(c)
     }
 
+    /// The chunks holding bytes `[offset, end)` of the file, in file order
+    /// (none when the range is empty or past the end).
+    pub fn chunks_in(&self, offset: u64, end: u64) -> impl Iterator<Item = ChunkInfo> + 'a {
+        let me = *self;
+        let first = if offset < end {
+            self.chunk_at(offset).map(|c| c.index)
+        } else {
+            None
+        };
+        let from = first.unwrap_or(usize::MAX);
+        let to = if first.is_some() {
+            self.chunk_count()
+        } else {
+            0
+        };
+        (from.min(to)..to)
+            .map_while(move |i| me.chunk(i))
+            .take_while(move |c| c.file_offset < end)
+    }
+
     pub fn xattrs(&self) -> impl Iterator<Item = Xattr<'a>> + 'a {
         let s = &self.rec.xattrs;
         let start = s.start.to_native() as usize;

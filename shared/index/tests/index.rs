@@ -239,6 +239,15 @@ fn chunks_by_offset() {
     let dir = idx.root();
     assert_eq!(dir.chunk_count(), 0);
     assert!(dir.chunk_at(0).is_none());
+    // The chunks a byte range covers.
+    let idx_of = |o: u64, e: u64| big.chunks_in(o, e).map(|c| c.index).collect::<Vec<_>>();
+    assert_eq!(idx_of(0, 1), [0]);
+    assert_eq!(idx_of(4095, 4097), [0, 1]);
+    assert_eq!(idx_of(4096, 10_000), [1, 2]);
+    assert_eq!(idx_of(0, u64::MAX), [0, 1, 2]);
+    assert!(idx_of(5000, 5000).is_empty());
+    assert!(idx_of(10_000, 20_000).is_empty());
+    assert!(dir.chunks_in(0, 10).next().is_none());
 }
 
 #[test]
