@@ -5,10 +5,11 @@
 
 Reads the Markdown tables bench/startup.sh writes (one `## workload: ...`
 section per workload, one row per method with `median [min-max]` cells, and
-a `Lower bound: N s` line where one was measured) and draws, per workload,
-the median total time of each method with its min-max range, the runs on
-optimized images (workload NAME-opt) beside NAME's, and the lower bound as a
-black line across the group; on a log scale (a warm start takes 0.1 s,
+`Lower bound: N s` and `Lower bound (pages touched): N s` lines where they
+were measured) and draws, per workload, the median total time of each
+method with its min-max range, the runs on optimized images (workload
+NAME-opt) beside NAME's, and the lower bounds as a black line (whole files)
+and a dashed one (touched pages) across the group; on a log scale (a warm start takes 0.1 s,
 reading the whole image a minute). The machine, link and kernel lines of the
 report go in the caption. Needs matplotlib (Debian: python3-matplotlib;
 bench/startup.sh installs it).
@@ -30,17 +31,18 @@ BARS = [("overlayfs", False, "full pull (overlayfs)", "#9e9e9e"),
 METHODS = {m for m, _, _, _ in BARS}
 CELL = re.compile(r"([0-9.]+)\s*\[([0-9.]+)-([0-9.]+)\]")
 BOUND = re.compile(r"^Lower bound: ([0-9.]+) s")
+TOUCHED = re.compile(r"^Lower bound \(pages touched\): ([0-9.]+) s")
 
 
 def parse(path):
-    """{workload: ({method: (median, min, max)}, bound or None)} in the
-    report's order, and the header lines."""
+    """{workload: ({method: (median, min, max)}, [bound, touched bound])}
+    in the report's order (None where not measured), and the header lines."""
     workloads, header, current = {}, [], None
     for line in open(path, encoding="utf-8"):
         line = line.rstrip("\n")
         if line.startswith("## "):
             name = line[3:].split(":")[0].strip()
-            current = None if name == "Summary" else workloads.setdefault(name, ({}, [None]))
+            current = None if name == "Summary" else workloads.setdefault(name, ({}, [None, None]))
         elif not workloads and line.startswith(("Link:", "Machine:")):
             header.append(line)
         elif current is not None and line.startswith("| "):
@@ -50,19 +52,22 @@ def parse(path):
                 current[0][cells[0]] = tuple(float(x) for x in m.groups())
         elif current is not None and (m := BOUND.match(line)):
             current[1][0] = float(m.group(1))
+        elif current is not None and (m := TOUCHED.match(line)):
+            current[1][1] = float(m.group(1))
     return workloads, header
 
 
 def groups(workloads):
-    """[(name, {(method, optimized): cell}, bound)]: NAME-opt joins NAME."""
+    """[(name, {(method, optimized): cell}, [bound, touched bound])]:
+    NAME-opt joins NAME."""
     out = {}
     for name, (rows, bound) in workloads.items():
         base, opt = (name[:-4], True) if name.split("@")[0].endswith("-opt") else (name, False)
-        bars, b = out.setdefault(base, ({}, [None]))
+        bars, b = out.setdefault(base, ({}, [None, None]))
         for method, cell in rows.items():
             bars[(method, opt)] = cell
-        b[0] = b[0] or bound[0]
-    return [(name, bars, b[0]) for name, (bars, b) in out.items() if bars]
+        b[0], b[1] = b[0] or bound[0], b[1] or bound[1]
+    return [(name, bars, b) for name, (bars, b) in out.items() if bars]
 
 
 def main():
@@ -88,11 +93,13 @@ def main():
         for bar, v in zip(bars, med):
             ax.annotate(f"{v:.2f}" if v < 10 else f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v),
                         xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6, rotation=90)
-    bound_label = "lower bound"
-    for j, (_, _, bound) in enumerate(gs):
-        if bound:
-            ax.hlines(bound, j - 2.5 * width, j + 2.5 * width, colors="black", linewidth=1.5, label=bound_label)
-            bound_label = None
+    labels = ["lower bound (whole files read)", "lower bound (pages touched)"]
+    for j, (_, _, bounds) in enumerate(gs):
+        for k, (bound, style) in enumerate(zip(bounds, ("solid", "dashed"))):
+            if bound:
+                ax.hlines(bound, j - 2.5 * width, j + 2.5 * width, colors="black", linestyles=style,
+                          linewidth=1.5, label=labels[k])
+                labels[k] = None
     ax.set_yscale("log")
     ax.set_ylabel("seconds to the container's exit (median, min-max), log scale")
     ax.set_xticks(range(len(gs)))

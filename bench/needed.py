@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a workload reads, in uncompressed and eStargz-compressed bytes.
 
-Usage: needed.py [--exec NAME] [--list FILE] STRACE ROOTFS ESGZ_LAYOUT LAYER_DIR...
+Usage: needed.py [--exec NAME] [--list FILE] [--pages FILE] STRACE ROOTFS ESGZ_LAYOUT LAYER_DIR...
 
 STRACE is `strace -f -e trace=execve,openat,open` of the workload run with
 `chroot ROOTFS`. It is read from the first exec of NAME (the workload's
@@ -20,6 +20,13 @@ toc_bytes (every layer's TOC and footer, which mounting needs). `--list
 FILE` also writes the files, in the order the workload first opened or
 exec'd them, one path per line: the prioritized files list of `stargaze
 convert --prioritized-files`.
+
+`--pages FILE` (bench/pagecache.py's `resident` after the same run, paths
+under the LAYER_DIRs) adds touched_bytes and touched_compressed_bytes: only
+the pages the workload read or mapped (with the kernel's readahead), and the
+compressed extents of the chunks that hold them. For a program that maps a
+large file and touches a few pages of it (a JVM's lib/modules) that is what
+a lazy pull needs; counting whole files overstates it.
 """
 
 import io
@@ -114,8 +121,8 @@ def interpreter(full):
 
 
 def layer_extents(layout):
-    """Per layer (bottom first): ({path: compressed bytes of its chunks},
-    bytes of the TOC and footer)."""
+    """Per layer (bottom first): ({path: [(chunk offset, chunk size,
+    compressed bytes)]}, bytes of the TOC and footer)."""
     index = json.load(open(os.path.join(layout, "index.json")))
     blob = lambda d: os.path.join(layout, "blobs", "sha256", d.split(":")[1])
     manifest = json.load(open(blob(index["manifests"][0]["digest"])))
@@ -129,24 +136,22 @@ def layer_extents(layout):
             toc = json.load(tf.extractfile("stargz.index.json"))
         offsets = sorted({e["offset"] for e in toc["entries"] if e.get("offset")} | {toc_off})
         following = {o: offsets[i + 1] for i, o in enumerate(offsets[:-1])}
-        sizes = {}
+        chunks = {}
         for e in toc["entries"]:
             if e["type"] in ("reg", "chunk") and e.get("offset"):
                 name = "/" + e["name"].lstrip("./")
-                sizes[name] = sizes.get(name, 0) + following[e["offset"]] - e["offset"]
-        out.append((sizes, len(data) - toc_off))
+                size = e.get("chunkSize") or e.get("size", 0)
+                chunks.setdefault(name, []).append((e.get("chunkOffset", 0), size, following[e["offset"]] - e["offset"]))
+        out.append((chunks, len(data) - toc_off))
     return out
 
 
 def main():
     args = sys.argv[1:]
-    listing, start = None, "python3"
-    while args[:1] in (["--list"], ["--exec"]):
-        if args[0] == "--list":
-            listing = args[1]
-        else:
-            start = args[1]
-        args = args[2:]
+    opts = {"--list": None, "--exec": "python3", "--pages": None}
+    while args[:1] and args[0] in opts:
+        opts[args[0]], args = args[1], args[2:]
+    listing, start = opts["--list"], opts["--exec"]
     trace, root, layout, layers = args[0], args[1], args[2], args[3:]
 
     def top_layer(path):
@@ -171,7 +176,7 @@ def main():
     for how, path in opened_files(trace, start):
         add(path, how)
     extents = layer_extents(layout)
-    compressed = sum(extents[k][0].get(path, 0) for path, (_, k) in files.items())
+    compressed = sum(c for path, (_, k) in files.items() for _, _, c in extents[k][0].get(path, []))
     if listing:
         with open(listing, "w") as f:
             f.writelines(p.lstrip("/") + "\n" for p in files)
@@ -179,6 +184,19 @@ def main():
     print(f"bytes {sum(size for size, _ in files.values())}")
     print(f"compressed_bytes {compressed}")
     print(f"toc_bytes {sum(t for _, t in extents)}")
+    if opts["--pages"]:
+        pages = {}
+        for line in open(opts["--pages"]):
+            path, _, ranges = line.rstrip("\n").partition("\t")
+            pages[path] = [tuple(map(int, r.split("-"))) for r in ranges.split(",") if r]
+        touched = touched_compressed = 0
+        for path, (_, k) in files.items():
+            ranges = pages.get(layers[k] + path, [])
+            touched += sum(b - a for a, b in ranges)
+            touched_compressed += sum(c for off, size, c in extents[k][0].get(path, [])
+                                      if any(a < off + size and off < b for a, b in ranges))
+        print(f"touched_bytes {touched}")
+        print(f"touched_compressed_bytes {touched_compressed}")
 
 
 if __name__ == "__main__":

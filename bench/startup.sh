@@ -88,6 +88,7 @@ now() { echo "$EPOCHREALTIME"; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.3f", b - a}'; }
 
 [[ $(id -u) -eq 0 ]] || die "needs root (containerd, FUSE, network namespaces)"
+RUN_START=$(now)
 mkdir -p "$W"/{logs,pids,etc,bin,img,ctd,peer,sg}
 rm -f "$W"/needed-*.txt "$W"/prioritized-*.txt "$W"/record-*.json
 
@@ -456,6 +457,7 @@ done
 remove_images
 
 # ------------------------------------------------------------------ report
+awk -v s="$(since "$RUN_START")" 'BEGIN {printf "%.0f min\n", s / 60}' >"$W/runtime.txt"
 python3 bench/startup/report.py "$RESULTS" "$W" "$RATE" "$RTT_MS" "$ROUNDS" >"$RESULTS_MD"
 cat "$RESULTS_MD"
 # Debian's python3 (with python3-matplotlib), whatever python3 is first on PATH.

@@ -113,14 +113,16 @@ build_image() { # name
 # What a workload reads, for its lower bound and for the optimized images'
 # prioritized files: its opens and execs under strace in a chroot of the
 # image's layers (with a scratch upper directory, /dev, /proc and /sys, as a
-# container has), then each file's compressed bytes in our eStargz layers.
-# Writes $W/needed-WL.txt and $W/prioritized-WL.txt.
+# container has), and the pages of the layers' files it brought into the
+# page cache (evicted before); then each file's compressed bytes in our
+# eStargz layers. Writes $W/needed-WL.txt and $W/prioritized-WL.txt.
 measure_needed() { # workload
-    local wl=$1 trace lower m=$I/run scratch=$I/scratch rc=0 out
+    local wl=$1 trace pages lower m=$I/run scratch=$I/scratch rc=0 out
     workload "$wl"
     trace=$I/$image/strace-$wl.txt
+    pages=$I/$image/pages-$wl.txt
     lower=$(layer_dirs "$image" | lowerdirs)
-    if [[ ! -s $trace ]]; then
+    if [[ ! -s $trace || ! -s $pages ]]; then
         log "measuring what $wl reads (strace in a chroot of image $image)"
         need_packages strace
         rm -rf "$scratch"
@@ -129,9 +131,13 @@ measure_needed() { # workload
         mount --bind /dev "$m/dev"
         mount -t proc proc "$m/proc"
         mount --bind /sys "$m/sys"
+        # shellcheck disable=SC2046
+        sync -f "$I" && python3 bench/pagecache.py evict $(layer_dirs "$image")
         strace -f -qq -e trace=execve,openat,open -o "$trace.part" \
             env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 HOME=/root \
             chroot "$m" "${argv[@]}" >"$W/logs/strace-$wl.out" 2>&1 || rc=$?
+        # shellcheck disable=SC2046
+        python3 bench/pagecache.py resident "$pages" $(layer_dirs "$image")
         umount "$m/sys" "$m/proc" "$m/dev" "$m"
         rm -rf "$scratch"
         out=$(tail -1 "$W/logs/strace-$wl.out")
@@ -142,7 +148,7 @@ measure_needed() { # workload
     mkdir -p "$I/ro"
     mount -t overlay overlay -o "lowerdir=$lower" "$I/ro"
     # shellcheck disable=SC2046
-    python3 bench/needed.py --exec "$(basename "${argv[0]}")" --list "$W/prioritized-$wl.txt" \
+    python3 bench/needed.py --exec "$(basename "${argv[0]}")" --list "$W/prioritized-$wl.txt" --pages "$pages" \
         "$trace" "$I/ro" "$I/$image/esgz" $(layer_dirs "$image") >"$W/needed-$wl.txt" || rc=$?
     umount "$I/ro"
     ((rc == 0)) || die "bench/needed.py $wl failed"
