@@ -39,8 +39,11 @@
 # per workload, then one table per workload) and a bar chart of it,
 # bench/results/startup.png (bench/chart.py).
 #
-# Runtime of a full run (everything, ROUNDS=5, images cached): RUNTIME_FULL.
-# The first run also builds the images (about IMAGE_BUILD_MINUTES minutes from deb.debian.org).
+# Runtime of a full run (every image and workload, images cached, on the
+# 2-core build machine): 33 min with ROUNDS=3 (measured on 2026-12-07: 11 min
+# before the first round, mostly ctr-remote's 12 conversions, and 22 min of
+# rounds), so about 48 min with the default ROUNDS=5. The first run also
+# builds the images: 5 min from deb.debian.org.
 #
 # Environment: ROUNDS [5] rounds per method and workload (READALL_ROUNDS [1]
 # for readall), RATE [100mbit], RTT_MS [20], WORK [/tmp/stargaze-startup],

@@ -1,7 +1,8 @@
 # A shell script that execs many small programs in pipelines (find, sort,
 # xargs, sha256sum, awk, uniq, wc, file, tar, xz) over many small files:
 # /usr/share/doc's copyright files, the head of every program in /usr/bin,
-# all of /etc.
+# all of /etc. tar archives in readdir order, which differs between a full
+# pull (ext4) and a lazy mount (sorted): the xz size differs with it.
 image_pipe() {
     desc='Debian bookworm minbase + file + xz-utils, config Cmd ["bash"]'
     cmd='["bash"]'
