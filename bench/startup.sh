@@ -24,7 +24,9 @@
 # from the same list). Workloads with a lower bound (all but warm and
 # readall): the compressed bytes of what they read (bench/needed.py, from an
 # strace of the command in a chroot of the image) at the link's rate, 4
-# round trips and the command's run time on a warm overlayfs node.
+# round trips and the command's run time on a warm overlayfs node; a second
+# bound counts only the chunks holding the pages it touched
+# (bench/pagecache.py), for programs that map large files sparsely (a JVM).
 # The registry (Debian's docker-registry) runs in a network namespace behind
 # a veth pair shaped with tc tbf (RATE, both directions) and delayed with an
 # NFQUEUE delayer (RTT_MS; this kernel has no netem), as
@@ -35,8 +37,8 @@
 # for a remote server). Per round: pull time, run time (to the workload's
 # exit), total, registry requests and bytes (from its access log), and the
 # peak RSS of the snapshotter processes; the output's last line must match
-# the workload's pattern. Results: bench/results/startup.md (a summary table
-# per workload, then one table per workload) and a bar chart of it,
+# the workload's pattern. Results: bench/results/startup.md (a summary
+# table, then one table per workload) and a bar chart of it,
 # bench/results/startup.png (bench/chart.py).
 #
 # Runtime of a full run (every image and workload, images cached, on the
