@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write an OCI image layout from layer directories, as an image builder would.
 
-Usage: mkimage.py OUT TAG LAYER_DIR...
+Usage: mkimage.py [--cmd JSON] OUT TAG LAYER_DIR...
 
 The first directory is a root filesystem (debootstrap output); the others are
 overlayfs upper directories of later build steps. Upper directories are
@@ -11,6 +11,7 @@ translated the way docker and buildkit write layers: a 0/0 character device
 (overlayfs marks every directory it creates opaque; only these matter).
 Entries are sorted, owners numeric, mtimes whole seconds; /dev, /proc and /sys
 are left empty in the base layer. Layers are gzip level 6 (what docker uses).
+The config's Cmd is `--cmd` (a JSON array; default ["python3"]).
 Prints one line per layer: tar bytes, gzip bytes, entries, regular files.
 """
 
@@ -25,7 +26,11 @@ import tarfile
 
 
 def main():
-    out, tag, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
+    args = sys.argv[1:]
+    cmd = ["python3"]
+    if args[:1] == ["--cmd"]:
+        cmd, args = json.loads(args[1]), args[2:]
+    out, tag, dirs = args[0], args[1], args[2:]
     blobs = os.path.join(out, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
 
@@ -87,7 +92,7 @@ def main():
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
-            "Cmd": ["python3"],
+            "Cmd": cmd,
         },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }).encode()

@@ -12,7 +12,10 @@
 #                 passthrough) vs the local disk, stat of a 100k-file layer,
 #                 service RSS and threads with 1 and 500 layers (needs root)
 #   startup.sh    cold start of a container: full pull vs the Go Stargz
-#                 Snapshotter vs stargaze over a shaped link (needs root)
+#                 Snapshotter vs stargaze over a shaped link, on six images
+#                 (bench/images/: python, a C toolchain, perl, a JVM, a shell
+#                 pipeline) with their commands given at ctr run (needs root;
+#                 IMAGES or WORKLOADS choose what runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== building release binaries"

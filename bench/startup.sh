@@ -6,33 +6,57 @@
 #              the image converted by ctr-remote
 #   stargaze   stargaze rpull + ctr run on our three services, on the image
 #              converted by stargaze convert
-# The workload hello-opt runs hello on optimized images: the files hello
-# reads (from strace) prioritized, with a prefetch landmark; for the Go
-# snapshotter converted by ctr-remote --estargz-record-in, for stargaze by
-# stargaze convert --prioritized-files, from the same list.
+# Images (bench/images/*.sh, one recipe each; built offline from Debian
+# packages: debootstrap minbase bookworm, then apt-get install in further
+# layers, cached in $WORK/img between runs):
+#   py    python3 + python3-pip, config Cmd ["python3"]: hello, imports,
+#         warm (a second container on a warm node), readall (reads /usr)
+#   pyb   the same layers with Cmd ["bash"]: hello-bash
+#   cc    gcc + libc6-dev + a C file: cc (compile, link and run it)
+#   perl  perl + a #! script: perl (the script loads 13 modules)
+#   java  openjdk-17-jre-headless + a jar: java (java -jar)
+#   pipe  file + xz-utils: pipe (a sh script of pipelines over small files)
+# Every workload's command is given at `ctr run`; only hello's image names
+# its program in the config. NAME-opt runs NAME's command on optimized images
+# (the image's profile workload's files, from strace, first behind a prefetch
+# landmark: for the Go snapshotter converted by ctr-remote
+# --estargz-record-in, for stargaze by stargaze convert --prioritized-files,
+# from the same list). Workloads with a lower bound (all but warm and
+# readall): the compressed bytes of what they read (bench/needed.py, from an
+# strace of the command in a chroot of the image) at the link's rate, 4
+# round trips and the command's run time on a warm overlayfs node; a second
+# bound counts only the chunks holding the pages it touched
+# (bench/pagecache.py), for programs that map large files sparsely (a JVM).
 # The registry (Debian's docker-registry) runs in a network namespace behind
 # a veth pair shaped with tc tbf (RATE, both directions) and delayed with an
 # NFQUEUE delayer (RTT_MS; this kernel has no netem), as
 # ../shared/reference/anchor-python.md measured the first two columns.
 #
-# The image is built offline from Debian packages: debootstrap minbase
-# bookworm, then `apt-get install python3` in an overlay (a Dockerfile RUN),
-# 3 layers with python3-pip. It is cached in $WORK/img between runs.
-#
 # Every round is cold: images removed, snapshotter daemons restarted with
 # empty roots and caches, the registry's files in the page cache (it stands
 # for a remote server). Per round: pull time, run time (to the workload's
 # exit), total, registry requests and bytes (from its access log), and the
-# peak RSS of the snapshotter processes. Results: bench/results/startup.md
-# and a bar chart of it, bench/results/startup.png (bench/chart.py).
+# peak RSS of the snapshotter processes; the output's last line must match
+# the workload's pattern. Results: bench/results/startup.md (a summary
+# table, then one table per workload) and a bar chart of it,
+# bench/results/startup.png (bench/chart.py).
+#
+# Runtime of a full run (every image and workload, images cached, on the
+# 2-core build machine): 33 min with ROUNDS=3 (measured on 2026-12-07: 11 min
+# before the first round, mostly ctr-remote's 12 conversions, and 22 min of
+# rounds), so about 48 min with the default ROUNDS=5. The first run also
+# builds the images: 5 min from deb.debian.org.
 #
 # Environment: ROUNDS [5] rounds per method and workload (READALL_ROUNDS [1]
-# for readall), RATE [100mbit],
-# RTT_MS [20], WORK [/tmp/stargaze-startup], WORKLOADS [hello imports warm
-# readall hello-opt], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS [hello
-# readall] (one more round of each with the link unshaped; "" = none), KEEP
-# [0] (1 keeps the daemons and network for a look), SG_BIN [target/release]
-# (where our binaries are: for A/B runs of two builds).
+# for readall), RATE [100mbit], RTT_MS [20], WORK [/tmp/stargaze-startup],
+# IMAGES [py pyb cc perl java pipe] (runs these images' workloads),
+# WORKLOADS [every workload of IMAGES: hello imports warm readall hello-opt
+# hello-bash hello-bash-opt cc cc-opt perl perl-opt java java-opt pipe
+# pipe-opt], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS
+# [hello readall, if chosen] (one more round of each with the link unshaped;
+# "" = none), KEEP [0] (1 keeps the daemons and network for a look), SG_BIN
+# [target/release] (where our binaries are: for A/B runs of two builds),
+# RESULTS_MD [bench/results/startup.md] (the chart goes beside it, .png).
 # Needs root. Touches nothing outside $WORK but one network namespace, one
 # veth pair and its own processes, all removed at exit.
 set -euo pipefail
@@ -40,15 +64,16 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 SHARED=$(cd "$ROOT/.." && pwd)/shared
 W=${WORK:-/tmp/stargaze-startup}
+I=$W/img
 ROUNDS=${ROUNDS:-5}
 RATE=${RATE:-100mbit}
 RTT_MS=${RTT_MS:-20}
-LOOPBACK_WORKLOADS=${LOOPBACK_WORKLOADS-hello readall}
-WORKLOADS=${WORKLOADS:-hello imports warm readall hello-opt}
+ALL_WORKLOADS="hello imports warm readall hello-opt hello-bash hello-bash-opt cc cc-opt perl perl-opt java java-opt pipe pipe-opt"
+IMAGES=${IMAGES:-py pyb cc perl java pipe}
 KEEP=${KEEP:-0}
+RESULTS_MD=${RESULTS_MD:-$ROOT/bench/results/startup.md}
 NS=sgbench VH=sgb0 VN=sgb1 HOST_IP=10.213.41.1 REG_IP=10.213.41.2 PORT=5301 QNUM=7713
 REG=$REG_IP:$PORT
-REPO=py
 CSOCK=$W/ctd/c.sock
 PEER_SOCK=$W/peer/peer.sock
 RLOG=$W/logs/registry.log
@@ -56,13 +81,21 @@ RESULTS=$W/results.tsv
 
 # shellcheck source=bench/link.sh
 source "$ROOT/bench/link.sh"
+# shellcheck source=bench/startup/images.sh
+source "$ROOT/bench/startup/images.sh"
+for recipe_file in "$ROOT"/bench/images/*.sh; do
+    # shellcheck disable=SC1090
+    source "$recipe_file"
+done
 log() { echo "[$(date +%T)] $*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 now() { echo "$EPOCHREALTIME"; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.3f", b - a}'; }
 
 [[ $(id -u) -eq 0 ]] || die "needs root (containerd, FUSE, network namespaces)"
+RUN_START=$(now)
 mkdir -p "$W"/{logs,pids,etc,bin,img,ctd,peer,sg}
+rm -f "$W"/needed-*.txt "$W"/prioritized-*.txt "$W"/record-*.json
 
 # ------------------------------------------------------------------ daemons
 start_daemon() { # name cmd...
@@ -138,85 +171,39 @@ if [[ -f $SHARED/peer-stargz/build.sh ]]; then
 fi
 [[ -n $PEER_BIN ]] || log "the Go Stargz Snapshotter could not be built ($W/logs/peer-build.log): its column is skipped"
 
-# ------------------------------------------------------------------ image
-mirror() {
-    local m
-    m=$(grep -rhoE '^deb \[?[^]]*\]? ?https?://[^ ]+ bookworm ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-        grep -oE 'https?://[^ ]+' | grep -v security | head -1)
-    [[ -n $m ]] || m=$(grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null |
-        grep -oE 'https?://[^ ]+/debian/?$' | head -1)
-    echo "${m:-http://deb.debian.org/debian}"
-}
-chroot_step() { # upper lowerdirs command
-    local upper=$1 lower=$2 cmd=$3 m=$W/img/merged work=$W/img/work
-    rm -rf "$upper" "$work"
-    mkdir -p "$upper" "$work" "$m"
-    mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$m"
-    mount --bind /etc/resolv.conf "$m/etc/resolv.conf"
-    mount -t proc proc "$m/proc"
-    local rc=0
-    chroot "$m" /bin/sh -c "export DEBIAN_FRONTEND=noninteractive; apt-get update && $cmd && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb" || rc=$?
-    umount "$m/proc" "$m/etc/resolv.conf" "$m"
-    rm -rf "$work"
-    return $rc
-}
-I=$W/img
-if [[ ! -f $I/oci/index.json ]]; then
-    if [[ ! -f $I/l1.done ]]; then
-        log "image layer 1: debootstrap --variant=minbase bookworm ($(mirror))"
-        rm -rf "$I/l1"
-        debootstrap --variant=minbase bookworm "$I/l1" "$(mirror)" >"$W/logs/debootstrap.log" 2>&1 || die "debootstrap: $W/logs/debootstrap.log"
-        rm -rf "$I/l1"/var/lib/apt/lists/* "$I/l1"/var/cache/apt/*.bin "$I/l1"/var/cache/apt/archives/*.deb
-        mkdir -p "$I/l1/var/lib/apt/lists/partial"
-        : >"$I/l1/etc/resolv.conf"
-        touch "$I/l1.done"
-    fi
-    if [[ ! -f $I/l2.done ]]; then
-        log "image layer 2: apt-get install python3"
-        chroot_step "$I/l2" "$I/l1" "apt-get install -y --no-install-recommends python3" >"$W/logs/layer2.log" 2>&1 || die "layer 2: $W/logs/layer2.log"
-        touch "$I/l2.done"
-    fi
-    if [[ ! -f $I/l3.done ]]; then
-        log "image layer 3: apt-get install python3-pip"
-        chroot_step "$I/l3" "$I/l2:$I/l1" "apt-get install -y --no-install-recommends python3-pip" >"$W/logs/layer3.log" 2>&1 || die "layer 3: $W/logs/layer3.log"
-        touch "$I/l3.done"
-    fi
-    log "writing the OCI layout"
-    rm -rf "$I/oci"
-    python3 bench/mkimage.py "$I/oci" latest "$I/l1" "$I/l2" "$I/l3" | tee "$W/image.txt"
+# ------------------------------------------------------------------ images
+# What runs: WORKLOADS, or every workload of IMAGES; the loopback rounds of
+# those chosen; the images all of them need.
+if [[ -z ${WORKLOADS:-} ]]; then
+    WORKLOADS=
+    for wl in $ALL_WORKLOADS; do
+        workload "$wl"
+        [[ " $IMAGES " == *" $image "* ]] && WORKLOADS+="$wl "
+    done
 fi
-# Converted on every run, by the converter being measured (its output may
-# change: annotations, chunking); it takes seconds.
-log "stargaze convert --format estargz"
-rm -rf "$I/esgz" "$I/esgz-opt"
-t0=$(now)
-"$BIN/stargaze" convert --format estargz "oci:$I/oci:latest" "oci:$I/esgz:esgz" >"$W/logs/convert.log" 2>&1 || die "convert: $W/logs/convert.log"
-echo "stargaze convert: $(since "$t0") s" >"$W/convert-times.txt"
-
-# What `python3 -c 'print("hi")'` reads, for the lower bound: its opens under
-# strace in a read-only overlay of the layer directories, then each file's
-# compressed bytes in our eStargz layers (from their TOCs).
-ro=$I/ro
-mkdir -p "$ro"
-mount -t overlay overlay -o "lowerdir=$I/l3:$I/l2:$I/l1" "$ro"
-if [[ ! -s $W/strace-hello.txt ]]; then
-    log "measuring what the hello workload reads (strace)"
-    need_packages strace
-    strace -f -qq -e trace=execve,openat,open -o "$W/strace-hello.txt" \
-        env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
-        chroot "$ro" python3 -c 'print("hi")' >/dev/null
+if [[ -z ${LOOPBACK_WORKLOADS+set} ]]; then
+    LOOPBACK_WORKLOADS=
+    for wl in hello readall; do [[ " $WORKLOADS " == *" $wl "* ]] && LOOPBACK_WORKLOADS+="$wl "; done
 fi
-python3 bench/needed.py --list "$W/prioritized-hello.txt" "$W/strace-hello.txt" "$ro" "$I/esgz" "$I/l1" "$I/l2" "$I/l3" >"$W/needed-hello.txt" ||
-    { umount "$ro"; die "bench/needed.py failed"; }
-umount "$ro"
-cat "$W/needed-hello.txt" >&2
-# The optimized image: hello's files first, behind a prefetch landmark.
-log "stargaze convert --prioritized-files (hello's $(wc -l <"$W/prioritized-hello.txt") files)"
-"$BIN/stargaze" convert --format estargz --prioritized-files "$W/prioritized-hello.txt" \
-    "oci:$I/oci:latest" "oci:$I/esgz-opt:esgz-opt" >"$W/logs/convert-opt.log" 2>&1 || die "convert: $W/logs/convert-opt.log"
-# ctr-remote reads the same list as `ctr-remote image optimize` records it.
-python3 -c 'import json, sys; [print(json.dumps({"path": l.strip()})) for l in open(sys.argv[1]) if l.strip()]' \
-    "$W/prioritized-hello.txt" >"$W/record-hello.json"
+images=()
+: >"$W/workloads.tsv"
+for wl in $WORKLOADS $LOOPBACK_WORKLOADS; do
+    workload "$wl"
+    [[ " ${images[*]} " == *" $image "* ]] || images+=("$image")
+    printf '%s\t%s\t%s\n' "$wl" "$image" "$what" >>"$W/workloads.tsv"
+done
+log "workloads: $WORKLOADS; unshaped: ${LOOPBACK_WORKLOADS:-none}; images: ${images[*]}"
+: >"$W/images.tsv"
+: >"$W/convert-times.tsv"
+for img in "${images[@]}"; do
+    build_image "$img"
+    convert_image "$img"
+done
+# The lower bounds of the workloads that are not an image's profile.
+for wl in $WORKLOADS; do
+    workload "$wl"
+    [[ $wl == *-opt || $bound != 1 || -s $W/needed-$wl.txt ]] || measure_needed "$wl"
+done
 
 # ------------------------------------------------------------------ network
 log "network: namespace $NS, veth $VH/$VN, $RATE, +${RTT_MS} ms RTT"
@@ -249,10 +236,12 @@ EOF
 start_daemon registry ip netns exec "$NS" docker-registry serve "$W/etc/registry.yml"
 for _ in $(seq 100); do curl -sf "http://$REG/v2/" >/dev/null && break; sleep 0.1; done
 curl -sf "http://$REG/v2/" >/dev/null || die "the registry did not start"
-log "pushing the image and our eStargz conversion"
-skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/oci:latest" "docker://$REG/$REPO:latest"
-skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/esgz:esgz" "docker://$REG/$REPO:esgz"
-skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/esgz-opt:esgz-opt" "docker://$REG/$REPO:esgz-opt"
+for img in "${images[@]}"; do
+    log "pushing image $img and our eStargz conversions"
+    skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/$img/oci:latest" "docker://$REG/$img:latest"
+    skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/$img/esgz:esgz" "docker://$REG/$img:esgz"
+    skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$I/$img/esgz-opt:esgz-opt" "docker://$REG/$img:esgz-opt"
+done
 
 # ------------------------------------------------------------------ containerd and snapshotters
 cat >"$W/etc/containerd.toml" <<EOF
@@ -353,27 +342,24 @@ cold() {
     sleep 1
 }
 
+: >"$W/convert-times-go.tsv"
 if [[ -n $PEER_BIN ]]; then
-    log "ctr-remote image convert --estargz --oci (for the Go Stargz Snapshotter)"
-    ctr_ image pull --plain-http "$REG/$REPO:latest" >"$W/logs/ctr-remote.log" 2>&1
-    t0=$(now)
-    ctr_remote image convert --estargz --oci "$REG/$REPO:latest" "$REG/$REPO:esgz-go" >>"$W/logs/ctr-remote.log" 2>&1 || die "ctr-remote convert: $W/logs/ctr-remote.log"
-    echo "ctr-remote image convert --estargz: $(since "$t0") s" >"$W/convert-times-go.txt"
-    ctr_ image push --plain-http "$REG/$REPO:esgz-go" >>"$W/logs/ctr-remote.log" 2>&1 || die "push: $W/logs/ctr-remote.log"
-    ctr_remote image convert --estargz --oci --estargz-record-in "$W/record-hello.json" "$REG/$REPO:latest" "$REG/$REPO:esgz-go-opt" >>"$W/logs/ctr-remote.log" 2>&1 || die "ctr-remote convert (record-in): $W/logs/ctr-remote.log"
-    ctr_ image push --plain-http "$REG/$REPO:esgz-go-opt" >>"$W/logs/ctr-remote.log" 2>&1 || die "push: $W/logs/ctr-remote.log"
-    remove_images
+    for img in "${images[@]}"; do
+        log "image $img: ctr-remote image convert --estargz --oci (for the Go Stargz Snapshotter)"
+        ctr_ image pull --plain-http "$REG/$img:latest" >"$W/logs/ctr-remote-$img.log" 2>&1
+        t0=$(now)
+        ctr_remote image convert --estargz --oci "$REG/$img:latest" "$REG/$img:esgz-go" >>"$W/logs/ctr-remote-$img.log" 2>&1 ||
+            die "ctr-remote convert: $W/logs/ctr-remote-$img.log"
+        printf '%s\tctr-remote image convert --estargz\t%s\n' "$img" "$(since "$t0")" >>"$W/convert-times-go.tsv"
+        ctr_ image push --plain-http "$REG/$img:esgz-go" >>"$W/logs/ctr-remote-$img.log" 2>&1 || die "push: $W/logs/ctr-remote-$img.log"
+        ctr_remote image convert --estargz --oci --estargz-record-in "$W/record-$img.json" "$REG/$img:latest" "$REG/$img:esgz-go-opt" >>"$W/logs/ctr-remote-$img.log" 2>&1 ||
+            die "ctr-remote convert (record-in): $W/logs/ctr-remote-$img.log"
+        ctr_ image push --plain-http "$REG/$img:esgz-go-opt" >>"$W/logs/ctr-remote-$img.log" 2>&1 || die "push: $W/logs/ctr-remote-$img.log"
+        remove_images
+    done
 fi
 
 # ------------------------------------------------------------------ rounds
-workload() { # name -> argv
-    case $1 in
-    hello | warm | hello-opt) argv=(python3 -c 'print("hi")') ;;
-    imports) argv=(python3 -c 'import json, email, http.server, sqlite3, unittest, asyncio, xml.dom.minidom; print("imported")') ;;
-    readall) argv=(sh -c 'find /usr -xdev -type f -exec cat {} + | wc -c') ;;
-    *) die "unknown workload $1" ;;
-    esac
-}
 regmark() { wc -l <"$RLOG"; }
 # requests, bytes since line $1 of the registry's access log
 regsum() {
@@ -396,23 +382,23 @@ run_container() { # snapshotter ref id argv...
     ctr_ run --rm --snapshotter "$sn" "$ref" "$id" "$@"
 }
 round() { # workload method [label]
-    local wl=$1 method=$2 label=${3:-$1} ref pull sn daemons
+    local wl=$1 method=$2 label=${3:-$1} ref pull sn daemons opt=
     # Optimized images exist for the lazy pullers only.
     [[ $wl == *-opt && $method == overlayfs ]] && return 0
-    local opt=
     [[ $wl == *-opt ]] && opt=-opt
-    case $method in
-    overlayfs) ref=$REG/$REPO:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
-    go-stargz) ref=$REG/$REPO:esgz-go$opt sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
-    stargaze) ref=$REG/$REPO:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
-    esac
-    local argv
+    local image argv expect what bound
     workload "$wl"
+    case $method in
+    overlayfs) ref=$REG/$image:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
+    go-stargz) ref=$REG/$image:esgz-go$opt sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
+    stargaze) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
+    *) die "unknown method $method (METHODS: overlayfs go-stargz stargaze)" ;;
+    esac
     cold
     local m t0 t1 out
     m=$(regmark)
     t0=$(now)
-    "${pull[@]}" >"$W/logs/pull-$method.out" 2>&1 || die "$method pull failed: $(tail -3 "$W/logs/pull-$method.out")"
+    "${pull[@]}" >"$W/logs/pull-$method.out" 2>&1 || die "$method pull of $ref failed: $(tail -3 "$W/logs/pull-$method.out")"
     local tp
     tp=$(since "$t0")
     if [[ $wl == warm ]]; then
@@ -430,7 +416,15 @@ round() { # workload method [label]
     tr=$(since "$t1")
     tt=$(since "$t0")
     reg=$(regsum "$m")
+    [[ $out =~ $expect ]] || die "$method $wl on $ref: the output's last line '$out' does not match /$expect/"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$method" "$tt" "$tp" "$tr" "$reg" "$(rss_kb $daemons)" "$out" | tee -a "$RESULTS" >&2
+    if [[ $method == overlayfs && $bound == 1 && $label == "$wl" ]]; then
+        # The lower bound's local run: the same command again, image on disk.
+        t1=$(now)
+        out=$(run_container "$sn" "$ref" "l$RANDOM" "${argv[@]}" 2>&1 | tail -1) || die "$method $wl local run failed: $out"
+        tr=$(since "$t1")
+        printf '%s\tlocal\t%s\t0\t%s\t0\t0\t0\t%s\n' "$label" "$tr" "$tr" "$out" >>"$RESULTS"
+    fi
 }
 
 log "link check"
@@ -468,77 +462,8 @@ done
 remove_images
 
 # ------------------------------------------------------------------ report
-python3 - "$RESULTS" "$W" "$RATE" "$RTT_MS" "$ROUNDS" >"$ROOT/bench/results/startup.md" <<'PY'
-import os, platform, re, statistics, subprocess, sys
-results, work, rate, rtt, rounds = sys.argv[1:6]
-rows = [l.rstrip("\n").split("\t") for l in open(results) if l.strip()]
-def version(cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
-    except Exception:
-        return "?"
-print("# Cold start: full pull vs Go Stargz Snapshotter vs stargaze\n")
-print(f"`make bench` (bench/startup.sh), {rounds} cold rounds per cell, median [min-max].")
-print(f"Link: registry in a network namespace, tc tbf {rate} both ways, +{rtt} ms RTT (NFQUEUE delayer).")
-print(f"Machine: {os.cpu_count()} CPUs, kernel {platform.release()}; {version(['containerd', '--version'])}.")
-image = open(os.path.join(work, "image.txt")).read().strip().replace("\n", "; ") if os.path.exists(os.path.join(work, "image.txt")) else "?"
-print(f"Image: Debian bookworm minbase + python3 + python3-pip ({image}).\n")
-workloads = []
-for r in rows:
-    if r[0] not in workloads:
-        workloads.append(r[0])
-base_desc = {"hello": "`python3 -c 'print(\"hi\")'`", "imports": "python3 importing json, email, http.server, sqlite3, unittest, asyncio, xml.dom.minidom",
-        "readall": "`find /usr -type f -exec cat {} +` (reads most of the image)",
-        "hello-opt": "hello on optimized images: the files it reads prioritized behind a prefetch landmark (ctr-remote --estargz-record-in for Go, stargaze convert --prioritized-files, one list)", "warm": "a second container of the same image (node already warm); pull column = 0"}
-def desc(wl):
-    base, _, link = wl.partition("@")
-    d = base_desc.get(base, base)
-    return d + (", unshaped link (no tbf, no added delay), 1 round" if link else "")
-for wl in workloads:
-    print(f"## {wl}: {desc(wl)}\n")
-    print("| method | total s | pull s | run s | registry requests | MB from registry | peak RSS of snapshotter processes MB | output |")
-    print("|---|---|---|---|---|---|---|---|")
-    med = {}
-    for method in ["overlayfs", "go-stargz", "stargaze"]:
-        rs = [r for r in rows if r[0] == wl and r[1] == method]
-        if not rs:
-            continue
-        def cell(i, scale=1.0, fmt="{:.2f}"):
-            v = [float(r[i]) / scale for r in rs]
-            return fmt.format(statistics.median(v)) + " [" + fmt.format(min(v)) + "-" + fmt.format(max(v)) + "]"
-        med[method] = statistics.median(float(r[2]) for r in rs)
-        print(f"| {method} | {cell(2)} | {cell(3)} | {cell(4)} | {cell(5, fmt='{:.0f}')} | {cell(6, 1e6, '{:.1f}')} | {cell(7, 1024, '{:.0f}')} | {rs[-1][8]} |")
-    if "stargaze" in med:
-        ratios = [f"{med['stargaze'] / med[m]:.2f}x {m}" for m in ("overlayfs", "go-stargz") if m in med]
-        print(f"\nstargaze total time = {', '.join(ratios)} (median vs median; lower is better).\n")
-    needed_path = os.path.join(work, "needed-hello.txt")
-    if wl in ("hello", "hello-opt") and "stargaze" in med and os.path.exists(needed_path):
-        needed = dict(l.split() for l in open(needed_path) if l.strip())
-        comp = int(needed["compressed_bytes"]) + int(needed.get("toc_bytes", 0))
-        m = re.match(r"([0-9.]+)\s*([kmg]?)bit", rate.lower())
-        bps = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] if m else 100e6
-        local = [float(r[4]) for r in rows if r[0] == "warm" and r[1] == "overlayfs"] or \
-                [float(r[4]) for r in rows if r[0] == "hello" and r[1] == "overlayfs"]
-        if not local:
-            continue  # no overlayfs column (METHODS): no local run time for the bound
-        local = statistics.median(local)
-        # manifest, config, the layers' TOCs (in parallel), the data (in parallel)
-        trips = 4
-        bound = comp * 8 / bps + trips * float(rtt) / 1000 + local
-        fetched = statistics.median(float(r[6]) for r in rows if r[0] == wl and r[1] == "stargaze")
-        if "go-stargz" in med:
-            go_fetched = statistics.median(float(r[6]) for r in rows if r[0] == wl and r[1] == "go-stargz")
-            go_bytes = f" (Go Stargz: {go_fetched / comp:.2f}x)"
-        else:
-            go_bytes = ""
-        print(f"Lower bound: {bound:.2f} s = {comp / 1e6:.2f} MB needed (the compressed chunks of the "
-              f"{needed['files']} files the workload reads, {int(needed['bytes']) / 1e6:.2f} MB uncompressed, "
-              f"and the layers' TOCs) at {rate}, "
-              f"+ {trips} round trips of {rtt} ms, + {local:.2f} s local run (overlayfs, image on disk). "
-              f"stargaze = {med['stargaze'] / bound:.2f}x the bound; it read {fetched / comp:.2f}x the needed bytes{go_bytes}.\n")
-times = [open(os.path.join(work, f)).read().strip() for f in ("convert-times.txt", "convert-times-go.txt") if os.path.exists(os.path.join(work, f))]
-print("Conversion of the image: " + "; ".join(times) + ".")
-PY
-cat "$ROOT/bench/results/startup.md"
+awk -v s="$(since "$RUN_START")" 'BEGIN {printf "%.0f min\n", s / 60}' >"$W/runtime.txt"
+python3 bench/startup/report.py "$RESULTS" "$W" "$RATE" "$RTT_MS" "$ROUNDS" >"$RESULTS_MD"
+cat "$RESULTS_MD"
 # Debian's python3 (with python3-matplotlib), whatever python3 is first on PATH.
-/usr/bin/python3 "$ROOT/bench/chart.py" "$ROOT/bench/results/startup.md" "$ROOT/bench/results/startup.png"
+/usr/bin/python3 "$ROOT/bench/chart.py" "$RESULTS_MD" "${RESULTS_MD%.md}.png"
