@@ -27,7 +27,8 @@ BARS = [("overlayfs", False, "full pull (overlayfs)", "#9e9e9e"),
         ("go-stargz", False, "Go Stargz Snapshotter", "#4c78a8"),
         ("go-stargz", True, "Go Stargz, optimized image", "#9ecae9"),
         ("stargaze", False, "stargaze", "#f58518"),
-        ("stargaze", True, "stargaze, optimized image", "#ffbf79")]
+        ("stargaze", True, "stargaze, optimized image", "#ffbf79"),
+        ("stargaze-trace", False, "stargaze, learned trace", "#e45756")]
 METHODS = {m for m, _, _, _ in BARS}
 CELL = re.compile(r"([0-9.]+)\s*\[([0-9.]+)-([0-9.]+)\]")
 BOUND = re.compile(r"^Lower bound: ([0-9.]+) s")
@@ -77,13 +78,13 @@ def main():
     if not gs:
         sys.exit(f"chart: no result tables in {src}")
     fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(gs)), 6), dpi=110)
-    width = 0.16
+    width = 0.14
     for i, (method, opt, label, color) in enumerate(BARS):
         xs, med, lo, hi = [], [], [], []
         for j, (_, bars, _) in enumerate(gs):
             if (method, opt) in bars:
                 m, a, b = bars[(method, opt)]
-                xs.append(j + (i - 2) * width)
+                xs.append(j + (i - (len(BARS) - 1) / 2) * width)
                 med.append(m)
                 lo.append(m - a)
                 hi.append(b - m)
@@ -97,7 +98,7 @@ def main():
     for j, (_, _, bounds) in enumerate(gs):
         for k, (bound, style) in enumerate(zip(bounds, ("solid", "dashed"))):
             if bound:
-                ax.hlines(bound, j - 2.5 * width, j + 2.5 * width, colors="black", linestyles=style,
+                ax.hlines(bound, j - len(BARS) / 2 * width, j + len(BARS) / 2 * width, colors="black", linestyles=style,
                           linewidth=1.5, label=labels[k])
                 labels[k] = None
     ax.set_yscale("log")

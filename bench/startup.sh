@@ -6,6 +6,9 @@
 #              the image converted by ctr-remote
 #   stargaze   stargaze rpull + ctr run on our three services, on the image
 #              converted by stargaze convert
+#   stargaze-trace  the same, a second cold pull that has the access trace
+#              the fetcher learned in the stargaze round just before (the
+#              cache emptied but for traces/; nothing else carried over)
 # Images (bench/images/*.sh, one recipe each; built offline from Debian
 # packages: debootstrap minbase bookworm, then apt-get install in further
 # layers, cached in $WORK/img between runs):
@@ -52,7 +55,7 @@
 # IMAGES [py pyb cc perl java pipe] (runs these images' workloads),
 # WORKLOADS [every workload of IMAGES: hello imports warm readall hello-opt
 # hello-bash hello-bash-opt cc cc-opt perl perl-opt java java-opt pipe
-# pipe-opt], METHODS [overlayfs go-stargz stargaze], LOOPBACK_WORKLOADS
+# pipe-opt], METHODS [overlayfs go-stargz stargaze stargaze-trace], LOOPBACK_WORKLOADS
 # [hello readall, if chosen] (one more round of each with the link unshaped;
 # "" = none), KEEP [0] (1 keeps the daemons and network for a look), SG_BIN
 # [target/release] (where our binaries are: for A/B runs of two builds),
@@ -313,10 +316,16 @@ reset_peer() {
     for _ in $(seq 100); do [[ -S $PEER_SOCK ]] && break; sleep 0.05; done
     wait_plugin stargz
 }
-reset_stargaze() {
+reset_stargaze() { # [keep-traces]
     for d in snapshotter fs fetcher; do stop_daemon $d; done
     unmount_below "$W/sg/"
+    rm -rf "$W/sg/traces"
+    [[ ${1:-} == keep-traces && -d $W/sg/cache/traces ]] && mv "$W/sg/cache/traces" "$W/sg/traces"
     rm -rf "$W/sg/cache" "$W/sg/root"
+    if [[ -d $W/sg/traces ]]; then
+        mkdir -p "$W/sg/cache"
+        mv "$W/sg/traces" "$W/sg/cache/traces"
+    fi
     for d in fetcher fs snapshotter; do
         local extra=()
         [[ $d == fetcher ]] && extra=(--hosts-dir "$W/etc/certs.d")
@@ -332,10 +341,10 @@ remove_images() {
 }
 # A cold node: no images, every snapshotter restarted empty (a daemon left
 # running would keep fetching in the background over the same link).
-cold() {
+cold() { # [keep-traces]
     remove_images
     reset_peer
-    reset_stargaze
+    reset_stargaze "${1:-}"
     # The registry stands for a remote server: its blobs come from memory.
     find "$W/registry" -type f -name data -exec cat {} + >/dev/null
     sync
@@ -383,18 +392,25 @@ run_container() { # snapshotter ref id argv...
 }
 round() { # workload method [label]
     local wl=$1 method=$2 label=${3:-$1} ref pull sn daemons opt=
-    # Optimized images exist for the lazy pullers only.
+    # Optimized images exist for the lazy pullers only; a learned trace
+    # is measured on plain images.
     [[ $wl == *-opt && $method == overlayfs ]] && return 0
+    [[ $wl == *-opt && $method == stargaze-trace ]] && return 0
     [[ $wl == *-opt ]] && opt=-opt
     local image argv expect what bound
     workload "$wl"
     case $method in
     overlayfs) ref=$REG/$image:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
     go-stargz) ref=$REG/$image:esgz-go$opt sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
-    stargaze) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
-    *) die "unknown method $method (METHODS: overlayfs go-stargz stargaze)" ;;
+    stargaze | stargaze-trace) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
+    *) die "unknown method $method (METHODS: overlayfs go-stargz stargaze stargaze-trace)" ;;
     esac
-    cold
+    if [[ $method == stargaze-trace ]]; then
+        cold keep-traces
+        [[ -n $(ls "$W/sg/cache/traces" 2>/dev/null) ]] || die "stargaze-trace $wl: no trace was learned in the stargaze round before it"
+    else
+        cold
+    fi
     local m t0 t1 out
     m=$(regmark)
     t0=$(now)
@@ -435,8 +451,8 @@ shape_on
 } | tee "$W/link.txt" >&2
 
 : >"$RESULTS"
-methods=(overlayfs stargaze)
-[[ -n $PEER_BIN ]] && methods=(overlayfs go-stargz stargaze)
+methods=(overlayfs stargaze stargaze-trace)
+[[ -n $PEER_BIN ]] && methods=(overlayfs go-stargz stargaze stargaze-trace)
 # METHODS limits the columns (the report needs overlayfs for the bound).
 if [[ -n ${METHODS:-} ]]; then read -ra methods <<<"$METHODS"; fi
 for wl in $WORKLOADS; do

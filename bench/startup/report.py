@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 
-METHODS = ["overlayfs", "go-stargz", "stargaze"]
+METHODS = ["overlayfs", "go-stargz", "stargaze", "stargaze-trace"]
 TRIPS = 4
 
 
@@ -107,11 +107,13 @@ def main():
         print("## Summary: median total seconds per workload and method\n")
         print("`-opt`: the same command on images with its files first behind a prefetch landmark "
               "(ctr-remote --estargz-record-in for Go, stargaze convert --prioritized-files, one list). "
+              "`stargaze trace`: a second cold pull of the plain image with the access trace learned in the "
+              "stargaze round before it (cache emptied but for its traces). "
               "Bytes: from the registry, pull start to the workload's exit.\n")
-        print("| workload | full pull | Go Stargz | Go Stargz -opt | stargaze | stargaze -opt | lower bound "
-              "| stargaze ÷ Go | stargaze ÷ bound | stargaze -opt ÷ bound | needed MB | stargaze MB ÷ needed "
+        print("| workload | full pull | Go Stargz | Go Stargz -opt | stargaze | stargaze -opt | stargaze trace | lower bound "
+              "| stargaze ÷ Go | stargaze ÷ bound | stargaze -opt ÷ bound | stargaze trace ÷ bound | needed MB | stargaze MB ÷ needed "
               "| bound, touched pages | stargaze ÷ it |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for wl in shaped:
             def fmt(v, f="{:.2f}"):
                 return f.format(v) if v is not None else ""
@@ -121,11 +123,12 @@ def main():
             opt = wl + "-opt"
             b = bound(wl) or {}
             sg, go, sgo = med(wl, "stargaze"), med(wl, "go-stargz"), med(opt, "stargaze")
+            sgt = med(wl, "stargaze-trace")
             fetched = med(wl, "stargaze", 6)
             needed_mb = b["bytes"] / 1e6 if b else None
             print(f"| {wl} | {fmt(med(wl, 'overlayfs'))} | {fmt(go)} | {fmt(med(opt, 'go-stargz'))} | {fmt(sg)} "
-                  f"| {fmt(sgo)} | {fmt(b.get('s'))} | {ratio(sg, go)} | {ratio(sg, b.get('s'))} "
-                  f"| {ratio(sgo, b.get('s'))} | {fmt(needed_mb)} | {ratio(fetched, b.get('bytes'))} "
+                  f"| {fmt(sgo)} | {fmt(sgt)} | {fmt(b.get('s'))} | {ratio(sg, go)} | {ratio(sg, b.get('s'))} "
+                  f"| {ratio(sgo, b.get('s'))} | {ratio(sgt, b.get('s'))} | {fmt(needed_mb)} | {ratio(fetched, b.get('bytes'))} "
                   f"| {fmt(b.get('touched_s'))} | {ratio(sg, b.get('touched_s'))} |")
         print()
 

@@ -96,6 +96,7 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
     stargaze_service::metrics_endpoint(&c.metrics_address, Arc::new(move || svc.render_metrics()))
         .await?;
     let rpc = service.rpc_metrics();
+    let stopping = service.clone();
     let routes = tonic::service::Routes::new(FetcherServer::new(service));
     stargaze_service::serve(&c.socket, routes, rpc, || {
         tracing::info!(
@@ -105,6 +106,8 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
         );
     })
     .await?;
+    // What images' containers read so far is kept, not lost with the window.
+    stopping.save_traces().await;
     cache.mark_clean()?;
     Ok(())
 }

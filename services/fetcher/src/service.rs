@@ -109,6 +109,12 @@ impl FetcherService {
         self
     }
 
+    /// Close every trace recording and save what it learned (at a clean
+    /// stop).
+    pub async fn save_traces(&self) {
+        self.shared.traces.close_all().await;
+    }
+
     /// Whether images' first reads are recorded and replayed on their
     /// next cold pull (`traces.rs`; before serving).
     /// `read_published`: traces published in an image's repository are

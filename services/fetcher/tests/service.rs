@@ -1314,3 +1314,45 @@ async fn a_published_trace_helps_another_nodes_first_pull() {
     );
     assert!(fetcher.stop().success());
 }
+
+/// A clean stop saves what the open recordings learned, however long
+/// their window still had to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_saves_the_open_trace_recordings() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (image_ref, digests) = dash_image(&reg, work.path(), "trace-stop");
+    let mut fetcher = Fetcher::start_with(
+        work.path(),
+        stargaze_testkit::free_port(),
+        "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1h\"",
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let upper =
+        LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[1])).unwrap();
+    client
+        .fetch(FetchRequest {
+            layer_digest: digests[1].clone(),
+            ranges: vec![FileRange {
+                inode: upper.lookup_path("/usr/bin/dash").unwrap(),
+                offset: 0,
+                length: 4096,
+            }],
+            priority: Priority::OnDemand as i32,
+        })
+        .await
+        .unwrap();
+    let traces = fetcher.cache.join("traces");
+    assert!(std::fs::read_dir(&traces).map_or(true, |mut d| d.next().is_none()));
+    assert!(fetcher.stop().success());
+    let saved = std::fs::read_dir(&traces)
+        .unwrap()
+        .next()
+        .expect("saved at stop")
+        .unwrap();
+    let trace: stargaze_cache::Trace =
+        serde_json::from_slice(&std::fs::read(saved.path()).unwrap()).unwrap();
+    assert_eq!(trace.reads.len(), 1);
+    assert_eq!(trace.reads[0].path, "/usr/bin/dash");
+}

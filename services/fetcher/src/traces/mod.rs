@@ -286,6 +286,20 @@ impl Traces {
         }
     }
 
+    /// Close every open recording now and save what each learned.
+    pub async fn close_all(&self) {
+        let images: Vec<String> = self
+            .images
+            .lock()
+            .values()
+            .filter(|i| i.until.is_some())
+            .map(|i| i.image.clone())
+            .collect();
+        for image in images {
+            self.close(&image).await;
+        }
+    }
+
     /// Close the recording of the image pulled as `image` now, save what
     /// it learned, and return its whole trace (`None`: no such image, or
     /// nothing learned).
