@@ -118,6 +118,7 @@ async fn service_rss(dir: &std::path::Path, registry: &str, digest: &str, toc: &
                 layer_digest: digest.into(),
                 ranges: batch.to_vec(),
                 priority: Priority::Background as i32,
+                follow_loads: false,
             })
             .await
             .expect("fetch");

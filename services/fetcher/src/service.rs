@@ -354,12 +354,10 @@ impl Fetcher for FetcherService {
                         .note(&layer.digest, &path, offset, length);
                 }
             }
-            // A read reached the start of a file: what it loads comes next.
-            if self.shared.follow_loads {
-                for &(ino, offset, _) in &ranges {
-                    if offset == 0 {
-                        self.follow_loads(&layer, ino);
-                    }
+            // A file being executed: what it loads comes next.
+            if req.follow_loads && self.shared.follow_loads {
+                for &(ino, ..) in &ranges {
+                    self.follow_loads(&layer, ino);
                 }
             }
         }

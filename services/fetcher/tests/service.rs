@@ -217,6 +217,7 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
                 layer_digest: a.layer_digest.clone(),
                 ranges,
                 priority: Priority::OnDemand as i32,
+                follow_loads: false,
             })
             .await
             .unwrap()
@@ -385,6 +386,7 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
                 length: data.len() as u64,
             }],
             priority: Priority::OnDemand as i32,
+            follow_loads: false,
         })
         .await
         .unwrap();
@@ -734,12 +736,13 @@ async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
     assert!(fetcher.stop().success());
 }
 
-/// A program not in the config, first read by a container: the read of
-/// its start makes the fetcher fetch its loader and libraries at once,
-/// from the layer below, in the container's stack (from PauseBackground);
-/// a data file's first read fetches nothing more.
+/// A program not in the config, executed by a container (fs passes on
+/// execve's open flag): the fetcher fetches its loader and libraries at
+/// once, from the layer below, in the container's stack (from
+/// PauseBackground); a program only read, or a data file, fetches nothing
+/// more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_programs_first_read_fetches_what_it_loads_from_the_stack() {
+async fn an_executed_program_fetches_what_it_loads_from_the_stack() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let (image_ref, digests) = dash_image(&reg, work.path(), "loads");
@@ -783,7 +786,7 @@ async fn a_programs_first_read_fetches_what_it_loads_from_the_stack() {
         .unwrap();
     let cache = Cache::open_reader(&fetcher.cache);
     let upper = LayerIndex::open(&cache.index_path(&digests[1])).unwrap();
-    let first_read = |path: &str| FetchRequest {
+    let first_read = |path: &str, executed: bool| FetchRequest {
         layer_digest: digests[1].clone(),
         ranges: vec![FileRange {
             inode: upper.lookup_path(path).unwrap(),
@@ -791,19 +794,24 @@ async fn a_programs_first_read_fetches_what_it_loads_from_the_stack() {
             length: 4096,
         }],
         priority: Priority::OnDemand as i32,
+        follow_loads: executed,
     };
-    client
-        .fetch(first_read("/usr/bin/notes.txt"))
-        .await
-        .unwrap();
+    // Read, not executed (`file`, a checksum): nothing more. Executed but
+    // not a program: nothing more either.
+    for (path, executed) in [("/usr/bin/dash", false), ("/usr/bin/notes.txt", true)] {
+        client.fetch(first_read(path, executed)).await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         present_bytes(&mut client, &digests[0]).await,
         0,
-        "a data file loads nothing"
+        "what dash loads is fetched only when it is executed"
     );
 
-    client.fetch(first_read("/usr/bin/dash")).await.unwrap();
+    client
+        .fetch(first_read("/usr/bin/dash", true))
+        .await
+        .unwrap();
     let size = |p: &str| std::fs::metadata(p).unwrap().len();
     let want = size(LIBC) + size(LOADER);
     let start = Instant::now();
@@ -901,6 +909,7 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
                     length,
                 }],
                 priority: Priority::OnDemand as i32,
+                follow_loads: false,
             })
             .await
             .unwrap();
@@ -1182,6 +1191,7 @@ async fn every_request_is_checked_against_its_own_toc_digest() {
                 length: size,
             }],
             priority: Priority::OnDemand as i32,
+            follow_loads: false,
         })
         .await
         .unwrap();
@@ -1222,6 +1232,7 @@ async fn a_published_trace_helps_another_nodes_first_pull() {
                 length: 4096,
             }],
             priority: Priority::OnDemand as i32,
+            follow_loads: false,
         })
         .await
         .unwrap();
@@ -1340,6 +1351,7 @@ async fn a_clean_stop_saves_the_open_trace_recordings() {
                 length: 4096,
             }],
             priority: Priority::OnDemand as i32,
+            follow_loads: false,
         })
         .await
         .unwrap();

@@ -152,6 +152,15 @@ impl Filesystem for StargazeFs {
         }
         match a.index.inode(local) {
             Some(n) if n.is_reg() => {
+                // execve opens with __FMODE_EXEC (through overlayfs too):
+                // what the program loads is fetched from now, not as its
+                // loader finds it one round trip at a time.
+                if flags.0 & FMODE_EXEC != 0 {
+                    let (source, digest) = (self.shared.source.clone(), a.digest.clone());
+                    self.shared
+                        .runtime
+                        .spawn(async move { source.executing(&digest, local).await });
+                }
                 let ino = a.global(local);
                 let fh = self.shared.new_handle(ino);
                 let p = &self.shared.passthrough;
@@ -435,6 +444,9 @@ impl Filesystem for StargazeFs {
 }
 
 /// O_WRONLY | O_RDWR
+/// The open flag execve adds (`__FMODE_EXEC`); FUSE passes it on.
+const FMODE_EXEC: i32 = 0o40;
+
 fn libc_o_accmode() -> i32 {
     0o3
 }

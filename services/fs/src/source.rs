@@ -45,6 +45,13 @@ pub trait ChunkSource: Send + Sync + 'static {
     async fn prefetch_files(&self, layer: &str, files: Vec<(u64, u64)>) {
         let _ = (layer, files);
     }
+
+    /// Best effort: file `ino` of `layer` is being executed; its head and
+    /// what it loads (interpreter, libraries) are fetched ahead of the
+    /// reads that follow.
+    async fn executing(&self, layer: &str, ino: u64) {
+        let _ = (layer, ino);
+    }
 }
 
 /// The fetcher service over its unix socket.
@@ -79,6 +86,7 @@ impl ChunkSource for GrpcFetcher {
                     length: len,
                 }],
                 priority: Priority::OnDemand as i32,
+                follow_loads: false,
             };
             match self.client.clone().fetch(req).await {
                 Ok(_) => return Ok(()),
@@ -119,9 +127,30 @@ impl ChunkSource for GrpcFetcher {
                 })
                 .collect(),
             priority: Priority::Prefetch as i32,
+            follow_loads: false,
         };
         if let Err(s) = self.client.clone().fetch(req).await {
             tracing::debug!(layer, error = %s.message(), "sibling prefetch failed");
         }
     }
+
+    async fn executing(&self, layer: &str, ino: u64) {
+        let req = FetchRequest {
+            layer_digest: layer.to_string(),
+            ranges: vec![FileRange {
+                inode: ino,
+                offset: 0,
+                length: EXEC_HEAD,
+            }],
+            priority: Priority::OnDemand as i32,
+            follow_loads: true,
+        };
+        if let Err(s) = self.client.clone().fetch(req).await {
+            tracing::debug!(layer, ino, error = %s.message(), "fetching what an executed file loads failed");
+        }
+    }
 }
+
+/// Bytes of an executed file's start fetched when it is opened: its
+/// headers (the kernel reads them first).
+const EXEC_HEAD: u64 = 64 << 10;

@@ -33,7 +33,14 @@ impl ChunkSource for Engine {
             .map(|_| ())
             .map_err(|e| SourceError::InProcess(Box::new(e)))
     }
+
+    async fn executing(&self, layer: &str, ino: u64) {
+        EXECUTED.lock().unwrap().push((layer.to_string(), ino));
+    }
 }
+
+/// Files fs said were being executed (each test is its own process).
+static EXECUTED: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
 
 /// Every entry type GNU tar can extract (no whiteouts: those are overlay's business).
 fn layer_tar() -> Vec<u8> {
@@ -809,4 +816,40 @@ async fn a_layers_overlay_xattrs_change_nothing_overlayfs_shows() {
         assert_eq!(trusted, want, "{p}: trusted xattrs on the lazy layer");
     }
     drop((lazy, unpacked));
+}
+
+/// execve's open reaches fs with its exec flag, and fs tells the source
+/// (the fetcher fetches what the program loads); reading the same file
+/// does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executed_file_is_told_apart_from_a_read_one() {
+    stargaze_testkit::require_root_fuse();
+    let work = tempfile::tempdir().unwrap();
+    // This machine's dynamically linked `true`: its loader and libc are
+    // the host's own, so it runs from the mount.
+    let host = std::fs::read(std::fs::canonicalize("/bin/true").unwrap()).unwrap();
+    use stargaze_testkit::crafted;
+    let tar = crafted::tar_of(&[
+        crafted::dir("bin/"),
+        crafted::reg("bin/prog", &host).mode(0o755),
+        crafted::reg("bin/data", b"data"),
+    ]);
+    let (shared, layer, digest) = setup(&tar, work.path()).await;
+    let m = mount(shared);
+    let dir = m.dir.path().join(&digest[7..]);
+    let prog = layer.index.lookup_path("/bin/prog").unwrap();
+    let out = std::process::Command::new("cat")
+        .arg(dir.join("bin/prog"))
+        .arg(dir.join("bin/data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(EXECUTED.lock().unwrap().is_empty(), "a read is no exec");
+    let status = std::process::Command::new(dir.join("bin/prog"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "ran from the mount");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(*EXECUTED.lock().unwrap(), [(digest.clone(), prog)]);
 }

@@ -88,8 +88,8 @@ pub struct FetcherConfig {
     /// shared libraries it loads: files every container of the image reads
     /// first, otherwise found one registry round trip at a time.
     pub prefetch_entrypoint: bool,
-    /// When a read reaches the start of a program, shared library or `#!`
-    /// script, fetch its interpreter and the libraries it loads (resolved
+    /// When a container executes a program or `#!` script (fs sees
+    /// execve's open), fetch its interpreter and the libraries it loads (resolved
     /// as the dynamic loader does, through the container's layers), at
     /// once and in parallel: for every exec, not only the image's command.
     pub prefetch_loads: bool,

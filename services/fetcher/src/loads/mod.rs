@@ -9,8 +9,10 @@
 //! that chain is a registry round trip after the last, and every page
 //! fault on a mapped file another one.
 //!
-//! When a read reaches the start of a file (the fetcher serves the miss;
-//! `service.rs` calls [`Loads::first_read`]), the fetcher reads the file's
+//! When a file is executed (fs sees execve's open flag and sends a Fetch
+//! of its head with `follow_loads`; `service.rs` calls
+//! [`Loads::first_read`]; a file only read, by `file` or a checksum, is
+//! not followed), the fetcher reads the file's
 //! head itself ([`elf::head`]): for an ELF object, its interpreter and its
 //! dynamic segment's library names and search paths, read as ranges
 //! ([`elf`]) so that they are known while the rest of a large program is
