@@ -754,29 +754,7 @@ async fn an_executed_program_fetches_what_it_loads_from_the_stack() {
     );
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     // Resolved from the manifest (the entrypoint prefetch is off).
-    client
-        .warm_layers(WarmLayersRequest {
-            image_ref: image_ref.clone(),
-            digests: digests.clone(),
-        })
-        .await
-        .unwrap();
-    let start = Instant::now();
-    for d in &digests {
-        while client
-            .layer_status(LayerStatusRequest {
-                layer_digest: d.clone(),
-            })
-            .await
-            .is_err()
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{d} not resolved"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
     client
         .pause_background(PauseBackgroundRequest {
             key: "c1".into(),

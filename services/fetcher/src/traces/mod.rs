@@ -55,6 +55,35 @@ struct Image {
     seen: HashSet<TraceRead>,
 }
 
+/// What a recording learned, when its window closed.
+struct Learned {
+    image: String,
+    manifest: String,
+    layers: Vec<String>,
+    reads: Vec<TraceRead>,
+    manifest_type: String,
+    manifest_size: u64,
+}
+
+impl Image {
+    /// Close the recording window (`recording` counts open ones) and take
+    /// what it learned.
+    fn end(&mut self, recording: &AtomicUsize) -> Learned {
+        if self.until.take().is_some() {
+            recording.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.seen.clear();
+        Learned {
+            image: self.image.clone(),
+            manifest: self.manifest.clone(),
+            layers: self.layers.clone(),
+            reads: std::mem::take(&mut self.reads),
+            manifest_type: self.manifest_type.clone(),
+            manifest_size: self.manifest_size,
+        }
+    }
+}
+
 /// The images whose reads are recorded.
 pub struct Traces {
     cache: Arc<Cache>,
@@ -260,7 +289,7 @@ impl Traces {
                 tokio::time::sleep_until(until.into()).await;
                 continue;
             }
-            let (image, layers, reads, subject) = {
+            let learned = {
                 let mut images = self.images.lock();
                 let Some(img) = images.get_mut(manifest) else {
                     return;
@@ -268,20 +297,10 @@ impl Traces {
                 if img.until.is_some_and(|u| Instant::now() < u) {
                     continue;
                 }
-                img.until = None;
                 img.saver = false;
-                self.recording.fetch_sub(1, Ordering::Relaxed);
-                img.seen.clear();
-                (
-                    img.image.clone(),
-                    img.layers.clone(),
-                    std::mem::take(&mut img.reads),
-                    (img.manifest_type.clone(), img.manifest_size),
-                )
+                img.end(&self.recording)
             };
-            if !reads.is_empty() {
-                self.save(&image, manifest, layers, reads, subject).await;
-            }
+            self.save(learned).await;
             return;
         }
     }
@@ -304,7 +323,7 @@ impl Traces {
     /// it learned, and return its whole trace (`None`: no such image, or
     /// nothing learned).
     pub async fn close(&self, image: &str) -> Option<Trace> {
-        let (manifest, layers, reads, subject) = {
+        let learned = {
             let mut images = self.images.lock();
             let normal =
                 |r: &str| Reference::parse(r).map_or_else(|_| r.to_string(), |r| r.to_string());
@@ -312,33 +331,28 @@ impl Traces {
             let img = images
                 .values_mut()
                 .find(|i| i.image == image || normal(&i.image) == wanted)?;
-            if img.until.take().is_some() {
-                self.recording.fetch_sub(1, Ordering::Relaxed);
-            }
-            img.seen.clear();
-            (
-                img.manifest.clone(),
-                img.layers.clone(),
-                std::mem::take(&mut img.reads),
-                (img.manifest_type.clone(), img.manifest_size),
-            )
+            img.end(&self.recording)
         };
-        if !reads.is_empty() {
-            self.save(image, &manifest, layers.clone(), reads, subject)
-                .await;
-        }
+        let (manifest, layers) = (learned.manifest.clone(), learned.layers.clone());
+        self.save(learned).await;
         self.load(&manifest, &layers)
     }
 
-    /// Merge `reads` into the image's trace file, after its own reads.
-    async fn save(
-        &self,
-        image: &str,
-        manifest: &str,
-        layers: Vec<String>,
-        reads: Vec<TraceRead>,
-        (manifest_type, manifest_size): (String, u64),
-    ) {
+    /// Merge what a recording learned into the image's trace file, after
+    /// its own reads.
+    async fn save(&self, learned: Learned) {
+        let Learned {
+            image,
+            manifest,
+            layers,
+            reads,
+            manifest_type,
+            manifest_size,
+        } = learned;
+        let (image, manifest) = (image.as_str(), manifest.as_str());
+        if reads.is_empty() {
+            return;
+        }
         let Some(path) = self.cache.trace_path(manifest) else {
             return;
         };
