@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# tests/systemd/root.sh DIR: make DIR a Debian bookworm root that boots under
+# tests/systemd/root.sh DIR [backports]: make DIR a Debian bookworm root that boots under
 # systemd-nspawn -b with what the stargaze units need (systemd, dbus,
 # containerd, runc, fuse3) and a registry to serve the test images
 # (docker-registry). Built with debootstrap from this machine's own apt
 # mirror; kept between runs and rebuilt only when missing or when the package
-# list below changes (DIR/.stargaze-packages records it).
+# list below changes (DIR/.stargaze-packages records it). With "backports",
+# systemd comes from bookworm-backports (254 and later: the descriptor store
+# can outlive a stop, FileDescriptorStorePreserve=).
 set -euo pipefail
 
-dir=${1:?usage: root.sh DIR}
+dir=${1:?usage: root.sh DIR [backports]}
+flavour=${2:-}
 packages=systemd,systemd-sysv,dbus,containerd,runc,fuse3,docker-registry,ca-certificates,procps,iproute2
 stamp=$dir/.stargaze-packages
+want="$packages $flavour"
 
-if [[ -f $stamp && $(cat "$stamp") == "$packages" ]]; then
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     echo "root: $dir is ready (cached)"
     exit 0
 fi
@@ -38,6 +42,19 @@ debootstrap --variant=minbase --include="$packages" bookworm "$tmp" "$mirror" >"
     tail -n 20 "$dir.debootstrap.log" >&2
     exit 1
 }
+if [[ $flavour == backports ]]; then
+    echo "deb $mirror bookworm-backports main" >"$tmp/etc/apt/sources.list.d/backports.list"
+    {
+        chroot "$tmp" apt-get -q update &&
+            DEBIAN_FRONTEND=noninteractive chroot "$tmp" apt-get -q -y --no-install-recommends \
+                -t bookworm-backports install systemd systemd-sysv libsystemd0 libsystemd-shared libpam-systemd
+    } >>"$dir.debootstrap.log" 2>&1 </dev/null || {
+        echo "root: installing systemd from bookworm-backports failed; the end of $dir.debootstrap.log:" >&2
+        tail -n 20 "$dir.debootstrap.log" >&2
+        exit 1
+    }
+    echo "root: systemd $(chroot "$tmp" dpkg-query -W -f='${Version}' systemd) from bookworm-backports"
+fi
 chroot "$tmp" apt-get clean
 
 # A node, not a workstation: no getty or resolver fights on the console, and
@@ -49,6 +66,6 @@ for u in docker-registry.service containerd.service console-getty.service getty@
     chroot "$tmp" systemctl disable "$u" >/dev/null 2>&1 || true
 done
 chroot "$tmp" systemctl mask console-getty.service systemd-networkd-wait-online.service >/dev/null 2>&1 || true
-echo "$packages" >"$tmp/.stargaze-packages"
+echo "$want" >"$tmp/.stargaze-packages"
 mv "$tmp" "$dir"
 echo "root: $dir is ready"

@@ -163,9 +163,12 @@ in_node() {
 
 # ---------------------------------------------------------------------- 1. root
 step "1. a Debian bookworm root"
-bash "$here/root.sh" "$WORK/root" || die "could not make the Debian root (see above)"
-cp -a --reflink=auto "$WORK/root" "$NODE"
-pass "Debian bookworm root with systemd, dbus, containerd, runc, fuse3 (cached in $WORK/root)"
+# STARGAZE_SYSTEMD=backports: the node's systemd from bookworm-backports.
+flavour=${STARGAZE_SYSTEMD:-}
+rootfs=$WORK/root${flavour:+-$flavour}
+bash "$here/root.sh" "$rootfs" $flavour || die "could not make the Debian root (see above)"
+cp -a --reflink=auto "$rootfs" "$NODE"
+pass "Debian bookworm root with systemd, dbus, containerd, runc, fuse3 (cached in $rootfs)"
 
 # ------------------------------------------------------------------- 2. install
 step "2. make install into the node, containerd configured as an operator does"
@@ -436,14 +439,14 @@ sleep 3
 # FileDescriptorStorePreserve=yes keeps it): then nothing holds the FUSE
 # connection and the kernel ends it.
 kept=$(fdstore)
-echo "   stopped: NFileDescriptorStore=$kept (systemd $(in_node systemctl --version | awk 'NR == 1 {print $2}'))"
+echo "   stopped: NFileDescriptorStore=$kept (systemd $(in_node systemctl --version | awk 'NR == 1 {print $2}'), FileDescriptorStorePreserve=$(in_node systemctl show -p FileDescriptorStorePreserve --value stargaze-fs))"
 if [[ $kept == 1 ]]; then
     pass "stargaze-fs stopped: systemd keeps its /dev/fuse descriptor"
 else
     fail "stargaze-fs stopped: systemd closed its /dev/fuse descriptor (NFileDescriptorStore=$kept), so the kernel ended the FUSE connection of the running containers"
 fi
 in_node systemctl start "${UNITS[@]}" || fail "systemctl start ${UNITS[*]}"
-if active_all "${UNITS[@]}" && progress 20 90; then
+if active_all "${UNITS[@]}" && progress 20 90 && took_over_since "$c"; then
     pass "stop and start of all three: containers started before keep running and reading correct bytes"
 else
     fail "stop and start of all three: containers started before keep running and reading correct bytes"
