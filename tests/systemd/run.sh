@@ -21,8 +21,11 @@
 #     cgroups) is removed on exit. A missing prerequisite fails the run.
 #
 # Environment: STARGAZE_BINARIES=DIR installs binaries from DIR instead of
-# building release ones; STARGAZE_SYSTEMD_WORK (/var/tmp/stargaze-systemd)
-# holds the cached root and this run's node; KEEP=1 keeps the run's files.
+# building release ones; STARGAZE_SYSTEMD=backports boots a node whose
+# systemd comes from bookworm-backports (254: the descriptor store survives a
+# stop; bookworm's 252 empties it, and step 6 fails there);
+# STARGAZE_SYSTEMD_WORK (/var/tmp/stargaze-systemd) holds the cached roots
+# and this run's node; KEEP=1 keeps the run's files.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
