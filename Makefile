@@ -6,12 +6,13 @@ SHELL := bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test lint fmt demo fuzz bench soak install uninstall
+.PHONY: help deps build test test-systemd lint fmt demo fuzz bench soak install uninstall
 
 help:
 	@echo "make deps    install missing Debian packages and cargo-nextest (as root)"
 	@echo "make build   debug build of everything, release build of the binaries"
 	@echo "make test    deps, then rustfmt check, clippy, and all tests (what CI runs)"
+	@echo "make test-systemd  the units on a real systemd: a booted Debian node (nspawn), restarts and kills under load (as root)"
 	@echo "make lint    rustfmt check and clippy"
 	@echo "make fmt     format all Rust code"
 	@echo "make demo    run a container from a lazily pulled image next to a full pull (as root)"
@@ -38,6 +39,12 @@ test: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@echo "== test: cargo nextest"
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+# A Debian bookworm node booted with systemd-nspawn, stargaze installed with
+# `make install`, containers reading lazily through restarts and kills of
+# every unit (tests/systemd/run.sh). STARGAZE_BINARIES=DIR skips the build.
+test-systemd:
+	@bash tests/systemd/run.sh
 
 lint:
 	@echo "== lint: rustfmt check"

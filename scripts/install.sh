@@ -12,6 +12,8 @@
 #   SHAREDIR           $PREFIX/share/stargaze
 #   SYSCONFDIR         /etc
 #   STARGAZE_BINARIES  where the built binaries are (target/release)
+#   SYSTEMD_VERSION    the target's systemd major version (found: this
+#                      machine's, or the dpkg database in DESTDIR; 0 = unknown)
 #
 # Both directions are idempotent. An operator's edited
 # $SYSCONFDIR/stargaze/config.toml is never overwritten or removed: install
@@ -32,6 +34,8 @@ STARGAZE_BINARIES=${STARGAZE_BINARIES:-$root/target/release}
 
 binaries=(stargaze stargaze-fetcher stargaze-fs stargaze-snapshotter)
 units=(stargaze-fetcher.service stargaze-fs.service stargaze-snapshotter.service)
+# Drop-ins for systemd versions that know their keys: version file.
+dropins=("254 stargaze-fs.service.d/keep-fuse-on-stop.conf")
 config=$DESTDIR$SYSCONFDIR/stargaze/config.toml
 default_config=$root/deploy/config.toml
 
@@ -43,6 +47,18 @@ die() {
 
 # Only touch the running systemd when installing onto this machine itself.
 live_systemd() { [[ -z $DESTDIR && -d /run/systemd/system ]]; }
+
+# The major version of the systemd the units will run under, 0 if unknown.
+systemd_version() {
+    local v=${SYSTEMD_VERSION:-}
+    if [[ -z $v && -z $DESTDIR ]]; then
+        v=$(systemctl --version 2>/dev/null | awk 'NR == 1 {print $2}')
+    elif [[ -z $v && -d $DESTDIR/var/lib/dpkg ]]; then
+        v=$(dpkg-query --admindir="$DESTDIR/var/lib/dpkg" -W -f='${Version}' systemd 2>/dev/null || true)
+    fi
+    v=${v%%[!0-9]*}
+    echo "${v:-0}"
+}
 
 # Copy $1 to $2 with mode $3 unless $2 already has exactly that content.
 put() {
@@ -70,6 +86,19 @@ do_install() {
     for u in "${units[@]}"; do
         sed "s|@BINDIR@|$BINDIR|g" "$root/deploy/systemd/$u" >"$tmp/$u"
         put "$tmp/$u" "$DESTDIR$UNITDIR/$u" 0644
+    done
+    local version d min file
+    version=$(systemd_version)
+    for d in "${dropins[@]}"; do
+        read -r min file <<<"$d"
+        if ((version >= min)); then
+            put "$root/deploy/systemd/$file" "$DESTDIR$UNITDIR/$file" 0644
+        elif ((version > 0)) && [[ -e $DESTDIR$UNITDIR/$file ]]; then
+            rm -f "$DESTDIR$UNITDIR/$file"
+            say "removed $DESTDIR$UNITDIR/$file (needs systemd >= $min, this is $version)"
+        elif [[ ! -e $DESTDIR$UNITDIR/$file ]]; then
+            say "skipped $file: it needs systemd >= $min (this is ${version/#0/unknown}), so 'systemctl stop stargaze-fs' ends the FUSE connection of running containers"
+        fi
     done
 
     put "$root/deploy/containerd.toml" "$DESTDIR$SHAREDIR/containerd.toml" 0644
@@ -116,7 +145,15 @@ do_uninstall() {
             say "kept your edited $config"
         fi
     fi
-    local f
+    local f d
+    for d in "${dropins[@]}"; do
+        f=$DESTDIR$UNITDIR/${d#* }
+        if [[ -e $f ]]; then
+            rm -f "$f"
+            say "removed $f"
+        fi
+        rmdir "$(dirname "$f")" 2>/dev/null || true
+    done
     for f in "${binaries[@]/#/$DESTDIR$BINDIR/}" "${units[@]/#/$DESTDIR$UNITDIR/}" \
         "$DESTDIR$SHAREDIR/containerd.toml" "$DESTDIR$SHAREDIR/config.toml" "$config.default"; do
         if [[ -e $f ]]; then
