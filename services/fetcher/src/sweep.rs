@@ -7,7 +7,10 @@
 //!
 //! Each on-demand read of a layer is placed in the layer's blob (its
 //! chunks' compressed offsets). When [`SEQUENTIAL_AFTER`] reads in a row
-//! each start at most [`MAX_GAP`] after where the previous one ended, the
+//! each start at most [`MAX_GAP`] after where the previous one ended, and
+//! each read that moves on to another file read the file before it to its
+//! end (a scan that only looks at files' heads, `file /usr/bin/*`, is no
+//! sweep: it would fetch every file whole for a few bytes of each), the
 //! layer is being swept: the next `window` compressed bytes in blob order
 //! are fetched ahead (not waited for), and the window doubles with every
 //! further sequential read up to [`MAX_WINDOW`], so a sweep soon streams
@@ -39,6 +42,9 @@ struct State {
     window: u64,
     /// Fetched ahead up to here already.
     ahead: u64,
+    /// The last read's file, and whether it read that file to its end.
+    file: u64,
+    file_done: bool,
 }
 
 /// A layer's sweep detector and its chunks in blob order.
@@ -57,21 +63,35 @@ impl Sweep {
         let Some((start, end)) = blob_span(index, ranges) else {
             return Vec::new();
         };
+        let Some(&(file, offset, len)) = ranges.last() else {
+            return Vec::new();
+        };
+        let file_done = index
+            .inode(file)
+            .is_some_and(|n| offset.saturating_add(len) >= n.size());
         let (from, to) = {
             let mut s = self.state.lock();
             // Just after where the last read ended, or inside (or just
             // past) what was fetched ahead since.
             // Forward only: a read behind the last one is no sweep.
             let reach = s.end.max(s.ahead);
-            let sequential = s.end > 0 && start > s.start && start <= reach + MAX_GAP;
+            let moved_on = file != s.file;
+            let sequential = s.end > 0
+                && start > s.start
+                && start <= reach + MAX_GAP
+                && (!moved_on || s.file_done);
             if sequential {
                 s.run += 1;
                 s.start = start;
                 s.end = s.end.max(end);
+                s.file = file;
+                s.file_done = file_done;
             } else {
                 *s = State {
                     start,
                     end,
+                    file,
+                    file_done,
                     ..State::default()
                 };
             }

@@ -94,3 +94,14 @@ async fn reads_that_jump_around_get_nothing_ahead() {
         assert!(layer.sweep.read(&layer.index, &[(ino, 0, 4096)]).is_empty());
     }
 }
+
+#[tokio::test]
+async fn reading_only_the_head_of_each_file_in_turn_is_no_sweep() {
+    // `file` over a directory: the first bytes of every file, in order.
+    let d = tempfile::tempdir().unwrap();
+    let (layer, inos) = layer(d.path()).await;
+    for (i, &ino) in inos.iter().take(40).enumerate() {
+        let ahead = layer.sweep.read(&layer.index, &[(ino, 0, 4096)]);
+        assert!(ahead.is_empty(), "head of file {i}");
+    }
+}

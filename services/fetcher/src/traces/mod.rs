@@ -417,8 +417,8 @@ impl Traces {
     }
 }
 
-/// Fetch the ranges `trace` lists for `layer`, in trace order (a few
-/// batches in flight: each merges neighbouring chunks into large reads).
+/// Fetch the ranges `trace` lists for `layer`, in trace order, in large
+/// batches.
 pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     let Some(i) = trace.layers.iter().position(|d| *d == layer.digest) else {
         return;
@@ -444,7 +444,7 @@ pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     }
     let t0 = Instant::now();
     let n = ranges.len();
-    match crate::engine::fetch_in_batches(layer, ranges, REPLAY_BATCH, 2).await {
+    match crate::engine::fetch_in_batches(layer, ranges, REPLAY_BATCH, REPLAY_PARALLEL).await {
         Ok(bytes) => {
             tracing::debug!(image = %trace.image, layer = %layer.digest, reads = n, bytes, elapsed = ?t0.elapsed(), "trace replayed")
         }
@@ -454,5 +454,8 @@ pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     }
 }
 
-/// Traced reads per fetch call while replaying.
-const REPLAY_BATCH: usize = 64;
+/// Traced reads per fetch call while replaying, and calls in flight: as
+/// a landmark prefetch does (large calls merge neighbouring chunks into
+/// few requests; several in flight keep the link busy while others decode).
+const REPLAY_BATCH: usize = 256;
+const REPLAY_PARALLEL: usize = 4;
