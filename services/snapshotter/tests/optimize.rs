@@ -4,7 +4,8 @@
 //! it, and the image written has the files that workload read first in
 //! their layer, in the order it read them, before the prefetch landmark;
 //! the Go reference reader (the estargz package ctr-remote is built on)
-//! opens and verifies every layer of it.
+//! opens and verifies every layer of it, and the Go Stargz Snapshotter
+//! pulls it lazily with `ctr-remote image rpull` and runs a container of it.
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
@@ -14,10 +15,11 @@ use std::process::Command;
 mod common;
 
 use common::push_esgz;
+use stargaze_format::Digest;
 use stargaze_format::reader::{OpenOptions, open_blob};
 use stargaze_format::toc::PREFETCH_LANDMARK;
 use stargaze_testkit::stack::{Stack, workspace_bin};
-use stargaze_testkit::{Containerd, Registry, image, require, run};
+use stargaze_testkit::{Containerd, PeerStargz, Registry, image, require, run};
 
 /// The layers (digest, TOC digest annotation) of the image tagged `tag` in
 /// the OCI layout `dir`.
@@ -53,7 +55,7 @@ fn layers(dir: &Path, tag: &str) -> Vec<(String, String)> {
 #[test]
 fn optimize_puts_what_a_workload_read_first_for_any_reader() {
     stargaze_testkit::require_root_fuse();
-    for tool in ["runc", "skopeo", "ctr"] {
+    for tool in ["runc", "skopeo", "ctr", "ctr-remote"] {
         require(tool);
     }
     let work = tempfile::Builder::new()
@@ -64,7 +66,7 @@ fn optimize_puts_what_a_workload_read_first_for_any_reader() {
     let registry = Registry::start();
     let src_ref = format!("{}/stargaze/opt:esgz", registry.addr);
     let dst_ref = format!("{}/stargaze/opt:optimized", registry.addr);
-    let (data, _) = image::data_layer(11);
+    let (data, files) = image::data_layer(11);
     let src = w.join("src");
     image::write_layout(
         &src,
@@ -149,7 +151,49 @@ fn optimize_puts_what_a_workload_read_first_for_any_reader() {
         at("data/file5") > landmark,
         "files not read after it: {names:?}"
     );
-    // The workload's shell and what the trace noted of busybox were read
-    // too: the base layer has its own prioritized files and landmark.
     drop(ctd);
+
+    // The Go Stargz Snapshotter mounts the optimized image lazily (no
+    // layer blob in containerd's content store) and a container reads it.
+    let peer = PeerStargz::start();
+    let ctd = Containerd::start(&peer.proxy_config("stargz"));
+    run(ctd.cmd("ctr-remote").args([
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "stargz",
+        &dst_ref,
+    ]));
+    let content = String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
+    for (digest, _) in layers(&opt, "opt") {
+        assert!(
+            !content.contains(&digest),
+            "layer {digest} was downloaded, not mounted lazily"
+        );
+    }
+    let o = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        &dst_ref,
+        &format!("sg-opt-peer-{}", std::process::id()),
+        "/bin/sh",
+        "-c",
+        "sha256sum /data/file6 /data/file5; sleep 0.2",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for (name, bytes) in files
+        .iter()
+        .filter(|(n, _)| n == "data/file6" || n == "data/file5")
+    {
+        let line = format!("{}  /{name}", Digest::of(bytes).hex());
+        assert!(out.contains(&line), "missing {line:?} in {out}");
+    }
 }
