@@ -650,15 +650,24 @@ pub fn build_peer_stargz() -> PathBuf {
     if bin.is_file() {
         return bin;
     }
+    // Built in a private directory, then renamed into place: tests in
+    // several binaries may build it at the same time (build.sh empties its
+    // BUILD_DIR first).
+    let tools = target.join("go-tools");
+    std::fs::create_dir_all(&tools).expect("go-tools dir");
+    let scratch = tempfile::tempdir_in(&tools).expect("peer build dir");
     run(Command::new("sh")
         .arg(src.join("build.sh"))
-        .env("BUILD_DIR", &build_dir)
-        .env("GOCACHE", target.join("go-tools").join("gocache")));
+        .env("BUILD_DIR", scratch.path())
+        .env("GOCACHE", tools.join("gocache")));
+    let built = scratch.path().join("containerd-stargz-grpc-peer");
     assert!(
-        bin.is_file(),
+        built.is_file(),
         "peer build did not produce {}",
-        bin.display()
+        built.display()
     );
+    std::fs::create_dir_all(&build_dir).expect("peer build dir");
+    std::fs::rename(&built, &bin).expect("peer binary into place");
     bin
 }
 
