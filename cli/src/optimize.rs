@@ -61,25 +61,19 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
-/// `10s`, `2m`, `500ms` or plain seconds.
+/// `10s`, `2m`, `500ms` (humantime's forms, as the config file's
+/// durations) or plain seconds.
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
+    let parsed = match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s),
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (10s, 2m, 500ms)"))?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(format!("{s:?} is not a positive duration"));
+    match parsed {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("{s:?} is not a positive duration")),
+        Err(e) => Err(format!("{s:?} is not a duration (10s, 2m, 500ms): {e}")),
     }
-    Ok(Duration::from_secs_f64(v * mult))
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {

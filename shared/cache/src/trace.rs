@@ -189,9 +189,11 @@ impl Cache {
     /// The trace file of the image with manifest digest `manifest`
     /// (`None` for a string that is not a sha256 digest).
     pub fn trace_path(&self, manifest: &str) -> Option<PathBuf> {
-        let hex = manifest.strip_prefix("sha256:")?;
-        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| self.traces_dir().join(format!("sha256-{hex}.json")))
+        let digest: stargaze_format::Digest = manifest.parse().ok()?;
+        Some(
+            self.traces_dir()
+                .join(format!("sha256-{}.json", digest.hex())),
+        )
     }
 }
 

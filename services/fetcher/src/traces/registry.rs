@@ -29,9 +29,8 @@ const EMPTY: &[u8] = b"{}";
 
 /// The tag of the trace of the image with manifest digest `manifest`.
 pub fn tag(manifest: &str) -> Option<String> {
-    let hex = manifest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| format!("sha256-{hex}.{TAG_SUFFIX}"))
+    let digest: stargaze_format::Digest = manifest.parse().ok()?;
+    Some(format!("sha256-{}.{TAG_SUFFIX}", digest.hex()))
 }
 
 /// Why a published trace was not used.
