@@ -75,6 +75,8 @@ ALL_WORKLOADS="hello imports warm readall hello-opt hello-bash hello-bash-opt cc
 IMAGES=${IMAGES:-py pyb cc perl java pipe}
 KEEP=${KEEP:-0}
 RESULTS_MD=${RESULTS_MD:-$ROOT/bench/results/startup.md}
+FETCHER_METRICS_PORT=${FETCHER_METRICS_PORT:-9771}
+PURPOSES=$W/purposes.tsv
 NS=sgbench VH=sgb0 VN=sgb1 HOST_IP=10.213.41.1 REG_IP=10.213.41.2 PORT=5301 QNUM=7713
 REG=$REG_IP:$PORT
 CSOCK=$W/ctd/c.sock
@@ -275,6 +277,7 @@ cat >"$W/etc/stargaze.toml" <<EOF
 [fetcher]
 socket = "$W/sg/fetcher.sock"
 cache_dir = "$W/sg/cache"
+metrics_address = "127.0.0.1:$FETCHER_METRICS_PORT"
 [fs]
 socket = "$W/sg/fs.sock"
 mountpoint = "$W/sg/mnt"
@@ -434,6 +437,12 @@ round() { # workload method [label]
     reg=$(regsum "$m")
     [[ $out =~ $expect ]] || die "$method $wl on $ref: the output's last line '$out' does not match /$expect/"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$method" "$tt" "$tp" "$tr" "$reg" "$(rss_kb $daemons)" "$out" | tee -a "$RESULTS" >&2
+    if [[ $method == stargaze* ]]; then
+        # What our registry bytes were for (the fetcher's counters, to the
+        # workload's exit): one line per purpose.
+        curl -sf "http://127.0.0.1:$FETCHER_METRICS_PORT/metrics" |
+            awk -v l="$label" -v m="$method" -F'[{}"= ]+' '/^stargaze_fetcher_fetched_bytes_total\{/ {printf "%s\t%s\t%s\t%s\n", l, m, $3, $4}' >>"$PURPOSES" || true
+    fi
     if [[ $method == overlayfs && $bound == 1 && $label == "$wl" ]]; then
         # The lower bound's local run: the same command again, image on disk.
         t1=$(now)
@@ -451,6 +460,7 @@ shape_on
 } | tee "$W/link.txt" >&2
 
 : >"$RESULTS"
+: >"$PURPOSES"
 methods=(overlayfs stargaze stargaze-trace)
 [[ -n $PEER_BIN ]] && methods=(overlayfs go-stargz stargaze stargaze-trace)
 # METHODS limits the columns (the report needs overlayfs for the bound).

@@ -55,6 +55,17 @@ def main():
     def cells(wl, method, col):
         return [float(r[col]) for r in rows if r[0] == wl and r[1] == method]
 
+    purpose_rows = table(os.path.join(work, "purposes.tsv"))
+
+    def purposes(wl, method):
+        """Median MB per purpose over the rounds, largest first."""
+        by = {}
+        for r in purpose_rows:
+            if r[0] == wl and r[1] == method:
+                by.setdefault(r[2], []).append(float(r[3]) / 1e6)
+        cells = sorted(((statistics.median(v), p) for p, v in by.items()), reverse=True)
+        return ", ".join(f"{p} {mb:.1f}" for mb, p in cells if mb >= 0.05)
+
     def med(wl, method, col=2):
         v = cells(wl, method, col)
         return statistics.median(v) if v else None
@@ -168,6 +179,11 @@ def main():
                       f"the chunks holding the {int(needed['touched_bytes']) / 1e6:.2f} MB of pages the workload read or "
                       f"mapped (with the kernel's readahead), and the TOCs. stargaze = {sg / b['touched_s']:.2f}x this bound; "
                       f"it read {med(wl, 'stargaze', 6) / b['touched_bytes']:.2f}x these bytes.")
+        for method in ("stargaze", "stargaze-trace"):
+            line = purposes(wl, method)
+            if line:
+                print(f"\n{method}'s registry bytes by what asked for them (the fetcher's "
+                      f"`stargaze_fetcher_fetched_bytes_total`, median MB to the workload's exit): {line}.")
         print()
 
     runtime = os.path.join(work, "runtime.txt")

@@ -220,9 +220,15 @@ fn machine_busy_seconds() -> f64 {
 
 async fn fetch_everything(layer: &Arc<Layer>) -> u64 {
     // As the fetcher's prefetch and background fetch do it.
-    stargaze_fetcher::engine::fetch_in_batches(layer, all_chunks(layer), 256, 4)
-        .await
-        .expect("fetch")
+    stargaze_fetcher::engine::fetch_in_batches(
+        layer,
+        all_chunks(layer),
+        256,
+        4,
+        stargaze_fetcher::Purpose::Landmark,
+    )
+    .await
+    .expect("fetch")
 }
 
 /// The engine's options; `BENCH_MAX_READ_BYTES` and `BENCH_INFLIGHT`

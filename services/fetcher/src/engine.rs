@@ -35,6 +35,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::blob::RemoteBlob;
 use crate::error::{ChunkError, FetchError};
 use crate::options::FetchOptions;
+use crate::purpose::{FETCHED, Purpose, PurposeBytes};
 
 type Outcome = Option<Result<(), ChunkError>>;
 
@@ -42,19 +43,7 @@ type Outcome = Option<Result<(), ChunkError>>;
 struct Claim {
     ino: u64,
     chunk: ChunkInfo,
-    background: bool,
-}
-
-/// Who a fetch is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priority {
-    /// A process waiting for the bytes, or a prefetch of what a starting
-    /// container is about to read.
-    Normal,
-    /// The rest of a layer, fetched while nobody waits: its chunks are
-    /// decoded and written by low-priority threads, so that a node's
-    /// background fetches take little CPU from its running containers.
-    Background,
+    purpose: Purpose,
 }
 
 #[derive(Default)]
@@ -73,6 +62,8 @@ pub struct LayerCounters {
     /// Chunks asked for that were already present (cache hits).
     pub chunks_hit: AtomicU64,
     pub verification_failures: AtomicU64,
+    /// `compressed_bytes` by what asked for them.
+    pub by_purpose: PurposeBytes,
 }
 
 /// What one fetch call caused.
@@ -180,8 +171,15 @@ impl Layer {
     }
 
     /// Chunks covering `[offset, offset + len)` of a file (the whole file
-    /// when it is small).
-    fn chunks_for(&self, ino: u64, offset: u64, len: u64) -> Result<Vec<Claim>, FetchError> {
+    /// when it is small: the chunks beyond the range asked for are claimed
+    /// as [`Purpose::WholeFile`] when a read asked).
+    fn chunks_for(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        purpose: Purpose,
+    ) -> Result<Vec<Claim>, FetchError> {
         let node = self
             .index
             .inode(ino)
@@ -192,34 +190,45 @@ impl Layer {
         if !node.is_reg() || len == 0 {
             return Ok(Vec::new());
         }
+        let asked_end = offset.saturating_add(len).min(node.size());
         let (start, end) = if node.size() <= self.opts.whole_file_below {
             (0, node.size())
         } else {
-            (offset, offset.saturating_add(len).min(node.size()))
+            (offset, asked_end)
         };
         Ok(node
             .chunks_in(start, end)
-            .map(|chunk| Claim {
-                ino,
-                chunk,
-                background: false,
+            .map(|chunk| {
+                let asked =
+                    chunk.file_offset < asked_end && chunk.file_offset + chunk.size.max(1) > offset;
+                Claim {
+                    ino,
+                    chunk,
+                    purpose: if purpose == Purpose::Read && !asked {
+                        Purpose::WholeFile
+                    } else {
+                        purpose
+                    },
+                }
             })
             .collect())
     }
 
-    /// Make the given file ranges `(inode, offset, length)` present.
+    /// Make the given file ranges `(inode, offset, length)` present for a
+    /// process waiting for them.
     pub async fn fetch(
         self: &Arc<Self>,
         ranges: &[(u64, u64, u64)],
     ) -> Result<FetchStats, FetchError> {
-        self.fetch_at(ranges, Priority::Normal).await
+        self.fetch_for(ranges, Purpose::Read).await
     }
 
-    /// [`Layer::fetch`] at the given priority.
-    pub async fn fetch_at(
+    /// [`Layer::fetch`] for another purpose (counted under it; background
+    /// fetches decode on low-priority threads).
+    pub async fn fetch_for(
         self: &Arc<Self>,
         ranges: &[(u64, u64, u64)],
-        priority: Priority,
+        purpose: Purpose,
     ) -> Result<FetchStats, FetchError> {
         if self.is_evicted() {
             return Err(self.evicted_error());
@@ -227,20 +236,18 @@ impl Layer {
         self.touch();
         let mut wanted: Vec<Claim> = Vec::new();
         for &(ino, off, len) in ranges {
-            wanted.extend(self.chunks_for(ino, off, len)?);
+            wanted.extend(self.chunks_for(ino, off, len, purpose)?);
         }
         let asked = wanted.len();
         wanted.retain(|c| !self.presence.is_present(c.chunk.global));
-        for c in &mut wanted {
-            c.background = priority == Priority::Background;
-        }
         self.counters
             .chunks_hit
             .fetch_add((asked - wanted.len()) as u64, Ordering::Relaxed);
         if wanted.is_empty() {
             return Ok(FetchStats::default());
         }
-        wanted.sort_by_key(|c| c.chunk.global);
+        // The strongest purpose of a chunk claimed twice is kept.
+        wanted.sort_by_key(|c| (c.chunk.global, c.purpose));
         wanted.dedup_by_key(|c| c.chunk.global);
         let mut waits: Vec<(Claim, watch::Receiver<Outcome>)> = Vec::with_capacity(wanted.len());
         let mut stats = FetchStats::default();
@@ -335,6 +342,24 @@ impl Layer {
         out
     }
 
+    /// Count a read's bytes by purpose: each member under its claims'
+    /// strongest purpose, the rest of the ranges as merged gaps.
+    fn count_purposes(&self, ranges: &[Range<u64>], todo: &BTreeMap<u64, Member>) {
+        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let mut members = 0;
+        for (&start, m) in todo {
+            let Some(purpose) = m.claims.iter().map(|c| c.purpose).min() else {
+                continue;
+            };
+            members += m.end - start;
+            self.counters.by_purpose.add(purpose, m.end - start);
+            FETCHED.add(purpose, m.end - start);
+        }
+        let gap = total.saturating_sub(members);
+        self.counters.by_purpose.add_gap(gap);
+        FETCHED.add_gap(gap);
+    }
+
     /// Fetch, verify, write and publish a batch; one result per claim.
     async fn fetch_batch(self: &Arc<Self>, batch: &[Claim]) -> Vec<Result<(), ChunkError>> {
         let mut results: HashMap<u32, Result<(), ChunkError>> = HashMap::new();
@@ -386,7 +411,11 @@ impl Layer {
             // little is left to decode when the last byte is in.
             // Low-priority threads only when nobody waits for any chunk of
             // the batch.
-            let background = todo.values().flat_map(|m| &m.claims).all(|c| c.background);
+            self.count_purposes(&ranges, &todo);
+            let background = todo
+                .values()
+                .flat_map(|m| &m.claims)
+                .all(|c| c.purpose.is_background());
             let pool = background.then(background_pool).flatten();
             let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
             let mut assembly = Assembly::new(&plan, &todo);
@@ -840,6 +869,7 @@ pub async fn fetch_in_batches(
     ranges: Vec<(u64, u64, u64)>,
     batch: usize,
     parallel: usize,
+    purpose: Purpose,
 ) -> Result<u64, FetchError> {
     let mut set = tokio::task::JoinSet::new();
     let mut bytes = 0;
@@ -857,7 +887,7 @@ pub async fn fetch_in_batches(
         }
         let l = layer.clone();
         let chunk = chunk.to_vec();
-        set.spawn(async move { l.fetch(&chunk).await.map(|s| s.bytes_fetched) });
+        set.spawn(async move { l.fetch_for(&chunk, purpose).await.map(|s| s.bytes_fetched) });
     }
     while let Some(r) = set.join_next().await {
         collect(r);

@@ -40,7 +40,8 @@
 //! what an image's first containers read and replays it on its next cold
 //! pull; [`registry`] adapts the
 //! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
-//! after an unclean stop; [`metrics`] renders Prometheus metrics. [`options`] and [`error`] hold the
+//! after an unclean stop; [`metrics`] renders Prometheus metrics, among
+//! them the bytes read per [`purpose`] (which mechanism asked for them). [`options`] and [`error`] hold the
 //! tunables and the errors ([`FetchError`], and [`ChunkError`] for one
 //! chunk, whose variant decides the one refetch) every layer above uses.
 
@@ -53,6 +54,7 @@ mod layers;
 pub mod loads;
 pub mod metrics;
 pub mod options;
+pub mod purpose;
 pub mod recover;
 pub mod registry;
 pub mod resolve;
@@ -67,4 +69,5 @@ pub use blob::{BlobError, FileBlob, RemoteBlob};
 pub use engine::{FetchStats, Layer};
 pub use error::{ChunkError, FetchError};
 pub use options::FetchOptions;
+pub use purpose::Purpose;
 pub use resolve::{resolve_layer, resolve_with_toc};

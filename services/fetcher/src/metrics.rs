@@ -16,6 +16,7 @@
 //! | `stargaze_fetcher_range_requests_total` | layer | reads issued (one HTTP request each) |
 //! | `stargaze_fetcher_ranges_total` | layer | byte ranges in those reads (merge ratio = chunks / requests) |
 //! | `stargaze_fetcher_compressed_bytes_total` | layer | compressed bytes read |
+//! | `stargaze_fetcher_fetched_bytes_total` | purpose | compressed bytes read, by what asked for them (`read`, `whole_file`, `neighbours`, `sweep`, `loads`, `entrypoint`, `landmark`, `trace`, `background`; `merge_gap`: bytes between wanted members read to save a range) |
 //! | `stargaze_fetcher_verification_failures_total` | layer | chunks whose bytes did not match |
 //! | `stargaze_fetcher_decode_cpu_seconds_total` | stage | CPU time storing chunks: `decompress`, `verify` (sha256), `write` (content files, presence bits) |
 //! | `stargaze_fetcher_entrypoint_files_total` | | files fetched by the entrypoint prefetch (program, interpreter, libraries) |
@@ -187,6 +188,19 @@ impl Collector for FetcherCollector {
             "Compressed bytes read for chunks",
             MetricType::Counter,
             &c(|c| &c.compressed_bytes),
+        )?;
+        let fetched = &crate::purpose::FETCHED;
+        let mut by_purpose: Series = crate::Purpose::ALL
+            .iter()
+            .map(|&p| (vec![("purpose".into(), p.label().into())], fetched.get(p)))
+            .collect();
+        by_purpose.push((vec![("purpose".into(), "merge_gap".into())], fetched.gaps()));
+        family(
+            &mut e,
+            "stargaze_fetcher_fetched_bytes",
+            "Compressed bytes read, by what asked for them",
+            MetricType::Counter,
+            &by_purpose,
         )?;
         family(
             &mut e,

@@ -178,7 +178,14 @@ impl Schedule {
         layer: &Arc<Layer>,
         ranges: Vec<(u64, u64, u64)>,
     ) -> Result<u64, FetchError> {
-        crate::engine::fetch_in_batches(layer, ranges, PREFETCH_BATCH, PREFETCH_PARALLEL).await
+        crate::engine::fetch_in_batches(
+            layer,
+            ranges,
+            PREFETCH_BATCH,
+            PREFETCH_PARALLEL,
+            crate::Purpose::Landmark,
+        )
+        .await
     }
 
     /// Fetch the rest of a layer one small batch at a time, each after
@@ -203,7 +210,7 @@ impl Schedule {
             let before = layer.counters.compressed_bytes.load(Ordering::Relaxed);
             // Chunks fetched on demand meanwhile are skipped by the engine.
             bytes += layer
-                .fetch_at(batch, crate::engine::Priority::Background)
+                .fetch_for(batch, crate::Purpose::Background)
                 .await?
                 .bytes_fetched;
             if self.background_bandwidth > 0 {

@@ -328,7 +328,14 @@ impl Fetcher for FetcherService {
             .iter()
             .map(|r| (r.inode, r.offset, r.length))
             .collect();
-        let stats = layer.fetch(&ranges).await.map_err(|e| {
+        let purpose = if req.priority == Priority::Background as i32 {
+            crate::Purpose::Background
+        } else if req.priority == Priority::Prefetch as i32 {
+            crate::Purpose::Neighbours
+        } else {
+            crate::Purpose::Read
+        };
+        let stats = layer.fetch_for(&ranges, purpose).await.map_err(|e| {
             self.shared
                 .layers
                 .errors
@@ -341,7 +348,7 @@ impl Fetcher for FetcherService {
             if !ahead.is_empty() {
                 let layer = layer.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = layer.fetch(&ahead).await {
+                    if let Err(e) = layer.fetch_for(&ahead, crate::Purpose::Sweep).await {
                         tracing::debug!(layer = %layer.digest, error = %e, "read-ahead failed");
                     }
                 });

@@ -250,7 +250,9 @@ impl FetcherService {
         };
         tracing::debug!(layer = %layer.digest, program = %layer.index.path_of(ino), "the program's fetch starts before the image's other layers are resolved");
         tokio::spawn(async move {
-            let _ = layer.fetch(&[(ino, 0, size)]).await;
+            let _ = layer
+                .fetch_for(&[(ino, 0, size)], crate::Purpose::Entrypoint)
+                .await;
         });
         true
     }

@@ -562,3 +562,47 @@ async fn a_short_answer_is_not_a_verification_failure() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_bytes_are_counted_by_what_asked_for_them() {
+    use stargaze_fetcher::Purpose;
+    let f = fixture(small_chunks());
+    let o = FetchOptions {
+        whole_file_below: 1 << 20,
+        merge_gap: 0,
+        ..opts()
+    };
+    let (layer, _blob, _cache) = resolve(&f, &o).await;
+    let by = |p| layer.counters.by_purpose.get(p);
+    // 300,000 bytes in 64 KiB chunks: a read of the first bytes fetches the
+    // whole small file, the rest of it counted as whole_file.
+    let file6 = layer.index.lookup_path("data/file6").unwrap();
+    layer.fetch(&[(file6, 0, 10)]).await.unwrap();
+    assert!(by(Purpose::Read) > 0, "the chunk read counts as read");
+    assert!(
+        by(Purpose::WholeFile) > 3 * by(Purpose::Read),
+        "the other four chunks count as whole_file: {} vs {}",
+        by(Purpose::WholeFile),
+        by(Purpose::Read)
+    );
+    // A large file's range for the sweep counts as sweep only.
+    let file7 = layer.index.lookup_path("data/file7").unwrap();
+    layer
+        .fetch_for(&[(file7, 0, 200_000)], Purpose::Sweep)
+        .await
+        .unwrap();
+    assert!(by(Purpose::Sweep) > 0);
+    assert_eq!(by(Purpose::Background), 0);
+    // What was already present is not counted again, whatever asks.
+    let before = layer.counters.compressed_bytes.load(Ordering::Relaxed);
+    layer
+        .fetch_for(&[(file6, 0, 300_000)], Purpose::Loads)
+        .await
+        .unwrap();
+    assert_eq!(by(Purpose::Loads), 0);
+    // Every byte read is under one purpose or a merged gap.
+    let total: u64 =
+        Purpose::ALL.iter().map(|&p| by(p)).sum::<u64>() + layer.counters.by_purpose.gaps();
+    assert_eq!(total, before);
+    assert_eq!(layer.counters.by_purpose.gaps(), 0, "merge_gap 0: no gaps");
+}

@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::engine::Layer;
+use crate::purpose::Purpose;
 use crate::stack::Stack;
 use crate::traces::Traces;
 use elf::Head;
@@ -365,7 +366,7 @@ fn default_dirs(machine: u16, is_64: bool) -> Vec<String> {
 /// Bytes `[offset, offset + len)` of a file: fetched, then read from the
 /// layer's cache file.
 async fn read(layer: &Arc<Layer>, ino: u64, offset: u64, len: u64) -> Option<Vec<u8>> {
-    if let Err(e) = layer.fetch(&[(ino, offset, len)]).await {
+    if let Err(e) = layer.fetch_for(&[(ino, offset, len)], Purpose::Loads).await {
         tracing::debug!(layer = %layer.digest, file = %layer.index.path_of(ino), error = %e, "dependency prefetch: read failed");
         return None;
     }
@@ -392,7 +393,7 @@ async fn examine(
 ) -> Leads {
     let mut leads = Leads::default();
     if what == What::Data {
-        if let Err(e) = layer.fetch(&[(ino, 0, size)]).await {
+        if let Err(e) = layer.fetch_for(&[(ino, 0, size)], Purpose::Loads).await {
             tracing::debug!(layer = %layer.digest, file = %path, error = %e, "dependency prefetch failed");
         }
         return leads;
@@ -416,7 +417,7 @@ async fn examine(
     if e.mapped && size > head_len && size <= whole_mapped_below {
         let layer = layer.clone();
         tokio::spawn(async move {
-            let _ = layer.fetch(&[(ino, 0, size)]).await;
+            let _ = layer.fetch_for(&[(ino, 0, size)], Purpose::Loads).await;
         });
     }
     // Each piece from the head when it is there, else fetched.

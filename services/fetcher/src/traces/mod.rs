@@ -444,7 +444,15 @@ pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     }
     let t0 = Instant::now();
     let n = ranges.len();
-    match crate::engine::fetch_in_batches(layer, ranges, REPLAY_BATCH, REPLAY_PARALLEL).await {
+    match crate::engine::fetch_in_batches(
+        layer,
+        ranges,
+        REPLAY_BATCH,
+        REPLAY_PARALLEL,
+        crate::Purpose::Trace,
+    )
+    .await
+    {
         Ok(bytes) => {
             tracing::debug!(image = %trace.image, layer = %layer.digest, reads = n, bytes, elapsed = ?t0.elapsed(), "trace replayed")
         }
