@@ -16,8 +16,15 @@
 //! to the content file, and only then published in the presence map. A
 //! fetch of more than one read's worth starts up to `max_reads_per_fetch`
 //! drains, so that its reads overlap. Claims are completed through watch
-//! channels; the drain runs as its own task, so a caller that gives up never
+//! channels, each as soon as its chunk is stored (not when its whole read
+//! is in); the drain runs as its own task, so a caller that gives up never
 //! strands chunks that others wait for.
+//!
+//! Claims a process waits for ([`Purpose::is_urgent`]) go to their own
+//! queue, served first by every drain and by `URGENT_READS` read slots of
+//! their own, and a prefetch claim still queued when a reader asks for its
+//! chunk moves there: what the kernel asks for never waits behind
+//! megabytes of prefetch.
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -49,8 +56,16 @@ struct Claim {
 #[derive(Default)]
 struct State {
     inflight: HashMap<u32, watch::Sender<Outcome>>,
+    /// Claims a process waits for: taken before any other.
+    urgent: Vec<Claim>,
+    /// Claims of prefetches (and the background fetch).
     queue: Vec<Claim>,
 }
+
+/// Reads per layer kept for claims a process waits for, besides
+/// `max_inflight_reads`: a read of the kernel's never queues behind
+/// megabytes of prefetch (8 MiB reads take 0.7 s at 100 Mbit/s).
+const URGENT_READS: usize = 2;
 
 /// Counters of one layer.
 #[derive(Debug, Default)]
@@ -87,6 +102,7 @@ pub struct Layer {
     compression: Compression,
     state: Mutex<State>,
     read_slots: Arc<Semaphore>,
+    urgent_slots: Arc<Semaphore>,
     /// Set when eviction deleted the layer's files: nothing more is written.
     evicted: std::sync::atomic::AtomicBool,
     /// When the layer's last use was last recorded, in seconds after
@@ -124,6 +140,7 @@ impl Layer {
             blob,
             cache,
             read_slots: Arc::new(Semaphore::new(opts.max_inflight_reads.max(1))),
+            urgent_slots: Arc::new(Semaphore::new(URGENT_READS)),
             opts,
             compression,
             state: Mutex::new(State::default()),
@@ -254,6 +271,9 @@ impl Layer {
         // Compressed bytes of the members newly claimed (each counted once).
         let mut claimed_bytes = 0u64;
         let mut last_member = None;
+        let urgent = purpose.is_urgent();
+        // Prefetch claims a reader now waits for, moved to the urgent queue.
+        let mut promoted = 0;
         {
             let mut st = self.state.lock();
             for c in wanted {
@@ -262,11 +282,26 @@ impl Layer {
                 }
                 if let Some(tx) = st.inflight.get(&c.chunk.global) {
                     waits.push((c, tx.subscribe()));
+                    if urgent
+                        && let Some(i) = st
+                            .queue
+                            .iter()
+                            .position(|q| q.chunk.global == c.chunk.global)
+                    {
+                        let mut q = st.queue.swap_remove(i);
+                        q.purpose = q.purpose.min(c.purpose);
+                        st.urgent.push(q);
+                        promoted += 1;
+                    }
                     continue;
                 }
                 let (tx, rx) = watch::channel(None);
                 st.inflight.insert(c.chunk.global, tx);
-                st.queue.push(c);
+                if urgent {
+                    st.urgent.push(c);
+                } else {
+                    st.queue.push(c);
+                }
                 stats.chunks_fetched += 1;
                 stats.bytes_fetched += c.chunk.size;
                 if last_member != Some(c.chunk.compressed_offset) {
@@ -285,8 +320,10 @@ impl Layer {
                 .div_ceil(self.opts.max_read_bytes.max(1))
                 .clamp(1, self.opts.max_reads_per_fetch.max(1) as u64);
             for _ in 0..drains {
-                tokio::spawn(self.clone().drain());
+                tokio::spawn(self.clone().drain(urgent));
             }
+        } else if promoted > 0 {
+            tokio::spawn(self.clone().drain(true));
         }
         for (c, mut rx) in waits {
             let outcome = rx
@@ -305,13 +342,28 @@ impl Layer {
         Ok(stats)
     }
 
-    /// Take a read slot, then everything queued, and fetch it.
-    async fn drain(self: Arc<Self>) {
-        let Ok(_permit) = self.read_slots.clone().acquire_owned().await else {
+    /// Take a read slot, then everything queued, and fetch it. An urgent
+    /// drain takes one of the slots kept for readers and only their claims;
+    /// the others take readers' claims first, then prefetches'.
+    async fn drain(self: Arc<Self>, urgent: bool) {
+        let slots = if urgent {
+            &self.urgent_slots
+        } else {
+            &self.read_slots
+        };
+        let Ok(_permit) = slots.clone().acquire_owned().await else {
             return;
         };
         loop {
-            let batch = take_budget(&mut self.state.lock().queue, self.opts.max_read_bytes);
+            let batch = {
+                let mut st = self.state.lock();
+                let batch = take_budget(&mut st.urgent, self.opts.max_read_bytes);
+                if batch.is_empty() && !urgent {
+                    take_budget(&mut st.queue, self.opts.max_read_bytes)
+                } else {
+                    batch
+                }
+            };
             if batch.is_empty() {
                 return;
             }
@@ -420,6 +472,14 @@ impl Layer {
             let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
             let mut assembly = Assembly::new(&plan, &todo);
             let t0 = std::time::Instant::now();
+            let mut outcomes: HashMap<u64, Vec<Result<(), ChunkError>>> = HashMap::new();
+            // Each member's waiters are answered as soon as it is stored,
+            // not when the whole read is in: a reader whose chunk came
+            // first in an 8 MiB read does not wait for the rest.
+            let mut answer = |start: u64, outcome: Vec<Result<(), ChunkError>>| {
+                self.answer_stored(&todo[&start].claims, &outcome);
+                outcomes.insert(start, outcome);
+            };
             let read = {
                 let mut sink = |i: usize, piece: bytes::Bytes| {
                     self.counters
@@ -429,13 +489,19 @@ impl Layer {
                         self.decode_later(pool, start, member, &todo[&start].claims, &done_tx);
                     }
                 };
-                self.blob.stream_ranges(&ranges, &ends, &mut sink).await
+                let read = self.blob.stream_ranges(&ranges, &ends, &mut sink);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        r = &mut read => break r,
+                        Some((start, outcome)) = done_rx.recv() => answer(start, outcome),
+                    }
+                }
             };
             let read_time = t0.elapsed();
             drop(done_tx);
-            let mut outcomes: HashMap<u64, Vec<Result<(), ChunkError>>> = HashMap::new();
             while let Some((start, outcome)) = done_rx.recv().await {
-                outcomes.insert(start, outcome);
+                answer(start, outcome);
             }
             tracing::debug!(
                 layer = %self.digest,
@@ -496,6 +562,19 @@ impl Layer {
                     .unwrap_or(Err(ChunkError::NotFetched))
             })
             .collect()
+    }
+
+    /// Answer the waiters of the claims stored successfully (failures are
+    /// answered at the end of the batch, after the one retry).
+    fn answer_stored(&self, claims: &[Claim], outcome: &[Result<(), ChunkError>]) {
+        let mut st = self.state.lock();
+        for (c, r) in claims.iter().zip(outcome) {
+            if r.is_ok()
+                && let Some(tx) = st.inflight.remove(&c.chunk.global)
+            {
+                let _ = tx.send(Some(Ok(())));
+            }
+        }
     }
 
     /// Decode a member on the decode threads (`pool`, else rayon's shared

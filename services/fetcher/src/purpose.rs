@@ -58,6 +58,11 @@ impl Purpose {
         }
     }
 
+    /// A process waits for these bytes: fetched before any prefetch.
+    pub fn is_urgent(self) -> bool {
+        matches!(self, Purpose::Read | Purpose::WholeFile)
+    }
+
     /// Decoded on the low-priority threads.
     pub fn is_background(self) -> bool {
         self == Purpose::Background

@@ -1,5 +1,7 @@
 //! Resolution and chunk fetching against converted layers in local files.
 
+mod reopen;
+
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -412,7 +414,7 @@ async fn a_restart_reuses_the_index_and_the_cached_chunks() {
         layer.fetch(&[(ino, 0, 300_000)]).await.unwrap();
         cache.mark_clean().unwrap();
     }
-    let cache = Arc::new(Cache::open_writer(&f.cache_dir).unwrap());
+    let cache = Arc::new(reopen::reopen_cache(&f.cache_dir));
     assert!(!cache.was_unclean());
     let layer = Arc::new(
         resolve_layer(
@@ -605,4 +607,157 @@ async fn fetched_bytes_are_counted_by_what_asked_for_them() {
         Purpose::ALL.iter().map(|&p| by(p)).sum::<u64>() + layer.counters.by_purpose.gaps();
     assert_eq!(total, before);
     assert_eq!(layer.counters.by_purpose.gaps(), 0, "merge_gap 0: no gaps");
+}
+
+/// A blob behind a slow link: each range streams in 64 KiB pieces at
+/// `bytes_per_sec`.
+struct SlowLink {
+    inner: FileBlob,
+    bytes_per_sec: f64,
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for SlowLink {
+    fn name(&self) -> String {
+        "slow-blob".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        self.inner.size().await
+    }
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
+        let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        tokio::time::sleep(std::time::Duration::from_secs_f64(
+            bytes as f64 / self.bytes_per_sec,
+        ))
+        .await;
+        self.inner.read_ranges(ranges).await
+    }
+    async fn stream_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        _ends: &[Vec<u64>],
+        sink: &mut (dyn FnMut(usize, bytes::Bytes) + Send),
+    ) -> Result<(), BlobError> {
+        for (i, r) in ranges.iter().enumerate() {
+            let mut at = r.start;
+            while at < r.end {
+                let end = (at + (64 << 10)).min(r.end);
+                let piece = self
+                    .read_ranges(std::slice::from_ref(&(at..end)))
+                    .await?
+                    .remove(0);
+                sink(i, piece);
+                at = end;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A layer of a 4 MiB incompressible file followed by a small one, read
+/// through a 1 MB/s link.
+async fn big_then_small(
+    dir: &std::path::Path,
+    o: &FetchOptions,
+) -> (Arc<stargaze_fetcher::Layer>, u64, u64) {
+    let mut x = 7u32;
+    let big = image::file_bytes(4 << 20, &mut x);
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [("big", &big[..]), ("small", &b"small file"[..])] {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let mut out = Vec::new();
+    let res = stargaze_format::convert("fixture", &tar, &mut out, &small_chunks(), None).unwrap();
+    std::fs::write(dir.join("blob"), &out).unwrap();
+    let cache = Arc::new(Cache::open_writer(&dir.join("cache")).unwrap());
+    let blob = Arc::new(SlowLink {
+        inner: FileBlob::open(&dir.join("blob")).unwrap(),
+        bytes_per_sec: 1e6,
+    });
+    let layer = Arc::new(
+        resolve_layer(
+            cache,
+            blob,
+            &res.digest.to_string(),
+            Some(res.toc_digest),
+            false,
+            o,
+        )
+        .await
+        .unwrap(),
+    );
+    let big = layer.index.lookup_path("big").unwrap();
+    let small = layer.index.lookup_path("small").unwrap();
+    (layer, big, small)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_does_not_wait_behind_a_prefetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = FetchOptions {
+        max_inflight_reads: 1,
+        max_read_bytes: 256 << 10,
+        ..opts()
+    };
+    let (layer, big, small) = big_then_small(dir.path(), &o).await;
+    // Four seconds of prefetch queued in 256 KiB reads on the layer's one
+    // read slot; the small file lies after all of it in the blob.
+    let prefetch = {
+        let layer = layer.clone();
+        tokio::spawn(async move {
+            layer
+                .fetch_for(&[(big, 0, 4 << 20)], stargaze_fetcher::Purpose::Landmark)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    layer.fetch(&[(small, 0, 10)]).await.unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited < std::time::Duration::from_millis(1500),
+        "the read waited {waited:?} behind the prefetch"
+    );
+    assert!(
+        !prefetch.is_finished(),
+        "the prefetch should still be running"
+    );
+    assert_eq!(read_content(&layer, small, 0..10), b"small file");
+    prefetch.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_is_answered_when_stored_not_when_its_whole_read_is_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = FetchOptions {
+        max_inflight_reads: 1,
+        ..opts()
+    };
+    let (layer, big, _small) = big_then_small(dir.path(), &o).await;
+    // One 4 MiB read (4 s at 1 MB/s) holds the file's first chunk.
+    let prefetch = {
+        let layer = layer.clone();
+        tokio::spawn(async move {
+            layer
+                .fetch_for(&[(big, 0, 4 << 20)], stargaze_fetcher::Purpose::Landmark)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let t0 = std::time::Instant::now();
+    layer.fetch(&[(big, 0, 4096)]).await.unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited < std::time::Duration::from_millis(1500),
+        "the first chunk was answered after {waited:?}"
+    );
+    assert!(
+        !prefetch.is_finished(),
+        "the read should still be streaming"
+    );
+    prefetch.await.unwrap().unwrap();
 }

@@ -7,6 +7,8 @@
 //! read first, A reads A's bytes and B reads B's — never A's silently and
 //! never a mix of the two.
 
+mod reopen;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -302,7 +304,7 @@ async fn recovery_hashes_shared_content_whole_and_refetches_what_fails() {
         f.write_all_at(&[0u8; 4096], 70_000).unwrap();
         // dropped without mark_clean: a crash
     }
-    let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+    let cache = Arc::new(reopen::reopen_cache(&cache_dir));
     assert!(cache.was_unclean());
     let r = stargaze_fetcher::recover::reverify(&cache);
     assert_eq!((r.shared_checked, r.shared_removed), (1, 1), "{r:?}");
