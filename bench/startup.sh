@@ -55,7 +55,9 @@
 # IMAGES [py pyb cc perl java pipe] (runs these images' workloads),
 # WORKLOADS [every workload of IMAGES: hello imports warm readall hello-opt
 # hello-bash hello-bash-opt cc cc-opt perl perl-opt java java-opt pipe
-# pipe-opt], METHODS [overlayfs go-stargz stargaze stargaze-trace], LOOPBACK_WORKLOADS
+# pipe-opt], METHODS [overlayfs go-stargz stargaze stargaze-trace; also
+# stargaze-b: stargaze with SG_B_FETCHER's lines added to [fetcher], an A/B
+# of a setting in one run], LOOPBACK_WORKLOADS
 # [hello readall, if chosen] (one more round of each with the link unshaped;
 # "" = none), KEEP [0] (1 keeps the daemons and network for a look), SG_BIN
 # [target/release] (where our binaries are: for A/B runs of two builds),
@@ -287,6 +289,10 @@ root = "$W/sg/root"
 [log]
 level = "${SG_LOG_LEVEL:-info}"
 EOF
+# An A/B variant (method stargaze-b): the same config with SG_B_FETCHER's
+# lines added to [fetcher], e.g. SG_B_FETCHER='read_amplify = 0'.
+awk -v extra="${SG_B_FETCHER:-}" '{print} /^\[fetcher\]$/ && extra != "" {print extra}' \
+    "$W/etc/stargaze.toml" >"$W/etc/stargaze-b.toml"
 # Our fetcher reads containerd's hosts.toml for plain HTTP, as containerd would.
 mkdir -p "$W/etc/certs.d/$REG"
 cat >"$W/etc/certs.d/$REG/hosts.toml" <<EOF
@@ -332,7 +338,7 @@ reset_stargaze() { # [keep-traces]
     for d in fetcher fs snapshotter; do
         local extra=()
         [[ $d == fetcher ]] && extra=(--hosts-dir "$W/etc/certs.d")
-        start_daemon $d "$BIN/stargaze-$d" --config "$W/etc/stargaze.toml" "${extra[@]}"
+        start_daemon $d "$BIN/stargaze-$d" --config "$W/etc/stargaze${SG_VARIANT:-}.toml" "${extra[@]}"
         for _ in $(seq 200); do [[ -S $W/sg/$d.sock ]] && break; sleep 0.02; done
     done
     wait_plugin stargaze
@@ -355,7 +361,8 @@ cold() { # [keep-traces]
 }
 
 : >"$W/convert-times-go.tsv"
-if [[ -n $PEER_BIN ]]; then
+# Go Stargz's images only when its column is measured.
+if [[ -n $PEER_BIN && " ${METHODS:-go-stargz} " == *" go-stargz "* ]]; then
     for img in "${images[@]}"; do
         log "image $img: ctr-remote image convert --estargz --oci (for the Go Stargz Snapshotter)"
         ctr_ image pull --plain-http "$REG/$img:latest" >"$W/logs/ctr-remote-$img.log" 2>&1
@@ -405,9 +412,11 @@ round() { # workload method [label]
     case $method in
     overlayfs) ref=$REG/$image:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
     go-stargz) ref=$REG/$image:esgz-go$opt sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
-    stargaze | stargaze-trace) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
+    stargaze | stargaze-trace | stargaze-b) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
     *) die "unknown method $method (METHODS: overlayfs go-stargz stargaze stargaze-trace)" ;;
     esac
+    SG_VARIANT=
+    [[ $method == stargaze-b ]] && SG_VARIANT=-b
     if [[ $method == stargaze-trace ]]; then
         cold keep-traces
         [[ -n $(ls "$W/sg/cache/traces" 2>/dev/null) ]] || die "stargaze-trace $wl: no trace was learned in the stargaze round before it"

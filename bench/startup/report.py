@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 
-METHODS = ["overlayfs", "go-stargz", "stargaze", "stargaze-trace"]
+METHODS = ["overlayfs", "go-stargz", "stargaze", "stargaze-trace", "stargaze-b"]
 TRIPS = 4
 
 
@@ -179,7 +179,7 @@ def main():
                       f"the chunks holding the {int(needed['touched_bytes']) / 1e6:.2f} MB of pages the workload read or "
                       f"mapped (with the kernel's readahead), and the TOCs. stargaze = {sg / b['touched_s']:.2f}x this bound; "
                       f"it read {med(wl, 'stargaze', 6) / b['touched_bytes']:.2f}x these bytes.")
-        for method in ("stargaze", "stargaze-trace"):
+        for method in ("stargaze", "stargaze-trace", "stargaze-b"):
             line = purposes(wl, method)
             if line:
                 print(f"\n{method}'s registry bytes by what asked for them (the fetcher's "

@@ -266,6 +266,11 @@ impl Layer {
         // The strongest purpose of a chunk claimed twice is kept.
         wanted.sort_by_key(|c| (c.chunk.global, c.purpose));
         wanted.dedup_by_key(|c| c.chunk.global);
+        let amplified = if purpose.is_urgent() {
+            self.amplify(&wanted)
+        } else {
+            Vec::new()
+        };
         let mut waits: Vec<(Claim, watch::Receiver<Outcome>)> = Vec::with_capacity(wanted.len());
         let mut stats = FetchStats::default();
         // Compressed bytes of the members newly claimed (each counted once).
@@ -310,6 +315,22 @@ impl Layer {
                 }
                 waits.push((c, rx));
             }
+            // Claimed alongside, in the same queue (so in the same read),
+            // but nobody waits for them.
+            for c in amplified {
+                if self.presence.is_present(c.chunk.global)
+                    || st.inflight.contains_key(&c.chunk.global)
+                {
+                    continue;
+                }
+                let (tx, _) = watch::channel(None);
+                st.inflight.insert(c.chunk.global, tx);
+                st.urgent.push(c);
+                if last_member != Some(c.chunk.compressed_offset) {
+                    claimed_bytes += c.chunk.compressed_end - c.chunk.compressed_offset;
+                    last_member = Some(c.chunk.compressed_offset);
+                }
+            }
         }
         if stats.chunks_fetched > 0 {
             // One drain per read's worth of bytes, up to
@@ -340,6 +361,28 @@ impl Layer {
             }
         }
         Ok(stats)
+    }
+
+    /// The chunks following a read's last missing member in the blob, up
+    /// to `read_amplify` compressed bytes: fetched in the same request,
+    /// claimed as [`Purpose::Neighbours`].
+    fn amplify(&self, wanted: &[Claim]) -> Vec<Claim> {
+        if self.opts.read_amplify == 0 {
+            return Vec::new();
+        }
+        let Some(end) = wanted.iter().map(|c| c.chunk.compressed_end).max() else {
+            return Vec::new();
+        };
+        self.sweep
+            .following(&self.index, end, self.opts.read_amplify)
+            .into_iter()
+            .filter(|(_, chunk)| !chunk.zeros && !self.presence.is_present(chunk.global))
+            .map(|(ino, chunk)| Claim {
+                ino,
+                chunk,
+                purpose: Purpose::Neighbours,
+            })
+            .collect()
     }
 
     /// Take a read slot, then everything queued, and fetch it. An urgent

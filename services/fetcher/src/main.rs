@@ -60,6 +60,7 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
         merge_gap: c.merge_gap,
         max_merged_range: c.max_merged_range,
         whole_file_below: c.whole_file_below,
+        read_amplify: c.read_amplify,
         ..Default::default()
     };
     let service = FetcherService::new(

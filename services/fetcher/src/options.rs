@@ -28,6 +28,11 @@ pub struct FetchOptions {
     pub max_read_bytes: u64,
     /// Files up to this size are fetched whole on their first read.
     pub whole_file_below: u64,
+    /// A read that misses also fetches, in the same request, the chunks
+    /// that follow it in the blob up to this many compressed bytes (what
+    /// the same package installed next to it: the modules an interpreter
+    /// loads next, the headers a compiler opens next); 0 = off.
+    pub read_amplify: u64,
     /// Refuse TOCs larger than this (uncompressed).
     pub max_toc_size: u64,
 }
@@ -42,6 +47,7 @@ impl Default for FetchOptions {
             max_reads_per_fetch: 2,
             max_read_bytes: 8 << 20,
             whole_file_below: 256 << 10,
+            read_amplify: 128 << 10,
             max_toc_size: stargaze_format::reader::DEFAULT_MAX_TOC_SIZE,
         }
     }

@@ -20,7 +20,7 @@
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
-use stargaze_index::LayerIndex;
+use stargaze_index::{ChunkInfo, LayerIndex};
 
 /// Sequential reads in a row before anything is fetched ahead.
 pub const SEQUENTIAL_AFTER: u32 = 3;
@@ -115,6 +115,25 @@ impl Sweep {
             .filter_map(|&(_, ino, i)| {
                 let c = index.inode(ino)?.chunk(i as usize)?;
                 Some((ino, c.file_offset, c.size))
+            })
+            .collect()
+    }
+}
+
+impl Sweep {
+    /// Chunks lying wholly within `[end, end + window)` of the blob, in
+    /// blob order: what a read ending at `end` amplifies to
+    /// (`read_amplify`).
+    pub fn following(&self, index: &LayerIndex, end: u64, window: u64) -> Vec<(u64, ChunkInfo)> {
+        let order = self.order.get_or_init(|| blob_order(index));
+        let first = order.partition_point(|&(off, ..)| off < end);
+        let limit = end.saturating_add(window);
+        order[first..]
+            .iter()
+            .take_while(|&&(off, ..)| off < limit)
+            .filter_map(|&(_, ino, i)| {
+                let c = index.inode(ino)?.chunk(i as usize)?;
+                (c.compressed_end <= limit).then_some((ino, c))
             })
             .collect()
     }

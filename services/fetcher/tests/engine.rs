@@ -62,6 +62,7 @@ fn small_chunks() -> ConvertOptions {
 fn opts() -> FetchOptions {
     FetchOptions {
         whole_file_below: 0,
+        read_amplify: 0,
         ..Default::default()
     }
 }
@@ -760,4 +761,55 @@ async fn a_chunk_is_answered_when_stored_not_when_its_whole_read_is_in() {
         "the read should still be streaming"
     );
     prefetch.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_brings_the_chunks_that_follow_it_in_the_same_request() {
+    use stargaze_fetcher::Purpose;
+    for amplify in [0, 64 << 10] {
+        let f = fixture(small_chunks());
+        let o = FetchOptions {
+            read_amplify: amplify,
+            ..opts()
+        };
+        let (layer, blob, _cache) = resolve(&f, &o).await;
+        let ino = |p: &str| layer.index.lookup_path(p).unwrap();
+        let before = blob.requests();
+        layer.fetch(&[(ino("data/file2"), 0, 10)]).await.unwrap();
+        assert_eq!(blob.requests() - before, 1);
+        // The next small files of the blob came with it, unasked.
+        let next = ino("data/file3");
+        let present = |i| {
+            layer
+                .index
+                .inode(i)
+                .unwrap()
+                .chunks()
+                .all(|c| layer.presence.is_present(c.global))
+        };
+        if amplify == 0 {
+            assert!(
+                !present(next),
+                "read_amplify = 0 fetches only what was asked"
+            );
+            assert_eq!(layer.counters.by_purpose.get(Purpose::Neighbours), 0);
+            continue;
+        }
+        // Answered when its own chunk is stored: the rest of the read may
+        // still be arriving.
+        let after = ino("data/file4");
+        for _ in 0..100 {
+            if present(next) && present(after) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(present(next), "data/file3 follows data/file2 in the blob");
+        assert!(present(after));
+        assert_eq!(read_content(&layer, next, 0..512), f.files["data/file3"]);
+        assert!(layer.counters.by_purpose.get(Purpose::Neighbours) > 0);
+        let before = blob.requests();
+        layer.fetch(&[(next, 0, 512)]).await.unwrap();
+        assert_eq!(blob.requests() - before, 0, "already here");
+    }
 }

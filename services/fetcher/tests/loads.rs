@@ -72,7 +72,11 @@ async fn layer_chunked(
         &res.digest.to_string(),
         Some(res.toc_digest),
         false,
-        &FetchOptions::default(),
+        // What loads fetches, alone (no read amplification).
+        &FetchOptions {
+            read_amplify: 0,
+            ..FetchOptions::default()
+        },
     )
     .await
     .unwrap();

@@ -100,6 +100,11 @@ pub struct FetcherConfig {
     /// small file is usually read whole, and one request beats several).
     #[serde(with = "size")]
     pub whole_file_below: u64,
+    /// A read that misses also fetches the chunks that follow it in the
+    /// layer's blob, up to this many compressed bytes, in the same request
+    /// (files installed together are read together); 0 = off.
+    #[serde(with = "size")]
+    pub read_amplify: u64,
     #[serde(with = "size")]
     pub whole_mapped_file_below: u64,
     /// Record what each image's first containers read (files and ranges,
@@ -249,6 +254,7 @@ impl Default for FetcherConfig {
             prefetch_entrypoint: true,
             prefetch_loads: true,
             whole_file_below: 256 << 10,
+            read_amplify: 128 << 10,
             whole_mapped_file_below: 64 << 20,
             learn_traces: true,
             trace_window: Duration::from_secs(30),
