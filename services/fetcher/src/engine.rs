@@ -363,6 +363,13 @@ impl Layer {
         Ok(stats)
     }
 
+    /// What an on-demand read of `ranges` fetches ahead when it continues
+    /// a sweep of the layer (`sweep.rs`).
+    pub fn sweep_ahead(&self, ranges: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
+        self.sweep
+            .read(&self.index, ranges, self.opts.sweep_max_window)
+    }
+
     /// The chunks following a read's last missing member in the blob, up
     /// to `read_amplify` compressed bytes: fetched in the same request,
     /// claimed as [`Purpose::Neighbours`].

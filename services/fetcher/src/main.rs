@@ -61,6 +61,7 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
         max_merged_range: c.max_merged_range,
         whole_file_below: c.whole_file_below,
         read_amplify: c.read_amplify,
+        sweep_max_window: c.sweep_max_window,
         ..Default::default()
     };
     let service = FetcherService::new(

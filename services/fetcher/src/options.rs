@@ -33,6 +33,9 @@ pub struct FetchOptions {
     /// the same package installed next to it: the modules an interpreter
     /// loads next, the headers a compiler opens next); 0 = off.
     pub read_amplify: u64,
+    /// The largest window read ahead in blob order during a sweep
+    /// (`sweep.rs`); 0 = no sweep read-ahead.
+    pub sweep_max_window: u64,
     /// Refuse TOCs larger than this (uncompressed).
     pub max_toc_size: u64,
 }
@@ -48,6 +51,7 @@ impl Default for FetchOptions {
             max_read_bytes: 8 << 20,
             whole_file_below: 256 << 10,
             read_amplify: 128 << 10,
+            sweep_max_window: crate::sweep::MAX_WINDOW,
             max_toc_size: stargaze_format::reader::DEFAULT_MAX_TOC_SIZE,
         }
     }

@@ -344,7 +344,7 @@ impl Fetcher for FetcherService {
         })?;
         if req.priority == Priority::OnDemand as i32 {
             // A sweep through the layer: fetch ahead in blob order.
-            let ahead = layer.sweep.read(&layer.index, &ranges);
+            let ahead = layer.sweep_ahead(&ranges);
             if !ahead.is_empty() {
                 let layer = layer.clone();
                 tokio::spawn(async move {

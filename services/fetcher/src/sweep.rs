@@ -13,7 +13,8 @@
 //! sweep: it would fetch every file whole for a few bytes of each), the
 //! layer is being swept: the next `window` compressed bytes in blob order
 //! are fetched ahead (not waited for), and the window doubles with every
-//! further sequential read up to [`MAX_WINDOW`], so a sweep soon streams
+//! further sequential read up to the layer's `sweep_max_window`
+//! ([`MAX_WINDOW`] by default; 0 turns the sweep off), so a sweep soon streams
 //! at link rate in large requests. A read anywhere else resets it: random
 //! access (a program's imports, a database) fetches nothing extra.
 
@@ -59,7 +60,15 @@ pub struct Sweep {
 impl Sweep {
     /// An on-demand read of `ranges` (inode, offset, length) of the layer:
     /// the file ranges to fetch ahead, when it continues a sweep.
-    pub fn read(&self, index: &LayerIndex, ranges: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
+    pub fn read(
+        &self,
+        index: &LayerIndex,
+        ranges: &[(u64, u64, u64)],
+        max_window: u64,
+    ) -> Vec<(u64, u64, u64)> {
+        if max_window == 0 {
+            return Vec::new();
+        }
         let Some((start, end)) = blob_span(index, ranges) else {
             return Vec::new();
         };
@@ -98,7 +107,7 @@ impl Sweep {
             if s.run < SEQUENTIAL_AFTER {
                 return Vec::new();
             }
-            s.window = (s.window * 2).clamp(FIRST_WINDOW, MAX_WINDOW);
+            s.window = (s.window * 2).clamp(FIRST_WINDOW.min(max_window), max_window);
             let from = s.ahead.max(end);
             let to = end + s.window;
             if from >= to {

@@ -60,7 +60,7 @@ async fn a_sweep_through_the_files_is_read_ahead_in_a_growing_window() {
     let whole = |ino: u64| (ino, 0u64, 48u64 << 10);
     let mut ahead_sizes = Vec::new();
     for (i, &ino) in inos.iter().take(12).enumerate() {
-        let ahead = layer.sweep.read(&layer.index, &[whole(ino)]);
+        let ahead = layer.sweep_ahead(&[whole(ino)]);
         if i < SEQUENTIAL_AFTER as usize {
             assert!(ahead.is_empty(), "read {i}: nothing ahead yet");
             continue;
@@ -86,12 +86,12 @@ async fn reads_that_jump_around_get_nothing_ahead() {
     let mut i = 17usize;
     for _ in 0..60 {
         i = (i * 97 + 13) % FILES;
-        let ahead = layer.sweep.read(&layer.index, &[(inos[i], 0, 4096)]);
+        let ahead = layer.sweep_ahead(&[(inos[i], 0, 4096)]);
         assert!(ahead.is_empty(), "file {i}");
     }
     // Backwards one by one is no sweep either.
     for &ino in inos.iter().rev().take(20) {
-        assert!(layer.sweep.read(&layer.index, &[(ino, 0, 4096)]).is_empty());
+        assert!(layer.sweep_ahead(&[(ino, 0, 4096)]).is_empty());
     }
 }
 
@@ -101,7 +101,7 @@ async fn reading_only_the_head_of_each_file_in_turn_is_no_sweep() {
     let d = tempfile::tempdir().unwrap();
     let (layer, inos) = layer(d.path()).await;
     for (i, &ino) in inos.iter().take(40).enumerate() {
-        let ahead = layer.sweep.read(&layer.index, &[(ino, 0, 4096)]);
+        let ahead = layer.sweep_ahead(&[(ino, 0, 4096)]);
         assert!(ahead.is_empty(), "head of file {i}");
     }
 }

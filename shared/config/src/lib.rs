@@ -105,6 +105,10 @@ pub struct FetcherConfig {
     /// (files installed together are read together); 0 = off.
     #[serde(with = "size")]
     pub read_amplify: u64,
+    /// The largest window read ahead in blob order when on-demand reads
+    /// sweep through a layer's files one after another; 0 = off.
+    #[serde(with = "size")]
+    pub sweep_max_window: u64,
     #[serde(with = "size")]
     pub whole_mapped_file_below: u64,
     /// Record what each image's first containers read (files and ranges,
@@ -255,6 +259,7 @@ impl Default for FetcherConfig {
             prefetch_loads: true,
             whole_file_below: 256 << 10,
             read_amplify: 128 << 10,
+            sweep_max_window: 32 << 20,
             whole_mapped_file_below: 64 << 20,
             learn_traces: true,
             trace_window: Duration::from_secs(30),
