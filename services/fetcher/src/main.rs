@@ -169,6 +169,7 @@ fn registry_client(c: &FetcherConfig) -> Result<stargaze_registry::Client> {
             max_connections_per_host: c.max_connections_per_host as usize,
             request_timeout: c.request_timeout,
             retries: c.retries,
+            endpoint_backoff: c.endpoint_backoff,
             ..Default::default()
         },
     ))
