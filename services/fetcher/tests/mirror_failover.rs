@@ -8,86 +8,33 @@
 //!
 //! `MIRROR_READS` sets the reads per phase (default 120).
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use stargaze_cache::Cache;
-use stargaze_fetcher::registry::RegistryBlob;
-use stargaze_fetcher::{FetchOptions, Layer, resolve_layer};
-use stargaze_format::tar::{TarKind, TarReader};
-use stargaze_format::tree::normalize_path;
-use stargaze_format::{Digest, TOC_DIGEST_ANNOTATION};
-use stargaze_oci::{ImageConvertOptions, OciLayout};
-use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts, Reference};
-use stargaze_testkit::{Registry, image, run};
+use stargaze_fetcher::Layer;
+use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
+use stargaze_testkit::{Registry, image};
+
+#[path = "support/pushed.rs"]
+#[allow(dead_code)]
+mod pushed;
+use pushed::Source;
 
 const ENDPOINT_BACKOFF: Duration = Duration::from_secs(2);
 const PARALLEL_READS: usize = 4;
 
-struct Source {
-    digest: String,
-    toc: Digest,
-    files: Vec<(String, Vec<u8>)>,
-}
-
 /// Two layers of assorted files, converted with small chunks and pushed
 /// to `origin`.
 fn push_image(origin: &Registry, work: &std::path::Path) -> Vec<Source> {
-    let src = work.join("src");
     let tars: Vec<Vec<u8>> = [51, 52].map(|s| image::data_layer(s).0).to_vec();
-    image::write_layout(&src, "x", "src", &tars);
-    let out = work.join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
-    let opts = ImageConvertOptions {
-        layer: stargaze_format::ConvertOptions {
-            chunk_size: 32 << 10,
-            ..Default::default()
-        },
-        tmp_dir: None,
-    };
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
-        "esgz",
-        &opts,
-        &|_| {},
+    pushed::push(
+        &tars,
+        32 << 10,
+        &format!("{}/mirrored/app:esgz", origin.addr),
+        work,
     )
-    .unwrap();
-    run(Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:esgz", out.display()))
-        .arg(format!("docker://{}/mirrored/app:esgz", origin.addr)));
-    let m = dst
-        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
-        .unwrap();
-    tars.iter()
-        .enumerate()
-        .map(|(i, tar)| {
-            let desc = &m["layers"][i];
-            let files = TarReader::new(tar)
-                .map(|e| e.unwrap())
-                .filter(|e| e.kind == TarKind::Regular && e.size > 0 && !e.name.contains(".wh."))
-                .map(|e| {
-                    (
-                        normalize_path(&e.name).unwrap(),
-                        tar[e.data_offset as usize..(e.data_offset + e.size) as usize].to_vec(),
-                    )
-                })
-                .collect();
-            Source {
-                digest: desc["digest"].as_str().unwrap().into(),
-                toc: desc["annotations"][TOC_DIGEST_ANNOTATION]
-                    .as_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap(),
-                files,
-            }
-        })
-        .collect()
 }
 
 /// containerd's `hosts.toml` for the origin: the mirror first.
@@ -112,19 +59,10 @@ async fn resolve_all(
     cache_dir: &std::path::Path,
 ) -> Vec<Arc<Layer>> {
     let cache = Arc::new(Cache::open_writer(cache_dir).unwrap());
-    let opts = FetchOptions {
-        whole_file_below: 0,
-        ..Default::default()
-    };
     let mut out = Vec::new();
     for s in sources {
-        let blob = Arc::new(RegistryBlob(
-            client.blob(&Reference::parse(repo).unwrap(), &s.digest),
-        ));
         out.push(Arc::new(
-            resolve_layer(cache.clone(), blob, &s.digest, Some(s.toc), false, &opts)
-                .await
-                .unwrap(),
+            pushed::resolve(client, repo, s, &cache).await.unwrap(),
         ));
     }
     out

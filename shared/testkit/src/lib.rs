@@ -12,6 +12,8 @@
 //!   [`crafted`] writes two layers of unusual entries (hard links,
 //!   whiteouts, xattrs of every namespace, devices, odd modes, names,
 //!   mtimes and owners).
+//! * [`loopfs`] mounts a small ext4 on a loop device (for full-disk
+//!   tests) and unmounts and detaches it when dropped.
 //! * [`require`] fails a test with the command that installs a missing tool;
 //!   [`require_root_fuse`], [`require_fuse_passthrough`] and
 //!   [`require_that`] fail it when root, FUSE or another prerequisite CI has
@@ -29,10 +31,13 @@
 pub mod crafted;
 pub mod fdstore;
 pub mod image;
+pub mod loopfs;
 pub mod service_cli;
 pub mod stack;
 pub mod token;
 pub mod tree;
+
+pub use loopfs::LoopFs;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
