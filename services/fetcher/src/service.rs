@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) rpc: Arc<RpcMetrics>,
     /// The cache's size limit, when one is set.
     pub(crate) cache_limit: Option<Arc<CacheLimit>>,
+    /// What re-verification found at start, and how long it took.
+    pub(crate) recovery: (crate::recover::Recovery, std::time::Duration),
 }
 
 /// The fetcher's gRPC service.
@@ -82,6 +84,7 @@ impl FetcherService {
                 entrypoint_bytes: AtomicU64::new(0),
                 rpc: Arc::default(),
                 cache_limit: None,
+                recovery: Default::default(),
             }),
         }
     }
@@ -155,6 +158,19 @@ impl FetcherService {
         if let Some(schedule) = self.schedule_mut() {
             schedule.background_silence = silence;
             schedule.background_max_wait = max_wait;
+        }
+        self
+    }
+
+    /// What re-verification after an unclean stop found (before serving;
+    /// the status reports it).
+    pub fn with_recovery(
+        mut self,
+        found: crate::recover::Recovery,
+        took: std::time::Duration,
+    ) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.recovery = (found, took);
         }
         self
     }
@@ -483,6 +499,7 @@ impl Fetcher for FetcherService {
             .sum();
         let limit = self.shared.cache_limit.clone();
         let totals = limit.as_ref().map(|l| l.totals()).unwrap_or_default();
+        let (recovery, took) = self.shared.recovery;
         Ok(Response::new(StatusResponse {
             cache_dir: self.shared.layers.cache.root().display().to_string(),
             cache_bytes: dir_bytes(self.shared.layers.cache.root()),
@@ -502,6 +519,13 @@ impl Fetcher for FetcherService {
             evicted_files: totals.files,
             evicted_bytes: totals.bytes,
             cache_kept_bytes: totals.last.map_or(0, |p| p.kept_bytes),
+            recovery_layers: recovery.layers,
+            recovery_chunks_checked: recovery.chunks_checked,
+            recovery_chunks_cleared: recovery.chunks_cleared,
+            recovery_shared_checked: recovery.shared_checked,
+            recovery_shared_removed: recovery.shared_removed,
+            recovery_temps_removed: recovery.temps_removed,
+            recovery_millis: took.as_millis() as u64,
         }))
     }
 }
