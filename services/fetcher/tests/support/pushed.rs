@@ -21,6 +21,8 @@ use stargaze_testkit::{image, run};
 pub struct Source {
     pub digest: String,
     pub toc: Digest,
+    /// The descriptor's annotations in the manifest.
+    pub annotations: std::collections::HashMap<String, String>,
     /// (path, bytes) of its regular files.
     pub files: Vec<(String, Vec<u8>)>,
 }
@@ -71,6 +73,7 @@ pub fn push(tars: &[Vec<u8>], chunk_size: u64, reference: &str, work: &Path) -> 
                 .collect();
             Source {
                 digest: desc["digest"].as_str().unwrap().into(),
+                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
                 toc: desc["annotations"][TOC_DIGEST_ANNOTATION]
                     .as_str()
                     .unwrap()
