@@ -87,14 +87,15 @@ fn failovers(client: &Client, host: &str) -> u64 {
 
 /// `n` random reads (fixed seed per phase), `PARALLEL_READS` at a time;
 /// `midway` runs once half of them are done, while the rest are in flight.
-/// Every read must succeed and equal the file's bytes.
+/// Every read must succeed and equal the file's bytes. Returns the bytes
+/// verified and the slowest read.
 async fn read_phase(
     sources: Arc<Vec<Source>>,
     layers: Vec<Arc<Layer>>,
     n: usize,
     seed: u64,
     midway: impl FnOnce(),
-) -> u64 {
+) -> (u64, Duration) {
     let done = Arc::new(AtomicUsize::new(0));
     let next = Arc::new(AtomicUsize::new(0));
     let mut set = tokio::task::JoinSet::new();
@@ -109,7 +110,7 @@ async fn read_phase(
                 x ^= x << 17;
                 x % m.max(1)
             };
-            let mut bytes = 0u64;
+            let (mut bytes, mut slowest) = (0u64, Duration::ZERO);
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let li = rand(sources.len() as u64) as usize;
                 let (path, data) =
@@ -118,10 +119,12 @@ async fn read_phase(
                 let len = 1 + rand((data.len() as u64 - offset).min(96 << 10));
                 let l = &layers[li];
                 let ino = l.index.lookup_path(path).unwrap();
+                let t = Instant::now();
                 tokio::time::timeout(Duration::from_secs(20), l.fetch(&[(ino, offset, len)]))
                     .await
                     .unwrap_or_else(|_| panic!("{path}: a read hung"))
                     .unwrap_or_else(|e| panic!("{path} [{offset}, +{len}]: {e}"));
+                slowest = slowest.max(t.elapsed());
                 let file = std::fs::File::open(l.content_path(ino)).unwrap();
                 let mut got = vec![0u8; len as usize];
                 std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, offset).unwrap();
@@ -132,7 +135,7 @@ async fn read_phase(
                 bytes += len;
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            bytes
+            (bytes, slowest)
         });
     }
     while done.load(Ordering::Relaxed) < n / 2 && !set.is_empty() {
@@ -142,11 +145,13 @@ async fn read_phase(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     midway();
-    let mut bytes = 0;
+    let (mut bytes, mut slowest) = (0, Duration::ZERO);
     while let Some(r) = set.join_next().await {
-        bytes += r.expect("a read failed");
+        let (b, s) = r.expect("a read failed");
+        bytes += b;
+        slowest = slowest.max(s);
     }
-    bytes
+    (bytes, slowest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +194,9 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
         origin.addr.clone(),
     );
     let mirror_bytes = received(&client, &mirror_addr);
-    let bytes1 = read_phase(sources.clone(), layers, reads, 0x1111, move || {
+    let blob = sources[0].digest[7..].to_string();
+    let origin_log_before = origin.answered(&blob);
+    let (bytes1, slowest1) = read_phase(sources.clone(), layers, reads, 0x1111, move || {
         m.lock().unwrap().kill();
         *k.lock().unwrap() = (received(&c, &o), received(&c, &mirror_addr));
     })
@@ -198,7 +205,7 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
     let (origin_at_kill, mirror_at_kill) = *killed_at.lock().unwrap();
     let origin_after = received(&client, &origin.addr);
     eprintln!(
-        "phase 1: {reads} reads, {bytes1} bytes verified; from the mirror before the kill {mirror_at_kill} bytes (at resolve {mirror_bytes}), from the origin {origin_at_kill} before and {origin_after} after; failovers away from the mirror: {}",
+        "phase 1: {reads} reads, {bytes1} bytes verified, slowest read {slowest1:?}; from the mirror before the kill {mirror_at_kill} bytes (at resolve {mirror_bytes}), from the origin {origin_at_kill} before and {origin_after} after; failovers away from the mirror: {}",
         failovers(&client, &mirror_addr)
     );
     assert!(
@@ -213,8 +220,14 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
 
     // 2. The mirror is down: a fresh cache, every read from the origin.
     let layers = resolve_all(&client, &repo, &sources, &work.path().join("cache2")).await;
-    let bytes2 = read_phase(sources.clone(), layers, reads / 2, 0x2222, || {}).await;
+    let (bytes2, _) = read_phase(sources.clone(), layers, reads / 2, 0x2222, || {}).await;
     assert!(received(&client, &origin.addr) > origin_after);
+    // The origin's own access log shows the reads (the mirror, which also
+    // asks the origin, is down).
+    assert!(
+        origin.answered(&blob) > origin_log_before,
+        "the origin's log shows the reads after the kill"
+    );
 
     // 3. The mirror comes back; after the back-off reads return to it.
     let t = Instant::now();
@@ -223,16 +236,21 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
     let layers = resolve_all(&client, &repo, &sources, &work.path().join("cache3")).await;
     let mirror_before = received(&client, &mirror_addr);
     let origin_before = received(&client, &origin.addr);
-    let bytes3 = read_phase(sources.clone(), layers, reads / 2, 0x3333, || {}).await;
+    let mirror_log_before = mirror.lock().unwrap().answered(&blob);
+    let (bytes3, _) = read_phase(sources.clone(), layers, reads / 2, 0x3333, || {}).await;
     let from_mirror = received(&client, &mirror_addr) - mirror_before;
     let from_origin = received(&client, &origin.addr) - origin_before;
     eprintln!(
-        "phase 2: {} reads, {bytes2} bytes verified from the origin; phase 3 (mirror back after {:?}): {} reads, {bytes3} bytes verified, {from_mirror} bytes from the mirror and {from_origin} from the origin; mirror log: {} blob answers; total {:?}",
+        "phase 2: {} reads, {bytes2} bytes verified from the origin; phase 3 (mirror back after {:?}): {} reads, {bytes3} bytes verified, {from_mirror} bytes from the mirror and {from_origin} from the origin; the mirror's log: {} answers for the first layer's blob; total {:?}",
         reads / 2,
         t.elapsed(),
         reads / 2,
-        mirror.lock().unwrap().answered(&sources[0].digest[7..19]),
+        mirror.lock().unwrap().answered(&blob) - mirror_log_before,
         started.elapsed()
+    );
+    assert!(
+        mirror.lock().unwrap().answered(&blob) > mirror_log_before,
+        "the mirror's log shows the reads once it is back"
     );
     assert!(from_mirror > 0, "reads came back to the mirror");
     assert!(
