@@ -12,7 +12,8 @@
 //! eviction's "least recently used" means used by a container, not fetched.
 //! A write that finds the cache's filesystem full ([`Cache::note_full`])
 //! starts a pass at the next check whatever the estimate: it frees part
-//! of what the cache uses even when the limit is above the disk's size.
+//! of what the cache uses even when the limit is above the disk's size,
+//! or when no limit is set (the task then does nothing else).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,14 +126,16 @@ impl CacheLimit {
             let since = last_scan.map(|t| t.elapsed());
             // A write found the filesystem full: make room now.
             let full = cache.take_full();
+            // Without a limit, only a full filesystem starts a pass.
             let due = full
-                || match since {
-                    None => true,
-                    Some(s) => {
-                        s >= RESCAN_EVERY
-                            || (estimate > limit && estimate >= stuck_until && s >= MIN_GAP)
-                    }
-                };
+                || limit > 0
+                    && match since {
+                        None => true,
+                        Some(s) => {
+                            s >= RESCAN_EVERY
+                                || (estimate > limit && estimate >= stuck_until && s >= MIN_GAP)
+                        }
+                    };
             if due {
                 let written = cache.written();
                 let (me, forget) = (self.clone(), forget.clone());

@@ -239,7 +239,7 @@ impl Collector for FetcherCollector {
             let v = vec![(Labels::new(), v.load(Ordering::Relaxed))];
             family(&mut e, name, help, MetricType::Counter, &v)?;
         }
-        if let Some(limit) = &self.0.shared.cache_limit {
+        if let Some(limit) = &self.0.size_limit() {
             let t = limit.totals();
             let last = t.last.clone().unwrap_or_default();
             let one = |v: u64| vec![(Labels::new(), v)];

@@ -45,7 +45,8 @@ pub(crate) struct Shared {
     pub(crate) learn_traces: bool,
     /// Requests served, by method and code (Prometheus).
     pub(crate) rpc: Arc<RpcMetrics>,
-    /// The cache's size limit, when one is set.
+    /// Eviction: the cache's size limit (0 = none) and the passes that
+    /// make room on a full filesystem, which run even without a limit.
     pub(crate) cache_limit: Option<Arc<CacheLimit>>,
     /// What re-verification found at start, and how long it took.
     pub(crate) recovery: (crate::recover::Recovery, std::time::Duration),
@@ -175,17 +176,23 @@ impl FetcherService {
         self
     }
 
-    /// Keep the cache under `opts.limit` bytes (before serving; the passes
-    /// start with [`FetcherService::start_eviction`]).
+    /// Keep the cache under `opts.limit` bytes (0 = no limit: eviction then
+    /// runs only when a write finds the filesystem full), before serving;
+    /// the passes start with [`FetcherService::start_eviction`].
     pub fn with_cache_limit(mut self, opts: EvictOptions) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             let cache = shared.layers.cache.clone();
-            shared.cache_limit = (opts.limit > 0).then(|| Arc::new(CacheLimit::new(cache, opts)));
+            shared.cache_limit = Some(Arc::new(CacheLimit::new(cache, opts)));
         }
         self
     }
 
-    /// Start the eviction task (on the current runtime), if a limit is set.
+    /// The cache's size limit, when one is set.
+    pub(crate) fn size_limit(&self) -> Option<Arc<CacheLimit>> {
+        self.shared.cache_limit.clone().filter(|l| l.limit() > 0)
+    }
+
+    /// Start the eviction task (on the current runtime).
     pub fn start_eviction(&self) {
         if let Some(limit) = &self.shared.cache_limit {
             tokio::spawn(
@@ -198,7 +205,7 @@ impl FetcherService {
 
     /// One eviction pass now (tests, and `None` without a limit).
     pub async fn evict_now(&self) -> Option<stargaze_cache::Eviction> {
-        let limit = self.shared.cache_limit.clone()?;
+        let limit = self.size_limit()?;
         let forget = self.forgetter();
         tokio::task::spawn_blocking(move || limit.pass(&mut |d| forget(d)))
             .await

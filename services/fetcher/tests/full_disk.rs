@@ -1,8 +1,8 @@
 //! A cache on a filesystem that fills up. The fetcher's cache lives on a
 //! small loop-mounted ext4; layers whose files together are larger than it
 //! are read through the fetcher's layers, with the cache's eviction task
-//! running (its size limit above the disk's size, as when the limit was
-//! set for a larger disk). A read whose chunk cannot be stored fails with
+//! running as the fetcher runs it with the default configuration (no size
+//! limit: a full filesystem is what starts a pass). A read whose chunk cannot be stored fails with
 //! an error naming the layer, the file and the cache directory and saying
 //! what to do, never with wrong bytes; the full disk starts an eviction
 //! pass, after which the same reads succeed; the fetcher (this process)
@@ -73,7 +73,7 @@ async fn a_full_cache_disk_fails_reads_clearly_evicts_and_recovers() {
     let limit = Arc::new(CacheLimit::new(
         cache.clone(),
         EvictOptions {
-            limit: 1 << 30,
+            limit: 0,
             keep_unused: Duration::ZERO,
             ..Default::default()
         },
