@@ -292,3 +292,62 @@ impl Client {
         Ok(data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fail-over to the next endpoint is decided by the error's variant
+    /// (and status code), never by its text.
+    #[test]
+    fn only_failures_of_the_endpoint_fail_over() {
+        let status = |status| RegistryError::Status {
+            host: "mirror.example".into(),
+            repository: "app".into(),
+            object: "sha256:1".into(),
+            status,
+            what: "reading ranges".into(),
+        };
+        let endpoint = [
+            RegistryError::Request {
+                url: "http://mirror.example/v2/app/blobs/sha256:1".into(),
+                reason: "connection refused".into(),
+            },
+            RegistryError::Body {
+                blob: "b".into(),
+                reason: "reset".into(),
+            },
+            status(500),
+            status(502),
+            status(503),
+            status(429),
+        ];
+        for e in &endpoint {
+            assert!(e.is_endpoint_failure(), "{e}");
+        }
+        let not_endpoint = [
+            status(404),
+            status(401),
+            status(403),
+            status(416),
+            status(501),
+            RegistryError::Digest {
+                what: "blob".into(),
+                digest: "sha256:1".into(),
+                host: "mirror.example".into(),
+            },
+            RegistryError::Range {
+                blob: "b".into(),
+                reason: "connection refused".into(),
+            },
+            RegistryError::MultiRangeRefused,
+            RegistryError::Unauthorized {
+                host: "mirror.example".into(),
+                reason: "HTTP 503".into(),
+            },
+        ];
+        for e in &not_endpoint {
+            assert!(!e.is_endpoint_failure(), "{e}");
+        }
+    }
+}
