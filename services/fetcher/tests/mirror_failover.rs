@@ -218,9 +218,16 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
     );
     assert!(failovers(&client, &mirror_addr) >= 1);
 
-    // 2. The mirror is down: a fresh cache, every read from the origin.
+    // 2. The mirror is down: a fresh cache, every read from the origin;
+    // then, after the back-off, the mirror is tried again, is still down,
+    // and is set aside again.
     let layers = resolve_all(&client, &repo, &sources, &work.path().join("cache2")).await;
-    let (bytes2, _) = read_phase(sources.clone(), layers, reads / 2, 0x2222, || {}).await;
+    let (mut bytes2, _) =
+        read_phase(sources.clone(), layers.clone(), reads / 4, 0x2222, || {}).await;
+    tokio::time::sleep(ENDPOINT_BACKOFF).await;
+    bytes2 += read_phase(sources.clone(), layers.clone(), reads / 4, 0x2223, || {})
+        .await
+        .0;
     assert!(received(&client, &origin.addr) > origin_after);
     // The origin's own access log shows the reads (the mirror, which also
     // asks the origin, is down).
@@ -229,11 +236,11 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
         "the origin's log shows the reads after the kill"
     );
 
-    // 3. The mirror comes back; after the back-off reads return to it.
+    // 3. The mirror comes back; after the back-off the same layers' reads
+    // return to it.
     let t = Instant::now();
     mirror.lock().unwrap().restart();
     tokio::time::sleep(ENDPOINT_BACKOFF).await;
-    let layers = resolve_all(&client, &repo, &sources, &work.path().join("cache3")).await;
     let mirror_before = received(&client, &mirror_addr);
     let origin_before = received(&client, &origin.addr);
     let mirror_log_before = mirror.lock().unwrap().answered(&blob);

@@ -223,13 +223,13 @@ impl Blob {
             })
             .collect();
         order.sort_by_key(|(i, _, until)| (until.is_some(), *i));
-        // An endpoint ranked before `rank` and resting: probe again when
-        // the first of them is back.
+        // Endpoints ranked before `rank` resting now (set aside before this
+        // probe or by it): probe again when the first of them is back.
         let recheck_before = |rank: usize| {
             order
                 .iter()
                 .filter(|(i, _, _)| *i < rank)
-                .filter_map(|(_, _, until)| *until)
+                .filter_map(|(_, ep, _)| self.client.resting_until(ep))
                 .min()
         };
         let mut last: Option<RegistryError> = None;
