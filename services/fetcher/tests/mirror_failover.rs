@@ -236,22 +236,24 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
         "the origin's log shows the reads after the kill"
     );
 
-    // 3. The mirror comes back; after the back-off the same layers' reads
+    // 3. The mirror comes back; once the back-off of its last failure (in
+    // the reads above at the latest) has passed, the same layers' reads
     // return to it.
     let t = Instant::now();
     mirror.lock().unwrap().restart();
-    tokio::time::sleep(ENDPOINT_BACKOFF).await;
+    tokio::time::sleep((ENDPOINT_BACKOFF + Duration::from_millis(300)).saturating_sub(t.elapsed()))
+        .await;
     let mirror_before = received(&client, &mirror_addr);
     let origin_before = received(&client, &origin.addr);
     let mirror_log_before = mirror.lock().unwrap().answered(&blob);
-    let (bytes3, _) = read_phase(sources.clone(), layers, reads / 2, 0x3333, || {}).await;
+    let (bytes3, _) = read_phase(sources.clone(), layers.clone(), reads, 0x3333, || {}).await;
     let from_mirror = received(&client, &mirror_addr) - mirror_before;
     let from_origin = received(&client, &origin.addr) - origin_before;
     eprintln!(
         "phase 2: {} reads, {bytes2} bytes verified from the origin; phase 3 (mirror back after {:?}): {} reads, {bytes3} bytes verified, {from_mirror} bytes from the mirror and {from_origin} from the origin; the mirror's log: {} answers for the first layer's blob; total {:?}",
         reads / 2,
         t.elapsed(),
-        reads / 2,
+        reads,
         mirror.lock().unwrap().answered(&blob) - mirror_log_before,
         started.elapsed()
     );
@@ -260,8 +262,19 @@ async fn reads_fail_over_to_the_origin_when_the_mirror_dies_and_come_back_to_it(
         "the mirror's log shows the reads once it is back"
     );
     assert!(from_mirror > 0, "reads came back to the mirror");
+    // Only the reads running while one of them probes the mirror again
+    // (about one per worker and layer) still went to the origin.
     assert!(
         from_mirror > from_origin,
         "the mirror, once back, answers the reads ({from_mirror} vs {from_origin} bytes)"
+    );
+    // From then on, the origin sees none.
+    let origin_before = received(&client, &origin.addr);
+    let (bytes4, _) = read_phase(sources.clone(), layers, reads / 2, 0x4444, || {}).await;
+    assert!(bytes4 > 0);
+    assert_eq!(
+        received(&client, &origin.addr),
+        origin_before,
+        "every read goes to the mirror once it is back"
     );
 }
