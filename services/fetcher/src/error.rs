@@ -42,6 +42,16 @@ pub enum FetchError {
         "layer {layer} was evicted from the cache (the cache is over [fetcher] cache_size_limit and no snapshot used the layer); resolve it again"
     )]
     Evicted { layer: String },
+    /// Resolving the layer found the cache's filesystem full (its index or
+    /// presence map could not be written).
+    #[error(
+        "layer {layer}: the filesystem of the cache {cache} is full ({reason}); eviction is making room, so resolving it again can succeed; set [fetcher] cache_size_limit below that filesystem's free space so that it does not fill up"
+    )]
+    CacheFull {
+        layer: String,
+        cache: std::path::PathBuf,
+        reason: String,
+    },
     #[error("layer {layer}: no inode {ino} in its TOC index")]
     NoSuchInode { layer: String, ino: u64 },
     #[error("layer {layer}, file {file}: {source}")]
@@ -80,6 +90,7 @@ impl FetchError {
         } else {
             match self {
                 FetchError::NoSuchInode { .. } => Status::invalid_argument(msg),
+                FetchError::CacheFull { .. } => Status::unavailable(msg),
                 FetchError::Blob { source, .. } if source.retryable => Status::unavailable(msg),
                 FetchError::Chunk { .. } => Status::data_loss(msg),
                 _ => Status::internal(msg),

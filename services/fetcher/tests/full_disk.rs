@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use stargaze_cache::{Cache, EvictOptions};
-use stargaze_fetcher::Layer;
 use stargaze_fetcher::evict::CacheLimit;
 use stargaze_fetcher::recover::reverify;
+use stargaze_fetcher::{FetchError, Layer};
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
 use stargaze_testkit::{LoopFs, Registry};
 
@@ -92,11 +92,20 @@ async fn a_full_cache_disk_fails_reads_clearly_evicts_and_recovers() {
     let (mut reads, mut bytes, mut full_errors) = (0u64, 0u64, 0u64);
     let mut recovery = Duration::ZERO;
     for s in &sources {
-        let layer = Arc::new(
-            pushed::resolve(&client, &reference, s, &cache)
-                .await
-                .unwrap_or_else(|e| panic!("resolving {}: {e}", s.digest)),
-        );
+        // Resolving writes the layer's index and presence map: on a full
+        // disk it fails the same way, and succeeds once eviction made room.
+        let t = Instant::now();
+        let layer = loop {
+            match pushed::resolve(&client, &reference, s, &cache).await {
+                Ok(l) => break Arc::new(l),
+                Err(e @ FetchError::CacheFull { .. }) if t.elapsed() < RECOVER_WITHIN => {
+                    full_errors += 1;
+                    assert!(e.to_string().contains(&s.digest), "{e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("resolving {}: {e}", s.digest),
+            }
+        };
         table.lock().insert(s.digest.clone(), layer.clone());
         for (path, data) in &s.files {
             for offset in (0..data.len() as u64).step_by(READ as usize) {

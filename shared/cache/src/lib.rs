@@ -90,9 +90,10 @@ impl CacheError {
     /// quota (EDQUOT)? Decided by the error number, not the text.
     pub fn is_out_of_space(&self) -> bool {
         match self {
-            CacheError::Io { source, .. } => source.raw_os_error().is_some_and(|n| {
-                n == nix::errno::Errno::ENOSPC as i32 || n == nix::errno::Errno::EDQUOT as i32
-            }),
+            CacheError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
             _ => false,
         }
     }
