@@ -39,6 +39,10 @@
 //! thread after [`Cache::use_io_uring`] ([`uring`]); either way a write has
 //! returned before its presence bit is set.
 //!
+//! A write that finds the filesystem full ([`CacheError::is_out_of_space`])
+//! is noted with [`Cache::note_full`]; the fetcher's eviction task takes
+//! the note ([`Cache::take_full`]) and makes room ([`Evictor::run_full`]).
+//!
 //! [`Cache::open_writer`] detects an unclean stop (no `clean` marker): the
 //! fetcher must then re-verify present chunks and shared content before
 //! trusting them ([`verify_range`], [`hashes_to`]), because bits and data
