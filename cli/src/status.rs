@@ -83,6 +83,21 @@ struct LayerState {
     last_error: String,
 }
 
+/// Re-verification of the cache after an unclean stop of the fetcher.
+#[derive(Serialize)]
+struct RecoveryState {
+    layers: u32,
+    chunks_checked: u64,
+    /// Chunks whose bytes did not match (torn writes): cleared, fetched
+    /// again when read.
+    chunks_cleared: u64,
+    shared_checked: u64,
+    shared_removed: u64,
+    /// Temporary files of interrupted writes.
+    temps_removed: u64,
+    millis: u64,
+}
+
 #[derive(Serialize)]
 struct CacheState {
     dir: String,
@@ -93,6 +108,9 @@ struct CacheState {
     chunks_verified: u64,
     verification_failures: u64,
     recovered_from_unclean_stop: bool,
+    /// What that re-verification found (absent after a clean stop).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery: Option<RecoveryState>,
     /// Layers are fetched whole in the background after their prefetch.
     background_fetch: bool,
     /// Bytes read by containers that were in the cache when asked for, as a
@@ -330,6 +348,15 @@ async fn gather(config: &stargaze_config::Config) -> Report {
             chunks_verified: s.chunks_verified,
             verification_failures: s.verification_failures,
             recovered_from_unclean_stop: s.recovered_from_unclean_stop,
+            recovery: s.recovered_from_unclean_stop.then_some(RecoveryState {
+                layers: s.recovery_layers,
+                chunks_checked: s.recovery_chunks_checked,
+                chunks_cleared: s.recovery_chunks_cleared,
+                shared_checked: s.recovery_shared_checked,
+                shared_removed: s.recovery_shared_removed,
+                temps_removed: s.recovery_temps_removed,
+                millis: s.recovery_millis,
+            }),
             background_fetch: s.background_fetch,
             read_hit_rate,
             limit_bytes: s.cache_limit_bytes,
@@ -489,6 +516,18 @@ fn print_table(r: &Report) {
                 } else {
                     ""
                 }
+            );
+        }
+        if let Some(r) = &c.recovery {
+            println!(
+                "       re-verified after an unclean stop in {} ms: {} chunks of {} layers checked, {} torn chunks cleared (fetched again when read), {} of {} shared files removed, {} temporary files removed",
+                r.millis,
+                r.chunks_checked,
+                r.layers,
+                r.chunks_cleared,
+                r.shared_removed,
+                r.shared_checked,
+                r.temps_removed
             );
         }
         if let Some(rate) = c.read_hit_rate {

@@ -706,14 +706,14 @@ impl Layer {
         let content = self
             .cache
             .layer_file_writer(&self.digest, c.ino, node.size())
-            .map_err(|e| ChunkError::CacheWrite(Arc::new(e)))?;
+            .map_err(|e| self.write_error(e))?;
         // `None`: the file is complete, every byte already verified for
         // this layer (the chunk was cleared after a crash, or the file was
         // adopted from shared content meanwhile).
         if let Some(content) = &content {
             content
                 .write_at(c.chunk.file_offset, data)
-                .map_err(|e| ChunkError::CacheWrite(Arc::new(e)))?;
+                .map_err(|e| self.write_error(e))?;
             self.cache.note_written(c.chunk.size);
         }
         self.presence.set_present(c.chunk.global);
@@ -731,6 +731,28 @@ impl Layer {
             self.share_later(c.ino, content, digest, node.size(), whole_chunk);
         }
         Ok(())
+    }
+
+    /// A failed cache write as a chunk's error. A full filesystem asks
+    /// eviction to make room; the bit stays clear, so the partly written
+    /// bytes are never served.
+    fn write_error(&self, e: stargaze_cache::CacheError) -> ChunkError {
+        if !e.is_out_of_space() {
+            return ChunkError::CacheWrite(Arc::new(e));
+        }
+        // Once per eviction look, not once per chunk.
+        if self.cache.note_full() {
+            tracing::warn!(
+                layer = %self.digest,
+                cache = %self.cache.root().display(),
+                error = %e,
+                "the cache's filesystem is full: verified chunks cannot be stored (their reads fail until eviction makes room); set [fetcher] cache_size_limit below the filesystem's free space"
+            );
+        }
+        ChunkError::CacheFull {
+            cache: self.cache.root().to_path_buf(),
+            source: Arc::new(e),
+        }
     }
 
     /// Share a complete file once its bytes hash to its TOC digest. A

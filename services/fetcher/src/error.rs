@@ -42,6 +42,16 @@ pub enum FetchError {
         "layer {layer} was evicted from the cache (the cache is over [fetcher] cache_size_limit and no snapshot used the layer); resolve it again"
     )]
     Evicted { layer: String },
+    /// Resolving the layer found the cache's filesystem full (its index or
+    /// presence map could not be written).
+    #[error(
+        "layer {layer}: the filesystem of the cache {cache} is full ({reason}); eviction is making room, so resolving it again can succeed; set [fetcher] cache_size_limit below that filesystem's free space so that it does not fill up"
+    )]
+    CacheFull {
+        layer: String,
+        cache: std::path::PathBuf,
+        reason: String,
+    },
     #[error("layer {layer}: no inode {ino} in its TOC index")]
     NoSuchInode { layer: String, ino: u64 },
     #[error("layer {layer}, file {file}: {source}")]
@@ -80,6 +90,7 @@ impl FetchError {
         } else {
             match self {
                 FetchError::NoSuchInode { .. } => Status::invalid_argument(msg),
+                FetchError::CacheFull { .. } => Status::unavailable(msg),
                 FetchError::Blob { source, .. } if source.retryable => Status::unavailable(msg),
                 FetchError::Chunk { .. } => Status::data_loss(msg),
                 _ => Status::internal(msg),
@@ -115,6 +126,15 @@ pub enum ChunkError {
     /// The verified bytes could not be written to the cache.
     #[error(transparent)]
     CacheWrite(Arc<stargaze_cache::CacheError>),
+    /// The cache's filesystem is full (or over quota): the verified bytes
+    /// were not stored. Eviction was asked to make room.
+    #[error(
+        "the filesystem of the cache {cache} is full ({source}): the chunk was fetched and verified but could not be stored, and nothing was served from it; eviction is making room, so the read can be retried; set [fetcher] cache_size_limit below that filesystem's free space so that it does not fill up"
+    )]
+    CacheFull {
+        cache: std::path::PathBuf,
+        source: Arc<stargaze_cache::CacheError>,
+    },
     /// Eviction deleted the layer's files meanwhile.
     #[error(
         "the layer was evicted from the cache meanwhile (the cache is over [fetcher] cache_size_limit and no snapshot used the layer); resolve it again"
@@ -175,6 +195,13 @@ mod tests {
                 retryable: true,
             }),
             ChunkError::ShortAnswer { blob },
+            ChunkError::CacheFull {
+                cache: "/var/lib/stargaze/cache".into(),
+                source: Arc::new(stargaze_cache::CacheError::Io {
+                    path: "/var/lib/stargaze/cache/layers/x/files/3".into(),
+                    source: std::io::Error::from_raw_os_error(28),
+                }),
+            },
             ChunkError::Evicted,
             ChunkError::NoInode { ino: 3 },
             ChunkError::DecoderPanicked,

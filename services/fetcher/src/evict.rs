@@ -10,6 +10,10 @@
 //! another 5 % of the limit), and every 10 minutes to correct the estimate.
 //! In between it records every minute which layers are attached, so that
 //! eviction's "least recently used" means used by a container, not fetched.
+//! A write that finds the cache's filesystem full ([`Cache::note_full`])
+//! starts a pass at the next check whatever the estimate: it frees part
+//! of what the cache uses even when the limit is above the disk's size,
+//! or when no limit is set (the task then does nothing else).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,7 +62,16 @@ impl CacheLimit {
     /// One pass now; `forget` drops an evicted layer from the fetcher's
     /// memory (called with the cache's write gate held).
     pub fn pass(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
-        let pass = self.evictor.run(forget);
+        self.record(self.evictor.run(forget), false)
+    }
+
+    /// A pass after a write found the cache's filesystem full: it frees
+    /// part of what the cache uses whatever the limit.
+    pub fn pass_full(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+        self.record(self.evictor.run_full(forget), true)
+    }
+
+    fn record(&self, pass: Eviction, full: bool) -> Eviction {
         let mut t = self.totals.lock();
         t.passes += 1;
         t.layers += u64::from(pass.layers_evicted);
@@ -67,7 +80,16 @@ impl CacheLimit {
         t.last = Some(pass.clone());
         drop(t);
         let mb = |b: u64| b as f64 / 1e6;
-        if pass.layers_evicted > 0 || pass.files_evicted > 0 {
+        if full {
+            tracing::warn!(
+                cache = %self.evictor.cache().root().display(),
+                layers = pass.layers_evicted,
+                files = pass.files_evicted,
+                freed_mb = mb(pass.bytes_freed),
+                usage_mb = mb(pass.usage_after),
+                "the cache's filesystem was full: evicted least recently used layers to make room; set [fetcher] cache_size_limit below the filesystem's free space"
+            );
+        } else if pass.layers_evicted > 0 || pass.files_evicted > 0 {
             tracing::info!(
                 layers = pass.layers_evicted,
                 files = pass.files_evicted,
@@ -102,18 +124,30 @@ impl CacheLimit {
         loop {
             let estimate = base_usage + cache.written().saturating_sub(base_written);
             let since = last_scan.map(|t| t.elapsed());
-            let due = match since {
-                None => true,
-                Some(s) => {
-                    s >= RESCAN_EVERY
-                        || (estimate > limit && estimate >= stuck_until && s >= MIN_GAP)
-                }
-            };
+            // A write found the filesystem full: make room now.
+            let full = cache.take_full();
+            // Without a limit, only a full filesystem starts a pass.
+            let due = full
+                || limit > 0
+                    && match since {
+                        None => true,
+                        Some(s) => {
+                            s >= RESCAN_EVERY
+                                || (estimate > limit && estimate >= stuck_until && s >= MIN_GAP)
+                        }
+                    };
             if due {
                 let written = cache.written();
                 let (me, forget) = (self.clone(), forget.clone());
-                if let Ok(pass) =
-                    tokio::task::spawn_blocking(move || me.pass(&mut |d| forget(d))).await
+                if let Ok(pass) = tokio::task::spawn_blocking(move || {
+                    let mut forget = |d: &str| forget(d);
+                    if full {
+                        me.pass_full(&mut forget)
+                    } else {
+                        me.pass(&mut forget)
+                    }
+                })
+                .await
                 {
                     base_usage = pass.usage_after;
                     base_written = written;

@@ -20,8 +20,11 @@
 //!   only then sets the chunk's presence bit. A chunk that fails verification
 //!   is fetched once more, then reported, never served.
 //! * [`evict`]: the cache's size limit, a task running eviction passes
-//!   (`stargaze_cache::evict`) when the cache outgrows it; evicted layers
-//!   are dropped from memory and resolved anew when asked for again.
+//!   (`stargaze_cache::evict`) when the cache outgrows it, or at once when
+//!   a write found the cache's filesystem full (with or without a limit;
+//!   that read fails with [`ChunkError::CacheFull`], never serving the
+//!   unstored chunk); evicted layers are dropped from memory and resolved
+//!   anew when asked for again.
 //!
 //! The service on top, in the order a request goes through it:
 //! [`service`] is the `stargaze.v1.Fetcher` adapter (requests in, status

@@ -12,11 +12,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use stargaze_cache::Cache;
 use stargaze_fetcher::FetchOptions;
+use stargaze_fetcher::recover::Recovery;
 use stargaze_fetcher::service::FetcherService;
 use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_service::CommonArgs;
@@ -55,7 +57,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
-    let cache = open_cache(&c)?;
+    let (cache, recovery) = open_cache(&c)?;
     let opts = FetchOptions {
         merge_gap: c.merge_gap,
         max_merged_range: c.max_merged_range,
@@ -81,6 +83,7 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
         c.fetch_published_traces,
         c.publish_traces,
     )
+    .with_recovery(recovery.0, recovery.1)
     .with_cache_limit(stargaze_cache::EvictOptions {
         limit: c.cache_size_limit,
         keep_unused: c.cache_keep_unused,
@@ -114,22 +117,28 @@ async fn serve(c: FetcherConfig, background_fetch_off: bool) -> Result<()> {
     Ok(())
 }
 
-/// The cache as its single writer, re-verified after an unclean stop.
-fn open_cache(c: &FetcherConfig) -> Result<Arc<Cache>> {
+/// The cache as its single writer, re-verified after an unclean stop
+/// (what that found, and how long it took).
+fn open_cache(c: &FetcherConfig) -> Result<(Arc<Cache>, (Recovery, Duration))> {
     let mut cache = Cache::open_writer(&c.cache_dir)
         .with_context(|| format!("opening the cache {}", c.cache_dir.display()))?;
+    let mut recovery = Default::default();
     if cache.was_unclean() {
         tracing::warn!(
             cache = %c.cache_dir.display(),
             "the last stop was not clean: re-verifying cached chunks"
         );
+        let t0 = Instant::now();
         let r = tokio::task::block_in_place(|| stargaze_fetcher::recover::reverify(&cache));
+        recovery = (r, t0.elapsed());
         tracing::warn!(
             layers = r.layers,
             checked = r.chunks_checked,
             cleared = r.chunks_cleared,
             shared_checked = r.shared_checked,
             shared_removed = r.shared_removed,
+            temps_removed = r.temps_removed,
+            took = ?recovery.1,
             "re-verification done"
         );
     }
@@ -141,7 +150,7 @@ fn open_cache(c: &FetcherConfig) -> Result<Arc<Cache>> {
             }
         }
     }
-    Ok(Arc::new(cache))
+    Ok((Arc::new(cache), recovery))
 }
 
 /// The registry client: containerd's hosts.toml files, the Go
@@ -171,6 +180,7 @@ fn registry_client(c: &FetcherConfig) -> Result<stargaze_registry::Client> {
             max_connections_per_host: c.max_connections_per_host as usize,
             request_timeout: c.request_timeout,
             retries: c.retries,
+            endpoint_backoff: c.endpoint_backoff,
             ..Default::default()
         },
     ))

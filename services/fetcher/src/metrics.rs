@@ -8,6 +8,7 @@
 //! | `stargaze_fetcher_registry_errors_total` | host | failed requests (before retries) |
 //! | `stargaze_fetcher_registry_retries_total` | host | retries |
 //! | `stargaze_fetcher_registry_http2_responses_total` | host | answers over HTTP/2 |
+//! | `stargaze_fetcher_registry_failovers_total` | host | blob reads that left this endpoint for the next after it failed |
 //! | `stargaze_fetcher_registry_request_duration_seconds` | host | histogram, to response headers |
 //! | `stargaze_fetcher_layer_chunks` | layer | chunks in the layer |
 //! | `stargaze_fetcher_layer_chunks_present` | layer | chunks in the cache |
@@ -102,6 +103,13 @@ impl Collector for FetcherCollector {
             "Registry answers received over HTTP/2",
             MetricType::Counter,
             &per_host(&|s| &s.http2),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fetcher_registry_failovers",
+            "Blob reads that left this endpoint for the next one after it failed",
+            MetricType::Counter,
+            &per_host(&|s| &s.failovers),
         )?;
         {
             let mut m = e.encode_descriptor(
@@ -245,7 +253,7 @@ impl Collector for FetcherCollector {
             let v = vec![(Labels::new(), v.load(Ordering::Relaxed))];
             family(&mut e, name, help, MetricType::Counter, &v)?;
         }
-        if let Some(limit) = &self.0.shared.cache_limit {
+        if let Some(limit) = &self.0.size_limit() {
             let t = limit.totals();
             let last = t.last.clone().unwrap_or_default();
             let one = |v: u64| vec![(Labels::new(), v)];

@@ -8,7 +8,10 @@
 //! layer is read back and hashed; chunks that fail are cleared (and
 //! refetched on demand). A layer's file that was complete (perhaps a link
 //! to shared content) and fails is removed, so that what is fetched again
-//! goes into a file of the layer's own.
+//! goes into a file of the layer's own. Temporary files a write left
+//! half done (a layer's index, source or deduplication link, a trace) are
+//! removed: each is written beside its final name and renamed into place,
+//! so a leftover one was never in use.
 
 use stargaze_cache::{Cache, PresenceMap, hashes_to, verify_range};
 use stargaze_format::Digest;
@@ -23,16 +26,46 @@ pub struct Recovery {
     /// Shared content files hashed whole, and those removed.
     pub shared_checked: u64,
     pub shared_removed: u64,
+    /// Temporary files left by interrupted writes, removed.
+    pub temps_removed: u64,
+}
+
+/// Is this file name one of the cache's temporary files (see the module
+/// docs)? `<ino>.dedup.<pid>.<n>` (`Cache::share`), `*.json.tmp`
+/// (`LayerSource`, `Trace`), `.index.tmp*` (the index writer).
+fn is_temp(name: &str) -> bool {
+    name.ends_with(".json.tmp") || name.starts_with(".index.tmp") || name.contains(".dedup.")
+}
+
+/// Remove the temporary files directly in `dir`.
+fn remove_temps(dir: &std::path::Path, r: &mut Recovery) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_str().is_some_and(is_temp) {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => r.temps_removed += 1,
+            Err(err) => {
+                tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a temporary cache file left by an interrupted write")
+            }
+        }
+    }
 }
 
 /// Re-verify the shared content and every layer in the cache.
 pub fn reverify(cache: &Cache) -> Recovery {
     let mut r = Recovery::default();
     reverify_shared(cache, &mut r);
+    remove_temps(&cache.root().join("traces"), &mut r);
     let Ok(dirs) = std::fs::read_dir(cache.root().join("layers")) else {
         return r;
     };
     for d in dirs.flatten() {
+        remove_temps(&d.path(), &mut r);
+        remove_temps(&d.path().join("files"), &mut r);
         let digest = format!("sha256:{}", d.file_name().to_string_lossy());
         let (Ok(index), true) = (
             LayerIndex::open(&cache.index_path(&digest)),

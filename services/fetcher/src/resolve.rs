@@ -145,9 +145,14 @@ pub async fn resolve_with_toc(
             let (cache, layer) = (cache.clone(), layer_digest.to_string());
             // Building a 100k-entry index takes tens of milliseconds.
             tokio::task::spawn_blocking(move || {
-                let index_err = |source| FetchError::Index {
-                    layer: layer.clone(),
-                    source,
+                let index_err = |source: stargaze_index::IndexError| {
+                    if source.is_out_of_space() {
+                        return full(&cache, &layer, &source);
+                    }
+                    FetchError::Index {
+                        layer: layer.clone(),
+                        source,
+                    }
                 };
                 let path = cache.index_path(&layer);
                 // An index of this very TOC (a layer checked by its
@@ -191,6 +196,16 @@ pub async fn resolve_with_toc(
     ))
 }
 
+/// The cache's filesystem is full: ask eviction to make room, and say so.
+fn full(cache: &Cache, layer_digest: &str, error: &dyn std::fmt::Display) -> FetchError {
+    cache.note_full();
+    FetchError::CacheFull {
+        layer: layer_digest.to_string(),
+        cache: cache.root().to_path_buf(),
+        reason: error.to_string(),
+    }
+}
+
 /// Open (or create) a layer's presence map, adopt the files other layers
 /// already verified and shared, and record the layer's use. Called with
 /// the cache's write gate held, so eviction sees either no layer or one it
@@ -205,9 +220,14 @@ fn open_presence(
         index.chunk_count(),
         layer_digest,
     )
-    .map_err(|source| FetchError::Cache {
-        layer: layer_digest.to_string(),
-        source,
+    .map_err(|source| {
+        if source.is_out_of_space() {
+            return full(cache, layer_digest, &source);
+        }
+        FetchError::Cache {
+            layer: layer_digest.to_string(),
+            source,
+        }
     })?;
     for ino in 1..=index.inode_count() {
         let Some(n) = index.inode(ino) else { continue };

@@ -45,8 +45,11 @@ pub(crate) struct Shared {
     pub(crate) learn_traces: bool,
     /// Requests served, by method and code (Prometheus).
     pub(crate) rpc: Arc<RpcMetrics>,
-    /// The cache's size limit, when one is set.
+    /// Eviction: the cache's size limit (0 = none) and the passes that
+    /// make room on a full filesystem, which run even without a limit.
     pub(crate) cache_limit: Option<Arc<CacheLimit>>,
+    /// What re-verification found at start, and how long it took.
+    pub(crate) recovery: (crate::recover::Recovery, std::time::Duration),
 }
 
 /// The fetcher's gRPC service.
@@ -82,6 +85,7 @@ impl FetcherService {
                 entrypoint_bytes: AtomicU64::new(0),
                 rpc: Arc::default(),
                 cache_limit: None,
+                recovery: Default::default(),
             }),
         }
     }
@@ -159,17 +163,36 @@ impl FetcherService {
         self
     }
 
-    /// Keep the cache under `opts.limit` bytes (before serving; the passes
-    /// start with [`FetcherService::start_eviction`]).
-    pub fn with_cache_limit(mut self, opts: EvictOptions) -> FetcherService {
+    /// What re-verification after an unclean stop found (before serving;
+    /// the status reports it).
+    pub fn with_recovery(
+        mut self,
+        found: crate::recover::Recovery,
+        took: std::time::Duration,
+    ) -> FetcherService {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            let cache = shared.layers.cache.clone();
-            shared.cache_limit = (opts.limit > 0).then(|| Arc::new(CacheLimit::new(cache, opts)));
+            shared.recovery = (found, took);
         }
         self
     }
 
-    /// Start the eviction task (on the current runtime), if a limit is set.
+    /// Keep the cache under `opts.limit` bytes (0 = no limit: eviction then
+    /// runs only when a write finds the filesystem full), before serving;
+    /// the passes start with [`FetcherService::start_eviction`].
+    pub fn with_cache_limit(mut self, opts: EvictOptions) -> FetcherService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            let cache = shared.layers.cache.clone();
+            shared.cache_limit = Some(Arc::new(CacheLimit::new(cache, opts)));
+        }
+        self
+    }
+
+    /// The cache's size limit, when one is set.
+    pub(crate) fn size_limit(&self) -> Option<Arc<CacheLimit>> {
+        self.shared.cache_limit.clone().filter(|l| l.limit() > 0)
+    }
+
+    /// Start the eviction task (on the current runtime).
     pub fn start_eviction(&self) {
         if let Some(limit) = &self.shared.cache_limit {
             tokio::spawn(
@@ -182,7 +205,7 @@ impl FetcherService {
 
     /// One eviction pass now (tests, and `None` without a limit).
     pub async fn evict_now(&self) -> Option<stargaze_cache::Eviction> {
-        let limit = self.shared.cache_limit.clone()?;
+        let limit = self.size_limit()?;
         let forget = self.forgetter();
         tokio::task::spawn_blocking(move || limit.pass(&mut |d| forget(d)))
             .await
@@ -490,6 +513,7 @@ impl Fetcher for FetcherService {
             .sum();
         let limit = self.shared.cache_limit.clone();
         let totals = limit.as_ref().map(|l| l.totals()).unwrap_or_default();
+        let (recovery, took) = self.shared.recovery;
         Ok(Response::new(StatusResponse {
             cache_dir: self.shared.layers.cache.root().display().to_string(),
             cache_bytes: dir_bytes(self.shared.layers.cache.root()),
@@ -509,6 +533,13 @@ impl Fetcher for FetcherService {
             evicted_files: totals.files,
             evicted_bytes: totals.bytes,
             cache_kept_bytes: totals.last.map_or(0, |p| p.kept_bytes),
+            recovery_layers: recovery.layers,
+            recovery_chunks_checked: recovery.chunks_checked,
+            recovery_chunks_cleared: recovery.chunks_cleared,
+            recovery_shared_checked: recovery.shared_checked,
+            recovery_shared_removed: recovery.shared_removed,
+            recovery_temps_removed: recovery.temps_removed,
+            recovery_millis: took.as_millis() as u64,
         }))
     }
 }

@@ -159,6 +159,10 @@ impl Evictor {
         self
     }
 
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
     pub fn options(&self) -> &EvictOptions {
         &self.opts
     }
@@ -264,6 +268,19 @@ impl Evictor {
     /// called with each layer's digest just before its directory is deleted
     /// (with the write gate held: no resolution or write runs meanwhile).
     pub fn run(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+        self.run_under(false, forget)
+    }
+
+    /// [`Evictor::run`] after a write found the cache's filesystem full:
+    /// the pass takes what the cache uses now as its limit (or the
+    /// configured limit if lower), so that it frees the low-water share of
+    /// it whatever the configured limit is.
+    pub fn run_full(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+        self.run_under(true, forget)
+    }
+
+    /// A pass; `full`: the limit is at most the usage found.
+    fn run_under(&self, full: bool, forget: &mut dyn FnMut(&str)) -> Eviction {
         let t0 = Instant::now();
         let mut files: HashMap<FileId, FileEntry> = HashMap::new();
         let content_files = self.scan_content(&mut files);
@@ -296,15 +313,19 @@ impl Evictor {
             content_files,
             ..Default::default()
         };
-        if self.opts.limit == 0 || usage <= self.opts.limit {
+        let limit = match (full, self.opts.limit) {
+            (true, 0) => usage,
+            (true, l) => l.min(usage),
+            (false, l) => l,
+        };
+        if limit == 0 || (!full && usage <= limit) {
             pass.usage_after = usage;
             pass.kept_bytes = kept_bytes(&files);
             pass.elapsed = t0.elapsed();
             return pass;
         }
-        let target = (u128::from(self.opts.limit)
-            * u128::from(self.opts.low_water_percent.min(100))
-            / 100) as u64;
+        let target =
+            (u128::from(limit) * u128::from(self.opts.low_water_percent.min(100)) / 100) as u64;
 
         // Oldest first: shared content no layer holds, and unused layers.
         let mut victims: Vec<(SystemTime, Victim)> = Vec::new();

@@ -39,6 +39,10 @@
 //! thread after [`Cache::use_io_uring`] ([`uring`]); either way a write has
 //! returned before its presence bit is set.
 //!
+//! A write that finds the filesystem full ([`CacheError::is_out_of_space`])
+//! is noted with [`Cache::note_full`]; the fetcher's eviction task takes
+//! the note ([`Cache::take_full`]) and makes room ([`Evictor::run_full`]).
+//!
 //! [`Cache::open_writer`] detects an unclean stop (no `clean` marker): the
 //! fetcher must then re-verify present chunks and shared content before
 //! trusting them ([`verify_range`], [`hashes_to`]), because bits and data
@@ -86,6 +90,18 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// Did the filesystem run out of space (ENOSPC) or the user out of
+    /// quota (EDQUOT)? Decided by the error number, not the text.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            CacheError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> CacheError {
         CacheError::Io {
             path: path.to_path_buf(),
@@ -109,6 +125,8 @@ pub struct Cache {
     /// Content bytes written since the cache was opened (eviction's
     /// estimate of growth between scans).
     written: std::sync::atomic::AtomicU64,
+    /// A write found the filesystem full since eviction last looked.
+    full: std::sync::atomic::AtomicBool,
 }
 
 /// Version of the directory layout above. A cache of another version is
@@ -194,6 +212,7 @@ impl Cache {
             uring: None,
             gate: Default::default(),
             written: Default::default(),
+            full: Default::default(),
         })
     }
 
@@ -206,6 +225,7 @@ impl Cache {
             uring: None,
             gate: Default::default(),
             written: Default::default(),
+            full: Default::default(),
         }
     }
 
@@ -430,6 +450,18 @@ impl Cache {
     /// Content bytes written since the cache was opened.
     pub fn written(&self) -> u64 {
         self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Record that a write found the cache's filesystem full: eviction
+    /// makes room at its next look ([`Cache::take_full`]). True when it
+    /// was not noted already.
+    pub fn note_full(&self) -> bool {
+        !self.full.swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Was the filesystem found full since the last call?
+    pub fn take_full(&self) -> bool {
+        self.full.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Record that a layer is in use now (its directory's mtime is its

@@ -69,14 +69,16 @@ impl PresenceMap {
         };
         if fresh {
             file.set_len(0).map_err(|e| CacheError::io(path, e))?;
-            file.set_len(want).map_err(|e| CacheError::io(path, e))?;
-            let mut header = vec![0u8; 96];
-            header[..8].copy_from_slice(MAGIC);
-            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            header[16..20].copy_from_slice(&chunks.to_le_bytes());
+            // Written out, not a sparse `set_len`: the bits are set through
+            // the mapping, and a store into a hole on a full filesystem
+            // would kill the fetcher with SIGBUS instead of failing here.
+            let mut bytes = vec![0u8; want as usize];
+            bytes[..8].copy_from_slice(MAGIC);
+            bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            bytes[16..20].copy_from_slice(&chunks.to_le_bytes());
             let d = layer_digest.as_bytes();
-            header[32..32 + d.len().min(64)].copy_from_slice(&d[..d.len().min(64)]);
-            std::os::unix::fs::FileExt::write_all_at(&file, &header, 0)
+            bytes[32..32 + d.len().min(64)].copy_from_slice(&d[..d.len().min(64)]);
+            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)
                 .map_err(|e| CacheError::io(path, e))?;
         }
         // SAFETY: the map is shared with readers in other processes; all
@@ -183,4 +185,31 @@ fn parse_header(h: &[u8]) -> Option<(u32, String)> {
     let digest = &h[32..96];
     let end = digest.iter().position(|&b| b == 0).unwrap_or(digest.len());
     Some((chunks, String::from_utf8_lossy(&digest[..end]).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bits are stored through a shared mapping: every page of a new
+    /// map must be allocated on disk, or a store on a full filesystem
+    /// would be a SIGBUS rather than an error.
+    #[test]
+    fn a_new_map_has_no_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("presence");
+        let chunks = 200_000;
+        let map = PresenceMap::open_rw(&path, chunks, &"ab".repeat(32)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), file_len(chunks));
+        assert!(
+            meta.blocks() * 512 >= meta.len(),
+            "{} bytes allocated for a map of {}",
+            meta.blocks() * 512,
+            meta.len()
+        );
+        map.set_present(chunks - 1);
+        assert!(map.is_present(chunks - 1));
+    }
 }

@@ -71,6 +71,11 @@ pub struct FetcherConfig {
     pub request_timeout: Duration,
     /// How many times a failed registry request is retried (after the first try).
     pub retries: u32,
+    /// How long a registry endpoint (a mirror, or the origin) that failed
+    /// a blob read after the retries is set aside: reads go on from the
+    /// next endpoint and come back to it once this has passed.
+    #[serde(with = "duration")]
+    pub endpoint_backoff: Duration,
     /// Missing ranges closer than this many bytes are fetched with one request.
     #[serde(with = "size")]
     pub merge_gap: u64,
@@ -251,6 +256,7 @@ impl Default for FetcherConfig {
             max_connections_per_host: 8,
             request_timeout: Duration::from_secs(30),
             retries: 5,
+            endpoint_backoff: Duration::from_secs(30),
             merge_gap: 256 * 1024,
             max_merged_range: 16 * 1024 * 1024,
             prefetch_size: 0,
@@ -466,6 +472,7 @@ impl Config {
             f.max_connections_per_host.into(),
         )?;
         check_nonzero_duration("fetcher", "request_timeout", f.request_timeout)?;
+        check_nonzero_duration("fetcher", "endpoint_backoff", f.endpoint_backoff)?;
         check_positive("fetcher", "max_merged_range", f.max_merged_range)?;
         if f.merge_gap > f.max_merged_range {
             return Err(invalid(

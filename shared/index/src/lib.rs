@@ -69,3 +69,17 @@ pub enum IndexError {
     #[error("cannot index layer {layer}: {reason}")]
     Build { layer: String, reason: String },
 }
+
+impl IndexError {
+    /// Did writing the index find its filesystem full (ENOSPC) or the
+    /// user's quota spent (EDQUOT)?
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            IndexError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,8 +1,18 @@
-//! Reading byte ranges of a blob: endpoint choice, redirects, size
-//! discovery, multi-range requests and their three possible answers.
+//! Reading byte ranges of a blob: endpoint choice and fail-over,
+//! redirects, size discovery, multi-range requests and their three
+//! possible answers.
+//!
+//! The endpoint is chosen by a probe (mirrors first) and kept while it
+//! works. When it fails a read (connection errors, 5xx, broken answers,
+//! after the client's retries: [`RegistryError::is_endpoint_failure`]),
+//! it is set aside for [`crate::ClientOptions::endpoint_backoff`] and the
+//! read goes on from the next endpoint without an error reaching the
+//! caller; once the back-off has passed, the next read probes again, so
+//! reads return to a mirror that came back.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -19,6 +29,20 @@ struct State {
     endpoint: Option<Endpoint>,
     redirect: Option<String>,
     size: Option<u64>,
+    /// When an endpoint preferred to the current one (set aside after a
+    /// failure) may be tried again: the next read probes then.
+    recheck: Option<Instant>,
+}
+
+/// What a probe found.
+struct Probe {
+    endpoint: Endpoint,
+    redirect: Option<String>,
+    size: u64,
+    /// With a `tail` probe: `(start, bytes)` of the blob's end.
+    tail: Option<(u64, Bytes)>,
+    /// See [`State::recheck`].
+    recheck: Option<Instant>,
 }
 
 /// One blob of one repository.
@@ -28,6 +52,9 @@ pub struct Blob {
     digest: String,
     state: Mutex<State>,
 }
+
+/// Fail-overs within one read before its error is returned.
+const MAX_FAILOVERS: u32 = 8;
 
 fn range_header(ranges: &[Range<u64>]) -> String {
     let parts: Vec<String> = ranges
@@ -173,21 +200,46 @@ impl Blob {
 
     /// Find an endpoint serving the blob (mirrors first) and learn its size
     /// and redirect target with one `Range: bytes=0-1` GET each.
-    async fn probe(&self) -> Result<(Endpoint, Option<String>, u64), RegistryError> {
-        let (ep, redirect, size, _) = self.probe_with(None).await?;
-        Ok((ep, redirect, size))
+    async fn probe(&self) -> Result<Probe, RegistryError> {
+        self.probe_with(None).await
     }
 
     /// [`Blob::probe`], optionally asking for the last `tail` bytes instead
     /// of the first two (`Range: bytes=-N`): then the answer carries the
     /// size and the tail at once, as `(start, bytes)`.
-    async fn probe_with(
-        &self,
-        tail: Option<u64>,
-    ) -> Result<(Endpoint, Option<String>, u64, Option<(u64, Bytes)>), RegistryError> {
+    ///
+    /// Endpoints set aside after a failure are tried last; one that fails
+    /// here is set aside (when there is another to go to).
+    async fn probe_with(&self, tail: Option<u64>) -> Result<Probe, RegistryError> {
         let endpoints = self.client.endpoints(&self.reference)?;
+        let several = endpoints.len() > 1;
+        // (rank in the configured order, endpoint, set aside until)
+        let mut order: Vec<(usize, Endpoint, Option<Instant>)> = endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, ep)| {
+                let until = self.client.resting_until(&ep);
+                (i, ep, until)
+            })
+            .collect();
+        order.sort_by_key(|(i, _, until)| (until.is_some(), *i));
+        // Endpoints ranked before `rank` resting now (set aside before this
+        // probe or by it): probe again when the first of them is back.
+        let recheck_before = |rank: usize| {
+            order
+                .iter()
+                .filter(|(i, _, _)| *i < rank)
+                .filter_map(|(_, ep, _)| self.client.resting_until(ep))
+                .min()
+        };
         let mut last: Option<RegistryError> = None;
-        for ep in endpoints {
+        for (rank, ep, _) in order.iter().cloned() {
+            let failed = |e: RegistryError| {
+                if several && e.is_endpoint_failure() {
+                    self.client.set_aside(&ep, &e);
+                }
+                Some(e)
+            };
             let url = ep.url(&self.reference, "blobs", &self.digest);
             let mut h = HeaderMap::new();
             match tail {
@@ -213,7 +265,7 @@ impl Blob {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    last = Some(e);
+                    last = failed(e);
                     continue;
                 }
             };
@@ -256,7 +308,13 @@ impl Blob {
                     .await?;
                 stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                 let whole = body.len() as u64 == r.end - r.start && r.end == total;
-                return Ok((ep, redirect, total, whole.then_some((r.start, body))));
+                return Ok(Probe {
+                    recheck: recheck_before(rank),
+                    endpoint: ep,
+                    redirect,
+                    size: total,
+                    tail: whole.then_some((r.start, body)),
+                });
             }
             let size = match status {
                 StatusCode::PARTIAL_CONTENT => crange.and_then(|(_, total)| total),
@@ -266,13 +324,21 @@ impl Blob {
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok()),
                 _ => {
-                    last = Some(self.err(status, "probing the blob"));
+                    last = failed(self.err(status, "probing the blob"));
                     continue;
                 }
             };
             drop(resp); // a 200 here would be the whole blob: do not read it
             match size {
-                Some(s) => return Ok((ep, redirect, s, None)),
+                Some(s) => {
+                    return Ok(Probe {
+                        recheck: recheck_before(rank),
+                        endpoint: ep,
+                        redirect,
+                        size: s,
+                        tail: None,
+                    });
+                }
                 None => last = Some(self.err(status, "the answer does not say the blob's size")),
             }
         }
@@ -281,22 +347,75 @@ impl Blob {
         }))
     }
 
+    /// The endpoint to read from (probing for one when there is none yet,
+    /// when `reprobe`, or when a preferred endpoint's back-off has passed),
+    /// its redirect target and the blob's size.
     async fn endpoint(
         &self,
         reprobe: bool,
     ) -> Result<(Endpoint, Option<String>, u64), RegistryError> {
         if !reprobe {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             if let (Some(ep), Some(size)) = (&st.endpoint, st.size) {
-                return Ok((ep.clone(), st.redirect.clone(), size));
+                let due = st.recheck.is_some_and(|t| Instant::now() >= t);
+                if !due {
+                    return Ok((ep.clone(), st.redirect.clone(), size));
+                }
+                // This read probes; the others go on from the current one.
+                st.recheck = None;
             }
         }
-        let (ep, redirect, size) = self.probe().await?;
+        let probe = self.probe().await?;
+        self.adopt(&probe)?;
+        Ok((probe.endpoint, probe.redirect, probe.size))
+    }
+
+    /// Keep what a probe found. Every endpoint must agree on the size.
+    fn adopt(&self, probe: &Probe) -> Result<(), RegistryError> {
         let mut st = self.state.lock();
-        st.endpoint = Some(ep.clone());
-        st.redirect = redirect.clone();
-        st.size = Some(size);
-        Ok((ep, redirect, size))
+        if let Some(known) = st.size
+            && known != probe.size
+        {
+            return Err(RegistryError::Range {
+                blob: self.name(),
+                reason: format!(
+                    "{} says the blob has {} bytes, another endpoint said {known}; check the mirrors configured for {}",
+                    probe.endpoint.origin, probe.size, self.reference.host
+                ),
+            });
+        }
+        st.endpoint = Some(probe.endpoint.clone());
+        st.redirect = probe.redirect.clone();
+        st.size = Some(probe.size);
+        st.recheck = probe.recheck;
+        Ok(())
+    }
+
+    /// After `error` from `failed`: set it aside and read from the next
+    /// endpoint. False when the error is not the endpoint's or there is
+    /// no other endpoint to go to.
+    fn fail_over(&self, failed: &Endpoint, error: &RegistryError) -> bool {
+        if !error.is_endpoint_failure() {
+            return false;
+        }
+        let Ok(endpoints) = self.client.endpoints(&self.reference) else {
+            return false;
+        };
+        let mut st = self.state.lock();
+        if st.endpoint.as_ref() != Some(failed) {
+            // Another read already moved on: go on from where it went.
+            return true;
+        }
+        let elsewhere = endpoints
+            .iter()
+            .any(|e| e.origin != failed.origin && self.client.resting_until(e).is_none());
+        if !elsewhere {
+            return false;
+        }
+        self.client.set_aside(failed, error);
+        st.endpoint = None;
+        st.redirect = None;
+        true
     }
 
     /// The blob's size in bytes.
@@ -316,14 +435,10 @@ impl Blob {
         };
         // A registry that refuses suffix ranges (416, 400) gets the usual
         // probe and read below.
-        if !probed && let Ok((ep, redirect, size, tail)) = self.probe_with(Some(n)).await {
-            {
-                let mut st = self.state.lock();
-                st.endpoint = Some(ep);
-                st.redirect = redirect;
-                st.size = Some(size);
-            }
-            if let Some((start, bytes)) = tail
+        if !probed && let Ok(probe) = self.probe_with(Some(n)).await {
+            self.adopt(&probe)?;
+            let size = probe.size;
+            if let Some((start, bytes)) = probe.tail
                 && size - start >= n.min(size)
             {
                 let from = size - n.min(size);
@@ -393,6 +508,7 @@ impl Blob {
         let mut done = vec![0u64; ranges.len()];
         let per = self.client.options().max_ranges_per_request.max(1);
         let mut attempt = 0;
+        let mut failovers = 0;
         loop {
             let missing: Vec<(usize, Range<u64>)> = ranges
                 .iter()
@@ -416,6 +532,7 @@ impl Blob {
                 .iter()
                 .map(|(i, _)| ends.get(*i).map_or(&[][..], |e| e.as_slice()))
                 .collect();
+            let (ep, _, _) = self.endpoint(false).await?;
             let mut deliver = |k: usize, bytes: Bytes| {
                 let i = missing[k].0;
                 done[i] += bytes.len() as u64;
@@ -453,6 +570,13 @@ impl Blob {
                     tokio::time::sleep(self.client.options().min_backoff * (1 << attempt.min(10)))
                         .await;
                     attempt += 1;
+                }
+                // The endpoint failed: go on from the next one (a bound:
+                // each endpoint once, and a few reads moving on at once).
+                Err(e) if failovers < MAX_FAILOVERS && self.fail_over(&ep, &e) => {
+                    tracing::debug!(blob = %self.name(), endpoint = %ep.origin, error = %e, "reading from the next endpoint");
+                    failovers += 1;
+                    attempt = 0;
                 }
                 Err(e) => return Err(e),
             }

@@ -34,6 +34,11 @@ pub struct ClientOptions {
     pub max_ranges_per_request: usize,
     /// Always read one range per request (registries that mishandle multi-range).
     pub force_single_range: bool,
+    /// How long an endpoint that failed a blob read (connection errors,
+    /// 5xx, broken answers, after the retries) is set aside: reads go to
+    /// the next endpoint (a mirror's successor, finally the origin) and
+    /// come back to it once this has passed.
+    pub endpoint_backoff: Duration,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +51,7 @@ impl Default for ClientOptions {
             max_backoff: Duration::from_secs(10),
             max_ranges_per_request: 64,
             force_single_range: false,
+            endpoint_backoff: Duration::from_secs(30),
         }
     }
 }
@@ -59,6 +65,8 @@ pub struct HostStats {
     pub retries: AtomicU64,
     /// Responses that came over HTTP/2.
     pub http2: AtomicU64,
+    /// Times blob reads left this host for the next endpoint.
+    pub failovers: AtomicU64,
     /// Sum of request latencies (time to response headers), microseconds.
     pub latency_us: AtomicU64,
     /// Requests per latency bucket (upper bounds in [`LATENCY_BUCKETS`], seconds).
@@ -95,6 +103,8 @@ pub(crate) struct Inner {
     pools: Mutex<HashMap<TlsKey, Http>>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     pub(crate) single_range: Mutex<HashSet<String>>,
+    /// Endpoints (by origin) set aside after a failure, until when.
+    resting: Mutex<HashMap<String, Instant>>,
     stats: Mutex<HashMap<String, Arc<HostStats>>>,
 }
 
@@ -286,6 +296,7 @@ impl Client {
                 pools: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
                 single_range: Mutex::new(HashSet::new()),
+                resting: Mutex::new(HashMap::new()),
                 stats: Mutex::new(HashMap::new()),
             }),
         }
@@ -305,6 +316,34 @@ impl Client {
         let mut v: Vec<_> = s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// Until when `ep` is set aside, if it is.
+    pub(crate) fn resting_until(&self, ep: &Endpoint) -> Option<Instant> {
+        let mut resting = self.inner.resting.lock();
+        match resting.get(&ep.origin) {
+            Some(t) if *t > Instant::now() => Some(*t),
+            Some(_) => {
+                resting.remove(&ep.origin);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Set `ep` aside for [`ClientOptions::endpoint_backoff`] after `error`.
+    pub(crate) fn set_aside(&self, ep: &Endpoint, error: &RegistryError) {
+        let until = Instant::now() + self.inner.opts.endpoint_backoff;
+        self.inner.resting.lock().insert(ep.origin.clone(), until);
+        self.host_stats(ep.host())
+            .failovers
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            endpoint = %ep.origin,
+            %error,
+            backoff = ?self.inner.opts.endpoint_backoff,
+            "registry endpoint failed: reading from the next endpoint, and from this one again after the back-off"
+        );
     }
 
     fn host_stats(&self, host: &str) -> Arc<HostStats> {

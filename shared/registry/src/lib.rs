@@ -11,7 +11,9 @@
 //! * [`client`] sends requests over hyper 1 + rustls (HTTP/2 when offered),
 //!   with a connection limit per host, timeouts and jittered retries.
 //! * [`blob`] reads byte ranges of a blob: endpoint and size found with one
-//!   probe, redirects followed and refreshed on 403, many ranges per request
+//!   probe, an endpoint that fails a read (by error variant) set aside for
+//!   a back-off while reads go on from the next one (mirror → origin) and
+//!   come back after it, redirects followed and refreshed on 403, many ranges per request
 //!   with `206`, `206 multipart/byteranges` and `200` answers all handled, a
 //!   fall back to one range per request for registries that refuse
 //!   multi-range, and 416 answers never leaving a poisoned connection behind;
@@ -93,6 +95,16 @@ impl RegistryError {
                 .unwrap_or(false),
             _ => false,
         }
+    }
+}
+
+impl RegistryError {
+    /// Did the endpoint fail (rather than the request or the blob), so
+    /// that another endpoint of the same registry may answer? Connection
+    /// errors and timeouts, 5xx and 429 (after the client's retries), and
+    /// answers that broke off.
+    pub fn is_endpoint_failure(&self) -> bool {
+        self.is_transient()
     }
 }
 
@@ -278,5 +290,64 @@ impl Client {
             });
         }
         Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fail-over to the next endpoint is decided by the error's variant
+    /// (and status code), never by its text.
+    #[test]
+    fn only_failures_of_the_endpoint_fail_over() {
+        let status = |status| RegistryError::Status {
+            host: "mirror.example".into(),
+            repository: "app".into(),
+            object: "sha256:1".into(),
+            status,
+            what: "reading ranges".into(),
+        };
+        let endpoint = [
+            RegistryError::Request {
+                url: "http://mirror.example/v2/app/blobs/sha256:1".into(),
+                reason: "connection refused".into(),
+            },
+            RegistryError::Body {
+                blob: "b".into(),
+                reason: "reset".into(),
+            },
+            status(500),
+            status(502),
+            status(503),
+            status(429),
+        ];
+        for e in &endpoint {
+            assert!(e.is_endpoint_failure(), "{e}");
+        }
+        let not_endpoint = [
+            status(404),
+            status(401),
+            status(403),
+            status(416),
+            status(501),
+            RegistryError::Digest {
+                what: "blob".into(),
+                digest: "sha256:1".into(),
+                host: "mirror.example".into(),
+            },
+            RegistryError::Range {
+                blob: "b".into(),
+                reason: "connection refused".into(),
+            },
+            RegistryError::MultiRangeRefused,
+            RegistryError::Unauthorized {
+                host: "mirror.example".into(),
+                reason: "HTTP 503".into(),
+            },
+        ];
+        for e in &not_endpoint {
+            assert!(!e.is_endpoint_failure(), "{e}");
+        }
     }
 }

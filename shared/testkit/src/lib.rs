@@ -12,6 +12,8 @@
 //!   [`crafted`] writes two layers of unusual entries (hard links,
 //!   whiteouts, xattrs of every namespace, devices, odd modes, names,
 //!   mtimes and owners).
+//! * [`loopfs`] mounts a small ext4 on a loop device (for full-disk
+//!   tests) and unmounts and detaches it when dropped.
 //! * [`require`] fails a test with the command that installs a missing tool;
 //!   [`require_root_fuse`], [`require_fuse_passthrough`] and
 //!   [`require_that`] fail it when root, FUSE or another prerequisite CI has
@@ -29,10 +31,13 @@
 pub mod crafted;
 pub mod fdstore;
 pub mod image;
+pub mod loopfs;
 pub mod service_cli;
 pub mod stack;
 pub mod token;
 pub mod tree;
+
+pub use loopfs::LoopFs;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -512,30 +517,81 @@ impl Registry {
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
+        let child = Self::spawn(dir.path());
         let r = Registry {
             dir,
             addr,
             child,
             _keys: keys,
         };
-        let log_path = r.dir.path().join("registry.log");
-        let a = r.addr.clone();
+        r.wait_ready();
+        r
+    }
+
+    /// docker-registry on `dir`'s config.yml, logging (appending) to
+    /// `dir/registry.log`.
+    fn spawn(dir: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))
+            .expect("log");
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry")
+    }
+
+    fn wait_ready(&self) {
+        let a = self.addr.clone();
         wait_until(
             "docker-registry",
             Duration::from_secs(20),
-            &log_path,
+            &self.dir.path().join("registry.log"),
             || std::net::TcpStream::connect(&a).is_ok(),
         );
-        r
+    }
+
+    /// A pull-through cache of `origin` (distribution's `proxy.remoteurl`):
+    /// what it has not stored yet it fetches from the origin, serves and
+    /// keeps. It refuses pushes.
+    pub fn start_mirror_of(origin: &Registry) -> Registry {
+        Self::start_with(
+            &format!("proxy:\n  remoteurl: http://{}\n", origin.addr),
+            None,
+        )
+    }
+
+    /// SIGKILL: a crash, open connections reset, nothing flushed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start again after [`Registry::kill`], on the same address, storage
+    /// and config (the log goes on in the same file).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.dir.path());
+        self.wait_ready();
+    }
+
+    /// The registry's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Requests the registry answered (its access log's "response
+    /// completed" lines) for a URI containing `needle`, e.g. a blob digest.
+    pub fn answered(&self, needle: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("response completed") && l.contains(needle))
+            .count()
     }
 }
 
