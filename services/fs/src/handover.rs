@@ -80,6 +80,11 @@ pub struct SessionState {
     /// Slots are never reused while the connection lives.
     pub next_slot: u64,
     pub layers: Vec<SavedLayer>,
+    /// The transport the connection was set up with (`classic`, or
+    /// `io_uring`: the kernel then sends requests only to ring entries).
+    /// Files of older versions have none: classic.
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// The session file beside the mountpoint.
@@ -308,13 +313,14 @@ pub fn mount_fresh(mountpoint: &Path) -> Result<(OwnedFd, Vec<u8>), HandoverErro
 
 /// Start a fuser session on `dev` whose INIT request is `init`: fuser
 /// handshakes over a socket pair, its reply goes to the kernel when
-/// `answer_kernel` (a fresh mount), and then the session's descriptor is
-/// replaced by `dev`.
+/// `answer_kernel` (a fresh mount), amended to take FUSE over io_uring
+/// when `uring`, and then the session's descriptor is replaced by `dev`.
 pub fn start_session<FS: fuser::Filesystem>(
     fs: FS,
     dev: OwnedFd,
     init: &[u8],
     answer_kernel: bool,
+    uring: bool,
     config: fuser::Config,
 ) -> Result<Started<FS>, HandoverError> {
     let mut pair = [0; 2];
@@ -345,6 +351,11 @@ pub fn start_session<FS: fuser::Filesystem>(
         .read(&mut reply)
         .map_err(io("reading the session's INIT reply"))?;
     if answer_kernel {
+        if uring && !crate::uring::negotiate(init, &mut reply[..n]) {
+            return Err(io("accepting FUSE over io_uring in the INIT reply")(
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            ));
+        }
         let mut dev_file = File::from(dev.try_clone().map_err(io("duplicating /dev/fuse"))?);
         dev_file
             .write_all(&reply[..n])
@@ -405,10 +416,18 @@ mod tests {
                 digest: format!("sha256:{}", "a".repeat(64)),
                 slot: 2,
             }],
+            transport: "io_uring".into(),
         };
         f.save(&s).unwrap();
         assert_eq!(f.load().unwrap(), Some(s.clone()));
         assert_eq!(hex::decode(&s.init).ok(), Some(vec![1, 2, 0xfe]));
+        // A file of a version without transports: classic.
+        std::fs::write(
+            &f.path,
+            br#"{"init":"","device":"0:1","next_slot":1,"layers":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(f.load().unwrap().unwrap().transport, "");
         std::fs::write(&f.path, b"{").unwrap();
         assert!(matches!(f.load(), Err(HandoverError::BadSession { .. })));
     }

@@ -88,6 +88,7 @@ struct Journal {
     file: SessionFile,
     init: String,
     device: String,
+    transport: String,
 }
 
 #[derive(Default)]
@@ -107,10 +108,15 @@ impl LayerTable {
         }
     }
 
-    /// Save the table (and the session's INIT and device) to `file` from
-    /// now on, at every change; saves it once now.
-    pub fn journal_to(&self, file: SessionFile, init: String, device: String) {
-        let _ = self.journal.set(Journal { file, init, device });
+    /// Save the table (and the session's INIT, device and transport) to
+    /// `file` from now on, at every change; saves it once now.
+    pub fn journal_to(&self, file: SessionFile, init: String, device: String, transport: &str) {
+        let _ = self.journal.set(Journal {
+            file,
+            init,
+            device,
+            transport: transport.to_string(),
+        });
         let t = self.inner.read();
         self.save(&t);
     }
@@ -133,6 +139,7 @@ impl LayerTable {
             device: j.device.clone(),
             next_slot: t.next_slot,
             layers,
+            transport: j.transport.clone(),
         };
         if let Err(e) = j.file.save(&state) {
             tracing::warn!(error = %e, "cannot save the FUSE session: after a restart of stargaze-fs running containers may lose their layers");

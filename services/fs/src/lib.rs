@@ -29,6 +29,7 @@
 //! * [`metrics`] times every FUSE operation and counts bytes served from the
 //!   cache vs after a fetch, for Prometheus and `stargaze status`.
 
+mod classic;
 mod entries;
 pub mod handover;
 pub mod layers;
@@ -41,6 +42,8 @@ pub mod service;
 pub mod session;
 mod shared;
 pub mod source;
+pub mod transport;
+pub mod uring;
 
 pub use layers::{Attached, LayerTable};
 pub use ops::StargazeFs;

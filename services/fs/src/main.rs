@@ -58,6 +58,7 @@ async fn serve(c: FsConfig, fetcher: FetcherConfig) -> Result<()> {
         c.entry_timeout.max(c.attr_timeout),
     );
     shared.readahead = c.readahead;
+    *shared.transport_wanted.lock() = c.transport;
     let shared = Arc::new(shared);
     shared
         .passthrough

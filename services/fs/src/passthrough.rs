@@ -8,7 +8,6 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use fuser::ReplyOpen;
 use parking_lot::Mutex;
 
 use crate::layers::Attached;
@@ -29,9 +28,9 @@ pub struct Passthrough {
     pub active: AtomicBool,
     /// Backing ids by open handle (closed when the last handle of the
     /// inode is released) and by inode (shared by concurrent opens).
-    by_handle: Mutex<HashMap<u64, Arc<fuser::BackingId>>>,
+    by_handle: Mutex<HashMap<u64, Arc<Backing>>>,
     /// (with the kernel's number of the id, for the open table).
-    by_inode: Mutex<HashMap<u64, (std::sync::Weak<fuser::BackingId>, u32)>>,
+    by_inode: Mutex<HashMap<u64, (std::sync::Weak<Backing>, u32)>>,
     /// Files opened with passthrough.
     pub opens: AtomicU64,
     /// Handles opened without passthrough. The kernel refuses (EIO) a
@@ -53,11 +52,44 @@ struct Restored {
     old_handles: u32,
     /// Wrapped at the first new open; dropped (closing the id once no new
     /// handle holds it either) when the old handles are gone.
-    held: Option<Arc<fuser::BackingId>>,
+    held: Option<Arc<Backing>>,
 }
 
 /// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
 const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
+
+/// A kernel backing id open on the connection, closed when dropped. Ours,
+/// not fuser's: the io_uring transport has no fuser reply to make one.
+#[derive(Debug)]
+pub struct Backing {
+    raw: u32,
+    dev_fd: RawFd,
+}
+
+impl Backing {
+    /// Own `raw`, open on the connection of `dev_fd`.
+    ///
+    /// # Safety
+    /// `raw` must be open on that connection and closed by nothing else.
+    unsafe fn own(raw: u32, dev_fd: RawFd) -> Backing {
+        Backing { raw, dev_fd }
+    }
+
+    pub fn raw(&self) -> u32 {
+        self.raw
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if self.dev_fd >= 0 {
+            // SAFETY: an ioctl on the session's /dev/fuse descriptor with a local u32.
+            unsafe {
+                libc::ioctl(self.dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &self.raw);
+            }
+        }
+    }
+}
 
 /// Handles open in cached mode (tracked only while passthrough is wanted).
 #[derive(Default)]
@@ -182,9 +214,10 @@ impl StargazeFs {
         a: &Attached,
         local: u64,
         fh: u64,
-        reply: &ReplyOpen,
-    ) -> std::io::Result<Arc<fuser::BackingId>> {
+    ) -> std::io::Result<Arc<Backing>> {
         let p = &self.shared.passthrough;
+        // Set by `serve` before any request is served.
+        let dev_fd = self.shared.dev_fd.load(Ordering::Relaxed);
         let ino = a.global(local);
         let mut by_inode = p.by_inode.lock();
         let live = by_inode
@@ -202,7 +235,7 @@ impl StargazeFs {
                             // SAFETY: the id is open on this connection (the
                             // previous process never closed it) and is closed
                             // only through this wrapper from now on.
-                            let id = Arc::new(unsafe { reply.wrap_backing(r.raw) });
+                            let id = Arc::new(unsafe { Backing::own(r.raw, dev_fd) });
                             r.held = Some(id.clone());
                             id
                         }
@@ -212,15 +245,13 @@ impl StargazeFs {
                     let file = std::fs::File::open(
                         a.cache.layer_file_path(a.index.layer_digest(), local),
                     )?;
-                    // Set by `serve` before the session's threads start.
-                    let dev = self.shared.dev_fd.load(Ordering::Relaxed);
                     // SAFETY: the session's descriptor lives as long as the mount.
-                    let dev = unsafe { BorrowedFd::borrow_raw(dev) };
+                    let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
                     // The raw id goes into the open-file table.
                     let raw = fuser::BackingId::create_raw(dev, &file)?;
                     // SAFETY: just opened on this connection; closed only
                     // through the wrapper.
-                    (Arc::new(unsafe { reply.wrap_backing(raw) }), raw)
+                    (Arc::new(unsafe { Backing::own(raw, dev_fd) }), raw)
                 };
                 drop(restored);
                 by_inode.retain(|_, (w, _)| w.strong_count() > 0);

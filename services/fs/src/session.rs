@@ -10,8 +10,12 @@ use std::sync::atomic::Ordering;
 
 use stargaze_service::mountinfo;
 
+use stargaze_service::config::FsTransport;
+
 use crate::handover::{self, HandoverError, SessionFile};
 use crate::opens::OpenTable;
+use crate::transport::{self, Transport};
+use crate::uring::{self, Rings};
 use crate::{FsShared, StargazeFs};
 
 /// The node's FUSE mount being served.
@@ -22,6 +26,9 @@ pub struct FuseMount {
     pub dev_fd: RawFd,
     /// The connection was inherited from a previous process.
     pub taken_over: bool,
+    /// The transport serving it.
+    pub transport: Transport,
+    rings: Option<Rings>,
 }
 
 impl FuseMount {
@@ -30,10 +37,14 @@ impl FuseMount {
         if nix::mount::umount(&self.mountpoint).is_err() {
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
-        match self.session.take() {
+        let joined = match self.session.take() {
             Some(s) => s.join(),
             None => Ok(()),
+        };
+        if let Some(r) = self.rings.take() {
+            r.join();
         }
+        joined
     }
 }
 
@@ -57,19 +68,86 @@ pub fn mount(
     n_threads: usize,
 ) -> Result<FuseMount, HandoverError> {
     let (dev, init) = handover::mount_fresh(mountpoint)?;
-    serve(shared, mountpoint, n_threads, dev, &init, false)
+    serve(shared, mountpoint, n_threads, dev, &init, None)
 }
 
-/// Start serving `dev`; `taken_over` when its INIT was answered by a
-/// previous process.
+fn transport_error(e: transport::TransportError) -> HandoverError {
+    HandoverError::Io {
+        what: "choosing the FUSE transport".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// The rings to serve with: on a fresh connection as `[fs] transport`
+/// (or its override) and the kernel's INIT allow, on a taken-over one as
+/// it was set up (`inherited`).
+fn choose_rings(
+    shared: &Arc<FsShared>,
+    mountpoint: &Path,
+    init: &[u8],
+    inherited: Option<Transport>,
+) -> Result<Option<uring::Prepared>, HandoverError> {
+    let wanted = transport::wanted(*shared.transport_wanted.lock()).map_err(transport_error)?;
+    if let Some(t) = inherited {
+        if t.as_str() != wanted.as_str() && wanted != FsTransport::Auto {
+            tracing::warn!(
+                connection = t.as_str(),
+                wanted = wanted.as_str(),
+                "the FUSE connection taken over keeps the transport it was set up with; the configured one applies from the next fresh mount"
+            );
+        }
+        if t == Transport::Classic {
+            return Ok(None);
+        }
+        let p = uring::prepare(shared, mountpoint, -1, true).map_err(|e| HandoverError::Io {
+            what: "setting up the io_uring queues of the connection taken over".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        return Ok(Some(p));
+    }
+    if wanted == FsTransport::Classic {
+        return Ok(None);
+    }
+    if !uring::decode::init_offers_uring(init) {
+        let why = transport::why_not_offered();
+        if wanted == FsTransport::IoUring {
+            return Err(transport_error(transport::TransportError::Unavailable(why)));
+        }
+        tracing::info!(reason = %why, "FUSE transport: classic (io_uring not available)");
+        return Ok(None);
+    }
+    match uring::prepare(shared, mountpoint, -1, false) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if wanted == FsTransport::IoUring => Err(transport_error(
+            transport::TransportError::Unavailable(e.to_string()),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "FUSE transport: classic (the io_uring queues cannot be set up)");
+            Ok(None)
+        }
+    }
+}
+
+/// Start serving `dev`; `inherited` is the transport of a connection a
+/// previous process set up (its INIT was answered then).
 fn serve(
     shared: Arc<FsShared>,
     mountpoint: &Path,
     n_threads: usize,
     dev: OwnedFd,
     init: &[u8],
-    taken_over: bool,
+    inherited: Option<Transport>,
 ) -> Result<FuseMount, HandoverError> {
+    let taken_over = inherited.is_some();
+    let rings = choose_rings(&shared, mountpoint, init, inherited)?;
+    let transport = if rings.is_some() {
+        Transport::IoUring
+    } else {
+        Transport::Classic
+    };
+    // With the rings, fuser's threads serve only what still comes through
+    // /dev/fuse (forgets, interrupts): one is enough.
+    let threads = if rings.is_some() { 1 } else { n_threads };
     let session = handover::start_session(
         StargazeFs {
             shared: shared.clone(),
@@ -77,10 +155,12 @@ fn serve(
         dev,
         init,
         !taken_over,
-        session_config(n_threads),
+        rings.is_some() && !taken_over,
+        session_config(threads),
     )?;
     let dev_fd = session.dev_fd;
     shared.dev_fd.store(dev_fd, Ordering::Release);
+    *shared.transport.lock() = Some(transport);
     if taken_over {
         // Requests the previous process read and never answered go back to
         // the queue before any thread reads it (once threads run, a resend
@@ -97,11 +177,21 @@ fn serve(
         source: e,
     })?;
     *shared.notifier.lock() = Some(session.notifier());
+    let rings = rings.map(|mut p| {
+        p.set_dev_fd(dev_fd);
+        p.start()
+    });
+    if taken_over && let Some(r) = &rings {
+        uring::wake_queues(mountpoint, r.queues);
+    }
+    tracing::info!(transport = transport.as_str(), "FUSE transport");
     Ok(FuseMount {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         dev_fd,
         taken_over,
+        transport,
+        rings,
     })
 }
 
@@ -184,10 +274,21 @@ pub fn mount_or_take_over(
                     ),
                 }
             }
-            let m = serve(shared.clone(), mountpoint, n_threads, dev, &init, true)?;
-            shared
-                .layers
-                .journal_to(file, state.init.clone(), state.device.clone());
+            let inherited = Transport::from_session(&state.transport);
+            let m = serve(
+                shared.clone(),
+                mountpoint,
+                n_threads,
+                dev,
+                &init,
+                Some(inherited),
+            )?;
+            shared.layers.journal_to(
+                file,
+                state.init.clone(),
+                state.device.clone(),
+                m.transport.as_str(),
+            );
             tracing::info!(
                 mountpoint = %mountpoint.display(),
                 layers = attached,
@@ -208,8 +309,10 @@ pub fn mount_or_take_over(
             })?;
             let (dev, init) = handover::mount_fresh(mountpoint)?;
             let device = handover::mount_device(mountpoint).unwrap_or_default();
-            let m = serve(shared.clone(), mountpoint, n_threads, dev, &init, false)?;
-            shared.layers.journal_to(file, hex::encode(&init), device);
+            let m = serve(shared.clone(), mountpoint, n_threads, dev, &init, None)?;
+            shared
+                .layers
+                .journal_to(file, hex::encode(&init), device, m.transport.as_str());
             m
         }
     };

@@ -16,6 +16,8 @@ use crate::metrics::FsCounters;
 use crate::opens::{Mode, OpenTable};
 use crate::passthrough::Passthrough;
 use crate::source::ChunkSource;
+use crate::transport::Transport;
+use stargaze_service::config::FsTransport;
 
 /// Default of `[fs] readahead`.
 pub const DEFAULT_READAHEAD: u64 = 1 << 20;
@@ -44,6 +46,13 @@ pub struct FsShared {
     pub(crate) opens: OnceLock<OpenTable>,
     /// The session's `/dev/fuse` descriptor (backing files are registered on it).
     pub(crate) dev_fd: AtomicI32,
+    /// The transport asked for (`[fs] transport`; `STARGAZE_FS_TRANSPORT`
+    /// overrides it at mount time).
+    pub transport_wanted: Mutex<FsTransport>,
+    /// The transport serving the mount, once mounted.
+    pub transport: Mutex<Option<Transport>>,
+    /// Requests served through the io_uring rings.
+    pub uring_requests: AtomicU64,
 }
 
 impl FsShared {
@@ -70,6 +79,9 @@ impl FsShared {
             next_fh: AtomicU64::new(1),
             opens: OnceLock::new(),
             dev_fd: AtomicI32::new(-1),
+            transport_wanted: Mutex::new(FsTransport::Classic),
+            transport: Mutex::new(None),
+            uring_requests: AtomicU64::new(0),
         }
     }
 

@@ -185,6 +185,12 @@ pub struct FsConfig {
     /// 6.9, root, cache on a non-stacked filesystem); falls back to serving
     /// reads itself, logged once, where that is not possible.
     pub passthrough: bool,
+    /// How FUSE requests travel: `io_uring` (FUSE over io_uring, Linux >=
+    /// 6.14 with the fuse module's `enable_uring` on), `classic` (read and
+    /// write on `/dev/fuse`), or `auto`: io_uring where the kernel offers
+    /// it, classic otherwise (logged). The environment variable
+    /// `STARGAZE_FS_TRANSPORT` overrides it.
+    pub transport: FsTransport,
     /// When a read that missed continues through a large file, fetch this
     /// many bytes after it too. 0 = off.
     #[serde(with = "size")]
@@ -241,6 +247,36 @@ pub enum CacheIo {
     IoUring,
 }
 
+/// `[fs] transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsTransport {
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "io_uring")]
+    IoUring,
+    #[serde(rename = "classic")]
+    Classic,
+}
+
+impl FsTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsTransport::Auto => "auto",
+            FsTransport::IoUring => "io_uring",
+            FsTransport::Classic => "classic",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FsTransport> {
+        match s {
+            "auto" => Some(FsTransport::Auto),
+            "io_uring" => Some(FsTransport::IoUring),
+            "classic" => Some(FsTransport::Classic),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -291,6 +327,7 @@ impl Default for FsConfig {
             mountpoint: "/run/stargaze/mnt".into(),
             n_threads: 4,
             passthrough: true,
+            transport: FsTransport::Classic,
             readahead: 1 << 20,
             entry_timeout: Duration::from_secs(3600),
             attr_timeout: Duration::from_secs(3600),
