@@ -132,6 +132,9 @@ struct FsState {
     mountpoint: String,
     layers: u32,
     fuse_threads: u32,
+    /// `classic` or `io_uring`.
+    transport: String,
+    ring_requests: u64,
     passthrough: bool,
     bytes_from_cache: u64,
     bytes_after_fetch: u64,
@@ -372,6 +375,8 @@ async fn gather(config: &stargaze_config::Config) -> Report {
             mountpoint: s.mountpoint,
             layers: s.layers,
             fuse_threads: s.fuse_threads,
+            transport: s.transport,
+            ring_requests: s.ring_requests,
             passthrough: s.passthrough,
             bytes_from_cache: s.bytes_from_cache,
             bytes_after_fetch: s.bytes_after_fetch,
@@ -432,11 +437,16 @@ fn print_table(r: &Report) {
         println!();
     }
     if let Some(f) = &r.fs {
+        let transport = match f.transport.as_str() {
+            "io_uring" => format!("FUSE over io_uring ({} requests)", f.ring_requests),
+            "" => format!("{} FUSE threads", f.fuse_threads),
+            t => format!("{} FUSE threads, {t}", f.fuse_threads),
+        };
         println!(
-            "  mount {} with {} layers, {} FUSE threads{}",
+            "  mount {} with {} layers, {}{}",
             f.mountpoint,
             f.layers,
-            f.fuse_threads,
+            transport,
             if f.passthrough { ", passthrough" } else { "" }
         );
     }

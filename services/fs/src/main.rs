@@ -58,7 +58,7 @@ async fn serve(c: FsConfig, fetcher: FetcherConfig) -> Result<()> {
         c.entry_timeout.max(c.attr_timeout),
     );
     shared.readahead = c.readahead;
-    *shared.transport_wanted.lock() = c.transport;
+    *shared.transport_wanted.lock() = stargaze_fs::transport::wanted(c.transport)?;
     let shared = Arc::new(shared);
     shared
         .passthrough
@@ -108,6 +108,9 @@ async fn serve(c: FsConfig, fetcher: FetcherConfig) -> Result<()> {
     let _ = nix::mount::umount2(&c.mountpoint, nix::mount::MntFlags::MNT_DETACH);
     SessionFile::beside(&c.mountpoint).remove();
     let _ = std::fs::remove_file(OpenTable::beside(&c.mountpoint));
+    let _ = std::fs::remove_file(stargaze_fs::uring::memory::RingMemory::path_beside(
+        &c.mountpoint,
+    ));
     drop(session);
     Ok(())
 }

@@ -12,6 +12,8 @@
 //! | `stargaze_fs_layers_attached` | | layers attached to the mount |
 //! | `stargaze_fs_layer_chunks` / `_chunks_present` | layer | chunks of each attached layer, and how many are cached |
 //! | `stargaze_fs_fuse_threads` | | threads serving FUSE requests (fixed; does not grow with layers) |
+//! | `stargaze_fs_transport` | transport | 1 for the transport serving the mount (`classic` or `io_uring`), 0 for the other |
+//! | `stargaze_fs_ring_requests_total` | | FUSE requests served through the io_uring rings |
 //! | `stargaze_fs_passthrough_active` | | 1 when files complete in the cache are opened with FUSE passthrough |
 //! | `stargaze_fs_passthrough_opens_total` | | files opened with passthrough (their reads bypass this process and the counters above) |
 //! | `stargaze_fs_grpc_requests_total` | method, code | `stargaze.v1.Fs` requests |
@@ -27,6 +29,7 @@ use prometheus_client::metrics::MetricType;
 use stargaze_service::metrics::{Histogram, RpcMetrics, family, histogram_family};
 
 use crate::FsShared;
+use crate::transport::Transport;
 
 /// The FUSE operations the filesystem implements.
 #[derive(Debug, Clone, Copy)]
@@ -182,6 +185,26 @@ impl Collector for FsMetrics {
             "Threads serving FUSE requests",
             MetricType::Gauge,
             &[(vec![], self.fuse_threads)],
+        )?;
+        let used = *self.shared.transport.lock();
+        family(
+            &mut e,
+            "stargaze_fs_transport",
+            "1 for the FUSE transport serving the mount",
+            MetricType::Gauge,
+            &[Transport::Classic, Transport::IoUring].map(|t| {
+                (
+                    vec![("transport".to_string(), t.as_str().to_string())],
+                    u64::from(used == Some(t)),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "stargaze_fs_ring_requests",
+            "FUSE requests served through the io_uring rings",
+            MetricType::Counter,
+            &[(vec![], self.shared.uring_requests.load(Ordering::Relaxed))],
         )?;
         let p = &self.shared.passthrough;
         family(

@@ -120,6 +120,13 @@ impl Fs for FsService {
             fetch_errors: self.shared.fetch_errors.load(Ordering::Relaxed),
             fuse_threads: self.fuse_threads,
             recent_errors: self.shared.errors.list(),
+            transport: self
+                .shared
+                .transport
+                .lock()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default(),
+            ring_requests: self.shared.uring_requests.load(Ordering::Relaxed),
         }))
     }
 }

@@ -87,7 +87,7 @@ fn choose_rings(
     init: &[u8],
     inherited: Option<Transport>,
 ) -> Result<Option<uring::Prepared>, HandoverError> {
-    let wanted = transport::wanted(*shared.transport_wanted.lock()).map_err(transport_error)?;
+    let wanted = *shared.transport_wanted.lock();
     if let Some(t) = inherited {
         if t.as_str() != wanted.as_str() && wanted != FsTransport::Auto {
             tracing::warn!(

@@ -46,8 +46,8 @@ pub struct FsShared {
     pub(crate) opens: OnceLock<OpenTable>,
     /// The session's `/dev/fuse` descriptor (backing files are registered on it).
     pub(crate) dev_fd: AtomicI32,
-    /// The transport asked for (`[fs] transport`; `STARGAZE_FS_TRANSPORT`
-    /// overrides it at mount time).
+    /// The transport asked for (`[fs] transport`, or the
+    /// `STARGAZE_FS_TRANSPORT` the binary was started with).
     pub transport_wanted: Mutex<FsTransport>,
     /// The transport serving the mount, once mounted.
     pub transport: Mutex<Option<Transport>>,

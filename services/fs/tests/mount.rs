@@ -306,7 +306,7 @@ impl Drop for Mounted {
 /// fs keeps `<mountpoint>.session` and `<mountpoint>.opens` beside its
 /// mountpoint (for a restart to take the mount over): gone with the test.
 fn remove_session_files(mountpoint: &Path) {
-    for ext in [".session", ".opens"] {
+    for ext in [".session", ".opens", ".rings"] {
         let mut name = mountpoint.as_os_str().to_owned();
         name.push(ext);
         let _ = std::fs::remove_file(name);
@@ -391,7 +391,15 @@ async fn setup_with(
     (shared, layer, digest)
 }
 
+/// Mount with the transport the suite runs with (`STARGAZE_FS_TRANSPORT`,
+/// as the binary would take it).
 fn mount(shared: Arc<FsShared>) -> Mounted {
+    *shared.transport_wanted.lock() =
+        stargaze_fs::transport::wanted(stargaze_service::config::FsTransport::Classic).unwrap();
+    mount_as_set(shared)
+}
+
+fn mount_as_set(shared: Arc<FsShared>) -> Mounted {
     let dir = tempfile::Builder::new()
         .prefix("sg-fs-")
         .tempdir_in("/tmp")
@@ -856,4 +864,56 @@ async fn an_executed_file_is_told_apart_from_a_read_one() {
     assert!(status.success(), "ran from the mount");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(*EXECUTED.lock().unwrap(), [(digest.clone(), prog)]);
+}
+
+/// The io_uring transport serves the same tree as the classic one, and
+/// really from its rings: a layer mounted once with each transport walks
+/// the same (names, attributes, xattrs, symlinks, file bytes), the ring
+/// mount counts the requests its rings served, the classic mount none, and
+/// the metrics say which transport serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_io_uring_transport_serves_the_same_tree_from_its_rings() {
+    use stargaze_fs::transport::Transport;
+    use stargaze_service::config::FsTransport;
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_that(
+        stargaze_fs::uring::module_enabled() == Some(true),
+        "FUSE over io_uring (Linux >= 6.14, the fuse module's enable_uring = Y)",
+        "echo Y > /sys/module/fuse/parameters/enable_uring, as CI does",
+    );
+    let tar = layer_tar();
+    let mut trees = Vec::new();
+    for (t, want) in [
+        (FsTransport::IoUring, Transport::IoUring),
+        (FsTransport::Classic, Transport::Classic),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let (shared, _layer, digest) = setup(&tar, work.path()).await;
+        *shared.transport_wanted.lock() = t;
+        let m = mount_as_set(shared.clone());
+        let dir = m.dir.path().join(&digest[7..]);
+        let tree = tokio::task::spawn_blocking(move || walk(&dir))
+            .await
+            .unwrap();
+        assert!(tree.len() > 5, "{tree:#?}");
+        assert_eq!(*shared.transport.lock(), Some(want));
+        let served = shared.uring_requests.load(Ordering::Relaxed);
+        let metrics = stargaze_fs::metrics::FsMetrics {
+            shared: shared.clone(),
+            rpc: Default::default(),
+            fuse_threads: 4,
+        }
+        .render();
+        let line = format!("stargaze_fs_transport{{transport=\"{}\"}} 1", want.as_str());
+        assert!(metrics.contains(&line), "{metrics}");
+        if want == Transport::IoUring {
+            // Lookups, getattrs, listings, xattrs, opens, reads, releases.
+            assert!(served > tree.len() as u64, "{served} requests on the rings");
+        } else {
+            assert_eq!(served, 0);
+        }
+        drop(m);
+        trees.push(tree);
+    }
+    assert_eq!(trees[0], trees[1]);
 }
