@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::abi::ring_header;
 
@@ -200,6 +200,23 @@ impl RingMemory {
 
     pub fn set_state(&self, i: usize, s: u32) {
         self.state_word(i).store(s, Ordering::Release)
+    }
+
+    fn answered_word(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: aligned (8 past the state word), inside the header slot,
+        // never touched by the kernel.
+        unsafe { &*(self.slot(i).add(STATE_AT + 8) as *const AtomicU64) }
+    }
+
+    /// The commit id entry `i` held when it was last armed: the kernel
+    /// writes a new one with every request it puts in the entry, so a
+    /// different id in the header means a request nobody answered yet.
+    pub fn answered(&self, i: usize) -> u64 {
+        self.answered_word(i).load(Ordering::Acquire)
+    }
+
+    pub fn set_answered(&self, i: usize, id: u64) {
+        self.answered_word(i).store(id, Ordering::Release)
     }
 }
 

@@ -102,7 +102,6 @@ impl Queue {
     ) -> std::io::Result<Queue> {
         let per = mem.per_queue;
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .setup_coop_taskrun()
             .build((2 * per + 2).next_power_of_two() as u32)?;
         // SAFETY: a new eventfd, owned below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -202,15 +201,22 @@ impl Queue {
         }
     }
 
+    /// The commit id the kernel wrote into entry `i` with its last request.
+    fn commit_id(&self, i: usize) -> u64 {
+        // SAFETY: a read of the header; the caller owns the entry.
+        u64_at(unsafe { self.mem.header(i) }, ring_header::COMMIT_ID).unwrap_or(0)
+    }
+
     fn register(&mut self, i: usize) {
+        // Whatever the buffer holds now is no request for this process.
+        self.mem.set_answered(i, self.commit_id(i));
         let e = self.command(i, abi::CMD_REGISTER, 0);
         self.to_arm.push(i);
         self.push(e);
     }
 
     fn commit(&mut self, i: usize) {
-        // SAFETY: the entry is ours until the commit is submitted.
-        let id = u64_at(unsafe { self.mem.header(i) }, ring_header::COMMIT_ID).unwrap_or(0);
+        let id = self.commit_id(i);
         let e = self.command(i, abi::CMD_COMMIT_AND_FETCH, id);
         self.to_arm.push(i);
         self.push(e);
@@ -244,6 +250,7 @@ impl Queue {
         abi::put_u32(hdr, 0, (abi::OUT_HEADER_LEN + len) as u32);
         abi::put_u32(hdr, 4, error as u32);
         abi::put_u32(hdr, ring_header::PAYLOAD_SZ, len as u32);
+        self.mem.set_answered(i, self.commit_id(i));
         self.mem.set_state(i, state::REPLIED);
         self.commit(i);
     }
@@ -359,8 +366,16 @@ impl Queue {
     fn start(&mut self) -> (usize, usize) {
         let (mut adopted, mut registered) = (0, 0);
         for i in self.first()..self.first() + self.mem.per_queue {
+            // A request the kernel put in the entry after its last answer
+            // or registration, whatever the state word says (the process
+            // may have died between the two).
+            let unanswered = self.commit_id(i) != self.mem.answered(i);
             match (self.mem.adopted, self.mem.state(i)) {
                 (true, state::REQUEST) => {
+                    adopted += 1;
+                    self.serve(i);
+                }
+                (true, _) if unanswered => {
                     adopted += 1;
                     self.serve(i);
                 }

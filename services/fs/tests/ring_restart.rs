@@ -1,0 +1,289 @@
+//! `kill -9` of `stargaze-fs` serving through FUSE over io_uring while
+//! readers read: the restarted process takes the connection over from the
+//! descriptor store, maps the dead process's ring entries at their address,
+//! answers the requests it held, registers its own entries, and every read
+//! returns the right bytes (none fails, none hangs). Needs root, /dev/fuse,
+//! skopeo and the fuse module's `enable_uring`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::FetchOptions;
+use stargaze_fetcher::service::FetcherService;
+use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::fetcher_server::FetcherServer;
+use stargaze_proto::v1::fs_client::FsClient;
+use stargaze_proto::v1::*;
+use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
+use stargaze_testkit::fdstore::FdStore;
+use stargaze_testkit::{Registry, image, skopeo_copy, unmount_below};
+
+/// The fs process and its mount, gone with the test.
+struct Fs {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        unmount_below(&self.dir);
+    }
+}
+
+fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = store
+        .command(Path::new(env!("CARGO_BIN_EXE_stargaze-fs")))
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("stargaze-fs exited at start: {s}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "fs did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_under_io_uring_loses_no_read() {
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_that(
+        stargaze_fs::uring::module_enabled() == Some(true),
+        "FUSE over io_uring (Linux >= 6.14, the fuse module's enable_uring = Y)",
+        "echo Y > /sys/module/fuse/parameters/enable_uring, as CI does",
+    );
+    stargaze_testkit::require("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::Builder::new()
+        .prefix("sg-ring-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+
+    let src = w.join("src");
+    let (data, files) = image::data_layer(11);
+    image::write_layout(&src, "x", "src", &[data]);
+    let out = w.join("out");
+    let dst = OciLayout::open_or_create(&out).unwrap();
+    stargaze_oci::convert_image(
+        &OciLayout::open(&src).unwrap(),
+        Some("src"),
+        &dst,
+        "esgz",
+        &ImageConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    let image_ref = format!("{}/stargaze/ring:esgz", reg.addr);
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{image_ref}"),
+    );
+    let manifest = dst
+        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
+        .unwrap();
+
+    // The fetcher, served from this process (only fs is killed).
+    let fetcher_sock = w.join("fetcher.sock");
+    let cache = Arc::new(Cache::open_writer(&w.join("cache")).unwrap());
+    let client = Client::new(
+        Hosts::new(),
+        DockerConfig::in_dir(w),
+        ClientOptions::default(),
+    );
+    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false);
+    let listener = stargaze_proto::bind_unix(&fetcher_sock).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(FetcherServer::new(fetcher))
+            .serve_with_incoming(stargaze_proto::incoming(listener)),
+    );
+
+    // fs with io_uring and without passthrough: every read is a request.
+    let fs_sock = w.join("fs.sock");
+    let mnt = w.join("mnt");
+    let config = w.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\ntransport = \"io_uring\"\npassthrough = false\n[log]\nlevel = \"info,stargaze_fs=debug\"\n",
+            fetcher_sock.display(),
+            w.join("cache").display(),
+            fs_sock.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    let log = w.join("fs.log");
+    let mut store = FdStore::bind(&w.join("fs-notify.sock"));
+    let mut fs = Fs {
+        child: Some(spawn_fs(&mut store, &config, &log, &fs_sock)),
+        dir: w.to_path_buf(),
+    };
+    let mut fetch = FetcherClient::new(stargaze_proto::connect_unix(&fetcher_sock).unwrap());
+    let mut fsc = FsClient::new(stargaze_proto::connect_unix(&fs_sock).unwrap());
+    let desc = &manifest["layers"][0];
+    let r = fetch
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: image_ref.clone(),
+                digest: desc["digest"].as_str().unwrap().into(),
+                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = PathBuf::from(
+        fsc.attach(AttachRequest {
+            layer_digest: r.layer_digest.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dir,
+    );
+    let st = fsc.status(FsStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        st.transport,
+        "io_uring",
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+
+    // Readers: processes (a reader thread of this process would hold files
+    // of the mount open across the fork of the new fs, whose exec then
+    // waits on their FLUSH for the server it is about to become), each
+    // reading every file again and again with O_DIRECT (so every read
+    // reaches fs) and comparing it with its bytes, counting in a file.
+    let expect = w.join("expect");
+    for (name, bytes) in files.iter() {
+        let p = expect.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    let names: Vec<&str> = files
+        .iter()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    // A read the kernel had just handed to the dying process's ring is
+    // ended with ECANCELED by the kernel itself (it cannot give requests of
+    // a dead ring to another one): counted, retried, never wrong bytes.
+    let script = format!(
+        "n=0; c=0; while [ ! -e {stop} ]; do for f in {names}; do \
+           if dd if={dir}/$f iflag=direct bs=1M status=none 2>{w}/err.$$ >{w}/out.$$; then \
+             cmp -s {w}/out.$$ {expect}/$f || {{ echo \"$f: other bytes\"; exit 1; }}; \
+             n=$((n+1)); echo $n > {w}/count.$$; \
+           elif grep -q 'Operation canceled' {w}/err.$$; then c=$((c+1)); echo $c > {w}/canceled.$$; \
+           else echo \"$f: $(cat {w}/err.$$)\"; exit 1; fi; \
+         done; done",
+        stop = w.join("stop").display(),
+        names = names.join(" "),
+        dir = dir.display(),
+        expect = expect.display(),
+        w = w.display(),
+    );
+    let mut readers: Vec<Child> = (0..4)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let sum = |prefix: &str| -> u64 {
+        std::fs::read_dir(w)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| t.trim().parse::<u64>().ok())
+            .sum()
+    };
+    let reads = || sum("count.");
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = reads();
+    assert!(before > 0, "no read finished before the kill");
+    // kill -9 while the readers read; they wait in the kernel meanwhile.
+    let mut child = fs.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fs.child = Some(spawn_fs(&mut store, &config, &log, &fs_sock));
+    let restarted = reads();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    std::fs::write(w.join("stop"), b"").unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for r in &mut readers {
+        loop {
+            if let Some(status) = r.try_wait().unwrap() {
+                let mut out = String::new();
+                std::io::Read::read_to_string(r.stdout.as_mut().unwrap(), &mut out).unwrap();
+                assert!(
+                    status.success(),
+                    "a read returned other bytes or failed across the kill -9: {out}\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                for r in &mut readers {
+                    let _ = r.kill();
+                }
+                panic!(
+                    "a reader hangs after the restart: a request the dead process held was never answered\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let after = reads();
+    assert!(
+        after > restarted,
+        "no read after the restart ({before}, {restarted}, {after})"
+    );
+    eprintln!(
+        "reads: {before} before the kill, {after} in all; {} ended ECANCELED by the kernel",
+        sum("canceled.")
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("took over the FUSE connection"), "{text}");
+
+    let mut fsc = FsClient::new(stargaze_proto::connect_unix(&fs_sock).unwrap());
+    let st = fsc.status(FsStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.transport, "io_uring");
+    assert!(st.ring_requests > 0, "{st:?}");
+}
