@@ -36,6 +36,8 @@ binaries=(stargaze stargaze-fetcher stargaze-fs stargaze-snapshotter)
 units=(stargaze-fetcher.service stargaze-fs.service stargaze-snapshotter.service)
 # Drop-ins for systemd versions that know their keys: version file.
 dropins=("254 stargaze-fs.service.d/keep-fuse-on-stop.conf")
+# Installed as an example beside the defaults, never into /etc/modprobe.d.
+modprobe_example=fuse-io-uring.conf
 config=$DESTDIR$SYSCONFDIR/stargaze/config.toml
 default_config=$root/deploy/config.toml
 
@@ -103,6 +105,8 @@ do_install() {
 
     put "$root/deploy/containerd.toml" "$DESTDIR$SHAREDIR/containerd.toml" 0644
     put "$default_config" "$DESTDIR$SHAREDIR/config.toml" 0644
+    # An example only: the fuse module's parameter is the operator's call.
+    put "$root/deploy/modprobe.d/$modprobe_example" "$DESTDIR$SHAREDIR/modprobe.d/$modprobe_example" 0644
 
     if [[ ! -e $config ]]; then
         put "$default_config" "$config" 0644
@@ -121,6 +125,10 @@ do_install() {
     local cfg=${DESTDIR}/etc/containerd/config.toml
     if [[ ! -f $cfg ]] || ! grep -q 'proxy_plugins.stargaze' "$cfg"; then
         say "containerd does not know stargaze yet: merge $SHAREDIR/containerd.toml into /etc/containerd/config.toml"
+    fi
+    local uring=/sys/module/fuse/parameters/enable_uring
+    if [[ -z $DESTDIR && -r $uring && $(cat "$uring") != Y ]]; then
+        say "FUSE over io_uring is off in this kernel (enable_uring=N), so [fs] transport = \"io_uring\" cannot mount and \"auto\" uses classic; to turn it on: see $SHAREDIR/modprobe.d/$modprobe_example (install leaves it off)"
     fi
     say "done. Start with: systemctl enable --now ${units[*]}; then restart containerd"
 }
@@ -155,12 +163,14 @@ do_uninstall() {
         rmdir "$(dirname "$f")" 2>/dev/null || true
     done
     for f in "${binaries[@]/#/$DESTDIR$BINDIR/}" "${units[@]/#/$DESTDIR$UNITDIR/}" \
-        "$DESTDIR$SHAREDIR/containerd.toml" "$DESTDIR$SHAREDIR/config.toml" "$config.default"; do
+        "$DESTDIR$SHAREDIR/containerd.toml" "$DESTDIR$SHAREDIR/config.toml" \
+        "$DESTDIR$SHAREDIR/modprobe.d/$modprobe_example" "$config.default"; do
         if [[ -e $f ]]; then
             rm -f "$f"
             say "removed $f"
         fi
     done
+    rmdir "$DESTDIR$SHAREDIR/modprobe.d" 2>/dev/null || true
     rmdir "$DESTDIR$SHAREDIR" 2>/dev/null || true
     rmdir "$DESTDIR$SYSCONFDIR/stargaze" 2>/dev/null || true
     if live_systemd; then

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use stargaze_cache::Cache;
 use stargaze_fetcher::{FetchOptions, FileBlob, Layer, resolve_layer};
 use stargaze_fs::{ChunkSource, FsShared, SourceError};
+use stargaze_service::config::FsTransport;
 
 const FILES: usize = 4;
 const FILE_MIB: usize = 64;
@@ -186,7 +187,12 @@ impl Drop for Mount {
     }
 }
 
-fn mount(layers: &[(&Arc<Layer>, &Arc<Cache>)], passthrough: bool, work: &Path) -> Mount {
+fn mount(
+    layers: &[(&Arc<Layer>, &Arc<Cache>)],
+    passthrough: bool,
+    transport: FsTransport,
+    work: &Path,
+) -> Mount {
     let engine = Engine(
         layers
             .iter()
@@ -213,6 +219,7 @@ fn mount(layers: &[(&Arc<Layer>, &Arc<Cache>)], passthrough: bool, work: &Path) 
         .prefix("sg-bench-fs-")
         .tempdir_in(work)
         .expect("mountpoint");
+    *shared.transport_wanted.lock() = transport;
     let session = stargaze_fs::mount(shared.clone(), dir.path(), 4).expect("mount");
     if passthrough {
         assert!(
@@ -343,9 +350,15 @@ async fn main() {
         .collect();
     let disk_seq = sequential(&native_paths);
     let disk_rand = random(&native_paths);
+    // FUSE over io_uring where the kernel offers it (enable_uring).
+    let uring = stargaze_fs::uring::module_enabled() == Some(true);
+    let mut paths_of = vec![(false, FsTransport::Classic), (true, FsTransport::Classic)];
+    if uring {
+        paths_of.insert(1, (false, FsTransport::IoUring));
+    }
     let mut rows = Vec::new();
-    for passthrough in [false, true] {
-        let m = mount(&[(&big, &cache)], passthrough, w);
+    for (passthrough, transport) in paths_of {
+        let m = mount(&[(&big, &cache)], passthrough, transport, w);
         let paths: Vec<PathBuf> = (0..FILES)
             .map(|i| {
                 m.dir
@@ -354,7 +367,7 @@ async fn main() {
                     .join(format!("data/f{i}"))
             })
             .collect();
-        rows.push((passthrough, sequential(&paths), random(&paths)));
+        rows.push((passthrough, transport, sequential(&paths), random(&paths)));
     }
 
     // 2. stat of 100k files.
@@ -384,14 +397,23 @@ async fn main() {
     let native_paths: Vec<PathBuf> = names.iter().map(|n| tree.join(n)).collect();
     stat_all(&native_paths);
     let native_stat = stat_all(&native_paths);
-    let m = mount(&[(&many, &cache)], true, w);
-    let fuse_paths: Vec<PathBuf> = names
-        .iter()
-        .map(|n| m.dir.path().join(&many.digest[7..]).join(n))
-        .collect();
-    let first = stat_all(&fuse_paths);
-    let second = stat_all(&fuse_paths);
-    drop(m);
+    let mut walks = Vec::new();
+    let transports: &[FsTransport] = if uring {
+        &[FsTransport::Classic, FsTransport::IoUring]
+    } else {
+        &[FsTransport::Classic]
+    };
+    for t in transports {
+        let m = mount(&[(&many, &cache)], true, *t, w);
+        let fuse_paths: Vec<PathBuf> = names
+            .iter()
+            .map(|n| m.dir.path().join(&many.digest[7..]).join(n))
+            .collect();
+        let first = stat_all(&fuse_paths);
+        let second = stat_all(&fuse_paths);
+        drop(m);
+        walks.push((*t, first, second));
+    }
 
     // 3. The service's footprint.
     let footprint = service_footprint(w).await;
@@ -416,11 +438,11 @@ async fn main() {
     println!(
         "| local disk (same files, same filesystem) | {disk_seq:.0} | 1.00× | {disk_rand:.0} | 1.00× |"
     );
-    for (passthrough, seq, rand) in &rows {
+    for (passthrough, transport, seq, rand) in &rows {
         let what = if *passthrough {
-            "stargaze-fs, passthrough"
+            format!("stargaze-fs, passthrough ({})", transport.as_str())
         } else {
-            "stargaze-fs, through read()"
+            format!("stargaze-fs, through read() ({})", transport.as_str())
         };
         println!(
             "| {what} | {seq:.0} | {:.2}× | {rand:.0} | {:.2}× |",
@@ -435,12 +457,15 @@ async fn main() {
         "| local disk (dentries cached) | | {:.0} ms | 1.00× |",
         native_stat * 1e3
     );
-    println!(
-        "| stargaze-fs | {:.0} ms | {:.0} ms | {:.2}× |",
-        first * 1e3,
-        second * 1e3,
-        second / native_stat
-    );
+    for (t, first, second) in &walks {
+        println!(
+            "| stargaze-fs ({}) | {:.0} ms | {:.0} ms | {:.2}× |",
+            t.as_str(),
+            first * 1e3,
+            second * 1e3,
+            second / native_stat
+        );
+    }
     println!("\n## stargaze-fs service footprint (release build)\n");
     println!("| layers attached | RSS | threads |");
     println!("|---|---|---|");
