@@ -49,6 +49,8 @@ fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> Chil
         .command(Path::new(env!("CARGO_BIN_EXE_stargaze-fs")))
         .arg("--config")
         .arg(config)
+        // This test is about the io_uring transport whatever the suite runs with.
+        .env_remove(stargaze_fs::transport::ENV)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
