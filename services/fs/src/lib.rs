@@ -4,12 +4,17 @@
 //! * [`layers`] keeps the attached layers (mapped TOC index, read-only
 //!   presence map, cache directory) and numbers inodes `slot << 40 | inode`
 //!   so they are unique across layers without a table.
-//! * [`ops`] is the `fuser` filesystem: metadata straight from the mapped
-//!   index (`entries`), reads of present chunks from the cache file, reads
-//!   of missing chunks answered from a tokio task once the fetcher made them
-//!   present, with read-ahead and, for a small file, its small neighbours
-//!   fetched alongside (`readahead`). [`FsShared`] is the state the FUSE
-//!   threads and the gRPC service share, open handles included.
+//! * [`ops`] is the filesystem, whatever transport carries its requests:
+//!   metadata straight from the mapped index (`entries`), reads of present
+//!   chunks from the cache file, reads of missing chunks answered from a
+//!   tokio task once the fetcher made them present, with read-ahead and,
+//!   for a small file, its small neighbours fetched alongside
+//!   (`readahead`). [`FsShared`] is the state the transports and the gRPC
+//!   service share, open handles included.
+//! * Two transports ([`transport`] chooses): `classic` is fuser's threads
+//!   on `/dev/fuse` (`classic.rs` adapts its callbacks to [`ops`]);
+//!   [`uring`] is FUSE over io_uring, its own request decoder, reply
+//!   encoder and one ring per CPU queue.
 //! * [`passthrough`] gives files complete in the cache to the kernel as
 //!   backing files (one backing id per inode, never for an inode open in
 //!   cached mode).
