@@ -1,0 +1,232 @@
+//! The CRI keychain's bookkeeping: turning the `auth` of a kubelet's
+//! `PullImage` into registry credentials for the fetcher, handing them
+//! over, and counting what is remembered.
+//!
+//! The secrets themselves live only in the fetcher's memory (its registry
+//! client's keychain, which uses them for the image's repository until the
+//! TTL has passed). This side keeps no secret: just which repositories have
+//! credentials and until when, for the `stargaze_snapshotter_cri_credentials`
+//! gauge and `stargaze status`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use parking_lot::Mutex;
+use stargaze_proto::cri::AuthConfig;
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::{RegistryCredentials, RememberCredentialsRequest};
+use stargaze_service::metrics::RpcMetrics;
+use tonic::transport::Channel;
+
+/// Why a pull's credentials could not be used. The messages name the image
+/// and never the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum KeychainError {
+    #[error(
+        "image {image}: the pull's auth field is not base64 of user:password; the kubelet's pull secret is malformed"
+    )]
+    BadAuth { image: String },
+    #[error(
+        "image {image}: stargaze-fetcher did not take the pull's credentials ({message}); its layers will be unpacked by containerd unless the fetcher has other credentials for the registry"
+    )]
+    Fetcher { image: String, message: String },
+}
+
+/// The credentials in a CRI `AuthConfig`, or `None` when it carries none
+/// (an anonymous pull). `auth` is docker's base64 `user:password`;
+/// `server_address` is not needed: credentials are filed under the pulled
+/// image's own registry.
+pub fn credentials_of(
+    image: &str,
+    auth: &AuthConfig,
+) -> Result<Option<RegistryCredentials>, KeychainError> {
+    let (mut username, mut password) = (auth.username.clone(), auth.password.clone());
+    if username.is_empty() && !auth.auth.is_empty() {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.auth.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| KeychainError::BadAuth {
+                image: image.to_string(),
+            })?;
+        let (u, p) = decoded
+            .split_once(':')
+            .ok_or_else(|| KeychainError::BadAuth {
+                image: image.to_string(),
+            })?;
+        (username, password) = (u.to_string(), p.to_string());
+    }
+    let c = RegistryCredentials {
+        username,
+        password,
+        registry_token: auth.registry_token.clone(),
+        identity_token: auth.identity_token.clone(),
+    };
+    let empty = c.username.is_empty() && c.registry_token.is_empty() && c.identity_token.is_empty();
+    Ok((!empty).then_some(c))
+}
+
+/// What the proxy counts: the calls it passed on (by method and code) and
+/// the credentials handed to the fetcher.
+#[derive(Debug, Default)]
+pub struct KeychainStats {
+    /// Calls served on the proxy's socket.
+    pub rpc: Arc<RpcMetrics>,
+    /// `PullImage`s that carried credentials.
+    pub pulls_with_auth: AtomicU64,
+    /// Credentials the fetcher did not take (it was down, or the auth was
+    /// malformed).
+    pub handover_failures: AtomicU64,
+    /// (host, repository) → until when the fetcher keeps its credentials.
+    remembered: Mutex<HashMap<(String, String), Instant>>,
+}
+
+impl KeychainStats {
+    /// Repositories whose credentials have not expired yet.
+    pub fn live_credentials(&self) -> usize {
+        let now = Instant::now();
+        let mut r = self.remembered.lock();
+        r.retain(|_, until| *until > now);
+        r.len()
+    }
+}
+
+/// Hands pull credentials to the fetcher.
+#[derive(Clone)]
+pub struct Keychain {
+    fetcher: FetcherClient<Channel>,
+    ttl: Duration,
+    pub stats: Arc<KeychainStats>,
+}
+
+impl Keychain {
+    pub fn new(fetcher: FetcherClient<Channel>, ttl: Duration) -> Keychain {
+        Keychain {
+            fetcher,
+            ttl,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Give the fetcher the credentials of a pull of `image`, if it has
+    /// any. Errors are for the log: the pull goes on either way.
+    pub async fn remember(
+        &self,
+        image: &str,
+        auth: Option<&AuthConfig>,
+    ) -> Result<(), KeychainError> {
+        let Some(auth) = auth else { return Ok(()) };
+        let credentials = match credentials_of(image, auth) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                self.stats.handover_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.stats.pulls_with_auth.fetch_add(1, Ordering::Relaxed);
+        let answer = self
+            .fetcher
+            .clone()
+            .remember_credentials(RememberCredentialsRequest {
+                image_ref: image.to_string(),
+                credentials: Some(credentials),
+                ttl_millis: self.ttl.as_millis() as u64,
+            })
+            .await;
+        match answer {
+            Ok(a) => {
+                let a = a.into_inner();
+                tracing::info!(
+                    image,
+                    registry = a.host,
+                    repository = a.repository,
+                    ttl = ?self.ttl,
+                    "pull credentials handed to the fetcher"
+                );
+                self.stats
+                    .remembered
+                    .lock()
+                    .insert((a.host, a.repository), Instant::now() + self.ttl);
+                Ok(())
+            }
+            Err(s) => {
+                self.stats.handover_failures.fetch_add(1, Ordering::Relaxed);
+                Err(KeychainError::Fetcher {
+                    image: image.to_string(),
+                    message: s.message().to_string(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(f: impl FnOnce(&mut AuthConfig)) -> AuthConfig {
+        let mut a = AuthConfig::default();
+        f(&mut a);
+        a
+    }
+
+    #[test]
+    fn auth_config_forms() {
+        let image = "r.example/app:1";
+        let plain = credentials_of(
+            image,
+            &auth(|a| {
+                a.username = "u".into();
+                a.password = "p".into();
+            }),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (plain.username.as_str(), plain.password.as_str()),
+            ("u", "p")
+        );
+        // docker's base64 "user:password" (what a dockerconfigjson secret holds).
+        let encoded = credentials_of(image, &auth(|a| a.auth = "dTpwOnE=".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (encoded.username.as_str(), encoded.password.as_str()),
+            ("u", "p:q")
+        );
+        let token = credentials_of(image, &auth(|a| a.registry_token = "t".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(token.registry_token, "t");
+        assert!(
+            credentials_of(image, &AuthConfig::default())
+                .unwrap()
+                .is_none()
+        );
+        let bad = credentials_of(image, &auth(|a| a.auth = "not base64!".into())).unwrap_err();
+        assert!(bad.to_string().contains(image), "{bad}");
+    }
+
+    #[test]
+    fn debug_output_is_redacted() {
+        let a = auth(|a| {
+            a.username = "u".into();
+            a.password = "hunter2".into();
+            a.auth = "aHVudGVyMg==".into();
+        });
+        let c = credentials_of("r.example/app:1", &a).unwrap().unwrap();
+        let text = format!("{a:?} {c:?}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("aHVudGVyMg"),
+            "{text}"
+        );
+    }
+}
