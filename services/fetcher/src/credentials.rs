@@ -15,20 +15,21 @@ use stargaze_registry::auth::Credential;
 use tonic::Status;
 
 /// The client's credential for what the CRI handed over, or why not. The
-/// order follows what containerd's CRI plugin does with the same fields: a
-/// registry token is used as is, an identity token before a password.
+/// order is containerd's CRI plugin's for the same fields (a user name,
+/// then an identity token), so that the layers are read as the manifest
+/// was; a registry token, which containerd 1.6 ignores, comes last.
 fn credential_of(image: &str, c: &RegistryCredentials) -> Result<Credential, Status> {
-    if !c.registry_token.is_empty() {
-        return Ok(Credential::RegistryToken(c.registry_token.clone()));
-    }
-    if !c.identity_token.is_empty() {
-        return Ok(Credential::IdentityToken(c.identity_token.clone()));
-    }
     if !c.username.is_empty() {
         return Ok(Credential::Basic {
             username: c.username.clone(),
             password: c.password.clone(),
         });
+    }
+    if !c.identity_token.is_empty() {
+        return Ok(Credential::IdentityToken(c.identity_token.clone()));
+    }
+    if !c.registry_token.is_empty() {
+        return Ok(Credential::RegistryToken(c.registry_token.clone()));
     }
     Err(Status::invalid_argument(format!(
         "image {image}: the credentials are empty (no user name, identity token or registry token)"

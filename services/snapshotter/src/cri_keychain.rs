@@ -36,15 +36,16 @@ pub enum KeychainError {
 }
 
 /// The credentials in a CRI `AuthConfig`, or `None` when it carries none
-/// (an anonymous pull). `auth` is docker's base64 `user:password`;
-/// `server_address` is not needed: credentials are filed under the pulled
-/// image's own registry.
+/// (an anonymous pull). `auth` is docker's base64 `user:password`, used as
+/// containerd does: when there is neither a user name nor an identity
+/// token. `server_address` is not needed: credentials are filed under the
+/// pulled image's own registry.
 pub fn credentials_of(
     image: &str,
     auth: &AuthConfig,
 ) -> Result<Option<RegistryCredentials>, KeychainError> {
     let (mut username, mut password) = (auth.username.clone(), auth.password.clone());
-    if username.is_empty() && !auth.auth.is_empty() {
+    if username.is_empty() && auth.identity_token.is_empty() && !auth.auth.is_empty() {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.auth.trim())
             .ok()

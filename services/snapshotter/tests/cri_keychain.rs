@@ -45,6 +45,10 @@ const TTL: Duration = Duration::from_secs(8);
 struct Private {
     host: String,
     password: String,
+    /// What the kubelet sends in `PullImage`.
+    auth: AuthConfig,
+    /// What must never be written: the password, its base64 form, tokens.
+    secrets: Vec<String>,
     /// The CA of a TLS registry.
     ca: Option<PathBuf>,
     _registry: Box<dyn std::any::Any>,
@@ -58,19 +62,46 @@ fn htpasswd_registry() -> Private {
     require("openssl");
     let password = secret();
     let (registry, ca) = Registry::start_tls_auth(USER, &password);
+    // docker's base64 form, as a dockerconfigjson pull secret has it.
+    let auth = AuthConfig {
+        auth: base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{password}")),
+        ..Default::default()
+    };
     Private {
         host: registry.addr.clone(),
+        secrets: vec![password.clone(), auth.auth.clone()],
+        auth,
         password,
         ca: Some(ca),
         _registry: Box::new(registry),
     }
 }
 
-fn token_registry() -> Private {
+/// `identity`: the kubelet sends an identity token (an OAuth2 refresh
+/// token the token server accepts) instead of the password.
+fn token_registry(identity: bool) -> Private {
     let password = secret();
     let t = TokenRegistry::start(USER, &password, 300);
+    let auth = if identity {
+        AuthConfig {
+            identity_token: t.refresh_token.clone(),
+            ..Default::default()
+        }
+    } else {
+        AuthConfig {
+            username: USER.into(),
+            password: password.clone(),
+            ..Default::default()
+        }
+    };
     Private {
         host: t.registry.addr.clone(),
+        secrets: vec![
+            password.clone(),
+            base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{password}")),
+            t.refresh_token.clone(),
+        ],
+        auth,
         password,
         ca: None,
         _registry: Box::new(t),
@@ -127,14 +158,10 @@ impl Private {
         layer_of(&out)
     }
 
+    /// The kubelet's `server_address` is a URL (containerd 1.6 parses it
+    /// as one); left empty it means "the image's registry".
     fn auth(&self) -> AuthConfig {
-        AuthConfig {
-            username: USER.into(),
-            password: self.password.clone(),
-            // The kubelet's server_address is a URL (containerd 1.6 parses
-            // it as one); empty means "the image's registry".
-            ..Default::default()
-        }
+        self.auth.clone()
     }
 }
 
@@ -494,11 +521,9 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
 
     // 5. The secret is nowhere: not in a log, not in a file the services,
     //    containerd or the cache wrote.
-    let encoded =
-        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{}", private.password));
     let ctd_dir = ctd.dir.path().to_path_buf();
     let mut found = Vec::new();
-    let needles = [private.password.as_str(), encoded.as_str()];
+    let needles: Vec<&str> = private.secrets.iter().map(String::as_str).collect();
     files_containing(&sdir, &[&stack.mountpoint], &needles, &mut found);
     files_containing(&ctd_dir, &[], &needles, &mut found);
     assert!(found.is_empty(), "the secret was written to {found:?}");
@@ -513,5 +538,10 @@ fn htpasswd_registry_pull_secret_through_the_cri_keychain() {
 
 #[test]
 fn token_registry_pull_secret_through_the_cri_keychain() {
-    pull_secrets_make_private_layers_lazy(token_registry());
+    pull_secrets_make_private_layers_lazy(token_registry(false));
+}
+
+#[test]
+fn token_registry_identity_token_through_the_cri_keychain() {
+    pull_secrets_make_private_layers_lazy(token_registry(true));
 }
