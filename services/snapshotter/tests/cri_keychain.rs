@@ -35,11 +35,13 @@ use stargaze_proto::v1::snapshotter_client::SnapshotterClient;
 use stargaze_proto::v1::{LayerSource, ResolveLayerRequest, SnapshotterStatusRequest};
 use stargaze_testkit::stack::{Service, Stack, workspace_bin};
 use stargaze_testkit::token::TokenRegistry;
-use stargaze_testkit::{Containerd, Registry, free_port, image, require, run};
+use stargaze_testkit::{Containerd, Registry, free_port, image, require, require_root_fuse, run};
 
 const USER: &str = "kubelet";
-/// Credentials expire this long after the pull that gave them.
-const TTL: Duration = Duration::from_secs(8);
+/// Credentials expire this long after the pull that gave them: long
+/// enough for the layer's background fetch to finish on a loaded CI
+/// machine (it needs them), short enough to wait for.
+const TTL: Duration = Duration::from_secs(12);
 
 /// A private registry and what the fetcher and containerd need to reach it.
 struct Private {
@@ -269,11 +271,10 @@ fn files_containing(dir: &Path, skip: &[&Path], needles: &[&str], found: &mut Ve
 }
 
 fn pull_secrets_make_private_layers_lazy(private: Private) {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    require("skopeo");
+    require_root_fuse();
+    for tool in ["skopeo", "containerd", "docker-registry"] {
+        require(tool);
+    }
     let work = tempfile::Builder::new()
         .prefix("sg-crik-")
         .tempdir_in("/tmp")
