@@ -52,19 +52,18 @@ pub fn remember(
     })?;
     let credential = credential_of(image, credentials)?;
     let remembered = client.keychain().remembered();
-    remembered.remember(
-        &reference.host,
-        &reference.repository,
-        credential,
-        Duration::from_millis(r.ttl_millis),
-    );
-    tracing::info!(
-        image,
-        registry = reference.host,
-        repository = reference.repository,
-        ttl = ?Duration::from_millis(r.ttl_millis),
-        "credentials from the CRI keychain kept in memory"
-    );
+    let ttl = Duration::from_millis(r.ttl_millis);
+    // The snapshotter hands the same credentials over again every few
+    // seconds (so that a restarted fetcher gets them back): logged once.
+    if remembered.remember(&reference.host, &reference.repository, credential, ttl) {
+        tracing::info!(
+            image,
+            registry = reference.host,
+            repository = reference.repository,
+            ?ttl,
+            "credentials from the CRI keychain kept in memory"
+        );
+    }
     Ok(RememberCredentialsResponse {
         host: reference.host,
         repository: reference.repository,

@@ -2,11 +2,12 @@
 //! `PullImage` into registry credentials for the fetcher, handing them
 //! over, and counting what is remembered.
 //!
-//! The secrets themselves live only in the fetcher's memory (its registry
+//! The secrets live in memory only, in two places: the fetcher's registry
 //! client's keychain, which uses them for the image's repository until the
-//! TTL has passed). This side keeps no secret: just which repositories have
-//! credentials and until when, for the `stargaze_snapshotter_cri_credentials`
-//! gauge and `stargaze status`.
+//! TTL has passed, and here, so that a fetcher that restarted (and lost
+//! them) is handed them again within [`RESEND_EVERY`], with what is left of
+//! their TTL. Which repositories have credentials and until when feeds the
+//! `stargaze_snapshotter_cri_credentials` gauge and `stargaze status`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub enum KeychainError {
     )]
     BadAuth { image: String },
     #[error(
-        "image {image}: stargaze-fetcher did not take the pull's credentials ({message}); its layers will be unpacked by containerd unless the fetcher has other credentials for the registry"
+        "image {image}: stargaze-fetcher did not take the pull's credentials ({message}); they are handed over again every 2 s, but layers prepared before that are unpacked by containerd unless the fetcher has other credentials for the registry"
     )]
     Fetcher { image: String, message: String },
 }
@@ -70,6 +71,10 @@ pub fn credentials_of(
     Ok((!empty).then_some(c))
 }
 
+/// How often every live credential is handed to the fetcher again (a
+/// local call each; the fetcher logs only new ones).
+pub const RESEND_EVERY: Duration = Duration::from_secs(2);
+
 /// What the proxy counts: the calls it passed on (by method and code) and
 /// the credentials handed to the fetcher.
 #[derive(Debug, Default)]
@@ -95,11 +100,15 @@ impl KeychainStats {
     }
 }
 
+/// Credentials of a pull, by image reference, and until when.
+type Held = HashMap<String, (RegistryCredentials, Instant)>;
+
 /// Hands pull credentials to the fetcher.
 #[derive(Clone)]
 pub struct Keychain {
     fetcher: FetcherClient<Channel>,
     ttl: Duration,
+    held: Arc<Mutex<Held>>,
     pub stats: Arc<KeychainStats>,
 }
 
@@ -108,8 +117,60 @@ impl Keychain {
         Keychain {
             fetcher,
             ttl,
+            held: Arc::default(),
             stats: Arc::default(),
         }
+    }
+
+    /// Hand every live credential to the fetcher again, every
+    /// [`RESEND_EVERY`], until the process stops: a restarted fetcher has
+    /// lost them, and one that was down at the pull never had them.
+    pub async fn keep_fetcher_supplied(self) {
+        loop {
+            tokio::time::sleep(RESEND_EVERY).await;
+            let now = Instant::now();
+            let live: Vec<(String, RegistryCredentials, Duration)> = {
+                let mut held = self.held.lock();
+                held.retain(|_, (_, until)| *until > now);
+                held.iter()
+                    .map(|(image, (c, until))| (image.clone(), c.clone(), *until - now))
+                    .collect()
+            };
+            for (image, credentials, left) in live {
+                if let Err(e) = self.hand_over(&image, credentials, left).await {
+                    tracing::debug!(error = %e, "CRI keychain: handing credentials over again");
+                }
+            }
+        }
+    }
+
+    /// One `RememberCredentials` call; notes what the fetcher filed.
+    async fn hand_over(
+        &self,
+        image: &str,
+        credentials: RegistryCredentials,
+        ttl: Duration,
+    ) -> Result<(String, String), KeychainError> {
+        let until = Instant::now() + ttl;
+        let answer = self
+            .fetcher
+            .clone()
+            .remember_credentials(RememberCredentialsRequest {
+                image_ref: image.to_string(),
+                credentials: Some(credentials),
+                ttl_millis: ttl.as_millis() as u64,
+            })
+            .await
+            .map_err(|s| KeychainError::Fetcher {
+                image: image.to_string(),
+                message: s.message().to_string(),
+            })?
+            .into_inner();
+        self.stats
+            .remembered
+            .lock()
+            .insert((answer.host.clone(), answer.repository.clone()), until);
+        Ok((answer.host, answer.repository))
     }
 
     pub fn ttl(&self) -> Duration {
@@ -133,37 +194,26 @@ impl Keychain {
             }
         };
         self.stats.pulls_with_auth.fetch_add(1, Ordering::Relaxed);
-        let answer = self
-            .fetcher
-            .clone()
-            .remember_credentials(RememberCredentialsRequest {
-                image_ref: image.to_string(),
-                credentials: Some(credentials),
-                ttl_millis: self.ttl.as_millis() as u64,
-            })
-            .await;
-        match answer {
-            Ok(a) => {
-                let a = a.into_inner();
+        // Kept first: if the fetcher is down now, the next round of
+        // `keep_fetcher_supplied` delivers them.
+        self.held.lock().insert(
+            image.to_string(),
+            (credentials.clone(), Instant::now() + self.ttl),
+        );
+        match self.hand_over(image, credentials, self.ttl).await {
+            Ok((host, repository)) => {
                 tracing::info!(
                     image,
-                    registry = a.host,
-                    repository = a.repository,
+                    registry = host,
+                    repository,
                     ttl = ?self.ttl,
                     "pull credentials handed to the fetcher"
                 );
-                self.stats
-                    .remembered
-                    .lock()
-                    .insert((a.host, a.repository), Instant::now() + self.ttl);
                 Ok(())
             }
-            Err(s) => {
+            Err(e) => {
                 self.stats.handover_failures.fetch_add(1, Ordering::Relaxed);
-                Err(KeychainError::Fetcher {
-                    image: image.to_string(),
-                    message: s.message().to_string(),
-                })
+                Err(e)
             }
         }
     }

@@ -124,6 +124,7 @@ async fn start_cri_keychain(config: &Config) -> Result<CriKeychainInfo> {
     );
     let keychain = Keychain::new(fetcher, k.credential_ttl);
     let stats = keychain.stats.clone();
+    tokio::spawn(keychain.clone().keep_fetcher_supplied());
     let proxy = CriProxy::new(&k.containerd_image_service, keychain).context(
         "cannot set up the client of containerd's CRI ([cri_keychain] containerd_image_service)",
     )?;

@@ -11,6 +11,8 @@
 //!   fixes); pulled through the proxy, the layer is mounted lazily and no
 //!   layer blob reaches containerd's content store.
 //! * A pull through the proxy without auth fails.
+//! * A fetcher killed and started again gets the credentials back from
+//!   the snapshotter within seconds.
 //! * After `credential_ttl` the credentials are gone: the status says so
 //!   and the fetcher can no longer resolve another layer of the repository.
 //! * Neither the password nor its base64 form appears in any log or file
@@ -199,6 +201,33 @@ fn layer_of(layout: &Path) -> Layer {
     }
 }
 
+/// The services' logs, for a failure's message.
+fn logs(ctd: &Containerd, stack: &Stack) -> String {
+    format!(
+        "--- containerd\n{}\n--- snapshotter\n{}\n--- fetcher\n{}",
+        ctd.log(),
+        stack.log(Service::Snapshotter),
+        stack.log(Service::Fetcher)
+    )
+}
+
+/// A fetcher `ResolveLayer` of `layer` of `image`, its TOC digest given.
+fn resolve_request(image: &str, layer: &Layer) -> ResolveLayerRequest {
+    ResolveLayerRequest {
+        layer: Some(LayerSource {
+            image_ref: image.to_string(),
+            digest: layer.digest.clone(),
+            annotations: [(
+                "containerd.io/snapshot/stargz/toc.digest".to_string(),
+                layer.toc_digest.clone(),
+            )]
+            .into(),
+            ..Default::default()
+        }),
+        allow_unverified: false,
+    }
+}
+
 fn pull_request(image: &str, auth: Option<AuthConfig>) -> PullImageRequest {
     PullImageRequest {
         image: Some(ImageSpec {
@@ -289,6 +318,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
     let lazy_layer = private.push(&images, 62, "private/app:lazy").digest;
     private.push(&images, 63, "private/app:anon");
     let late_layer = private.push(&images, 64, "private/app:late");
+    let restart_layer = private.push(&images, 65, "private/app:restart");
 
     // The stack in its own directory (grepped for secrets at the end).
     let sdir = w.join("s");
@@ -314,7 +344,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         .map(|l| ("cri_keychain", l.as_str()))
         .collect();
     extra.push(("snapshotter", &metrics_line));
-    let stack = Stack::start(&sdir, &extra);
+    let mut stack = Stack::start(&sdir, &extra);
     let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
     private.write_hosts_toml(&ctd.dir.path().join("certs.d"), true);
     std::os::unix::fs::symlink(&ctd.socket, &containerd_link).unwrap();
@@ -325,14 +355,6 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         .unwrap();
     // The channels are made (lazily) inside the runtime.
     let _entered = runtime.enter();
-    let logs = || {
-        format!(
-            "--- containerd\n{}\n--- snapshotter\n{}\n--- fetcher\n{}",
-            ctd.log(),
-            stack.log(Service::Snapshotter),
-            stack.log(Service::Fetcher)
-        )
-    };
     let containerd_cri =
         ImageServiceClient::new(stargaze_proto::connect_unix(&ctd.socket).unwrap());
     let proxy = ImageServiceClient::new(stargaze_proto::connect_unix(&cri_socket).unwrap());
@@ -348,11 +370,16 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
                 .clone()
                 .pull_image(pull_request(&direct, Some(private.auth()))),
         )
-        .unwrap_or_else(|s| panic!("PullImage {direct} from containerd: {s}\n{}", logs()));
+        .unwrap_or_else(|s| {
+            panic!(
+                "PullImage {direct} from containerd: {s}\n{}",
+                logs(&ctd, &stack)
+            )
+        });
     assert!(
         cri_blobs(&ctd).contains(&direct_layer),
         "without the keychain the layer of {direct} is downloaded whole\n{}",
-        logs()
+        logs(&ctd, &stack)
     );
     let fallback = stack.log(Service::Snapshotter);
     assert!(
@@ -370,7 +397,12 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
                 .clone()
                 .pull_image(pull_request(&lazy, Some(private.auth()))),
         )
-        .unwrap_or_else(|s| panic!("PullImage {lazy} through the proxy: {s}\n{}", logs()))
+        .unwrap_or_else(|s| {
+            panic!(
+                "PullImage {lazy} through the proxy: {s}\n{}",
+                logs(&ctd, &stack)
+            )
+        })
         .into_inner();
     let pulled_at = t0;
     assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
@@ -378,7 +410,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
     assert!(
         !blobs.contains(&lazy_layer),
         "layer {lazy_layer} of {lazy} was downloaded, not mounted lazily\n{}",
-        logs()
+        logs(&ctd, &stack)
     );
     let log = stack.log(Service::Snapshotter);
     assert_eq!(
@@ -406,7 +438,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         assert!(
             Instant::now() < deadline,
             "layer {lazy_layer} not fetched in the background: {s:?}\n{}",
-            logs()
+            logs(&ctd, &stack)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -434,6 +466,26 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         ),
         "{m}"
     );
+
+    // A fetcher restart loses what it kept in memory; the snapshotter
+    // hands the credentials over again (every 2 s) with what is left of
+    // their TTL: another layer of the repository resolves.
+    stack.kill(Service::Fetcher);
+    stack.spawn(Service::Fetcher);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let restart_ref = format!("{}/private/app:restart", private.host);
+    while let Err(e) = runtime.block_on(
+        fetcher
+            .clone()
+            .resolve_layer(resolve_request(&restart_ref, &restart_layer)),
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "after a restart the fetcher gets the credentials back: {e:?}\n{}",
+            logs(&ctd, &stack)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The proxy's cost per call: ImageStatus straight to containerd and
     // through the proxy, alternately.
@@ -489,21 +541,10 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         Some(0.0),
         "{m}"
     );
-    let late = runtime.block_on(
-        fetcher.clone().resolve_layer(ResolveLayerRequest {
-            layer: Some(LayerSource {
-                image_ref: format!("{}/private/app:late", private.host),
-                digest: late_layer.digest.clone(),
-                annotations: [(
-                    "containerd.io/snapshot/stargz/toc.digest".to_string(),
-                    late_layer.toc_digest.clone(),
-                )]
-                .into(),
-                ..Default::default()
-            }),
-            allow_unverified: false,
-        }),
-    );
+    let late = runtime.block_on(fetcher.clone().resolve_layer(resolve_request(
+        &format!("{}/private/app:late", private.host),
+        &late_layer,
+    )));
     let e = late.expect_err("expired credentials are not used");
     assert!(
         e.message().contains("no credentials for"),

@@ -80,15 +80,25 @@ impl std::fmt::Debug for Remembered {
 impl Remembered {
     /// Keep `credential` for `repository` on `host` for `ttl` (replacing
     /// what was there: the kubelet's latest pull secret wins). A zero `ttl`
-    /// forgets the entry instead.
-    pub fn remember(&self, host: &str, repository: &str, credential: Credential, ttl: Duration) {
+    /// forgets the entry instead. Whether the credential is new for the
+    /// repository (not the one it already had, or none).
+    pub fn remember(
+        &self,
+        host: &str,
+        repository: &str,
+        credential: Credential,
+        ttl: Duration,
+    ) -> bool {
         let key = (host.to_string(), repository.to_string());
         let mut e = self.entries.lock();
         if ttl.is_zero() {
             e.remove(&key);
-        } else {
-            e.insert(key, (credential, Instant::now() + ttl));
+            return false;
         }
+        let now = Instant::now();
+        let new = !matches!(e.get(&key), Some((c, until)) if *c == credential && *until > now);
+        e.insert(key, (credential, now + ttl));
+        new
     }
 
     /// How many unexpired credentials are kept.
@@ -201,7 +211,9 @@ mod tests {
     fn remembered_credentials_expire_and_zero_ttl_forgets() {
         let r = Remembered::default();
         r.remember("h", "a", basic("a"), Duration::from_millis(30));
-        r.remember("h", "b", basic("b"), Duration::from_secs(60));
+        assert!(r.remember("h", "b", basic("b"), Duration::from_secs(60)));
+        // Handed over again (the snapshotter does after a restart): not new.
+        assert!(!r.remember("h", "b", basic("b"), Duration::from_secs(59)));
         assert_eq!(r.len(), 2);
         let lease = r.lookup("h", "a").unwrap().unwrap();
         assert!(lease.cap(Duration::from_secs(3600)) <= Duration::from_millis(30));
