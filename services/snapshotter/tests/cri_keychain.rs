@@ -29,8 +29,8 @@ use base64::Engine as _;
 use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_proto::cri::image_service_client::ImageServiceClient;
 use stargaze_proto::cri::{
-    AuthConfig, ImageSpec, ImageStatusRequest, PodSandboxConfig, PodSandboxMetadata,
-    PullImageRequest,
+    AuthConfig, ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest,
+    PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RemoveImageRequest,
 };
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::snapshotter_client::SnapshotterClient;
@@ -518,6 +518,49 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         straight / CALLS,
         proxied / CALLS
     );
+
+    // Every other ImageService call is answered as containerd answers it.
+    let straight = runtime
+        .block_on(
+            containerd_cri
+                .clone()
+                .list_images(ListImagesRequest::default()),
+        )
+        .unwrap()
+        .into_inner();
+    let listed = runtime
+        .block_on(proxy.clone().list_images(ListImagesRequest::default()))
+        .unwrap()
+        .into_inner();
+    assert_eq!(straight, listed);
+    assert!(
+        listed.images.iter().any(|i| i.repo_tags.contains(&lazy)),
+        "{listed:?}"
+    );
+    let fs = runtime
+        .block_on(proxy.clone().image_fs_info(ImageFsInfoRequest {}))
+        .unwrap()
+        .into_inner();
+    assert!(!fs.image_filesystems.is_empty(), "{fs:?}");
+    let spec = |image: &str| {
+        Some(ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        })
+    };
+    runtime
+        .block_on(proxy.clone().remove_image(RemoveImageRequest {
+            image: spec(&direct),
+        }))
+        .unwrap();
+    let gone = runtime
+        .block_on(proxy.clone().image_status(ImageStatusRequest {
+            image: spec(&direct),
+            verbose: false,
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(gone.image.is_none(), "{direct} removed: {gone:?}");
 
     // 3. Through the proxy without the secret: containerd cannot pull.
     let anon = runtime.block_on(proxy.clone().pull_image(pull_request(&anonymous, None)));
