@@ -35,7 +35,7 @@
 //! it); `schedule` runs the work nobody waits for (prefetch, then the
 //! background fetch once on-demand work is quiet, within a bandwidth
 //! budget); `warm` answers WarmLayers (tails read ahead, layers resolved
-//! from the manifest, [`entrypoint`] prefetch); [`loads`] fetches what a
+//! from the manifest ([`image`]: manifests and configs typed by oci-spec), [`entrypoint`] prefetch); [`loads`] fetches what a
 //! program loads (its interpreter, its libraries as the dynamic loader
 //! finds them) as soon as a read reaches its start, looking paths up
 //! through the layer [`stack`]s containers run on; [`sweep`] reads ahead in blob order when
@@ -55,6 +55,7 @@ pub mod engine;
 pub mod entrypoint;
 pub mod error;
 pub mod evict;
+pub mod image;
 mod layers;
 pub mod loads;
 pub mod metrics;

@@ -21,6 +21,7 @@ use stargaze_testkit::{Registry, image};
 #[path = "support/pushed.rs"]
 #[allow(dead_code)]
 mod pushed;
+mod reopen;
 
 const CHUNK: u64 = 64 << 10;
 
@@ -126,6 +127,10 @@ async fn reverification_finds_every_torn_write_and_nothing_torn_is_served() {
         }
         // dropped without mark_clean: a crash
     }
+    // The fetch that answered the last read may hold the layer (and the
+    // cache's lock) a moment longer; damage the cache only once it let go.
+    // Opening and dropping the writer leaves the cache unclean.
+    drop(reopen::reopen_cache(&cache_dir));
 
     // 2. The damage a crash of the machine can leave.
     let layer_dir = {

@@ -360,8 +360,12 @@ async fn setup_with(
     let digest = stargaze_format::Digest::of(&std::fs::read(&blob_path).unwrap()).to_string();
     let cache_dir = work.join("cache");
     let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+    // Chunk by chunk and nothing brought along, so that a test can count
+    // exactly the chunks its reads fetched.
     let fopts = stargaze_fetcher::FetchOptions {
         whole_file_below: 0,
+        read_amplify: 0,
+        sweep_max_window: 0,
         ..Default::default()
     };
     let layer = Arc::new(

@@ -86,7 +86,8 @@ pub fn push(tars: &[Vec<u8>], chunk_size: u64, reference: &str, work: &Path) -> 
 }
 
 /// Resolve one layer of `reference` into `cache` (reads chunk by chunk:
-/// no whole-file fetches).
+/// no whole-file fetches, no chunks brought along after a miss, no sweep,
+/// so a test knows exactly which chunks a read leaves in the cache).
 pub async fn resolve(
     client: &Client,
     reference: &str,
@@ -95,6 +96,8 @@ pub async fn resolve(
 ) -> Result<Layer, stargaze_fetcher::FetchError> {
     let opts = FetchOptions {
         whole_file_below: 0,
+        read_amplify: 0,
+        sweep_max_window: 0,
         ..Default::default()
     };
     let blob = Arc::new(RegistryBlob(
