@@ -13,7 +13,7 @@ use stargaze_snapshotter::cri_keychain::Keychain;
 use stargaze_snapshotter::cri_proxy::CriProxy;
 
 #[tokio::test]
-async fn unavailable_backends_are_named_and_credentials_wait_for_the_fetcher() {
+async fn unavailable_backends_are_named_and_handover_failures_counted() {
     let dir = tempfile::tempdir().unwrap();
     let containerd = dir.path().join("containerd.sock");
     let fetcher_socket = dir.path().join("fetcher.sock");
