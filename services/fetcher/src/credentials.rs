@@ -121,6 +121,36 @@ mod tests {
         );
     }
 
+    /// The kubelet names Docker Hub images briefly ("nginx:1"); containerd's
+    /// layer labels name them in full ("docker.io/library/nginx:1"): both
+    /// file under the same repository.
+    #[test]
+    fn short_docker_hub_names_file_under_the_full_repository() {
+        let c = client();
+        let answer = remember(
+            &c,
+            RememberCredentialsRequest {
+                image_ref: "nginx:1".into(),
+                credentials: Some(RegistryCredentials {
+                    identity_token: "t".into(),
+                    ..Default::default()
+                }),
+                ttl_millis: 60_000,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (answer.host.as_str(), answer.repository.as_str()),
+            ("docker.io", "library/nginx")
+        );
+        let full = Reference::parse("docker.io/library/nginx:1").unwrap();
+        let lease = c.keychain().lookup(&full.host, &full.repository).unwrap();
+        assert_eq!(
+            lease.unwrap().credential,
+            Credential::IdentityToken("t".into())
+        );
+    }
+
     #[test]
     fn bad_requests_name_the_image() {
         let c = client();
