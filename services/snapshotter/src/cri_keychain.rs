@@ -100,15 +100,22 @@ impl KeychainStats {
     }
 }
 
-/// Credentials of a pull, by image reference, and until when.
-type Held = HashMap<String, (RegistryCredentials, Instant)>;
+/// A pull's credentials as held here (by image reference).
+struct Held {
+    credentials: RegistryCredentials,
+    pulled: Instant,
+    until: Instant,
+    /// The registry host and repository the fetcher filed them under,
+    /// once it answered.
+    repository: Option<(String, String)>,
+}
 
 /// Hands pull credentials to the fetcher.
 #[derive(Clone)]
 pub struct Keychain {
     fetcher: FetcherClient<Channel>,
     ttl: Duration,
-    held: Arc<Mutex<Held>>,
+    held: Arc<Mutex<HashMap<String, Held>>>,
     pub stats: Arc<KeychainStats>,
 }
 
@@ -129,14 +136,20 @@ impl Keychain {
         loop {
             tokio::time::sleep(RESEND_EVERY).await;
             let now = Instant::now();
-            let live: Vec<(String, RegistryCredentials, Duration)> = {
+            let mut live: Vec<(Instant, String, RegistryCredentials, Duration)> = {
                 let mut held = self.held.lock();
-                held.retain(|_, (_, until)| *until > now);
+                held.retain(|_, h| h.until > now);
                 held.iter()
-                    .map(|(image, (c, until))| (image.clone(), c.clone(), *until - now))
+                    .map(|(image, h)| {
+                        let left = h.until - now;
+                        (h.pulled, image.clone(), h.credentials.clone(), left)
+                    })
                     .collect()
             };
-            for (image, credentials, left) in live {
+            // Oldest pull first: where two pulls of one repository brought
+            // different secrets, the latest is handed over last and wins.
+            live.sort_by_key(|(pulled, ..)| *pulled);
+            for (_, image, credentials, left) in live {
                 if let Err(e) = self.hand_over(&image, credentials, left).await {
                     tracing::debug!(error = %e, "CRI keychain: handing credentials over again");
                 }
@@ -170,7 +183,26 @@ impl Keychain {
             .remembered
             .lock()
             .insert((answer.host.clone(), answer.repository.clone()), until);
-        Ok((answer.host, answer.repository))
+        let repository = (answer.host, answer.repository);
+        self.supersede(image, &repository);
+        Ok(repository)
+    }
+
+    /// The fetcher keeps one credential per repository, the last handed
+    /// over: credentials of earlier pulls of the same repository are
+    /// dropped here too, so that handing everything over again never
+    /// brings an older secret back.
+    fn supersede(&self, image: &str, repository: &(String, String)) {
+        let mut held = self.held.lock();
+        let Some(pulled) = held.get_mut(image).map(|h| {
+            h.repository = Some(repository.clone());
+            h.pulled
+        }) else {
+            return;
+        };
+        held.retain(|other, h| {
+            other == image || h.repository.as_ref() != Some(repository) || h.pulled > pulled
+        });
     }
 
     pub fn ttl(&self) -> Duration {
@@ -196,9 +228,15 @@ impl Keychain {
         self.stats.pulls_with_auth.fetch_add(1, Ordering::Relaxed);
         // Kept first: if the fetcher is down now, the next round of
         // `keep_fetcher_supplied` delivers them.
+        let now = Instant::now();
         self.held.lock().insert(
             image.to_string(),
-            (credentials.clone(), Instant::now() + self.ttl),
+            Held {
+                credentials: credentials.clone(),
+                pulled: now,
+                until: now + self.ttl,
+                repository: None,
+            },
         );
         match self.hand_over(image, credentials, self.ttl).await {
             Ok((host, repository)) => {
@@ -264,6 +302,59 @@ mod tests {
         );
         let bad = credentials_of(image, &auth(|a| a.auth = "not base64!".into())).unwrap_err();
         assert!(bad.to_string().contains(image), "{bad}");
+    }
+
+    #[tokio::test]
+    async fn a_later_pull_of_a_repository_supersedes_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("fetcher.sock");
+        let fetcher = FetcherClient::new(stargaze_proto::connect_unix(&socket).unwrap());
+        let k = Keychain::new(fetcher, Duration::from_secs(60));
+        let now = Instant::now();
+        let repo = |r: &str| ("r.example".to_string(), r.to_string());
+        let held = |user: &str, pulled: Instant, repository: Option<(String, String)>| Held {
+            credentials: RegistryCredentials {
+                username: user.into(),
+                ..Default::default()
+            },
+            pulled,
+            until: now + Duration::from_secs(60),
+            repository,
+        };
+        {
+            let mut h = k.held.lock();
+            h.insert(
+                "r.example/app:1".into(),
+                held("old", now, Some(repo("app"))),
+            );
+            h.insert(
+                "r.example/app:2".into(),
+                held("new", now + Duration::from_secs(1), None),
+            );
+            h.insert(
+                "r.example/other:1".into(),
+                held("o", now, Some(repo("other"))),
+            );
+        }
+        let keys = |k: &Keychain| {
+            let mut v: Vec<String> = k.held.lock().keys().cloned().collect();
+            v.sort();
+            v
+        };
+        k.supersede("r.example/app:2", &repo("app"));
+        assert_eq!(keys(&k), ["r.example/app:2", "r.example/other:1"]);
+        // An older pull handed over late drops nothing newer.
+        k.held.lock().insert(
+            "r.example/app:0".into(),
+            held("older", now - Duration::from_secs(1), None),
+        );
+        k.supersede("r.example/app:0", &repo("app"));
+        assert_eq!(
+            keys(&k),
+            ["r.example/app:0", "r.example/app:2", "r.example/other:1"]
+        );
+        k.supersede("r.example/app:2", &repo("app"));
+        assert_eq!(keys(&k), ["r.example/app:2", "r.example/other:1"]);
     }
 
     #[test]
