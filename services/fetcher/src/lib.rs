@@ -41,7 +41,8 @@
 //! through the layer [`stack`]s containers run on; [`sweep`] reads ahead in blob order when
 //! on-demand reads go through a layer's files one after another; [`traces`] records
 //! what an image's first containers read and replays it on its next cold
-//! pull; [`registry`] adapts the
+//! pull; [`credentials`] files the pull secrets the snapshotter's CRI
+//! keychain hands over in the registry client's keychain; [`registry`] adapts the
 //! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
 //! after an unclean stop; [`metrics`] renders Prometheus metrics, among
 //! them the bytes read per [`purpose`] (which mechanism asked for them). [`options`] and [`error`] hold the
@@ -49,6 +50,7 @@
 //! chunk, whose variant decides the one refetch) every layer above uses.
 
 pub mod blob;
+pub mod credentials;
 pub mod engine;
 pub mod entrypoint;
 pub mod error;
