@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use oci_spec::image as oci;
 use stargaze_format::Digest;
 use stargaze_proto::containerd::services::content::v1 as content;
 use stargaze_proto::containerd::services::diff::v1 as diff;
@@ -222,28 +223,24 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 /// and containerd's unpacker build them together.
 fn layer_labels(
     reference: &str,
-    layers: &[serde_json::Value],
+    layers: &[oci::Descriptor],
     i: usize,
     chain_id: &str,
     prefetch: u64,
 ) -> HashMap<String, String> {
     let mut l = HashMap::new();
-    if let Some(a) = layers[i]["annotations"].as_object() {
-        for (k, v) in a {
-            if k.starts_with("containerd.io/snapshot/")
-                && let Some(v) = v.as_str()
-            {
-                l.insert(k.clone(), v.to_string());
-            }
+    for (k, v) in layers[i].annotations().iter().flatten() {
+        if k.starts_with("containerd.io/snapshot/") {
+            l.insert(k.clone(), v.clone());
         }
     }
-    let digest = layers[i]["digest"].as_str().unwrap_or_default();
+    let digest = layers[i].digest().to_string();
     l.insert(STARGZ_REF.into(), reference.to_string());
     l.insert(STARGZ_DIGEST.into(), digest.to_string());
     // This layer and the ones above it, as far as the label size allows
     // (only a hint for prefetching the next layers).
     let mut list = String::new();
-    for d in layers[i..].iter().filter_map(|l| l["digest"].as_str()) {
+    for d in layers[i..].iter().map(|l| l.digest().to_string()) {
         let next = if list.is_empty() {
             d.to_string()
         } else {
@@ -290,9 +287,17 @@ struct ImageParts {
     reference: Reference,
     /// The image name in containerd.
     name: String,
-    layers: Vec<serde_json::Value>,
+    layers: Vec<oci::Descriptor>,
     diff_ids: Vec<String>,
     chain: Vec<String>,
+}
+
+/// The part of an image config a pull needs. Only `rootfs` is read, as
+/// containerd's unpacker does: oci-spec's whole `ImageConfiguration` would
+/// also require `architecture` and `os`, which containerd does not check.
+#[derive(serde::Deserialize)]
+struct ConfigRootFs {
+    rootfs: oci::RootFs,
 }
 
 /// How a layer ended up.
@@ -338,28 +343,24 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
         .resolve_manifest(&reference, &platform)
         .await
         .map_err(|e| anyhow!("{name}: {e}"))?;
-    let m: serde_json::Value = serde_json::from_slice(&manifest.bytes)
-        .with_context(|| format!("{name}: the manifest is not JSON"))?;
-    let config_digest = m["config"]["digest"]
-        .as_str()
-        .ok_or_else(|| anyhow!("{name}: the manifest has no config digest"))?
-        .to_string();
-    let layers: Vec<serde_json::Value> = m["layers"].as_array().cloned().unwrap_or_default();
+    let m = oci::ImageManifest::from_reader(&manifest.bytes[..]).with_context(|| {
+        format!(
+            "{name}: the manifest {} is not an OCI or Docker image manifest",
+            manifest.digest
+        )
+    })?;
+    let config_digest = m.config().digest().to_string();
+    let layers = m.layers().clone();
     tracing::debug!(elapsed = ?started.elapsed(), manifest = %manifest.digest, "manifest resolved");
     let config = registry
         .fetch_small_blob(&reference, &config_digest)
         .await
         .map_err(|e| anyhow!("{name}: config {config_digest}: {e}"))?;
-    let c: serde_json::Value = serde_json::from_slice(&config)
-        .with_context(|| format!("{name}: the config {config_digest} is not JSON"))?;
-    let diff_ids: Vec<String> = c["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = serde_json::from_slice::<ConfigRootFs>(&config)
+        .with_context(|| format!("{name}: the config {config_digest} has no rootfs.diff_ids"))?
+        .rootfs
+        .diff_ids()
+        .clone();
     if diff_ids.len() != layers.len() {
         bail!(
             "{name}: the config lists {} diff IDs for {} layers; the image is inconsistent",
@@ -420,9 +421,10 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
         ),
     ]);
     for (i, l) in layers.iter().enumerate() {
-        if let Some(d) = l["digest"].as_str() {
-            manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.to_string());
-        }
+        manifest_labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest().to_string(),
+        );
     }
     // Stored while the layers are prepared (the lease keeps them): each
     // commit is a containerd transaction with an fsync, off the path of the
@@ -442,9 +444,10 @@ async fn rpull(args: Args) -> anyhow::Result<()> {
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), "layers prepared");
-    let media_type = m["mediaType"]
-        .as_str()
-        .map(String::from)
+    let media_type = m
+        .media_type()
+        .as_ref()
+        .map(|t| t.to_string())
         .unwrap_or_else(|| manifest.media_type.clone());
     let image = images::Image {
         name: name.clone(),
@@ -539,9 +542,8 @@ async fn pull_into(
     let style = ProgressStyle::with_template("{prefix} {msg}").expect("static template");
     let mut out = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
-        let digest = layer["digest"]
-            .as_str()
-            .ok_or_else(|| anyhow!("{name}: layer {i} has no digest"))?;
+        let digest = layer.digest().to_string();
+        let digest = digest.as_str();
         let short = &digest[..digest.len().min(19)];
         let bar = bars.add(ProgressBar::new_spinner());
         bar.set_style(style.clone());
@@ -602,7 +604,7 @@ async fn pull_into(
                 diff_ids[i]
             );
         }
-        let size = layer["size"].as_u64().unwrap_or(0);
+        let size = layer.size();
         let committed = snaps
             .commit(ctd.req(snapshots::CommitSnapshotRequest {
                 snapshotter: args.snapshotter.clone(),
@@ -646,12 +648,12 @@ async fn unpack_layer(
     ctd: &Containerd,
     registry: &Client,
     reference: &Reference,
-    layer: &serde_json::Value,
+    layer: &oci::Descriptor,
     mounts: Vec<stargaze_proto::containerd::types::Mount>,
     bar: &ProgressBar,
 ) -> anyhow::Result<String> {
-    let digest = layer["digest"].as_str().unwrap_or_default().to_string();
-    let media_type = layer["mediaType"].as_str().unwrap_or_default().to_string();
+    let digest = layer.digest().to_string();
+    let media_type = layer.media_type().to_string();
     let blob = registry.blob(reference, &digest);
     let size = blob.size().await.map_err(|e| anyhow!("{e}"))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<content::WriteContentRequest>(2);
@@ -743,15 +745,18 @@ mod tests {
 
     #[test]
     fn layer_labels_carry_both_sets() {
-        let layers: Vec<serde_json::Value> = (0..3)
+        let layers: Vec<oci::Descriptor> = (0..3)
             .map(|i| {
-                serde_json::json!({
+                serde_json::from_value(serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                     "digest": format!("sha256:{i:064}"),
+                    "size": 1,
                     "annotations": {
                         "containerd.io/snapshot/stargz/toc.digest": "sha256:toc",
                         "io.containers.estargz.uncompressed-size": "1"
                     }
-                })
+                }))
+                .unwrap()
             })
             .collect();
         let l = layer_labels("r/a:1", &layers, 1, "sha256:chain", 0);

@@ -150,6 +150,21 @@ struct SnapshotterState {
     remote_prepared: u64,
     fallbacks: u64,
     reattached: u64,
+    /// The CRI ImageService proxy (`[cri_keychain]`); absent when off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cri_keychain: Option<CriKeychainState>,
+}
+
+#[derive(Serialize)]
+struct CriKeychainState {
+    socket: String,
+    containerd_socket: String,
+    credential_ttl_secs: u64,
+    /// Repositories whose pull credentials the fetcher keeps.
+    credentials: u32,
+    calls: u64,
+    pulls_with_auth: u64,
+    handover_failures: u64,
 }
 
 #[derive(Serialize)]
@@ -393,6 +408,15 @@ async fn gather(config: &stargaze_config::Config) -> Report {
             remote_prepared: s.remote_prepared,
             fallbacks: s.fallbacks,
             reattached: s.reattached,
+            cri_keychain: s.cri_keychain.map(|k| CriKeychainState {
+                socket: k.socket,
+                containerd_socket: k.containerd_socket,
+                credential_ttl_secs: k.credential_ttl_millis / 1000,
+                credentials: k.credentials,
+                calls: k.calls,
+                pulls_with_auth: k.pulls_with_auth,
+                handover_failures: k.handover_failures,
+            }),
         }
     });
     recent_errors.sort_by_key(|e| e.unix_time);
@@ -562,6 +586,18 @@ fn print_table(r: &Report) {
                 " (lazy_pull = false)"
             }
         );
+        if let Some(k) = &s.cri_keychain {
+            println!(
+                "cri keychain {} -> containerd {}: {} repositories with pull credentials (ttl {} s); since start {} calls passed on, {} pulls with credentials, {} not handed to the fetcher",
+                k.socket,
+                k.containerd_socket,
+                k.credentials,
+                k.credential_ttl_secs,
+                k.calls,
+                k.pulls_with_auth,
+                k.handover_failures
+            );
+        }
     }
     if !r.recent_errors.is_empty() {
         println!();

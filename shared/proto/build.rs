@@ -21,6 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        // Messages that carry registry secrets get a redacting Debug
+        // (written in lib.rs) instead of the derived one, so that no
+        // `{:?}` of a request can put a password into a log.
+        .skip_debug([".runtime.v1.AuthConfig", ".stargaze.v1.RegistryCredentials"])
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -36,35 +36,18 @@ pub struct Command {
 }
 
 impl Command {
-    /// Read from an image config (`None` when it names no program).
-    pub fn from_config(config: &serde_json::Value) -> Option<Command> {
-        let c = &config["config"];
-        let first = |key: &str| {
-            c[key]
-                .as_array()
-                .and_then(|a| a.first())
-                .and_then(|v| v.as_str())
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
-        let program = first("Entrypoint").or_else(|| first("Cmd"))?;
-        let words = |key: &str| -> Vec<String> {
-            c[key]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        };
-        let mut argv = words("Entrypoint");
-        argv.extend(words("Cmd"));
-        let args = argv.into_iter().skip(1).collect();
-        let env: Vec<(String, String)> = c["Env"]
-            .as_array()
-            .into_iter()
-            .flatten()
+    /// Read from an image config's execution parameters (`None` when they
+    /// name no program).
+    pub fn from_config(c: &oci_spec::image::Config) -> Option<Command> {
+        let words = |w: &Option<Vec<String>>| w.clone().unwrap_or_default();
+        let (entrypoint, cmd) = (words(c.entrypoint()), words(c.cmd()));
+        let first = |w: &[String]| w.first().filter(|s| !s.is_empty()).cloned();
+        let program = first(&entrypoint).or_else(|| first(&cmd))?;
+        let args = entrypoint.into_iter().chain(cmd).skip(1).collect();
+        let env: Vec<(String, String)> = words(c.env())
+            .iter()
             .filter_map(|v| {
-                let (k, v) = v.as_str()?.split_once('=')?;
+                let (k, v) = v.split_once('=')?;
                 Some((k.to_string(), v.to_string()))
             })
             .collect();
@@ -81,8 +64,9 @@ impl Command {
                 .filter(|d| d.starts_with('/'))
                 .map(str::to_string)
                 .collect(),
-            workdir: c["WorkingDir"]
-                .as_str()
+            workdir: c
+                .working_dir()
+                .as_deref()
                 .filter(|w| w.starts_with('/'))
                 .unwrap_or("/")
                 .to_string(),
@@ -187,28 +171,32 @@ pub async fn prefetch(loads: &Loads, stack: &Stack, command: &Command) -> Follow
 mod tests {
     use super::*;
 
+    fn config(v: serde_json::Value) -> oci_spec::image::Config {
+        serde_json::from_value(v).unwrap()
+    }
+
     #[test]
     fn command_comes_from_entrypoint_then_cmd_with_the_config_path() {
-        let c: serde_json::Value = serde_json::json!({"config": {
-            "Cmd": ["python3"], "Env": ["LANG=C", "PATH=/opt/bin:/usr/bin:relative"], "WorkingDir": "/srv"}});
+        let c = config(serde_json::json!({
+            "Cmd": ["python3"], "Env": ["LANG=C", "PATH=/opt/bin:/usr/bin:relative"], "WorkingDir": "/srv"}));
         let cmd = Command::from_config(&c).unwrap();
         assert_eq!(cmd.program, "python3");
         assert_eq!(cmd.path, ["/opt/bin", "/usr/bin"]);
         assert_eq!(cmd.candidates(), ["/opt/bin/python3", "/usr/bin/python3"]);
-        let c: serde_json::Value = serde_json::json!({"config": {
-            "Entrypoint": ["./run.sh"], "Cmd": ["x"], "WorkingDir": "/app"}});
+        let c = config(serde_json::json!({
+            "Entrypoint": ["./run.sh"], "Cmd": ["x"], "WorkingDir": "/app"}));
         let cmd = Command::from_config(&c).unwrap();
         assert_eq!(cmd.candidates(), ["/app/./run.sh"]);
-        assert!(Command::from_config(&serde_json::json!({"config": {}})).is_none());
-        let c = serde_json::json!({"config": {"Cmd": ["sh"]}});
+        assert!(Command::from_config(&config(serde_json::json!({}))).is_none());
+        let c = config(serde_json::json!({"Cmd": ["sh"]}));
         assert_eq!(Command::from_config(&c).unwrap().path.len(), 6);
     }
 
     #[test]
     fn command_line_and_environment() {
-        let c = serde_json::json!({"config": {
+        let c = config(serde_json::json!({
             "Entrypoint": ["python3", "-u"], "Cmd": ["app.py", "--port", "80", "/srv/x.conf"],
-            "Env": ["LANG=C.UTF-8", "TZ=", "LANG=de_DE.UTF-8"], "WorkingDir": "/srv/"}});
+            "Env": ["LANG=C.UTF-8", "TZ=", "LANG=de_DE.UTF-8"], "WorkingDir": "/srv/"}));
         let cmd = Command::from_config(&c).unwrap();
         assert_eq!(cmd.args, ["-u", "app.py", "--port", "80", "/srv/x.conf"]);
         assert_eq!(cmd.var("LANG"), Some("de_DE.UTF-8"), "the last wins");

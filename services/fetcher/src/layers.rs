@@ -40,12 +40,12 @@ type TailCell = Arc<OnceCell<Option<Arc<WarmTail>>>>;
 /// An image's manifest, read once (`None`: it could not be read).
 type ManifestCell = Arc<OnceCell<Option<Arc<ImageManifest>>>>;
 
-/// An image's manifest for this platform: its digest and its JSON.
+/// An image's manifest for this platform: its digest and what it says.
 pub(crate) struct ImageManifest {
     pub(crate) digest: String,
     pub(crate) media_type: String,
     pub(crate) size: u64,
-    pub(crate) json: serde_json::Value,
+    pub(crate) manifest: oci_spec::image::ImageManifest,
 }
 /// How long a manifest read by reference is used again: the length of a
 /// pull, not longer, since a tag may move.
@@ -108,15 +108,21 @@ async fn external_toc(
             tracing::warn!(layer = %digest, toc_image = %toc_ref, error = %e, "no external TOC image");
             missing()
         })?;
-    let v: serde_json::Value = serde_json::from_slice(&manifest.bytes).map_err(|_| missing())?;
-    let toc_digest = v["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|l| l["annotations"][stargaze_format::TOC_LAYER_DIGEST_ANNOTATION] == digest)
-        .and_then(|l| l["digest"].as_str())
-        .ok_or_else(missing)?
-        .to_string();
+    let m = crate::image::parse_manifest(&manifest.bytes, &toc_ref.to_string()).map_err(|e| {
+        tracing::warn!(layer = %digest, error = %e, "no external TOC image");
+        missing()
+    })?;
+    let toc_digest = m
+        .layers()
+        .iter()
+        .find(|l| {
+            l.annotations()
+                .as_ref()
+                .and_then(|a| a.get(stargaze_format::TOC_LAYER_DIGEST_ANNOTATION))
+                .is_some_and(|d| d == digest)
+        })
+        .map(|l| l.digest().to_string())
+        .ok_or_else(missing)?;
     let bytes = layers
         .client
         .fetch_blob(&toc_ref, &toc_digest, layers.opts.max_toc_size)
@@ -218,14 +224,21 @@ impl Layers {
         cell.get_or_init(|| async {
             let platform = stargaze_registry::Platform::host();
             match self.client.resolve_manifest(reference, &platform).await {
-                Ok(m) => serde_json::from_slice(&m.bytes).ok().map(|json| {
-                    Arc::new(ImageManifest {
+                Ok(m) => match crate::image::parse_manifest(
+                    &m.bytes,
+                    &format!("{reference}@{}", m.digest),
+                ) {
+                    Ok(manifest) => Some(Arc::new(ImageManifest {
                         size: m.bytes.len() as u64,
                         digest: m.digest,
                         media_type: m.media_type,
-                        json,
-                    })
-                }),
+                        manifest,
+                    })),
+                    Err(e) => {
+                        tracing::debug!(image = %reference, error = %e, "manifest not used");
+                        None
+                    }
+                },
                 Err(e) => {
                     tracing::debug!(image = %reference, error = %e, "manifest not read");
                     None
@@ -260,14 +273,10 @@ impl Layers {
                 v,
             )?));
         }
-        let listed = self.image_manifest(reference).await.and_then(|m| {
-            let desc = m.json["layers"]
-                .as_array()?
-                .iter()
-                .find(|l| l["digest"].as_str() == Some(digest))?
-                .clone();
-            Some(annotations_of(&desc))
-        });
+        let listed = self
+            .image_manifest(reference)
+            .await
+            .and_then(|m| crate::image::layer(&m.manifest, digest).map(crate::image::annotations));
         if let Some(v) = listed.as_ref().and_then(manifest_checksum_annotation) {
             return Ok(TocCheck::ManifestChecksum(parse(
                 ZSTD_V2_MANIFEST_CHECKSUM_ANNOTATION,
@@ -501,16 +510,4 @@ impl Layers {
         tracing::info!(layer = digest, image = %src.image_ref, "layer recovered from its saved source");
         self.resolve(&src, allow).await
     }
-}
-
-/// The string `annotations` of a manifest's layer descriptor.
-pub(crate) fn annotations_of(v: &serde_json::Value) -> HashMap<String, String> {
-    v["annotations"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
 }

@@ -35,13 +35,14 @@
 //! it); `schedule` runs the work nobody waits for (prefetch, then the
 //! background fetch once on-demand work is quiet, within a bandwidth
 //! budget); `warm` answers WarmLayers (tails read ahead, layers resolved
-//! from the manifest, [`entrypoint`] prefetch); [`loads`] fetches what a
+//! from the manifest ([`image`]: manifests and configs typed by oci-spec), [`entrypoint`] prefetch); [`loads`] fetches what a
 //! program loads (its interpreter, its libraries as the dynamic loader
 //! finds them) as soon as a read reaches its start, looking paths up
 //! through the layer [`stack`]s containers run on; [`sweep`] reads ahead in blob order when
 //! on-demand reads go through a layer's files one after another; [`traces`] records
 //! what an image's first containers read and replays it on its next cold
-//! pull; [`registry`] adapts the
+//! pull; [`credentials`] files the pull secrets the snapshotter's CRI
+//! keychain hands over in the registry client's keychain; [`registry`] adapts the
 //! registry client to [`RemoteBlob`]; [`recover`] re-verifies the cache
 //! after an unclean stop; [`metrics`] renders Prometheus metrics, among
 //! them the bytes read per [`purpose`] (which mechanism asked for them). [`options`] and [`error`] hold the
@@ -49,10 +50,12 @@
 //! chunk, whose variant decides the one refetch) every layer above uses.
 
 pub mod blob;
+pub mod credentials;
 pub mod engine;
 pub mod entrypoint;
 pub mod error;
 pub mod evict;
+pub mod image;
 mod layers;
 pub mod loads;
 pub mod metrics;

@@ -458,6 +458,14 @@ impl Fetcher for FetcherService {
         }))
     }
 
+    /// The CRI keychain's credentials (`credentials.rs`).
+    async fn remember_credentials(
+        &self,
+        r: Request<RememberCredentialsRequest>,
+    ) -> Result<Response<RememberCredentialsResponse>, Status> {
+        crate::credentials::remember(&self.shared.layers.client, r.into_inner()).map(Response::new)
+    }
+
     async fn layer_status(
         &self,
         r: Request<LayerStatusRequest>,

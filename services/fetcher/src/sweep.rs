@@ -17,11 +17,19 @@
 //! ([`MAX_WINDOW`] by default; 0 turns the sweep off), so a sweep soon streams
 //! at link rate in large requests. A read anywhere else resets it: random
 //! access (a program's imports, a database) fetches nothing extra.
+//!
+//! What is fetched ahead stays inside the directory being swept: the
+//! deepest directory holding every file the sweep has read so far. Layers
+//! store a directory's files together, so a sweep of `/usr/share/doc`
+//! reads ahead to that directory's end in the blob and not a window's
+//! worth past it into files nobody asked for; when the reads go on into
+//! the next directory, the swept directory widens to their common parent
+//! and the window goes on from there (one miss per widening).
 
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
-use stargaze_index::{ChunkInfo, LayerIndex};
+use stargaze_index::{ChunkInfo, LayerIndex, ROOT_INO};
 
 /// Sequential reads in a row before anything is fetched ahead.
 pub const SEQUENTIAL_AFTER: u32 = 3;
@@ -46,6 +54,8 @@ struct State {
     /// The last read's file, and whether it read that file to its end.
     file: u64,
     file_done: bool,
+    /// The deepest directory holding every file read in this run.
+    dir: u64,
 }
 
 /// A layer's sweep detector and its chunks in blob order.
@@ -78,7 +88,8 @@ impl Sweep {
         let file_done = index
             .inode(file)
             .is_some_and(|n| offset.saturating_add(len) >= n.size());
-        let (from, to) = {
+        let parent = index.inode(file).map_or(ROOT_INO, |n| n.parent());
+        {
             let mut s = self.state.lock();
             // Just after where the last read ended, or inside (or just
             // past) what was fetched ahead since.
@@ -95,12 +106,14 @@ impl Sweep {
                 s.end = s.end.max(end);
                 s.file = file;
                 s.file_done = file_done;
+                s.dir = common_dir(index, s.dir, parent);
             } else {
                 *s = State {
                     start,
                     end,
                     file,
                     file_done,
+                    dir: parent,
                     ..State::default()
                 };
             }
@@ -113,20 +126,65 @@ impl Sweep {
             if from >= to {
                 return Vec::new();
             }
+            // Up to the window's end or the first chunk of a file outside
+            // the swept directory, whichever comes first; a later read
+            // that widens the directory goes on from there.
+            let order = self.order.get_or_init(|| blob_order(index));
+            let first = order.partition_point(|&(off, ..)| off < from);
+            let mut ahead = Vec::new();
             s.ahead = to;
-            (from, to)
-        };
-        let order = self.order.get_or_init(|| blob_order(index));
-        let first = order.partition_point(|&(off, ..)| off < from);
-        order[first..]
-            .iter()
-            .take_while(|&&(off, ..)| off < to)
-            .filter_map(|&(_, ino, i)| {
-                let c = index.inode(ino)?.chunk(i as usize)?;
-                Some((ino, c.file_offset, c.size))
-            })
-            .collect()
+            for &(off, ino, i) in &order[first..] {
+                if off >= to {
+                    break;
+                }
+                if !is_within(index, ino, s.dir) {
+                    s.ahead = off;
+                    break;
+                }
+                if let Some(c) = index.inode(ino).and_then(|n| n.chunk(i as usize)) {
+                    ahead.push((ino, c.file_offset, c.size));
+                }
+            }
+            ahead
+        }
     }
+}
+
+/// Parents walked at most (a TOC's deepest path is far shallower; bounds
+/// the walk should parent links form a cycle).
+const MAX_DEPTH: usize = 4096;
+
+/// Whether `ino` lies somewhere below directory `dir`.
+fn is_within(index: &LayerIndex, ino: u64, dir: u64) -> bool {
+    let mut cur = ino;
+    for _ in 0..MAX_DEPTH {
+        let Some(parent) = index.inode(cur).map(|n| n.parent()) else {
+            return false;
+        };
+        if parent == dir {
+            return true;
+        }
+        if parent == cur || cur == ROOT_INO {
+            return false;
+        }
+        cur = parent;
+    }
+    false
+}
+
+/// The deepest directory holding both directory `a` and directory `b`.
+fn common_dir(index: &LayerIndex, a: u64, b: u64) -> u64 {
+    let mut cur = a;
+    for _ in 0..MAX_DEPTH {
+        if cur == b || cur == ROOT_INO || is_within(index, b, cur) {
+            return cur;
+        }
+        match index.inode(cur).map(|n| n.parent()) {
+            Some(p) if p != cur => cur = p,
+            _ => return ROOT_INO,
+        }
+    }
+    ROOT_INO
 }
 
 impl Sweep {

@@ -16,7 +16,6 @@ use stargaze_registry::Reference;
 use tonic::Status;
 
 use crate::blob::RemoteBlob;
-use crate::layers::annotations_of;
 use crate::registry::{RegistryBlob, WarmTail};
 use crate::service::FetcherService;
 
@@ -96,12 +95,7 @@ impl FetcherService {
             tracing::debug!(image = image_ref, "no early resolution: manifest not read");
             return;
         };
-        let v = &m.json;
-        let descs = v["layers"].as_array().cloned().unwrap_or_default();
-        let layers: Vec<String> = descs
-            .iter()
-            .filter_map(|d| d["digest"].as_str().map(str::to_string))
-            .collect();
+        let layers = crate::image::layer_digests(&m.manifest);
         // The image's stack: where the files its programs load are looked
         // up when they are first read (`loads.rs`).
         self.shared
@@ -120,27 +114,21 @@ impl FetcherService {
             })
         });
         // The config (for the entrypoint) is read while the layers resolve.
-        let config = v["config"]["digest"]
-            .as_str()
-            .filter(|_| self.shared.entrypoint)
+        let config = self
+            .shared
+            .entrypoint
+            .then(|| m.manifest.config().digest().to_string())
             .map(|digest| {
-                let (client, reference, digest) = (
-                    self.shared.layers.client.clone(),
-                    reference.clone(),
-                    digest.to_string(),
-                );
+                let (client, reference) = (self.shared.layers.client.clone(), reference.clone());
                 tokio::spawn(async move { client.fetch_small_blob(&reference, &digest).await })
             });
         let mut set = tokio::task::JoinSet::new();
         let mut early: HashSet<String> = HashSet::new();
-        for d in descs.iter().cloned() {
-            let Some(digest) = d["digest"]
-                .as_str()
-                .filter(|x| digests.iter().any(|w| w == x))
-            else {
+        for (d, digest) in m.manifest.layers().iter().zip(&layers) {
+            if !digests.contains(digest) {
                 continue;
-            };
-            let annotations = annotations_of(&d);
+            }
+            let annotations = crate::image::annotations(d);
             if !annotations.contains_key(TOC_DIGEST_ANNOTATION)
                 && manifest_checksum_annotation(&annotations).is_none()
             {
@@ -203,7 +191,7 @@ impl FetcherService {
                     config_bytes = read_config(read).map(|b| b.to_vec());
                     program = config_bytes
                         .as_deref()
-                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                        .and_then(crate::image::parse_config)
                         .and_then(|c| crate::entrypoint::Command::from_config(&c));
                 }
             }
@@ -261,7 +249,7 @@ impl FetcherService {
     /// (`entrypoint.rs`), from the image's lazily served layers
     /// (`layers` bottom first, as the manifest lists them).
     async fn prefetch_entrypoint(&self, image_ref: &str, config: &[u8], layers: &[String]) {
-        let Ok(config) = serde_json::from_slice::<serde_json::Value>(config) else {
+        let Some(config) = crate::image::parse_config(config) else {
             return;
         };
         let Some(command) = crate::entrypoint::Command::from_config(&config) else {

@@ -96,7 +96,7 @@ async fn python_layer(dir: &std::path::Path, cache: &Arc<Cache>, name: &str) -> 
 }
 
 fn command(program: &str) -> Command {
-    let config = serde_json::json!({"config": {"Cmd": [program]}});
+    let config = serde_json::from_value(serde_json::json!({"Cmd": [program]})).unwrap();
     Command::from_config(&config).unwrap()
 }
 
@@ -447,7 +447,8 @@ async fn the_entrypoint_prefetch_follows_the_configs_program_the_same_way() {
         image.libs.clone(),
         image.base.clone(),
     ]);
-    let config = serde_json::json!({"config": {"Entrypoint": ["/opt/app/run.sh"]}});
+    let config =
+        serde_json::from_value(serde_json::json!({"Entrypoint": ["/opt/app/run.sh"]})).unwrap();
     let done = prefetch(&loads, &stack, &Command::from_config(&config).unwrap()).await;
     for f in [
         "/opt/app/run.sh",

@@ -15,13 +15,32 @@ const FILES: usize = 400;
 /// A layer of `FILES` files of 48 KiB of incompressible bytes, in one
 /// directory, and its files' inodes in blob order.
 async fn layer(d: &std::path::Path) -> (Arc<Layer>, Vec<u64>) {
+    layer_of(d, &[("data", FILES)]).await
+}
+
+/// A layer with `n` such files in each directory `dir` (stored in this
+/// order), and its files' inodes in blob order.
+async fn layer_of(d: &std::path::Path, dirs: &[(&str, usize)]) -> (Arc<Layer>, Vec<u64>) {
     let mut x = 7u32;
-    let mut entries = vec![dir("data/")];
-    for i in 0..FILES {
-        entries.push(reg(
-            &format!("data/f{i:04}"),
-            &stargaze_testkit::image::file_bytes(48 << 10, &mut x),
-        ));
+    let mut entries = Vec::new();
+    let mut names = Vec::new();
+    let mut made = std::collections::HashSet::new();
+    for &(name, n) in dirs {
+        let mut path = String::new();
+        for part in name.split('/') {
+            path = format!("{path}{part}/");
+            if made.insert(path.clone()) {
+                entries.push(dir(&path));
+            }
+        }
+        for i in 0..n {
+            let file = format!("{name}/f{i:04}");
+            entries.push(reg(
+                &file,
+                &stargaze_testkit::image::file_bytes(48 << 10, &mut x),
+            ));
+            names.push(file);
+        }
     }
     let mut out = Vec::new();
     let res = stargaze_format::convert(
@@ -47,8 +66,9 @@ async fn layer(d: &std::path::Path) -> (Arc<Layer>, Vec<u64>) {
         .await
         .unwrap(),
     );
-    let inos = (0..FILES)
-        .map(|i| layer.index.lookup_path(&format!("/data/f{i:04}")).unwrap())
+    let inos = names
+        .iter()
+        .map(|n| layer.index.lookup_path(&format!("/{n}")).unwrap())
         .collect();
     (layer, inos)
 }
@@ -104,4 +124,56 @@ async fn reading_only_the_head_of_each_file_in_turn_is_no_sweep() {
         let ahead = layer.sweep_ahead(&[(ino, 0, 4096)]);
         assert!(ahead.is_empty(), "head of file {i}");
     }
+}
+
+#[tokio::test]
+async fn the_read_ahead_stays_in_the_directory_being_swept() {
+    // find /srv/docs -name x | xargs cat: the sweep reads ahead to the end
+    // of the directory and not into the one stored after it, until the
+    // reads themselves go on there.
+    let d = tempfile::tempdir().unwrap();
+    let (layer, inos) = layer_of(
+        d.path(),
+        &[("srv/docs/a", 30), ("srv/docs/b", 200), ("srv/other", 200)],
+    )
+    .await;
+    let whole = |ino: u64| (ino, 0u64, 48u64 << 10);
+    let pos = |ino: u64| inos.iter().position(|&x| x == ino).unwrap();
+    let mut fetched = Vec::new();
+    for &ino in &inos[..30] {
+        fetched.extend(
+            layer
+                .sweep_ahead(&[whole(ino)])
+                .into_iter()
+                .map(|r| pos(r.0)),
+        );
+    }
+    assert!(
+        !fetched.is_empty(),
+        "a sweep through srv/docs/a read nothing ahead"
+    );
+    assert!(
+        fetched.iter().all(|&p| p < 30),
+        "read ahead past srv/docs/a: {fetched:?}"
+    );
+    // On into srv/docs/b: the sweep widens to srv/docs and goes on, but
+    // not into srv/other.
+    fetched.clear();
+    for &ino in &inos[30..60] {
+        fetched.extend(
+            layer
+                .sweep_ahead(&[whole(ino)])
+                .into_iter()
+                .map(|r| pos(r.0)),
+        );
+    }
+    assert!(
+        fetched.iter().any(|&p| p >= 60),
+        "nothing ahead in srv/docs/b"
+    );
+    assert!(
+        fetched.iter().all(|&p| p < 230),
+        "read ahead into srv/other: {:?}",
+        fetched.iter().filter(|&&p| p >= 230).collect::<Vec<_>>()
+    );
 }

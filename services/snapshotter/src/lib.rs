@@ -9,6 +9,11 @@
 //! * [`status`] serves `stargaze.v1.Snapshotter` (for `stargaze status`) on
 //!   the same socket and renders the Prometheus metrics.
 //!
+//! * [`cri_proxy`] serves CRI's `ImageService` for the kubelet in front of
+//!   containerd's (`[cri_keychain]`), and [`cri_keychain`] hands each
+//!   `PullImage`'s credentials to the fetcher (which keeps them in memory,
+//!   expiring) so that private images are pulled lazily too.
+//!
 //! * [`remote`] turns a `Prepare` that carries a layer's labels into a
 //!   remote snapshot: the fetcher resolves the layer (TOC verified, index
 //!   written), the fs service attaches it as a directory of its FUSE mount,
@@ -21,6 +26,8 @@
 //! (one transaction) → `AlreadyExists` back to containerd, which then
 //! stacks the layer directories as overlay `lowerdir`s of the container.
 
+pub mod cri_keychain;
+pub mod cri_proxy;
 pub mod filters;
 pub mod mounts;
 pub mod remote;

@@ -17,9 +17,11 @@ use stargaze_proto::containerd::services::snapshots::v1::snapshots_server::Snaps
 use stargaze_proto::v1::snapshotter_server::SnapshotterServer;
 use stargaze_service::CommonArgs;
 use stargaze_service::config::Config;
+use stargaze_snapshotter::cri_keychain::Keychain;
+use stargaze_snapshotter::cri_proxy::CriProxy;
 use stargaze_snapshotter::remote::Remote;
 use stargaze_snapshotter::service::SnapshotService;
-use stargaze_snapshotter::status::{SnapshotterMetrics, StatusService};
+use stargaze_snapshotter::status::{CriKeychainInfo, SnapshotterMetrics, StatusService};
 use stargaze_snapshotter::store::Store;
 
 /// containerd proxy snapshotter for lazily pulled eStargz images.
@@ -58,7 +60,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<()> {
-    let c = config.snapshotter;
+    let c = config.snapshotter.clone();
     let store = Store::open(&c.root).with_context(|| format!("opening {}", c.root.display()))?;
     let remote = if c.lazy_pull {
         let r = Remote::new(
@@ -79,12 +81,21 @@ async fn serve(config: Config) -> Result<()> {
         let service = service.clone();
         async move { service.restore().await }
     });
-    let metrics = SnapshotterMetrics(service.clone());
+    let cri_keychain = if config.cri_keychain.enable {
+        Some(start_cri_keychain(&config).await?)
+    } else {
+        None
+    };
+    let metrics = SnapshotterMetrics(
+        service.clone(),
+        cri_keychain.as_ref().map(|k| k.stats.clone()),
+    );
     stargaze_service::metrics_endpoint(&c.metrics_address, Arc::new(move || metrics.render()))
         .await?;
     let status = StatusService {
         snapshots: service.clone(),
         lazy_pull: c.lazy_pull,
+        cri_keychain,
     };
     let rpc = service.stats.rpc.clone();
     let routes = tonic::service::Routes::new(SnapshotsServer::new(service))
@@ -96,5 +107,40 @@ async fn serve(config: Config) -> Result<()> {
             "stargaze-snapshotter serving"
         );
     })
-    .await
+    .await?;
+    if config.cri_keychain.enable {
+        let _ = std::fs::remove_file(&config.cri_keychain.image_service_path);
+    }
+    Ok(())
+}
+
+/// `[cri_keychain]`: bind the kubelet's ImageService socket now (so that a
+/// bad path stops the start with its error) and serve it in the background.
+async fn start_cri_keychain(config: &Config) -> Result<CriKeychainInfo> {
+    let k = &config.cri_keychain;
+    let fetcher = stargaze_proto::v1::fetcher_client::FetcherClient::new(
+        stargaze_proto::connect_unix(&config.fetcher.socket)
+            .context("cannot set up the client of stargaze-fetcher for the CRI keychain")?,
+    );
+    let keychain = Keychain::new(fetcher, k.credential_ttl);
+    let stats = keychain.stats.clone();
+    tokio::spawn(keychain.clone().keep_fetcher_supplied());
+    let proxy = CriProxy::new(&k.containerd_image_service, keychain).context(
+        "cannot set up the client of containerd's CRI ([cri_keychain] containerd_image_service)",
+    )?;
+    let listener = stargaze_proto::bind_unix(&k.image_service_path)
+        .await
+        .context("[cri_keychain] image_service_path")?;
+    let socket = k.image_service_path.clone();
+    tokio::spawn(async move {
+        if let Err(e) = proxy.serve(listener, &socket).await {
+            tracing::error!(error = %e, "CRI keychain: serving the ImageService failed");
+        }
+    });
+    Ok(CriKeychainInfo {
+        socket: k.image_service_path.display().to_string(),
+        containerd_socket: k.containerd_image_service.display().to_string(),
+        ttl: k.credential_ttl,
+        stats,
+    })
 }

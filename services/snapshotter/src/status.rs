@@ -10,17 +10,26 @@
 //! | `stargaze_snapshotter_reattached_total` | | remote layers re-attached after fs lost them (restart, reboot) |
 //! | `stargaze_snapshotter_grpc_requests_total` | method, code | requests from containerd and `stargaze status` |
 //! | `stargaze_snapshotter_grpc_request_duration_seconds` | method | their latency |
+//! | `stargaze_snapshotter_cri_credentials` | | repositories whose pull credentials the fetcher keeps (CRI keychain; not expired) |
+//! | `stargaze_snapshotter_cri_pulls_with_auth_total` | | `PullImage`s through the CRI keychain that carried credentials |
+//! | `stargaze_snapshotter_cri_handover_failures_total` | | credentials the fetcher did not take |
+//! | `stargaze_snapshotter_cri_grpc_requests_total` | method, code | CRI ImageService calls passed on to containerd |
+//! | `stargaze_snapshotter_cri_grpc_request_duration_seconds` | method | their latency, through the proxy |
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use stargaze_proto::v1::snapshotter_server::Snapshotter;
-use stargaze_proto::v1::{RemoteSnapshot, SnapshotterStatusRequest, SnapshotterStatusResponse};
+use stargaze_proto::v1::{
+    CriKeychainStatus, RemoteSnapshot, SnapshotterStatusRequest, SnapshotterStatusResponse,
+};
 use stargaze_service::metrics::family;
 use tonic::{Request, Response, Status};
 
+use crate::cri_keychain::KeychainStats;
 use crate::remote::layer_from_labels;
 use crate::service::SnapshotService;
 use crate::store::{Kind, Record};
@@ -30,6 +39,31 @@ use crate::store::{Kind, Record};
 pub struct StatusService {
     pub snapshots: SnapshotService,
     pub lazy_pull: bool,
+    pub cri_keychain: Option<CriKeychainInfo>,
+}
+
+/// The CRI keychain as status and metrics show it.
+#[derive(Clone)]
+pub struct CriKeychainInfo {
+    pub socket: String,
+    pub containerd_socket: String,
+    pub ttl: std::time::Duration,
+    pub stats: Arc<KeychainStats>,
+}
+
+impl CriKeychainInfo {
+    fn status(&self) -> CriKeychainStatus {
+        let s = &self.stats;
+        CriKeychainStatus {
+            socket: self.socket.clone(),
+            containerd_socket: self.containerd_socket.clone(),
+            credential_ttl_millis: self.ttl.as_millis() as u64,
+            credentials: s.live_credentials() as u32,
+            calls: s.rpc.total(),
+            pulls_with_auth: s.pulls_with_auth.load(Ordering::Relaxed),
+            handover_failures: s.handover_failures.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -66,13 +100,14 @@ impl Snapshotter for StatusService {
             fallbacks: stats.fallbacks.load(Ordering::Relaxed),
             reattached: stats.reattached.load(Ordering::Relaxed),
             recent_errors: stats.errors.list(),
+            cri_keychain: self.cri_keychain.as_ref().map(CriKeychainInfo::status),
         }))
     }
 }
 
 /// The snapshotter's Prometheus collector.
 #[derive(Clone)]
-pub struct SnapshotterMetrics(pub SnapshotService);
+pub struct SnapshotterMetrics(pub SnapshotService, pub Option<Arc<KeychainStats>>);
 
 impl std::fmt::Debug for SnapshotterMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,6 +173,31 @@ impl Collector for SnapshotterMetrics {
             MetricType::Counter,
             &one(&s.stats.reattached),
         )?;
-        s.stats.rpc.encode("stargaze_snapshotter", &mut e)
+        s.stats.rpc.encode("stargaze_snapshotter", &mut e)?;
+        if let Some(k) = &self.1 {
+            family(
+                &mut e,
+                "stargaze_snapshotter_cri_credentials",
+                "Repositories whose pull credentials (CRI keychain) the fetcher keeps, not expired",
+                MetricType::Gauge,
+                &[(vec![], k.live_credentials() as u64)],
+            )?;
+            family(
+                &mut e,
+                "stargaze_snapshotter_cri_pulls_with_auth",
+                "PullImage calls through the CRI keychain that carried credentials",
+                MetricType::Counter,
+                &one(&k.pulls_with_auth),
+            )?;
+            family(
+                &mut e,
+                "stargaze_snapshotter_cri_handover_failures",
+                "Pull credentials the fetcher did not take (down, or malformed auth)",
+                MetricType::Counter,
+                &one(&k.handover_failures),
+            )?;
+            k.rpc.encode("stargaze_snapshotter_cri", &mut e)?;
+        }
+        Ok(())
     }
 }

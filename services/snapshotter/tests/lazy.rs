@@ -271,7 +271,7 @@ fn cri_pull_image_mounts_layers_lazily() {
             .pull_image(PullImageRequest {
                 image: Some(ImageSpec {
                     image: reference.clone(),
-                    annotations: Default::default(),
+                    ..Default::default()
                 }),
                 auth: None,
                 sandbox_config: Some(PodSandboxConfig {

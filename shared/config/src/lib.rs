@@ -53,6 +53,7 @@ pub struct Config {
     pub fetcher: FetcherConfig,
     pub fs: FsConfig,
     pub snapshotter: SnapshotterConfig,
+    pub cri_keychain: CriKeychainConfig,
     pub log: LogConfig,
 }
 
@@ -225,6 +226,27 @@ pub struct SnapshotterConfig {
     pub allow_no_verification: bool,
 }
 
+/// `[cri_keychain]`: Kubernetes pull secrets. The snapshotter serves CRI's
+/// `runtime.v1.ImageService` on `image_service_path` for the kubelet
+/// (`--image-service-endpoint`), passes every call on to containerd's, and
+/// hands the credentials of each `PullImage` to the fetcher, which keeps
+/// them in memory for `credential_ttl` and uses them for that image's
+/// repository (the Go snapshotter's `[cri_keychain]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriKeychainConfig {
+    /// Serve the proxy (off by default: only nodes whose kubelet points at
+    /// it need it).
+    pub enable: bool,
+    /// The socket the kubelet's `--image-service-endpoint` names.
+    pub image_service_path: PathBuf,
+    /// containerd's socket, whose CRI plugin answers the calls.
+    pub containerd_image_service: PathBuf,
+    /// How long the credentials of a pull are used for its image's layers.
+    #[serde(with = "duration")]
+    pub credential_ttl: Duration,
+}
+
 /// `[log]`: logging of all three services (to stderr, which systemd collects).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -344,6 +366,17 @@ impl Default for SnapshotterConfig {
             metrics_address: String::new(),
             lazy_pull: true,
             allow_no_verification: false,
+        }
+    }
+}
+
+impl Default for CriKeychainConfig {
+    fn default() -> Self {
+        CriKeychainConfig {
+            enable: false,
+            image_service_path: "/run/stargaze/cri.sock".into(),
+            containerd_image_service: "/run/containerd/containerd.sock".into(),
+            credential_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -536,10 +569,28 @@ impl Config {
         check_absolute("snapshotter", "root", &n.root)?;
         check_listen("snapshotter", "metrics_address", &n.metrics_address)?;
 
+        let k = &self.cri_keychain;
+        check_socket("cri_keychain", "image_service_path", &k.image_service_path)?;
+        check_socket(
+            "cri_keychain",
+            "containerd_image_service",
+            &k.containerd_image_service,
+        )?;
+        if k.enable && k.image_service_path == k.containerd_image_service {
+            return Err(invalid(
+                "cri_keychain",
+                "image_service_path",
+                k.image_service_path.display(),
+                "is containerd's own socket; the kubelet must call the proxy, which calls containerd",
+            ));
+        }
+        check_nonzero_duration("cri_keychain", "credential_ttl", k.credential_ttl)?;
+
         let sockets = [
             ("fetcher", &f.socket),
             ("fs", &s.socket),
             ("snapshotter", &n.socket),
+            ("cri_keychain", &k.image_service_path),
         ];
         for (i, (sec_a, a)) in sockets.iter().enumerate() {
             for (sec_b, b) in &sockets[i + 1..] {

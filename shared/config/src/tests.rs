@@ -159,7 +159,7 @@ fn unknown_section() {
 
     let msg = parse_err("[resolver]\nrequest_timeout_sec = 30\n");
     assert!(
-        msg.contains("valid sections: [fetcher], [fs], [log], [snapshotter]"),
+        msg.contains("valid sections: [cri_keychain], [fetcher], [fs], [log], [snapshotter]"),
         "{msg}"
     );
 }

@@ -4,8 +4,10 @@
 //! * [`containerd`] holds containerd's APIs, written from their published
 //!   messages: snapshots (the snapshotter serves it as a proxy plugin), and
 //!   content, images, leases and diff (`stargaze rpull` calls them).
-//! * [`cri`] is a subset of the Kubernetes CRI API v1 (version, image pull
-//!   and list): the tests' stand-in for crictl, which Debian lacks.
+//! * [`cri`] is the Kubernetes CRI API v1 (`runtime.v1`, vendored whole
+//!   from k8s.io/cri-api): the snapshotter's CRI keychain serves its
+//!   `ImageService` in front of containerd's, and the tests call it in
+//!   place of crictl, which Debian lacks.
 //! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
 //!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
 //!   prefetch, status) that fs and the snapshotter call.
@@ -16,9 +18,34 @@ pub mod v1 {
     tonic::include_proto!("stargaze.v1");
 }
 
-/// The Kubernetes CRI API v1, the part the tests use.
+/// The Kubernetes CRI API v1.
 pub mod cri {
+    // Generated from the vendored proto, whose comments are Kubernetes'
+    // prose, not rustdoc: its lists trip clippy's doc lints.
+    #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
     tonic::include_proto!("runtime.v1");
+
+    // Written by hand (build.rs skips the derived one): a pull secret
+    // must not reach a log through `{:?}`.
+    impl std::fmt::Debug for AuthConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("AuthConfig")
+                .field("username", &self.username)
+                .field("server_address", &self.server_address)
+                .field("secrets", &"<redacted>")
+                .finish()
+        }
+    }
+}
+
+// As for `cri::AuthConfig`: never print the secrets.
+impl std::fmt::Debug for v1::RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("secrets", &"<redacted>")
+            .finish()
+    }
 }
 
 /// containerd's APIs, in the module tree of their proto packages (the

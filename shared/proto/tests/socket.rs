@@ -57,6 +57,12 @@ impl Fetcher for Fake {
     ) -> Result<Response<ImageTraceResponse>, Status> {
         Err(Status::unimplemented("image_trace"))
     }
+    async fn remember_credentials(
+        &self,
+        _: Request<RememberCredentialsRequest>,
+    ) -> Result<Response<RememberCredentialsResponse>, Status> {
+        Err(Status::unimplemented("remember_credentials"))
+    }
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(StatusResponse {
             cache_dir: "/x".into(),

@@ -18,6 +18,9 @@ pub enum Credential {
     },
     /// An OAuth2 refresh token (docker's `identitytoken`).
     IdentityToken(String),
+    /// A bearer token for the registry itself, sent as it is (CRI's
+    /// `registry_token`).
+    RegistryToken(String),
 }
 
 impl std::fmt::Debug for Credential {
@@ -26,6 +29,7 @@ impl std::fmt::Debug for Credential {
         match self {
             Credential::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
             Credential::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+            Credential::RegistryToken(_) => f.write_str("RegistryToken(<redacted>)"),
         }
     }
 }
@@ -201,27 +205,48 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     }
 }
 
-/// Cached bearer tokens by (host, scope).
+/// Cached authorization values (bearer tokens, Basic headers) by (host,
+/// key), each with the moment it stops being used.
 #[derive(Default)]
 pub struct TokenCache {
     tokens: parking_lot::Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
+/// How long before a token's stated expiry it is no longer sent.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+
 impl TokenCache {
-    /// A token valid for at least a few more seconds.
+    /// A value still within its time.
     pub fn get(&self, host: &str, scope: &str) -> Option<String> {
         let t = self.tokens.lock();
         t.get(&(host.to_string(), scope.to_string()))
-            .filter(|(_, exp)| *exp > Instant::now() + Duration::from_secs(5))
+            .filter(|(_, until)| *until > Instant::now())
             .map(|(tok, _)| tok.clone())
     }
 
+    /// Keep a token that lives `lifetime`: refreshed before it expires,
+    /// at 90 % of its lifetime less a few seconds for requests in flight.
     pub fn put(&self, host: &str, scope: &str, token: String, lifetime: Duration) {
-        // Refresh before expiry: keep it for 90 % of its lifetime.
-        let exp = Instant::now() + lifetime.mul_f64(0.9);
+        self.put_leased(host, scope, token, lifetime, None);
+    }
+
+    /// [`TokenCache::put`], and never past `lease_until`: a value made from
+    /// a credential that expires (the CRI keychain's) expires with it.
+    pub fn put_leased(
+        &self,
+        host: &str,
+        scope: &str,
+        token: String,
+        lifetime: Duration,
+        lease_until: Option<Instant>,
+    ) {
+        let mut until = Instant::now() + lifetime.mul_f64(0.9).saturating_sub(EXPIRY_MARGIN);
+        if let Some(lease) = lease_until {
+            until = until.min(lease);
+        }
         self.tokens
             .lock()
-            .insert((host.to_string(), scope.to_string()), (token, exp));
+            .insert((host.to_string(), scope.to_string()), (token, until));
     }
 
     pub fn forget(&self, host: &str, scope: &str) {

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Challenge, Credential, DockerConfig, TokenCache, basic_header, parse_challenge};
 use crate::hosts::{Endpoint, Hosts};
+use crate::keychain::{Keychain, Lease};
 use crate::{Reference, RegistryError};
 
 type Http = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -98,7 +99,7 @@ struct TlsKey {
 pub(crate) struct Inner {
     pub(crate) opts: ClientOptions,
     pub(crate) hosts: Hosts,
-    creds: DockerConfig,
+    keychain: Keychain,
     tokens: TokenCache,
     pools: Mutex<HashMap<TlsKey, Http>>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -279,6 +280,30 @@ pub(crate) fn query_escape(s: &str) -> String {
     out
 }
 
+/// How long a Basic header or a registry token is kept when nothing
+/// shorter (a lease) bounds it.
+const LONG_LIVED: Duration = Duration::from_secs(24 * 3600);
+
+/// The cache key of the Basic header for requests of `scope`.
+fn basic_key(scope: &str) -> String {
+    format!("basic {scope}")
+}
+
+/// What to do when the registry wants credentials it did not get or
+/// refused: says where credentials were looked for (never what they are).
+fn missing_credentials(reference: &Reference, lease: Option<&Lease>) -> String {
+    match lease {
+        Some(l) => format!(
+            "the credentials from the {} for {}/{} were refused; check them",
+            l.source, reference.host, reference.repository
+        ),
+        None => format!(
+            "no credentials for {}/{}: log in with the docker config (`docker login {}`), or pull through the CRI keychain with a pull secret (expired ones are forgotten)",
+            reference.host, reference.repository, reference.host
+        ),
+    }
+}
+
 /// Should a failure be retried?
 pub(crate) fn retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
@@ -286,12 +311,14 @@ pub(crate) fn retryable(status: StatusCode) -> bool {
 }
 
 impl Client {
+    /// A client whose credentials come from its [`Keychain`]: remembered
+    /// ones first (see [`Client::keychain`]), then `creds`.
     pub fn new(hosts: Hosts, creds: DockerConfig, opts: ClientOptions) -> Client {
         Client {
             inner: Arc::new(Inner {
                 opts,
                 hosts,
-                creds,
+                keychain: Keychain::new(creds),
                 tokens: TokenCache::default(),
                 pools: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
@@ -300,6 +327,12 @@ impl Client {
                 stats: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Where the client looks credentials up; the fetcher files the CRI
+    /// keychain's credentials in its [`Keychain::remembered`].
+    pub fn keychain(&self) -> &Keychain {
+        &self.inner.keychain
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -459,7 +492,7 @@ impl Client {
                 for (k, v) in &ep.headers {
                     req = req.header(k.as_str(), v.as_str());
                 }
-                if let Some(a) = self.auth_header(&host, &ep.origin, &scope) {
+                if let Some(a) = self.auth_header(&host, &scope) {
                     req = req.header(http::header::AUTHORIZATION, a);
                 }
             }
@@ -533,13 +566,12 @@ impl Client {
         }
     }
 
-    fn auth_header(&self, host: &str, origin: &str, scope: &str) -> Option<String> {
+    fn auth_header(&self, host: &str, scope: &str) -> Option<String> {
         if let Some(t) = self.inner.tokens.get(host, scope) {
             return Some(format!("Bearer {t}"));
         }
         // Basic credentials are sent once a Basic challenge was seen.
-        let _ = origin;
-        self.inner.tokens.get(host, "basic")
+        self.inner.tokens.get(host, &basic_key(scope))
     }
 
     async fn authenticate(
@@ -550,28 +582,41 @@ impl Client {
         challenge: Option<Challenge>,
         reference: &Reference,
     ) -> Result<(), RegistryError> {
-        let cred = self
-            .inner
-            .creds
-            .lookup(&reference.host)?
-            .or(if reference.host != host {
-                self.inner.creds.lookup(host)?
+        let keychain = &self.inner.keychain;
+        let lease = keychain.lookup(&reference.host, &reference.repository)?.or(
+            if reference.host != host {
+                keychain.lookup(host, &reference.repository)?
             } else {
                 None
-            });
+            },
+        );
+        let until = lease.as_ref().and_then(|l| l.until);
+        let cred = lease.as_ref().map(|l| &l.credential);
+        // A registry token is the answer to any challenge: it is what the
+        // token service would have handed out.
+        if let (Some(Credential::RegistryToken(token)), Some(_)) = (cred, &challenge) {
+            self.inner
+                .tokens
+                .put_leased(host, scope, token.clone(), LONG_LIVED, until);
+            return Ok(());
+        }
         match challenge {
             Some(Challenge::Basic) => {
                 let Some(Credential::Basic { username, password }) = cred else {
                     return Err(RegistryError::Unauthorized {
                         host: host.to_string(),
-                        reason: "the registry asks for a user name and password and none is configured in the docker config".into(),
+                        reason: missing_credentials(reference, lease.as_ref()),
                     });
                 };
-                self.inner.tokens.put(
+                // Per scope (so per repository): the CRI keychain's
+                // credentials are for one repository, and the header
+                // expires with them.
+                self.inner.tokens.put_leased(
                     host,
-                    "basic",
-                    basic_header(&username, &password),
-                    Duration::from_secs(24 * 3600),
+                    &basic_key(scope),
+                    basic_header(username, password),
+                    LONG_LIVED,
+                    until,
                 );
                 Ok(())
             }
@@ -598,7 +643,7 @@ impl Client {
                 let sep = if realm.contains('?') { '&' } else { '?' };
                 let url = format!("{realm}{sep}{}", query.join("&"));
                 let mut headers = HeaderMap::new();
-                if let Some(Credential::Basic { username, password }) = &cred
+                if let Some(Credential::Basic { username, password }) = cred
                     && let Ok(v) = HeaderValue::from_str(&basic_header(username, password))
                 {
                     headers.insert(http::header::AUTHORIZATION, v);
@@ -608,9 +653,31 @@ impl Client {
                     headers: Vec::new(),
                     ..ep.clone()
                 };
-                let resp =
+                let resp = if let Some(Credential::IdentityToken(refresh)) = cred {
+                    // An identity token is an OAuth2 refresh token: POSTed
+                    // as a form to the realm, as docker and containerd do.
+                    query.push("grant_type=refresh_token".into());
+                    query.push(format!("refresh_token={}", query_escape(refresh)));
+                    query.push("client_id=stargaze".into());
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-www-form-urlencoded"),
+                    );
+                    Box::pin(self.send_body(
+                        &token_ep,
+                        reference,
+                        Method::POST,
+                        &realm,
+                        &headers,
+                        Bytes::from(query.join("&")),
+                        &Scope::pull(reference),
+                        false,
+                    ))
+                    .await?
+                } else {
                     Box::pin(self.send(&token_ep, reference, Method::GET, &url, &headers, false))
-                        .await?;
+                        .await?
+                };
                 let status = resp.resp.status();
                 let body = resp
                     .resp
@@ -626,8 +693,9 @@ impl Client {
                     return Err(RegistryError::Unauthorized {
                         host: host.to_string(),
                         reason: format!(
-                            "token service {realm} answered HTTP {status}; check the credentials for {} in the docker config",
-                            reference.host
+                            "token service {realm} answered HTTP {status} for {}; {}",
+                            reference.repository,
+                            missing_credentials(reference, lease.as_ref())
                         ),
                     });
                 }
@@ -646,7 +714,7 @@ impl Client {
                 let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(60).max(10));
                 self.inner
                     .tokens
-                    .put(host, scope, token.to_string(), lifetime);
+                    .put_leased(host, scope, token.to_string(), lifetime, until);
                 Ok(())
             }
             None => Err(RegistryError::Unauthorized {

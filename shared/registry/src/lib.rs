@@ -8,6 +8,9 @@
 //! * [`auth`] reads docker config credentials (and credential helpers),
 //!   answers `WWW-Authenticate` challenges and caches bearer tokens per host
 //!   and scope, refreshing them before they expire.
+//! * [`keychain`] asks credential sources in order by host and repository:
+//!   what the snapshotter's CRI keychain handed over (in memory, expiring),
+//!   then the docker config; nothing derived from a credential outlives it.
 //! * [`client`] sends requests over hyper 1 + rustls (HTTP/2 when offered),
 //!   with a connection limit per host, timeouts and jittered retries.
 //! * [`blob`] reads byte ranges of a blob: endpoint and size found with one
@@ -32,6 +35,7 @@ pub mod auth;
 pub mod blob;
 pub mod client;
 pub mod hosts;
+pub mod keychain;
 pub mod push;
 pub mod reference;
 
@@ -39,6 +43,7 @@ pub use auth::DockerConfig;
 pub use blob::Blob;
 pub use client::{Client, ClientOptions, HostStats};
 pub use hosts::{Endpoint, Hosts};
+pub use keychain::{Keychain, Lease, Remembered};
 pub use push::UploadSource;
 pub use reference::Reference;
 

@@ -185,3 +185,86 @@ async fn tokens_are_scoped_refreshed_mid_pull_and_renewed_on_a_new_challenge() {
         "{msg}"
     );
 }
+
+/// GET a token from the token server as a client outside stargaze would
+/// (Basic credentials, one scope), over plain HTTP/1.0.
+fn token_for(realm: &str, scope: &str, user_pass: &str) -> String {
+    use base64::Engine as _;
+    use std::io::{Read, Write};
+    let rest = realm.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let basic = base64::engine::general_purpose::STANDARD.encode(user_pass);
+    write!(
+        s,
+        "GET /{path}?scope={scope}&service=stargaze-test HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic {basic}\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// What the CRI keychain hands over: a registry token is sent to the
+/// registry as it is (no token request of the client's own), an identity
+/// token is exchanged at the realm with an OAuth2 refresh-token grant, and
+/// neither is used for another repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_and_identity_tokens_from_the_keychain() {
+    use stargaze_registry::auth::Credential;
+    let t = TokenRegistry::start("alice", "s3cret", 300);
+    let host = t.registry.addr.clone();
+    let work = tempfile::tempdir().unwrap();
+    let dest = format!("{host}/team/app:v1");
+    let (layer, data) = push(work.path(), &dest);
+    let r = Reference::parse(&dest).unwrap();
+    let nobody = work.path().join("no-docker-config");
+
+    let token = token_for(&t.realm, "repository:team/app:pull", "alice:s3cret");
+    let c = client(&nobody);
+    c.keychain().remembered().remember(
+        &host,
+        "team/app",
+        Credential::RegistryToken(token),
+        Duration::from_secs(60),
+    );
+    let before = t.token_requests().len();
+    let blob = c.blob(&r, &layer);
+    assert_eq!(blob.size().await.unwrap(), data.len() as u64);
+    let whole = 0..data.len() as u64;
+    let got = blob
+        .read_ranges(std::slice::from_ref(&whole))
+        .await
+        .unwrap();
+    assert_eq!(got[0].as_ref(), &data[..]);
+    assert_eq!(
+        t.token_requests().len(),
+        before,
+        "a registry token needs no token request"
+    );
+
+    let c = client(&nobody);
+    c.keychain().remembered().remember(
+        &host,
+        "team/app",
+        Credential::IdentityToken(t.refresh_token.clone()),
+        Duration::from_secs(60),
+    );
+    let blob = c.blob(&r, &layer);
+    assert_eq!(blob.size().await.unwrap(), data.len() as u64);
+    let reqs = t.token_requests();
+    let last = reqs.last().unwrap();
+    assert_eq!(last["grant"], "refresh_token", "{last}");
+    assert_eq!(last["authorized"], true, "{last}");
+
+    // Another repository of the registry: nothing remembered for it.
+    let other = Reference::parse(&format!("{host}/team/other:v1")).unwrap();
+    let e = c.blob(&other, &layer).size().await.unwrap_err();
+    assert!(
+        matches!(e, RegistryError::Unauthorized { .. }),
+        "no credentials for team/other: {e}"
+    );
+    assert!(e.to_string().contains("no credentials for"), "{e}");
+}

@@ -219,6 +219,16 @@ impl RpcMetrics {
         methods.entry(method.to_string()).or_default().clone()
     }
 
+    /// Requests recorded, all methods and codes.
+    pub fn total(&self) -> u64 {
+        self.methods
+            .lock()
+            .values()
+            .flat_map(|s| s.codes.iter())
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// `<prefix>_grpc_requests_total{method,code}` and
     /// `<prefix>_grpc_request_duration_seconds{method}`.
     pub fn encode(&self, prefix: &str, e: &mut DescriptorEncoder) -> std::fmt::Result {

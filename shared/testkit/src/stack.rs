@@ -69,7 +69,8 @@ pub struct Stack {
 
 impl Stack {
     /// Start the three services under `dir` (which must outlive the stack).
-    /// `extra` is appended to each section: e.g. `[("fetcher", "prefetch_size = 0")]`.
+    /// `extra` is appended to each section: e.g. `[("fetcher", "prefetch_size = 0")]`;
+    /// other sections (`[cri_keychain]`) are written after them.
     pub fn start(dir: &Path, extra: &[(&str, &str)]) -> Stack {
         Stack::start_with_args(dir, extra, &[])
     }
@@ -105,7 +106,7 @@ impl Stack {
              hosts_dir = \"{}\"\nstargz_config = \"\"\n{}\n\
              [fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n{}\n\
              [snapshotter]\nsocket = \"{}\"\nroot = \"{}\"\n{}\n\
-             [log]\nlevel = \"info,stargaze_snapshotter=debug\"\n",
+             [log]\nlevel = \"info,stargaze_snapshotter=debug\"\n{}",
             s.fetcher_socket.display(),
             s.cache_dir.display(),
             // Private: never the machine's registry configuration.
@@ -117,6 +118,7 @@ impl Stack {
             s.snapshotter_socket.display(),
             s.root.display(),
             section("snapshotter"),
+            other_sections(extra),
         );
         std::fs::write(&s.config, config).expect("write stack config");
         for svc in Service::ALL {
@@ -214,6 +216,29 @@ impl Stack {
             self.snapshotter_socket.display()
         )
     }
+}
+
+/// The `extra` entries for sections other than the three services' (e.g.
+/// `[cri_keychain]`), each written as a section of its own.
+fn other_sections(extra: &[(&str, &str)]) -> String {
+    let mut names: Vec<&str> = extra
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| !["fetcher", "fs", "snapshotter", "log"].contains(s))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let keys: String = extra
+                .iter()
+                .filter(|(s, _)| *s == name)
+                .map(|(_, v)| format!("{v}\n"))
+                .collect();
+            format!("[{name}]\n{keys}")
+        })
+        .collect()
 }
 
 impl Drop for Stack {

@@ -11,8 +11,12 @@ pub struct TokenRegistry {
     pub registry: Registry,
     /// The token endpoint (`http://127.0.0.1:PORT/token`).
     pub realm: String,
-    /// JSON lines, one per token request: user, scopes, granted access.
+    /// JSON lines, one per token request: user, scopes, granted access,
+    /// grant (`basic` or `refresh_token`).
     pub token_log: PathBuf,
+    /// An OAuth2 refresh token (docker's identity token) the server
+    /// accepts for the user, POSTed with `grant_type=refresh_token`.
+    pub refresh_token: String,
     server: Child,
     _dir: tempfile::TempDir,
 }
@@ -34,6 +38,7 @@ impl TokenRegistry {
         let server = Command::new(bin)
             .args(["-addr", &addr, "-user", user, "-password", password])
             .args(["-lifetime", &lifetime_secs.to_string()])
+            .args(["-refresh-token", &format!("refresh-{password}")])
             .arg("-cert")
             .arg(&cert)
             .arg("-log")
@@ -61,6 +66,7 @@ impl TokenRegistry {
             registry,
             realm,
             token_log,
+            refresh_token: format!("refresh-{password}"),
             server,
             _dir: dir,
         }

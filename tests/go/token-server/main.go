@@ -3,9 +3,13 @@
 // scopes asked for (pull everywhere, push except under "readonly/"), and
 // signs ES256 JWTs with a self-signed certificate that the registry trusts
 // through `rootcertbundle`. Each token request is logged as a JSON line.
+// With -refresh-token, an OAuth2 refresh-token grant (a POSTed form with
+// grant_type=refresh_token, as docker's identity tokens are used) that
+// presents it is authorized as the user too.
 //
 // Usage: token-server -addr 127.0.0.1:PORT -cert OUT.pem -log LOG
-//        -user U -password P -issuer I -service S -lifetime SECONDS
+//        -user U -password P [-refresh-token T] -issuer I -service S
+//        -lifetime SECONDS
 //
 // The registry accepts a token up to 60 s after its `exp` (its leeway), so
 // a token meant to live N < 60 seconds gets exp = now + N - 60.
@@ -46,6 +50,7 @@ var (
 	logPath  = flag.String("log", "", "JSON lines of token requests")
 	user     = flag.String("user", "", "user name")
 	password = flag.String("password", "", "password")
+	refresh  = flag.String("refresh-token", "", "refresh token accepted for the user (POSTed grant_type=refresh_token)")
 	issuer   = flag.String("issuer", "stargaze-test-issuer", "iss claim")
 	lifetime = flag.Int("lifetime", 300, "seconds a token is accepted")
 	logMu    sync.Mutex
@@ -81,13 +86,21 @@ func main() {
 	}
 	http.HandleFunc("/token", func(w http.ResponseWriter, r *http.Request) {
 		u, p, ok := r.BasicAuth()
-		q := r.URL.Query()
+		// The query, and for a POST its form as well.
+		r.ParseForm()
+		q := r.Form
 		var scopes []string
 		for _, s := range q["scope"] {
 			scopes = append(scopes, strings.Fields(s)...)
 		}
 		var granted []access
 		authorized := ok && u == *user && p == *password
+		grant := "basic"
+		if r.Method == http.MethodPost && q.Get("grant_type") == "refresh_token" {
+			grant = "refresh_token"
+			u = *user
+			authorized = *refresh != "" && q.Get("refresh_token") == *refresh
+		}
 		if authorized {
 			for _, s := range scopes {
 				parts := strings.Split(s, ":")
@@ -106,7 +119,7 @@ func main() {
 		}
 		logMu.Lock()
 		line, _ := json.Marshal(map[string]interface{}{
-			"user": u, "authorized": authorized, "scopes": scopes,
+			"user": u, "authorized": authorized, "scopes": scopes, "grant": grant,
 			"service": q.Get("service"), "granted": granted,
 		})
 		logFile.Write(append(line, '\n'))

@@ -73,15 +73,15 @@ pub async fn read(
         tag: tag.clone(),
         reason: reason.to_string(),
     };
-    let v: serde_json::Value =
-        serde_json::from_slice(&artifact.bytes).map_err(|_| bad("its manifest is not JSON"))?;
-    let layer = v["layers"]
-        .as_array()
-        .and_then(|l| l.iter().find(|d| d["mediaType"] == MEDIA_TYPE))
+    let m = crate::image::parse_manifest(&artifact.bytes, &format!("{image}:{tag}"))
+        .map_err(|e| bad(&e.to_string()))?;
+    let layer = m
+        .layers()
+        .iter()
+        .find(|d| d.media_type().to_string() == MEDIA_TYPE)
         .ok_or_else(|| bad("no layer of type application/vnd.stargaze.trace.v1+json"))?;
-    let (Some(digest), Some(size)) = (layer["digest"].as_str(), layer["size"].as_u64()) else {
-        return Err(bad("its layer has no digest or size"));
-    };
+    let (digest, size) = (layer.digest().to_string(), layer.size());
+    let digest = digest.as_str();
     if size > stargaze_cache::trace::MAX_TRACE_BYTES {
         return Err(bad(&format!(
             "its trace is {size} bytes, more than {}",
