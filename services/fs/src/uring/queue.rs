@@ -189,15 +189,19 @@ impl Queue {
                     }
                     break;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                // Completions to reap first; the entries stay queued (and
+                // not armed) until a later submit takes them.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return,
                 Err(e) => {
                     tracing::error!(queue = self.qid, error = %e, "io_uring_enter failed");
                     break;
                 }
             }
         }
-        for i in self.to_arm.drain(..) {
-            self.mem.set_state(i, state::ARMED);
+        if self.ring.submission().is_empty() {
+            for i in self.to_arm.drain(..) {
+                self.mem.set_state(i, state::ARMED);
+            }
         }
     }
 
