@@ -223,3 +223,55 @@ pub fn wake_queues(mountpoint: &Path, queues: usize) {
         let _ = h.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::abi::{self, init_in, init_out, u16_at, u32_at};
+    use super::*;
+
+    fn init_request(uring: bool) -> Vec<u8> {
+        let mut b = vec![0u8; abi::IN_HEADER_LEN + 64];
+        let a = abi::IN_HEADER_LEN;
+        abi::put_u32(&mut b, a + init_in::FLAGS, abi::FUSE_INIT_EXT);
+        if uring {
+            abi::put_u32(&mut b, a + init_in::FLAGS2, abi::FLAGS2_OVER_IO_URING);
+        }
+        b
+    }
+
+    #[test]
+    fn the_init_reply_takes_io_uring_only_when_offered_and_bounds_the_payload() {
+        let h = abi::OUT_HEADER_LEN;
+        let mut reply = vec![0u8; h + 64];
+        abi::put_u32(&mut reply, h + init_out::MAX_WRITE, 16 << 20);
+        abi::put_u16(&mut reply, h + init_out::MAX_PAGES, 4096);
+        abi::put_u32(&mut reply, h + init_out::FLAGS2, 1);
+        let before = reply.clone();
+        assert!(!negotiate(&init_request(false), &mut reply));
+        assert_eq!(reply, before, "untouched when not offered");
+
+        assert!(negotiate(&init_request(true), &mut reply));
+        let out = &reply[h..];
+        assert_eq!(
+            u32_at(out, init_out::FLAGS2),
+            Some(1 | abi::FLAGS2_OVER_IO_URING)
+        );
+        assert_ne!(
+            u32_at(out, init_out::FLAGS).unwrap() & abi::FUSE_INIT_EXT,
+            0
+        );
+        assert_eq!(u32_at(out, init_out::MAX_WRITE), Some(PAYLOAD as u32));
+        assert_eq!(
+            u16_at(out, init_out::MAX_PAGES).map(|p| p as usize * 4096),
+            Some(PAYLOAD)
+        );
+        // A reply too short to carry flags2 (protocol < 7.36) is left alone.
+        let mut short = vec![0u8; h + 24];
+        assert!(!negotiate(&init_request(true), &mut short));
+    }
+
+    #[test]
+    fn possible_cpus_is_at_least_one() {
+        assert!(possible_cpus() >= 1);
+    }
+}
