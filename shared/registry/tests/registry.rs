@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use stargaze_registry::{
-    Client, ClientOptions, DockerConfig, Hosts, Platform, Reference, RegistryError,
+    Client, ClientOptions, DockerConfig, Hosts, Platform, Reference, RegistryError, UploadSource,
 };
 use stargaze_testkit::{Registry, image, require, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -264,6 +264,50 @@ async fn client_certificates_from_hosts_toml_open_a_mutual_tls_registry() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("missing-key.pem"), "{e}");
+}
+
+/// A registry on IPv6's loopback (`[::1]:port`): the reference, the
+/// endpoint's URL and Host header, pushes and ranged reads all work with
+/// the bracketed address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_registry_is_pushed_to_and_read_from() {
+    let reg = Registry::start_ipv6();
+    assert!(reg.addr.starts_with("[::1]:"), "{}", reg.addr);
+    let work = tempfile::tempdir().unwrap();
+    let c = client(Hosts::new(), work.path());
+    let r = Reference::parse(&format!("{}/six/app:v1", reg.addr)).unwrap();
+    let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let layer = stargaze_format::Digest::of(&data).to_string();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = stargaze_format::Digest::of(config).to_string();
+    for (digest, bytes) in [(&layer, data.clone()), (&config_digest, config.to_vec())] {
+        let len = bytes.len() as u64;
+        c.push_blob(&r, digest, len, UploadSource::Bytes(bytes.into()), &|_| {})
+            .await
+            .unwrap();
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":{}}}]}}"#,
+        config.len(),
+        data.len()
+    );
+    c.push_manifest(
+        &r,
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.clone().into(),
+    )
+    .await
+    .unwrap();
+    let m = c.resolve_manifest(&r, &Platform::host()).await.unwrap();
+    assert_eq!(&m.bytes[..], manifest.as_bytes());
+    let got = c
+        .blob(&r, &layer)
+        .read_ranges(&[0..10, 500_000..600_000])
+        .await
+        .unwrap();
+    assert_eq!(got, slices(&data, &[0..10, 500_000..600_000]));
 }
 
 /// A registry that serves one blob but answers 503 to its first two

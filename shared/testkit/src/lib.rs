@@ -551,16 +551,27 @@ impl Registry {
         (r, tls)
     }
 
+    /// A plain registry listening on IPv6's loopback only (`[::1]:port`).
+    pub fn start_ipv6() -> Registry {
+        let port = std::net::TcpListener::bind("[::1]:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port on [::1] (is IPv6 loopback up?)");
+        Self::start_at(format!("[::1]:{port}"), "", None)
+    }
+
     fn start_with(extra: &str, keys: Option<tempfile::TempDir>) -> Registry {
+        Self::start_at(format!("127.0.0.1:{}", free_port()), extra, keys)
+    }
+
+    fn start_at(addr: String, extra: &str, keys: Option<tempfile::TempDir>) -> Registry {
         require("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("sg-reg-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
         let config = format!(
-            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: {addr}\n{extra}",
+            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: \"{addr}\"\n{extra}",
             dir.path().display()
         );
         let config_path = dir.path().join("config.yml");
