@@ -137,17 +137,17 @@ async fn the_read_ahead_stays_in_the_directory_being_swept() {
         &[("srv/docs/a", 30), ("srv/docs/b", 200), ("srv/other", 200)],
     )
     .await;
-    let whole = |ino: u64| (ino, 0u64, 48u64 << 10);
-    let pos = |ino: u64| inos.iter().position(|&x| x == ino).unwrap();
-    let mut fetched = Vec::new();
-    for &ino in &inos[..30] {
-        fetched.extend(
-            layer
-                .sweep_ahead(&[whole(ino)])
-                .into_iter()
-                .map(|r| pos(r.0)),
-        );
-    }
+    // Read files `files` whole in turn: the positions of the files fetched
+    // ahead meanwhile.
+    let sweep = |files: &[u64]| -> Vec<usize> {
+        let pos = |ino: u64| inos.iter().position(|&x| x == ino).unwrap();
+        files
+            .iter()
+            .flat_map(|&ino| layer.sweep_ahead(&[(ino, 0, 48 << 10)]))
+            .map(|r| pos(r.0))
+            .collect()
+    };
+    let fetched = sweep(&inos[..30]);
     assert!(
         !fetched.is_empty(),
         "a sweep through srv/docs/a read nothing ahead"
@@ -158,15 +158,7 @@ async fn the_read_ahead_stays_in_the_directory_being_swept() {
     );
     // On into srv/docs/b: the sweep widens to srv/docs and goes on, but
     // not into srv/other.
-    fetched.clear();
-    for &ino in &inos[30..60] {
-        fetched.extend(
-            layer
-                .sweep_ahead(&[whole(ino)])
-                .into_iter()
-                .map(|r| pos(r.0)),
-        );
-    }
+    let fetched = sweep(&inos[30..60]);
     assert!(
         fetched.iter().any(|&p| p >= 60),
         "nothing ahead in srv/docs/b"

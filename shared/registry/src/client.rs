@@ -12,6 +12,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Challenge, Credential, DockerConfig, TokenCache, basic_header, parse_challenge};
@@ -94,6 +96,7 @@ impl HostStats {
 struct TlsKey {
     skip_verify: bool,
     ca: Vec<std::path::PathBuf>,
+    client: Vec<(std::path::PathBuf, Option<std::path::PathBuf>)>,
 }
 
 pub(crate) struct Inner {
@@ -163,29 +166,44 @@ fn build_pool(key: &TlsKey) -> Result<Http, RegistryError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| RegistryError::Config(format!("TLS: {e}")))?;
-    let config = if key.skip_verify {
+    let builder = if key.skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
     } else {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs_load() {
-            let _ = roots.add(cert);
-        }
+        roots.add_parsable_certificates(system_roots());
         for path in &key.ca {
-            let pem = std::fs::read(path)
-                .map_err(|e| RegistryError::Config(format!("CA file {}: {e}", path.display())))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| {
-                    RegistryError::Config(format!("CA file {}: {e}", path.display()))
-                })?;
+            for cert in pem_certificates(path, "CA file")? {
                 roots.add(cert).map_err(|e| {
                     RegistryError::Config(format!("CA file {}: {e}", path.display()))
                 })?;
             }
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    // One client certificate per connection: the first pair listed (a
+    // registry that asks for one names no choice rustls could use to pick
+    // among several; containerd's Go client offers the first too).
+    let config = match key.client.first() {
+        None => builder.with_no_client_auth(),
+        Some((cert, key_file)) => {
+            let chain = pem_certificates(cert, "client certificate")?;
+            let key_path = key_file.as_ref().unwrap_or(cert);
+            let private = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
+                RegistryError::Config(format!(
+                    "client key {}: {e} (hosts.toml `client` names the certificate and its key)",
+                    key_path.display()
+                ))
+            })?;
+            builder.with_client_auth_cert(chain, private).map_err(|e| {
+                RegistryError::Config(format!(
+                    "client certificate {} with key {}: {e}",
+                    cert.display(),
+                    key_path.display()
+                ))
+            })?
+        }
     };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
@@ -198,19 +216,34 @@ fn build_pool(key: &TlsKey) -> Result<Http, RegistryError> {
         .build(https))
 }
 
-/// The system's trusted roots (/etc/ssl/certs).
-fn rustls_native_certs_load() -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    let mut out = Vec::new();
-    for path in [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ] {
-        if let Ok(pem) = std::fs::read(path) {
-            out.extend(rustls_pemfile::certs(&mut pem.as_slice()).flatten());
-            break;
-        }
+/// Every certificate of a PEM file; `what` names the file in errors.
+fn pem_certificates(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, RegistryError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        RegistryError::Config(format!("{what} {}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no PEM certificate in it"));
     }
-    out
+    Ok(certs)
+}
+
+/// The system's trusted roots as `rustls-native-certs` finds them: the
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` the environment names, else the
+/// distribution's bundle. Unreadable entries are logged and skipped, as
+/// containerd skips them.
+fn system_roots() -> Vec<CertificateDer<'static>> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "a system CA certificate could not be loaded");
+    }
+    found.certs
 }
 
 /// An error with its causes ("connect: tls: invalid certificate ...").
@@ -340,7 +373,18 @@ impl Client {
     }
 
     pub fn endpoints(&self, r: &Reference) -> Result<Vec<Endpoint>, RegistryError> {
-        self.inner.hosts.endpoints(r)
+        self.usable(self.inner.hosts.endpoints(r)?)
+    }
+
+    /// `endpoints`, each with TLS settings that can be used: a CA or client
+    /// certificate file that is missing or unreadable is the operator's to
+    /// fix, so its error is the answer (as containerd fails loading such a
+    /// hosts.toml) rather than the error of the next endpoint tried.
+    pub(crate) fn usable(&self, endpoints: Vec<Endpoint>) -> Result<Vec<Endpoint>, RegistryError> {
+        for ep in endpoints.iter().filter(|e| e.is_https()) {
+            self.pool(ep)?;
+        }
+        Ok(endpoints)
     }
 
     /// Counters of every host contacted so far.
@@ -392,6 +436,7 @@ impl Client {
         let key = TlsKey {
             skip_verify: ep.skip_verify,
             ca: ep.ca.clone(),
+            client: ep.client.clone(),
         };
         let mut pools = self.inner.pools.lock();
         if let Some(p) = pools.get(&key) {

@@ -27,6 +27,10 @@ pub struct Endpoint {
     pub skip_verify: bool,
     /// Extra CA certificates (PEM files) trusted for this endpoint.
     pub ca: Vec<PathBuf>,
+    /// Client certificates for mutual TLS (`hosts.toml` `client`): PEM
+    /// certificate chain and its key; no key file = the key is in the
+    /// certificate's file, as containerd reads it.
+    pub client: Vec<(PathBuf, Option<PathBuf>)>,
     pub headers: Vec<(String, String)>,
     pub timeout: Option<Duration>,
 }
@@ -67,11 +71,52 @@ struct HostsToml {
     #[serde(default)]
     ca: Option<OneOrMany>,
     #[serde(default)]
+    client: Option<ClientCerts>,
+    #[serde(default)]
     header: HashMap<String, OneOrMany>,
     #[serde(default)]
     override_path: bool,
     #[serde(default)]
     host: indexmap_like::OrderedHosts,
+}
+
+/// `client` in hosts.toml, in containerd's forms: `"cert.pem"` (key in
+/// the same file), or a list of such paths and `["cert", "key"]` pairs.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum ClientCerts {
+    One(String),
+    Many(Vec<ClientCert>),
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum ClientCert {
+    Combined(String),
+    Pair(Vec<String>),
+}
+
+impl ClientCerts {
+    /// (certificate, key) paths; `None`: the key is in the certificate's
+    /// file. A pair of more than two paths is refused, as containerd does.
+    fn pairs(&self) -> Result<Vec<(String, Option<String>)>, String> {
+        let one = |c: &String| (c.clone(), None);
+        match self {
+            ClientCerts::One(c) => Ok(vec![one(c)]),
+            ClientCerts::Many(list) => list
+                .iter()
+                .map(|c| match c {
+                    ClientCert::Combined(c) => Ok(one(c)),
+                    ClientCert::Pair(p) => match p.as_slice() {
+                        [c] => Ok(one(c)),
+                        [c, k] if k.is_empty() => Ok(one(c)),
+                        [c, k] => Ok((c.clone(), Some(k.clone()))),
+                        _ => Err(format!("client pair {p:?} is not [certificate, key]")),
+                    },
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -95,6 +140,7 @@ struct HostEntry {
     capabilities: Option<Vec<String>>,
     skip_verify: Option<bool>,
     ca: Option<OneOrMany>,
+    client: Option<ClientCerts>,
     #[serde(default)]
     header: HashMap<String, OneOrMany>,
     #[serde(default)]
@@ -301,6 +347,7 @@ impl Hosts {
                 path,
                 skip_verify: m.insecure,
                 ca: Vec::new(),
+                client: Vec::new(),
                 headers: headers(&m.header),
                 timeout: (m.request_timeout_sec > 0)
                     .then(|| Duration::from_secs(m.request_timeout_sec as u64)),
@@ -312,6 +359,7 @@ impl Hosts {
             mirror: false,
             skip_verify: false,
             ca: Vec::new(),
+            client: Vec::new(),
             headers: Vec::new(),
             timeout: None,
         };
@@ -324,6 +372,19 @@ impl Hosts {
                         .flat_map(|c| c.list())
                         .map(|p| base.join(p))
                         .collect()
+                };
+                let client = |c: &Option<ClientCerts>| {
+                    let pairs =
+                        c.as_ref().map(|c| c.pairs()).transpose().map_err(|e| {
+                            RegistryError::Config(format!("{}: {e}", file.display()))
+                        })?;
+                    Ok::<_, RegistryError>(
+                        pairs
+                            .into_iter()
+                            .flatten()
+                            .map(|(c, k)| (base.join(c), k.map(|k| base.join(k))))
+                            .collect::<Vec<_>>(),
+                    )
                 };
                 for (url, e) in &t.host.0 {
                     // containerd's default for a `[host]` is pull and resolve.
@@ -342,6 +403,7 @@ impl Hosts {
                         path,
                         skip_verify: e.skip_verify.unwrap_or(false),
                         ca: ca(&e.ca),
+                        client: client(&e.client)?,
                         headers: headers(&e.header),
                         timeout: None,
                     });
@@ -359,6 +421,7 @@ impl Hosts {
                             mirror: false,
                             skip_verify: t.skip_verify.unwrap_or(false),
                             ca: ca(&t.ca),
+                            client: client(&t.client)?,
                             headers: headers(&t.header),
                             timeout: None,
                         });
@@ -440,6 +503,42 @@ ca = "ca.pem"
         assert_eq!(
             push,
             ["https://push-only.example", "https://registry.example:5000"]
+        );
+    }
+
+    #[test]
+    fn client_certificates_in_containerds_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("reg.example");
+        std::fs::create_dir_all(&d).unwrap();
+        let r = Reference::parse("reg.example/app:1").unwrap();
+        let h = Hosts::new().with_hosts_dir(dir.path());
+        let clients = |text: &str| {
+            std::fs::write(d.join("hosts.toml"), text).unwrap();
+            h.endpoints(&r)
+                .map(|e| e.into_iter().map(|e| e.client).collect::<Vec<_>>())
+        };
+        let c = clients(
+            "server = \"https://reg.example\"\nclient = \"both.pem\"\n[host.\"https://m.example\"]\nclient = [\"one.pem\", [\"c.pem\", \"k.pem\"], [\"/abs/c.pem\", \"\"]]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            [
+                vec![
+                    (d.join("one.pem"), None),
+                    (d.join("c.pem"), Some(d.join("k.pem"))),
+                    (PathBuf::from("/abs/c.pem"), None),
+                ],
+                vec![(d.join("both.pem"), None)],
+            ]
+        );
+        let e = clients("[host.\"https://m.example\"]\nclient = [[\"a\", \"b\", \"c\"]]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hosts.toml") && e.contains("[certificate, key]"),
+            "{e}"
         );
     }
 

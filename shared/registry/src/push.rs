@@ -537,6 +537,7 @@ mod tests {
             mirror: false,
             skip_verify: false,
             ca: Vec::new(),
+            client: Vec::new(),
             headers: Vec::new(),
             timeout: None,
         };

@@ -1,5 +1,5 @@
-//! The client against the real Debian docker-registry (plain HTTP, and TLS
-//! with htpasswd auth), and against a small misbehaving server.
+//! The client against the real Debian docker-registry (plain HTTP, TLS
+//! with htpasswd auth, mutual TLS), and against a small misbehaving server.
 
 use std::ops::Range;
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use stargaze_registry::{
-    Client, ClientOptions, DockerConfig, Hosts, Platform, Reference, RegistryError,
+    Client, ClientOptions, DockerConfig, Hosts, Platform, Reference, RegistryError, UploadSource,
 };
 use stargaze_testkit::{Registry, image, require, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -201,6 +201,113 @@ async fn tls_and_basic_auth_through_hosts_toml_and_docker_config() {
     let c = client(Hosts::new(), &creds);
     let e = c.blob(&r, &layer).size().await.unwrap_err();
     assert!(e.to_string().contains(&reg.addr), "{e}");
+}
+
+/// Mutual TLS: a registry that accepts only clients whose certificate its
+/// CA signed is read with hosts.toml's `client` (containerd's forms: a
+/// `[certificate, key]` pair with paths relative to the hosts directory,
+/// or one file holding both); without a client certificate the handshake
+/// fails and the error names the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_from_hosts_toml_open_a_mutual_tls_registry() {
+    let (reg, pki) = Registry::start_mtls();
+    let work = tempfile::tempdir().unwrap();
+    // skopeo's certificate directory: the CA as *.crt, the pair as
+    // *.cert and *.key.
+    let skopeo_certs = work.path().join("skopeo-certs");
+    std::fs::create_dir_all(&skopeo_certs).unwrap();
+    std::fs::copy(&pki.ca, skopeo_certs.join("ca.crt")).unwrap();
+    std::fs::copy(&pki.client_cert, skopeo_certs.join("client.cert")).unwrap();
+    std::fs::copy(&pki.client_key, skopeo_certs.join("client.key")).unwrap();
+    let dest = format!("{}/mtls/app:v1", reg.addr);
+    let cert_dir = format!("--dest-cert-dir={}", skopeo_certs.display());
+    let (layer, data) = push(work.path(), &dest, &[&cert_dir]);
+    let r = Reference::parse(&dest).unwrap();
+
+    let hosts_dir = work.path().join("certs.d");
+    let host_dir = hosts_dir.join(&reg.addr);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(&pki.client_cert, host_dir.join("client.pem")).unwrap();
+    std::fs::copy(&pki.client_key, host_dir.join("client-key.pem")).unwrap();
+    let mut combined = std::fs::read(&pki.client_cert).unwrap();
+    combined.extend(std::fs::read(&pki.client_key).unwrap());
+    std::fs::write(host_dir.join("combined.pem"), combined).unwrap();
+    let read_with = |client_line: &str| {
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!(
+                "server = \"https://{}\"\n\n[host.\"https://{}\"]\nca = \"{}\"\n{client_line}\n",
+                reg.addr,
+                reg.addr,
+                pki.ca.display()
+            ),
+        )
+        .unwrap();
+        let c = client(Hosts::new().with_hosts_dir(&hosts_dir), work.path());
+        let blob = c.blob(&r, &layer);
+        async move { blob.read_ranges(&[10..20, 3000..4000]).await }
+    };
+    for line in [
+        r#"client = [["client.pem", "client-key.pem"]]"#,
+        r#"client = "combined.pem""#,
+        r#"client = ["combined.pem"]"#,
+    ] {
+        let got = read_with(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(got, slices(&data, &[10..20, 3000..4000]), "{line}");
+    }
+    let e = read_with("").await.unwrap_err();
+    assert!(e.to_string().contains(&reg.addr), "{e}");
+    // A key that is not there is a configuration error naming the file.
+    let e = read_with(r#"client = [["client.pem", "missing-key.pem"]]"#)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("missing-key.pem"), "{e}");
+}
+
+/// A registry on IPv6's loopback (`[::1]:port`): the reference, the
+/// endpoint's URL and Host header, pushes and ranged reads all work with
+/// the bracketed address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_registry_is_pushed_to_and_read_from() {
+    let reg = Registry::start_ipv6();
+    assert!(reg.addr.starts_with("[::1]:"), "{}", reg.addr);
+    let work = tempfile::tempdir().unwrap();
+    let c = client(Hosts::new(), work.path());
+    let r = Reference::parse(&format!("{}/six/app:v1", reg.addr)).unwrap();
+    let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let layer = stargaze_format::Digest::of(&data).to_string();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = stargaze_format::Digest::of(config).to_string();
+    for (digest, bytes) in [(&layer, data.clone()), (&config_digest, config.to_vec())] {
+        let len = bytes.len() as u64;
+        c.push_blob(&r, digest, len, UploadSource::Bytes(bytes.into()), &|_| {})
+            .await
+            .unwrap();
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":{}}}]}}"#,
+        config.len(),
+        data.len()
+    );
+    c.push_manifest(
+        &r,
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.clone().into(),
+    )
+    .await
+    .unwrap();
+    let m = c.resolve_manifest(&r, &Platform::host()).await.unwrap();
+    assert_eq!(&m.bytes[..], manifest.as_bytes());
+    let got = c
+        .blob(&r, &layer)
+        .read_ranges(&[0..10, 500_000..600_000])
+        .await
+        .unwrap();
+    assert_eq!(got, slices(&data, &[0..10, 500_000..600_000]));
 }
 
 /// A registry that serves one blob but answers 503 to its first two

@@ -410,6 +410,92 @@ impl Drop for Containerd {
     }
 }
 
+/// A test CA with a server certificate for 127.0.0.1 and a client
+/// certificate, all signed by it (openssl; PEM files, keys unencrypted).
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    /// Made in a new private directory, returned with it (the files live as
+    /// long as it does).
+    pub fn new() -> (tempfile::TempDir, TestPki) {
+        require("openssl");
+        let keys = tempfile::Builder::new()
+            .prefix("sg-tls-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let k = keys.path();
+        let (ca, ca_key) = (k.join("ca.pem"), k.join("ca-key.pem"));
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=stargaze test CA",
+                "-keyout",
+            ])
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca));
+        let sign = |name: &str, subject: &str, ext: &str| -> (PathBuf, PathBuf) {
+            let (cert, key, csr) = (
+                k.join(format!("{name}.pem")),
+                k.join(format!("{name}-key.pem")),
+                k.join(format!("{name}.csr")),
+            );
+            run(Command::new("openssl")
+                .args([
+                    "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout",
+                ])
+                .arg(&key)
+                .arg("-out")
+                .arg(&csr));
+            let ext_file = k.join(format!("{name}.cnf"));
+            std::fs::write(&ext_file, ext).expect("ext");
+            run(Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+                .arg(&csr)
+                .arg("-CA")
+                .arg(&ca)
+                .arg("-CAkey")
+                .arg(&ca_key)
+                .arg("-out")
+                .arg(&cert)
+                .arg("-extfile")
+                .arg(&ext_file));
+            (cert, key)
+        };
+        let (server_cert, server_key) = sign(
+            "server",
+            "/CN=127.0.0.1",
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        );
+        let (client_cert, client_key) = sign(
+            "client",
+            "/CN=stargaze test client",
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        );
+        let pki = TestPki {
+            ca,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        };
+        (keys, pki)
+    }
+}
+
 /// A private docker-registry (distribution 2.8) on 127.0.0.1.
 pub struct Registry {
     pub dir: tempfile::TempDir,
@@ -427,61 +513,7 @@ impl Registry {
     /// with openssl; returns the CA's PEM to trust) and htpasswd Basic auth for
     /// `user`/`password` (bcrypt line made with Python's crypt).
     pub fn start_tls_auth(user: &str, password: &str) -> (Registry, PathBuf) {
-        require("openssl");
-        let keys = tempfile::Builder::new()
-            .prefix("sg-tls-")
-            .tempdir_in("/tmp")
-            .expect("temp dir");
-        let k = keys.path();
-        let (ca, ca_key) = (k.join("ca.pem"), k.join("ca-key.pem"));
-        let (cert, key, csr) = (k.join("cert.pem"), k.join("key.pem"), k.join("cert.csr"));
-        // A CA, and a server certificate for 127.0.0.1 signed by it.
-        run(Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=stargaze test CA",
-                "-keyout",
-            ])
-            .arg(&ca_key)
-            .arg("-out")
-            .arg(&ca));
-        run(Command::new("openssl")
-            .args([
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr));
-        let ext = k.join("ext.cnf");
-        std::fs::write(
-            &ext,
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        run(Command::new("openssl")
-            .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&ca)
-            .arg("-CAkey")
-            .arg(&ca_key)
-            .arg("-out")
-            .arg(&cert)
-            .arg("-extfile")
-            .arg(&ext));
+        let (keys, tls) = TestPki::new();
         let hash = run(Command::new("python3").args([
             "-c",
             "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
@@ -495,24 +527,51 @@ impl Registry {
         .expect("htpasswd");
         let extra = format!(
             "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: stargaze-test\n    path: {}\n",
-            cert.display(),
-            key.display(),
+            tls.server_cert.display(),
+            tls.server_key.display(),
             htpasswd.display()
         );
         let r = Self::start_with(&extra, Some(keys));
-        (r, ca)
+        (r, tls.ca)
+    }
+
+    /// A registry with mutual TLS: it serves a certificate for 127.0.0.1
+    /// and accepts only clients whose certificate its test CA signed
+    /// (distribution's `http.tls.clientcas`). Returns the CA and a client
+    /// certificate and key signed by it (PEM files).
+    pub fn start_mtls() -> (Registry, TestPki) {
+        let (keys, tls) = TestPki::new();
+        let extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n    clientcas:\n      - {}\n",
+            tls.server_cert.display(),
+            tls.server_key.display(),
+            tls.ca.display()
+        );
+        let r = Self::start_with(&extra, Some(keys));
+        (r, tls)
+    }
+
+    /// A plain registry listening on IPv6's loopback only (`[::1]:port`).
+    pub fn start_ipv6() -> Registry {
+        let port = std::net::TcpListener::bind("[::1]:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port on [::1] (is IPv6 loopback up?)");
+        Self::start_at(format!("[::1]:{port}"), "", None)
     }
 
     fn start_with(extra: &str, keys: Option<tempfile::TempDir>) -> Registry {
+        Self::start_at(format!("127.0.0.1:{}", free_port()), extra, keys)
+    }
+
+    fn start_at(addr: String, extra: &str, keys: Option<tempfile::TempDir>) -> Registry {
         require("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("sg-reg-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
         let config = format!(
-            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: {addr}\n{extra}",
+            "version: 0.1\nlog: {{ level: info }}\nstorage:\n  filesystem: {{ rootdirectory: {}/data }}\n  delete: {{ enabled: true }}\n  redirect: {{ disable: true }}\nhttp:\n  addr: \"{addr}\"\n{extra}",
             dir.path().display()
         );
         let config_path = dir.path().join("config.yml");
