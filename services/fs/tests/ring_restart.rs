@@ -5,6 +5,9 @@
 //! returns the right bytes (none fails, none hangs). Needs root, /dev/fuse,
 //! skopeo and the fuse module's `enable_uring`.
 
+#[path = "support/estargz.rs"]
+mod estargz;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
@@ -13,14 +16,13 @@ use std::time::{Duration, Instant};
 use stargaze_cache::Cache;
 use stargaze_fetcher::FetchOptions;
 use stargaze_fetcher::service::FetcherService;
-use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::*;
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
 use stargaze_testkit::fdstore::FdStore;
-use stargaze_testkit::{Registry, image, skopeo_copy, unmount_below};
+use stargaze_testkit::{Registry, image, unmount_below};
 
 /// The fs process and its mount, gone with the test.
 struct Fs {
@@ -86,28 +88,8 @@ async fn a_kill_9_under_io_uring_loses_no_read() {
         .unwrap();
     let w = work.path();
 
-    let src = w.join("src");
     let (data, files) = image::data_layer(11);
-    image::write_layout(&src, "x", "src", &[data]);
-    let out = w.join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
-        "esgz",
-        &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    let image_ref = format!("{}/stargaze/ring:esgz", reg.addr);
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{image_ref}"),
-    );
-    let manifest = dst
-        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
-        .unwrap();
+    let (image_ref, manifest) = estargz::push(&reg, w, &[data], "stargaze/ring");
 
     // The fetcher, served from this process (only fs is killed).
     let fetcher_sock = w.join("fetcher.sock");

@@ -5,6 +5,9 @@
 //! detached ones (which attach again), clean shutdown. Needs root and
 //! /dev/fuse.
 
+#[path = "support/estargz.rs"]
+mod estargz;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,13 +17,12 @@ use std::time::{Duration, Instant};
 use stargaze_cache::{Cache, EvictOptions};
 use stargaze_fetcher::FetchOptions;
 use stargaze_fetcher::service::FetcherService;
-use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::*;
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
-use stargaze_testkit::{Registry, image, run, skopeo_copy, unmount_below};
+use stargaze_testkit::{Registry, image, run, unmount_below};
 
 struct FsProcess {
     child: Child,
@@ -46,28 +48,9 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     let w = work.path();
 
     // A two-layer eStargz image in the registry.
-    let src = w.join("src");
     let (data, files) = image::data_layer(3);
-    image::write_layout(&src, "x", "src", &[image::busybox_layer(), data]);
-    let out = w.join("out");
-    let dst = OciLayout::open_or_create(&out).unwrap();
-    stargaze_oci::convert_image(
-        &OciLayout::open(&src).unwrap(),
-        Some("src"),
-        &dst,
-        "esgz",
-        &ImageConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap();
-    let image_ref = format!("{}/stargaze/fs:esgz", reg.addr);
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{image_ref}"),
-    );
-    let manifest = dst
-        .read_json(&dst.resolve(Some("esgz")).unwrap().digest)
-        .unwrap();
+    let (image_ref, manifest) =
+        estargz::push(&reg, w, &[image::busybox_layer(), data], "stargaze/fs");
 
     // The fetcher, served from this process.
     let fetcher_sock = w.join("fetcher.sock");
