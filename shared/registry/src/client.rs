@@ -628,13 +628,12 @@ impl Client {
         reference: &Reference,
     ) -> Result<(), RegistryError> {
         let keychain = &self.inner.keychain;
-        let lease = keychain.lookup(&reference.host, &reference.repository)?.or(
-            if reference.host != host {
-                keychain.lookup(host, &reference.repository)?
-            } else {
-                None
-            },
-        );
+        // The mirror's own credentials only when the image's host has none
+        // (a lookup may run a docker credential helper).
+        let mut lease = keychain.lookup(&reference.host, &reference.repository)?;
+        if lease.is_none() && reference.host != host {
+            lease = keychain.lookup(host, &reference.repository)?;
+        }
         let until = lease.as_ref().and_then(|l| l.until);
         let cred = lease.as_ref().map(|l| &l.credential);
         // A registry token is the answer to any challenge: it is what the
