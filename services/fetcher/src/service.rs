@@ -458,6 +458,30 @@ impl Fetcher for FetcherService {
         }))
     }
 
+    /// Reads fs served, for the recordings open now (`traces/`).
+    async fn note_reads(
+        &self,
+        r: Request<NoteReadsRequest>,
+    ) -> Result<Response<NoteReadsResponse>, Status> {
+        let req = r.into_inner();
+        let traces = &self.shared.traces;
+        if traces.recording()
+            && let Some(layer) = self.shared.layers.get(&req.layer_digest)
+        {
+            for FileRange {
+                inode,
+                offset,
+                length,
+            } in req.ranges
+            {
+                traces.note(&layer.digest, &layer.index.path_of(inode), offset, length);
+            }
+        }
+        Ok(Response::new(NoteReadsResponse {
+            generation: traces.generation(),
+        }))
+    }
+
     /// The CRI keychain's credentials (`credentials.rs`).
     async fn remember_credentials(
         &self,

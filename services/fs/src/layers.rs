@@ -39,6 +39,8 @@ pub struct Attached {
     pub presence: PresenceMap,
     pub cache: Arc<Cache>,
     pub stats: LayerStats,
+    /// The chunks whose first read was reported for traces (`reads.rs`).
+    pub reported: crate::reads::Reported,
     /// Keeps the fetcher's eviction away from the layer while attached.
     _pin: LayerPin,
 }
@@ -207,10 +209,12 @@ impl LayerTable {
                 t.next_slot
             }
         };
+        let reported = crate::reads::Reported::new(index.chunk_count() as usize);
         let a = Arc::new(Attached {
             digest: digest.to_string(),
             name: name.clone(),
             slot,
+            reported,
             index,
             presence,
             cache,

@@ -27,7 +27,8 @@
 //!   passthrough with its backing id) in a shared mapping, so the next
 //!   process answers the kernel consistently.
 //! * [`source`] is how missing chunks are asked for (the fetcher's gRPC
-//!   `Fetch`, retried while the fetcher restarts).
+//!   `Fetch`, retried while the fetcher restarts); [`reads`] reports what
+//!   was read, hits included, for the fetcher's learned access traces.
 //!
 //! * [`service`] is `stargaze.v1.Fs`: attach, detach (refused while an
 //!   overlay mount uses the layer), list, status.
@@ -43,6 +44,7 @@ pub mod opens;
 pub mod ops;
 pub mod passthrough;
 mod readahead;
+pub mod reads;
 pub mod service;
 pub mod session;
 mod shared;

@@ -47,6 +47,10 @@ pub(crate) enum Xattr {
 
 /// O_WRONLY | O_RDWR
 const O_ACCMODE: i32 = 0o3;
+/// Bytes of a file opened for passthrough reported as read for traces:
+/// most such files are small ones a prefetch completed; a large program
+/// or library is in the trace through the dependency prefetch already.
+const PASSTHROUGH_REPORTED: u64 = 1 << 20;
 /// The open flag execve adds (`__FMODE_EXEC`); FUSE passes it on.
 const FMODE_EXEC: i32 = 0o40;
 
@@ -167,6 +171,11 @@ impl StargazeFs {
             match self.backing(&a, local, fh) {
                 Ok(id) => {
                     p.opens.fetch_add(1, Ordering::Relaxed);
+                    // The kernel reads it without us from now on: report
+                    // its head as read (whole, for a small file).
+                    self.shared
+                        .reads
+                        .read(&a, local, 0, n.size().min(PASSTHROUGH_REPORTED));
                     return Ok(Opened::Passthrough {
                         fh,
                         backing_id: id.raw(),
@@ -209,6 +218,7 @@ impl StargazeFs {
         if offset >= end {
             return done(Ok(Vec::new()));
         }
+        self.shared.reads.read(&a, local, offset, end);
         if present(&a, local, offset, end) {
             match self.read_cached(&a, local, fh, offset, end) {
                 Ok(buf) => {

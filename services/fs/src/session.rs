@@ -139,6 +139,10 @@ fn serve(
     inherited: Option<Transport>,
 ) -> Result<FuseMount, HandoverError> {
     let taken_over = inherited.is_some();
+    // What is read goes to the fetcher's traces for as long as we serve.
+    shared
+        .runtime
+        .spawn(crate::reads::flush_every(Arc::downgrade(&shared)));
     let rings = choose_rings(&shared, mountpoint, init, inherited)?;
     let transport = if rings.is_some() {
         Transport::IoUring

@@ -53,6 +53,8 @@ pub struct FsShared {
     pub transport: Mutex<Option<Transport>>,
     /// Requests served through the io_uring rings.
     pub uring_requests: AtomicU64,
+    /// Reads waiting to be reported to the fetcher (`reads.rs`).
+    pub reads: crate::reads::ReadLog,
 }
 
 impl FsShared {
@@ -82,6 +84,7 @@ impl FsShared {
             transport_wanted: Mutex::new(FsTransport::Classic),
             transport: Mutex::new(None),
             uring_requests: AtomicU64::new(0),
+            reads: Default::default(),
         }
     }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use stargaze_proto::v1::fetcher_client::FetcherClient;
-use stargaze_proto::v1::{FetchRequest, FileRange, Priority};
+use stargaze_proto::v1::{FetchRequest, FileRange, NoteReadsRequest, Priority};
 
 /// Why a range could not be made present (the read fails with EIO and
 /// this is logged with the layer and file).
@@ -51,6 +51,14 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// reads that follow.
     async fn executing(&self, layer: &str, ino: u64) {
         let _ = (layer, ino);
+    }
+
+    /// Best effort: these ranges `(inode, offset, length)` of `layer` were
+    /// read, in this order (`reads.rs`). Returns the fetcher's recording
+    /// generation, `None` when it could not be told.
+    async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
+        let _ = (layer, ranges);
+        None
     }
 }
 
@@ -147,6 +155,27 @@ impl ChunkSource for GrpcFetcher {
         };
         if let Err(s) = self.client.clone().fetch(req).await {
             tracing::debug!(layer, ino, error = %s.message(), "fetching what an executed file loads failed");
+        }
+    }
+
+    async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
+        let req = NoteReadsRequest {
+            layer_digest: layer.to_string(),
+            ranges: ranges
+                .into_iter()
+                .map(|(inode, offset, length)| FileRange {
+                    inode,
+                    offset,
+                    length,
+                })
+                .collect(),
+        };
+        match self.client.clone().note_reads(req).await {
+            Ok(r) => Some(r.into_inner().generation),
+            Err(s) => {
+                tracing::debug!(layer, error = %s.message(), "reporting reads for traces failed");
+                None
+            }
         }
     }
 }

@@ -37,7 +37,17 @@ impl ChunkSource for Engine {
     async fn executing(&self, layer: &str, ino: u64) {
         EXECUTED.lock().unwrap().push((layer.to_string(), ino));
     }
+
+    async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
+        let mut noted = NOTED.lock().unwrap();
+        noted.extend(ranges.into_iter().map(|r| (layer.to_string(), r)));
+        Some(GENERATION.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
+
+/// Reads fs reported for traces, and the recording generation it is told.
+static NOTED: std::sync::Mutex<Vec<(String, (u64, u64, u64))>> = std::sync::Mutex::new(Vec::new());
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Files fs said were being executed (each test is its own process).
 static EXECUTED: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
@@ -916,4 +926,70 @@ async fn the_io_uring_transport_serves_the_same_tree_from_its_rings() {
         trees.push(tree);
     }
     assert_eq!(trees[0], trees[1]);
+}
+
+/// fs reports what it served, hits included (a file a prefetch brought in
+/// is read without a miss, and a trace needs it all the same), each
+/// chunk's first read once, and again after the fetcher's recording
+/// generation changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_reported_for_traces_hits_included_once_per_generation() {
+    stargaze_testkit::require_root_fuse();
+    let work = tempfile::tempdir().unwrap();
+    use stargaze_testkit::crafted;
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let tar = crafted::tar_of(&[
+        crafted::dir("d/"),
+        crafted::reg("d/prefetched", &[7u8; 10_000]),
+        crafted::reg("d/big", &big),
+    ]);
+    let (shared, layer, digest) = setup(&tar, work.path()).await;
+    let pre = layer.index.lookup_path("/d/prefetched").unwrap();
+    let big_ino = layer.index.lookup_path("/d/big").unwrap();
+    // In the cache before any read: fs will never ask for it.
+    layer.fetch(&[(pre, 0, 10_000)]).await.unwrap();
+    let m = mount(shared);
+    let dir = m.dir.path().join(&digest[7..]);
+    let direct_read = |name: &str, skip_4k: u64| {
+        let out = std::process::Command::new("dd")
+            .arg(format!("if={}", dir.join(name).display()))
+            .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+            .arg(format!("skip={skip_4k}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let noted = |ino: u64| -> Vec<(u64, u64)> {
+        NOTED
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(l, r)| *l == digest && r.0 == ino)
+            .map(|(_, r)| (r.1, r.2))
+            .collect()
+    };
+    let settle = || tokio::time::sleep(stargaze_fs::reads::FLUSH_EVERY * 4);
+
+    direct_read("d/prefetched", 0);
+    direct_read("d/prefetched", 0);
+    direct_read("d/big", 0);
+    direct_read("d/big", 100);
+    settle().await;
+    assert_eq!(noted(pre), [(0, 4096)], "the hit reported, once");
+    assert_eq!(
+        noted(big_ino),
+        [(0, 4096), (409_600, 4096)],
+        "in read order"
+    );
+
+    // A recording opened: the same reads are reported again.
+    GENERATION.store(2, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    direct_read("d/prefetched", 0);
+    settle().await;
+    assert_eq!(noted(pre), [(0, 4096), (0, 4096)]);
 }

@@ -90,6 +90,9 @@ pub struct Traces {
     images: Mutex<HashMap<String, Image>>,
     /// Images recording now (a read checks this before taking the lock).
     recording: AtomicUsize,
+    /// Counts recording windows opened: fs reports every chunk's first
+    /// read again when it changes (`NoteReads`).
+    generation: AtomicU64,
     /// The recording window, in milliseconds.
     record_for_ms: AtomicU64,
     /// The registry client, when traces are read from or published to
@@ -136,6 +139,7 @@ impl Traces {
             cache,
             images: Mutex::default(),
             recording: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
             record_for_ms: AtomicU64::new(RECORD_FOR.as_millis() as u64),
             client,
             read_published: AtomicBool::new(true),
@@ -260,6 +264,7 @@ impl Traces {
             };
             if img.until.is_none() {
                 self.recording.fetch_add(1, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
             img.until = Some(
                 Instant::now() + Duration::from_millis(self.record_for_ms.load(Ordering::Relaxed)),
@@ -409,6 +414,11 @@ impl Traces {
                 img.reads.push(read);
             }
         }
+    }
+
+    /// Changes whenever a recording window opens.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Is anything recording now?
