@@ -45,8 +45,10 @@ impl ChunkSource for Engine {
     }
 }
 
+/// A read fs reported for traces: layer, (inode, offset, length).
+type Noted = (String, (u64, u64, u64));
 /// Reads fs reported for traces, and the recording generation it is told.
-static NOTED: std::sync::Mutex<Vec<(String, (u64, u64, u64))>> = std::sync::Mutex::new(Vec::new());
+static NOTED: std::sync::Mutex<Vec<Noted>> = std::sync::Mutex::new(Vec::new());
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Files fs said were being executed (each test is its own process).
