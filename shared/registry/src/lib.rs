@@ -13,6 +13,9 @@
 //!   then the docker config; nothing derived from a credential outlives it.
 //! * [`client`] sends requests over hyper 1 + rustls (HTTP/2 when offered),
 //!   with a connection limit per host, timeouts and jittered retries.
+//! * [`proxy`] routes them through `HTTPS_PROXY` / `HTTP_PROXY` (CONNECT
+//!   tunnels for https, absolute-form requests for http) unless `NO_PROXY`
+//!   or loopback says otherwise, as containerd does.
 //! * [`blob`] reads byte ranges of a blob: endpoint and size found with one
 //!   probe, an endpoint that fails a read (by error variant) set aside for
 //!   a back-off while reads go on from the next one (mirror → origin) and
@@ -36,6 +39,7 @@ pub mod blob;
 pub mod client;
 pub mod hosts;
 pub mod keychain;
+pub mod proxy;
 pub mod push;
 pub mod reference;
 
@@ -44,6 +48,7 @@ pub use blob::Blob;
 pub use client::{Client, ClientOptions, HostStats};
 pub use hosts::{Endpoint, Hosts};
 pub use keychain::{Keychain, Lease, Remembered};
+pub use proxy::{Proxies, Proxy};
 pub use push::UploadSource;
 pub use reference::Reference;
 
@@ -59,6 +64,16 @@ pub enum RegistryError {
     Config(String),
     #[error("request to {url} failed: {reason}")]
     Request { url: String, reason: String },
+    /// A request through a proxy (`HTTPS_PROXY` / `HTTP_PROXY`) failed.
+    #[error(
+        "request to {url} through proxy {proxy} (from {var}) failed: {reason}; check the proxy, or list the registry in NO_PROXY to bypass it"
+    )]
+    Proxy {
+        url: String,
+        proxy: String,
+        var: String,
+        reason: String,
+    },
     #[error("registry {host} refused the credentials: {reason}")]
     Unauthorized { host: String, reason: String },
     #[error("registry {host}, repository {repository}, {object}: HTTP {status} while {what}")]
@@ -94,7 +109,9 @@ impl RegistryError {
     /// Might the same request succeed later?
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Request { .. } | RegistryError::Body { .. } => true,
+            RegistryError::Request { .. }
+            | RegistryError::Proxy { .. }
+            | RegistryError::Body { .. } => true,
             RegistryError::Status { status, .. } => StatusCode::from_u16(*status)
                 .map(client::retryable)
                 .unwrap_or(false),
