@@ -410,6 +410,15 @@ impl Client {
         &self.inner.keychain
     }
 
+    /// Forget the CRI keychain's credential for `repository` on `host`
+    /// and every token or Basic header cached for the repository, so that
+    /// nothing made from it is sent again. Whether there was a credential.
+    pub fn forget_credentials(&self, host: &str, repository: &str) -> bool {
+        let had = self.inner.keychain.remembered().forget(host, repository);
+        self.inner.tokens.forget_repository(repository);
+        had
+    }
+
     pub fn options(&self) -> &ClientOptions {
         &self.inner.opts
     }
