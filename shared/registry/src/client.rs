@@ -116,8 +116,6 @@ pub(crate) struct Inner {
     resting: Mutex<HashMap<String, Instant>>,
     stats: Mutex<HashMap<String, Arc<HostStats>>>,
     proxies: Arc<Proxies>,
-    /// Hosts whose first request through a proxy was logged.
-    proxied_hosts: Mutex<HashSet<String>>,
 }
 
 /// A registry client; cheap to clone.
@@ -345,6 +343,15 @@ fn missing_credentials(reference: &Reference, lease: Option<&Lease>) -> String {
     }
 }
 
+/// True the first time `what` is seen in this process: the proxies in
+/// use and each registry reached through one are logged once, however
+/// many clients a process makes (the CLI makes one per image location).
+fn log_once(what: String) -> bool {
+    static SEEN: std::sync::LazyLock<Mutex<HashSet<String>>> =
+        std::sync::LazyLock::new(Default::default);
+    SEEN.lock().insert(what)
+}
+
 /// Did a proxy refuse the connection (so that retrying is pointless)?
 fn refused_by_proxy(e: &Option<hyper_util::client::legacy::Error>) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> =
@@ -384,7 +391,7 @@ impl Client {
     /// ones first (see [`Client::keychain`]), then `creds`.
     pub fn new(hosts: Hosts, creds: DockerConfig, opts: ClientOptions) -> Client {
         let proxies = Arc::new(opts.proxies.clone());
-        if !proxies.is_empty() {
+        if !proxies.is_empty() && log_once(format!("proxies {}", proxies.describe())) {
             tracing::info!(proxies = %proxies.describe(), "registry requests go through proxies (HTTPS_PROXY / HTTP_PROXY / NO_PROXY)");
         }
         Client {
@@ -399,7 +406,6 @@ impl Client {
                 resting: Mutex::new(HashMap::new()),
                 stats: Mutex::new(HashMap::new()),
                 proxies,
-                proxied_hosts: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -585,7 +591,7 @@ impl Client {
             }
         };
         if let Some(p) = &via
-            && self.inner.proxied_hosts.lock().insert(host.clone())
+            && log_once(format!("via {host} {}", p.url()))
         {
             tracing::info!(registry = %host, proxy = %p.url(), from = p.var(), "registry reached through a proxy");
         }
