@@ -10,12 +10,13 @@ set -euo pipefail
 # busybox for test images, iproute2 + libnetfilter-queue-dev for the shaped
 # benchmark network, curl and zstd for scripts, systemd (systemd-analyze)
 # for the unit checks, gcc and libc6-dev for the ELF programs and libraries
-# the dependency-prefetch tests build.
+# the dependency-prefetch tests build, tinyproxy for the registry client's
+# proxy tests (they start their own; the package's service must not run).
 packages=(
     containerd runc docker-registry fuse3 skopeo stargz-snapshotter iproute2 curl zstd
     golang-go golang-github-containerd-stargz-snapshotter-dev
     golang-github-containerd-containerd-dev busybox-static libnetfilter-queue-dev systemd
-    gcc libc6-dev
+    gcc libc6-dev tinyproxy
 )
 
 missing=()
@@ -35,6 +36,15 @@ else
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # Packages must not start services (tinyproxy's would listen on 8888):
+    # a policy-rc.d refusing every start while we install, unless the
+    # machine has its own (then it decides; ours is removed afterwards).
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\n# deps.sh: no service starts while installing test dependencies\nexit 101\n' \
+            >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update </dev/null
     # Retry once: a concurrent install on the same machine has been seen to
     # remove dpkg's temporary files under us.
@@ -52,6 +62,13 @@ else
     if ((installed == 0)); then
         echo "deps: apt-get install failed twice: ${missing[*]}" >&2
         exit 1
+    fi
+fi
+# The tests start tinyproxy themselves; the packaged service stays off.
+if [[ -e /lib/systemd/system/tinyproxy.service ]] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable tinyproxy >/dev/null 2>&1 || true
+    if systemctl is-active --quiet tinyproxy 2>/dev/null; then
+        systemctl stop tinyproxy || true
     fi
 fi
 

@@ -33,10 +33,12 @@ pub struct Args {
     /// Accepted for ctr-remote compatibility: the output is always OCI.
     #[arg(long, hide = true)]
     pub oci: bool,
-    /// Largest uncompressed chunk of a file (4194304, 4MiB, 64KiB).
+    /// Largest uncompressed chunk of a file (4194304, 4MiB, 64KiB; K/M/G
+    /// and KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000).
     #[arg(long, value_parser = crate::parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u64,
-    /// Let small files share a compressed member until it holds this many bytes.
+    /// Let small files share a compressed member until it holds this many
+    /// bytes (units as for --chunk-size).
     #[arg(long, value_parser = crate::parse_size, default_value_t = 0)]
     pub min_chunk_size: u64,
     /// Files the workload reads first, one path per line ('#' comments):

@@ -93,23 +93,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parse a byte count: `4194304`, `4MiB`, `64KiB`, `4M`, `1G`.
+/// Parse a byte count: `4194304`, `4MiB`, `64KiB`, `4M` (2^20), `100MB`
+/// (10^6); the config files' parser, so both read a size alike.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4194304, 4MiB, 64KiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    stargaze_config::parse_size(s)
 }
 
 #[cfg(test)]
@@ -119,6 +106,9 @@ mod tests {
         assert_eq!(super::parse_size("4194304").unwrap(), 4 << 20);
         assert_eq!(super::parse_size("4MiB").unwrap(), 4 << 20);
         assert_eq!(super::parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(super::parse_size("4M").unwrap(), 4 << 20);
+        // SI, as in config files (it used to be 2^20 here).
+        assert_eq!(super::parse_size("4MB").unwrap(), 4_000_000);
         assert!(super::parse_size("4XB").is_err());
         assert!(super::parse_size("").is_err());
     }

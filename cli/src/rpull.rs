@@ -74,7 +74,8 @@ pub struct Args {
     plain_http: bool,
     /// Bytes of each layer to prefetch when it has no prefetch landmark
     /// (sent as containerd.io/snapshot/remote/stargz.prefetch); 0 leaves it
-    /// to the fetcher's `prefetch_size`.
+    /// to the fetcher's `prefetch_size`. A size such as 8MiB (K/M/G and
+    /// KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000).
     #[arg(long, default_value = "0", value_parser = crate::parse_size)]
     prefetch_size: u64,
     /// Platform of the image to pull from an index (os/arch[/variant]);

@@ -494,3 +494,81 @@ fn archives_as_source_and_destination() {
         );
     }
 }
+
+/// `stargaze convert` takes its proxies from the environment like
+/// containerd: `HTTP_PROXY` carries a plain-HTTP registry's pulls and
+/// pushes (tinyproxy's log has them), the log names the proxy once;
+/// the lower-case forms work too, and `no_proxy` with the registry's
+/// address sends everything straight to it. The registry listens on a
+/// non-loopback address (loopback is never proxied).
+#[test]
+fn convert_goes_through_the_proxy_of_its_environment() {
+    use stargaze_testkit::proxy::{LocalAddr, TinyProxy};
+    require("skopeo");
+    let net = LocalAddr::create();
+    let reg = Registry::start_on(&net.ip);
+    let proxy = TinyProxy::start(&[], None);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    image::write_layout(&src, "x", "v1", &[image::data_layer(6).0]);
+    skopeo_copy(
+        &format!("oci:{}:v1", src.display()),
+        &format!("docker://{}/a/src:v1", reg.addr),
+    );
+    let from = format!("docker://{}/a/src:v1", reg.addr);
+    let convert = |to: &str, env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_stargaze"));
+        c.args(["convert", "--plain-http", "--log-level", "info", &from, to]);
+        for var in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            c.env_remove(var);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("run stargaze");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "stargaze convert {from} {to} with {env:?} failed:\n{stderr}"
+        );
+        stderr
+    };
+    let seen = || proxy.requests(&format!("http://{}/v2/a/", reg.addr));
+
+    let to = format!("docker://{}/a/esgz:v1", reg.addr);
+    let log = convert(&to, &[("HTTP_PROXY", &proxy.url())]);
+    assert!(
+        proxy.requests(&format!("GET http://{}/v2/a/src/", reg.addr)) >= 1
+            && proxy.requests(&format!("PUT http://{}/v2/a/esgz/manifests/v1", reg.addr)) == 1,
+        "the pull and the push went through the proxy; its log:\n{}",
+        proxy.log()
+    );
+    let named = log
+        .lines()
+        .filter(|l| l.contains("registry reached through a proxy") && l.contains(&proxy.url()))
+        .count();
+    assert_eq!(
+        named, 1,
+        "the proxy is logged once for the registry:\n{log}"
+    );
+
+    let through = seen();
+    convert(
+        &format!("docker://{}/a/esgz:v2", reg.addr),
+        &[("http_proxy", &proxy.url())],
+    );
+    assert!(seen() > through, "http_proxy is honoured too");
+    let through = seen();
+    convert(
+        &format!("docker://{}/a/esgz:v3", reg.addr),
+        &[("http_proxy", &proxy.url()), ("no_proxy", &net.ip)],
+    );
+    assert_eq!(seen(), through, "no_proxy bypasses the proxy");
+}

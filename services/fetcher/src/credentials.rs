@@ -47,6 +47,24 @@ pub fn remember(
             "{e}; the CRI keychain files credentials by the pulled image's reference"
         ))
     })?;
+    // A zero TTL forgets (the snapshotter's answer to a RemoveImage): no
+    // credentials needed, and what was made from them goes too.
+    if r.ttl_millis == 0 {
+        let client_remembered = client.keychain().remembered();
+        if client.forget_credentials(&reference.host, &reference.repository) {
+            tracing::info!(
+                image,
+                registry = reference.host,
+                repository = reference.repository,
+                "credentials from the CRI keychain forgotten (the image was removed)"
+            );
+        }
+        return Ok(RememberCredentialsResponse {
+            remembered: client_remembered.len() as u32,
+            host: reference.host,
+            repository: reference.repository,
+        });
+    }
     let credentials = r.credentials.as_ref().ok_or_else(|| {
         Status::invalid_argument(format!("image {image}: no credentials in the request"))
     })?;
@@ -148,6 +166,50 @@ mod tests {
         assert_eq!(
             lease.unwrap().credential,
             Credential::IdentityToken("t".into())
+        );
+    }
+
+    /// A zero TTL forgets the repository's credential (no credentials
+    /// needed in the request) and leaves other repositories alone.
+    #[test]
+    fn a_zero_ttl_forgets_the_repository() {
+        let c = client();
+        let remember_for = |image: &str, ttl_millis| {
+            remember(
+                &c,
+                RememberCredentialsRequest {
+                    image_ref: image.into(),
+                    credentials: Some(RegistryCredentials {
+                        username: "u".into(),
+                        password: "p".into(),
+                        ..Default::default()
+                    }),
+                    ttl_millis,
+                },
+            )
+            .unwrap()
+        };
+        remember_for("r.example/team/app:1", 60_000);
+        remember_for("r.example/team/other:1", 60_000);
+        let answer = remember(
+            &c,
+            RememberCredentialsRequest {
+                image_ref: "r.example/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+                credentials: None,
+                ttl_millis: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (answer.repository.as_str(), answer.remembered),
+            ("team/app", 1)
+        );
+        assert_eq!(c.keychain().lookup("r.example", "team/app").unwrap(), None);
+        assert!(
+            c.keychain()
+                .lookup("r.example", "team/other")
+                .unwrap()
+                .is_some()
         );
     }
 

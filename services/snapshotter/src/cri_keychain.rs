@@ -6,7 +6,9 @@
 //! client's keychain, which uses them for the image's repository until the
 //! TTL has passed, and here, so that a fetcher that restarted (and lost
 //! them) is handed them again within [`RESEND_EVERY`], with what is left of
-//! their TTL. Which repositories have credentials and until when feeds the
+//! their TTL, or until the kubelet removes the repository's last image
+//! ([`Keychain::forget_removed`], a `RememberCredentials` with a zero TTL
+//! to the fetcher). Which repositories have credentials and until when feeds the
 //! `stargaze_snapshotter_cri_credentials` gauge and `stargaze status`.
 
 use std::collections::HashMap;
@@ -69,6 +71,38 @@ pub fn credentials_of(
     };
     let empty = c.username.is_empty() && c.registry_token.is_empty() && c.identity_token.is_empty();
     Ok((!empty).then_some(c))
+}
+
+/// The registry host and repository of an image name: containerd's full
+/// form ("docker.io/library/nginx:1", "r.example:5000/app@sha256:…") or
+/// the kubelet's short one ("nginx:1", "team/app"), normalized as
+/// containerd normalizes it. `None` for an image ID ("sha256:…").
+pub fn repository_of(name: &str) -> Option<(String, String)> {
+    let name = name.trim();
+    let name = name.split('@').next().unwrap_or(name);
+    if name.is_empty() || name.starts_with("sha256:") {
+        return None;
+    }
+    let (host, path) = match name.split_once('/') {
+        Some((h, rest)) if h.contains('.') || h.contains(':') || h == "localhost" => {
+            (h.to_string(), rest.to_string())
+        }
+        _ => ("docker.io".to_string(), name.to_string()),
+    };
+    // A tag follows the last ':' of the path.
+    let path = match path.rsplit_once(':') {
+        Some((p, tag)) if !tag.contains('/') => p.to_string(),
+        _ => path,
+    };
+    if path.is_empty() {
+        return None;
+    }
+    let path = if host == "docker.io" && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path
+    };
+    Some((host, path))
 }
 
 /// How often every live credential is handed to the fetcher again (a
@@ -207,6 +241,71 @@ impl Keychain {
 
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// Does it hold (or has it handed over) any credential?
+    pub fn holds_any(&self) -> bool {
+        !self.held.lock().is_empty() || self.stats.live_credentials() > 0
+    }
+
+    /// After containerd removed an image named `removed` (its tags and
+    /// digests): forget, here and in the fetcher, the credentials of each
+    /// of its repositories that no image in `remaining` (what containerd
+    /// still has) belongs to. A repository with another image left keeps
+    /// them: a container started from that image later reads its layers
+    /// lazily too, without the kubelet pulling (so handing over) again.
+    /// Returns the (host, repository) pairs forgotten.
+    pub async fn forget_removed(
+        &self,
+        removed: &[String],
+        remaining: &[String],
+    ) -> Vec<(String, String)> {
+        use std::collections::BTreeSet;
+        let gone: BTreeSet<(String, String)> =
+            removed.iter().filter_map(|n| repository_of(n)).collect();
+        let kept: BTreeSet<(String, String)> =
+            remaining.iter().filter_map(|n| repository_of(n)).collect();
+        let mut forgotten = Vec::new();
+        for repo in gone.difference(&kept) {
+            let dropped = {
+                let mut held = self.held.lock();
+                let before = held.len();
+                held.retain(|image, h| {
+                    let of = h.repository.clone().or_else(|| repository_of(image));
+                    of.as_ref() != Some(repo)
+                });
+                before - held.len()
+            };
+            let handed_over = self.stats.remembered.lock().remove(repo).is_some();
+            if dropped == 0 && !handed_over {
+                continue;
+            }
+            let image_ref = format!("{}/{}", repo.0, repo.1);
+            let answer = self
+                .fetcher
+                .clone()
+                .remember_credentials(RememberCredentialsRequest {
+                    image_ref: image_ref.clone(),
+                    credentials: None,
+                    ttl_millis: 0,
+                })
+                .await;
+            match answer {
+                Ok(_) => tracing::info!(
+                    registry = repo.0,
+                    repository = repo.1,
+                    "pull credentials forgotten: the repository's last image was removed"
+                ),
+                Err(s) => tracing::warn!(
+                    registry = repo.0,
+                    repository = repo.1,
+                    error = s.message(),
+                    "the repository's last image was removed but stargaze-fetcher could not be told to forget its pull credentials; it keeps them until their TTL ends"
+                ),
+            }
+            forgotten.push(repo.clone());
+        }
+        forgotten
     }
 
     /// Give the fetcher the credentials of a pull of `image`, if it has
@@ -355,6 +454,25 @@ mod tests {
         );
         k.supersede("r.example/app:2", &repo("app"));
         assert_eq!(keys(&k), ["r.example/app:2", "r.example/other:1"]);
+    }
+
+    #[test]
+    fn repositories_of_full_and_short_names() {
+        let r = |n: &str| repository_of(n).map(|(h, p)| format!("{h} {p}"));
+        assert_eq!(r("nginx").as_deref(), Some("docker.io library/nginx"));
+        assert_eq!(r("nginx:1").as_deref(), Some("docker.io library/nginx"));
+        assert_eq!(
+            r("docker.io/library/nginx:1").as_deref(),
+            Some("docker.io library/nginx")
+        );
+        assert_eq!(r("team/app:2").as_deref(), Some("docker.io team/app"));
+        assert_eq!(
+            r("r.example:5000/team/app@sha256:abcd").as_deref(),
+            Some("r.example:5000 team/app")
+        );
+        assert_eq!(r("localhost/app").as_deref(), Some("localhost app"));
+        assert_eq!(r("sha256:abcd"), None);
+        assert_eq!(r(""), None);
     }
 
     #[test]

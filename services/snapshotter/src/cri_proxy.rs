@@ -4,6 +4,9 @@
 //! `PullImage` go to the fetcher first ([`crate::cri_keychain`]), so that
 //! the layers containerd then asks us to prepare can be read lazily from a
 //! private registry instead of being downloaded whole by containerd.
+//! And on `RemoveImage`, once containerd has removed the image, the
+//! credentials of its repositories are forgotten (here and in the
+//! fetcher) unless containerd still has another image of the repository.
 //!
 //! Requests are decoded and re-encoded with the whole vendored CRI proto,
 //! so nothing the kubelet sends is lost on the way. Errors from containerd
@@ -84,6 +87,62 @@ impl CriProxy {
     }
 }
 
+impl CriProxy {
+    /// The tags and digests containerd lists for the image `spec` names
+    /// (none when it does not know it or cannot be asked).
+    async fn image_names(&self, spec: &ImageSpec) -> Vec<String> {
+        let answer = self
+            .containerd
+            .clone()
+            .image_status(ImageStatusRequest {
+                image: Some(spec.clone()),
+                verbose: false,
+            })
+            .await;
+        match answer.map(|a| a.into_inner().image) {
+            Ok(Some(image)) => [image.repo_tags, image.repo_digests].concat(),
+            Ok(None) => Vec::new(),
+            Err(s) => {
+                tracing::debug!(
+                    image = spec.image,
+                    error = s.message(),
+                    "CRI keychain: ImageStatus before RemoveImage"
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// After `removed` (an image's names) is gone: forget the pull
+    /// credentials of its repositories unless containerd still has
+    /// another image of them (then they may be needed again, without a
+    /// pull). When containerd's image list cannot be read, nothing is
+    /// forgotten: the credentials expire with their TTL as before.
+    async fn forget_credentials(&self, removed: &[String]) {
+        let remaining = match self
+            .containerd
+            .clone()
+            .list_images(ListImagesRequest { filter: None })
+            .await
+        {
+            Ok(a) => a
+                .into_inner()
+                .images
+                .into_iter()
+                .flat_map(|i| i.repo_tags.into_iter().chain(i.repo_digests))
+                .collect::<Vec<_>>(),
+            Err(s) => {
+                tracing::warn!(
+                    error = s.message(),
+                    "CRI keychain: containerd's image list could not be read after a RemoveImage; the pull credentials are kept until their TTL ends"
+                );
+                return;
+            }
+        };
+        self.keychain.forget_removed(removed, &remaining).await;
+    }
+}
+
 #[tonic::async_trait]
 impl ImageService for CriProxy {
     async fn list_images(
@@ -136,7 +195,21 @@ impl ImageService for CriProxy {
         &self,
         r: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
-        let answer = self.containerd.clone().remove_image(r.into_inner()).await;
+        let r = r.into_inner();
+        // The kubelet names the image by its ID, usually: its names come
+        // from containerd, asked before it forgets them.
+        let names = match (&r.image, self.keychain.holds_any()) {
+            (Some(spec), true) => {
+                let mut names = self.image_names(spec).await;
+                names.push(spec.image.clone());
+                names
+            }
+            _ => Vec::new(),
+        };
+        let answer = self.containerd.clone().remove_image(r).await;
+        if answer.is_ok() && !names.is_empty() {
+            self.forget_credentials(&names).await;
+        }
         self.backend(answer)
     }
 

@@ -644,3 +644,148 @@ fn token_registry_pull_secret_through_the_cri_keychain() {
 fn token_registry_identity_token_through_the_cri_keychain() {
     pull_secrets_make_private_layers_lazy(token_registry(true));
 }
+
+/// `RemoveImage` through the proxy (by image ID, as the kubelet's image
+/// GC sends it): the pull credentials of a repository are forgotten, in
+/// the snapshotter and in the fetcher, when its last image is removed,
+/// and kept while another image of it remains (a container started from
+/// that one later reads lazily without a new pull). Other repositories
+/// keep theirs. The TTL is long: forgetting, not expiry, is what shows.
+#[test]
+fn removing_a_repositorys_last_image_forgets_its_pull_credentials() {
+    require_root_fuse();
+    for tool in ["skopeo", "containerd", "docker-registry"] {
+        require(tool);
+    }
+    let private = htpasswd_registry();
+    let work = tempfile::Builder::new()
+        .prefix("sg-crirm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let images = w.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    private.push(&images, 71, "private/app:one");
+    private.push(&images, 72, "private/app:two");
+    private.push(&images, 73, "private/other:1");
+    let kept_layer = private.push(&images, 74, "private/app:kept");
+    let gone_layer = private.push(&images, 75, "private/app:gone");
+    let other_layer = private.push(&images, 76, "private/other:2");
+
+    let sdir = w.join("s");
+    std::fs::create_dir_all(&sdir).unwrap();
+    private.write_hosts_toml(&sdir.join("certs.d"), false);
+    let cri_socket = sdir.join("cri.sock");
+    let containerd_link = sdir.join("containerd.sock");
+    let keychain_config = [
+        "enable = true".to_string(),
+        format!("image_service_path = \"{}\"", cri_socket.display()),
+        format!(
+            "containerd_image_service = \"{}\"",
+            containerd_link.display()
+        ),
+        "credential_ttl = \"1h\"".to_string(),
+    ];
+    let extra: Vec<(&str, &str)> = keychain_config
+        .iter()
+        .map(|l| ("cri_keychain", l.as_str()))
+        .collect();
+    let stack = Stack::start(&sdir, &extra);
+    let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
+    private.write_hosts_toml(&ctd.dir.path().join("certs.d"), true);
+    std::os::unix::fs::symlink(&ctd.socket, &containerd_link).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let proxy = ImageServiceClient::new(stargaze_proto::connect_unix(&cri_socket).unwrap());
+    let fetcher = FetcherClient::new(stargaze_proto::connect_unix(&stack.fetcher_socket).unwrap());
+    let snapshotter =
+        SnapshotterClient::new(stargaze_proto::connect_unix(&stack.snapshotter_socket).unwrap());
+    let name = |repo_tag: &str| format!("{}/{repo_tag}", private.host);
+    let pull = |repo_tag: &str| {
+        runtime
+            .block_on(
+                proxy
+                    .clone()
+                    .pull_image(pull_request(&name(repo_tag), Some(private.auth()))),
+            )
+            .unwrap_or_else(|s| panic!("PullImage {repo_tag}: {s}\n{}", logs(&ctd, &stack)))
+            .into_inner()
+            .image_ref
+    };
+    let remove = |id: &str| {
+        runtime
+            .block_on(proxy.clone().remove_image(RemoveImageRequest {
+                image: Some(ImageSpec {
+                    image: id.to_string(),
+                    ..Default::default()
+                }),
+            }))
+            .unwrap_or_else(|s| panic!("RemoveImage {id}: {s}\n{}", logs(&ctd, &stack)));
+    };
+    let credentials = || {
+        runtime
+            .block_on(snapshotter.clone().status(SnapshotterStatusRequest {}))
+            .unwrap()
+            .into_inner()
+            .cri_keychain
+            .expect("status reports the CRI keychain")
+            .credentials
+    };
+    let resolve = |repo_tag: &str, layer: &Layer| {
+        runtime.block_on(
+            fetcher
+                .clone()
+                .resolve_layer(resolve_request(&name(repo_tag), layer)),
+        )
+    };
+
+    let one = pull("private/app:one");
+    let two = pull("private/app:two");
+    pull("private/other:1");
+    assert!(one.starts_with("sha256:") && one != two, "{one} {two}");
+    assert_eq!(credentials(), 2, "private/app and private/other");
+
+    // Another image of private/app is left: its credentials stay.
+    remove(&one);
+    assert_eq!(credentials(), 2);
+    resolve("private/app:kept", &kept_layer).unwrap_or_else(|e| {
+        panic!(
+            "with private/app:two left the credentials are kept: {e:?}\n{}",
+            logs(&ctd, &stack)
+        )
+    });
+
+    // The last one: forgotten here and in the fetcher (tokens included).
+    remove(&two);
+    assert_eq!(credentials(), 1, "only private/other's are left");
+    let e = resolve("private/app:gone", &gone_layer)
+        .expect_err("the fetcher forgot private/app's credentials");
+    assert!(
+        e.message().contains("no credentials for"),
+        "the error says credentials are missing: {e:?}"
+    );
+    let log = stack.log(Service::Snapshotter);
+    assert!(
+        log.contains("pull credentials forgotten") && log.contains("private/app"),
+        "{log}"
+    );
+    assert!(
+        stack
+            .log(Service::Fetcher)
+            .contains("credentials from the CRI keychain forgotten"),
+        "{}",
+        logs(&ctd, &stack)
+    );
+    resolve("private/other:2", &other_layer).unwrap_or_else(|e| {
+        panic!(
+            "private/other keeps its credentials: {e:?}\n{}",
+            logs(&ctd, &stack)
+        )
+    });
+    drop(ctd);
+    drop(stack);
+}

@@ -913,7 +913,64 @@ fn key_line(doc: &toml::de::DeTable<'_>, text: &str, section: &str, key: &str) -
     Some(line_of(text, k.span().start))
 }
 
-/// Sizes: integers in bytes, or strings with a unit ("20GiB", "512K").
+/// Parse a size, the one parser of config files and the CLI: a number
+/// of bytes (`4194304`), or a number (decimals allowed: `1.5G`) with a
+/// unit, case-insensitive, spaces allowed before it:
+///
+/// * `KiB`, `MiB`, `GiB`, `TiB` (and Kubernetes' `Ki`, `Mi`, `Gi`, `Ti`):
+///   powers of 1024;
+/// * `KB`, `MB`, `GB`, `TB`: powers of 1000 (SI), as containerd and the Go
+///   snapshotter print sizes (go-units `HumanSize`) and as `FromHumanSize`
+///   reads them;
+/// * bare `K`, `M`, `G`, `T`: powers of 1024, as docker's `--memory` and
+///   `--shm-size` (go-units `RAMInBytes`) read them, and as config files
+///   have always read them here;
+/// * `B`: bytes.
+///
+/// Written here rather than taken from `bytesize` or `byte-unit`: both read
+/// a bare `M` as 10^6 (and `byte-unit` rejects `Mi`), which would change
+/// what existing config files mean.
+pub fn parse_size(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {v:?} (use B, KiB/MiB/GiB/TiB = 1024^n, KB/MB/GB/TB = 1000^n, or K/M/G/T = 1024^n)"
+            ));
+        }
+    };
+    let not_a_size = || format!("{v:?} is not a size (e.g. 4194304, 4MiB, 64KiB, 100MB)");
+    if num.is_empty() {
+        return Err(not_a_size());
+    }
+    let too_large = || format!("{v:?} is too large");
+    if !num.contains('.') {
+        let n: u64 = num.parse().map_err(|_| not_a_size())?;
+        return n.checked_mul(mult).ok_or_else(too_large);
+    }
+    let n: f64 = num.parse().map_err(|_| not_a_size())?;
+    let bytes = (n * mult as f64).round();
+    if !(0.0..u64::MAX as f64).contains(&bytes) {
+        return Err(too_large());
+    }
+    Ok(bytes as u64)
+}
+
+/// Sizes: integers in bytes, or strings with a unit ("20GiB", "512K"),
+/// read by [`parse_size`].
 mod size {
     use std::fmt;
 
@@ -931,30 +988,6 @@ mod size {
     const EXPECTED: &str =
         "a size in bytes, or a string such as \"512KiB\", \"20GiB\" or \"100MB\"";
 
-    /// Parse "20GiB", "1.5G", "100 MB", "4096".
-    pub fn parse(v: &str) -> Option<u64> {
-        let v = v.trim();
-        let split = v
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(v.len());
-        let (num, unit) = v.split_at(split);
-        let num: f64 = num.parse().ok()?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "ki" | "kib" => 1 << 10,
-            "m" | "mi" | "mib" => 1 << 20,
-            "g" | "gi" | "gib" => 1 << 30,
-            "t" | "ti" | "tib" => 1 << 40,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "tb" => 1_000_000_000_000,
-            _ => return None,
-        };
-        let bytes = num * mult as f64;
-        (num >= 0.0 && bytes < u64::MAX as f64).then_some(bytes.round() as u64)
-    }
-
     struct SizeVisitor;
 
     impl Visitor<'_> for SizeVisitor {
@@ -965,7 +998,8 @@ mod size {
         }
 
         fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
-            parse(v).ok_or_else(|| E::custom(format!("invalid size {v:?}; expected {EXPECTED}")))
+            super::parse_size(v)
+                .map_err(|e| E::custom(format!("invalid size {v:?}: {e}; expected {EXPECTED}")))
         }
 
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {

@@ -325,3 +325,50 @@ fn suggestions() {
         "; valid keys: `root`, `socket`"
     );
 }
+
+/// One parser for config files and the CLI: SI units are powers of 1000,
+/// IEC units (and Kubernetes' `Mi`) and bare letters powers of 1024.
+#[test]
+fn size_units() {
+    use crate::parse_size;
+    for (text, bytes) in [
+        ("4194304", 4194304),
+        ("0", 0),
+        ("12B", 12),
+        ("64KiB", 64 << 10),
+        ("64kib", 64 << 10),
+        ("4MiB", 4 << 20),
+        ("4Mi", 4 << 20),
+        ("2GiB", 2 << 30),
+        ("1TiB", 1 << 40),
+        ("64K", 64 << 10),
+        ("64k", 64 << 10),
+        ("4M", 4 << 20),
+        ("1G", 1 << 30),
+        ("1T", 1 << 40),
+        ("1KB", 1_000),
+        ("100MB", 100_000_000),
+        ("100 mb", 100_000_000),
+        ("3GB", 3_000_000_000),
+        ("2TB", 2_000_000_000_000),
+        ("1.5M", 3 << 19),
+        ("0.5KB", 500),
+        (" 7 MiB ", 7 << 20),
+    ] {
+        assert_eq!(parse_size(text), Ok(bytes), "{text:?}");
+    }
+    for bad in [
+        "",
+        "MiB",
+        "4XB",
+        "4 4M",
+        "-1",
+        "1.2.3M",
+        "99999999999999999999",
+        "20000000T",
+    ] {
+        assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+    }
+    let e = parse_size("4XB").unwrap_err();
+    assert!(e.contains("\"xb\"") && e.contains("MiB"), "{e}");
+}

@@ -224,6 +224,21 @@ impl TokenCache {
             .map(|(tok, _)| tok.clone())
     }
 
+    /// Drop every token and Basic header made for `repository` (on any
+    /// host: mirrors cache theirs under their own): after its credentials
+    /// were forgotten, nothing made from them is sent again.
+    pub fn forget_repository(&self, repository: &str) -> usize {
+        let prefix = format!("repository:{repository}:");
+        let mut t = self.tokens.lock();
+        let before = t.len();
+        t.retain(|(_, scope), _| {
+            !scope
+                .split(' ')
+                .any(|item| item.starts_with(&prefix) && item.split(':').count() == 3)
+        });
+        before - t.len()
+    }
+
     /// Keep a token that lives `lifetime`: refreshed before it expires,
     /// at 90 % of its lifetime less a few seconds for requests in flight.
     pub fn put(&self, host: &str, scope: &str, token: String, lifetime: Duration) {
@@ -312,5 +327,36 @@ mod tests {
         ));
         assert_eq!(c.lookup("other.io").unwrap(), None);
         assert!(format!("{:?}", c.lookup("r.example:5000").unwrap()).contains("redacted"));
+    }
+
+    #[test]
+    fn forgetting_a_repository_drops_its_tokens_on_every_host() {
+        let t = TokenCache::default();
+        let hour = Duration::from_secs(3600);
+        t.put("r.example", "repository:team/app:pull", "a".into(), hour);
+        t.put(
+            "mirror.example",
+            "basic repository:team/app:pull",
+            "b".into(),
+            hour,
+        );
+        t.put(
+            "r.example",
+            "repository:team/app:pull,push repository:base:pull",
+            "c".into(),
+            hour,
+        );
+        t.put("r.example", "repository:team/app2:pull", "d".into(), hour);
+        t.put("r.example", "repository:base:pull", "e".into(), hour);
+        assert_eq!(t.forget_repository("team/app"), 3);
+        assert_eq!(t.get("r.example", "repository:team/app:pull"), None);
+        assert_eq!(
+            t.get("r.example", "repository:team/app2:pull").as_deref(),
+            Some("d")
+        );
+        assert_eq!(
+            t.get("r.example", "repository:base:pull").as_deref(),
+            Some("e")
+        );
     }
 }

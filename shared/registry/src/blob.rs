@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::client::{Client, Resp};
 use crate::hosts::Endpoint;
-use crate::{Reference, RegistryError};
+use crate::{EndpointFailure, Reference, RegistryError};
 
 #[derive(Default)]
 struct State {
@@ -232,13 +232,18 @@ impl Blob {
                 .filter_map(|(_, ep, _)| self.client.resting_until(ep))
                 .min()
         };
-        let mut last: Option<RegistryError> = None;
+        let mut failures: Vec<EndpointFailure> = Vec::new();
         for (rank, ep, _) in order.iter().cloned() {
+            let failure = |error: RegistryError| EndpointFailure {
+                endpoint: ep.origin.clone(),
+                mirror: ep.mirror,
+                error,
+            };
             let failed = |e: RegistryError| {
                 if several && e.is_endpoint_failure() {
                     self.client.set_aside(&ep, &e);
                 }
-                Some(e)
+                failure(e)
             };
             let url = ep.url(&self.reference, "blobs", &self.digest);
             let mut h = HeaderMap::new();
@@ -265,7 +270,7 @@ impl Blob {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    last = failed(e);
+                    failures.push(failed(e));
                     continue;
                 }
             };
@@ -279,7 +284,7 @@ impl Blob {
                     .map(String::from);
                 drop(resp);
                 let Some(loc) = loc else {
-                    last = Some(self.err(status, "redirect without Location"));
+                    failures.push(failure(self.err(status, "redirect without Location")));
                     continue;
                 };
                 // Pre-signed URLs take no registry credentials or headers.
@@ -324,7 +329,7 @@ impl Blob {
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok()),
                 _ => {
-                    last = failed(self.err(status, "probing the blob"));
+                    failures.push(failed(self.err(status, "probing the blob")));
                     continue;
                 }
             };
@@ -339,12 +344,12 @@ impl Blob {
                         tail: None,
                     });
                 }
-                None => last = Some(self.err(status, "the answer does not say the blob's size")),
+                None => failures.push(failure(
+                    self.err(status, "the answer does not say the blob's size"),
+                )),
             }
         }
-        Err(last.unwrap_or_else(|| {
-            RegistryError::Config(format!("no endpoint for {}", self.reference.host))
-        }))
+        Err(RegistryError::after_endpoints(&self.reference, failures))
     }
 
     /// The endpoint to read from (probing for one when there is none yet,

@@ -10,7 +10,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,9 +18,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::auth::{Challenge, Credential, DockerConfig, TokenCache, basic_header, parse_challenge};
 use crate::hosts::{Endpoint, Hosts};
 use crate::keychain::{Keychain, Lease};
+use crate::proxy::{Proxies, ProxyConnector};
 use crate::{Reference, RegistryError};
 
-type Http = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type Http = HyperClient<hyper_rustls::HttpsConnector<ProxyConnector>, Full<Bytes>>;
 
 /// Tunables of the client.
 #[derive(Debug, Clone)]
@@ -42,6 +42,10 @@ pub struct ClientOptions {
     /// the next endpoint (a mirror's successor, finally the origin) and
     /// come back to it once this has passed.
     pub endpoint_backoff: Duration,
+    /// Proxies for registry connections: by default `HTTPS_PROXY`,
+    /// `HTTP_PROXY` and `NO_PROXY` of the environment, as containerd
+    /// reads them (see [`crate::proxy`]).
+    pub proxies: Proxies,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +59,7 @@ impl Default for ClientOptions {
             max_ranges_per_request: 64,
             force_single_range: false,
             endpoint_backoff: Duration::from_secs(30),
+            proxies: Proxies::from_env(),
         }
     }
 }
@@ -110,6 +115,7 @@ pub(crate) struct Inner {
     /// Endpoints (by origin) set aside after a failure, until when.
     resting: Mutex<HashMap<String, Instant>>,
     stats: Mutex<HashMap<String, Arc<HostStats>>>,
+    proxies: Arc<Proxies>,
 }
 
 /// A registry client; cheap to clone.
@@ -161,7 +167,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 }
 
-fn build_pool(key: &TlsKey) -> Result<Http, RegistryError> {
+fn build_pool(key: &TlsKey, proxies: &Arc<Proxies>) -> Result<Http, RegistryError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -210,7 +216,7 @@ fn build_pool(key: &TlsKey) -> Result<Http, RegistryError> {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(ProxyConnector::new(proxies.clone()));
     Ok(HyperClient::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(https))
@@ -337,6 +343,43 @@ fn missing_credentials(reference: &Reference, lease: Option<&Lease>) -> String {
     }
 }
 
+/// True the first time `what` is seen in this process: the proxies in
+/// use and each registry reached through one are logged once, however
+/// many clients a process makes (the CLI makes one per image location).
+fn log_once(what: String) -> bool {
+    static SEEN: std::sync::LazyLock<Mutex<HashSet<String>>> =
+        std::sync::LazyLock::new(Default::default);
+    SEEN.lock().insert(what)
+}
+
+/// Did a proxy refuse the connection (so that retrying is pointless)?
+fn refused_by_proxy(e: &Option<hyper_util::client::legacy::Error>) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> =
+        e.as_ref().map(|e| e as &(dyn std::error::Error + 'static));
+    while let Some(c) = cur {
+        if let Some(f) = c.downcast_ref::<crate::proxy::ProxyFailed>() {
+            return f.refused;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+/// What to do when a proxy wants credentials.
+fn proxy_auth_advice(p: &crate::Proxy) -> String {
+    if p.auth().is_some() {
+        format!(
+            "the proxy refused the credentials in {}; check them",
+            p.var()
+        )
+    } else {
+        format!(
+            "the proxy wants credentials (HTTP 407): put them in {} as http://USER:PASSWORD@HOST:PORT",
+            p.var()
+        )
+    }
+}
+
 /// Should a failure be retried?
 pub(crate) fn retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
@@ -347,6 +390,10 @@ impl Client {
     /// A client whose credentials come from its [`Keychain`]: remembered
     /// ones first (see [`Client::keychain`]), then `creds`.
     pub fn new(hosts: Hosts, creds: DockerConfig, opts: ClientOptions) -> Client {
+        let proxies = Arc::new(opts.proxies.clone());
+        if !proxies.is_empty() && log_once(format!("proxies {}", proxies.describe())) {
+            tracing::info!(proxies = %proxies.describe(), "registry requests go through proxies (HTTPS_PROXY / HTTP_PROXY / NO_PROXY)");
+        }
         Client {
             inner: Arc::new(Inner {
                 opts,
@@ -358,6 +405,7 @@ impl Client {
                 single_range: Mutex::new(HashSet::new()),
                 resting: Mutex::new(HashMap::new()),
                 stats: Mutex::new(HashMap::new()),
+                proxies,
             }),
         }
     }
@@ -366,6 +414,15 @@ impl Client {
     /// keychain's credentials in its [`Keychain::remembered`].
     pub fn keychain(&self) -> &Keychain {
         &self.inner.keychain
+    }
+
+    /// Forget the CRI keychain's credential for `repository` on `host`
+    /// and every token or Basic header cached for the repository, so that
+    /// nothing made from it is sent again. Whether there was a credential.
+    pub fn forget_credentials(&self, host: &str, repository: &str) -> bool {
+        let had = self.inner.keychain.remembered().forget(host, repository);
+        self.inner.tokens.forget_repository(repository);
+        had
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -442,7 +499,7 @@ impl Client {
         if let Some(p) = pools.get(&key) {
             return Ok(p.clone());
         }
-        let p = build_pool(&key)?;
+        let p = build_pool(&key, &self.inner.proxies)?;
         pools.insert(key, p.clone());
         Ok(p)
     }
@@ -524,6 +581,26 @@ impl Client {
             .to_string();
         let stats = self.host_stats(&host);
         let pool = self.pool(ep)?;
+        let via = match self.inner.proxies.for_url(url) {
+            None => None,
+            Some(Ok(p)) => Some(p.clone()),
+            Some(Err(e)) => {
+                return Err(RegistryError::Config(format!(
+                    "{e} (needed for {url}; or list the host in NO_PROXY)"
+                )));
+            }
+        };
+        if let Some(p) = &via
+            && log_once(format!("via {host} {}", p.url()))
+        {
+            tracing::info!(registry = %host, proxy = %p.url(), from = p.var(), "registry reached through a proxy");
+        }
+        let proxy_error = |p: &crate::Proxy, reason: String| RegistryError::Proxy {
+            url: url.to_string(),
+            proxy: p.url(),
+            var: p.var().to_string(),
+            reason,
+        };
         let timeout = ep.timeout.unwrap_or(self.inner.opts.request_timeout);
         let mut reauthenticated = false;
         let mut attempt = 0u32;
@@ -532,6 +609,13 @@ impl Client {
             let mut req = Request::builder().method(method.clone()).uri(url);
             for (k, v) in headers {
                 req = req.header(k, v);
+            }
+            // Plain HTTP through a proxy: the proxy reads each request.
+            if let Some(p) = &via
+                && url.starts_with("http://")
+                && let Some(a) = p.auth()
+            {
+                req = req.header(http::header::PROXY_AUTHORIZATION, a.clone());
             }
             if authenticate {
                 for (k, v) in &ep.headers {
@@ -554,12 +638,19 @@ impl Client {
             // A registry that says when to come back is believed (up to
             // a bound): retrying sooner only earns another 429.
             let mut retry_after = None;
+            let mut outcome_error = None;
             let failure = match outcome {
                 Ok(Ok(resp)) => {
                     if resp.version() == http::Version::HTTP_2 {
                         stats.http2.fetch_add(1, Ordering::Relaxed);
                     }
                     let status = resp.status();
+                    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+                        && let Some(p) = &via
+                    {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(proxy_error(p, proxy_auth_advice(p)));
+                    }
                     if status == StatusCode::UNAUTHORIZED && authenticate && !reauthenticated {
                         reauthenticated = true;
                         let challenge = resp
@@ -569,8 +660,26 @@ impl Client {
                             .and_then(parse_challenge);
                         drop(resp);
                         drop(permit);
-                        self.authenticate(ep, &host, &scope, challenge, reference)
-                            .await?;
+                        let authenticated = self
+                            .authenticate(ep, &host, &scope, challenge, reference)
+                            .await;
+                        match (authenticated, &via) {
+                            (Ok(()), _) => {}
+                            // Some proxies (tinyproxy) answer refused proxy
+                            // credentials with a 401 of their own.
+                            (Err(RegistryError::Unauthorized { host, reason }), Some(p)) => {
+                                return Err(RegistryError::Unauthorized {
+                                    host,
+                                    reason: format!(
+                                        "{reason} (the request went through proxy {} from {}, which may be the one refusing: {})",
+                                        p.url(),
+                                        p.var(),
+                                        proxy_auth_advice(p)
+                                    ),
+                                });
+                            }
+                            (Err(e), _) => return Err(e),
+                        }
                         continue;
                     }
                     if retryable(status) && attempt < self.inner.opts.retries {
@@ -587,14 +696,32 @@ impl Client {
                         });
                     }
                 }
-                Ok(Err(e)) => error_chain(&e),
+                Ok(Err(e)) => {
+                    let f = error_chain(&e);
+                    outcome_error = Some(e);
+                    f
+                }
                 Err(_) => format!("no answer within {timeout:?}"),
             };
             drop(permit);
             stats.errors.fetch_add(1, Ordering::Relaxed);
             // A certificate the client does not trust will not become trusted
-            // by trying again.
-            let permanent = failure.contains("certificate");
+            // by trying again, nor will a proxy let through what it refused.
+            let proxy_refused = refused_by_proxy(&outcome_error);
+            let permanent = failure.contains("certificate") || proxy_refused;
+            if let Some(p) = &via
+                && (attempt >= self.inner.opts.retries || permanent)
+            {
+                let advice = if proxy_refused && failure.contains("credentials") {
+                    format!("; {}", proxy_auth_advice(p))
+                } else {
+                    String::new()
+                };
+                return Err(proxy_error(
+                    p,
+                    format!("{failure}{advice} (after {} attempts)", attempt + 1),
+                ));
+            }
             if attempt >= self.inner.opts.retries || permanent {
                 return Err(RegistryError::Request {
                     url: url.to_string(),

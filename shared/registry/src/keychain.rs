@@ -101,6 +101,12 @@ impl Remembered {
         new
     }
 
+    /// Forget `repository`'s credential on `host`; whether there was one.
+    pub fn forget(&self, host: &str, repository: &str) -> bool {
+        let key = (host.to_string(), repository.to_string());
+        self.entries.lock().remove(&key).is_some()
+    }
+
     /// How many unexpired credentials are kept.
     pub fn len(&self) -> usize {
         let mut e = self.entries.lock();

@@ -13,6 +13,9 @@
 //!   then the docker config; nothing derived from a credential outlives it.
 //! * [`client`] sends requests over hyper 1 + rustls (HTTP/2 when offered),
 //!   with a connection limit per host, timeouts and jittered retries.
+//! * [`proxy`] routes them through `HTTPS_PROXY` / `HTTP_PROXY` (CONNECT
+//!   tunnels for https, absolute-form requests for http) unless `NO_PROXY`
+//!   or loopback says otherwise, as containerd does.
 //! * [`blob`] reads byte ranges of a blob: endpoint and size found with one
 //!   probe, an endpoint that fails a read (by error variant) set aside for
 //!   a back-off while reads go on from the next one (mirror → origin) and
@@ -36,6 +39,7 @@ pub mod blob;
 pub mod client;
 pub mod hosts;
 pub mod keychain;
+pub mod proxy;
 pub mod push;
 pub mod reference;
 
@@ -44,6 +48,7 @@ pub use blob::Blob;
 pub use client::{Client, ClientOptions, HostStats};
 pub use hosts::{Endpoint, Hosts};
 pub use keychain::{Keychain, Lease, Remembered};
+pub use proxy::{Proxies, Proxy};
 pub use push::UploadSource;
 pub use reference::Reference;
 
@@ -59,6 +64,23 @@ pub enum RegistryError {
     Config(String),
     #[error("request to {url} failed: {reason}")]
     Request { url: String, reason: String },
+    /// A request through a proxy (`HTTPS_PROXY` / `HTTP_PROXY`) failed.
+    #[error(
+        "request to {url} through proxy {proxy} (from {var}) failed: {reason}; check the proxy, or list the registry in NO_PROXY to bypass it"
+    )]
+    Proxy {
+        url: String,
+        proxy: String,
+        var: String,
+        reason: String,
+    },
+    /// Every endpoint of the registry (mirrors, then the origin) failed:
+    /// each one's error, in the order they were tried.
+    #[error("every endpoint for {reference} failed: {}", list_failures(.failures))]
+    Endpoints {
+        reference: String,
+        failures: Vec<EndpointFailure>,
+    },
     #[error("registry {host} refused the credentials: {reason}")]
     Unauthorized { host: String, reason: String },
     #[error("registry {host}, repository {repository}, {object}: HTTP {status} while {what}")]
@@ -90,11 +112,67 @@ pub enum RegistryError {
     },
 }
 
+/// One endpoint's failure in [`RegistryError::Endpoints`].
+#[derive(Debug, Clone)]
+pub struct EndpointFailure {
+    /// `scheme://host[:port]` of the endpoint.
+    pub endpoint: String,
+    /// A mirror (not the reference's own host).
+    pub mirror: bool,
+    pub error: RegistryError,
+}
+
+fn list_failures(failures: &[EndpointFailure]) -> String {
+    failures
+        .iter()
+        .map(|f| {
+            let kind = if f.mirror { "mirror" } else { "origin" };
+            format!("[{kind} {}: {}]", f.endpoint, f.error)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl RegistryError {
-    /// Might the same request succeed later?
+    /// The error after trying `failures` (in order): none = no endpoint,
+    /// one = its error as it is, more = [`RegistryError::Endpoints`].
+    pub(crate) fn after_endpoints(r: &Reference, mut failures: Vec<EndpointFailure>) -> Self {
+        if failures.len() > 1 {
+            return RegistryError::Endpoints {
+                reference: format!("{}/{}", r.host, r.repository),
+                failures,
+            };
+        }
+        match failures.pop() {
+            Some(f) => f.error,
+            None => RegistryError::Config(format!("no endpoint for {}", r.host)),
+        }
+    }
+
+    /// The answer of the endpoint tried last (normally the origin) for
+    /// [`RegistryError::Endpoints`]; the error itself otherwise. What a
+    /// caller asks "was it a 404?" of.
+    pub fn last_answer(&self) -> &RegistryError {
+        match self {
+            RegistryError::Endpoints { failures, .. } => failures
+                .last()
+                .map(|f| f.error.last_answer())
+                .unwrap_or(self),
+            e => e,
+        }
+    }
+
+    /// Might the same request succeed later? (For several endpoints: the
+    /// last one's answer decides, as it did when only it was kept.)
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Request { .. } | RegistryError::Body { .. } => true,
+            RegistryError::Endpoints { .. } => {
+                let last = self.last_answer();
+                !matches!(last, RegistryError::Endpoints { .. }) && last.is_transient()
+            }
+            RegistryError::Request { .. }
+            | RegistryError::Proxy { .. }
+            | RegistryError::Body { .. } => true,
             RegistryError::Status { status, .. } => StatusCode::from_u16(*status)
                 .map(client::retryable)
                 .unwrap_or(false),
@@ -175,27 +253,32 @@ impl Client {
     }
 
     async fn get_manifest(&self, r: &Reference, object: &str) -> Result<Manifest, RegistryError> {
-        let mut last = None;
+        let mut failures = Vec::new();
         for ep in self.endpoints(r)? {
             let url = ep.url(r, "manifests", object);
+            let failed = |error| EndpointFailure {
+                endpoint: ep.origin.clone(),
+                mirror: ep.mirror,
+                error,
+            };
             let (status, headers, body) = match self
                 .get_small(&ep, r, &url, MANIFEST_ACCEPT, MAX_MANIFEST)
                 .await
             {
                 Ok(x) => x,
                 Err(e) => {
-                    last = Some(e);
+                    failures.push(failed(e));
                     continue;
                 }
             };
             if !status.is_success() {
-                last = Some(RegistryError::Status {
+                failures.push(failed(RegistryError::Status {
                     host: r.host.clone(),
                     repository: r.repository.clone(),
                     object: object.to_string(),
                     status: status.as_u16(),
                     what: "fetching the manifest".into(),
-                });
+                }));
                 continue;
             }
             let digest = stargaze_format::Digest::of(&body).to_string();
@@ -224,7 +307,7 @@ impl Client {
                 bytes: body,
             });
         }
-        Err(last.unwrap_or_else(|| RegistryError::Config(format!("no endpoint for {}", r.host))))
+        Err(RegistryError::after_endpoints(r, failures))
     }
 
     /// The image manifest of `r` for `platform` (through an index if needed).

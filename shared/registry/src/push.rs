@@ -382,7 +382,7 @@ impl Client {
         let mut hasher = stargaze_format::digest::Hasher::new();
         let mut got = 0u64;
         let mut attempt = 0u32;
-        let mut last_err = None;
+        let mut failures = Vec::new();
         let mut done = false;
         for ep in self.endpoints(r)? {
             loop {
@@ -406,7 +406,11 @@ impl Client {
                     }
                     // Nothing handed on yet: another endpoint may have it.
                     Err((0, e)) => {
-                        last_err = Some(e);
+                        failures.push(crate::EndpointFailure {
+                            endpoint: ep.origin.clone(),
+                            mirror: ep.mirror,
+                            error: e,
+                        });
                         break;
                     }
                     Err((_, e)) => return Err(e),
@@ -417,8 +421,7 @@ impl Client {
             }
         }
         if !done {
-            return Err(last_err
-                .unwrap_or_else(|| RegistryError::Config(format!("no endpoint for {}", r.host))));
+            return Err(RegistryError::after_endpoints(r, failures));
         }
         let actual = hasher.finish().to_string();
         if actual != digest {

@@ -477,3 +477,69 @@ async fn a_429_is_retried_after_the_retry_after_it_gives() {
         t[1] - t[0]
     );
 }
+
+/// When every endpoint fails, the error names each one and why: a mirror
+/// that refuses connections and an origin without the object, in the
+/// order tried; the origin's answer is what `last_answer` reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_failing_names_each_endpoint_and_its_error() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let dead = format!("127.0.0.1:{}", stargaze_testkit::free_port());
+    let hosts_dir = work.path().join("certs.d");
+    std::fs::create_dir_all(hosts_dir.join(&reg.addr)).unwrap();
+    std::fs::write(
+        hosts_dir.join(&reg.addr).join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n\n[host.\"http://{dead}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let c = Client::new(
+        Hosts::new().with_hosts_dir(&hosts_dir),
+        DockerConfig::in_dir(work.path()),
+        ClientOptions {
+            min_backoff: Duration::from_millis(1),
+            retries: 1,
+            ..Default::default()
+        },
+    );
+    let r = Reference::parse(&format!("{}/nothing/here:v1", reg.addr)).unwrap();
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let manifest = c.resolve_manifest(&r, &Platform::host()).await.unwrap_err();
+    let blob = c.blob(&r, &digest).size().await.unwrap_err();
+    for e in [manifest, blob] {
+        let RegistryError::Endpoints { failures, .. } = &e else {
+            panic!("not every endpoint's error: {e:?}");
+        };
+        let tried: Vec<(&str, bool)> = failures
+            .iter()
+            .map(|f| (f.endpoint.as_str(), f.mirror))
+            .collect();
+        assert_eq!(
+            tried,
+            [
+                (format!("http://{dead}").as_str(), true),
+                (format!("http://{}", reg.addr).as_str(), false)
+            ]
+        );
+        assert!(
+            matches!(failures[0].error, RegistryError::Request { .. }),
+            "{e:?}"
+        );
+        assert!(
+            matches!(e.last_answer(), RegistryError::Status { status: 404, .. }),
+            "{e:?}"
+        );
+        assert!(!e.is_transient(), "the origin's 404 decides: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("mirror http://{dead}"))
+                && msg.contains("onnection refused")
+                && msg.contains(&format!("origin http://{}", reg.addr))
+                && msg.contains("HTTP 404"),
+            "{msg}"
+        );
+    }
+}

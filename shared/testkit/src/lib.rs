@@ -32,6 +32,7 @@ pub mod crafted;
 pub mod fdstore;
 pub mod image;
 pub mod loopfs;
+pub mod proxy;
 pub mod service_cli;
 pub mod stack;
 pub mod token;
@@ -144,6 +145,14 @@ pub fn free_port() -> u16 {
 }
 
 /// Run a command, panicking with its output if it fails.
+/// A free TCP port on the local address `ip`.
+pub fn free_port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .stdin(Stdio::null())
@@ -160,7 +169,12 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+pub(crate) fn wait_until(
+    what: &str,
+    timeout: Duration,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) {
     let start = Instant::now();
     while !ready() {
         if start.elapsed() > timeout {
@@ -176,7 +190,7 @@ fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut()
 }
 
 /// Stop a child politely (SIGTERM), then firmly.
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -424,6 +438,12 @@ impl TestPki {
     /// Made in a new private directory, returned with it (the files live as
     /// long as it does).
     pub fn new() -> (tempfile::TempDir, TestPki) {
+        Self::for_ips(&[])
+    }
+
+    /// [`TestPki::new`] with a server certificate valid for these
+    /// addresses too (besides 127.0.0.1).
+    pub fn for_ips(ips: &[&str]) -> (tempfile::TempDir, TestPki) {
         require("openssl");
         let keys = tempfile::Builder::new()
             .prefix("sg-tls-")
@@ -478,7 +498,10 @@ impl TestPki {
         let (server_cert, server_key) = sign(
             "server",
             "/CN=127.0.0.1",
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            &format!(
+                "subjectAltName=IP:127.0.0.1{}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+                ips.iter().map(|ip| format!(",IP:{ip}")).collect::<String>()
+            ),
         );
         let (client_cert, client_key) = sign(
             "client",
@@ -558,6 +581,25 @@ impl Registry {
             .map(|a| a.port())
             .expect("no free port on [::1] (is IPv6 loopback up?)");
         Self::start_at(format!("[::1]:{port}"), "", None)
+    }
+
+    /// A plain registry listening on `ip` (a free port of it), e.g. a
+    /// [`proxy::LocalAddr`]: a local address that is not loopback.
+    pub fn start_on(ip: &str) -> Registry {
+        Self::start_at(format!("{ip}:{}", free_port_on(ip)), "", None)
+    }
+
+    /// A TLS registry listening on `ip`, its certificate valid for `ip`;
+    /// returns the test PKI (trust its `ca`).
+    pub fn start_tls_on(ip: &str) -> (Registry, TestPki) {
+        let (keys, tls) = TestPki::for_ips(&[ip]);
+        let extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            tls.server_cert.display(),
+            tls.server_key.display(),
+        );
+        let r = Self::start_at(format!("{ip}:{}", free_port_on(ip)), &extra, Some(keys));
+        (r, tls)
     }
 
     fn start_with(extra: &str, keys: Option<tempfile::TempDir>) -> Registry {

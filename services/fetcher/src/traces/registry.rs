@@ -65,7 +65,10 @@ pub async fn read(
     };
     let artifact = match client.fetch_manifest(image, &tag).await {
         Ok(m) => m,
-        Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
+        // Not there (on the origin, after any mirrors): none published.
+        Err(e) if matches!(e.last_answer(), RegistryError::Status { status: 404, .. }) => {
+            return Ok(None);
+        }
         Err(e) => return Err(e.into()),
     };
     let bad = |reason: &str| SharedTraceError::Artifact {
