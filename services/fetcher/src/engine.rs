@@ -990,35 +990,45 @@ fn gather(held: &VecDeque<(u64, bytes::Bytes)>, want: Range<u64>) -> bytes::Byte
     joined.freeze()
 }
 
-/// Take queued claims, in blob order, until their members add up to
-/// `budget` compressed bytes (at least one member; a member is never split).
-/// This bounds the memory of one read however large the layer's chunks are.
+/// Take queued claims, oldest first, until their members add up to
+/// `budget` compressed bytes (at least one member), and with them every
+/// queued claim of the members taken (a member is never fetched twice).
+/// Oldest first: a trace replay or a prefetch is served in the order it
+/// asked (what a program reads first, first), not in blob order; a read's
+/// ranges are still requested in blob order (`plan`). The budget bounds the
+/// memory of one read however large the layer's chunks are.
 fn take_budget(queue: &mut Vec<Claim>, budget: u64) -> Vec<Claim> {
-    queue.sort_by_key(|c| (c.chunk.compressed_offset, c.chunk.inner_offset));
     let mut bytes = 0u64;
-    let mut last_member = None;
-    let mut n = 0;
-    for c in queue.iter() {
-        if last_member != Some(c.chunk.compressed_offset) {
-            let size = c.chunk.compressed_end - c.chunk.compressed_offset;
-            if n > 0 && bytes + size > budget {
-                break;
-            }
-            bytes += size;
-            last_member = Some(c.chunk.compressed_offset);
+    let mut members: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut taken = Vec::new();
+    let mut rest = Vec::new();
+    let mut full = false;
+    for c in queue.drain(..) {
+        let member = c.chunk.compressed_offset;
+        if members.contains(&member) {
+            taken.push(c);
+            continue;
         }
-        n += 1;
+        let size = c.chunk.compressed_end - member;
+        if full || (!taken.is_empty() && bytes + size > budget) {
+            full = true;
+            rest.push(c);
+            continue;
+        }
+        bytes += size;
+        members.insert(member);
+        taken.push(c);
     }
-    let rest = queue.split_off(n);
-    std::mem::replace(queue, rest)
+    *queue = rest;
+    taken
 }
 
-/// Fetch many ranges in batches of `batch`, `parallel` batches at a time
-/// (reads overlap decoding); returns the bytes fetched.
-pub async fn fetch_in_batches(
+/// Fetch `calls` (each a list of file ranges), `parallel` calls at a time
+/// and started in order (reads overlap decoding); returns the bytes
+/// fetched.
+pub async fn fetch_calls(
     layer: &Arc<Layer>,
-    ranges: Vec<(u64, u64, u64)>,
-    batch: usize,
+    calls: Vec<Vec<(u64, u64, u64)>>,
     parallel: usize,
     purpose: Purpose,
 ) -> Result<u64, FetchError> {
@@ -1030,15 +1040,14 @@ pub async fn fetch_in_batches(
         Ok(Err(e)) => first_error = first_error.take().or(Some(e)),
         Err(_) => {}
     };
-    for chunk in ranges.chunks(batch.max(1)) {
+    for call in calls {
         while set.len() >= parallel.max(1) {
             if let Some(r) = set.join_next().await {
                 collect(r);
             }
         }
         let l = layer.clone();
-        let chunk = chunk.to_vec();
-        set.spawn(async move { l.fetch_for(&chunk, purpose).await.map(|s| s.bytes_fetched) });
+        set.spawn(async move { l.fetch_for(&call, purpose).await.map(|s| s.bytes_fetched) });
     }
     while let Some(r) = set.join_next().await {
         collect(r);
@@ -1047,6 +1056,19 @@ pub async fn fetch_in_batches(
         Some(e) => Err(e),
         None => Ok(bytes),
     }
+}
+
+/// Fetch many ranges in batches of `batch`, `parallel` batches at a time
+/// (reads overlap decoding); returns the bytes fetched.
+pub async fn fetch_in_batches(
+    layer: &Arc<Layer>,
+    ranges: Vec<(u64, u64, u64)>,
+    batch: usize,
+    parallel: usize,
+    purpose: Purpose,
+) -> Result<u64, FetchError> {
+    let calls = ranges.chunks(batch.max(1)).map(<[_]>::to_vec).collect();
+    fetch_calls(layer, calls, parallel, purpose).await
 }
 
 #[cfg(test)]

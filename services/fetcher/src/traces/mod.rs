@@ -454,15 +454,8 @@ pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     }
     let t0 = Instant::now();
     let n = ranges.len();
-    match crate::engine::fetch_in_batches(
-        layer,
-        ranges,
-        REPLAY_BATCH,
-        REPLAY_PARALLEL,
-        crate::Purpose::Trace,
-    )
-    .await
-    {
+    let calls = in_calls(layer, ranges, REPLAY_CALL_BYTES);
+    match crate::engine::fetch_calls(layer, calls, REPLAY_PARALLEL, crate::Purpose::Trace).await {
         Ok(bytes) => {
             tracing::debug!(image = %trace.image, layer = %layer.digest, reads = n, bytes, elapsed = ?t0.elapsed(), "trace replayed")
         }
@@ -472,8 +465,33 @@ pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     }
 }
 
-/// Traced reads per fetch call while replaying, and calls in flight: as
-/// a landmark prefetch does (large calls merge neighbouring chunks into
-/// few requests; several in flight keep the link busy while others decode).
-const REPLAY_BATCH: usize = 256;
-const REPLAY_PARALLEL: usize = 4;
+/// Cut traced reads, in trace order, into fetch calls of about `budget`
+/// compressed bytes each (a file's chunks as the index places them).
+fn in_calls(layer: &Layer, ranges: Vec<(u64, u64, u64)>, budget: u64) -> Vec<Vec<(u64, u64, u64)>> {
+    let mut calls: Vec<Vec<(u64, u64, u64)>> = Vec::new();
+    let mut bytes = budget;
+    for (ino, offset, length) in ranges {
+        let size: u64 = layer.index.inode(ino).map_or(0, |n| {
+            n.chunks_in(offset, offset.saturating_add(length))
+                .map(|c| c.compressed_end - c.compressed_offset)
+                .sum()
+        });
+        if bytes >= budget {
+            calls.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(call) = calls.last_mut() {
+            call.push((ino, offset, length));
+        }
+    }
+    calls
+}
+
+/// Compressed bytes per fetch call while replaying, and calls in flight:
+/// calls go out in trace order, each one read of about this size, a few
+/// at a time so the link stays busy while one decodes; small enough that
+/// what the program reads first arrives first (a read's ranges come in
+/// blob order), large enough that a round trip per call costs little.
+const REPLAY_CALL_BYTES: u64 = 1 << 20;
+const REPLAY_PARALLEL: usize = 3;
