@@ -394,3 +394,75 @@ fn each_service_survives_a_kill_9() {
     drop(ctd);
     drop(stack);
 }
+
+/// A lazy pull while the fetcher and fs are down (crashed, restarted by
+/// systemd a moment later) waits for them: every layer becomes a remote
+/// snapshot, none is unpacked instead (which would download what was to
+/// be fetched lazily).
+#[test]
+fn a_pull_while_the_fetcher_and_fs_restart_waits_for_them() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    for tool in ["runc", "skopeo"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-rst-pull-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let reference = format!("{}/stargaze/restart-pull:esgz", registry.addr);
+    let src = w.join("src");
+    let (data, files) = image::data_layer(32);
+    image::write_layout(
+        &src,
+        "stargaze.test/restart-pull:src",
+        "src",
+        &[image::busybox_layer(), data],
+    );
+    push_esgz(&src, &w.join("out"), &reference);
+    let mut stack = Stack::start(w, &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+
+    stack.kill(Service::Fetcher);
+    stack.kill(Service::Fs);
+    std::thread::scope(|scope| {
+        let pull = scope.spawn(|| stargaze_rpull(&ctd, &reference));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !pull.is_finished(),
+            "the pull did not wait for the fetcher:\n{}",
+            stack.log(Service::Snapshotter)
+        );
+        stack.spawn(Service::Fetcher);
+        stack.spawn(Service::Fs);
+        pull.join().unwrap();
+    });
+    let log = stack.log(Service::Snapshotter);
+    assert!(
+        !log.contains("remote_snapshot_prepared=false"),
+        "a layer was unpacked instead of waiting for the services:\n{log}"
+    );
+    assert_eq!(
+        log.matches("remote_snapshot_prepared=true").count(),
+        2,
+        "{log}"
+    );
+    let o = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        &reference,
+        &format!("sg-rst-pull-{}", std::process::id()),
+        "/bin/sha256sum",
+        "/data/file7",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&sha_line(&files, "data/file7")), "{text}");
+    drop(ctd);
+    drop(stack);
+}
