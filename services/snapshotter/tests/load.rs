@@ -310,7 +310,16 @@ fn container(ctd: &Containerd, img: &Img, id: &str, k: usize, retry: Option<&Pat
     if k % 2 == 1 {
         list.reverse();
     }
-    let script = format!("sha256sum -c <<'END'\n{}\nEND\n", list.join("\n"));
+    // On a mismatch, what was read instead: its size, sha256 and first
+    // bytes, read again.
+    let script = format!(
+        "sha256sum -c <<'END' && exit 0\n{}\nEND\nrc=$?; for f in {}; do echo \"again $f $(wc -c < $f) $(sha256sum < $f) $(od -An -tx1 -N16 $f | tr -d ' ')\"; done; exit $rc\n",
+        list.join("\n"),
+        list.iter()
+            .map(|l| l.split_once("  ").unwrap().1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut ok_lines: Vec<String> = list
         .iter()
         .map(|l| format!("{}: OK", l.split_once("  ").unwrap().1))
@@ -351,7 +360,24 @@ fn container(ctd: &Containerd, img: &Img, id: &str, k: usize, retry: Option<&Pat
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
             }
-            let wrong: Vec<&str> = out.lines().filter(|l| !l.ends_with(": OK")).collect();
+            let wrong: Vec<String> = out
+                .lines()
+                .filter(|l| l.ends_with(": FAILED"))
+                .map(|l| {
+                    let path = l.trim_end_matches(": FAILED");
+                    let again = out
+                        .lines()
+                        .find(|a| a.starts_with(&format!("again {path} ")))
+                        .unwrap_or("");
+                    let want = img
+                        .expected
+                        .iter()
+                        .find(|e| e.ends_with(&format!("  {path}")))
+                        .map(|e| &e[..64])
+                        .unwrap_or("");
+                    format!("{path} (the image's sha256 {want}; read again: {again})")
+                })
+                .collect();
             tally.fail(format!(
                 "{name} of {} failed ({}): {err}; files not matching the image: {wrong:?}",
                 img.reference, o.status,
