@@ -466,3 +466,66 @@ fn a_pull_while_the_fetcher_and_fs_restart_waits_for_them() {
     drop(ctd);
     drop(stack);
 }
+
+/// containerd's calls to the snapshotter while it restarts (a crash,
+/// systemd starting it again a second later) wait for it: its listening
+/// socket stays in the unit's descriptor store, so containerd connects to
+/// it meanwhile and its calls queue instead of failing with "connection
+/// refused: unavailable" (containerd 1.6 does not retry them).
+#[test]
+fn containerd_calls_wait_while_the_snapshotter_restarts() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    let work = tempfile::Builder::new()
+        .prefix("sg-rst-snap-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut stack = Stack::start(work.path(), &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let snapshots = |args: &[&str]| {
+        ctd.cmd("ctr")
+            .args(["snapshots", "--snapshotter", "stargaze"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // containerd is connected to it.
+    assert!(snapshots(&["ls"]).status.success());
+    stack.kill(Service::Snapshotter);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let prepare = scope.spawn(|| snapshots(&["prepare", "while-down"]));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !prepare.is_finished(),
+            "containerd's call failed at once: {:?}",
+            prepare
+                .join()
+                .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
+        );
+        stack.spawn(Service::Snapshotter);
+        let o = prepare.join().unwrap();
+        assert!(
+            o.status.success(),
+            "a Prepare while the snapshotter restarted: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            stack.log(Service::Snapshotter)
+        );
+    });
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stack
+            .log(Service::Snapshotter)
+            .contains("took the listening socket over"),
+        "{}",
+        stack.log(Service::Snapshotter)
+    );
+    // And removing works as usual afterwards.
+    let o = snapshots(&["rm", "while-down"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(ctd);
+    drop(stack);
+}
