@@ -14,7 +14,8 @@
 //!
 //! 1. The load alone, on a cold node.
 //! 2. The same on a fresh node (new services, cache and containerd), with
-//!    the fetcher, then fs, then the snapshotter killed with SIGKILL while
+//!    the fetcher, then fs (`LOAD_FS_KILLS` times, default once), then the
+//!    snapshotter killed with SIGKILL while
 //!    the images are pulled and the containers start and read, each
 //!    started again as systemd would (fs taking its FUSE connection over
 //!    from the descriptor store). No operator step: a `ctr` command that
@@ -737,11 +738,20 @@ fn many_containers_from_many_lazy_images_at_once_and_through_kills() {
         let proxy = stack.lock().unwrap().proxy_config("stargaze");
         let ctd = Containerd::start(&proxy);
         let tally = Tally::default();
-        let schedule = [
-            (Service::Fetcher, first_pull / 2),
-            (Service::Fs, quiet.mul_f64(0.35)),
-            (Service::Snapshotter, quiet.mul_f64(0.6)),
-        ];
+        // LOAD_FS_KILLS (default 1) kills of fs, 2 s apart.
+        let fs_kills = env_count("LOAD_FS_KILLS", 1);
+        let mut schedule = vec![(Service::Fetcher, first_pull / 2)];
+        for k in 0..fs_kills {
+            schedule.push((
+                Service::Fs,
+                quiet.mul_f64(0.35) + Duration::from_secs(2) * k as u32,
+            ));
+        }
+        let last_fs = schedule.last().unwrap().1;
+        schedule.push((
+            Service::Snapshotter,
+            quiet.mul_f64(0.6).max(last_fs + Duration::from_secs(2)),
+        ));
         let mut killed_at = Vec::new();
         let start = Instant::now();
         let took = run_load(&ctd, &images, n, Some(node.path()), &tally, || {
