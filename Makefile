@@ -18,7 +18,7 @@ help:
 	@echo "make demo    run a container from a lazily pulled image next to a full pull (as root)"
 	@echo "make fuzz    run the fuzz targets for a bounded time (scripts/fuzz.sh)"
 	@echo "make bench   run the benchmarks (bench/run.sh)"
-	@echo "make soak    10,000 random reads through a hostile network proxy (HOSTILE_READS), 20 kill -9 of the fetcher (CRASH_KILLS), 1,000 reads per phase of a dying mirror (MIRROR_READS)"
+	@echo "make soak    10,000 random reads through a hostile network proxy (HOSTILE_READS), 20 kill -9 of the fetcher (CRASH_KILLS), 1,000 reads per phase of a dying mirror (MIRROR_READS), 100 containers from 20 lazy images at once through kills (LOAD_CONTAINERS, LOAD_IMAGES)"
 	@echo "make install     release build, then binaries, systemd units and config (PREFIX, DESTDIR)"
 	@echo "make uninstall   remove what install put in place (keeps an edited config and all state)"
 
@@ -64,11 +64,12 @@ fuzz:
 bench:
 	bash bench/run.sh
 
-# The hostile-network, crash and mirror tests of `make test`, run long.
+# The hostile-network, crash, mirror and load tests of `make test`, run long.
 soak: deps
 	HOSTILE_READS=$${HOSTILE_READS:-10000} $(CARGO) nextest run -p stargaze-fetcher --test hostile_network --no-capture
 	CRASH_KILLS=$${CRASH_KILLS:-20} $(CARGO) nextest run -p stargaze-fetcher --test crash_restart --no-capture
 	MIRROR_READS=$${MIRROR_READS:-1000} $(CARGO) nextest run -p stargaze-fetcher --test mirror_failover --no-capture
+	LOAD_CONTAINERS=$${LOAD_CONTAINERS:-100} LOAD_IMAGES=$${LOAD_IMAGES:-20} $(CARGO) nextest run -p stargaze-snapshotter --test load --no-capture
 
 # PREFIX, DESTDIR, BINDIR, UNITDIR, SYSCONFDIR pass through the environment
 # (scripts/install.sh documents them). STARGAZE_BINARIES=DIR installs already

@@ -162,16 +162,28 @@ impl Containerd {
             data,
             labels: labels.clone(),
         };
-        let result = async {
-            let mut s = self
-                .content()
-                .write(self.req(tokio_stream::iter(vec![msg])))
-                .await?
-                .into_inner();
-            while s.message().await?.is_some() {}
-            Ok::<(), tonic::Status>(())
-        }
-        .await;
+        let deadline = Instant::now() + LOCKED_REF_PATIENCE;
+        let mut wait = Duration::from_millis(16);
+        let result = loop {
+            let result = async {
+                let mut s = self
+                    .content()
+                    .write(self.req(tokio_stream::iter(vec![msg.clone()])))
+                    .await?
+                    .into_inner();
+                while s.message().await?.is_some() {}
+                Ok::<(), tonic::Status>(())
+            }
+            .await;
+            match result {
+                // Another pull is storing the same blob.
+                Err(s) if ref_locked(&s) && Instant::now() < deadline => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                r => break r,
+            }
+        };
         match result {
             Ok(()) => Ok(()),
             Err(s) if s.code() == Code::AlreadyExists => self.set_labels(digest, labels).await,
@@ -657,61 +669,20 @@ async fn unpack_layer(
     let media_type = layer.media_type().to_string();
     let blob = registry.blob(reference, &digest);
     let size = blob.size().await.map_err(|e| anyhow!("{e}"))?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<content::WriteContentRequest>(2);
-    let write_ref = format!("stargaze-rpull-{digest}");
-    let mut content_client = ctd.content();
-    let responses = content_client.write(ctd.req(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    let producer = {
-        let digest = digest.clone();
-        let bar = bar.clone();
-        async move {
-            let mut offset = 0u64;
-            while offset < size {
-                let end = (offset + PIECE).min(size);
-                let data = blob
-                    .read_ranges(std::slice::from_ref(&(offset..end)))
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?
-                    .pop()
-                    .unwrap_or_default();
-                let last = end == size;
-                let msg = content::WriteContentRequest {
-                    action: if last {
-                        content::WriteAction::Commit
-                    } else {
-                        content::WriteAction::Write
-                    } as i32,
-                    r#ref: write_ref.clone(),
-                    total: size as i64,
-                    expected: digest.clone(),
-                    offset: offset as i64,
-                    data: data.to_vec(),
-                    labels: HashMap::new(),
-                };
-                if tx.send(msg).await.is_err() {
-                    break;
-                }
-                offset = end;
-                bar.set_message(format!(
-                    "cannot be pulled lazily: downloading {:.1}/{:.1} MB",
-                    offset as f64 / 1e6,
-                    size as f64 / 1e6
-                ));
+    let deadline = Instant::now() + LOCKED_REF_PATIENCE;
+    let mut wait = Duration::from_millis(16);
+    loop {
+        match store_blob(ctd, &blob, &digest, size, bar).await? {
+            Ok(()) => break,
+            // Stored meanwhile by another pull (or before this one).
+            Err(s) if s.code() == Code::AlreadyExists => break,
+            Err(s) if ref_locked(&s) && Instant::now() < deadline => {
+                bar.set_message("another pull is storing this layer: waiting for it");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
             }
-            Ok::<(), anyhow::Error>(())
+            Err(s) => bail!("storing the layer blob in containerd: {}", s.message()),
         }
-    };
-    let consumer = async {
-        let mut s = responses.await?.into_inner();
-        while s.message().await?.is_some() {}
-        Ok::<(), tonic::Status>(())
-    };
-    let (produced, consumed) = tokio::join!(producer, consumer);
-    produced?;
-    match consumed {
-        Ok(()) => {}
-        Err(s) if s.code() == Code::AlreadyExists => {}
-        Err(s) => bail!("storing the layer blob in containerd: {}", s.message()),
     }
     bar.set_message("applying");
     let applied = diff::diff_client::DiffClient::new(ctd.channel.clone())
@@ -729,6 +700,82 @@ async fn unpack_layer(
         .map_err(|s| anyhow!("applying the layer: {}", s.message()))?
         .into_inner();
     Ok(applied.applied.map(|d| d.digest).unwrap_or_default())
+}
+
+/// How long a pull waits for another one storing the same blob.
+const LOCKED_REF_PATIENCE: Duration = Duration::from_secs(600);
+
+/// containerd lets one writer at a time have a content ref (`ref ...
+/// locked for ...: unavailable`): another pull of an image with this blob
+/// is storing it under the same ref. containerd's own client waits for it
+/// and then finds the blob stored; so does rpull.
+fn ref_locked(s: &tonic::Status) -> bool {
+    s.code() == Code::Unavailable && s.message().contains("locked")
+}
+
+/// Stream a layer blob from the registry into the content store under the
+/// ref `stargaze-rpull-<digest>`. The outer error is the registry's, the
+/// inner one containerd's answer.
+async fn store_blob(
+    ctd: &Containerd,
+    blob: &stargaze_registry::Blob,
+    digest: &str,
+    size: u64,
+    bar: &ProgressBar,
+) -> anyhow::Result<Result<(), tonic::Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<content::WriteContentRequest>(2);
+    let write_ref = format!("stargaze-rpull-{digest}");
+    let mut content_client = ctd.content();
+    let responses = content_client.write(ctd.req(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let producer = async move {
+        let mut offset = 0u64;
+        while offset < size {
+            let end = (offset + PIECE).min(size);
+            let data = blob
+                .read_ranges(std::slice::from_ref(&(offset..end)))
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+                .pop()
+                .unwrap_or_default();
+            let last = end == size;
+            let msg = content::WriteContentRequest {
+                action: if last {
+                    content::WriteAction::Commit
+                } else {
+                    content::WriteAction::Write
+                } as i32,
+                r#ref: write_ref.clone(),
+                total: size as i64,
+                expected: digest.to_string(),
+                offset: offset as i64,
+                data: data.to_vec(),
+                labels: HashMap::new(),
+            };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+            offset = end;
+            bar.set_message(format!(
+                "cannot be pulled lazily: downloading {:.1}/{:.1} MB",
+                offset as f64 / 1e6,
+                size as f64 / 1e6
+            ));
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let consumer = async {
+        let mut s = responses.await?.into_inner();
+        while s.message().await?.is_some() {}
+        Ok::<(), tonic::Status>(())
+    };
+    let (produced, consumed) = tokio::join!(producer, consumer);
+    match (produced, consumed) {
+        // containerd refused the write at once (the producer stopped
+        // sending when the call ended): its answer is what counts.
+        (_, Err(s)) if ref_locked(&s) || s.code() == Code::AlreadyExists => Ok(Err(s)),
+        (Err(e), _) => Err(e),
+        (Ok(()), consumed) => Ok(consumed),
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ use stargaze_snapshotter::service::SnapshotService;
 use stargaze_snapshotter::status::{CriKeychainInfo, SnapshotterMetrics, StatusService};
 use stargaze_snapshotter::store::Store;
 
+/// The name of the listening socket in systemd's descriptor store.
+const LISTENER_NAME: &str = "stargaze-snapshotter-socket";
+
 /// containerd proxy snapshotter for lazily pulled eStargz images.
 #[derive(Debug, Parser)]
 #[command(name = "stargaze-snapshotter", version)]
@@ -100,7 +103,10 @@ async fn serve(config: Config) -> Result<()> {
     let rpc = service.stats.rpc.clone();
     let routes = tonic::service::Routes::new(SnapshotsServer::new(service))
         .add_service(SnapshotterServer::new(status));
-    stargaze_service::serve(&c.socket, routes, rpc, || {
+    // The listener waits in systemd's descriptor store across a restart:
+    // containerd's calls meanwhile wait for the next process instead of
+    // failing (its proxy client fails calls it cannot connect).
+    stargaze_service::serve_keeping_listener(&c.socket, Some(LISTENER_NAME), routes, rpc, || {
         tracing::info!(
             socket = %c.socket.display(),
             root = %c.root.display(),

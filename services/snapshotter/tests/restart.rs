@@ -394,3 +394,138 @@ fn each_service_survives_a_kill_9() {
     drop(ctd);
     drop(stack);
 }
+
+/// A lazy pull while the fetcher and fs are down (crashed, restarted by
+/// systemd a moment later) waits for them: every layer becomes a remote
+/// snapshot, none is unpacked instead (which would download what was to
+/// be fetched lazily).
+#[test]
+fn a_pull_while_the_fetcher_and_fs_restart_waits_for_them() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    for tool in ["runc", "skopeo"] {
+        require(tool);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("sg-rst-pull-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+    let registry = Registry::start();
+    let reference = format!("{}/stargaze/restart-pull:esgz", registry.addr);
+    let src = w.join("src");
+    let (data, files) = image::data_layer(32);
+    image::write_layout(
+        &src,
+        "stargaze.test/restart-pull:src",
+        "src",
+        &[image::busybox_layer(), data],
+    );
+    push_esgz(&src, &w.join("out"), &reference);
+    let mut stack = Stack::start(w, &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+
+    stack.kill(Service::Fetcher);
+    stack.kill(Service::Fs);
+    std::thread::scope(|scope| {
+        let pull = scope.spawn(|| stargaze_rpull(&ctd, &reference));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !pull.is_finished(),
+            "the pull did not wait for the fetcher:\n{}",
+            stack.log(Service::Snapshotter)
+        );
+        stack.spawn(Service::Fetcher);
+        stack.spawn(Service::Fs);
+        pull.join().unwrap();
+    });
+    let log = stack.log(Service::Snapshotter);
+    assert!(
+        !log.contains("remote_snapshot_prepared=false"),
+        "a layer was unpacked instead of waiting for the services:\n{log}"
+    );
+    assert_eq!(
+        log.matches("remote_snapshot_prepared=true").count(),
+        2,
+        "{log}"
+    );
+    let o = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        &reference,
+        &format!("sg-rst-pull-{}", std::process::id()),
+        "/bin/sha256sum",
+        "/data/file7",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&sha_line(&files, "data/file7")), "{text}");
+    drop(ctd);
+    drop(stack);
+}
+
+/// containerd's calls to the snapshotter while it restarts (a crash,
+/// systemd starting it again a second later) wait for it: its listening
+/// socket stays in the unit's descriptor store, so containerd connects to
+/// it meanwhile and its calls queue instead of failing with "connection
+/// refused: unavailable" (containerd 1.6 does not retry them).
+#[test]
+fn containerd_calls_wait_while_the_snapshotter_restarts() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: lazy pulling needs FUSE"
+    );
+    let work = tempfile::Builder::new()
+        .prefix("sg-rst-snap-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut stack = Stack::start(work.path(), &[]);
+    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let snapshots = |args: &[&str]| {
+        ctd.cmd("ctr")
+            .args(["snapshots", "--snapshotter", "stargaze"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // containerd is connected to it.
+    assert!(snapshots(&["ls"]).status.success());
+    stack.kill(Service::Snapshotter);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let prepare = scope.spawn(|| snapshots(&["prepare", "while-down"]));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !prepare.is_finished(),
+            "containerd's call failed at once: {:?}",
+            prepare
+                .join()
+                .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
+        );
+        stack.spawn(Service::Snapshotter);
+        let o = prepare.join().unwrap();
+        assert!(
+            o.status.success(),
+            "a Prepare while the snapshotter restarted: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            stack.log(Service::Snapshotter)
+        );
+    });
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stack
+            .log(Service::Snapshotter)
+            .contains("took the listening socket over"),
+        "{}",
+        stack.log(Service::Snapshotter)
+    );
+    // And removing works as usual afterwards.
+    let o = snapshots(&["rm", "while-down"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(ctd);
+    drop(stack);
+}

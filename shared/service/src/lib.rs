@@ -24,7 +24,7 @@ pub mod notify;
 pub mod shell;
 
 pub use notify::sd_notify;
-pub use shell::{metrics_endpoint, serve, serve_metrics};
+pub use shell::{metrics_endpoint, serve, serve_keeping_listener, serve_metrics};
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -24,10 +24,30 @@ pub async fn serve(
     rpc: Arc<RpcMetrics>,
     serving: impl FnOnce(),
 ) -> Result<()> {
+    serve_keeping_listener(socket, None, routes, rpc, serving).await
+}
+
+/// [`serve`], with the listening socket kept in systemd's descriptor store
+/// under `store_name` (when given and the unit has one,
+/// `FileDescriptorStoreMax=`): after a crash or restart the next process
+/// takes the same listener over, so clients that connect meanwhile wait in
+/// its backlog instead of being refused (containerd fails the calls of a
+/// proxy plugin it cannot connect to). The socket file then stays when
+/// the process ends: the stored listener still answers at its path.
+pub async fn serve_keeping_listener(
+    socket: &Path,
+    store_name: Option<&str>,
+    routes: tonic::service::Routes,
+    rpc: Arc<RpcMetrics>,
+    serving: impl FnOnce(),
+) -> Result<()> {
     // Registered before READY: a stop right after start-up must not kill
     // the process with the default disposition.
     let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let listener = stargaze_proto::bind_unix(socket).await?;
+    let (listener, stored) = match store_name {
+        None => (stargaze_proto::bind_unix(socket).await?, false),
+        Some(name) => listener_from_store(socket, name).await?,
+    };
     serving();
     sd_notify("READY=1");
     tonic::transport::Server::builder()
@@ -36,8 +56,46 @@ pub async fn serve(
         .serve_with_incoming_shutdown(stargaze_proto::incoming(listener), stop_signal(term))
         .await
         .context("serving gRPC")?;
-    let _ = std::fs::remove_file(socket);
+    if !stored {
+        let _ = std::fs::remove_file(socket);
+    }
     Ok(())
+}
+
+/// The listener systemd kept for the previous process, if it still
+/// answers at `socket`; else a new one, handed to the store. Returns
+/// whether the store has it.
+async fn listener_from_store(
+    socket: &Path,
+    name: &str,
+) -> Result<(tokio::net::UnixListener, bool)> {
+    use std::os::fd::AsRawFd;
+    if let Some(fd) = crate::notify::take_stored_fd(name) {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        let at_path = listener
+            .local_addr()
+            .ok()
+            .is_some_and(|a| a.as_pathname() == Some(socket));
+        // The socket file must still be there (a client connecting at the
+        // path reaches the stored listener).
+        let same_file = {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket())
+        };
+        if at_path && same_file {
+            listener
+                .set_nonblocking(true)
+                .context("the stored listening socket")?;
+            tracing::info!(socket = %socket.display(), "took the listening socket over from systemd's descriptor store: clients waited in its backlog meanwhile");
+            let l = tokio::net::UnixListener::from_std(listener)
+                .context("the stored listening socket")?;
+            return Ok((l, true));
+        }
+        tracing::warn!(socket = %socket.display(), "the stored listening socket is not the one at the socket's path any more: listening anew");
+    }
+    let l = stargaze_proto::bind_unix(socket).await?;
+    let stored = crate::notify::store_fd(l.as_raw_fd(), name);
+    Ok((l, stored))
 }
 
 /// Wait for SIGTERM (systemd's stop) or SIGINT (a terminal's ^C).

@@ -1,8 +1,9 @@
 //! The three stargaze services as real processes (the binaries of this
 //! workspace) with one private config: sockets, cache, FUSE mountpoint and
 //! snapshot root all in a temporary directory. Each service can be killed
-//! with SIGKILL and started again, as systemd would restart it; fs gets a
-//! file descriptor store as its unit has (`FileDescriptorStoreMax=1`).
+//! with SIGKILL and started again, as systemd would restart it; fs and the
+//! snapshotter get a file descriptor store as their units have
+//! (`FileDescriptorStoreMax=1`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,6 +66,8 @@ pub struct Stack {
     args: [Vec<String>; 3],
     /// systemd's descriptor store of the fs unit.
     pub fs_store: crate::fdstore::FdStore,
+    /// The snapshotter unit's (its listening socket).
+    pub snapshotter_store: crate::fdstore::FdStore,
 }
 
 impl Stack {
@@ -97,6 +100,7 @@ impl Stack {
             children: [None, None, None],
             args: Default::default(),
             fs_store: crate::fdstore::FdStore::bind(&dir.join("fs-notify.sock")),
+            snapshotter_store: crate::fdstore::FdStore::bind(&dir.join("snapshotter-notify.sock")),
         };
         for (svc, a) in args {
             s.args[Self::index(*svc)].push(a.to_string());
@@ -156,8 +160,13 @@ impl Stack {
             .expect("service log");
         let mut cmd = match svc {
             Service::Fs => self.fs_store.command(&workspace_bin(svc.binary())),
+            Service::Snapshotter => self.snapshotter_store.command(&workspace_bin(svc.binary())),
             _ => Command::new(workspace_bin(svc.binary())),
         };
+        // Ready once it says it serves (a listener kept in the descriptor
+        // store accepts connections before the process does).
+        let serving = format!("{} serving", svc.binary());
+        let served_before = self.log(svc).matches(&serving).count();
         let child = cmd
             .arg("--config")
             .arg(&self.config)
@@ -170,7 +179,9 @@ impl Stack {
         self.children[Self::index(svc)] = Some(child);
         let start = Instant::now();
         loop {
-            if std::os::unix::net::UnixStream::connect(self.socket(svc)).is_ok() {
+            if std::os::unix::net::UnixStream::connect(self.socket(svc)).is_ok()
+                && self.log(svc).matches(&serving).count() > served_before
+            {
                 break;
             }
             if let Some(c) = self.children[Self::index(svc)].as_mut()
@@ -253,6 +264,7 @@ impl Drop for Stack {
         // The unit is stopped: systemd closes its store, ending the FUSE
         // connection, before anything below could wait on it.
         self.fs_store.clear();
+        self.snapshotter_store.clear();
         crate::unmount_below(&self.dir);
     }
 }
