@@ -103,14 +103,14 @@ impl Filesystem for StargazeFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.op_release(u64::from(fh));
+        self.op_release(u64::from(ino), u64::from(fh));
         reply.ok();
     }
 

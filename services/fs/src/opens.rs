@@ -174,6 +174,18 @@ impl OpenTable {
         self.words(fh - 1).1.store(word, Ordering::Release);
     }
 
+    /// Whether a release of `fh` for inode `ino` is one the previous
+    /// process already did: the kernel resends every request a dead
+    /// process had read but not answered (`FUSE_NOTIFY_RESEND`), a release
+    /// too, and by then the number may be free or given to another open.
+    /// Handles beyond the table are never judged stale.
+    pub fn is_stale_release(&self, fh: u64, ino: u64) -> bool {
+        if fh == 0 || fh > CAPACITY {
+            return false;
+        }
+        self.read(fh - 1).0 != ino
+    }
+
     /// Forget a handle; called before the release is answered.
     pub fn release(&self, fh: u64) {
         if fh == 0 || fh > CAPACITY {
@@ -189,6 +201,24 @@ impl OpenTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_done_before_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = OpenTable::beside(&dir.path().join("mnt"));
+        let (t, _) = OpenTable::open(&path, false).unwrap();
+        let a = t.open_handle(10, Mode::Cached);
+        assert!(!t.is_stale_release(a, 10));
+        assert!(t.is_stale_release(a, 11), "another file's release");
+        t.release(a);
+        assert!(t.is_stale_release(a, 10), "released already");
+        // The number given to another open: the old release is stale.
+        let b = t.open_handle(12, Mode::Cached);
+        assert_eq!(a, b);
+        assert!(t.is_stale_release(b, 10));
+        assert!(!t.is_stale_release(b, 12));
+        assert!(!t.is_stale_release(UNRECORDED_BASE + 1, 10));
+    }
 
     #[test]
     fn handles_survive_a_reopen_and_their_numbers_are_not_given_again() {

@@ -292,8 +292,20 @@ impl StargazeFs {
         });
     }
 
-    pub(crate) fn op_release(&self, fh: u64) {
+    pub(crate) fn op_release(&self, ino: u64, fh: u64) {
         let _timer = self.shared.counters.timer(Op::Release);
+        // A release the previous process did, resent after a take-over:
+        // acting on it again would close another open's file.
+        if let Some(t) = self.shared.opens.get()
+            && t.is_stale_release(fh, ino)
+        {
+            tracing::debug!(
+                fh,
+                ino,
+                "a resent release of a handle already released: ignored"
+            );
+            return;
+        }
         self.shared.handles.lock().remove(&fh);
         self.shared
             .passthrough

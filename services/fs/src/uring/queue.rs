@@ -315,7 +315,7 @@ impl Queue {
                 None
             }
             Request::Release { fh } => {
-                fs.op_release(fh);
+                fs.op_release(ino, fh);
                 data(Vec::new())
             }
             Request::Releasedir | Request::Flush => data(Vec::new()),
