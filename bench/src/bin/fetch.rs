@@ -14,7 +14,7 @@
 //! layer of that size instead. `BENCH_REGISTRY` (host:port) uses a registry
 //! already running, e.g. behind a shaped link (`bench/fetch-link.sh`), with
 //! `BENCH_LINK` describing it; `BENCH_ONLY` picks sections (registry,
-//! engine, random, rss); `BENCH_ROUNDS` sets the registry section's rounds.
+//! engine, writers, random, rss; writers: `BENCH_WRITER_ROUNDS` rounds); `BENCH_ROUNDS` sets the registry section's rounds.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -157,18 +157,44 @@ fn all_chunks(layer: &Layer) -> Vec<(u64, u64, u64)> {
 }
 
 /// Resolve the local blob into a fresh cache at `root`.
+/// How the cache's content files are written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Writes {
+    Pwrite,
+    /// `cache_io = "io_uring"` before 2026-12-07: one ring on a dedicated
+    /// thread, every write a hop to it.
+    SharedRing,
+    /// `cache_io = "io_uring"`: a ring per decode thread, a member's writes
+    /// batched.
+    ThreadRings,
+}
+
+impl Writes {
+    fn name(self) -> &'static str {
+        match self {
+            Writes::Pwrite => "pwrite",
+            Writes::SharedRing => "one ring on its own thread (old io_uring)",
+            Writes::ThreadRings => "a ring per decode thread (io_uring)",
+        }
+    }
+}
+
 async fn local_layer(
     root: &std::path::Path,
-    io_uring: bool,
+    writes: Writes,
     blob_path: &std::path::Path,
     digest: &str,
     toc_digest: Digest,
 ) -> Arc<Layer> {
     let mut cache = Cache::open_writer(root).expect("cache");
-    if io_uring {
-        cache
+    match writes {
+        Writes::Pwrite => {}
+        Writes::SharedRing => cache
+            .use_io_uring_thread()
+            .expect("io_uring is not available on this machine"),
+        Writes::ThreadRings => cache
             .use_io_uring()
-            .expect("io_uring is not available on this machine");
+            .expect("io_uring is not available on this machine"),
     }
     Arc::new(
         resolve_layer(
@@ -386,11 +412,11 @@ async fn main() {
     // --- 2: pipeline vs single-core loop (local file, no network) ---
     if wanted("engine") {
         eprintln!("== decompress + verify: engine vs single-core loop");
-        let local = |root: std::path::PathBuf, io_uring: bool| {
+        let local = |root: std::path::PathBuf, writes: Writes| {
             let (blob_path, digest, toc) = (blob_path.clone(), digest.clone(), res.toc_digest);
-            async move { local_layer(&root, io_uring, &blob_path, &digest, toc).await }
+            async move { local_layer(&root, writes, &blob_path, &digest, toc).await }
         };
-        let layer = local(work.path().join("cache-local"), false).await;
+        let layer = local(work.path().join("cache-local"), Writes::Pwrite).await;
         let chunks: Vec<_> = {
             let mut v = Vec::new();
             for ino in 1..=layer.index.inode_count() {
@@ -422,7 +448,8 @@ async fn main() {
         // (the engine is all that runs meanwhile), each also as a ratio to
         // the loop run just before it. On tmpfs the filesystem's
         // block and inode allocation (one content file per file digest)
-        // is left out; io_uring writes through one ring instead of pwrite.
+        // is left out; io_uring writes through a ring per decode thread
+        // instead of pwrite.
         let (disk, shm) = (work.path(), std::path::Path::new("/dev/shm"));
         struct Timed {
             wall: f64,
@@ -444,11 +471,11 @@ async fn main() {
         // slow (it steps over inodes deleted in the last 30 s,
         // `recently_deleted` in its profile), which no node does per fetch.
         let mut caches = Vec::new();
-        for (base, io_uring, rounds) in [
-            (disk, false, 5),
-            (shm, false, 3),
-            (disk, true, 3),
-            (shm, true, 3),
+        for (base, writes, rounds) in [
+            (disk, Writes::Pwrite, 5),
+            (shm, Writes::Pwrite, 3),
+            (disk, Writes::ThreadRings, 3),
+            (shm, Writes::ThreadRings, 3),
         ] {
             let (mut walls, mut cpus, mut loops) = (Vec::new(), Vec::new(), Vec::new());
             let (mut wall_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
@@ -456,7 +483,7 @@ async fn main() {
                 (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
                 let tmp = tempfile::tempdir_in(base).expect("cache dir");
-                let layer = local(tmp.path().to_path_buf(), io_uring).await;
+                let layer = local(tmp.path().to_path_buf(), writes).await;
                 let loop_secs = reference_loop();
                 let stages = STAGE_CPU.seconds();
                 let (t, cpu) = (Instant::now(), cpu_seconds());
@@ -534,6 +561,75 @@ async fn main() {
             engine_secs / uring_secs[0],
             tmpfs_secs / uring_secs[1]
         ));
+    }
+
+    // --- 2b: the three ways of writing the cache, rounds alternated ---
+    if wanted("writers") {
+        eprintln!("== cache writers: pwrite, one shared ring, a ring per thread");
+        let rounds: usize = std::env::var("BENCH_WRITER_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        let kinds = [Writes::Pwrite, Writes::SharedRing, Writes::ThreadRings];
+        let (disk, shm) = (work.path(), std::path::Path::new("/dev/shm"));
+        let mut caches = Vec::new();
+        for (where_, base) in [("disk", disk), ("tmpfs", shm)] {
+            // Per writer: wall, process CPU, write-stage CPU of the decode
+            // threads, one entry per round.
+            let mut got: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+                kinds.iter().map(|_| Default::default()).collect();
+            let mut bytes = 0;
+            for round in 0..rounds {
+                // Alternated, and the order rotated each round, so that the
+                // machine's drift spreads over all three.
+                for k in 0..kinds.len() {
+                    let k = (k + round) % kinds.len();
+                    let tmp = tempfile::tempdir_in(base).expect("cache dir");
+                    let layer =
+                        local_layer(tmp.path(), kinds[k], &blob_path, &digest, res.toc_digest)
+                            .await;
+                    let stages = STAGE_CPU.seconds();
+                    let (t, cpu) = (Instant::now(), cpu_seconds());
+                    bytes = fetch_everything(&layer).await;
+                    let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+                    let write = STAGE_CPU.seconds().2 - stages.2;
+                    eprintln!(
+                        "  {where_} round {round} {}: {:.3} s, {:.0} MB/s, {:.2} CPU-s/GB, write stage {:.3} CPU-s/GB",
+                        kinds[k].name(),
+                        wall,
+                        mb(bytes, wall),
+                        cpu / (bytes as f64 / 1e9),
+                        write / (bytes as f64 / 1e9)
+                    );
+                    got[k].0.push(wall);
+                    got[k].1.push(cpu);
+                    got[k].2.push(write);
+                    // On disk every cache is kept till the end (see the
+                    // engine section); tmpfs holds them in memory.
+                    if base == disk {
+                        caches.push(tmp);
+                    }
+                }
+            }
+            let gb = bytes as f64 / 1e9;
+            let pwrite_wall = median(got[0].0.clone());
+            for (k, (walls, cpus, writes)) in kinds.iter().zip(got) {
+                let wall = median(walls.clone());
+                rows.push(format!(
+                    "| cache writes, {where_}: {} | {:.0} MB/s (rounds {}) | {:.2} CPU-s/GB, write stage {:.3} CPU-s/GB | **{:.2}×** pwrite |",
+                    k.name(),
+                    mb(bytes, wall),
+                    walls
+                        .iter()
+                        .map(|w| format!("{:.0}", mb(bytes, *w)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    median(cpus) / gb,
+                    median(writes) / gb,
+                    pwrite_wall / wall
+                ));
+            }
+        }
     }
 
     // --- 1: whole layer from a registry vs curl ---

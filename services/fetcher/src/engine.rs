@@ -29,6 +29,7 @@
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -661,6 +662,9 @@ impl Layer {
         let started = thread_cpu_ns();
         let stored = with_decompressed_prefix(self.compression, compressed, needed, |data| {
             STAGE_CPU.add(&STAGE_CPU.decompress_ns, started);
+            if self.cache.uses_thread_rings() {
+                return self.store_batched(claims, data);
+            }
             claims
                 .iter()
                 .map(|c| {
@@ -688,6 +692,111 @@ impl Layer {
         let stored = self.write_and_publish(c, data);
         STAGE_CPU.add(&STAGE_CPU.write_ns, verified);
         stored
+    }
+
+    /// [`Self::store`] for a member's chunks at once, with the writes on
+    /// this thread's ring (`cache_io = "io_uring"`): verify every chunk,
+    /// open their files, queue every write without waiting, then reap the
+    /// completions, and only then publish the chunks whose writes completed
+    /// in full. `data` is the member's decompressed bytes.
+    fn store_batched(&self, claims: &[Claim], data: &[u8]) -> Vec<Result<(), ChunkError>> {
+        let started = thread_cpu_ns();
+        let slice = |c: &Claim| {
+            let from = c.chunk.inner_offset as usize;
+            &data[from..from + c.chunk.size as usize]
+        };
+        let mut out: Vec<Result<(), ChunkError>> = claims
+            .iter()
+            .map(|c| {
+                let actual = Digest::of(slice(c));
+                if actual.0 == c.chunk.digest {
+                    Ok(())
+                } else {
+                    Err(ChunkError::Mismatch {
+                        offset: c.chunk.file_offset,
+                        actual,
+                        expected: Digest(c.chunk.digest),
+                    })
+                }
+            })
+            .collect();
+        let verified = STAGE_CPU.add(&STAGE_CPU.verify_ns, started);
+        // Eviction cannot delete a file between its open and its bit.
+        let writing = self.cache.writing();
+        let evicted = self.is_evicted();
+        // `None` with an `Ok`: the file is complete (see `write_and_publish`).
+        let mut files: Vec<Option<stargaze_cache::ContentFile>> = Vec::with_capacity(claims.len());
+        for (c, o) in claims.iter().zip(out.iter_mut()) {
+            let opened = o.is_ok().then(|| {
+                let node = self
+                    .index
+                    .inode(c.ino)
+                    .ok_or(ChunkError::NoInode { ino: c.ino })?;
+                if evicted {
+                    return Err(ChunkError::Evicted);
+                }
+                let content = self
+                    .cache
+                    .layer_file_writer(&self.digest, c.ino, node.size())
+                    .map_err(|e| self.write_error(e))?;
+                if let Some(content) = &content {
+                    content
+                        .prepare_write(c.chunk.file_offset, c.chunk.size)
+                        .map_err(|e| self.write_error(e))?;
+                }
+                Ok(content)
+            });
+            files.push(match opened {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    *o = Err(e);
+                    None
+                }
+                None => None,
+            });
+        }
+        let written = write_on_thread_ring(claims, &files, slice);
+        for (((c, o), f), w) in claims.iter().zip(out.iter_mut()).zip(&files).zip(written) {
+            if o.is_err() {
+                continue;
+            }
+            if let Some(f) = f {
+                // A file without a result must never read as written.
+                let w =
+                    w.unwrap_or_else(|| Err(std::io::Error::other("no result for a queued write")));
+                if let Err(e) = w {
+                    // The bit stays clear: partly written bytes are never
+                    // served.
+                    *o = Err(self.write_error(f.io_error(e)));
+                    continue;
+                }
+                self.cache.note_written(c.chunk.size);
+            }
+            self.presence.set_present(c.chunk.global);
+            self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(writing);
+        for ((c, o), f) in claims.iter().zip(&out).zip(files) {
+            let (Ok(()), Some(content)) = (o, f) else {
+                continue;
+            };
+            let Some(node) = self.index.inode(c.ino) else {
+                continue;
+            };
+            let first = c.chunk.global - c.chunk.index as u32;
+            if let Some(digest) = node.digest()
+                && self
+                    .presence
+                    .all_present(first..first + node.chunk_count() as u32)
+            {
+                let whole_chunk = node.chunk_count() == 1
+                    && c.chunk.size == node.size()
+                    && c.chunk.digest == digest.0;
+                self.share_later(c.ino, content, digest, node.size(), whole_chunk);
+            }
+        }
+        STAGE_CPU.add(&STAGE_CPU.write_ns, verified);
+        out
     }
 
     /// Write verified bytes to the layer's file, then publish the chunk.
@@ -877,6 +986,41 @@ fn thread_cpu_ns() -> u64 {
 /// batch for good, and with it any on-demand read of one of its chunks.)
 /// `None` if the pool cannot be built: background batches then decode on
 /// the shared pool.
+/// Write each claim's bytes into its open file (`None`: nothing to write)
+/// on this thread's ring, all queued before any is waited for; one result
+/// per claim that had a file, each reaped (the write completed or failed)
+/// before this returns. Where this thread gets no ring, `pwrite`.
+fn write_on_thread_ring<'a>(
+    claims: &[Claim],
+    files: &'a [Option<stargaze_cache::ContentFile>],
+    slice: impl Fn(&Claim) -> &'a [u8],
+) -> Vec<Option<std::io::Result<()>>> {
+    let Ok(mut batch) = stargaze_cache::rings::Batch::new() else {
+        return claims
+            .iter()
+            .zip(files)
+            .map(|(c, f)| {
+                f.as_ref()
+                    .map(|f| f.file().write_all_at(slice(c), c.chunk.file_offset))
+            })
+            .collect();
+    };
+    let queued: Vec<Option<usize>> = claims
+        .iter()
+        .zip(files)
+        .map(|(c, f)| {
+            f.as_ref()
+                .map(|f| batch.write(f.file(), slice(c), c.chunk.file_offset))
+        })
+        .collect();
+    let mut results: Vec<Option<std::io::Result<()>>> =
+        batch.finish().into_iter().map(Some).collect();
+    queued
+        .into_iter()
+        .map(|i| i.and_then(|i| results[i].take()))
+        .collect()
+}
+
 fn background_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {

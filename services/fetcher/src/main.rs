@@ -144,7 +144,7 @@ fn open_cache(c: &FetcherConfig) -> Result<(Arc<Cache>, (Recovery, Duration))> {
     }
     if c.cache_io == CacheIo::IoUring {
         match cache.use_io_uring() {
-            Ok(()) => tracing::info!("cache writes go through io_uring"),
+            Ok(()) => tracing::info!("cache writes go through io_uring (a ring per decode thread)"),
             Err(e) => {
                 tracing::warn!(error = %e, "io_uring is not available: cache writes use pwrite")
             }

@@ -127,20 +127,34 @@ impl ContentFile {
     /// Write verified bytes at `offset` (pwrite or io_uring; returns when
     /// the kernel has them).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), CacheError> {
-        if self
-            .size_pending
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-            && offset + data.len() as u64 != self.size
-        {
-            self.file
-                .set_len(self.size)
-                .map_err(|e| CacheError::io(&self.path, e))?;
-        }
+        self.prepare_write(offset, data.len() as u64)?;
         match &self.uring {
             Some(u) => u.write_all_at(&self.file, data, offset),
             None => self.file.write_all_at(data, offset),
         }
         .map_err(|e| CacheError::io(&self.path, e))
+    }
+
+    /// What [`ContentFile::write_at`] does before it writes `len` bytes at
+    /// `offset`, for writers that write [`ContentFile::file`] themselves
+    /// ([`crate::rings::Batch`]): the first write into a new file that
+    /// does not cover all of it sizes the file first.
+    pub fn prepare_write(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        if self
+            .size_pending
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            && offset + len != self.size
+        {
+            self.file
+                .set_len(self.size)
+                .map_err(|e| CacheError::io(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// A write's error as the cache's (with the file's path).
+    pub fn io_error(&self, e: std::io::Error) -> CacheError {
+        CacheError::io(&self.path, e)
     }
 
     /// Read exactly `buf.len()` bytes at `offset`.

@@ -35,9 +35,12 @@
 //! that lies about a digest can only ever change what its own layer reads.
 //! Presence is per layer because layers may chunk the same file differently.
 //!
-//! Content writes are `pwrite`s, or go through io_uring on a dedicated
-//! thread after [`Cache::use_io_uring`] ([`uring`]); either way a write has
-//! returned before its presence bit is set.
+//! Content writes are `pwrite`s, or after [`Cache::use_io_uring`] go
+//! through a ring per writing thread ([`rings`]: the writer batches a
+//! member's writes and reaps them before it publishes any), or after
+//! [`Cache::use_io_uring_thread`] through one ring on a dedicated thread
+//! ([`uring`], kept for comparison); either way a write has completed
+//! before its presence bit is set.
 //!
 //! A write that finds the filesystem full ([`CacheError::is_out_of_space`])
 //! is noted with [`Cache::note_full`]; the fetcher's eviction task takes
@@ -52,6 +55,7 @@ mod content;
 pub mod evict;
 mod pin;
 mod presence;
+pub mod rings;
 mod source;
 pub mod trace;
 pub mod uring;
@@ -119,6 +123,8 @@ pub struct Cache {
     unclean: bool,
     /// Content writes go through this ring when set.
     uring: Option<std::sync::Arc<uring::UringWriter>>,
+    /// Writers batch content writes on their own thread's ring ([`rings`]).
+    thread_rings: bool,
     /// Held shared while layer files or content are written, exclusively
     /// while eviction deletes ([`Cache::writing`], [`Cache::evicting`]).
     gate: std::sync::RwLock<()>,
@@ -210,6 +216,7 @@ impl Cache {
             _lock: Some(lock),
             unclean,
             uring: None,
+            thread_rings: false,
             gate: Default::default(),
             written: Default::default(),
             full: Default::default(),
@@ -223,6 +230,7 @@ impl Cache {
             _lock: None,
             unclean: false,
             uring: None,
+            thread_rings: false,
             gate: Default::default(),
             written: Default::default(),
             full: Default::default(),
@@ -418,16 +426,36 @@ impl Cache {
         linked.is_ok()
     }
 
-    /// Write content through io_uring from now on. On error (io_uring not
-    /// available here) the cache keeps using `pwrite`.
+    /// Write content through a ring per writing thread from now on
+    /// ([`rings`]; writers that batch check [`Cache::uses_thread_rings`]).
+    /// On error (io_uring not available here) the cache keeps using
+    /// `pwrite`.
     pub fn use_io_uring(&mut self) -> std::io::Result<()> {
-        self.uring = Some(uring::UringWriter::start()?);
+        rings::probe()?;
+        self.uring = None;
+        self.thread_rings = true;
         Ok(())
     }
 
-    /// Whether content writes go through io_uring.
+    /// Write content through one ring on a dedicated thread from now on
+    /// ([`uring`]: the earlier design, slower than `pwrite`, kept for the
+    /// benchmark's comparison).
+    pub fn use_io_uring_thread(&mut self) -> std::io::Result<()> {
+        self.uring = Some(uring::UringWriter::start()?);
+        self.thread_rings = false;
+        Ok(())
+    }
+
+    /// Whether content writes go through io_uring (either design).
     pub fn uses_io_uring(&self) -> bool {
-        self.uring.is_some()
+        self.uring.is_some() || self.thread_rings
+    }
+
+    /// Whether writers should batch content writes on their thread's ring
+    /// ([`rings::Batch`], with [`ContentFile::prepare_write`] first).
+    /// [`ContentFile::write_at`] itself stays a `pwrite` then.
+    pub fn uses_thread_rings(&self) -> bool {
+        self.thread_rings
     }
 
     /// Hold while writing a layer's files or content (and publishing it):

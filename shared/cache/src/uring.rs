@@ -1,4 +1,7 @@
-//! Content-file writes through io_uring (`[fetcher] cache_io = "io_uring"`).
+//! Content-file writes through one io_uring on a dedicated thread: the
+//! first design of `cache_io = "io_uring"`, replaced by [`crate::rings`]
+//! (a ring per writing thread) and kept for the benchmark's comparison
+//! ([`crate::Cache::use_io_uring_thread`]).
 //!
 //! One dedicated thread owns the ring. Writers hand it a job (descriptor,
 //! bytes, offset) over a channel and block until the write completed, as a

@@ -157,8 +157,9 @@ pub struct FetcherConfig {
     /// used as they are (the rest of it is ignored), so a node switching
     /// keeps its mirrors. Read if it exists; empty = none.
     pub stargz_config: PathBuf,
-    /// How content files are written: `pwrite`, or `io_uring` (one ring on a
-    /// dedicated thread; falls back to pwrite where io_uring is refused).
+    /// How content files are written: `pwrite`, or `io_uring` (a ring per
+    /// decode thread, a member's writes batched; falls back to pwrite where
+    /// io_uring is refused).
     pub cache_io: CacheIo,
     /// Upper bound on the cache's disk use; when it is exceeded, layers no
     /// snapshot uses are evicted with their files, least recently used

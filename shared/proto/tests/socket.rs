@@ -63,6 +63,12 @@ impl Fetcher for Fake {
     ) -> Result<Response<RememberCredentialsResponse>, Status> {
         Err(Status::unimplemented("remember_credentials"))
     }
+    async fn note_reads(
+        &self,
+        _: Request<NoteReadsRequest>,
+    ) -> Result<Response<NoteReadsResponse>, Status> {
+        Err(Status::unimplemented("note_reads"))
+    }
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(StatusResponse {
             cache_dir: "/x".into(),
