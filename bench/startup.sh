@@ -56,8 +56,10 @@
 # WORKLOADS [every workload of IMAGES: hello imports warm readall hello-opt
 # hello-bash hello-bash-opt cc cc-opt perl perl-opt java java-opt pipe
 # pipe-opt], METHODS [overlayfs go-stargz stargaze stargaze-trace; also
-# stargaze-b: stargaze with SG_B_FETCHER's lines added to [fetcher], an A/B
-# of a setting in one run], LOOPBACK_WORKLOADS
+# stargaze-b: stargaze with SG_B_FETCHER's lines added to [fetcher] and the
+# daemons of SG_B_BIN [SG_BIN], an A/B of a setting or of two builds in one
+# run; stargaze-b-trace: stargaze-trace of the variant, after a
+# stargaze-b round], LOOPBACK_WORKLOADS
 # [hello readall, if chosen] (one more round of each with the link unshaped;
 # "" = none), KEEP [0] (1 keeps the daemons and network for a look), SG_BIN
 # [target/release] (where our binaries are: for A/B runs of two builds),
@@ -338,7 +340,7 @@ reset_stargaze() { # [keep-traces]
     for d in fetcher fs snapshotter; do
         local extra=()
         [[ $d == fetcher ]] && extra=(--hosts-dir "$W/etc/certs.d")
-        start_daemon $d "$BIN/stargaze-$d" --config "$W/etc/stargaze${SG_VARIANT:-}.toml" "${extra[@]}"
+        start_daemon $d "${SG_DAEMON_BIN:-$BIN}/stargaze-$d" --config "$W/etc/stargaze${SG_VARIANT:-}.toml" "${extra[@]}"
         for _ in $(seq 200); do [[ -S $W/sg/$d.sock ]] && break; sleep 0.02; done
     done
     wait_plugin stargaze
@@ -405,19 +407,19 @@ round() { # workload method [label]
     # Optimized images exist for the lazy pullers only; a learned trace
     # is measured on plain images.
     [[ $wl == *-opt && $method == overlayfs ]] && return 0
-    [[ $wl == *-opt && $method == stargaze-trace ]] && return 0
+    [[ $wl == *-opt && $method == stargaze*-trace ]] && return 0
     [[ $wl == *-opt ]] && opt=-opt
     local image argv expect what bound
     workload "$wl"
     case $method in
     overlayfs) ref=$REG/$image:latest sn=overlayfs daemons="" pull=(ctr_ image pull --plain-http "$ref") ;;
     go-stargz) ref=$REG/$image:esgz-go$opt sn=stargz daemons="peer" pull=(ctr_remote image rpull --plain-http --snapshotter stargz "$ref") ;;
-    stargaze | stargaze-trace | stargaze-b) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
-    *) die "unknown method $method (METHODS: overlayfs go-stargz stargaze stargaze-trace)" ;;
+    stargaze | stargaze-trace | stargaze-b | stargaze-b-trace) ref=$REG/$image:esgz$opt sn=stargaze daemons="fetcher fs snapshotter" pull=(env STARGAZE_LOG=stargaze=debug,stargaze_registry=debug "$BIN/stargaze" rpull --quiet --address "$CSOCK" --namespace bench --plain-http --snapshotter stargaze "$ref") ;;
+    *) die "unknown method $method (METHODS: overlayfs go-stargz stargaze stargaze-trace stargaze-b stargaze-b-trace)" ;;
     esac
-    SG_VARIANT=
-    [[ $method == stargaze-b ]] && SG_VARIANT=-b
-    if [[ $method == stargaze-trace ]]; then
+    SG_VARIANT= SG_DAEMON_BIN=
+    [[ $method == stargaze-b* ]] && SG_VARIANT=-b SG_DAEMON_BIN=${SG_B_BIN:-}
+    if [[ $method == stargaze*-trace ]]; then
         cold keep-traces
         [[ -n $(ls "$W/sg/cache/traces" 2>/dev/null) ]] || die "stargaze-trace $wl: no trace was learned in the stargaze round before it"
     else
