@@ -55,6 +55,14 @@ pub fn take_stored_fd(name: &str) -> Option<OwnedFd> {
     found
 }
 
+/// Remove what systemd's descriptor store keeps under `name`.
+pub fn remove_stored_fd(name: &str) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let msg = format!("FDSTOREREMOVE=1\nFDNAME={name}\n");
+        let _ = send_with_fd(&path.to_string_lossy(), msg.as_bytes(), -1);
+    }
+}
+
 /// Hand a copy of `fd` to systemd's descriptor store under `name` (the
 /// unit needs `FileDescriptorStoreMax=`). False outside systemd (no
 /// `NOTIFY_SOCKET`) or when the message could not be sent.
@@ -73,7 +81,9 @@ pub fn store_fd(fd: RawFd, name: &str) -> bool {
     }
 }
 
-fn send_with_fd(socket: &str, msg: &[u8], fd: RawFd) -> std::io::Result<()> {
+/// Send `msg` to the datagram socket at `socket` (`@name`: abstract),
+/// with `fd` attached (`SCM_RIGHTS`) unless it is negative.
+pub fn send_with_fd(socket: &str, msg: &[u8], fd: RawFd) -> std::io::Result<()> {
     // SAFETY: plain syscalls on locally owned buffers and descriptors.
     unsafe {
         let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -105,13 +115,16 @@ fn send_with_fd(socket: &str, msg: &[u8], fd: RawFd) -> std::io::Result<()> {
         hdr.msg_namelen = addr_len;
         hdr.msg_iov = &mut iov;
         hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        hdr.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        // A negative `fd`: the message alone.
+        if fd >= 0 {
+            hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            hdr.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        }
         if libc::sendmsg(s.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) < 0 {
             return Err(std::io::Error::last_os_error());
         }
