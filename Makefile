@@ -37,6 +37,11 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	@echo "== test: clippy"
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@p=/sys/module/fuse/parameters/enable_uring; \
+	if [[ -w $$p && $$(cat $$p) != Y ]]; then \
+		echo "== test: FUSE over io_uring on for the io_uring transport's tests ($$p = Y until reboot; echo N > $$p undoes it)"; \
+		echo Y > $$p; \
+	fi
 	@echo "== test: cargo nextest"
 	$(CARGO) nextest run --workspace --no-fail-fast
 
