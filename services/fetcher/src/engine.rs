@@ -780,20 +780,7 @@ impl Layer {
             let (Ok(()), Some(content)) = (o, f) else {
                 continue;
             };
-            let Some(node) = self.index.inode(c.ino) else {
-                continue;
-            };
-            let first = c.chunk.global - c.chunk.index as u32;
-            if let Some(digest) = node.digest()
-                && self
-                    .presence
-                    .all_present(first..first + node.chunk_count() as u32)
-            {
-                let whole_chunk = node.chunk_count() == 1
-                    && c.chunk.size == node.size()
-                    && c.chunk.digest == digest.0;
-                self.share_later(c.ino, content, digest, node.size(), whole_chunk);
-            }
+            self.share_if_complete(c, content);
         }
         STAGE_CPU.add(&STAGE_CPU.write_ns, verified);
         out
@@ -828,8 +815,20 @@ impl Layer {
         self.presence.set_present(c.chunk.global);
         self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         drop(writing);
+        if let Some(content) = content {
+            self.share_if_complete(c, content);
+        }
+        Ok(())
+    }
+
+    /// `c` was published: when it completed its file, share the file with
+    /// other layers once its whole-file digest is verified.
+    fn share_if_complete(&self, c: &Claim, content: stargaze_cache::ContentFile) {
+        let Some(node) = self.index.inode(c.ino) else {
+            return;
+        };
         let first = c.chunk.global - c.chunk.index as u32;
-        if let (Some(content), Some(digest)) = (content, node.digest())
+        if let Some(digest) = node.digest()
             && self
                 .presence
                 .all_present(first..first + node.chunk_count() as u32)
@@ -839,7 +838,6 @@ impl Layer {
                 && c.chunk.digest == digest.0;
             self.share_later(c.ino, content, digest, node.size(), whole_chunk);
         }
-        Ok(())
     }
 
     /// A failed cache write as a chunk's error. A full filesystem asks
@@ -1218,6 +1216,44 @@ pub async fn fetch_in_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A claim of a chunk stored at `[offset, end)` of the blob.
+    fn claim(global: u32, offset: u64, end: u64) -> Claim {
+        Claim {
+            ino: 1,
+            chunk: ChunkInfo {
+                index: 0,
+                global,
+                file_offset: 0,
+                size: 1,
+                compressed_offset: offset,
+                compressed_end: end,
+                inner_offset: 0,
+                digest: [0; 32],
+                zeros: false,
+            },
+            purpose: Purpose::Trace,
+        }
+    }
+
+    /// Queued claims are taken oldest first (a replay's first reads first),
+    /// not in blob order, and a member's claims go together.
+    #[test]
+    fn queued_claims_are_taken_oldest_first_with_their_members() {
+        let mut queue = vec![
+            claim(0, 9000, 10000),
+            claim(1, 0, 1000),
+            claim(2, 5000, 6000),
+            // The first member's other chunk, queued later.
+            claim(3, 9000, 10000),
+        ];
+        let first = take_budget(&mut queue, 2000);
+        let globals = |v: &[Claim]| v.iter().map(|c| c.chunk.global).collect::<Vec<_>>();
+        assert_eq!(globals(&first), [0, 1, 3]);
+        assert_eq!(globals(&queue), [2]);
+        assert_eq!(globals(&take_budget(&mut queue, 2000)), [2]);
+        assert!(queue.is_empty());
+    }
 
     fn members(spans: &[(u64, u64)]) -> BTreeMap<u64, Member> {
         spans
