@@ -353,4 +353,46 @@ mod tests {
         assert!(!p.has_backing(42));
         assert!(!shared.detach("absent"));
     }
+
+    /// A release resent after a take-over that the previous process had
+    /// already done leaves the open now holding its handle number alone.
+    #[test]
+    fn a_resent_release_of_another_inode_closes_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let shared = Arc::new(FsShared::new(
+            std::path::Path::new("/nonexistent"),
+            Arc::new(NoFetcher),
+            rt.handle().clone(),
+            Duration::from_secs(1),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let (table, _) =
+            OpenTable::open(&OpenTable::beside(&dir.path().join("mnt")), false).unwrap();
+        assert!(shared.opens.set(table).is_ok());
+        let fs = crate::ops::StargazeFs {
+            shared: shared.clone(),
+        };
+        let fh = shared.new_handle(44);
+        let file = Arc::new(std::fs::File::open("/dev/null").unwrap());
+        shared.handles.lock().insert(fh, file);
+        fs.op_release(45, fh);
+        assert!(
+            shared.handles.lock().contains_key(&fh),
+            "another inode's release"
+        );
+        fs.op_release(44, fh);
+        assert!(!shared.handles.lock().contains_key(&fh));
+        // Released already: a second one is stale too.
+        shared
+            .handles
+            .lock()
+            .insert(fh, Arc::new(std::fs::File::open("/dev/null").unwrap()));
+        fs.op_release(44, fh);
+        assert!(
+            shared.handles.lock().contains_key(&fh),
+            "a release done before"
+        );
+    }
 }
