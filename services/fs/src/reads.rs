@@ -16,7 +16,6 @@
 //! has nothing to send): fs then clears every bit, so a new recording sees
 //! each chunk's first read again.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -70,9 +69,12 @@ impl Reported {
     }
 }
 
-/// A read to report: layer, inode (the index's numbering), range.
+/// A read to report: layer, inode (the index's numbering), range. By
+/// digest and slot, not the attached layer itself: a queued read must not
+/// keep a detached layer (and its pin against eviction) alive.
 struct Noted {
-    layer: Arc<Attached>,
+    layer: String,
+    slot: u64,
     ino: u64,
     offset: u64,
     length: u64,
@@ -80,7 +82,7 @@ struct Noted {
 
 /// Reads of one layer `(inode, offset, length)`, in order; no layer: a
 /// request for the generation alone.
-type Batch = (Option<Arc<Attached>>, Vec<(u64, u64, u64)>);
+type Batch = (Option<String>, Vec<(u64, u64, u64)>);
 
 /// Reads waiting for the next flush.
 pub struct ReadLog {
@@ -100,7 +102,7 @@ impl Default for ReadLog {
 impl ReadLog {
     /// `[offset, end)` of file `ino` of `a` was read (or will be read by
     /// the kernel through passthrough).
-    pub fn read(&self, a: &Arc<Attached>, ino: u64, offset: u64, end: u64) {
+    pub fn read(&self, a: &Attached, ino: u64, offset: u64, end: u64) {
         let Some(node) = a.index.inode(ino) else {
             return;
         };
@@ -114,7 +116,7 @@ impl ReadLog {
         let mut q = self.queue.lock();
         if let Some(last) = q.last_mut()
             && last.ino == ino
-            && Arc::ptr_eq(&last.layer, a)
+            && last.slot == a.slot
             && last.offset + last.length == offset
         {
             last.length = end - last.offset;
@@ -122,7 +124,8 @@ impl ReadLog {
         }
         if q.len() < MAX_QUEUED {
             q.push(Noted {
-                layer: a.clone(),
+                layer: a.digest.clone(),
+                slot: a.slot,
                 ino,
                 offset,
                 length: end - offset,
@@ -136,7 +139,7 @@ impl ReadLog {
         let mut out: Vec<Batch> = Vec::new();
         for n in queued {
             match out.last_mut() {
-                Some((Some(layer), ranges)) if Arc::ptr_eq(layer, &n.layer) => {
+                Some((Some(layer), ranges)) if *layer == n.layer => {
                     ranges.push((n.ino, n.offset, n.length))
                 }
                 _ => out.push((Some(n.layer), vec![(n.ino, n.offset, n.length)])),
@@ -176,7 +179,7 @@ pub async fn flush_every(shared: std::sync::Weak<FsShared>) {
         }
         for (layer, ranges) in batches {
             since_asked = Duration::ZERO;
-            let digest = layer.as_ref().map_or("", |a| a.digest.as_str());
+            let digest = layer.as_deref().unwrap_or("");
             if let Some(g) = shared.source.note_reads(digest, ranges).await {
                 shared.reads.generation(g, &shared);
             }
