@@ -463,6 +463,40 @@ impl Layer {
         FETCHED.add_gap(gap);
     }
 
+    /// The purposes of a read's claims, for its log line.
+    fn purposes_of(&self, todo: &BTreeMap<u64, Member>) -> String {
+        let mut seen: Vec<&'static str> = todo
+            .values()
+            .flat_map(|m| &m.claims)
+            .map(|c| c.purpose.label())
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.join(",")
+    }
+
+    /// The first few files a read brings in, in blob order, for its log
+    /// line (a timeline of a cold start is read from these lines).
+    fn files_of(&self, todo: &BTreeMap<u64, Member>) -> String {
+        const SHOWN: usize = 4;
+        let mut seen = std::collections::HashSet::new();
+        let inos: Vec<u64> = todo
+            .values()
+            .flat_map(|m| &m.claims)
+            .map(|c| c.ino)
+            .filter(|&ino| seen.insert(ino))
+            .collect();
+        let mut names: Vec<String> = inos
+            .iter()
+            .take(SHOWN)
+            .map(|&ino| self.index.path_of(ino))
+            .collect();
+        if inos.len() > SHOWN {
+            names.push(format!("+{} more", inos.len() - SHOWN));
+        }
+        names.join(" ")
+    }
+
     /// Fetch, verify, write and publish a batch; one result per claim.
     async fn fetch_batch(self: &Arc<Self>, batch: &[Claim]) -> Vec<Result<(), ChunkError>> {
         let mut results: HashMap<u32, Result<(), ChunkError>> = HashMap::new();
@@ -556,6 +590,8 @@ impl Layer {
             }
             tracing::debug!(
                 layer = %self.digest,
+                purposes = %self.purposes_of(&todo),
+                files = %self.files_of(&todo),
                 ranges = ranges.len(),
                 bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
                 first = ranges.first().map(|r| r.start).unwrap_or(0),

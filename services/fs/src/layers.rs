@@ -41,6 +41,8 @@ pub struct Attached {
     pub stats: LayerStats,
     /// The chunks whose first read was reported for traces (`reads.rs`).
     pub reported: crate::reads::Reported,
+    /// Small-file misses per directory (`readahead.rs`).
+    pub(crate) directory_misses: crate::readahead::DirectoryMisses,
     /// Keeps the fetcher's eviction away from the layer while attached.
     _pin: LayerPin,
 }
@@ -215,6 +217,7 @@ impl LayerTable {
             name: name.clone(),
             slot,
             reported,
+            directory_misses: Default::default(),
             index,
             presence,
             cache,

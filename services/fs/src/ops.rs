@@ -22,7 +22,7 @@ use crate::FsShared;
 use crate::entries::{Listed, ROOT_TTL, layer_attr};
 use crate::layers::{Attached, MOUNT_ROOT};
 use crate::metrics::Op;
-use crate::readahead::{SMALL_FILE, present, small_siblings};
+use crate::readahead::{SMALL_FILE, neighbours, present};
 
 /// The node's filesystem, behind either transport.
 pub struct StargazeFs {
@@ -248,7 +248,7 @@ impl StargazeFs {
         // package, locale files): fetch the next small ones of its directory
         // alongside, at the cost of a few KiB instead of a round trip each.
         let siblings = if file_size <= SMALL_FILE {
-            small_siblings(&a, local)
+            neighbours(&a, local)
         } else {
             Vec::new()
         };

@@ -38,6 +38,14 @@ impl ChunkSource for Engine {
         EXECUTED.lock().unwrap().push((layer.to_string(), ino));
     }
 
+    async fn prefetch_files(&self, _layer: &str, files: Vec<(u64, u64)>) {
+        // Recorded, not fetched: a test sees what each miss asked for.
+        PREFETCHED
+            .lock()
+            .unwrap()
+            .push(files.into_iter().map(|(ino, _)| ino).collect());
+    }
+
     async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
         let mut noted = NOTED.lock().unwrap();
         noted.extend(ranges.into_iter().map(|r| (layer.to_string(), r)));
@@ -50,6 +58,9 @@ type Noted = (String, (u64, u64, u64));
 /// Reads fs reported for traces, and the recording generation it is told.
 static NOTED: std::sync::Mutex<Vec<Noted>> = std::sync::Mutex::new(Vec::new());
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The files of each prefetch fs asked for alongside a miss.
+static PREFETCHED: std::sync::Mutex<Vec<Vec<u64>>> = std::sync::Mutex::new(Vec::new());
 
 /// Files fs said were being executed (each test is its own process).
 static EXECUTED: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
@@ -994,4 +1005,59 @@ async fn reads_are_reported_for_traces_hits_included_once_per_generation() {
     direct_read("d/prefetched", 0);
     settle().await;
     assert_eq!(noted(pre), [(0, 4096), (0, 4096)]);
+}
+
+/// A small file's miss fetches the next few small files of its directory;
+/// the second file of the same directory to miss fetches every small file
+/// of it (a program working through a package's modules or a library's
+/// headers); another directory is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_miss_in_a_directory_fetches_all_its_small_files() {
+    stargaze_testkit::require_root_fuse();
+    let work = tempfile::tempdir().unwrap();
+    use stargaze_testkit::crafted;
+    let mut items = vec![crafted::dir("mods/"), crafted::dir("other/")];
+    let name = |i: usize| format!("mods/m{i:02}.pm");
+    for i in 0..30 {
+        items.push(crafted::reg(&name(i), &vec![b'a' + (i % 26) as u8; 1000]));
+    }
+    for i in 0..5 {
+        items.push(crafted::reg(&format!("other/o{i}"), b"other"));
+    }
+    let tar = crafted::tar_of(&items);
+    let (shared, layer, digest) = setup(&tar, work.path()).await;
+    let m = mount(shared);
+    let dir = m.dir.path().join(&digest[7..]);
+    let ino = |p: &str| layer.index.lookup_path(&format!("/{p}")).unwrap();
+    let mods: Vec<u64> = (0..30).map(|i| ino(&name(i))).collect();
+    let others: Vec<u64> = (0..5).map(|i| ino(&format!("other/o{i}"))).collect();
+    let asked = || std::mem::take(&mut *PREFETCHED.lock().unwrap());
+
+    std::fs::read(dir.join(name(20))).unwrap();
+    let first = asked().concat();
+    assert!(!first.is_empty(), "the first miss fetches some neighbours");
+    assert!(
+        first.iter().all(|i| mods[21..].contains(i)),
+        "the first miss fetches only files after it: {first:?}"
+    );
+
+    std::fs::read(dir.join(name(3))).unwrap();
+    let mut second = asked().concat();
+    second.sort_unstable();
+    let mut want: Vec<u64> = mods
+        .iter()
+        .copied()
+        .filter(|&i| i != mods[3] && i != mods[20])
+        .collect();
+    want.sort_unstable();
+    assert_eq!(
+        second, want,
+        "the second miss fetches the directory's other small files"
+    );
+    assert!(second.iter().all(|i| !others.contains(i)));
+
+    // A third miss is back to the few after it.
+    std::fs::read(dir.join(name(10))).unwrap();
+    let third = asked().concat();
+    assert!(third.len() <= 8, "{third:?}");
 }
