@@ -10,7 +10,9 @@
 //!   place of crictl, which Debian lacks.
 //! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
 //!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
-//!   prefetch, status) that fs and the snapshotter call.
+//!   prefetch, status, traces, credentials) that fs and the snapshotter
+//!   call, the `Fs` service (attach, detach, list) the snapshotter calls,
+//!   and the `Snapshotter` status `stargaze status` reads.
 //! * [`bind_unix`] binds a server to a unix socket (stale socket removed,
 //!   mode 0600, parent directory created) and [`connect_unix`] dials one.
 //! * [`Failure`] says what a failed call means for its caller (no answer,
