@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use stargaze_proto::Failure;
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::{FetchRequest, FileRange, NoteReadsRequest, Priority};
 
@@ -15,12 +16,14 @@ use stargaze_proto::v1::{FetchRequest, FileRange, NoteReadsRequest, Priority};
 /// this is logged with the layer and file).
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// The fetcher's socket did not answer for the whole patience.
+    /// The fetcher gave no answer (its socket refused, or the connection
+    /// broke mid-call) for the whole patience.
     #[error(
         "the fetcher ({socket}) did not answer within {waited:?}; is stargaze-fetcher running?"
     )]
     Unavailable { socket: PathBuf, waited: Duration },
-    /// The fetcher answered with an error (its message names the cause).
+    /// The fetcher answered with an error (its message names the cause),
+    /// UNAVAILABLE included: it had retried the registry already.
     #[error("fetcher ({socket}): {message} ({code:?})")]
     Fetch {
         socket: PathBuf,
@@ -66,7 +69,7 @@ pub trait ChunkSource: Send + Sync + 'static {
 pub struct GrpcFetcher {
     client: FetcherClient<tonic::transport::Channel>,
     socket: PathBuf,
-    /// How long reads wait for a fetcher that is restarting.
+    /// How long reads wait for a fetcher that gives no answer (restarts).
     pub patience: Duration,
 }
 
@@ -83,43 +86,37 @@ impl GrpcFetcher {
 #[tonic::async_trait]
 impl ChunkSource for GrpcFetcher {
     async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError> {
+        let req = FetchRequest {
+            layer_digest: layer.to_string(),
+            ranges: vec![FileRange {
+                inode: ino,
+                offset,
+                length: len,
+            }],
+            priority: Priority::OnDemand as i32,
+            follow_loads: false,
+        };
         let start = Instant::now();
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let req = FetchRequest {
-                layer_digest: layer.to_string(),
-                ranges: vec![FileRange {
-                    inode: ino,
-                    offset,
-                    length: len,
-                }],
-                priority: Priority::OnDemand as i32,
-                follow_loads: false,
-            };
-            match self.client.clone().fetch(req).await {
-                Ok(_) => return Ok(()),
-                // The fetcher is restarting: wait for it, within reason.
-                Err(s)
-                    if s.code() == tonic::Code::Unavailable && start.elapsed() < self.patience =>
-                {
-                    tracing::debug!(socket = %self.socket.display(), "waiting for the fetcher");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(1));
-                }
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    return Err(SourceError::Unavailable {
-                        socket: self.socket.clone(),
-                        waited: start.elapsed(),
-                    });
-                }
-                Err(s) => {
-                    return Err(SourceError::Fetch {
-                        socket: self.socket.clone(),
-                        code: s.code(),
-                        message: s.message().to_string(),
-                    });
-                }
-            }
+        // Only a fetcher that gives no answer (it restarts) is waited for.
+        // Its own UNAVAILABLE (a registry down, a full cache) comes after
+        // it retried the registry: the read fails at once rather than
+        // stretching the time until EIO.
+        let r = stargaze_proto::patiently("fetcher", self.patience, || {
+            let (mut client, req) = (self.client.clone(), req.clone());
+            async move { client.fetch(req).await }
+        })
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) if Failure::of(&s) == Failure::NoAnswer => Err(SourceError::Unavailable {
+                socket: self.socket.clone(),
+                waited: start.elapsed(),
+            }),
+            Err(s) => Err(SourceError::Fetch {
+                socket: self.socket.clone(),
+                code: s.code(),
+                message: s.message().to_string(),
+            }),
         }
     }
 
@@ -183,3 +180,125 @@ impl ChunkSource for GrpcFetcher {
 /// Bytes of an executed file's start fetched when it is opened: its
 /// headers (the kernel reads them first).
 const EXEC_HEAD: u64 = 64 << 10;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A fetcher that answers every call with `code`, as the real one does
+    /// when the registry behind it stays down. Counts the calls.
+    #[derive(Clone)]
+    struct Answers {
+        code: tonic::Code,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl tower_service::Service<http::Request<tonic::body::Body>> for Answers {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let s = tonic::Status::new(self.code, "registry: 503 after 4 tries");
+            std::future::ready(Ok(s.into_http()))
+        }
+    }
+
+    impl tonic::server::NamedService for Answers {
+        const NAME: &'static str = "stargaze.v1.Fetcher";
+    }
+
+    /// Serve `answers` on `sock` until the task is aborted.
+    async fn serve(sock: &std::path::Path, answers: Answers) -> tokio::task::JoinHandle<()> {
+        let listener = stargaze_proto::bind_unix(sock).await.unwrap();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(answers)
+                .serve_with_incoming(stargaze_proto::incoming(listener))
+                .await;
+        })
+    }
+
+    #[tokio::test]
+    async fn the_fetchers_own_unavailable_fails_the_read_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("fetcher.sock");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let server = serve(
+            &sock,
+            Answers {
+                code: tonic::Code::Unavailable,
+                calls: calls.clone(),
+            },
+        )
+        .await;
+        let mut fetcher = GrpcFetcher::new(&sock).unwrap();
+        fetcher.patience = Duration::from_secs(10);
+        let start = Instant::now();
+        let e = fetcher.fetch("sha256:ab", 3, 0, 4096).await.unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(
+                e,
+                SourceError::Fetch {
+                    code: tonic::Code::Unavailable,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("registry: 503"), "{e}");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_fetcher_that_restarts_is_waited_for_and_one_that_stays_away_is_not_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("fetcher.sock");
+        let mut fetcher = GrpcFetcher::new(&sock).unwrap();
+
+        // Nobody listens for the whole patience.
+        fetcher.patience = Duration::from_millis(300);
+        let start = Instant::now();
+        let e = fetcher.fetch("sha256:ab", 3, 0, 4096).await.unwrap_err();
+        assert!(matches!(e, SourceError::Unavailable { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+
+        // It comes back while the read waits: the read gets its answer.
+        fetcher.patience = Duration::from_secs(20);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let answers = Answers {
+            code: tonic::Code::NotFound,
+            calls: calls.clone(),
+        };
+        let s = sock.clone();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            serve(&s, answers).await.abort_handle()
+        });
+        let e = fetcher.fetch("sha256:ab", 3, 0, 4096).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SourceError::Fetch {
+                    code: tonic::Code::NotFound,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        later.await.unwrap().abort();
+    }
+}

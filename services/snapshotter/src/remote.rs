@@ -10,10 +10,10 @@
 //! digest comes in `containerd.io/snapshot/stargz/toc.digest`.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use stargaze_proto::patiently;
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::{
@@ -38,40 +38,6 @@ const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// does not answer (systemd starts a crashed service again after 1 s)
 /// before the layer is unpacked instead.
 pub const SERVICE_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Whether a call failed without an answer from the service: it could not
-/// be reached, or its connection broke mid-call (the process died). Such a
-/// status is made by the client from a transport error, which it keeps as
-/// the status's source; a status the service sent has none.
-pub fn no_answer(s: &tonic::Status) -> bool {
-    std::error::Error::source(s).is_some()
-}
-
-/// `call` again while the service gives [`no_answer`] (it restarts),
-/// backing off from 50 ms to 1 s, for up to `patience`; the last error
-/// otherwise.
-pub async fn patiently<T, F, Fut>(
-    service: &str,
-    patience: Duration,
-    mut call: F,
-) -> Result<T, tonic::Status>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    let start = Instant::now();
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match call().await {
-            Err(s) if no_answer(&s) && start.elapsed() + wait < patience => {
-                tracing::debug!(service, error = %s.message(), "no answer; waiting for it");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
-            }
-            r => return r,
-        }
-    }
-}
 
 /// The layer a `Prepare` is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,49 +247,6 @@ mod tests {
         let x = layer_from_labels(&l).unwrap();
         assert_eq!((x.digest.as_str(), x.prefetch), ("sha256:sgz", 10 << 20));
         assert_eq!(x.layers, ["sha256:sgz", "sha256:b"]);
-    }
-
-    #[tokio::test]
-    async fn a_service_that_does_not_answer_is_waited_for_its_answers_are_not() {
-        // Nothing listens: the client's own status, kept with its cause.
-        let dir = tempfile::tempdir().unwrap();
-        let mut fetcher =
-            FetcherClient::new(stargaze_proto::connect_unix(&dir.path().join("none")).unwrap());
-        let refused = fetcher
-            .resolve_layer(ResolveLayerRequest::default())
-            .await
-            .unwrap_err();
-        assert!(no_answer(&refused), "{refused:?}");
-        // What a service sends (its UNAVAILABLE means a registry failed).
-        assert!(!no_answer(&tonic::Status::unavailable("registry: 503")));
-
-        // Waited for until it answers...
-        let calls = std::sync::atomic::AtomicUsize::new(0);
-        let r = patiently("fetcher", Duration::from_secs(10), || {
-            let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let refused = refused.clone();
-            async move { if n < 3 { Err(refused) } else { Ok(n) } }
-        })
-        .await;
-        assert_eq!(r.unwrap(), 3);
-        // ...within its patience...
-        let start = Instant::now();
-        let r: Result<(), _> = patiently("fetcher", Duration::from_millis(300), || {
-            let refused = refused.clone();
-            async move { Err(refused) }
-        })
-        .await;
-        assert!(no_answer(&r.unwrap_err()));
-        assert!(start.elapsed() < Duration::from_secs(2));
-        // ...and an answer is taken at once.
-        calls.store(0, std::sync::atomic::Ordering::Relaxed);
-        let r: Result<(), _> = patiently("fetcher", Duration::from_secs(10), || {
-            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            async { Err(tonic::Status::unavailable("registry: 503")) }
-        })
-        .await;
-        assert_eq!(r.unwrap_err().message(), "registry: 503");
-        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]

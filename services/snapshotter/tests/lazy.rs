@@ -11,15 +11,14 @@
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
-use std::path::Path;
 use std::process::Command;
 
 use stargaze_format::Digest;
 mod common;
 
-use common::{layer_digests, push_esgz, skopeo_copy, stargaze_rpull};
-use stargaze_testkit::stack::{Service, Stack};
-use stargaze_testkit::{Containerd, Registry, image, require, run};
+use common::{Node, Setup, layer_digests, push_esgz, skopeo_copy, stargaze_rpull};
+use stargaze_testkit::stack::Service;
+use stargaze_testkit::{Containerd, image, run};
 
 /// Lists every file of the root filesystem with its metadata and the
 /// sha256 of every regular file; the mount points containerd and runc fill
@@ -47,20 +46,9 @@ fn content(ctd: &Containerd) -> String {
 
 #[test]
 fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
-    );
-    for tool in ["runc", "ctr-remote", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-lazy-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let repo = format!("{}/stargaze/lazy", registry.addr);
+    let setup = Setup::new("sg-lazy-", &["runc", "ctr-remote", "skopeo"]);
+    let w = setup.dir();
+    let repo = format!("{}/stargaze/lazy", setup.registry.addr);
 
     // The source image (gzip layers) and our eStargz conversion of it.
     let src = w.join("src");
@@ -100,8 +88,7 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
         ]);
     }
 
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let Node { ctd, stack } = Node::start(w);
 
     // The reference: containerd's own pull and overlayfs snapshotter.
     ctd.ctr(&["image", "pull", "--plain-http", &format!("{repo}:plain")]);
@@ -227,32 +214,12 @@ fn cri_pull_image_mounts_layers_lazily() {
     use stargaze_proto::cri::runtime_service_client::RuntimeServiceClient;
     use stargaze_proto::cri::*;
 
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    require("skopeo");
-    let work = tempfile::Builder::new()
-        .prefix("sg-cri-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let reference = format!("{}/stargaze/cri:esgz", registry.addr);
-    let src = w.join("src");
+    let setup = Setup::new("sg-cri-", &["skopeo"]);
     let (data, files) = image::data_layer(41);
-    image::write_layout(
-        &src,
-        "stargaze.test/cri:src",
-        "src",
-        &[image::busybox_layer(), data],
-    );
-    let out = w.join("out");
-    push_esgz(&src, &out, &reference);
+    let reference = setup.push_esgz_image("cri", &[image::busybox_layer(), data]);
 
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
-    ctd.trust_plain_http(&registry.addr);
+    let Node { ctd, stack } = Node::start_cri(setup.dir());
+    ctd.trust_plain_http(&setup.registry.addr);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -348,20 +315,7 @@ fn cri_pull_image_mounts_layers_lazily() {
 /// layer.
 #[test]
 fn an_image_with_70_lazy_layers_runs() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    for tool in ["runc", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-many-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let reference = format!("{}/stargaze/many:esgz", registry.addr);
+    let setup = Setup::new("sg-many-", &["runc", "skopeo"]);
     let mut layers = vec![image::busybox_layer()];
     for i in 1..70 {
         let mut b = tar::Builder::new(Vec::new());
@@ -374,12 +328,8 @@ fn an_image_with_70_lazy_layers_runs() {
             .unwrap();
         layers.push(b.into_inner().unwrap());
     }
-    let src = w.join("src");
-    image::write_layout(&src, "stargaze.test/many:src", "src", &layers);
-    let out = w.join("out");
-    push_esgz(&src, &out, &reference);
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let reference = setup.push_esgz_image("many", &layers);
+    let Node { ctd, stack } = Node::start(setup.dir());
     stargaze_rpull(&ctd, &reference);
     let o = ctd.ctr(&[
         "run",
@@ -412,19 +362,8 @@ fn an_image_with_70_lazy_layers_runs() {
 /// does, instead of failing; every image runs.
 #[test]
 fn concurrent_pulls_of_images_sharing_a_plain_layer_wait_for_each_other() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    for tool in ["runc", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-lazy-conc-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
+    let setup = Setup::new("sg-lazy-conc-", &["runc", "skopeo"]);
+    let w = setup.dir();
     // A shared layer large enough that the downloads overlap.
     let mut x = 77;
     let big = image::file_bytes(24 << 20, &mut x);
@@ -444,15 +383,14 @@ fn concurrent_pulls_of_images_sharing_a_plain_layer_wait_for_each_other() {
             "src",
             &[image::busybox_layer(), shared.clone(), data],
         );
-        let reference = format!("{}/stargaze/conc{i}:plain", registry.addr);
+        let reference = format!("{}/stargaze/conc{i}:plain", setup.registry.addr);
         skopeo_copy(
             &format!("oci:{}:src", src.display()),
             &format!("docker://{reference}"),
         );
         images.push((reference, files));
     }
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let Node { ctd, stack } = Node::start(w);
     std::thread::scope(|scope| {
         for (reference, _) in &images {
             let ctd = &ctd;

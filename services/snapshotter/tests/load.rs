@@ -40,10 +40,10 @@ use std::time::{Duration, Instant};
 use stargaze_format::Digest;
 mod common;
 
-use common::push_esgz;
+use common::{Node, Setup, push_esgz, work_dir};
 use stargaze_service::mountinfo;
 use stargaze_testkit::stack::{Service, Stack, workspace_bin};
-use stargaze_testkit::{Containerd, Registry, image, require, require_root_fuse};
+use stargaze_testkit::{Containerd, Registry, image};
 
 /// A container that has not finished by then hangs.
 const CONTAINER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -680,25 +680,13 @@ fn assert_no_failures(phase: &str, tally: &Tally, stack: &Stack, ctd: &Container
     }
 }
 
-fn new_dir(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/tmp")
-        .unwrap()
-}
-
 #[test]
 fn many_containers_from_many_lazy_images_at_once_and_through_kills() {
-    require_root_fuse();
-    for tool in ["runc", "skopeo"] {
-        require(tool);
-    }
+    let setup = Setup::new("sg-load-", &["runc", "skopeo"]);
     let n = env_count("LOAD_CONTAINERS", 50);
     let n_images = env_count("LOAD_IMAGES", 10).min(n);
     let total = Instant::now();
-    let work = new_dir("sg-load-");
-    let registry = Registry::start();
-    let images = build_images(work.path(), &registry, n_images);
+    let images = build_images(setup.dir(), &setup.registry, n_images);
     eprintln!(
         "load: {n_images} images built and pushed in {:.1} s",
         total.elapsed().as_secs_f64()
@@ -707,9 +695,8 @@ fn many_containers_from_many_lazy_images_at_once_and_through_kills() {
     // 1. The load alone.
     let (quiet, first_pull);
     {
-        let node = new_dir("sg-load1-");
-        let stack = Stack::start(node.path(), &[]);
-        let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+        let node = work_dir("sg-load1-");
+        let Node { ctd, stack } = Node::start(node.path());
         let tally = Tally::default();
         quiet = run_load(&ctd, &images, n, None, &tally, || {});
         first_pull = *tally.pulled.lock().unwrap().iter().min().unwrap();
@@ -733,10 +720,10 @@ fn many_containers_from_many_lazy_images_at_once_and_through_kills() {
     // time the load took alone), the snapshotter while containers start,
     // read, finish and are removed (at 60 %).
     {
-        let node = new_dir("sg-load2-");
-        let stack = Mutex::new(Stack::start(node.path(), &[]));
-        let proxy = stack.lock().unwrap().proxy_config("stargaze");
-        let ctd = Containerd::start(&proxy);
+        let node = work_dir("sg-load2-");
+        let Node { ctd, stack } = Node::start(node.path());
+        // Killed and started again from the thread that drives the load.
+        let stack = Mutex::new(stack);
         let tally = Tally::default();
         // LOAD_FS_KILLS (default 1) kills of fs, 2 s apart.
         let fs_kills = env_count("LOAD_FS_KILLS", 1);

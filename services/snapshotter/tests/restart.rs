@@ -17,15 +17,14 @@
 //!   (a reboot-like start), the snapshotter restores every remote layer by
 //!   itself.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use stargaze_format::Digest;
 mod common;
 
-use common::{push_esgz, stargaze_rpull};
+use common::{Node, Setup, needs, stargaze_rpull, work_dir};
+use stargaze_testkit::image;
 use stargaze_testkit::stack::{Service, Stack};
-use stargaze_testkit::{Containerd, Registry, image, require};
 
 fn sha_line(files: &[(String, Vec<u8>)], name: &str) -> String {
     let data = &files
@@ -51,22 +50,8 @@ fn running(cmdline: &str) -> bool {
 
 #[test]
 fn each_service_survives_a_kill_9() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    for tool in ["runc", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-rst-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let reference = format!("{}/stargaze/restart:esgz", registry.addr);
-
-    let src = w.join("src");
+    let setup = Setup::new("sg-rst-", &["runc", "skopeo"]);
+    let w = setup.dir();
     let (data, mut files) = image::data_layer(31);
     // Files nothing reads before fs is killed: large enough that no
     // sibling prefetch or read-ahead brings them in.
@@ -84,22 +69,15 @@ fn each_service_survives_a_kill_9() {
     }
     let cold_layer = b.into_inner().unwrap();
     files.extend(cold);
-    image::write_layout(
-        &src,
-        "stargaze.test/restart:src",
-        "src",
-        &[image::busybox_layer(), data, cold_layer],
-    );
+    let reference = setup.push_esgz_image("restart", &[image::busybox_layer(), data, cold_layer]);
     let out = w.join("out");
-    push_esgz(&src, &out, &reference);
 
     // No prefetch and no background fetch: every read below is cold.
-    let mut stack = Stack::start_with_args(
+    let Node { ctd, mut stack } = Node::on(Stack::start_with_args(
         w,
         &[("fetcher", "prefetch_size = 0")],
         &[(Service::Fetcher, "--no-background-fetch")],
-    );
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    ));
     stargaze_rpull(&ctd, &reference);
     let long = format!("sg-rst-{}", std::process::id());
     ctd.ctr(&[
@@ -401,31 +379,10 @@ fn each_service_survives_a_kill_9() {
 /// be fetched lazily).
 #[test]
 fn a_pull_while_the_fetcher_and_fs_restart_waits_for_them() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    for tool in ["runc", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-rst-pull-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let reference = format!("{}/stargaze/restart-pull:esgz", registry.addr);
-    let src = w.join("src");
+    let setup = Setup::new("sg-rst-pull-", &["runc", "skopeo"]);
     let (data, files) = image::data_layer(32);
-    image::write_layout(
-        &src,
-        "stargaze.test/restart-pull:src",
-        "src",
-        &[image::busybox_layer(), data],
-    );
-    push_esgz(&src, &w.join("out"), &reference);
-    let mut stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let reference = setup.push_esgz_image("restart-pull", &[image::busybox_layer(), data]);
+    let Node { ctd, mut stack } = Node::start(setup.dir());
 
     stack.kill(Service::Fetcher);
     stack.kill(Service::Fs);
@@ -474,16 +431,9 @@ fn a_pull_while_the_fetcher_and_fs_restart_waits_for_them() {
 /// refused: unavailable" (containerd 1.6 does not retry them).
 #[test]
 fn containerd_calls_wait_while_the_snapshotter_restarts() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE"
-    );
-    let work = tempfile::Builder::new()
-        .prefix("sg-rst-snap-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut stack = Stack::start(work.path(), &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    needs(&[]);
+    let work = work_dir("sg-rst-snap-");
+    let Node { ctd, mut stack } = Node::start(work.path());
     let snapshots = |args: &[&str]| {
         ctd.cmd("ctr")
             .args(["snapshots", "--snapshotter", "stargaze"])

@@ -10,9 +10,15 @@
 //!   place of crictl, which Debian lacks.
 //! * [`v1`] is `stargaze.v1`, generated from `proto/` at build time with
 //!   protox and tonic: the `Fetcher` service (resolve a layer, fetch ranges,
-//!   prefetch, status) that fs and the snapshotter call.
-//! * [`serve_unix`] binds a server to a unix socket (stale socket removed,
+//!   prefetch, status, traces, credentials) that fs and the snapshotter
+//!   call, the `Fs` service (attach, detach, list) the snapshotter calls,
+//!   and the `Snapshotter` status `stargaze status` reads.
+//! * [`bind_unix`] binds a server to a unix socket (stale socket removed,
 //!   mode 0600, parent directory created) and [`connect_unix`] dials one.
+//! * [`Failure`] says what a failed call means for its caller (no answer,
+//!   the service's UNAVAILABLE, another answer), and [`patiently`] calls
+//!   again while a service gives no answer because it restarts: the one
+//!   retry rule the snapshotter and fs share.
 
 pub mod v1 {
     tonic::include_proto!("stargaze.v1");
@@ -83,8 +89,10 @@ pub mod containerd {
     }
 }
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Errors setting up a socket.
 #[derive(Debug, thiserror::Error)]
@@ -155,4 +163,69 @@ pub fn connect_unix(path: &Path) -> Result<tonic::transport::Channel, SocketErro
             }
         })),
     )
+}
+
+/// What a failed call tells its caller, for deciding whether to call again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer came: the service could not be reached, or its connection
+    /// broke mid-call (the process died). tonic makes such a status itself
+    /// from the transport error, which it keeps as the status's source,
+    /// whatever code it picks. Worth waiting for: the service restarts.
+    NoAnswer,
+    /// The service answered UNAVAILABLE: what stands behind it (a registry,
+    /// a full cache) failed after its own retries. Calling again at once
+    /// would wait on the same failure.
+    Unavailable,
+    /// The service answered with another code.
+    Answered(tonic::Code),
+}
+
+impl Failure {
+    /// Classify a status: a status a service sent has no source (tonic
+    /// reads it from the response's headers), one the client made from a
+    /// transport error has one.
+    pub fn of(status: &tonic::Status) -> Failure {
+        if std::error::Error::source(status).is_some() {
+            Failure::NoAnswer
+        } else if status.code() == tonic::Code::Unavailable {
+            Failure::Unavailable
+        } else {
+            Failure::Answered(status.code())
+        }
+    }
+}
+
+/// The first wait before calling a service that gave no answer again.
+const FIRST_WAIT: Duration = Duration::from_millis(50);
+/// The longest wait between calls (systemd starts a crashed service again
+/// after 1 s).
+const LONGEST_WAIT: Duration = Duration::from_secs(1);
+
+/// `call` again while `service` gives [`Failure::NoAnswer`] (it
+/// restarts), backing off from 50 ms to 1 s, for up to `patience`; any
+/// answer, or the last status once the patience is spent, is returned.
+/// A status that comes back is [`Failure::NoAnswer`] only if the patience
+/// ran out.
+pub async fn patiently<T, F, Fut>(
+    service: &str,
+    patience: Duration,
+    mut call: F,
+) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let start = Instant::now();
+    let mut wait = FIRST_WAIT;
+    loop {
+        match call().await {
+            Err(s) if Failure::of(&s) == Failure::NoAnswer && start.elapsed() + wait < patience => {
+                tracing::debug!(service, error = %s.message(), "no answer; waiting for it");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(LONGEST_WAIT);
+            }
+            r => return r,
+        }
+    }
 }

@@ -1,5 +1,8 @@
-//! Steps the snapshotter's end-to-end tests share: putting an eStargz image
-//! in the registry and pulling it lazily with `stargaze rpull`.
+//! Steps the snapshotter's end-to-end tests share: the set-up of a node
+//! ([`Setup`]: prerequisites, a work directory and a registry; [`Node`]:
+//! the three stargaze services and a containerd that uses them), putting
+//! an eStargz image in the registry and pulling it lazily with `stargaze
+//! rpull`.
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::Path;
@@ -7,8 +10,96 @@ use std::process::Command;
 
 use stargaze_oci::{ImageConvertOptions, OciLayout};
 pub use stargaze_testkit::skopeo_copy;
-use stargaze_testkit::stack::workspace_bin;
-use stargaze_testkit::{Containerd, run};
+use stargaze_testkit::stack::{Stack, workspace_bin};
+use stargaze_testkit::{Containerd, Registry, image, require, require_root_fuse, run};
+
+/// Fail unless this machine can run a node (root, /dev/fuse) and has
+/// `tools`.
+pub fn needs(tools: &[&str]) {
+    require_root_fuse();
+    for tool in tools {
+        require(tool);
+    }
+}
+
+/// A fresh directory `/tmp/<prefix>…`, removed when dropped (under /tmp
+/// whatever `TMPDIR` says: the services' sockets go in it, and a unix
+/// socket's path is limited to 108 bytes).
+pub fn work_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// What a containerd test starts from: its prerequisites checked, a work
+/// directory and a registry of its own. Dropped after the [`Node`] that
+/// uses them (declare it first).
+pub struct Setup {
+    pub registry: Registry,
+    pub work: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(prefix: &str, tools: &[&str]) -> Setup {
+        needs(tools);
+        let work = work_dir(prefix);
+        Setup {
+            registry: Registry::start(),
+            work,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// Write `layers` as the image `stargaze.test/<name>:src` in the layout
+    /// `src` of the work directory, convert it to eStargz (the layout
+    /// `out`) and push it; returns its reference,
+    /// `<registry>/stargaze/<name>:esgz`.
+    pub fn push_esgz_image(&self, name: &str, layers: &[Vec<u8>]) -> String {
+        let w = self.dir();
+        let src = w.join("src");
+        image::write_layout(&src, &format!("stargaze.test/{name}:src"), "src", layers);
+        let reference = format!("{}/stargaze/{name}:esgz", self.registry.addr);
+        push_esgz(&src, &w.join("out"), &reference);
+        reference
+    }
+}
+
+/// The three stargaze services on private sockets and a containerd that
+/// uses them as its `stargaze` proxy plugin. The fields drop in order:
+/// containerd stops before the services it calls.
+pub struct Node {
+    pub ctd: Containerd,
+    pub stack: Stack,
+}
+
+impl Node {
+    /// The services with their default configuration in `dir`.
+    pub fn start(dir: &Path) -> Node {
+        Node::on(Stack::start(dir, &[]))
+    }
+
+    /// A containerd in front of `stack`.
+    pub fn on(stack: Stack) -> Node {
+        Node {
+            ctd: Containerd::start(&stack.proxy_config("stargaze")),
+            stack,
+        }
+    }
+
+    /// The services in `dir` and a containerd whose CRI plugin pulls with
+    /// the stargaze snapshotter.
+    pub fn start_cri(dir: &Path) -> Node {
+        let stack = Stack::start(dir, &[]);
+        Node {
+            ctd: Containerd::start_cri("stargaze", &stack.proxy_config("stargaze")),
+            stack,
+        }
+    }
+}
 
 /// Convert the image tagged `src` in the layout `src` to eStargz with our
 /// converter (into the layout `out`, tag `esgz`) and push it as `reference`.
