@@ -1,5 +1,6 @@
-//! The fetcher: the only process that talks to registries and the only
-//! writer of the node's chunk cache.
+//! The fetcher: the service that reads layers from registries (the CLI's
+//! `rpull` and `convert` use the same registry client for manifests and
+//! pushes) and the only writer of the node's chunk cache.
 //!
 //! * [`blob`]: where bytes come from ([`RemoteBlob`]: size + several ranges
 //!   per request; the registry client implements it, [`FileBlob`] serves

@@ -1,5 +1,5 @@
-//! `stargaze-fetcher`: the node's only client of the registries and the
-//! only writer of its chunk cache. It serves `stargaze.v1.Fetcher` on a unix
+//! `stargaze-fetcher`: the service that reads layers from registries and
+//! the only writer of the node's chunk cache. It serves `stargaze.v1.Fetcher` on a unix
 //! socket to the fs and snapshotter services (see the library docs for the
 //! parts).
 //!

@@ -1,5 +1,6 @@
-//! The OCI distribution client of the fetcher: the only code that talks to
-//! registries.
+//! The OCI distribution client: the only code that talks to registries,
+//! used by the fetcher (layers, manifests, traces) and by the CLI's
+//! `rpull` and `convert` (manifests, pushes).
 //!
 //! * [`reference`] parses image references the way containerd does.
 //! * [`hosts`] decides where requests go: the Go Stargz Snapshotter's
