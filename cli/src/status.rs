@@ -194,7 +194,10 @@ async fn call<T>(
 ) -> Result<T, String> {
     match tokio::time::timeout(RPC_TIMEOUT, fut).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+        // Only a status the client made from a transport error means the
+        // service is down; an UNAVAILABLE it sent means it is up and what
+        // stands behind it failed.
+        Ok(Err(s)) if stargaze_proto::Failure::of(&s) == stargaze_proto::Failure::NoAnswer => {
             Err(format!("not reachable: {}", s.message()))
         }
         Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
@@ -611,5 +614,23 @@ fn print_table(r: &Report) {
                 e.message
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::call;
+
+    /// A service that answered UNAVAILABLE is up (what stands behind it
+    /// failed); only a status the client made from a transport error says
+    /// the service is not reachable.
+    #[tokio::test]
+    async fn only_a_transport_failure_reads_as_not_reachable() {
+        let sent = call::<()>(async { Err(tonic::Status::unavailable("registry down")) }).await;
+        assert_eq!(sent.unwrap_err(), "Unavailable: registry down");
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let made = tonic::Status::from_error(Box::new(refused));
+        let down = call::<()>(async move { Err(made) }).await.unwrap_err();
+        assert!(down.starts_with("not reachable"), "{down}");
     }
 }
