@@ -122,6 +122,17 @@ impl FetcherService {
                 let (client, reference) = (self.shared.layers.client.clone(), reference.clone());
                 tokio::spawn(async move { client.fetch_small_blob(&reference, &digest).await })
             });
+        // The trace's reads go out in trace order over all layers, each
+        // layer's as soon as it resolves (`traces::replay`).
+        let replaying = trace.map(|trace| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                if let Some(trace) = trace.get().await {
+                    crate::traces::replay(trace, rx).await;
+                }
+            });
+            tx
+        });
         let mut set = tokio::task::JoinSet::new();
         let mut early: HashSet<String> = HashSet::new();
         for (d, digest) in m.manifest.layers().iter().zip(&layers) {
@@ -142,15 +153,19 @@ impl FetcherService {
                 ..Default::default()
             };
             let me = self.clone();
-            let trace = trace.clone();
+            let replaying = replaying.clone();
             set.spawn(async move {
                 match me.resolve(&src, false).await {
                     Ok(layer) => {
                         tracing::debug!(layer = %src.digest, "resolved ahead of its Prepare");
-                        if let Some(trace) = trace
-                            && let Some(trace) = trace.get().await
-                        {
-                            crate::traces::replay(&layer, &trace).await;
+                        // The layer's own prefetch once its traced reads
+                        // are in (at once when there is no trace: the
+                        // replay dropped its end).
+                        if let Some(tx) = replaying {
+                            let (done, replayed) = tokio::sync::oneshot::channel();
+                            if tx.send((layer.clone(), done)).is_ok() {
+                                let _ = replayed.await;
+                            }
                         }
                         let _ = me.prefetch(layer, 0, false).await;
                     }

@@ -20,7 +20,7 @@
 
 pub mod registry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use stargaze_cache::{Cache, Trace, TraceRead};
 use stargaze_registry::{Client, Reference};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::FetchError;
 
 use crate::engine::Layer;
 
@@ -427,19 +429,136 @@ impl Traces {
     }
 }
 
-/// Fetch the ranges `trace` lists for `layer`, in trace order, in large
-/// batches.
-pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
+/// File ranges `(inode, offset, length)` fetched in one call.
+type Call = Vec<(u64, u64, u64)>;
+
+/// A resolved layer handed to [`replay`], and what to tell once its
+/// traced reads are in (or failed): the layer's other prefetches wait for
+/// it.
+pub type Resolved = (Arc<Layer>, oneshot::Sender<()>);
+
+/// Fetch the ranges `trace` lists, in trace order across the image's
+/// layers, in large batches: each layer's traced reads join as soon as the
+/// layer resolves (`resolved`), and calls go out by the position of their
+/// first read in the trace, [`REPLAY_PARALLEL`] at a time over all layers.
+/// One replay per layer instead would split the link between the base
+/// layer's first reads (the program, its libraries) and every other
+/// layer's last ones.
+pub async fn replay(trace: Arc<Trace>, mut resolved: mpsc::UnboundedReceiver<Resolved>) {
+    /// Per layer: calls left, bytes fetched, the first error, and whom to
+    /// tell when it is done.
+    struct Replaying {
+        layer: Arc<Layer>,
+        left: usize,
+        reads: usize,
+        bytes: u64,
+        error: Option<FetchError>,
+        done: Option<oneshot::Sender<()>>,
+        t0: Instant,
+    }
+    let mut layers: Vec<Replaying> = Vec::new();
+    // Calls not yet sent, by their first read's position in the trace.
+    let mut ready: BTreeMap<usize, (usize, Call)> = BTreeMap::new();
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut open = true;
+    loop {
+        while inflight.len() < REPLAY_PARALLEL
+            && let Some((_, (i, call))) = ready.pop_first()
+        {
+            let layer = layers[i].layer.clone();
+            inflight.spawn(async move {
+                let r = layer
+                    .fetch_for(&call, crate::Purpose::Trace)
+                    .await
+                    .map(|s| s.bytes_fetched);
+                (i, r)
+            });
+        }
+        if !open && inflight.is_empty() && ready.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
+                let Ok((i, r)) = joined else { continue };
+                let l = &mut layers[i];
+                match r {
+                    Ok(b) => l.bytes += b,
+                    Err(e) => l.error = l.error.take().or(Some(e)),
+                }
+                l.left -= 1;
+                if l.left == 0 {
+                    replayed(&trace, l.layer.as_ref(), l.reads, l.bytes, l.error.take(), l.t0);
+                    if let Some(done) = l.done.take() {
+                        let _ = done.send(());
+                    }
+                }
+            }
+            next = resolved.recv(), if open => {
+                let Some(first) = next else {
+                    open = false;
+                    continue;
+                };
+                // Layers that resolved together are ordered together.
+                let mut batch = vec![first];
+                while let Ok(more) = resolved.try_recv() {
+                    batch.push(more);
+                }
+                for (layer, done) in batch {
+                    let calls = traced_calls(&trace, &layer);
+                    if calls.is_empty() {
+                        let _ = done.send(());
+                        continue;
+                    }
+                    let i = layers.len();
+                    layers.push(Replaying {
+                        layer,
+                        left: calls.len(),
+                        reads: calls.iter().map(|(_, c)| c.len()).sum(),
+                        bytes: 0,
+                        error: None,
+                        done: Some(done),
+                        t0: Instant::now(),
+                    });
+                    ready.extend(calls.into_iter().map(|(seq, call)| (seq, (i, call))));
+                }
+            }
+        }
+    }
+}
+
+/// One layer's replay is over: say how it went.
+fn replayed(
+    trace: &Trace,
+    layer: &Layer,
+    reads: usize,
+    bytes: u64,
+    error: Option<FetchError>,
+    t0: Instant,
+) {
+    match error {
+        None => {
+            tracing::debug!(image = %trace.image, layer = %layer.digest, reads, bytes, elapsed = ?t0.elapsed(), "trace replayed")
+        }
+        Some(e) => {
+            tracing::debug!(image = %trace.image, layer = %layer.digest, error = %e, "trace replay failed; reads fetch on demand")
+        }
+    }
+}
+
+/// The ranges `trace` lists for `layer`, in trace order, cut into fetch
+/// calls; each call keyed by its first read's position in the trace.
+fn traced_calls(trace: &Trace, layer: &Layer) -> Vec<(usize, Call)> {
     let Some(i) = trace.layers.iter().position(|d| *d == layer.digest) else {
-        return;
+        return Vec::new();
     };
     let mut unknown = 0usize;
-    let ranges: Vec<(u64, u64, u64)> = trace
+    let ranges: Vec<(usize, (u64, u64, u64))> = trace
         .reads
         .iter()
-        .filter(|r| r.layer as usize == i)
-        .filter_map(|r| match layer.index.lookup_path(&r.path) {
-            Some(ino) => Some((ino, r.offset, r.length)),
+        .enumerate()
+        .filter(|(_, r)| r.layer as usize == i)
+        .filter_map(|(seq, r)| match layer.index.lookup_path(&r.path) {
+            Some(ino) => Some((seq, (ino, r.offset, r.length))),
             None => {
                 unknown += 1;
                 None
@@ -449,39 +568,31 @@ pub async fn replay(layer: &Arc<Layer>, trace: &Trace) {
     if unknown > 0 {
         tracing::warn!(image = %trace.image, layer = %layer.digest, files = unknown, "the image's trace names files this layer does not have: skipped");
     }
-    if ranges.is_empty() {
-        return;
-    }
-    let t0 = Instant::now();
-    let n = ranges.len();
-    let calls = in_calls(layer, ranges, REPLAY_CALL_BYTES);
-    match crate::engine::fetch_calls(layer, calls, REPLAY_PARALLEL, crate::Purpose::Trace).await {
-        Ok(bytes) => {
-            tracing::debug!(image = %trace.image, layer = %layer.digest, reads = n, bytes, elapsed = ?t0.elapsed(), "trace replayed")
-        }
-        Err(e) => {
-            tracing::debug!(image = %trace.image, layer = %layer.digest, error = %e, "trace replay failed; reads fetch on demand")
-        }
-    }
+    in_calls(layer, ranges, REPLAY_CALL_BYTES)
 }
 
 /// Cut traced reads, in trace order, into fetch calls of about `budget`
-/// compressed bytes each (a file's chunks as the index places them).
-fn in_calls(layer: &Layer, ranges: Vec<(u64, u64, u64)>, budget: u64) -> Vec<Vec<(u64, u64, u64)>> {
-    let mut calls: Vec<Vec<(u64, u64, u64)>> = Vec::new();
+/// compressed bytes each (a file's chunks as the index places them); each
+/// call keyed by its first read's position.
+fn in_calls(
+    layer: &Layer,
+    ranges: Vec<(usize, (u64, u64, u64))>,
+    budget: u64,
+) -> Vec<(usize, Call)> {
+    let mut calls: Vec<(usize, Call)> = Vec::new();
     let mut bytes = budget;
-    for (ino, offset, length) in ranges {
+    for (seq, (ino, offset, length)) in ranges {
         let size: u64 = layer.index.inode(ino).map_or(0, |n| {
             n.chunks_in(offset, offset.saturating_add(length))
                 .map(|c| c.compressed_end - c.compressed_offset)
                 .sum()
         });
         if bytes >= budget {
-            calls.push(Vec::new());
+            calls.push((seq, Vec::new()));
             bytes = 0;
         }
         bytes += size;
-        if let Some(call) = calls.last_mut() {
+        if let Some((_, call)) = calls.last_mut() {
             call.push((ino, offset, length));
         }
     }
