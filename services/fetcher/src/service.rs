@@ -376,14 +376,8 @@ impl Fetcher for FetcherService {
                     }
                 });
             }
-            if self.shared.traces.recording() {
-                for &(ino, offset, length) in &ranges {
-                    let path = layer.index.path_of(ino);
-                    self.shared
-                        .traces
-                        .note(&layer.digest, &path, offset, length);
-                }
-            }
+            // What was read goes into traces through NoteReads: fs reports
+            // every first read, hits included, in the order made.
             // A file being executed: what it loads comes next.
             if req.follow_loads && self.shared.follow_loads {
                 for &(ino, ..) in &ranges {

@@ -878,19 +878,8 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
     ];
     for (layer, path, offset, length) in reads {
         let index = if layer == 0 { &lower } else { &upper };
-        client
-            .fetch(FetchRequest {
-                layer_digest: digests[layer].clone(),
-                ranges: vec![FileRange {
-                    inode: index.lookup_path(path).unwrap(),
-                    offset,
-                    length,
-                }],
-                priority: Priority::OnDemand as i32,
-                follow_loads: false,
-            })
-            .await
-            .unwrap();
+        let inode = index.lookup_path(path).unwrap();
+        read_as_fs(&mut client, &digests[layer], inode, offset, length).await;
     }
     let traces = fetcher.cache.join("traces");
     let start = Instant::now();
@@ -1175,6 +1164,38 @@ async fn every_request_is_checked_against_its_own_toc_digest() {
         .unwrap();
 }
 
+/// A read as fs makes it: the bytes fetched on demand, then the read
+/// reported for traces (`NoteReads`; fs reports hits too).
+async fn read_as_fs(
+    client: &mut FetcherClient<tonic::transport::Channel>,
+    layer: &str,
+    inode: u64,
+    offset: u64,
+    length: u64,
+) {
+    let range = FileRange {
+        inode,
+        offset,
+        length,
+    };
+    client
+        .fetch(FetchRequest {
+            layer_digest: layer.to_string(),
+            ranges: vec![range.clone()],
+            priority: Priority::OnDemand as i32,
+            follow_loads: false,
+        })
+        .await
+        .unwrap();
+    client
+        .note_reads(NoteReadsRequest {
+            layer_digest: layer.to_string(),
+            ranges: vec![range],
+        })
+        .await
+        .unwrap();
+}
+
 /// With `publish_traces`, a node pushes the trace it learned to the
 /// image's repository (tag `sha256-<hex>.stargaze-trace`); another node
 /// with an empty cache replays it on its first pull and keeps it. A
@@ -1201,19 +1222,8 @@ async fn a_published_trace_helps_another_nodes_first_pull() {
     let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
     let lower =
         LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[0])).unwrap();
-    client
-        .fetch(FetchRequest {
-            layer_digest: digests[0].clone(),
-            ranges: vec![FileRange {
-                inode: lower.lookup_path(libc).unwrap(),
-                offset: 65536,
-                length: 4096,
-            }],
-            priority: Priority::OnDemand as i32,
-            follow_loads: false,
-        })
-        .await
-        .unwrap();
+    let inode = lower.lookup_path(libc).unwrap();
+    read_as_fs(&mut client, &digests[0], inode, 65536, 4096).await;
     let start = Instant::now();
     while !std::fs::read_to_string(a.join("fetcher.log"))
         .unwrap()
@@ -1320,19 +1330,8 @@ async fn a_clean_stop_saves_the_open_trace_recordings() {
     warm_and_resolve(&mut client, &image_ref, &digests).await;
     let upper =
         LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[1])).unwrap();
-    client
-        .fetch(FetchRequest {
-            layer_digest: digests[1].clone(),
-            ranges: vec![FileRange {
-                inode: upper.lookup_path("/usr/bin/dash").unwrap(),
-                offset: 0,
-                length: 4096,
-            }],
-            priority: Priority::OnDemand as i32,
-            follow_loads: false,
-        })
-        .await
-        .unwrap();
+    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    read_as_fs(&mut client, &digests[1], dash, 0, 4096).await;
     let traces = fetcher.cache.join("traces");
     assert!(std::fs::read_dir(&traces).map_or(true, |mut d| d.next().is_none()));
     assert!(fetcher.stop().success());

@@ -4,10 +4,10 @@
 //! Recording: WarmLayers names an image (reference, manifest digest,
 //! layers: [`Traces::image_pulled`]); for [`RECORD_FOR`] from then, and
 //! again after each container start on the image (PauseBackground whose
-//! top layer is the image's: [`Traces::container_started`]), every
-//! on-demand read of one of its layers (`service.rs` Fetch) and every file
-//! the dependency prefetch fetched for it (`loads.rs`) is noted, in order
-//! ([`Traces::note`]). When the window closes, the reads are merged into
+//! top layer is the image's: [`Traces::container_started`]), every read
+//! of one of its layers that fs reports (`NoteReads`: each chunk's first
+//! read, cache hits included) and every file the dependency prefetch
+//! fetched for it (`loads.rs`) is noted, in order ([`Traces::note`]). When the window closes, the reads are merged into
 //! the image's trace file, after those it had.
 //!
 //! Replay: [`Traces::image_pulled`] returns the image's trace when it has
