@@ -1181,7 +1181,7 @@ async fn read_as_fs(
     client
         .fetch(FetchRequest {
             layer_digest: layer.to_string(),
-            ranges: vec![range.clone()],
+            ranges: vec![range],
             priority: Priority::OnDemand as i32,
             follow_loads: false,
         })
