@@ -10,7 +10,9 @@
 #                 20 ms, 1 Gbit/s), service RSS with a 1 GiB layer (needs root)
 #   fs            fs service: cached reads through FUSE (with and without
 #                 passthrough) vs the local disk, stat of a 100k-file layer,
-#                 service RSS and threads with 1 and 500 layers (needs root)
+#                 service RSS and threads with 1 and 500 layers, the FUSE
+#                 transports classic vs io_uring (needs root and enable_uring;
+#                 BENCH_ONLY=transports runs that section alone)
 #   startup.sh    cold start of a container: full pull vs the Go Stargz
 #                 Snapshotter vs stargaze over a shaped link, on six images
 #                 (bench/images/: python, a C toolchain, perl, a JVM, a shell
