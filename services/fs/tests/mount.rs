@@ -1061,3 +1061,65 @@ async fn a_second_miss_in_a_directory_fetches_all_its_small_files() {
     let third = asked().concat();
     assert!(third.len() <= 8, "{third:?}");
 }
+
+/// Misses in three subdirectories of one directory fetch every small file
+/// of its tree (an interpreter's library, one module per subdirectory);
+/// a tree whose small files add up to more than the bound is never
+/// fetched this way, its misses fetch only their few neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_in_three_subdirectories_fetch_a_small_tree() {
+    stargaze_testkit::require_root_fuse();
+    let work = tempfile::tempdir().unwrap();
+    use stargaze_testkit::crafted;
+    let mut items = vec![crafted::dir("lib/"), crafted::dir("big/")];
+    for d in ["a", "b", "c", "d"] {
+        items.push(crafted::dir(&format!("lib/{d}/")));
+        for i in 0..3 {
+            items.push(crafted::reg(&format!("lib/{d}/f{i}"), &[b'x'; 1000]));
+        }
+    }
+    // Three subdirectories of 50 files of 60 kB: 9 MB of small files.
+    for d in ["p", "q", "r"] {
+        items.push(crafted::dir(&format!("big/{d}/")));
+        for i in 0..50 {
+            items.push(crafted::reg(
+                &format!("big/{d}/{i:02}"),
+                &vec![b'a' + i as u8 % 26; 60_000],
+            ));
+        }
+    }
+    let tar = crafted::tar_of(&items);
+    let (shared, layer, digest) = setup(&tar, work.path()).await;
+    let m = mount(shared);
+    let dir = m.dir.path().join(&digest[7..]);
+    let ino = |p: &str| layer.index.lookup_path(&format!("/{p}")).unwrap();
+    let asked = || std::mem::take(&mut *PREFETCHED.lock().unwrap()).concat();
+
+    std::fs::read(dir.join("lib/a/f0")).unwrap();
+    std::fs::read(dir.join("lib/b/f0")).unwrap();
+    assert!(asked().len() <= 4, "two subdirectories: neighbours only");
+    std::fs::read(dir.join("lib/c/f0")).unwrap();
+    let mut tree = asked();
+    tree.sort_unstable();
+    let mut want: Vec<u64> = ["a", "b", "c", "d"]
+        .iter()
+        .flat_map(|d| (0..3).map(move |i| format!("lib/{d}/f{i}")))
+        .filter(|p| !["lib/a/f0", "lib/b/f0", "lib/c/f0"].contains(&p.as_str()))
+        .map(|p| ino(&p))
+        .collect();
+    want.sort_unstable();
+    assert_eq!(
+        tree, want,
+        "the third subdirectory's miss fetches the tree's small files"
+    );
+
+    for d in ["p", "q", "r"] {
+        std::fs::read(dir.join(format!("big/{d}/00"))).unwrap();
+    }
+    let big = asked();
+    assert!(
+        big.len() <= 3 * 8,
+        "a large tree is not fetched whole: {} files",
+        big.len()
+    );
+}
