@@ -14,6 +14,8 @@
 //! A record is written before the open is answered and cleared before a
 //! release is: a crash can leave a record of a handle the kernel never got
 //! (its inode keeps its mode until the connection ends), never the reverse.
+//! It is written once the open's mode is chosen, with that mode, so such a
+//! record never claims a mode the kernel's inode is not in.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -157,21 +159,15 @@ impl OpenTable {
             }
             return UNRECORDED_BASE + self.unrecorded.load(Ordering::Relaxed);
         };
-        self.set_mode(slot + 1, mode);
-        self.words(slot).0.store(ino, Ordering::Release);
-        slot + 1
-    }
-
-    /// Change a recorded handle's mode (the open fell back to cached mode).
-    pub fn set_mode(&self, fh: u64, mode: Mode) {
-        if fh == 0 || fh > CAPACITY {
-            return;
-        }
         let word = match mode {
             Mode::Cached => 0,
             Mode::Passthrough(id) => u64::from(id) + 1,
         };
-        self.words(fh - 1).1.store(word, Ordering::Release);
+        // The mode first: a reader that sees the inode sees its mode.
+        let (ino_word, mode_word) = self.words(slot);
+        mode_word.store(word, Ordering::Relaxed);
+        ino_word.store(ino, Ordering::Release);
+        slot + 1
     }
 
     /// Whether a release of `fh` for inode `ino` is one the previous
@@ -230,7 +226,6 @@ mod tests {
         let b = t.open_handle(11, Mode::Passthrough(0));
         let c = t.open_handle(12, Mode::Passthrough(7));
         t.release(b);
-        t.set_mode(a, Mode::Cached);
         drop(t);
 
         let (t, left) = OpenTable::open(&path, true).unwrap();

@@ -22,6 +22,7 @@ use crate::FsShared;
 use crate::entries::{Listed, ROOT_TTL, layer_attr};
 use crate::layers::{Attached, MOUNT_ROOT};
 use crate::metrics::Op;
+use crate::opens::Mode;
 use crate::readahead::{SMALL_FILE, neighbours, present};
 
 /// The node's filesystem, behind either transport.
@@ -151,14 +152,18 @@ impl StargazeFs {
                 .spawn(async move { source.executing(&digest, local).await });
         }
         let ino = a.global(local);
-        let fh = self.shared.new_handle(ino);
         let p = &self.shared.passthrough;
         if !p.wanted.load(Ordering::Relaxed) {
             // The layer never changes: let the kernel keep cached pages.
+            let fh = self.shared.new_handle(ino, Mode::Cached);
             return Ok(Opened::Cached { fh });
         }
-        // Held across the decision and the reply, so a concurrent open of
-        // the same inode cannot choose the other mode.
+        // Held across the decision and the record, so a concurrent open of
+        // the same inode cannot choose the other mode. The handle is
+        // recorded only once its mode is chosen: a record that said cached
+        // while the open was still getting its backing file would, after a
+        // crash there, make the next process open the inode in cached mode
+        // beside the kernel's passthrough handles (EIO).
         let mut cached = p.cached.lock();
         // An inode with a live backing file stays in passthrough mode even
         // if passthrough was given up meanwhile: the kernel refuses mixing
@@ -168,18 +173,20 @@ impl StargazeFs {
             && (p.has_backing(ino)
                 || (p.active.load(Ordering::Acquire) && present(&a, local, 0, n.size())))
         {
-            match self.backing(&a, local, fh) {
+            match self.backing(&a, local) {
                 Ok(id) => {
+                    let fh = self
+                        .shared
+                        .new_handle(ino, Mode::Passthrough(id.raw()));
+                    let backing_id = id.raw();
+                    p.hold(fh, id);
                     p.opens.fetch_add(1, Ordering::Relaxed);
                     // The kernel reads it without us from now on: report
                     // its head as read (whole, for a small file).
                     self.shared
                         .reads
                         .read(&a, local, 0, n.size().min(PASSTHROUGH_REPORTED));
-                    return Ok(Opened::Passthrough {
-                        fh,
-                        backing_id: id.raw(),
-                    });
+                    return Ok(Opened::Passthrough { fh, backing_id });
                 }
                 // The cache file vanished: serve through read().
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -190,6 +197,7 @@ impl StargazeFs {
                 )),
             }
         }
+        let fh = self.shared.new_handle(ino, Mode::Cached);
         cached.add(fh, ino);
         Ok(Opened::Cached { fh })
     }

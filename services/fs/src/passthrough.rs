@@ -29,8 +29,7 @@ pub struct Passthrough {
     /// Backing ids by open handle (closed when the last handle of the
     /// inode is released) and by inode (shared by concurrent opens).
     by_handle: Mutex<HashMap<u64, Arc<Backing>>>,
-    /// (with the kernel's number of the id, for the open table).
-    by_inode: Mutex<HashMap<u64, (std::sync::Weak<Backing>, u32)>>,
+    by_inode: Mutex<HashMap<u64, std::sync::Weak<Backing>>>,
     /// Files opened with passthrough.
     pub opens: AtomicU64,
     /// Handles opened without passthrough. The kernel refuses (EIO) a
@@ -156,13 +155,18 @@ impl Passthrough {
         self.cached.lock().remove(fh);
     }
 
+    /// Keep `id` for the handle `fh` until its release.
+    pub(crate) fn hold(&self, fh: u64, id: Arc<Backing>) {
+        self.by_handle.lock().insert(fh, id);
+    }
+
     pub(crate) fn has_backing(&self, ino: u64) -> bool {
         self.restored.lock().contains_key(&ino)
             || self
                 .by_inode
                 .lock()
                 .get(&ino)
-                .is_some_and(|(w, _)| w.strong_count() > 0)
+                .is_some_and(|w| w.strong_count() > 0)
     }
 }
 
@@ -174,8 +178,28 @@ impl FsShared {
         let wanted = p.wanted.load(Ordering::Relaxed);
         let mut restored = p.restored.lock();
         let mut cached = p.cached.lock();
-        let (mut n_cached, mut n_passthrough) = (0, 0);
+        let (mut n_cached, mut n_passthrough, mut n_phantom) = (0, 0, 0);
+        // The kernel never has an inode open in both modes. A cached record
+        // beside a passthrough one is an open that was never answered:
+        // earlier builds recorded every open as cached first and switched
+        // the record once the backing file was registered, so a crash in
+        // between left such a record (the kernel resends that open), and a
+        // table they wrote may be taken over by this one. Counted, it would
+        // make every later open of the inode cached beside the kernel's
+        // passthrough handles: EIO.
+        let with_backing: std::collections::HashSet<u64> = left
+            .iter()
+            .filter(|h| matches!(h.mode, Mode::Passthrough(_)))
+            .map(|h| h.ino)
+            .collect();
         for h in left {
+            if h.mode == Mode::Cached && with_backing.contains(&h.ino) {
+                n_phantom += 1;
+                if let Some(t) = self.opens.get() {
+                    t.release(h.fh);
+                }
+                continue;
+            }
             match h.mode {
                 Mode::Cached => {
                     n_cached += 1;
@@ -195,6 +219,12 @@ impl FsShared {
                 }
             }
         }
+        if n_phantom > 0 {
+            tracing::warn!(
+                records = n_phantom,
+                "dropped records of cached opens of inodes open with passthrough: opens the previous process never answered"
+            );
+        }
         if n_cached + n_passthrough > 0 {
             tracing::info!(
                 cached = n_cached,
@@ -209,27 +239,19 @@ impl FsShared {
 impl StargazeFs {
     /// The kernel backing id of a complete file's cache file, shared by all
     /// open handles of the inode and kept until the last one is released.
-    pub(crate) fn backing(
-        &self,
-        a: &Attached,
-        local: u64,
-        fh: u64,
-    ) -> std::io::Result<Arc<Backing>> {
+    pub(crate) fn backing(&self, a: &Attached, local: u64) -> std::io::Result<Arc<Backing>> {
         let p = &self.shared.passthrough;
         // Set by `serve` before any request is served.
         let dev_fd = self.shared.dev_fd.load(Ordering::Relaxed);
         let ino = a.global(local);
         let mut by_inode = p.by_inode.lock();
-        let live = by_inode
-            .get(&ino)
-            .and_then(|(w, raw)| Some((w.upgrade()?, *raw)));
-        let (id, raw) = match live {
-            Some(live) => live,
+        let id = match by_inode.get(&ino).and_then(std::sync::Weak::upgrade) {
+            Some(id) => id,
             None => {
                 let mut restored = p.restored.lock();
-                let (id, raw) = if let Some(r) = restored.get_mut(&ino) {
+                let id = if let Some(r) = restored.get_mut(&ino) {
                     // The kernel's inode already has this backing file.
-                    let id = match &r.held {
+                    match &r.held {
                         Some(id) => id.clone(),
                         None => {
                             // SAFETY: the id is open on this connection (the
@@ -239,8 +261,7 @@ impl StargazeFs {
                             r.held = Some(id.clone());
                             id
                         }
-                    };
-                    (id, r.raw)
+                    }
                 } else {
                     let file = std::fs::File::open(
                         a.cache.layer_file_path(a.index.layer_digest(), local),
@@ -251,19 +272,14 @@ impl StargazeFs {
                     let raw = fuser::BackingId::create_raw(dev, &file)?;
                     // SAFETY: just opened on this connection; closed only
                     // through the wrapper.
-                    (Arc::new(unsafe { Backing::own(raw, dev_fd) }), raw)
+                    Arc::new(unsafe { Backing::own(raw, dev_fd) })
                 };
                 drop(restored);
-                by_inode.retain(|_, (w, _)| w.strong_count() > 0);
-                by_inode.insert(ino, (Arc::downgrade(&id), raw));
-                (id, raw)
+                by_inode.retain(|_, w| w.strong_count() > 0);
+                by_inode.insert(ino, Arc::downgrade(&id));
+                id
             }
         };
-        drop(by_inode);
-        if let Some(t) = self.shared.opens.get() {
-            t.set_mode(fh, Mode::Passthrough(raw));
-        }
-        p.by_handle.lock().insert(fh, id.clone());
         Ok(id)
     }
 }
@@ -345,13 +361,72 @@ mod tests {
         ]);
         assert!(p.has_backing(42));
         assert!(!p.has_backing(43));
-        let fh = shared.new_handle(44);
+        let fh = shared.new_handle(44, Mode::Cached);
         assert_ne!(fh, 0);
         p.release(fh, -1);
         p.release(8, -1);
         p.release(7, -1);
         assert!(!p.has_backing(42));
         assert!(!shared.detach("absent"));
+    }
+
+    /// A table written by a build that recorded every open as cached
+    /// before switching it to passthrough, left by a crash between the two:
+    /// the cached record beside the inode's passthrough one is an open the
+    /// kernel never saw. Counted, it would make the next opens of the inode
+    /// cached while the kernel has it open with passthrough (EIO).
+    #[test]
+    fn a_cached_record_beside_a_passthrough_one_is_not_taken_over() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = OpenTable::beside(&dir.path().join("mnt"));
+        let (t, _) = OpenTable::open(&path, false).unwrap();
+        let answered = t.open_handle(42, Mode::Passthrough(3));
+        let phantom = t.open_handle(42, Mode::Cached);
+        let other = t.open_handle(43, Mode::Cached);
+        drop(t);
+
+        let shared = FsShared::new(
+            std::path::Path::new("/nonexistent"),
+            Arc::new(NoFetcher),
+            rt.handle().clone(),
+            Duration::from_secs(1),
+        );
+        let p = &shared.passthrough;
+        p.wanted.store(true, Ordering::Relaxed);
+        let (t, left) = OpenTable::open(&path, true).unwrap();
+        assert_eq!(left.len(), 3);
+        assert!(shared.opens.set(t).is_ok());
+        shared.restore_handles(left);
+        assert!(p.has_backing(42));
+        let per_inode = p.cached.lock().per_inode.clone();
+        assert_eq!(
+            per_inode.get(&42),
+            None,
+            "the phantom counts: {per_inode:?}"
+        );
+        assert_eq!(per_inode.get(&43), Some(&1));
+        // The phantom's number is free; the others stay reserved.
+        assert_eq!(shared.new_handle(44, Mode::Cached), phantom);
+        assert!(![answered, phantom, other].contains(&shared.new_handle(45, Mode::Cached)));
+        // Released once the restored opens are gone (what the next process
+        // would restore).
+        drop(shared);
+        let (_t, left) = OpenTable::open(&path, true).unwrap();
+        assert_eq!(
+            left.iter()
+                .map(|h| h.fh)
+                .filter(|fh| *fh == phantom)
+                .count(),
+            1,
+            "the number went to the new open of 44"
+        );
+        assert!(
+            left.iter()
+                .all(|h| !(h.ino == 42 && h.mode == Mode::Cached))
+        );
     }
 
     /// A release resent after a take-over that the previous process had
@@ -374,7 +449,7 @@ mod tests {
         let fs = crate::ops::StargazeFs {
             shared: shared.clone(),
         };
-        let fh = shared.new_handle(44);
+        let fh = shared.new_handle(44, Mode::Cached);
         let file = Arc::new(std::fs::File::open("/dev/null").unwrap());
         shared.handles.lock().insert(fh, file);
         fs.op_release(45, fh);

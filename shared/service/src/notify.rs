@@ -59,7 +59,7 @@ pub fn take_stored_fd(name: &str) -> Option<OwnedFd> {
 pub fn remove_stored_fd(name: &str) {
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
         let msg = format!("FDSTOREREMOVE=1\nFDNAME={name}\n");
-        let _ = send_with_fd(&path.to_string_lossy(), msg.as_bytes(), -1);
+        let _ = send_with_fds(&path.to_string_lossy(), msg.as_bytes(), &[]);
     }
 }
 
@@ -72,7 +72,7 @@ pub fn store_fd(fd: RawFd, name: &str) -> bool {
     };
     let path = path.to_string_lossy().into_owned();
     let msg = format!("FDSTORE=1\nFDNAME={name}\n");
-    match send_with_fd(&path, msg.as_bytes(), fd) {
+    match send_with_fds(&path, msg.as_bytes(), &[fd]) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(socket = %path, error = %e, name, "cannot store a descriptor with systemd");
@@ -82,52 +82,104 @@ pub fn store_fd(fd: RawFd, name: &str) -> bool {
 }
 
 /// Send `msg` to the datagram socket at `socket` (`@name`: abstract),
-/// with `fd` attached (`SCM_RIGHTS`) unless it is negative.
-pub fn send_with_fd(socket: &str, msg: &[u8], fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: plain syscalls on locally owned buffers and descriptors.
-    unsafe {
-        let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if s < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let s = OwnedFd::from_raw_fd(s);
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let bytes = socket.as_bytes();
-        if bytes.len() >= addr.sun_path.len() {
-            return Err(std::io::ErrorKind::InvalidInput.into());
-        }
-        for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
-            *d = *b as libc::c_char;
-        }
-        if bytes.first() == Some(&b'@') {
-            addr.sun_path[0] = 0;
-        }
-        let addr_len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len()) as u32;
-        let mut iov = libc::iovec {
-            iov_base: msg.as_ptr() as *mut libc::c_void,
-            iov_len: msg.len(),
-        };
-        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let mut control = vec![0u8; space];
-        let mut hdr: libc::msghdr = std::mem::zeroed();
-        hdr.msg_name = &mut addr as *mut _ as *mut libc::c_void;
-        hdr.msg_namelen = addr_len;
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        // A negative `fd`: the message alone.
-        if fd >= 0 {
-            hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-            hdr.msg_controllen = space as _;
-            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
-        }
-        if libc::sendmsg(s.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+/// with `fds` attached (`SCM_RIGHTS`) unless there are none.
+pub fn send_with_fds(socket: &str, msg: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg,
+    };
+    let addr = match socket.strip_prefix('@') {
+        Some(name) => UnixAddr::new_abstract(name.as_bytes())?,
+        None => UnixAddr::new(socket)?,
+    };
+    let s = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let rights = [ControlMessage::ScmRights(fds)];
+    // Without descriptors the datagram carries no control message at all.
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg(
+        s.as_raw_fd(),
+        &[std::io::IoSlice::new(msg)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        Some(&addr),
+    )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixDatagram;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
+
+    use super::send_with_fds;
+
+    /// One datagram from `s`: its bytes and the descriptors it carried.
+    fn receive(s: &UnixDatagram) -> (Vec<u8>, Vec<i32>) {
+        let mut buf = [0u8; 256];
+        let mut space = nix::cmsg_space!([i32; 2]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let m = recvmsg::<UnixAddr>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+            .unwrap();
+        let mut fds = Vec::new();
+        for c in m.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                fds.extend(r);
+            }
+        }
+        let n = m.bytes;
+        (buf[..n].to_vec(), fds)
+    }
+
+    #[test]
+    fn a_descriptor_reaches_the_socket_with_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("notify");
+        let store = UnixDatagram::bind(&sock).unwrap();
+        let file_path = dir.path().join("stored");
+        let file = std::fs::File::create(&file_path).unwrap();
+        send_with_fds(
+            sock.to_str().unwrap(),
+            b"FDSTORE=1\nFDNAME=x\n",
+            &[file.as_raw_fd()],
+        )
+        .unwrap();
+        let (msg, fds) = receive(&store);
+        assert_eq!(msg, b"FDSTORE=1\nFDNAME=x\n");
+        assert_eq!(fds.len(), 1, "{fds:?}");
+        // A new descriptor of the same open file.
+        assert_ne!(fds[0], file.as_raw_fd());
+        assert_eq!(
+            std::fs::read_link(format!("/proc/self/fd/{}", fds[0])).unwrap(),
+            file_path
+        );
+        nix::unistd::close(fds[0]).unwrap();
+
+        // No descriptor: the message alone.
+        send_with_fds(sock.to_str().unwrap(), b"FDSTOREREMOVE=1\n", &[]).unwrap();
+        assert_eq!(receive(&store), (b"FDSTOREREMOVE=1\n".to_vec(), vec![]));
+    }
+
+    /// systemd's NOTIFY_SOCKET may be abstract, written `@name`.
+    #[test]
+    fn an_abstract_socket_is_named_with_an_at_sign() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("stargaze-notify-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let store = UnixDatagram::bind_addr(&addr).unwrap();
+        let (r, _w) = std::io::pipe().unwrap();
+        send_with_fds(&format!("@{name}"), b"READY=1\n", &[r.as_raw_fd()]).unwrap();
+        let (msg, fds) = receive(&store);
+        assert_eq!(msg, b"READY=1\n");
+        assert_eq!(fds.len(), 1);
+        nix::unistd::close(fds[0]).unwrap();
+        // A path socket of that name does not exist.
+        assert!(send_with_fds(&name, b"READY=1\n", &[]).is_err());
+    }
 }

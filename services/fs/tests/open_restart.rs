@@ -1,0 +1,337 @@
+//! `kill -9` of `stargaze-fs` while opens wait inside it, with FUSE
+//! passthrough: the kernel resends those opens to the process that takes
+//! the connection over, and they (and every later open) must succeed.
+//!
+//! The kernel refuses (EIO) an open in cached mode of an inode it has open
+//! with passthrough, and the reverse. The open-file table tells a new
+//! process which mode each inode is in, so a record of an open the kernel
+//! never saw answered must not claim a mode the inode is not in. Here one
+//! open waits for its backing file (the cache file is a FIFO for a moment)
+//! while holding the passthrough lock, and a second open of a file already
+//! open with passthrough waits behind it; both are unanswered when fs is
+//! killed. Needs root, /dev/fuse, FUSE passthrough (Linux >= 6.9) and
+//! skopeo.
+
+#[path = "support/estargz.rs"]
+mod estargz;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::FetchOptions;
+use stargaze_fetcher::service::FetcherService;
+use stargaze_fs::opens::{Mode, OpenHandle, OpenTable};
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::fetcher_server::FetcherServer;
+use stargaze_proto::v1::fs_client::FsClient;
+use stargaze_proto::v1::*;
+use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
+use stargaze_testkit::fdstore::FdStore;
+use stargaze_testkit::{Registry, image, unmount_below};
+
+/// The fs process, the processes holding or opening files of the mount,
+/// and the mount, gone with the test.
+struct Fs {
+    child: Option<Child>,
+    others: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        for c in self.others.iter_mut().chain(self.child.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        unmount_below(&self.dir);
+    }
+}
+
+fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = store
+        .command(Path::new(env!("CARGO_BIN_EXE_stargaze-fs")))
+        .arg("--config")
+        .arg(config)
+        // Passthrough is negotiated on /dev/fuse here, whatever the suite runs with.
+        .env_remove(stargaze_fs::transport::ENV)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("stargaze-fs exited at start: {s}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "fs did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// The records of the open-file table (read only: nothing is written).
+fn records(table: &Path) -> Vec<OpenHandle> {
+    OpenTable::open(table, true).unwrap().1
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a thread of `pid` waits in the kernel for a FIFO's writer.
+fn waits_on_a_fifo(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).any(|t| {
+        std::fs::read_to_string(t.path().join("stack")).is_ok_and(|s| s.contains("fifo_open"))
+    })
+}
+
+/// `cat` of `file` in a child process (a file of the mount open in this
+/// process would be inherited by the new fs at its fork, and its exec
+/// would wait on the FLUSH for the server it is about to become).
+fn cat(file: &Path, out: &Path) -> Child {
+    Command::new("cat")
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_fuse_passthrough();
+    stargaze_testkit::require("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::Builder::new()
+        .prefix("sg-open-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let w = work.path();
+
+    let (data, files) = image::data_layer(12);
+    let (image_ref, manifest) = estargz::push(&reg, w, &[data], "stargaze/open");
+
+    // The fetcher, served from this process (only fs is killed).
+    let fetcher_sock = w.join("fetcher.sock");
+    let cache_dir = w.join("cache");
+    let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
+    let client = Client::new(
+        Hosts::new(),
+        DockerConfig::in_dir(w),
+        ClientOptions::default(),
+    );
+    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false);
+    let listener = stargaze_proto::bind_unix(&fetcher_sock).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(FetcherServer::new(fetcher))
+            .serve_with_incoming(stargaze_proto::incoming(listener)),
+    );
+
+    let fs_sock = w.join("fs.sock");
+    let mnt = w.join("mnt");
+    let config = w.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\ntransport = \"classic\"\npassthrough = true\nn_threads = 4\n[log]\nlevel = \"info,stargaze_fs=debug\"\n",
+            fetcher_sock.display(),
+            cache_dir.display(),
+            fs_sock.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    let log = w.join("fs.log");
+    let table = OpenTable::beside(&mnt);
+    let mut store = FdStore::bind(&w.join("fs-notify.sock"));
+    let mut fs = Fs {
+        child: Some(spawn_fs(&mut store, &config, &log, &fs_sock)),
+        others: Vec::new(),
+        dir: w.to_path_buf(),
+    };
+    let mut fetch = FetcherClient::new(stargaze_proto::connect_unix(&fetcher_sock).unwrap());
+    let mut fsc = FsClient::new(stargaze_proto::connect_unix(&fs_sock).unwrap());
+    let desc = &manifest["layers"][0];
+    let r = fetch
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: image_ref.clone(),
+                digest: desc["digest"].as_str().unwrap().into(),
+                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = PathBuf::from(
+        fsc.attach(AttachRequest {
+            layer_digest: r.layer_digest.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dir,
+    );
+    let bytes_of = |name: &str| &files.iter().find(|(n, _)| n == name).unwrap().1;
+    // `x` stays open with passthrough; `y`'s backing file is what the
+    // first waiting open waits for.
+    let (x, y) = ("data/file5", "data/file4");
+    let (x_path, y_path) = (dir.join(x), dir.join(y));
+    // Read whole, so both are complete in the cache (and opened with
+    // passthrough from now on).
+    for (name, p) in [(x, &x_path), (y, &y_path)] {
+        assert_eq!(&std::fs::read(p).unwrap(), bytes_of(name), "{name}");
+    }
+    let x_ino = std::fs::metadata(&x_path).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    });
+    let x_ino = x_ino.unwrap();
+    wait_until(
+        "the reads' handles are released",
+        Duration::from_secs(10),
+        || records(&table).is_empty(),
+    );
+
+    // `x` held open by a process, as a running program holds its binary.
+    let mut holder = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<{}; echo open; exec sleep 600",
+            x_path.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    fs.others.push(holder);
+    assert_eq!(line.trim(), "open");
+    let held = records(&table);
+    assert!(
+        matches!(held.as_slice(), [OpenHandle { ino, mode: Mode::Passthrough(_), .. }] if *ino == x_ino),
+        "the holder's open of {x} is not the one passthrough record: {held:?}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+
+    // `y`'s cache file becomes a FIFO: the next open of `y` waits in fs for
+    // its backing file, holding the passthrough lock.
+    // (the layer's `files/INO`, perhaps a link to a shared copy).
+    let y_cache = walkdir(&cache_dir)
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("files")))
+        .find(|p| std::fs::read(p).is_ok_and(|b| &b == bytes_of(y)))
+        .expect("y's cache file");
+    let y_aside = y_cache.with_extension("aside");
+    std::fs::rename(&y_cache, &y_aside).unwrap();
+    nix::unistd::mkfifo(&y_cache, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fs_pid = fs.child.as_ref().unwrap().id();
+    fs.others.push(cat(&y_path, &w.join("file4.out")));
+    wait_until(
+        "an fs thread waits for y's backing file",
+        Duration::from_secs(10),
+        || waits_on_a_fifo(fs_pid),
+    );
+    // A second open of `x` waits behind it. Nothing tells from outside that
+    // it reached fs; a build that records opens before choosing their mode
+    // shows it in the table.
+    fs.others.push(cat(&x_path, &w.join("file5.out")));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) && records(&table).len() < 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // kill -9 with both opens unanswered.
+    let mut child = fs.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = records(&table);
+    std::fs::rename(&y_aside, &y_cache).unwrap();
+    fs.child = Some(spawn_fs(&mut store, &config, &log, &fs_sock));
+
+    // The resent opens are answered, in the inodes' modes.
+    // fs.others: the holder, the open of `y`, the open of `x`.
+    for (i, name) in [(2, x), (1, y)] {
+        let c = &mut fs.others[i];
+        let out = w.join(format!("{}.out", &name[name.len() - 5..]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "the open of {name} resent after the take-over is never answered\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(
+            status.success(),
+            "the open of {name} waiting across the kill -9 failed: {err}\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert_eq!(&std::fs::read(&out).unwrap(), bytes_of(name), "{name}");
+    }
+    // And so are new ones, while the holder keeps `x` open.
+    for name in [x, y] {
+        let out = w.join(format!("{}.again", name.replace('/', "_")));
+        let mut c = cat(&dir.join(name), &out);
+        assert!(c.wait().unwrap().success(), "a new open of {name} failed");
+        assert_eq!(&std::fs::read(&out).unwrap(), bytes_of(name), "{name}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("took over the FUSE connection"), "{text}");
+    // The dead process left records of the answered open only: one
+    // recorded before its mode was chosen would claim a mode the kernel's
+    // inode is not in.
+    assert_eq!(left, held, "records of opens never answered");
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(walkdir(&p)),
+            Ok(t) if t.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+    out
+}
