@@ -74,10 +74,7 @@ impl FetcherService {
                 layers: Arc::new(layers),
                 schedule: Arc::new(schedule),
                 entrypoint: true,
-                loads: Loads::new(
-                    crate::loads::DEFAULT_WHOLE_MAPPED_BELOW,
-                    Some(traces.clone()),
-                ),
+                loads: Loads::new(crate::loads::DEFAULT_WHOLE_MAPPED_BELOW),
                 follow_loads: true,
                 traces,
                 learn_traces: true,

@@ -286,7 +286,7 @@ impl Image {
     }
 
     fn loads(&self, whole_mapped_below: u64) -> Loads {
-        let loads = Loads::new(whole_mapped_below, None);
+        let loads = Loads::new(whole_mapped_below);
         loads.stacks.note(
             [&self.app, &self.libs, &self.base]
                 .iter()

@@ -1345,3 +1345,77 @@ async fn a_clean_stop_saves_the_open_trace_recordings() {
     assert_eq!(trace.reads.len(), 1);
     assert_eq!(trace.reads[0].path, "/usr/bin/dash");
 }
+
+/// A trace holds what was read, not what a prefetch guessed would be: the
+/// libraries the dependency prefetch fetched for an executed program stay
+/// out of it until something reads them (fs reports reads, `NoteReads`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (image_ref, digests) = dash_image(&reg, work.path(), "trace-prefetched");
+    let mut fetcher = Fetcher::start_with(
+        work.path(),
+        stargaze_testkit::free_port(),
+        "background_fetch = false\nprefetch_entrypoint = false\ntrace_window = \"2s\"",
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let cache = Cache::open_reader(&fetcher.cache);
+    let upper = LayerIndex::open(&cache.index_path(&digests[1])).unwrap();
+    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    // Executed: what dash loads (the loader, libc) is fetched with it.
+    client
+        .fetch(FetchRequest {
+            layer_digest: digests[1].clone(),
+            ranges: vec![FileRange {
+                inode: dash,
+                offset: 0,
+                length: 4096,
+            }],
+            priority: Priority::OnDemand as i32,
+            follow_loads: true,
+        })
+        .await
+        .unwrap();
+    client
+        .note_reads(NoteReadsRequest {
+            layer_digest: digests[1].clone(),
+            ranges: vec![FileRange {
+                inode: dash,
+                offset: 0,
+                length: 4096,
+            }],
+        })
+        .await
+        .unwrap();
+    let lower = LayerIndex::open(&cache.index_path(&digests[0])).unwrap();
+    let libc = lower
+        .lookup_path("/usr/lib/x86_64-linux-gnu/libc.so.6")
+        .unwrap();
+    let start = Instant::now();
+    while present_bytes(&mut client, &digests[0]).await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "libc {libc} was not prefetched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let traces = fetcher.cache.join("traces");
+    let path = loop {
+        if let Some(e) = std::fs::read_dir(&traces).ok().and_then(|mut d| d.next()) {
+            break e.unwrap().path();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no trace saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let trace: stargaze_cache::Trace =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let got: Vec<(u32, &str)> = trace
+        .reads
+        .iter()
+        .map(|r| (r.layer, r.path.as_str()))
+        .collect();
+    assert_eq!(got, [(1, "/usr/bin/dash")], "only the read is traced");
+    assert!(fetcher.stop().success());
+}

@@ -44,7 +44,6 @@ use parking_lot::Mutex;
 use crate::engine::Layer;
 use crate::purpose::Purpose;
 use crate::stack::Stack;
-use crate::traces::Traces;
 use elf::Head;
 use ldcache::LdCache;
 use stacks::Stacks;
@@ -123,12 +122,10 @@ pub struct Loads {
     /// Files and uncompressed bytes fetched by follows.
     pub files: AtomicU64,
     pub bytes: AtomicU64,
-    /// Where the files followed are noted, to be fetched first next time.
-    traces: Option<Arc<Traces>>,
 }
 
 impl Loads {
-    pub fn new(whole_mapped_below: u64, traces: Option<Arc<Traces>>) -> Loads {
+    pub fn new(whole_mapped_below: u64) -> Loads {
         Loads {
             stacks: Stacks::default(),
             examined: Mutex::default(),
@@ -136,7 +133,6 @@ impl Loads {
             whole_mapped_below,
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            traces,
         }
     }
 
@@ -223,9 +219,6 @@ impl Loads {
                 }
                 out.bytes += size;
                 out.files.push(f.path.clone());
-                if let Some(traces) = &self.traces {
-                    traces.note(&layer.digest, &layer.index.path_of(f.ino), 0, size);
-                }
                 let whole = self.whole_mapped_below;
                 set.spawn(examine(layer, f.ino, f.path, size, f.what, whole));
             }

@@ -6,8 +6,9 @@
 //! again after each container start on the image (PauseBackground whose
 //! top layer is the image's: [`Traces::container_started`]), every read
 //! of one of its layers that fs reports (`NoteReads`: each chunk's first
-//! read, cache hits included) and every file the dependency prefetch
-//! fetched for it (`loads.rs`) is noted, in order ([`Traces::note`]). When the window closes, the reads are merged into
+//! read, cache hits included) is noted, in order ([`Traces::note`]): what
+//! the programs read, not what a prefetch guessed they would (a file the
+//! entrypoint prefetch fetched but nothing read stays out). When the window closes, the reads are merged into
 //! the image's trace file, after those it had.
 //!
 //! Replay: [`Traces::image_pulled`] returns the image's trace when it has
