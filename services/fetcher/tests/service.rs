@@ -881,17 +881,7 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
         let inode = index.lookup_path(path).unwrap();
         read_as_fs(&mut client, &digests[layer], inode, offset, length).await;
     }
-    let traces = fetcher.cache.join("traces");
-    let start = Instant::now();
-    let path = loop {
-        if let Some(e) = std::fs::read_dir(&traces).ok().and_then(|mut d| d.next()) {
-            break e.unwrap().path();
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no trace saved");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let trace: stargaze_cache::Trace =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let (path, trace) = saved_trace(&fetcher.cache).await;
     assert_eq!(trace.layers, digests);
     assert_eq!(trace.image, image_ref);
     let got: Vec<(usize, &str, u64, u64)> = trace
@@ -1164,6 +1154,22 @@ async fn every_request_is_checked_against_its_own_toc_digest() {
         .unwrap();
 }
 
+/// The first trace the fetcher saves in its cache (its file and what it
+/// holds), waited for up to 20 s.
+async fn saved_trace(cache: &Path) -> (std::path::PathBuf, stargaze_cache::Trace) {
+    let traces = cache.join("traces");
+    let start = Instant::now();
+    let path = loop {
+        if let Some(e) = std::fs::read_dir(&traces).ok().and_then(|mut d| d.next()) {
+            break e.unwrap().path();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no trace saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let trace = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    (path, trace)
+}
+
 /// A read as fs makes it: the bytes fetched on demand, then the read
 /// reported for traces (`NoteReads`; fs reports hits too).
 async fn read_as_fs(
@@ -1401,16 +1407,7 @@ async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let traces = fetcher.cache.join("traces");
-    let path = loop {
-        if let Some(e) = std::fs::read_dir(&traces).ok().and_then(|mut d| d.next()) {
-            break e.unwrap().path();
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no trace saved");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let trace: stargaze_cache::Trace =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let (_, trace) = saved_trace(&fetcher.cache).await;
     let got: Vec<(u32, &str)> = trace
         .reads
         .iter()

@@ -14,6 +14,10 @@
 
 #[path = "support/estargz.rs"]
 mod estargz;
+#[path = "support/fs_process.rs"]
+mod fs_process;
+
+use fs_process::spawn_fs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,38 +52,6 @@ impl Drop for Fs {
         }
         unmount_below(&self.dir);
     }
-}
-
-fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> Child {
-    let _ = std::fs::remove_file(sock);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let mut child = store
-        .command(Path::new(env!("CARGO_BIN_EXE_stargaze-fs")))
-        .arg("--config")
-        .arg(config)
-        // Passthrough is negotiated on /dev/fuse here, whatever the suite runs with.
-        .env_remove(stargaze_fs::transport::ENV)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("stargaze-fs exited at start: {s}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "fs did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
 /// The records of the open-file table (read only: nothing is written).
