@@ -135,15 +135,11 @@ impl Filesystem for StargazeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.op_readdir(u64::from(ino), offset, false) {
-            Ok((entries, _)) => {
-                for (ino, next, t, name, _) in entries {
-                    if reply.add(INodeNo(ino), next, t, OsStr::from_bytes(&name)) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = self.op_readdir(u64::from(ino), offset, false, |e| {
+            !reply.add(INodeNo(e.ino), e.next, e.kind, OsStr::from_bytes(e.name))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -156,23 +152,16 @@ impl Filesystem for StargazeFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.op_readdir(u64::from(ino), offset, true) {
-            Ok((entries, ttl)) => {
-                for (ino, next, _, name, attr) in entries {
-                    let Some(attr) = attr else { continue };
-                    if reply.add(
-                        INodeNo(ino),
-                        next,
-                        OsStr::from_bytes(&name),
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                    ) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = self.op_readdir(u64::from(ino), offset, true, |e| {
+            // A readdirplus listing offers every entry with its attributes.
+            let Some((attr, ttl)) = e.attr else {
+                return true;
+            };
+            let name = OsStr::from_bytes(e.name);
+            !reply.add(INodeNo(e.ino), e.next, name, &ttl, &attr, Generation(0))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }

@@ -1,6 +1,7 @@
 //! Attributes and directory listings, straight from a layer's mapped
 //! index (the mount root lists the attached layers).
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -12,8 +13,17 @@ use crate::layers::{Attached, MOUNT_ROOT};
 /// How long the kernel may cache what the mount root lists (layers come and go).
 pub(crate) const ROOT_TTL: Duration = Duration::from_secs(1);
 
-/// A directory entry to list: (inode, offset of the next entry, type, name, attributes).
-pub(crate) type Listed = (u64, u64, FileType, Vec<u8>, Option<FileAttr>);
+/// A directory entry offered to a listing reply, its name borrowed from the
+/// index.
+pub(crate) struct Listed<'a> {
+    pub ino: u64,
+    /// Where the kernel resumes the listing after this entry.
+    pub next: u64,
+    pub kind: FileType,
+    pub name: &'a [u8],
+    /// Attributes and their timeout: in a readdirplus listing only.
+    pub attr: Option<(FileAttr, Duration)>,
+}
 
 fn file_type(k: u8) -> FileType {
     match k {
@@ -84,28 +94,66 @@ impl StargazeFs {
         }
     }
 
-    /// (ino, offset of the next entry, type, name, attr) of a directory
-    /// listing from `offset` on.
-    pub(crate) fn listing(&self, ino: u64, offset: u64) -> Result<Vec<Listed>, Errno> {
-        let mut out = Vec::new();
+    /// Offer the entries of a directory listing from `offset` on to `add`,
+    /// one by one, until it returns false (the reply is full) or the
+    /// directory ends. Each entry is built only when offered, so a listing
+    /// that takes many replies builds every entry about once, not once per
+    /// reply. `plus` is the attribute timeout of a readdirplus listing:
+    /// then every entry offered has its attributes (an entry without is
+    /// skipped), otherwise none has.
+    pub(crate) fn listing(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: Option<Duration>,
+        mut add: impl FnMut(Listed<'_>) -> bool,
+    ) -> Result<(), Errno> {
+        let built = &self.shared.counters.listed_entries;
+        let mut offer = |ino: u64,
+                         next: u64,
+                         kind: FileType,
+                         name: &[u8],
+                         attr: &dyn Fn() -> Option<FileAttr>|
+         -> bool {
+            let attr = match plus {
+                None => None,
+                Some(ttl) => match attr() {
+                    Some(a) => Some((a, ttl)),
+                    None => return true,
+                },
+            };
+            built.fetch_add(1, Ordering::Relaxed);
+            add(Listed {
+                ino,
+                next,
+                kind,
+                name,
+                attr,
+            })
+        };
         if ino == MOUNT_ROOT {
             let root = self.root_attr();
-            let mut all = vec![
-                (MOUNT_ROOT, FileType::Directory, b".".to_vec(), Some(root)),
-                (MOUNT_ROOT, FileType::Directory, b"..".to_vec(), Some(root)),
-            ];
-            for a in self.shared.layers.list() {
-                all.push((
+            let dots: [(&[u8], u64); 2] = [(b".", 1), (b"..", 2)];
+            for (name, next) in dots.into_iter().skip(offset as usize) {
+                if !offer(MOUNT_ROOT, next, FileType::Directory, name, &|| Some(root)) {
+                    return Ok(());
+                }
+            }
+            let layers = self.shared.layers.list();
+            let from = offset.saturating_sub(2) as usize;
+            for (i, a) in layers.iter().enumerate().skip(from) {
+                let name = a.name.as_bytes();
+                if !offer(
                     a.global(1),
+                    i as u64 + 3,
                     FileType::Directory,
-                    a.name.as_bytes().to_vec(),
-                    layer_attr(&a, 1),
-                ));
+                    name,
+                    &|| layer_attr(a, 1),
+                ) {
+                    break;
+                }
             }
-            for (i, (ino, t, name, attr)) in all.into_iter().enumerate().skip(offset as usize) {
-                out.push((ino, i as u64 + 1, t, name, attr));
-            }
-            return Ok(out);
+            return Ok(());
         }
         let (a, local) = self.shared.layers.resolve(ino).ok_or(Errno::ENOENT)?;
         let node = a.index.inode(local).ok_or(Errno::ENOENT)?;
@@ -117,32 +165,27 @@ impl StargazeFs {
         } else {
             a.global(node.parent())
         };
-        if offset == 0 {
-            out.push((
-                ino,
-                1,
-                FileType::Directory,
-                b".".to_vec(),
-                layer_attr(&a, local),
-            ));
+        if offset == 0 && !offer(ino, 1, FileType::Directory, b".", &|| layer_attr(&a, local)) {
+            return Ok(());
         }
-        if offset <= 1 {
-            let pattr = if parent == MOUNT_ROOT {
+        let parent_attr = || {
+            if parent == MOUNT_ROOT {
                 Some(self.root_attr())
             } else {
                 layer_attr(&a, node.parent())
-            };
-            out.push((parent, 2, FileType::Directory, b"..".to_vec(), pattr));
+            }
+        };
+        if offset <= 1 && !offer(parent, 2, FileType::Directory, b"..", &parent_attr) {
+            return Ok(());
         }
         for d in a.index.readdir(local, offset.saturating_sub(2) as usize) {
-            out.push((
-                a.global(d.ino),
-                d.offset as u64 + 3,
-                file_type(d.kind),
-                d.name.to_vec(),
-                layer_attr(&a, d.ino),
-            ));
+            let kind = file_type(d.kind);
+            if !offer(a.global(d.ino), d.offset as u64 + 3, kind, d.name, &|| {
+                layer_attr(&a, d.ino)
+            }) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 }

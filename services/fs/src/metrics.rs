@@ -9,6 +9,7 @@
 //! | `stargaze_fs_operation_duration_seconds` | op | histogram of FUSE operations, request to reply (`_count` = operations) |
 //! | `stargaze_fs_bytes_served_total` | source | bytes answered to reads: `cache` (present when asked) or `fetch` (after waiting for the fetcher) |
 //! | `stargaze_fs_read_errors_total` | | reads answered EIO because a fetch failed |
+//! | `stargaze_fs_listed_entries_total` | | directory entries built for readdir/readdirplus replies (about one per entry listed, plus one per reply that filled up) |
 //! | `stargaze_fs_layers_attached` | | layers attached to the mount |
 //! | `stargaze_fs_layer_chunks` / `_chunks_present` | layer | chunks of each attached layer, and how many are cached |
 //! | `stargaze_fs_fuse_threads` | | threads serving FUSE requests (fixed; does not grow with layers) |
@@ -70,6 +71,10 @@ pub struct FsCounters {
     ops: [Histogram; OPS.len()],
     pub bytes_from_cache: AtomicU64,
     pub bytes_after_fetch: AtomicU64,
+    /// Directory entries built for listing replies: a full listing of a
+    /// directory should cost about one per entry, however many replies
+    /// it takes.
+    pub listed_entries: AtomicU64,
 }
 
 impl FsCounters {
@@ -150,6 +155,13 @@ impl Collector for FsMetrics {
             "Reads answered EIO because a fetch failed",
             MetricType::Counter,
             &[(vec![], self.shared.fetch_errors.load(Ordering::Relaxed))],
+        )?;
+        family(
+            &mut e,
+            "stargaze_fs_listed_entries",
+            "Directory entries built for readdir and readdirplus replies",
+            MetricType::Counter,
+            &[(vec![], c.listed_entries.load(Ordering::Relaxed))],
         )?;
         let layers = self.shared.layers.list();
         family(

@@ -325,14 +325,16 @@ impl StargazeFs {
         }
     }
 
-    /// A directory listing from `offset` on, with the attribute timeout
-    /// of its entries.
+    /// A directory listing from `offset` on, offered entry by entry to
+    /// `add` until it returns false (the reply is full); with `plus`, each
+    /// entry carries its attributes and their timeout.
     pub(crate) fn op_readdir(
         &self,
         ino: u64,
         offset: u64,
         plus: bool,
-    ) -> Result<(Vec<Listed>, Duration), Errno> {
+        add: impl FnMut(Listed<'_>) -> bool,
+    ) -> Result<(), Errno> {
         let _timer = self
             .shared
             .counters
@@ -342,7 +344,7 @@ impl StargazeFs {
         } else {
             self.shared.ttl
         };
-        Ok((self.listing(ino, offset)?, ttl))
+        self.listing(ino, offset, plus.then_some(ttl), add)
     }
 
     pub(crate) fn op_statfs(&self) {

@@ -1061,3 +1061,100 @@ async fn a_second_miss_in_a_directory_fetches_all_its_small_files() {
     let third = asked().concat();
     assert!(third.len() <= 8, "{third:?}");
 }
+
+/// Every entry of the directory at `dir` as `getdents64` returns it:
+/// (inode, offset to resume after it, name). `std::fs::read_dir` hides
+/// the offsets, and the kernel resumes listings from exactly those.
+fn getdents(dir: &Path) -> Vec<(u64, u64, Vec<u8>)> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).unwrap();
+    let mut buf = vec![0u8; 32 << 10];
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: the buffer outlives the call and its length is passed.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                f.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+        if n == 0 {
+            return out;
+        }
+        let mut at = 0;
+        while at < n as usize {
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            let e = &buf[at..];
+            let ino = u64::from_ne_bytes(e[0..8].try_into().unwrap());
+            let off = u64::from_ne_bytes(e[8..16].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(e[16..18].try_into().unwrap()) as usize;
+            let name = &e[19..reclen];
+            let len = name.iter().position(|&b| b == 0).unwrap();
+            out.push((ino, off, name[..len].to_vec()));
+            at += reclen;
+        }
+    }
+}
+
+/// Listing a large directory costs each entry once, not once per reply
+/// it might have gone into: a full listing of a 10,000-entry directory
+/// through each transport builds at most two entries per entry listed
+/// (counted by fs, not timed), and lists exactly the index's names, inodes
+/// and offsets (`.` = 1, `..` = 2, entry `i` = `i + 3`), which the kernel
+/// resumes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_directory_is_listed_building_each_entry_once() {
+    use stargaze_service::config::FsTransport;
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_that(
+        stargaze_fs::uring::module_enabled() == Some(true),
+        "FUSE over io_uring (Linux >= 6.14, the fuse module's enable_uring = Y)",
+        "echo Y > /sys/module/fuse/parameters/enable_uring, as CI does",
+    );
+    const N: usize = 10_000;
+    let names: Vec<String> = (0..N).map(|i| format!("big/file-{i:05}")).collect();
+    let mut items: Vec<TarItem> = vec![("big/", tar::EntryType::Directory, b"", &[])];
+    items.extend(
+        names
+            .iter()
+            .map(|n| (n.as_str(), tar::EntryType::Regular, &b""[..], &[][..])),
+    );
+    let tar = tar_of(&items);
+    for t in [FsTransport::IoUring, FsTransport::Classic] {
+        let work = tempfile::tempdir().unwrap();
+        let (shared, _layer, digest) = setup(&tar, work.path()).await;
+        *shared.transport_wanted.lock() = t;
+        let m = mount_as_set(shared.clone());
+        let a = shared.layers.by_name(&digest[7..]).unwrap();
+        let big = a.index.lookup_path("big").unwrap();
+        let mut want = vec![
+            (a.global(big), 1, b".".to_vec()),
+            (a.global(stargaze_index::ROOT_INO), 2, b"..".to_vec()),
+        ];
+        want.extend(
+            a.index
+                .readdir(big, 0)
+                .map(|d| (a.global(d.ino), d.offset as u64 + 3, d.name.to_vec())),
+        );
+        assert_eq!(want.len(), N + 2);
+        let dir = m.dir.path().join(&digest[7..]).join("big");
+        let before = shared.counters.listed_entries.load(Ordering::Relaxed);
+        let got = tokio::task::spawn_blocking(move || getdents(&dir))
+            .await
+            .unwrap();
+        let built = shared.counters.listed_entries.load(Ordering::Relaxed) - before;
+        assert!(got == want, "{t:?}: the listing differs from the index");
+        assert!(
+            built <= 2 * want.len() as u64,
+            "{t:?}: {built} entries built to list {}",
+            want.len()
+        );
+        if t == FsTransport::IoUring {
+            assert!(shared.uring_requests.load(Ordering::Relaxed) > 0);
+        }
+        drop(m);
+    }
+}

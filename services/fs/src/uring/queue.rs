@@ -323,21 +323,17 @@ impl Queue {
                 fs.op_access();
                 data(Vec::new())
             }
-            Request::Readdir { offset, size, plus } => match fs.op_readdir(ino, offset, plus) {
-                Ok((entries, ttl)) => {
-                    let mut l = reply::Listing::new(size.min(PAYLOAD as u32), plus);
-                    for (ino, next, kind, name, attr) in &entries {
-                        if plus && attr.is_none() {
-                            continue;
-                        }
-                        if !l.add(*ino, *next, *kind, name, attr.as_ref().map(|a| (a, ttl))) {
-                            break;
-                        }
-                    }
-                    data(l.into_bytes())
+            Request::Readdir { offset, size, plus } => {
+                let mut l = reply::Listing::new(size.min(PAYLOAD as u32), plus);
+                let listed = fs.op_readdir(ino, offset, plus, |e| {
+                    let attr = e.attr.as_ref().map(|(a, ttl)| (a, *ttl));
+                    l.add(e.ino, e.next, e.kind, e.name, attr)
+                });
+                match listed {
+                    Ok(()) => data(l.into_bytes()),
+                    Err(e) => error(e),
                 }
-                Err(e) => error(e),
-            },
+            }
             Request::Statfs => {
                 fs.op_statfs();
                 data(reply::statfs(4096, 255))
