@@ -17,7 +17,7 @@ mod estargz;
 #[path = "support/fs_process.rs"]
 mod fs_process;
 
-use fs_process::spawn_fs;
+use fs_process::{resolve_and_attach, spawn_fs};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,7 +31,6 @@ use stargaze_fs::opens::{Mode, OpenHandle, OpenTable};
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_proto::v1::fs_client::FsClient;
-use stargaze_proto::v1::*;
 use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
 use stargaze_testkit::fdstore::FdStore;
 use stargaze_testkit::{Registry, image, unmount_below};
@@ -146,29 +145,8 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
     };
     let mut fetch = FetcherClient::new(stargaze_proto::connect_unix(&fetcher_sock).unwrap());
     let mut fsc = FsClient::new(stargaze_proto::connect_unix(&fs_sock).unwrap());
-    let desc = &manifest["layers"][0];
-    let r = fetch
-        .resolve_layer(ResolveLayerRequest {
-            layer: Some(LayerSource {
-                image_ref: image_ref.clone(),
-                digest: desc["digest"].as_str().unwrap().into(),
-                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
-                ..Default::default()
-            }),
-            allow_unverified: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let dir = PathBuf::from(
-        fsc.attach(AttachRequest {
-            layer_digest: r.layer_digest.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .dir,
-    );
+    let (_, dir) =
+        resolve_and_attach(&mut fetch, &mut fsc, &image_ref, &manifest["layers"][0]).await;
     let bytes_of = |name: &str| &files.iter().find(|(n, _)| n == name).unwrap().1;
     // `x` stays open with passthrough; `y`'s backing file is what the
     // first waiting open waits for.

@@ -10,7 +10,7 @@ mod estargz;
 #[path = "support/fs_process.rs"]
 mod fs_process;
 
-use fs_process::spawn_fs;
+use fs_process::{resolve_and_attach, spawn_fs};
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -102,29 +102,8 @@ async fn a_kill_9_under_io_uring_loses_no_read() {
     };
     let mut fetch = FetcherClient::new(stargaze_proto::connect_unix(&fetcher_sock).unwrap());
     let mut fsc = FsClient::new(stargaze_proto::connect_unix(&fs_sock).unwrap());
-    let desc = &manifest["layers"][0];
-    let r = fetch
-        .resolve_layer(ResolveLayerRequest {
-            layer: Some(LayerSource {
-                image_ref: image_ref.clone(),
-                digest: desc["digest"].as_str().unwrap().into(),
-                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
-                ..Default::default()
-            }),
-            allow_unverified: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let dir = PathBuf::from(
-        fsc.attach(AttachRequest {
-            layer_digest: r.layer_digest.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .dir,
-    );
+    let (_, dir) =
+        resolve_and_attach(&mut fetch, &mut fsc, &image_ref, &manifest["layers"][0]).await;
     let st = fsc.status(FsStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(
         st.transport,

@@ -1,11 +1,15 @@
 //! The `stargaze-fs` binary started under an emulated descriptor store, as
-//! the restart tests run it.
+//! the restart tests run it, and a layer resolved and attached through it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use stargaze_proto::v1::fetcher_client::FetcherClient;
+use stargaze_proto::v1::fs_client::FsClient;
+use stargaze_proto::v1::{AttachRequest, LayerSource, ResolveLayerRequest, ResolveLayerResponse};
 use stargaze_testkit::fdstore::FdStore;
+use tonic::transport::Channel;
 
 /// Start `stargaze-fs` with `config` under `store`, its output appended to
 /// `log`, and wait until it listens on `sock`. The transport is the
@@ -39,4 +43,38 @@ pub fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> 
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+/// Resolve the layer `desc` (a manifest's layer descriptor, as JSON) of
+/// `image_ref` through the fetcher and attach it to fs: the resolution and
+/// the layer's directory in the mount.
+pub async fn resolve_and_attach(
+    fetch: &mut FetcherClient<Channel>,
+    fs: &mut FsClient<Channel>,
+    image_ref: &str,
+    desc: &serde_json::Value,
+) -> (ResolveLayerResponse, PathBuf) {
+    let r = fetch
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(LayerSource {
+                image_ref: image_ref.to_string(),
+                digest: desc["digest"].as_str().unwrap().into(),
+                annotations: serde_json::from_value(desc["annotations"].clone()).unwrap(),
+                ..Default::default()
+            }),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = PathBuf::from(
+        fs.attach(AttachRequest {
+            layer_digest: r.layer_digest.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dir,
+    );
+    (r, dir)
 }
