@@ -708,9 +708,11 @@ const LOCKED_REF_PATIENCE: Duration = Duration::from_secs(600);
 /// containerd lets one writer at a time have a content ref (`ref ...
 /// locked for ...: unavailable`): another pull of an image with this blob
 /// is storing it under the same ref. containerd's own client waits for it
-/// and then finds the blob stored; so does rpull.
+/// and then finds the blob stored (`errdefs.IsUnavailable`: by the code
+/// containerd sent, not its text); so does rpull. An UNAVAILABLE that
+/// tonic made because containerd could not be reached is not a lock.
 fn ref_locked(s: &tonic::Status) -> bool {
-    s.code() == Code::Unavailable && s.message().contains("locked")
+    stargaze_proto::Failure::of(s) == stargaze_proto::Failure::Unavailable
 }
 
 /// Stream a layer blob from the registry into the content store under the
@@ -781,6 +783,21 @@ async fn store_blob(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A locked ref is containerd's UNAVAILABLE answer, whatever its text;
+    /// a containerd that could not be reached is not a lock to wait on.
+    #[test]
+    fn a_locked_ref_is_told_by_the_code_containerd_sent() {
+        assert!(ref_locked(&tonic::Status::unavailable(
+            "ref bench/1/stargaze-rpull-sha256:ab locked for 2s: unavailable"
+        )));
+        assert!(ref_locked(&tonic::Status::unavailable("another wording")));
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let mut down = tonic::Status::from_error(Box::new(refused));
+        assert!(!ref_locked(&down));
+        down = tonic::Status::already_exists("content sha256:ab: already exists");
+        assert!(!ref_locked(&down));
+    }
 
     #[test]
     fn chain_ids_follow_the_image_spec() {
