@@ -56,7 +56,8 @@
 # WORKLOADS [every workload of IMAGES: hello imports warm readall hello-opt
 # hello-bash hello-bash-opt cc cc-opt perl perl-opt java java-opt pipe
 # pipe-opt], METHODS [overlayfs go-stargz stargaze stargaze-trace; also
-# stargaze-b: stargaze with SG_B_FETCHER's lines added to [fetcher] and the
+# stargaze-b: stargaze with SG_B_FETCHER's lines added to [fetcher], SG_B_FS's
+# to [fs], and the
 # daemons of SG_B_BIN [SG_BIN], an A/B of a setting or of two builds in one
 # run; stargaze-b-trace: stargaze-trace of the variant, after a
 # stargaze-b round], LOOPBACK_WORKLOADS
@@ -292,8 +293,11 @@ root = "$W/sg/root"
 level = "${SG_LOG_LEVEL:-info}"
 EOF
 # An A/B variant (method stargaze-b): the same config with SG_B_FETCHER's
-# lines added to [fetcher], e.g. SG_B_FETCHER='read_amplify = 0'.
-awk -v extra="${SG_B_FETCHER:-}" '{print} /^\[fetcher\]$/ && extra != "" {print extra}' \
+# lines added to [fetcher] and SG_B_FS's to [fs], e.g.
+# SG_B_FETCHER='read_amplify = 0', SG_B_FS='transport = "io_uring"'.
+awk -v extra="${SG_B_FETCHER:-}" -v fs="${SG_B_FS:-}" '{print}
+    /^\[fetcher\]$/ && extra != "" {print extra}
+    /^\[fs\]$/ && fs != "" {print fs}' \
     "$W/etc/stargaze.toml" >"$W/etc/stargaze-b.toml"
 # Our fetcher reads containerd's hosts.toml for plain HTTP, as containerd would.
 mkdir -p "$W/etc/certs.d/$REG"
