@@ -17,21 +17,15 @@ mod estargz;
 #[path = "support/fs_process.rs"]
 mod fs_process;
 
-use fs_process::{resolve_and_attach, spawn_fs};
+use fs_process::{resolve_and_attach, serve_fetcher, spawn_fs};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stargaze_cache::Cache;
-use stargaze_fetcher::FetchOptions;
-use stargaze_fetcher::service::FetcherService;
 use stargaze_fs::opens::{Mode, OpenHandle, OpenTable};
 use stargaze_proto::v1::fetcher_client::FetcherClient;
-use stargaze_proto::v1::fetcher_server::FetcherServer;
 use stargaze_proto::v1::fs_client::FsClient;
-use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
 use stargaze_testkit::fdstore::FdStore;
 use stargaze_testkit::{Registry, image, unmount_below};
 
@@ -105,21 +99,8 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
     let (image_ref, manifest) = estargz::push(&reg, w, &[data], "stargaze/open");
 
     // The fetcher, served from this process (only fs is killed).
-    let fetcher_sock = w.join("fetcher.sock");
     let cache_dir = w.join("cache");
-    let cache = Arc::new(Cache::open_writer(&cache_dir).unwrap());
-    let client = Client::new(
-        Hosts::new(),
-        DockerConfig::in_dir(w),
-        ClientOptions::default(),
-    );
-    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false);
-    let listener = stargaze_proto::bind_unix(&fetcher_sock).await.unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(FetcherServer::new(fetcher))
-            .serve_with_incoming(stargaze_proto::incoming(listener)),
-    );
+    let fetcher_sock = serve_fetcher(w, &cache_dir).await;
 
     let fs_sock = w.join("fs.sock");
     let mnt = w.join("mnt");

@@ -1,9 +1,17 @@
 //! The `stargaze-fs` binary started under an emulated descriptor store, as
-//! the restart tests run it, and a layer resolved and attached through it.
+//! the restart tests run it; the fetcher it talks to, served from the test
+//! process (only fs is killed); a layer resolved and attached through both.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use stargaze_cache::Cache;
+use stargaze_fetcher::FetchOptions;
+use stargaze_fetcher::service::FetcherService;
+use stargaze_proto::v1::fetcher_server::FetcherServer;
+use stargaze_registry::{Client, ClientOptions, DockerConfig, Hosts};
 
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fs_client::FsClient;
@@ -77,4 +85,24 @@ pub async fn resolve_and_attach(
         .dir,
     );
     (r, dir)
+}
+
+/// Serve a fetcher with its cache in `cache_dir` from this process on
+/// `work/fetcher.sock`; its socket.
+pub async fn serve_fetcher(work: &Path, cache_dir: &Path) -> PathBuf {
+    let sock = work.join("fetcher.sock");
+    let cache = Arc::new(Cache::open_writer(cache_dir).unwrap());
+    let client = Client::new(
+        Hosts::new(),
+        DockerConfig::in_dir(work),
+        ClientOptions::default(),
+    );
+    let fetcher = FetcherService::new(cache, client, FetchOptions::default(), 0, false);
+    let listener = stargaze_proto::bind_unix(&sock).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(FetcherServer::new(fetcher))
+            .serve_with_incoming(stargaze_proto::incoming(listener)),
+    );
+    sock
 }
