@@ -5,11 +5,14 @@
 //! `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`. A descriptor already
 //! stored (the same open file) is not stored twice.
 
+use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
 
 pub struct FdStore {
     socket: UnixDatagram,
@@ -42,42 +45,30 @@ impl FdStore {
     pub fn drain(&mut self) {
         loop {
             let mut buf = [0u8; 4096];
-            let mut iov = libc::iovec {
-                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-                iov_len: buf.len(),
-            };
-            let mut control = [0u8; 512];
-            // SAFETY: recvmsg into local buffers; the descriptors it passes
-            // are owned below.
-            let (n, fds) = unsafe {
-                let mut hdr: libc::msghdr = std::mem::zeroed();
-                hdr.msg_iov = &mut iov;
-                hdr.msg_iovlen = 1;
-                hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-                hdr.msg_controllen = control.len() as _;
-                let n = libc::recvmsg(
+            let (n, fds) = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let mut space = nix::cmsg_space!([RawFd; 16]);
+                let Ok(m) = recvmsg::<UnixAddr>(
                     self.socket.as_raw_fd(),
-                    &mut hdr,
-                    libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-                );
-                if n < 0 {
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+                ) else {
                     return;
-                }
+                };
                 let mut fds = Vec::new();
-                let mut cmsg = libc::CMSG_FIRSTHDR(&hdr);
-                while !cmsg.is_null() {
-                    if (*cmsg).cmsg_level == libc::SOL_SOCKET
-                        && (*cmsg).cmsg_type == libc::SCM_RIGHTS
-                    {
-                        let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                        let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                        for i in 0..len / std::mem::size_of::<RawFd>() {
-                            fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                        }
+                for c in m.cmsgs().into_iter().flatten() {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these
+                        // descriptors in this process for this message;
+                        // nothing else owns them.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
                     }
-                    cmsg = libc::CMSG_NXTHDR(&hdr, cmsg);
                 }
-                (n as usize, fds)
+                (m.bytes, fds)
             };
             let text = String::from_utf8_lossy(&buf[..n]).to_string();
             let store = text.lines().any(|l| l == "FDSTORE=1");
