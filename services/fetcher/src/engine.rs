@@ -715,16 +715,10 @@ impl Layer {
     /// Verify a chunk's bytes, write them, then publish the chunk.
     fn store(&self, c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
         let started = thread_cpu_ns();
-        let actual = Digest::of(data);
+        let checked = verify(c, data);
         // The end of the hash is the start of the write (one clock read).
         let verified = STAGE_CPU.add(&STAGE_CPU.verify_ns, started);
-        if actual.0 != c.chunk.digest {
-            return Err(ChunkError::Mismatch {
-                offset: c.chunk.file_offset,
-                actual,
-                expected: Digest(c.chunk.digest),
-            });
-        }
+        checked?;
         let stored = self.write_and_publish(c, data);
         STAGE_CPU.add(&STAGE_CPU.write_ns, verified);
         stored
@@ -741,21 +735,8 @@ impl Layer {
             let from = c.chunk.inner_offset as usize;
             &data[from..from + c.chunk.size as usize]
         };
-        let mut out: Vec<Result<(), ChunkError>> = claims
-            .iter()
-            .map(|c| {
-                let actual = Digest::of(slice(c));
-                if actual.0 == c.chunk.digest {
-                    Ok(())
-                } else {
-                    Err(ChunkError::Mismatch {
-                        offset: c.chunk.file_offset,
-                        actual,
-                        expected: Digest(c.chunk.digest),
-                    })
-                }
-            })
-            .collect();
+        let mut out: Vec<Result<(), ChunkError>> =
+            claims.iter().map(|c| verify(c, slice(c))).collect();
         let verified = STAGE_CPU.add(&STAGE_CPU.verify_ns, started);
         // Eviction cannot delete a file between its open and its bit.
         let writing = self.cache.writing();
@@ -764,17 +745,10 @@ impl Layer {
         let mut files: Vec<Option<stargaze_cache::ContentFile>> = Vec::with_capacity(claims.len());
         for (c, o) in claims.iter().zip(out.iter_mut()) {
             let opened = o.is_ok().then(|| {
-                let node = self
-                    .index
-                    .inode(c.ino)
-                    .ok_or(ChunkError::NoInode { ino: c.ino })?;
                 if evicted {
                     return Err(ChunkError::Evicted);
                 }
-                let content = self
-                    .cache
-                    .layer_file_writer(&self.digest, c.ino, node.size())
-                    .map_err(|e| self.write_error(e))?;
+                let content = self.content_file(c)?;
                 if let Some(content) = &content {
                     content
                         .prepare_write(c.chunk.file_offset, c.chunk.size)
@@ -826,19 +800,12 @@ impl Layer {
     /// The chunk that completes a file shares it with other layers once
     /// the whole file is verified.
     fn write_and_publish(&self, c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
-        let node = self
-            .index
-            .inode(c.ino)
-            .ok_or(ChunkError::NoInode { ino: c.ino })?;
         // Eviction cannot delete the file between this check and the bit.
         let writing = self.cache.writing();
         if self.is_evicted() {
             return Err(ChunkError::Evicted);
         }
-        let content = self
-            .cache
-            .layer_file_writer(&self.digest, c.ino, node.size())
-            .map_err(|e| self.write_error(e))?;
+        let content = self.content_file(c)?;
         // `None`: the file is complete, every byte already verified for
         // this layer (the chunk was cleared after a crash, or the file was
         // adopted from shared content meanwhile).
@@ -855,6 +822,19 @@ impl Layer {
             self.share_if_complete(c, content);
         }
         Ok(())
+    }
+
+    /// The content file `c`'s chunk is written into, opened for writing;
+    /// `None` when the file is complete (every byte already verified for
+    /// this layer).
+    fn content_file(&self, c: &Claim) -> Result<Option<stargaze_cache::ContentFile>, ChunkError> {
+        let node = self
+            .index
+            .inode(c.ino)
+            .ok_or(ChunkError::NoInode { ino: c.ino })?;
+        self.cache
+            .layer_file_writer(&self.digest, c.ino, node.size())
+            .map_err(|e| self.write_error(e))
     }
 
     /// `c` was published: when it completed its file, share the file with
@@ -1002,6 +982,19 @@ impl StageCpu {
 }
 
 /// CPU time of the calling thread, in nanoseconds (0 if unavailable).
+/// A chunk's bytes against its digest in the TOC.
+fn verify(c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
+    let actual = Digest::of(data);
+    if actual.0 == c.chunk.digest {
+        return Ok(());
+    }
+    Err(ChunkError::Mismatch {
+        offset: c.chunk.file_offset,
+        actual,
+        expected: Digest(c.chunk.digest),
+    })
+}
+
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -1014,12 +1007,6 @@ fn thread_cpu_ns() -> u64 {
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
-/// The threads that decode background batches: as many as the machine has
-/// cores, each at nice 19, so that a running container gets nearly all of a
-/// busy CPU. (Not `SCHED_IDLE`: on a fully loaded node that would stall a
-/// batch for good, and with it any on-demand read of one of its chunks.)
-/// `None` if the pool cannot be built: background batches then decode on
-/// the shared pool.
 /// Write each claim's bytes into its open file (`None`: nothing to write)
 /// on this thread's ring, all queued before any is waited for; one result
 /// per claim that had a file, each reaped (the write completed or failed)
@@ -1055,6 +1042,12 @@ fn write_on_thread_ring<'a>(
         .collect()
 }
 
+/// The threads that decode background batches: as many as the machine has
+/// cores, each at nice 19, so that a running container gets nearly all of a
+/// busy CPU. (Not `SCHED_IDLE`: on a fully loaded node that would stall a
+/// batch for good, and with it any on-demand read of one of its chunks.)
+/// `None` if the pool cannot be built: background batches then decode on
+/// the shared pool.
 fn background_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
