@@ -243,6 +243,11 @@ impl LayerTable {
         t.by_name.get(name).and_then(|s| t.by_slot.get(s)).cloned()
     }
 
+    /// The layer attached in `slot`.
+    pub fn by_slot(&self, slot: u64) -> Option<Arc<Attached>> {
+        self.inner.read().by_slot.get(&slot).cloned()
+    }
+
     /// The layer and local inode of a global inode number.
     pub fn resolve(&self, ino: u64) -> Option<(Arc<Attached>, u64)> {
         let slot = ino >> SLOT_SHIFT;

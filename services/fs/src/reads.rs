@@ -22,7 +22,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::FsShared;
-use crate::layers::Attached;
+use crate::layers::{Attached, LayerTable};
 
 /// How often queued reads go to the fetcher.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -70,10 +70,10 @@ impl Reported {
 }
 
 /// A read to report: layer, inode (the index's numbering), range. By
-/// digest and slot, not the attached layer itself: a queued read must not
-/// keep a detached layer (and its pin against eviction) alive.
+/// slot, not the attached layer itself: a queued read must not keep a
+/// detached layer (and its pin against eviction) alive; the digest is
+/// looked up when the queue is sent (a layer detached by then is skipped).
 struct Noted {
-    layer: String,
     slot: u64,
     ino: u64,
     offset: u64,
@@ -124,7 +124,6 @@ impl ReadLog {
         }
         if q.len() < MAX_QUEUED {
             q.push(Noted {
-                layer: a.digest.clone(),
                 slot: a.slot,
                 ino,
                 offset,
@@ -133,19 +132,24 @@ impl ReadLog {
         }
     }
 
-    /// The queue in read order, cut where the layer changes.
-    fn take(&self) -> Vec<Batch> {
+    /// The queue in read order, cut where the layer changes; reads of
+    /// layers no longer attached are dropped.
+    fn take(&self, layers: &LayerTable) -> Vec<Batch> {
         let queued = std::mem::take(&mut *self.queue.lock());
-        let mut out: Vec<Batch> = Vec::new();
+        let mut out: Vec<(u64, Batch)> = Vec::new();
         for n in queued {
+            let range = (n.ino, n.offset, n.length);
             match out.last_mut() {
-                Some((Some(layer), ranges)) if *layer == n.layer => {
-                    ranges.push((n.ino, n.offset, n.length))
+                Some((slot, (_, ranges))) if *slot == n.slot => ranges.push(range),
+                _ => {
+                    let Some(a) = layers.by_slot(n.slot) else {
+                        continue;
+                    };
+                    out.push((n.slot, (Some(a.digest.clone()), vec![range])));
                 }
-                _ => out.push((Some(n.layer), vec![(n.ino, n.offset, n.length)])),
             }
         }
-        out
+        out.into_iter().map(|(_, b)| b).collect()
     }
 
     /// The fetcher's recording generation is `g`: when it changed, every
@@ -169,7 +173,7 @@ pub async fn flush_every(shared: std::sync::Weak<FsShared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let mut batches = shared.reads.take();
+        let mut batches = shared.reads.take(&shared.layers);
         since_asked += FLUSH_EVERY;
         // Nothing read: still ask for the generation now and then, or
         // chunks reported before a recording opened would never be
