@@ -23,10 +23,32 @@ pub(crate) const SMALL_FILE: u64 = 128 << 10;
 
 /// Files fetched as neighbours are at most this large.
 const NEIGHBOUR_MAX_FILE: u64 = 64 << 10;
-/// A directory's whole fetch: at most this many bytes (uncompressed) and
-/// files, so that a directory of thousands of files costs a bounded read.
-const DIRECTORY_MAX_BYTES: u64 = 1 << 20;
-const DIRECTORY_MAX_FILES: usize = 512;
+
+/// How far a miss's neighbours go in its directory: entries looked at,
+/// files and bytes (uncompressed) taken, and whether the files before the
+/// missed one count too.
+struct Reach {
+    scan: usize,
+    files: usize,
+    bytes: u64,
+    wrap: bool,
+}
+
+/// A first miss: the few small files after it.
+const NEXT_FEW: Reach = Reach {
+    scan: 32,
+    files: 8,
+    bytes: 256 << 10,
+    wrap: false,
+};
+/// A directory's second miss: every small file of it, bounded so that a
+/// directory of thousands of files costs a bounded read.
+const WHOLE_DIRECTORY: Reach = Reach {
+    scan: usize::MAX,
+    files: 512,
+    bytes: 1 << 20,
+    wrap: true,
+};
 /// Directories whose misses are counted per layer; the counts are
 /// forgotten beyond this (a long-lived container's misses are rare).
 const COUNTED_DIRECTORIES: usize = 4096;
@@ -61,78 +83,40 @@ pub(crate) fn neighbours(a: &Attached, local: u64) -> Vec<(u64, u64)> {
     let Some(node) = a.index.inode(local) else {
         return Vec::new();
     };
-    if a.directory_misses.count(node.parent(), local) == 2 {
-        whole_directory(a, local, node.parent())
+    let dir = node.parent();
+    let reach = if a.directory_misses.count(dir, local) == 2 {
+        WHOLE_DIRECTORY
     } else {
-        small_siblings(a, local)
-    }
-}
-
-/// Every small regular file of `dir` but `local`, not yet present, in
-/// name order starting after `local` and wrapping around, within the
-/// directory budget.
-fn whole_directory(a: &Attached, local: u64, dir: u64) -> Vec<(u64, u64)> {
-    let entries: Vec<u64> = a.index.readdir(dir, 0).map(|e| e.ino).collect();
-    let at = entries
-        .iter()
-        .position(|&e| e == local)
-        .map_or(0, |i| i + 1);
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    for &ino in entries[at..].iter().chain(&entries[..at]) {
-        if out.len() >= DIRECTORY_MAX_FILES {
-            break;
-        }
-        if ino == local {
-            continue;
-        }
-        let Some(n) = a.index.inode(ino) else {
-            continue;
-        };
-        let size = n.size();
-        if !n.is_reg()
-            || size == 0
-            || size > NEIGHBOUR_MAX_FILE
-            || bytes + size > DIRECTORY_MAX_BYTES
-        {
-            continue;
-        }
-        if !present(a, ino, 0, size) {
-            out.push((ino, size));
-            bytes += size;
-        }
-    }
-    out
-}
-
-/// Small regular files that follow `local` in its directory (name order,
-/// which is also the order image builders write them), not yet present.
-fn small_siblings(a: &Attached, local: u64) -> Vec<(u64, u64)> {
-    const MAX_FILES: usize = 8;
-    const MAX_FILE: u64 = NEIGHBOUR_MAX_FILE;
-    const MAX_BYTES: u64 = 256 << 10;
-    const SCAN: usize = 32;
-    let Some(node) = a.index.inode(local) else {
-        return Vec::new();
+        NEXT_FEW
     };
+    small_files_after(a, local, dir, &reach)
+}
+
+/// Small regular files of `dir`, not yet present, in name order (the
+/// order image builders write them) from the one after `local` on, and
+/// with `reach.wrap` on round to the ones before it.
+fn small_files_after(a: &Attached, local: u64, dir: u64, reach: &Reach) -> Vec<(u64, u64)> {
+    let after = a
+        .index
+        .readdir(dir, 0)
+        .skip_while(|e| e.ino != local)
+        .skip(1);
+    let before = a
+        .index
+        .readdir(dir, 0)
+        .take_while(|e| e.ino != local)
+        .filter(|_| reach.wrap);
     let mut out = Vec::new();
     let mut bytes = 0;
-    let mut after = false;
-    let mut scanned = 0;
-    for e in a.index.readdir(node.parent(), 0) {
-        if !after {
-            after = e.ino == local;
-            continue;
-        }
-        scanned += 1;
-        if scanned > SCAN || out.len() >= MAX_FILES {
+    for e in after.chain(before).take(reach.scan) {
+        if out.len() >= reach.files {
             break;
         }
         let Some(n) = a.index.inode(e.ino) else {
             continue;
         };
         let size = n.size();
-        if !n.is_reg() || size == 0 || size > MAX_FILE || bytes + size > MAX_BYTES {
+        if !n.is_reg() || size == 0 || size > NEIGHBOUR_MAX_FILE || bytes + size > reach.bytes {
             continue;
         }
         if !present(a, e.ino, 0, size) {
