@@ -247,17 +247,7 @@ fn rpull(ctd: &Containerd, reference: &str, retry: Option<&Path>, tally: &Tally)
     let deadline = Instant::now() + RETRY_WINDOW;
     loop {
         let o = output_within(
-            Command::new(workspace_bin("stargaze"))
-                .args([
-                    "rpull",
-                    "--plain-http",
-                    "--quiet",
-                    "--snapshotter",
-                    "stargaze",
-                ])
-                .arg("--address")
-                .arg(&ctd.socket)
-                .args(["--namespace", &ctd.namespace, reference]),
+            &mut common::rpull_command(ctd, reference),
             CONTAINER_TIMEOUT,
         );
         let Some(o) = o else {
@@ -276,24 +266,6 @@ fn rpull(ctd: &Containerd, reference: &str, retry: Option<&Path>, tally: &Tally)
         }
         tally.fail(format!("rpull {reference} failed ({}): {err}", o.status));
         return false;
-    }
-}
-
-/// Remove what a failed `ctr run --rm` may have left (its task and
-/// container), as a kubelet removes a failed container before it retries.
-fn remove_container(ctd: &Containerd, id: &str) {
-    for args in [
-        &["tasks", "kill", "--signal", "SIGKILL", id][..],
-        &["tasks", "delete", "--force", id],
-        &["containers", "delete", id],
-    ] {
-        let _ = ctd
-            .cmd("ctr")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
@@ -347,13 +319,13 @@ fn container(ctd: &Containerd, img: &Img, id: &str, k: usize, retry: Option<&Pat
         );
         let Some(o) = o else {
             tally.fail(format!("{name} hung (more than {CONTAINER_TIMEOUT:?})"));
-            remove_container(ctd, &name);
+            ctd.remove_container(&name);
             return;
         };
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         let out = String::from_utf8_lossy(&o.stdout).to_string();
         if !o.status.success() {
-            remove_container(ctd, &name);
+            ctd.remove_container(&name);
             if retry.is_some_and(|d| snapshotter_unavailable(&err, d)) && Instant::now() < deadline
             {
                 tally.retries.fetch_add(1, Ordering::Relaxed);

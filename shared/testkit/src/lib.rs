@@ -373,22 +373,33 @@ impl Containerd {
                 })
                 .unwrap_or_default()
         };
-        let quiet = |args: &[&str]| {
-            let _ = self
-                .cmd("ctr")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        };
         for task in list("tasks") {
-            quiet(&["tasks", "kill", "--signal", "SIGKILL", &task]);
-            quiet(&["tasks", "delete", "--force", &task]);
+            self.ctr_quiet(&["tasks", "kill", "--signal", "SIGKILL", &task]);
+            self.ctr_quiet(&["tasks", "delete", "--force", &task]);
         }
         for c in list("containers") {
-            quiet(&["containers", "delete", &c]);
+            self.ctr_quiet(&["containers", "delete", &c]);
         }
+    }
+
+    /// `ctr` with its output and failure ignored (cleaning up what may or
+    /// may not be there).
+    fn ctr_quiet(&self, args: &[&str]) {
+        let _ = self
+            .cmd("ctr")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Remove container `id` and its task, whatever state they are in (as
+    /// a kubelet removes a failed container before it retries).
+    pub fn remove_container(&self, id: &str) {
+        self.ctr_quiet(&["tasks", "kill", "--signal", "SIGKILL", id]);
+        self.ctr_quiet(&["tasks", "delete", "--force", id]);
+        self.ctr_quiet(&["containers", "delete", id]);
     }
 }
 

@@ -121,17 +121,23 @@ pub fn push_esgz(src: &Path, out: &Path, reference: &str) {
 
 /// `stargaze rpull` of `reference` into `ctd`'s namespace (plain HTTP).
 pub fn stargaze_rpull(ctd: &Containerd, reference: &str) {
-    run(Command::new(workspace_bin("stargaze"))
-        .args([
-            "rpull",
-            "--plain-http",
-            "--quiet",
-            "--snapshotter",
-            "stargaze",
-        ])
-        .arg("--address")
-        .arg(&ctd.socket)
-        .args(["--namespace", &ctd.namespace, reference]));
+    run(&mut rpull_command(ctd, reference));
+}
+
+/// The `stargaze rpull` command [`stargaze_rpull`] runs.
+pub fn rpull_command(ctd: &Containerd, reference: &str) -> Command {
+    let mut cmd = Command::new(workspace_bin("stargaze"));
+    cmd.args([
+        "rpull",
+        "--plain-http",
+        "--quiet",
+        "--snapshotter",
+        "stargaze",
+    ])
+    .arg("--address")
+    .arg(&ctd.socket)
+    .args(["--namespace", &ctd.namespace, reference]);
+    cmd
 }
 
 /// Digests of the layers of a manifest in containerd's content store.
