@@ -305,6 +305,16 @@ mod tests {
         }
     }
 
+    /// A mount's shared state with no fetcher behind it.
+    fn test_shared(rt: &tokio::runtime::Runtime) -> FsShared {
+        FsShared::new(
+            std::path::Path::new("/nonexistent"),
+            Arc::new(NoFetcher),
+            rt.handle().clone(),
+            Duration::from_secs(1),
+        )
+    }
+
     /// Take a lock on another thread and panic while holding it, as a bug
     /// in one FUSE request would.
     macro_rules! panic_holding {
@@ -327,12 +337,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let shared = FsShared::new(
-            std::path::Path::new("/nonexistent"),
-            Arc::new(NoFetcher),
-            rt.handle().clone(),
-            Duration::from_secs(1),
-        );
+        let shared = test_shared(&rt);
         let dir = tempfile::tempdir().unwrap();
         let (table, _) =
             OpenTable::open(&OpenTable::beside(&dir.path().join("mnt")), false).unwrap();
@@ -388,12 +393,7 @@ mod tests {
         let other = t.open_handle(43, Mode::Cached);
         drop(t);
 
-        let shared = FsShared::new(
-            std::path::Path::new("/nonexistent"),
-            Arc::new(NoFetcher),
-            rt.handle().clone(),
-            Duration::from_secs(1),
-        );
+        let shared = test_shared(&rt);
         let p = &shared.passthrough;
         p.wanted.store(true, Ordering::Relaxed);
         let (t, left) = OpenTable::open(&path, true).unwrap();
@@ -436,12 +436,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let shared = Arc::new(FsShared::new(
-            std::path::Path::new("/nonexistent"),
-            Arc::new(NoFetcher),
-            rt.handle().clone(),
-            Duration::from_secs(1),
-        ));
+        let shared = Arc::new(test_shared(&rt));
         let dir = tempfile::tempdir().unwrap();
         let (table, _) =
             OpenTable::open(&OpenTable::beside(&dir.path().join("mnt")), false).unwrap();
