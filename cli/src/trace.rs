@@ -99,6 +99,11 @@ fn show(a: ShowArgs) -> anyhow::Result<()> {
             t.bytes() as f64 / (1 << 20) as f64
         );
         println!(
+            "spans     {} ({:.1} MiB of layer blobs, read before the TOCs on a cold pull)",
+            t.spans.len(),
+            t.spans.iter().map(|s| s.end - s.start).sum::<u64>() as f64 / (1 << 20) as f64
+        );
+        println!(
             "{:>5}  {:<14} {:>12} {:>10}  path",
             "#", "layer", "offset", "length"
         );

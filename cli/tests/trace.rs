@@ -40,6 +40,11 @@ fn trace_show_prints_the_reads_of_the_image_named() {
             length: 1 << 20,
         },
     ]);
+    t.spans = vec![stargaze_cache::TraceSpan {
+        layer: 0,
+        start: 4096,
+        end: 4096 + (3 << 19),
+    }];
     t.write(&cache.trace_path(&manifest).unwrap()).unwrap();
     // Garbage beside it is skipped.
     std::fs::write(cache.traces_dir().join("sha256-junk.json"), b"junk").unwrap();
@@ -63,6 +68,7 @@ fn trace_show_prints_the_reads_of_the_image_named() {
         let libc = text.find("libc.so.6").expect(&text);
         assert!(gcc < libc, "in trace order: {text}");
         assert!(text.contains("reads     2 (1.0 MiB)"), "{text}");
+        assert!(text.contains("spans     1 (1.5 MiB"), "{text}");
     }
     let out = run("registry.example:5000/other:1");
     assert!(!out.status.success());

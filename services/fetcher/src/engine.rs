@@ -25,6 +25,14 @@
 //! their own, and a prefetch claim still queued when a reader asks for its
 //! chunk moves there: what the kernel asks for never waits behind
 //! megabytes of prefetch.
+//!
+//! Blob bytes read before the layer resolved (a trace's early spans) enter
+//! through [`Layer::ingest`] (`engine/ingest.rs`): the same claims, decoding
+//! and verification, without a read.
+
+mod ingest;
+
+pub use ingest::Reserved;
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -68,10 +68,12 @@ impl FetcherService {
     ) -> FetcherService {
         let schedule = Schedule::new(prefetch_size, background);
         let traces = Traces::new(cache.clone(), Some(client.clone()));
-        let layers = Layers::new(cache, client, opts, schedule.activity.clone());
+        let layers = Arc::new(Layers::new(cache, client, opts, schedule.activity.clone()));
+        let lookup = Arc::downgrade(&layers);
+        traces.set_layers(Box::new(move |d| lookup.upgrade()?.get(d)));
         FetcherService {
             shared: Arc::new(Shared {
-                layers: Arc::new(layers),
+                layers,
                 schedule: Arc::new(schedule),
                 entrypoint: true,
                 loads: Loads::new(crate::loads::DEFAULT_WHOLE_MAPPED_BELOW),

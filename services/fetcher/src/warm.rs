@@ -1,11 +1,12 @@
 //! WarmLayers: an image's layers made ready ahead of their Prepares. The
 //! tail of each layer (footer and, usually, TOC) is read at once; the
 //! image's manifest gives each layer's TOC check, so layers resolve and
-//! start their prefetch in parallel; the image's config names its
-//! entrypoint, whose program and what it loads are fetched first
-//! (`entrypoint.rs`).
+//! start their prefetch in parallel. An image with a learned trace has its
+//! trace's blob spans read alongside the tails and its traced reads
+//! fetched first (`traces/`); one without has the program its config
+//! names, and what that loads, fetched first (`entrypoint.rs`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -13,11 +14,13 @@ use std::time::Instant;
 use stargaze_format::{Digest, TOC_DIGEST_ANNOTATION, manifest_checksum_annotation};
 use stargaze_proto::v1::{LayerSource, WarmLayersRequest};
 use stargaze_registry::Reference;
+use tokio::sync::watch;
 use tonic::Status;
 
 use crate::blob::RemoteBlob;
 use crate::registry::{RegistryBlob, WarmTail};
 use crate::service::FetcherService;
+use crate::traces::early::EarlyReads;
 
 /// Layer tails (each `tail_window` bytes) WarmLayers keeps at most.
 const MAX_WARM_TAILS: usize = 256;
@@ -113,21 +116,51 @@ impl FetcherService {
                 layers: &layers,
             })
         });
-        // The config (for the entrypoint) is read while the layers resolve.
-        let config = self
-            .shared
-            .entrypoint
+        // The config (for the entrypoint) is read while the layers resolve,
+        // unless the image's trace says what its programs read.
+        let traced = trace
+            .as_ref()
+            .and_then(|t| t.known())
+            .is_some_and(|t| !t.reads.is_empty());
+        let config = (self.shared.entrypoint && !traced)
             .then(|| m.manifest.config().digest().to_string())
             .map(|digest| {
                 let (client, reference) = (self.shared.layers.client.clone(), reference.clone());
                 tokio::spawn(async move { client.fetch_small_blob(&reference, &digest).await })
             });
-        // The trace's reads go out in trace order over all layers, each
-        // layer's as soon as it resolves (`traces::replay`).
+        // The layers resolved here, ahead of their Prepares: those being
+        // warmed whose TOC the manifest lets us check.
+        let ahead: Vec<(usize, &oci_spec::image::Descriptor)> = m
+            .manifest
+            .layers()
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| {
+                let annotations = crate::image::annotations(d);
+                digests.contains(&layers[*i])
+                    && (annotations.contains_key(TOC_DIGEST_ANNOTATION)
+                        || manifest_checksum_annotation(&annotations).is_some())
+            })
+            .collect();
+        // The trace's blob spans of those layers are read at once, before
+        // any TOC is in (`traces/early.rs`); its reads then go out in trace
+        // order over all layers, each layer's as soon as it resolves
+        // (`traces::replay`).
+        let (early_tx, early_rx) = watch::channel(None);
         let replaying = trace.map(|trace| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let blobs: HashMap<usize, Arc<dyn RemoteBlob>> = ahead
+                .iter()
+                .map(|&(i, _)| {
+                    let blob = self.shared.layers.client.blob(reference, &layers[i]);
+                    (i, Arc::new(RegistryBlob(blob)) as Arc<dyn RemoteBlob>)
+                })
+                .collect();
             tokio::spawn(async move {
-                if let Some(trace) = trace.get().await {
+                let trace = trace.get().await;
+                let early = trace.as_deref().and_then(|t| EarlyReads::start(t, blobs));
+                let _ = early_tx.send(Some(early));
+                if let Some(trace) = trace {
                     crate::traces::replay(trace, rx).await;
                 }
             });
@@ -135,17 +168,11 @@ impl FetcherService {
         });
         let mut set = tokio::task::JoinSet::new();
         let mut early: HashSet<String> = HashSet::new();
-        for (d, digest) in m.manifest.layers().iter().zip(&layers) {
-            if !digests.contains(digest) {
-                continue;
-            }
+        for (i, d) in ahead {
+            let digest = &layers[i];
             let annotations = crate::image::annotations(d);
-            if !annotations.contains_key(TOC_DIGEST_ANNOTATION)
-                && manifest_checksum_annotation(&annotations).is_none()
-            {
-                continue;
-            }
             early.insert(digest.to_string());
+            let mut early_rx = early_rx.clone();
             let src = LayerSource {
                 image_ref: image_ref.to_string(),
                 digest: digest.to_string(),
@@ -158,6 +185,19 @@ impl FetcherService {
                 match me.resolve(&src, false).await {
                     Ok(layer) => {
                         tracing::debug!(layer = %src.digest, "resolved ahead of its Prepare");
+                        // What was read early is stored first: the replay
+                        // then finds it present.
+                        let early = match replaying {
+                            Some(_) => early_rx
+                                .wait_for(Option::is_some)
+                                .await
+                                .ok()
+                                .and_then(|e| e.clone().flatten()),
+                            None => None,
+                        };
+                        if let Some(e) = early {
+                            me.take_early(&layer, e.take(i)).await;
+                        }
                         // The layer's own prefetch once its traced reads
                         // are in (at once when there is no trace: the
                         // replay dropped its end).
@@ -221,6 +261,36 @@ impl FetcherService {
         }
         if let Some(bytes) = config_bytes {
             self.prefetch_entrypoint(image_ref, &bytes, &layers).await;
+        }
+    }
+
+    /// Store what was read early for a layer that just resolved, and
+    /// claim what is still on the wire, stored when it comes.
+    async fn take_early(&self, layer: &Arc<crate::Layer>, taken: crate::traces::early::Taken) {
+        let (spans, mut chunks) = (taken.arrived.len(), 0);
+        // Claimed first: from here on nothing on the wire is read twice.
+        let reserved: Vec<_> = taken
+            .reading
+            .into_iter()
+            .map(|(ranges, answer)| {
+                let claims: Vec<_> = ranges.into_iter().map(|r| layer.reserve(r)).collect();
+                (claims, answer)
+            })
+            .collect();
+        let on_wire = reserved.len();
+        for (at, bytes) in taken.arrived {
+            chunks += layer.ingest(at, bytes).await;
+        }
+        tracing::debug!(layer = %layer.digest, spans, chunks, on_wire, "stored what was read early");
+        for (claims, answer) in reserved {
+            let layer = layer.clone();
+            tokio::spawn(async move {
+                let parts = answer.bytes().await;
+                for (i, claim) in claims.into_iter().enumerate() {
+                    let bytes = parts.as_ref().and_then(|p| p.get(i).cloned());
+                    layer.fill(claim, bytes).await;
+                }
+            });
         }
     }
 

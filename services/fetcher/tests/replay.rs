@@ -125,6 +125,7 @@ async fn a_trace_is_replayed_in_its_order_across_layers() {
             .map(|i| read(0, i))
             .chain((0..4).map(|i| read(1, i)))
             .collect(),
+        spans: Vec::new(),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut dones = Vec::new();
@@ -172,4 +173,235 @@ async fn a_trace_is_replayed_in_its_order_across_layers() {
             );
         }
     }
+}
+
+/// A blob behind a link with a round trip per read that, when `corrupt`,
+/// flips a byte of every answer (what a hostile network could do to the
+/// bytes read before the layer's TOC could check them).
+struct Early {
+    inner: FileBlob,
+    corrupt: bool,
+    log: Log,
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for Early {
+    fn name(&self) -> String {
+        "early".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        self.inner.size().await
+    }
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
+        self.log
+            .lock()
+            .push(("early", Instant::now(), ranges.to_vec()));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let parts = self.inner.read_ranges(ranges).await?;
+        Ok(parts
+            .into_iter()
+            .map(|p| {
+                let mut v = p.to_vec();
+                if self.corrupt && !v.is_empty() {
+                    let mid = v.len() / 2;
+                    v[mid] ^= 0x5a;
+                }
+                bytes::Bytes::from(v)
+            })
+            .collect())
+    }
+}
+
+fn read_of(layer: u32, i: u32) -> TraceRead {
+    TraceRead {
+        layer,
+        path: format!("/f{i}"),
+        offset: 0,
+        length: 1_100_000,
+    }
+}
+
+/// A trace of `lower`'s files `files`, with the blob spans the fetcher
+/// saves beside the reads.
+fn trace_with_spans(lower: &Arc<stargaze_fetcher::Layer>, files: &[u32]) -> Trace {
+    let mut trace = Trace::new(
+        "example.com/early:1",
+        &format!("sha256:{}", "1".repeat(64)),
+        vec![lower.digest.clone()],
+    );
+    trace.merge(files.iter().map(|&i| read_of(0, i)));
+    let l = lower.clone();
+    trace.spans =
+        stargaze_fetcher::traces::early::spans_of(&trace, move |i| (i == 0).then(|| l.clone()))
+            .expect("the layer is resolved");
+    trace
+}
+
+/// Is file `f<i>` of the layer present, with the bytes it was made of?
+fn file_is_right(l: &stargaze_fetcher::Layer, i: u64, seed: u64) -> bool {
+    let ino = l.index.lookup_path(&format!("/f{i}")).unwrap();
+    let n = l.index.inode(ino).unwrap();
+    n.chunks_in(0, n.size())
+        .all(|c| l.presence.is_present(c.global))
+        && std::fs::read(l.content_path(ino)).unwrap() == noise(1_100_000, seed * 10 + i)
+}
+
+/// The spans of a trace are read before the layer resolves (here: from
+/// another handle of its blob), stored when it does, and the replay that
+/// follows reads nothing more from the layer's own blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_read_early_are_stored_and_not_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
+    let log: Log = Arc::default();
+    let lower = layer(dir.path(), &cache, "lower", 1, &log).await;
+    let trace = trace_with_spans(&lower, &[0, 2]);
+    // f0 and f2 lie 1.1 MB apart: one span each.
+    assert_eq!(trace.spans.len(), 2, "{:?}", trace.spans);
+    log.lock().clear();
+    let blob: Arc<dyn RemoteBlob> = Arc::new(Early {
+        inner: FileBlob::open(&dir.path().join("lower")).unwrap(),
+        corrupt: false,
+        log: log.clone(),
+    });
+    let early = stargaze_fetcher::traces::early::EarlyReads::start(
+        &trace,
+        [(0usize, blob)].into_iter().collect(),
+    )
+    .expect("spans to read");
+    // The layer resolves once the early reads (40 ms each) are in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken = early.take(0);
+    assert!(taken.reading.is_empty());
+    assert_eq!(taken.arrived.len(), 2);
+    for (at, bytes) in taken.arrived {
+        assert!(lower.ingest(at, bytes).await > 0);
+    }
+    assert!(file_is_right(&lower, 0, 1) && file_is_right(&lower, 2, 1));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (done, replayed) = tokio::sync::oneshot::channel();
+    tx.send((lower.clone(), done)).unwrap();
+    drop(tx);
+    stargaze_fetcher::traces::replay(Arc::new(trace), rx).await;
+    replayed.await.unwrap();
+    let log = log.lock().clone();
+    assert!(
+        log.iter().all(|(n, ..)| *n == "early"),
+        "the replay read again what was read early: {:?}",
+        log.iter()
+            .map(|(n, _, r)| (*n, r.clone()))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Bytes read early that do not match the TOC are never served: their
+/// chunks are fetched again from the layer's blob, and readers get the
+/// right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_early_bytes_are_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
+    let log: Log = Arc::default();
+    let lower = layer(dir.path(), &cache, "lower", 3, &log).await;
+    let trace = trace_with_spans(&lower, &[1]);
+    log.lock().clear();
+    let blob: Arc<dyn RemoteBlob> = Arc::new(Early {
+        inner: FileBlob::open(&dir.path().join("lower")).unwrap(),
+        corrupt: true,
+        log: log.clone(),
+    });
+    let early = stargaze_fetcher::traces::early::EarlyReads::start(
+        &trace,
+        [(0usize, blob)].into_iter().collect(),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (at, bytes) in early.take(0).arrived {
+        lower.ingest(at, bytes).await;
+    }
+    // A reader of the file waits for the chunks fetched again.
+    let ino = lower.index.lookup_path("/f1").unwrap();
+    lower.fetch(&[(ino, 0, 1_100_000)]).await.unwrap();
+    assert!(file_is_right(&lower, 1, 3));
+    assert!(
+        log.lock().iter().any(|(n, ..)| *n == "lower"),
+        "the corrupt chunks were not fetched from the layer's blob"
+    );
+}
+
+/// A layer that resolves takes its spans still queued off the queue (its
+/// replay reads them); it claims the chunks of those on the wire, and a
+/// reader of one of them waits for the early bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolved_layer_takes_its_queued_spans_off_the_queue_and_waits_for_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
+    let log: Log = Arc::default();
+    let lower = layer(dir.path(), &cache, "lower", 4, &log).await;
+    // Four files of 1.1 MB: four requests, three at a time.
+    let trace = trace_with_spans(&lower, &[0, 1, 2, 3]);
+    log.lock().clear();
+    let blob: Arc<dyn RemoteBlob> = Arc::new(Early {
+        inner: FileBlob::open(&dir.path().join("lower")).unwrap(),
+        corrupt: false,
+        log: log.clone(),
+    });
+    let early = stargaze_fetcher::traces::early::EarlyReads::start(
+        &trace,
+        [(0usize, blob)].into_iter().collect(),
+    )
+    .unwrap();
+    // The first requests are on the wire (each takes 40 ms).
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let taken = early.take(0);
+    let handed = taken.arrived.len() + taken.reading.len();
+    assert!(handed < 4, "the queued span was read: {handed}");
+    // Those on the wire are claimed: a reader of one waits for it instead
+    // of reading the layer's blob.
+    let mut fills = Vec::new();
+    let mut first = None;
+    for (ranges, answer) in taken.reading {
+        let claims: Vec<_> = ranges.iter().map(|r| lower.reserve(r.clone())).collect();
+        first = first.or(ranges.first().map(|r| r.start));
+        let l = lower.clone();
+        fills.push(tokio::spawn(async move {
+            let parts = answer.bytes().await;
+            for (i, c) in claims.into_iter().enumerate() {
+                l.fill(c, parts.as_ref().and_then(|p| p.get(i).cloned()))
+                    .await;
+            }
+        }));
+    }
+    let first = first.expect("a span on the wire");
+    let (ino, _) = (1..=4)
+        .map(|i| lower.index.lookup_path(&format!("/f{}", i - 1)).unwrap())
+        .map(|ino| {
+            (
+                ino,
+                lower
+                    .index
+                    .inode(ino)
+                    .unwrap()
+                    .chunks_in(0, 1)
+                    .next()
+                    .unwrap(),
+            )
+        })
+        .find(|(_, c)| c.compressed_offset == first)
+        .expect("the span starts a file");
+    lower.fetch(&[(ino, 0, 1_100_000)]).await.unwrap();
+    for f in fills {
+        f.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = log.lock().clone();
+    assert_eq!(
+        log.len(),
+        handed,
+        "a span taken off the queue was still read"
+    );
+    assert!(
+        log.iter().all(|(n, ..)| *n == "early"),
+        "a chunk on the wire was read again"
+    );
 }

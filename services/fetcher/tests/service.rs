@@ -890,6 +890,19 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
         .map(|r| (r.layer as usize, r.path.as_str(), r.offset, r.length))
         .collect();
     assert_eq!(got, reads, "the reads, in the order they were made");
+    // Beside the reads, where their chunks lie in the layer blobs.
+    for (layer, path, offset, _) in reads {
+        let index = if layer == 0 { &lower } else { &upper };
+        let node = index.inode(index.lookup_path(path).unwrap()).unwrap();
+        let c = node.chunk_at(offset).unwrap();
+        assert!(
+            trace.spans.iter().any(|s| s.layer as usize == layer
+                && s.start <= c.compressed_offset
+                && c.compressed_end <= s.end),
+            "no span holds {path} at {offset}: {:?}",
+            trace.spans
+        );
+    }
     assert!(fetcher.stop().success());
 
     // A node with the trace and nothing else: the pull alone fetches the
@@ -916,6 +929,14 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Its spans were read before the layers resolved and stored when they
+    // did.
+    let log = std::fs::read_to_string(second.join("fetcher.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("stored what was read early") && !l.contains("chunks=0")),
+        "nothing read early was stored:\n{log}"
+    );
     assert!(fetcher.stop().success());
 
     // Corrupted, then another image's: ignored with one warning naming the

@@ -65,7 +65,7 @@ pub use evict::{EvictOptions, Eviction, Evictor};
 pub use pin::LayerPin;
 pub use presence::{PRESENCE_HEADER, PresenceMap};
 pub use source::{LayerSource, SourceError};
-pub use trace::{Trace, TraceError, TraceRead};
+pub use trace::{Trace, TraceError, TraceRead, TraceSpan};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,11 @@
 //! layer resolves. Traces outlive the eviction of their layers (they are a
 //! few KiB); the CLI shows them (`stargaze trace show`).
 //!
+//! Beside the reads, a trace keeps where their bytes lie in the layer
+//! blobs ([`TraceSpan`], derived from the TOCs when it was saved): a
+//! later pull reads those spans from its first round trip, before the
+//! layers' TOCs are in, and keeps them until each layer resolves.
+//!
 //! A trace only ever decides what is fetched early, never what a read
 //! returns (every chunk is still verified against the layer's TOC), and a
 //! trace of one image is never used for another: its manifest and layer
@@ -26,6 +31,8 @@ pub const TRACE_VERSION: u32 = 1;
 pub const MAX_READS: usize = 16_384;
 /// Largest trace file read.
 pub const MAX_TRACE_BYTES: u64 = 4 << 20;
+/// Largest blob span one trace names: a span is a few files' chunks.
+pub const MAX_SPAN_BYTES: u64 = 64 << 20;
 
 /// One image's learned access trace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +46,18 @@ pub struct Trace {
     pub layers: Vec<String>,
     /// The reads, in the order they were first made.
     pub reads: Vec<TraceRead>,
+    /// Where the reads' chunks lie in the layer blobs, in the order of the
+    /// reads (empty in traces saved without the layers' TOCs at hand).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spans: Vec<TraceSpan>,
+}
+
+/// Compressed bytes `[start, end)` of the blob of `layers[layer]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TraceSpan {
+    pub layer: u32,
+    pub start: u64,
+    pub end: u64,
 }
 
 /// One read: bytes `[offset, offset + length)` of `path` in `layers[layer]`.
@@ -82,6 +101,7 @@ impl Trace {
             manifest: manifest.to_string(),
             layers,
             reads: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -101,8 +121,25 @@ impl Trace {
         if t.version != TRACE_VERSION {
             return Err(malformed(format!("version {}", t.version)));
         }
-        if t.reads.len() > MAX_READS {
-            return Err(malformed(format!("{} reads", t.reads.len())));
+        if t.reads.len() > MAX_READS || t.spans.len() > MAX_READS {
+            return Err(malformed(format!(
+                "{} reads, {} spans",
+                t.reads.len(),
+                t.spans.len()
+            )));
+        }
+        if let Some(s) = t.spans.iter().find(|s| {
+            s.layer as usize >= t.layers.len()
+                || s.start >= s.end
+                || s.end - s.start > MAX_SPAN_BYTES
+        }) {
+            return Err(malformed(format!(
+                "a span of layer {} of {}, bytes {}-{}",
+                s.layer,
+                t.layers.len(),
+                s.start,
+                s.end
+            )));
         }
         if let Some(r) = t.reads.iter().find(|r| {
             r.layer as usize >= t.layers.len() || !r.path.starts_with('/') || r.length == 0
@@ -252,6 +289,44 @@ mod tests {
             Trace::read(&path, &m, &layers).unwrap_err(),
             TraceError::Malformed { .. }
         ));
+        // Spans of a layer it does not list, empty, or larger than any
+        // few files.
+        for span in [
+            TraceSpan {
+                layer: 1,
+                start: 0,
+                end: 10,
+            },
+            TraceSpan {
+                layer: 0,
+                start: 10,
+                end: 10,
+            },
+            TraceSpan {
+                layer: 0,
+                start: 0,
+                end: MAX_SPAN_BYTES + 1,
+            },
+        ] {
+            let mut bad = t.clone();
+            bad.spans.push(span);
+            bad.write(&path).unwrap();
+            assert!(
+                matches!(
+                    Trace::read(&path, &m, &layers).unwrap_err(),
+                    TraceError::Malformed { .. }
+                ),
+                "{span:?}"
+            );
+        }
+        let mut good = t.clone();
+        good.spans.push(TraceSpan {
+            layer: 0,
+            start: 5,
+            end: 10,
+        });
+        good.write(&path).unwrap();
+        assert_eq!(Trace::read(&path, &m, &layers).unwrap(), good);
         // Not JSON; too large.
         std::fs::write(&path, b"\x00garbage").unwrap();
         assert!(matches!(

@@ -13,17 +13,21 @@
 //!
 //! Replay: [`Traces::image_pulled`] returns the image's trace when it has
 //! a valid one (from the cache, else published in the image's registry:
-//! [`registry`]), and WarmLayers fetches each layer's traced ranges in
-//! trace order as soon as the layer resolves: what the image's containers
-//! read first arrives from the first round trip, whatever the programs are.
+//! [`registry`]). WarmLayers reads the trace's blob spans at once, before
+//! the TOCs are in ([`early`]), stores them as each layer resolves, then
+//! fetches each layer's traced ranges still missing in trace order: what
+//! the image's containers read first arrives from the first round trips,
+//! whatever the programs are. A trace saved while its layers are resolved
+//! keeps those spans ([`early::spans_of`]).
 //! With `publish_traces`, a trace that learned something new is pushed to
 //! the image's repository for other nodes.
 
+pub mod early;
 pub mod registry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -105,7 +109,13 @@ pub struct Traces {
     read_published: AtomicBool,
     /// Publish traces that learned something new.
     publish: AtomicBool,
+    /// The resolved layers, by digest: a trace saved while its layers are
+    /// resolved keeps where its reads lie in their blobs (`early.rs`).
+    layers: OnceLock<LayerLookup>,
 }
+
+/// A resolved layer by digest.
+pub(crate) type LayerLookup = Box<dyn Fn(&str) -> Option<Arc<Layer>> + Send + Sync>;
 
 /// What an image pulled is known by.
 pub struct Pulled<'a> {
@@ -124,6 +134,11 @@ pub struct PendingTrace(watch::Receiver<Option<Option<Arc<Trace>>>>);
 impl PendingTrace {
     fn ready(t: Option<Arc<Trace>>) -> PendingTrace {
         PendingTrace(watch::channel(Some(t)).1)
+    }
+
+    /// The trace if it is known already (from the cache).
+    pub fn known(&self) -> Option<Arc<Trace>> {
+        self.0.borrow().clone().flatten()
     }
 
     /// The trace, once known (`None`: there is none).
@@ -147,7 +162,13 @@ impl Traces {
             client,
             read_published: AtomicBool::new(true),
             publish: AtomicBool::new(false),
+            layers: OnceLock::new(),
         })
+    }
+
+    /// Where saved traces find the layers they name (set once).
+    pub(crate) fn set_layers(&self, lookup: LayerLookup) {
+        let _ = self.layers.set(lookup);
     }
 
     /// Whether traces are read from (`read`) and pushed to (`publish`)
@@ -369,14 +390,33 @@ impl Traces {
             .unwrap_or_else(|| Trace::new(image, manifest, layers));
         let before = trace.reads.len();
         trace.merge(reads);
-        if trace.reads.len() == before {
+        let spanless = trace.spans.is_empty();
+        if trace.reads.len() == before && !spanless {
+            return;
+        }
+        // Where the reads lie in the blobs, while the layers are at hand;
+        // else the spans saved before stay (a later pull reads them early
+        // and the replay fetches the rest).
+        if let Some(lookup) = self.layers.get()
+            && let Some(spans) =
+                early::spans_of(&trace, |i| trace.layers.get(i).and_then(|d| lookup(d)))
+        {
+            trace.spans = spans;
+        }
+        if trace.reads.len() == before && trace.spans.is_empty() {
             return;
         }
         let n = trace.reads.len();
         let trace = Arc::new(trace);
         let t = trace.clone();
         match tokio::task::spawn_blocking(move || t.write(&path)).await {
-            Ok(Ok(())) => tracing::info!(image, reads = n, new = n - before, "access trace saved"),
+            Ok(Ok(())) => tracing::info!(
+                image,
+                reads = n,
+                new = n - before,
+                spans = trace.spans.len(),
+                "access trace saved"
+            ),
             Ok(Err(e)) => tracing::warn!(image, error = %e, "access trace not saved"),
             Err(_) => {}
         }
