@@ -256,6 +256,26 @@ impl Layer {
         ranges: &[(u64, u64, u64)],
         purpose: Purpose,
     ) -> Result<FetchStats, FetchError> {
+        self.claim_and_wait(ranges, purpose, true).await
+    }
+
+    /// [`Layer::fetch_for`] that waits only for the chunks it claimed:
+    /// a prefetch that paces itself by its own reads (the replay of a
+    /// trace) does not sit on chunks another read brings in.
+    pub async fn fetch_own(
+        self: &Arc<Self>,
+        ranges: &[(u64, u64, u64)],
+        purpose: Purpose,
+    ) -> Result<FetchStats, FetchError> {
+        self.claim_and_wait(ranges, purpose, false).await
+    }
+
+    async fn claim_and_wait(
+        self: &Arc<Self>,
+        ranges: &[(u64, u64, u64)],
+        purpose: Purpose,
+        others: bool,
+    ) -> Result<FetchStats, FetchError> {
         if self.is_evicted() {
             return Err(self.evicted_error());
         }
@@ -295,7 +315,9 @@ impl Layer {
                     continue;
                 }
                 if let Some(tx) = st.inflight.get(&c.chunk.global) {
-                    waits.push((c, tx.subscribe()));
+                    if others {
+                        waits.push((c, tx.subscribe()));
+                    }
                     if urgent
                         && let Some(i) = st
                             .queue

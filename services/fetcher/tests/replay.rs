@@ -405,3 +405,45 @@ async fn a_resolved_layer_takes_its_queued_spans_off_the_queue_and_waits_for_the
         "a chunk on the wire was read again"
     );
 }
+
+/// The replay paces itself by its own reads: chunks another read is
+/// bringing in (here: claimed for early bytes still on the wire) take none
+/// of its calls in flight, so the rest of the trace goes out meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_does_not_wait_on_chunks_others_bring_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
+    let log: Log = Arc::default();
+    let lower = layer(dir.path(), &cache, "lower", 5, &log).await;
+    let trace = trace_with_spans(&lower, &[0, 1, 2, 3]);
+    // f0..f2 claimed by early reads that have not come back: as many
+    // chunks as the replay has calls in flight.
+    let reserved: Vec<_> = (0..3)
+        .flat_map(|i| {
+            let ino = lower.index.lookup_path(&format!("/f{i}")).unwrap();
+            lower.blob_ranges_of(ino, 0, 1_100_000, stargaze_fetcher::Purpose::Trace)
+        })
+        .map(|r| lower.reserve(r))
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (done, _replayed) = tokio::sync::oneshot::channel();
+    tx.send((lower.clone(), done)).unwrap();
+    drop(tx);
+    let replay = tokio::spawn(stargaze_fetcher::traces::replay(Arc::new(trace), rx));
+    let start = Instant::now();
+    while !file_is_right(&lower, 3, 5) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "f3 waited behind the chunks being brought in by others"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The early reads failed: their chunks are fetched the normal way.
+    for r in reserved {
+        lower.fill(r, None).await;
+    }
+    replay.await.unwrap();
+    let f0 = lower.index.lookup_path("/f0").unwrap();
+    lower.fetch(&[(f0, 0, 1_100_000)]).await.unwrap();
+    assert!((0..4).all(|i| file_is_right(&lower, i, 5)));
+}

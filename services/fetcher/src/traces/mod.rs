@@ -484,7 +484,9 @@ pub type Resolved = (Arc<Layer>, oneshot::Sender<()>);
 /// first read in the trace, [`REPLAY_PARALLEL`] at a time over all layers.
 /// One replay per layer instead would split the link between the base
 /// layer's first reads (the program, its libraries) and every other
-/// layer's last ones.
+/// layer's last ones. A call waits only for the chunks it claimed
+/// (`Layer::fetch_own`): chunks read early and still on the wire hold
+/// none of the calls in flight.
 pub async fn replay(trace: Arc<Trace>, mut resolved: mpsc::UnboundedReceiver<Resolved>) {
     /// Per layer: calls left, bytes fetched, the first error, and whom to
     /// tell when it is done.
@@ -509,7 +511,7 @@ pub async fn replay(trace: Arc<Trace>, mut resolved: mpsc::UnboundedReceiver<Res
             let layer = layers[i].layer.clone();
             inflight.spawn(async move {
                 let r = layer
-                    .fetch_for(&call, crate::Purpose::Trace)
+                    .fetch_own(&call, crate::Purpose::Trace)
                     .await
                     .map(|s| s.bytes_fetched);
                 (i, r)
