@@ -120,6 +120,10 @@ pub struct Layer {
     resolved: std::time::Instant,
     /// Read-ahead in blob order for sweeping workloads (`sweep.rs`).
     pub sweep: crate::sweep::Sweep,
+    /// A learned trace is being replayed into the layer: it knows what
+    /// comes next better than a sweep's guess, which would only take the
+    /// link from it.
+    replaying: std::sync::atomic::AtomicBool,
 }
 
 /// A member to decode and the claims it serves.
@@ -157,6 +161,7 @@ impl Layer {
             touched: AtomicU64::new(0),
             resolved: std::time::Instant::now(),
             sweep: Default::default(),
+            replaying: Default::default(),
         }
     }
 
@@ -394,9 +399,23 @@ impl Layer {
         Ok(stats)
     }
 
+    /// Whether a learned trace is being replayed into the layer (no sweep
+    /// read-ahead meanwhile).
+    pub fn set_replaying(&self, on: bool) {
+        self.replaying.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_replaying(&self) -> bool {
+        self.replaying.load(Ordering::Relaxed)
+    }
+
     /// What an on-demand read of `ranges` fetches ahead when it continues
-    /// a sweep of the layer (`sweep.rs`).
+    /// a sweep of the layer (`sweep.rs`; nothing while a trace is being
+    /// replayed into it).
     pub fn sweep_ahead(&self, ranges: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
+        if self.replaying.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         self.sweep
             .read(&self.index, ranges, self.opts.sweep_max_window)
     }

@@ -139,6 +139,8 @@ async fn a_trace_is_replayed_in_its_order_across_layers() {
     for d in dones {
         d.await.expect("each layer is told its replay is over");
     }
+    // Sweeps are read ahead again.
+    assert!(!lower.is_replaying() && !upper.is_replaying());
     let log = log.lock().clone();
     let first_upper = log
         .iter()

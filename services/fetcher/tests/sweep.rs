@@ -169,3 +169,25 @@ async fn the_read_ahead_stays_in_the_directory_being_swept() {
         fetched.iter().filter(|&&p| p >= 230).collect::<Vec<_>>()
     );
 }
+
+/// While a learned trace is replayed into the layer, a sweep gets nothing
+/// ahead (the trace knows what comes next); once it is over, sweeps are
+/// read ahead again.
+#[tokio::test]
+async fn no_read_ahead_while_a_trace_is_replayed() {
+    let d = tempfile::tempdir().unwrap();
+    let (layer, inos) = layer(d.path()).await;
+    let whole = |ino: u64| (ino, 0u64, 48u64 << 10);
+    layer.set_replaying(true);
+    for (i, &ino) in inos.iter().take(12).enumerate() {
+        assert!(layer.sweep_ahead(&[whole(ino)]).is_empty(), "read {i}");
+    }
+    layer.set_replaying(false);
+    let ahead: usize = inos
+        .iter()
+        .skip(12)
+        .take(SEQUENTIAL_AFTER as usize + 2)
+        .map(|&ino| layer.sweep_ahead(&[whole(ino)]).len())
+        .sum();
+    assert!(ahead > 0, "no read-ahead after the replay");
+}

@@ -530,6 +530,7 @@ pub async fn replay(trace: Arc<Trace>, mut resolved: mpsc::UnboundedReceiver<Res
                 }
                 l.left -= 1;
                 if l.left == 0 {
+                    l.layer.set_replaying(false);
                     replayed(&trace, l.layer.as_ref(), l.reads, l.bytes, l.error.take(), l.t0);
                     if let Some(done) = l.done.take() {
                         let _ = done.send(());
@@ -552,6 +553,7 @@ pub async fn replay(trace: Arc<Trace>, mut resolved: mpsc::UnboundedReceiver<Res
                         let _ = done.send(());
                         continue;
                     }
+                    layer.set_replaying(true);
                     let i = layers.len();
                     layers.push(Replaying {
                         layer,
