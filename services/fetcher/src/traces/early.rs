@@ -37,6 +37,8 @@ pub const BUDGET: u64 = 64 << 20;
 pub const GROUP_BYTES: u64 = 1 << 20;
 /// Requests in flight.
 pub const PARALLEL: usize = 3;
+/// Ranges per request at most: a `Range` header registries accept.
+const GROUP_RANGES: usize = 64;
 /// A range this close after a layer's previous span joins it: fewer parts
 /// per request, few bytes nobody asked for (the engine's `merge_gap` is
 /// for reads that wait; these are planned).
@@ -214,7 +216,7 @@ fn groups(trace: &Trace, blobs: &HashMap<usize, Arc<dyn RemoteBlob>>) -> VecDequ
         }
         budget -= len;
         let i = match open.get(&layer) {
-            Some(&i) if out[i].2 < GROUP_BYTES => i,
+            Some(&i) if out[i].2 < GROUP_BYTES && out[i].1.ranges.len() < GROUP_RANGES => i,
             _ => {
                 out.push((
                     seq,
@@ -314,4 +316,90 @@ pub fn spans_of(
         }
     }
     Some(spans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stargaze_cache::TraceSpan;
+
+    fn trace(spans: &[(u32, u64, u64)]) -> Trace {
+        let mut t = Trace::new(
+            "example.com/x:1",
+            &format!("sha256:{}", "2".repeat(64)),
+            vec!["sha256:a".into(), "sha256:b".into(), "sha256:c".into()],
+        );
+        t.spans = spans
+            .iter()
+            .map(|&(layer, start, end)| TraceSpan { layer, start, end })
+            .collect();
+        t
+    }
+
+    fn blobs(layers: &[usize]) -> (tempfile::NamedTempFile, HashMap<usize, Arc<dyn RemoteBlob>>) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let map = layers
+            .iter()
+            .map(|&l| {
+                let b: Arc<dyn RemoteBlob> =
+                    Arc::new(crate::blob::FileBlob::open(f.path()).unwrap());
+                (l, b)
+            })
+            .collect();
+        (f, map)
+    }
+
+    #[test]
+    fn spans_become_requests_in_trace_order_per_layer() {
+        const M: u64 = 1 << 20;
+        // Layer 2 is not read early (its Prepare resolves it).
+        let t = trace(&[
+            (1, 10 * M, 10 * M + 100),
+            (0, 0, 600 << 10),
+            (2, 0, 100),
+            (0, 5 * M, 5 * M + (600 << 10)),
+            (1, 0, 100),
+            (0, 2 * M, 2 * M + 10),
+        ]);
+        let (_f, b) = blobs(&[0, 1]);
+        let g: Vec<(usize, Vec<Range<u64>>)> = groups(&t, &b)
+            .into_iter()
+            .map(|g| (g.layer, g.ranges))
+            .collect();
+        assert_eq!(
+            g,
+            vec![
+                // Layer 1's two spans, ascending, in one request: it came first.
+                (1, vec![0..100, 10 * M..10 * M + 100]),
+                // Layer 0's first two spans fill a request (over 1 MiB).
+                (0, vec![0..600 << 10, 5 * M..5 * M + (600 << 10)]),
+                (0, std::iter::once(2 * M..2 * M + 10).collect()),
+            ]
+        );
+    }
+
+    #[test]
+    fn requests_are_bounded_in_bytes_and_ranges() {
+        // A forged trace: far more than the budget, in tiny spans.
+        let spans: Vec<(u32, u64, u64)> = (0..2000u64)
+            .map(|i| (0, i * 100, i * 100 + 10))
+            .chain((0..200u64).map(|i| {
+                (
+                    0,
+                    (1 << 30) + i * (32 << 20),
+                    (1 << 30) + i * (32 << 20) + (32 << 20),
+                )
+            }))
+            .collect();
+        let (_f, b) = blobs(&[0]);
+        let g = groups(&trace(&spans), &b);
+        assert!(g.iter().all(|g| g.ranges.len() <= GROUP_RANGES));
+        let total: u64 = g
+            .iter()
+            .flat_map(|g| &g.ranges)
+            .map(|r| r.end - r.start)
+            .sum();
+        assert!(total <= BUDGET, "{total}");
+        assert_eq!(disjoint(vec![5..9, 0..3, 3..4, 8..12]), vec![0..4, 5..12]);
+    }
 }
