@@ -248,22 +248,28 @@ fn file_is_right(l: &stargaze_fetcher::Layer, i: u64, seed: u64) -> bool {
         && std::fs::read(l.content_path(ino)).unwrap() == noise(1_100_000, seed * 10 + i)
 }
 
-/// The spans of a trace are read before the layer resolves (here: from
-/// another handle of its blob), stored when it does, and the replay that
-/// follows reads nothing more from the layer's own blob.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_read_early_are_stored_and_not_read_again() {
+/// A layer of files `f0`..`f3` (made from `seed`) in a temporary directory,
+/// a trace of `files` with its blob spans, and those spans being read early
+/// through a second handle of the layer's blob (`corrupt`: flipping a byte
+/// of every answer). Reads of either blob are logged.
+struct EarlySetup {
+    _dir: tempfile::TempDir,
+    log: Log,
+    lower: Arc<stargaze_fetcher::Layer>,
+    trace: Trace,
+    early: Arc<stargaze_fetcher::traces::early::EarlyReads>,
+}
+
+async fn early_setup(seed: u64, files: &[u32], corrupt: bool) -> EarlySetup {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
     let log: Log = Arc::default();
-    let lower = layer(dir.path(), &cache, "lower", 1, &log).await;
-    let trace = trace_with_spans(&lower, &[0, 2]);
-    // f0 and f2 lie 1.1 MB apart: one span each.
-    assert_eq!(trace.spans.len(), 2, "{:?}", trace.spans);
+    let lower = layer(dir.path(), &cache, "lower", seed, &log).await;
+    let trace = trace_with_spans(&lower, files);
     log.lock().clear();
     let blob: Arc<dyn RemoteBlob> = Arc::new(Early {
         inner: FileBlob::open(&dir.path().join("lower")).unwrap(),
-        corrupt: false,
+        corrupt,
         log: log.clone(),
     });
     let early = stargaze_fetcher::traces::early::EarlyReads::start(
@@ -271,6 +277,29 @@ async fn spans_read_early_are_stored_and_not_read_again() {
         [(0usize, blob)].into_iter().collect(),
     )
     .expect("spans to read");
+    EarlySetup {
+        _dir: dir,
+        log,
+        lower,
+        trace,
+        early,
+    }
+}
+
+/// The spans of a trace are read before the layer resolves (here: from
+/// another handle of its blob), stored when it does, and the replay that
+/// follows reads nothing more from the layer's own blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_read_early_are_stored_and_not_read_again() {
+    let EarlySetup {
+        log,
+        lower,
+        trace,
+        early,
+        ..
+    } = early_setup(1, &[0, 2], false).await;
+    // f0 and f2 lie 1.1 MB apart: one span each.
+    assert_eq!(trace.spans.len(), 2, "{:?}", trace.spans);
     // The layer resolves once the early reads (40 ms each) are in.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let taken = early.take(0);
@@ -301,22 +330,9 @@ async fn spans_read_early_are_stored_and_not_read_again() {
 /// right bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_early_bytes_are_fetched_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
-    let log: Log = Arc::default();
-    let lower = layer(dir.path(), &cache, "lower", 3, &log).await;
-    let trace = trace_with_spans(&lower, &[1]);
-    log.lock().clear();
-    let blob: Arc<dyn RemoteBlob> = Arc::new(Early {
-        inner: FileBlob::open(&dir.path().join("lower")).unwrap(),
-        corrupt: true,
-        log: log.clone(),
-    });
-    let early = stargaze_fetcher::traces::early::EarlyReads::start(
-        &trace,
-        [(0usize, blob)].into_iter().collect(),
-    )
-    .unwrap();
+    let EarlySetup {
+        log, lower, early, ..
+    } = early_setup(3, &[1], true).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (at, bytes) in early.take(0).arrived {
         lower.ingest(at, bytes).await;
@@ -336,23 +352,10 @@ async fn corrupt_early_bytes_are_fetched_again() {
 /// reader of one of them waits for the early bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolved_layer_takes_its_queued_spans_off_the_queue_and_waits_for_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(Cache::open_writer(&dir.path().join("cache")).unwrap());
-    let log: Log = Arc::default();
-    let lower = layer(dir.path(), &cache, "lower", 4, &log).await;
     // Four files of 1.1 MB: four requests, three at a time.
-    let trace = trace_with_spans(&lower, &[0, 1, 2, 3]);
-    log.lock().clear();
-    let blob: Arc<dyn RemoteBlob> = Arc::new(Early {
-        inner: FileBlob::open(&dir.path().join("lower")).unwrap(),
-        corrupt: false,
-        log: log.clone(),
-    });
-    let early = stargaze_fetcher::traces::early::EarlyReads::start(
-        &trace,
-        [(0usize, blob)].into_iter().collect(),
-    )
-    .unwrap();
+    let EarlySetup {
+        log, lower, early, ..
+    } = early_setup(4, &[0, 1, 2, 3], false).await;
     // The first requests are on the wire (each takes 40 ms).
     tokio::time::sleep(Duration::from_millis(10)).await;
     let taken = early.take(0);
