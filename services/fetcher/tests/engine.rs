@@ -813,3 +813,26 @@ async fn a_miss_brings_the_chunks_that_follow_it_in_the_same_request() {
         assert_eq!(blob.requests() - before, 0, "already here");
     }
 }
+
+/// A batch that only replays a trace reads the ranges the trace names and
+/// no gap between them; other prefetches merge gaps up to `merge_gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_replay_reads_no_gaps() {
+    use stargaze_fetcher::Purpose;
+    for (purpose, gaps) in [(Purpose::Trace, false), (Purpose::Landmark, true)] {
+        let f = fixture(small_chunks());
+        let (layer, _blob, _cache) = resolve(&f, &opts()).await;
+        let file7 = layer.index.lookup_path("data/file7").unwrap();
+        // Chunks 0 and 2 of 64 KiB chunks: chunk 1 lies between them.
+        layer
+            .fetch_for(&[(file7, 0, 10), (file7, 140_000, 10)], purpose)
+            .await
+            .unwrap();
+        assert_eq!(
+            layer.counters.by_purpose.gaps() > 0,
+            gaps,
+            "{purpose:?}: {} bytes of gaps",
+            layer.counters.by_purpose.gaps()
+        );
+    }
+}
