@@ -53,7 +53,8 @@ pub trait RemoteBlob: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The blob's size and its last `n` bytes (all of it when smaller).
+    /// The blob's size and its last `n` bytes (all of it when smaller);
+    /// a tail read ahead may hand over more than `n`.
     /// Transports that can do both in one request override this.
     async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
         let size = self.size().await?;

@@ -68,13 +68,12 @@ impl RemoteBlob for WarmBlob {
         self.blob.stream_ranges(ranges, ends, sink).await
     }
 
+    /// At least the last `n` bytes: all that was read ahead when that is
+    /// more (a window sized by the TOC's last known size).
     async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
         let warm = self.tail.lock().take();
         match warm {
-            Some(t) if t.bytes.len() as u64 >= n.min(t.size) => {
-                let skip = t.bytes.len() - n.min(t.size) as usize;
-                Ok((t.size, t.bytes[skip..].to_vec()))
-            }
+            Some(t) if t.bytes.len() as u64 >= n.min(t.size) => Ok((t.size, t.bytes.clone())),
             _ => self.blob.read_tail(n).await,
         }
     }

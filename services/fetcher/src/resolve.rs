@@ -137,6 +137,18 @@ pub async fn resolve_with_toc(
             let started = std::time::Instant::now();
             let toc = fetch_toc(&*blob, layer_digest, check, toc_blob, opts).await?;
             let toc_read = started.elapsed();
+            // The next pull of this blob reads its footer and TOC at once.
+            if let Some(range) = toc.footer.toc_range(toc.blob_size) {
+                let tail = toc.blob_size - range.start;
+                if tail > opts.tail_window {
+                    let (cache, layer) = (cache.clone(), layer_digest.to_string());
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = cache.set_tail_hint(&layer, tail) {
+                            tracing::debug!(%layer, error = %e, "the TOC's size is not remembered");
+                        }
+                    });
+                }
+            }
             let meta = IndexMeta {
                 layer_digest: layer_digest.to_string(),
                 toc_digest: toc.toc_digest,
@@ -275,8 +287,9 @@ async fn read_toc_bytes(
     let fmt = |k: ErrorKind| FetchError::Format(FormatError::new(layer, k));
     let want = opts.tail_window.max(MAX_FOOTER_SIZE as u64);
     let (size, tail) = blob.read_tail(want).await.map_err(blob_err(layer))?;
-    let window = size.min(want);
-    if tail.len() as u64 != window {
+    // A tail read ahead may be longer than asked for (`Cache::tail_hint`).
+    let window = tail.len() as u64;
+    if window < size.min(want) || window > size {
         return Err(fmt(ErrorKind::BadFooter(
             "short read of the blob's tail".into(),
         )));

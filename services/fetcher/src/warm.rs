@@ -56,10 +56,17 @@ impl FetcherService {
             let blob = RegistryBlob(self.shared.layers.client.blob(&reference, &digest));
             tokio::spawn(async move {
                 let _on_demand = shared.schedule.activity.begin();
-                let window = shared
+                // The footer and TOC in one read when this node has seen
+                // the blob before.
+                let opts = &shared.layers.opts;
+                let known = shared
                     .layers
-                    .opts
+                    .cache
+                    .tail_hint(&digest)
+                    .map_or(0, |n| n.min(opts.max_toc_size.saturating_add(1 << 10)));
+                let window = opts
                     .tail_window
+                    .max(known)
                     .max(stargaze_format::footer::MAX_FOOTER_SIZE as u64);
                 cell.get_or_init(|| async move {
                     let (size, bytes) = blob.read_tail(window).await.ok()?;

@@ -836,3 +836,63 @@ async fn a_trace_replay_reads_no_gaps() {
         );
     }
 }
+
+/// A blob whose tail read returns at least `ahead` bytes, as a tail read
+/// ahead with the TOC's known size does (`WarmBlob`).
+struct TailAhead {
+    inner: FileBlob,
+    ahead: u64,
+}
+
+#[tonic::async_trait]
+impl RemoteBlob for TailAhead {
+    fn name(&self) -> String {
+        "tail-ahead".into()
+    }
+    async fn size(&self) -> Result<u64, BlobError> {
+        self.inner.size().await
+    }
+    async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>, BlobError> {
+        self.inner.read_ranges(ranges).await
+    }
+    async fn read_tail(&self, n: u64) -> Result<(u64, Vec<u8>), BlobError> {
+        self.inner.read_tail(n.max(self.ahead)).await
+    }
+}
+
+/// A TOC longer than the tail window costs a second read; its size is
+/// remembered beside the traces, and a tail read of that size resolves
+/// the layer in one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tocs_size_is_remembered_and_then_read_in_one_go() {
+    let f = fixture(small_chunks());
+    let o = FetchOptions {
+        tail_window: 4096,
+        ..opts()
+    };
+    let (_layer, blob, cache) = resolve(&f, &o).await;
+    assert_eq!(blob.requests(), 2, "the tail window, then the TOC's head");
+    let start = std::time::Instant::now();
+    let hint = loop {
+        if let Some(h) = cache.tail_hint(&f.digest) {
+            break h;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "no hint"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert!(hint > 4096, "{hint}");
+    // Another node's cache, or this one after the layer's eviction.
+    let dir = tempfile::tempdir().unwrap();
+    let cache2 = Arc::new(Cache::open_writer(dir.path()).unwrap());
+    let ahead = Arc::new(TailAhead {
+        inner: FileBlob::open(&f.blob_path).unwrap(),
+        ahead: hint,
+    });
+    resolve_layer(cache2, ahead.clone(), &f.digest, Some(f.toc), false, &o)
+        .await
+        .unwrap();
+    assert_eq!(ahead.inner.requests(), 1, "footer and TOC in one read");
+}

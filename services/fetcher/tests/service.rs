@@ -1175,14 +1175,25 @@ async fn every_request_is_checked_against_its_own_toc_digest() {
         .unwrap();
 }
 
+/// The trace files in a cache's `traces/` (beside them: `tails/`).
+fn trace_files(traces: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(traces)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The first trace the fetcher saves in its cache (its file and what it
 /// holds), waited for up to 20 s.
 async fn saved_trace(cache: &Path) -> (std::path::PathBuf, stargaze_cache::Trace) {
     let traces = cache.join("traces");
     let start = Instant::now();
     let path = loop {
-        if let Some(e) = std::fs::read_dir(&traces).ok().and_then(|mut d| d.next()) {
-            break e.unwrap().path();
+        if let Some(p) = trace_files(&traces).pop() {
+            break p;
         }
         assert!(start.elapsed() < Duration::from_secs(20), "no trace saved");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1264,12 +1275,7 @@ async fn a_published_trace_helps_another_nodes_first_pull() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(fetcher.stop().success());
-    let local = std::fs::read_dir(a.join("cache/traces"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let local = trace_files(&a.join("cache/traces")).pop().unwrap();
     let trace: stargaze_cache::Trace =
         serde_json::from_slice(&std::fs::read(&local).unwrap()).unwrap();
 
@@ -1360,15 +1366,11 @@ async fn a_clean_stop_saves_the_open_trace_recordings() {
     let dash = upper.lookup_path("/usr/bin/dash").unwrap();
     read_as_fs(&mut client, &digests[1], dash, 0, 4096).await;
     let traces = fetcher.cache.join("traces");
-    assert!(std::fs::read_dir(&traces).map_or(true, |mut d| d.next().is_none()));
+    assert!(trace_files(&traces).is_empty());
     assert!(fetcher.stop().success());
-    let saved = std::fs::read_dir(&traces)
-        .unwrap()
-        .next()
-        .expect("saved at stop")
-        .unwrap();
+    let saved = trace_files(&traces).pop().expect("saved at stop");
     let trace: stargaze_cache::Trace =
-        serde_json::from_slice(&std::fs::read(saved.path()).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(saved).unwrap()).unwrap();
     assert_eq!(trace.reads.len(), 1);
     assert_eq!(trace.reads[0].path, "/usr/bin/dash");
 }

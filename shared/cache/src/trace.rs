@@ -12,6 +12,9 @@
 //! later pull reads those spans from its first round trip, before the
 //! layers' TOCs are in, and keeps them until each layer resolves.
 //!
+//! `traces/tails/<hex>` keeps, per layer blob seen on this node, how many
+//! bytes at its end hold the footer and TOC ([`Cache::tail_hint`]).
+//!
 //! A trace only ever decides what is fetched early, never what a read
 //! returns (every chunk is still verified against the layer's TOC), and a
 //! trace of one image is never used for another: its manifest and layer
@@ -221,6 +224,35 @@ impl Cache {
     /// Where traces are kept.
     pub fn traces_dir(&self) -> PathBuf {
         self.root().join("traces")
+    }
+
+    /// How many bytes at the end of a layer's blob hold its footer and TOC,
+    /// as learned when the layer was last resolved on this node (kept with
+    /// the traces, past the layer's eviction): the next pull reads them in
+    /// one request instead of a tail window and then the rest of the TOC.
+    /// A blob's bytes never change, so this is the blob's own fact, not
+    /// anything an image says.
+    pub fn tail_hint(&self, layer_digest: &str) -> Option<u64> {
+        let path = self.tail_hint_path(layer_digest)?;
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// Remember a layer's footer-and-TOC size (see [`Cache::tail_hint`]).
+    pub fn set_tail_hint(&self, layer_digest: &str, bytes: u64) -> std::io::Result<()> {
+        let Some(path) = self.tail_hint_path(layer_digest) else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes.to_string())?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    fn tail_hint_path(&self, layer_digest: &str) -> Option<PathBuf> {
+        let digest: stargaze_format::Digest = layer_digest.parse().ok()?;
+        Some(self.traces_dir().join("tails").join(digest.hex()))
     }
 
     /// The trace file of the image with manifest digest `manifest`
