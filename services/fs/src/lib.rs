@@ -38,6 +38,7 @@
 mod classic;
 mod entries;
 pub mod handover;
+pub mod kill_point;
 pub mod layers;
 pub mod metrics;
 pub mod opens;

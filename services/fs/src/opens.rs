@@ -15,7 +15,10 @@
 //! release is: a crash can leave a record of a handle the kernel never got
 //! (its inode keeps its mode until the connection ends), never the reverse.
 //! It is written once the open's mode is chosen, with that mode, so such a
-//! record never claims a mode the kernel's inode is not in.
+//! record never claims a mode the kernel's inode is not in. A release
+//! clears it before it closes the handle's backing id, and gives the number
+//! out again only after: a record never names a backing id already closed,
+//! and a new open never finds the state of the handle that had its number.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,13 @@ pub enum Mode {
     Cached,
     /// FUSE passthrough with this backing id.
     Passthrough(u32),
+}
+
+/// A handle whose record is cleared and whose number is not free yet.
+#[must_use = "the number is given out again only once freed"]
+#[derive(Debug)]
+pub struct Unrecorded {
+    slot: u64,
 }
 
 /// A handle the previous process left open.
@@ -182,14 +192,25 @@ impl OpenTable {
         self.read(fh - 1).0 != ino
     }
 
-    /// Forget a handle; called before the release is answered.
-    pub fn release(&self, fh: u64) {
+    /// Clear the record of a handle being released, its number kept from
+    /// new opens until [`free`](Self::free)d; `None` when not recorded.
+    pub fn unrecord(&self, fh: u64) -> Option<Unrecorded> {
         if fh == 0 || fh > CAPACITY {
-            return;
+            return None;
         }
         let slot = fh - 1;
-        if self.words(slot).0.swap(0, Ordering::AcqRel) != 0 {
-            self.free.lock().slots.push(slot);
+        (self.words(slot).0.swap(0, Ordering::AcqRel) != 0).then_some(Unrecorded { slot })
+    }
+
+    /// Give an unrecorded handle's number to new opens.
+    pub fn free(&self, u: Unrecorded) {
+        self.free.lock().slots.push(u.slot);
+    }
+
+    /// Forget a handle that has no other state to drop.
+    pub fn release(&self, fh: u64) {
+        if let Some(u) = self.unrecord(fh) {
+            self.free(u);
         }
     }
 }

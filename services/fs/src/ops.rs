@@ -20,6 +20,7 @@ use fuser::{Errno, FileAttr};
 
 use crate::FsShared;
 use crate::entries::{Listed, ROOT_TTL, layer_attr};
+use crate::kill_point::{self, Point};
 use crate::layers::{Attached, MOUNT_ROOT};
 use crate::metrics::Op;
 use crate::opens::Mode;
@@ -314,14 +315,28 @@ impl StargazeFs {
             );
             return;
         }
+        self.drop_handle(ino, fh);
+    }
+
+    /// Forget the handle `fh` of `ino`: its record, cache file and backing id.
+    fn drop_handle(&self, ino: u64, fh: u64) {
+        // The record first: a process killed from here on leaves none
+        // naming a backing id it may have closed (the next process would
+        // give that id to the inode's opens: EIO), at worst an id open and
+        // unused until the connection ends.
+        let unrecorded = self.shared.opens.get().and_then(|t| t.unrecord(fh));
         self.shared.handles.lock().remove(&fh);
-        self.shared
+        let closed = self
+            .shared
             .passthrough
             .release(fh, self.shared.dev_fd.load(Ordering::Relaxed));
+        if closed {
+            kill_point::reached(&self.shared, Point::ReleaseClosedBacking, ino);
+        }
         // Last: from here on the number may be given to a new open, which
         // must not find this handle's file or backing id.
-        if let Some(t) = self.shared.opens.get() {
-            t.release(fh);
+        if let (Some(t), Some(u)) = (self.shared.opens.get(), unrecorded) {
+            t.free(u);
         }
     }
 

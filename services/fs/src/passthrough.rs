@@ -81,12 +81,26 @@ impl Backing {
 
 impl Drop for Backing {
     fn drop(&mut self) {
-        if self.dev_fd >= 0 {
-            // SAFETY: an ioctl on the session's /dev/fuse descriptor with a local u32.
-            unsafe {
-                libc::ioctl(self.dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &self.raw);
-            }
-        }
+        close_backing(self.dev_fd, self.raw);
+    }
+}
+
+/// Close the backing id `raw` on the connection of `dev_fd` (none: -1).
+fn close_backing(dev_fd: RawFd, raw: u32) {
+    if dev_fd < 0 {
+        return;
+    }
+    // SAFETY: an ioctl on the session's /dev/fuse descriptor with a local u32.
+    let r = unsafe { libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &raw) };
+    if r < 0 {
+        // Every id closed here is one a handle's record named: a record
+        // left naming an id closed already would have answered opens of
+        // its inode with it (EIO).
+        tracing::warn!(
+            backing_id = raw,
+            error = %std::io::Error::last_os_error(),
+            "closing a FUSE backing id failed: the open-file records named an id that was not open"
+        );
     }
 }
 
@@ -126,21 +140,27 @@ impl Passthrough {
         }
     }
 
-    pub(crate) fn release(&self, fh: u64, dev_fd: RawFd) {
+    /// Forget the handle `fh`; whether that closed its backing id (it was
+    /// the inode's last handle).
+    pub(crate) fn release(&self, fh: u64, dev_fd: RawFd) -> bool {
+        let mut closed = false;
         // A handle of the previous process: the last one of its inode
         // lets the inherited backing id go.
         let old = self.restored_fh.lock().remove(&fh);
         if let Some(ino) = old {
             let mut restored = self.restored.lock();
             if let Some(r) = restored.get_mut(&ino) {
-                r.old_handles -= 1;
-                if r.old_handles == 0 {
-                    let r = restored.remove(&ino).expect("present");
-                    if r.held.is_none() && dev_fd >= 0 {
+                r.old_handles = r.old_handles.saturating_sub(1);
+                if r.old_handles == 0
+                    && let Some(r) = restored.remove(&ino)
+                {
+                    match r.held {
+                        // Dropped here, unless new handles hold it.
+                        Some(id) => closed |= Arc::into_inner(id).is_some(),
                         // Never used since: close it here.
-                        // SAFETY: an ioctl on our /dev/fuse descriptor with a local u32.
-                        unsafe {
-                            libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &r.raw);
+                        None => {
+                            close_backing(dev_fd, r.raw);
+                            closed = true;
                         }
                     }
                 }
@@ -149,10 +169,12 @@ impl Passthrough {
         // `wanted` is set before mounting and never changes: without
         // passthrough there is nothing else to forget.
         if !self.wanted.load(Ordering::Relaxed) {
-            return;
+            return closed;
         }
-        self.by_handle.lock().remove(&fh);
+        // The last holder of the inode's id closes it, when dropped here.
+        let last = self.by_handle.lock().remove(&fh).and_then(Arc::into_inner);
         self.cached.lock().remove(fh);
+        closed || last.is_some()
     }
 
     /// Keep `id` for the handle `fh` until its release.
