@@ -14,6 +14,8 @@ pub const ENV: &str = "STARGAZE_FS_TEST_KILL";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Point {
+    /// An open recorded in the open-file table, its answer not written.
+    OpenRecorded,
     /// A release that closed its handle's backing id, not answered.
     ReleaseClosedBacking,
 }
@@ -21,6 +23,7 @@ pub(crate) enum Point {
 impl Point {
     fn name(self) -> &'static str {
         match self {
+            Point::OpenRecorded => "open-recorded",
             Point::ReleaseClosedBacking => "release-closed-backing",
         }
     }

@@ -132,8 +132,33 @@ impl StargazeFs {
             .ok_or(Errno::EINVAL)
     }
 
-    pub(crate) fn op_open(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
+    /// Open `ino` for the kernel's request `unique`.
+    pub(crate) fn op_open(&self, ino: u64, flags: i32, unique: u64) -> Result<Opened, Errno> {
         let _timer = self.shared.counters.timer(Op::Open);
+        // A request the previous process recorded a handle for and died
+        // before answering: the kernel never got that handle and will never
+        // release it, so it goes before the open is served again.
+        if let Some(fh) = self
+            .shared
+            .opens
+            .get()
+            .and_then(|t| t.unanswered(unique, ino))
+        {
+            tracing::debug!(
+                fh,
+                ino,
+                "an open the previous process recorded and never answered: its handle dropped"
+            );
+            self.drop_handle(ino, fh);
+        }
+        let opened = self.open(ino, flags, unique);
+        if opened.is_ok() {
+            kill_point::reached(&self.shared, Point::OpenRecorded, ino);
+        }
+        opened
+    }
+
+    fn open(&self, ino: u64, flags: i32, unique: u64) -> Result<Opened, Errno> {
         let (a, local) = self.shared.layers.resolve(ino).ok_or(Errno::ENOENT)?;
         if flags & O_ACCMODE != 0 {
             return Err(Errno::EROFS);
@@ -156,7 +181,7 @@ impl StargazeFs {
         let p = &self.shared.passthrough;
         if !p.wanted.load(Ordering::Relaxed) {
             // The layer never changes: let the kernel keep cached pages.
-            let fh = self.shared.new_handle(ino, Mode::Cached);
+            let fh = self.shared.new_handle(ino, Mode::Cached, unique);
             return Ok(Opened::Cached { fh });
         }
         // Held across the decision and the record, so a concurrent open of
@@ -178,7 +203,7 @@ impl StargazeFs {
                 Ok(id) => {
                     let fh = self
                         .shared
-                        .new_handle(ino, Mode::Passthrough(id.raw()));
+                        .new_handle(ino, Mode::Passthrough(id.raw()), unique);
                     let backing_id = id.raw();
                     p.hold(fh, id);
                     p.opens.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +223,7 @@ impl StargazeFs {
                 )),
             }
         }
-        let fh = self.shared.new_handle(ino, Mode::Cached);
+        let fh = self.shared.new_handle(ino, Mode::Cached, unique);
         cached.add(fh, ino);
         Ok(Opened::Cached { fh })
     }

@@ -388,7 +388,7 @@ mod tests {
         ]);
         assert!(p.has_backing(42));
         assert!(!p.has_backing(43));
-        let fh = shared.new_handle(44, Mode::Cached);
+        let fh = shared.new_handle(44, Mode::Cached, 0);
         assert_ne!(fh, 0);
         p.release(fh, -1);
         p.release(8, -1);
@@ -410,9 +410,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = OpenTable::beside(&dir.path().join("mnt"));
         let (t, _) = OpenTable::open(&path, false).unwrap();
-        let answered = t.open_handle(42, Mode::Passthrough(3));
-        let phantom = t.open_handle(42, Mode::Cached);
-        let other = t.open_handle(43, Mode::Cached);
+        let answered = t.open_handle(42, Mode::Passthrough(3), 0);
+        let phantom = t.open_handle(42, Mode::Cached, 0);
+        let other = t.open_handle(43, Mode::Cached, 0);
         drop(t);
 
         let shared = test_shared(&rt);
@@ -431,8 +431,8 @@ mod tests {
         );
         assert_eq!(per_inode.get(&43), Some(&1));
         // The phantom's number is free; the others stay reserved.
-        assert_eq!(shared.new_handle(44, Mode::Cached), phantom);
-        assert!(![answered, phantom, other].contains(&shared.new_handle(45, Mode::Cached)));
+        assert_eq!(shared.new_handle(44, Mode::Cached, 0), phantom);
+        assert!(![answered, phantom, other].contains(&shared.new_handle(45, Mode::Cached, 0)));
         // Released once the restored opens are gone (what the next process
         // would restore).
         drop(shared);
@@ -466,7 +466,7 @@ mod tests {
         let fs = crate::ops::StargazeFs {
             shared: shared.clone(),
         };
-        let fh = shared.new_handle(44, Mode::Cached);
+        let fh = shared.new_handle(44, Mode::Cached, 0);
         let file = Arc::new(std::fs::File::open("/dev/null").unwrap());
         shared.handles.lock().insert(fh, file);
         fs.op_release(45, fh);

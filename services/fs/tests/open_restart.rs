@@ -431,6 +431,70 @@ async fn a_release_killed_after_closing_its_backing_id_leaves_no_record_naming_i
     );
 }
 
+/// fs killed after recording an open and before answering it: the kernel
+/// never got that handle, so it never releases it; the open resent to the
+/// next process must not leave its record behind (a slot taken for as long
+/// as the connection lives, and an inode counted open in cached mode, so
+/// never opened with passthrough again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_recorded_by_a_killed_process_and_never_answered_leaves_no_record() {
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_fuse_passthrough();
+    stargaze_testkit::require("skopeo");
+    let z = "data/file3";
+    let kill = format!("open-recorded:{z}");
+    let mut s = Setup::start(&[(stargaze_fs::kill_point::ENV, &kill)]).await;
+    let out = s.work.path().join("z.out");
+    s.fs.others.push(cat(&s.dir.join(z), &out));
+    s.wait_killed();
+    let left = records(&s.table);
+    assert!(
+        matches!(
+            left.as_slice(),
+            [OpenHandle {
+                mode: Mode::Cached,
+                ..
+            }]
+        ),
+        "the killed process did not record its open of {z}: {left:?}\n{}",
+        s.log()
+    );
+    s.take_over();
+
+    // The resent open is answered.
+    let c = s.fs.others.last_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the open of {z} resent after the take-over is never answered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{}", s.log());
+    assert_eq!(std::fs::read(&out).unwrap(), s.bytes_of(z));
+    // Every file closed: nothing recorded.
+    s.wait_no_records("the resent open's handle released");
+    // Complete in the cache now and open in cached mode nowhere: opened
+    // with passthrough.
+    s.hold(&s.dir.join(z));
+    let held = records(&s.table);
+    assert!(
+        matches!(
+            held.as_slice(),
+            [OpenHandle {
+                mode: Mode::Passthrough(_),
+                ..
+            }]
+        ),
+        "{z} is not opened with passthrough: {held:?}\n{}",
+        s.log()
+    );
+}
+
 fn walkdir(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
