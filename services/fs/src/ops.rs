@@ -184,18 +184,21 @@ impl StargazeFs {
             let fh = self.shared.new_handle(ino, Mode::Cached, unique);
             return Ok(Opened::Cached { fh });
         }
-        // Held across the decision and the record, so a concurrent open of
-        // the same inode cannot choose the other mode. The handle is
-        // recorded only once its mode is chosen: a record that said cached
-        // while the open was still getting its backing file would, after a
-        // crash there, make the next process open the inode in cached mode
-        // beside the kernel's passthrough handles (EIO).
-        let mut cached = p.cached.lock();
+        // The inode's turn, held across the decision and the record, so a
+        // concurrent open of the same inode cannot choose the other mode
+        // (releases only end handles: none makes the decision wrong). The
+        // handle is recorded only once its mode is chosen: a record that
+        // said cached while the open was still getting its backing file
+        // would, after a crash there, make the next process open the inode
+        // in cached mode beside the kernel's passthrough handles (EIO).
+        let gate = p.gate(ino);
+        let _turn = gate.wait();
+        let open_cached = p.cached.lock().per_inode.contains_key(&ino);
         // An inode with a live backing file stays in passthrough mode even
         // if passthrough was given up meanwhile: the kernel refuses mixing
         // the modes on one inode.
         if n.size() > 0
-            && !cached.per_inode.contains_key(&ino)
+            && !open_cached
             && (p.has_backing(ino)
                 || (p.active.load(Ordering::Acquire) && present(&a, local, 0, n.size())))
         {
@@ -224,7 +227,7 @@ impl StargazeFs {
             }
         }
         let fh = self.shared.new_handle(ino, Mode::Cached, unique);
-        cached.add(fh, ino);
+        p.cached.lock().add(fh, ino);
         Ok(Opened::Cached { fh })
     }
 

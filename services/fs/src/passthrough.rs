@@ -42,6 +42,32 @@ pub struct Passthrough {
     restored: Mutex<HashMap<u64, Restored>>,
     /// Those handles, to their inode.
     restored_fh: Mutex<HashMap<u64, u64>>,
+    /// The turns of inodes being opened: see [`Passthrough::gate`].
+    gates: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+}
+
+/// An inode's turn to choose the mode of an open and record it.
+pub(crate) struct Gate<'a> {
+    gates: &'a Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    ino: u64,
+    turn: Arc<Mutex<()>>,
+}
+
+impl Gate<'_> {
+    /// Wait for the turn: opens of the inode before it are recorded.
+    pub(crate) fn wait(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.turn.lock()
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut gates = self.gates.lock();
+        // The table's and ours only: no open of the inode waits.
+        if Arc::strong_count(&self.turn) == 2 {
+            gates.remove(&self.ino);
+        }
+    }
 }
 
 /// A backing id inherited from a previous process.
@@ -177,6 +203,19 @@ impl Passthrough {
         closed || last.is_some()
     }
 
+    /// The turn of `ino` to be opened: opens of one inode choose their mode
+    /// and record it one at a time (two must not choose different modes),
+    /// opens of other inodes go on meanwhile, whatever disk I/O choosing a
+    /// backing file takes.
+    pub(crate) fn gate(&self, ino: u64) -> Gate<'_> {
+        let turn = self.gates.lock().entry(ino).or_default().clone();
+        Gate {
+            gates: &self.gates,
+            ino,
+            turn,
+        }
+    }
+
     /// Keep `id` for the handle `fh` until its release.
     pub(crate) fn hold(&self, fh: u64, id: Arc<Backing>) {
         self.by_handle.lock().insert(fh, id);
@@ -261,47 +300,51 @@ impl FsShared {
 impl StargazeFs {
     /// The kernel backing id of a complete file's cache file, shared by all
     /// open handles of the inode and kept until the last one is released.
+    /// The caller has the inode's [`gate`](Passthrough::gate): one backing
+    /// id is registered per inode.
     pub(crate) fn backing(&self, a: &Attached, local: u64) -> std::io::Result<Arc<Backing>> {
         let p = &self.shared.passthrough;
         // Set by `serve` before any request is served.
         let dev_fd = self.shared.dev_fd.load(Ordering::Relaxed);
         let ino = a.global(local);
-        let mut by_inode = p.by_inode.lock();
-        let id = match by_inode.get(&ino).and_then(std::sync::Weak::upgrade) {
-            Some(id) => id,
+        let shared = p
+            .by_inode
+            .lock()
+            .get(&ino)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(id) = shared {
+            return Ok(id);
+        }
+        // The kernel's inode may have the previous process's backing file.
+        let inherited = p.restored.lock().get_mut(&ino).map(|r| match &r.held {
+            Some(id) => id.clone(),
             None => {
-                let mut restored = p.restored.lock();
-                let id = if let Some(r) = restored.get_mut(&ino) {
-                    // The kernel's inode already has this backing file.
-                    match &r.held {
-                        Some(id) => id.clone(),
-                        None => {
-                            // SAFETY: the id is open on this connection (the
-                            // previous process never closed it) and is closed
-                            // only through this wrapper from now on.
-                            let id = Arc::new(unsafe { Backing::own(r.raw, dev_fd) });
-                            r.held = Some(id.clone());
-                            id
-                        }
-                    }
-                } else {
-                    let file = std::fs::File::open(
-                        a.cache.layer_file_path(a.index.layer_digest(), local),
-                    )?;
-                    // SAFETY: the session's descriptor lives as long as the mount.
-                    let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
-                    // The raw id goes into the open-file table.
-                    let raw = fuser::BackingId::create_raw(dev, &file)?;
-                    // SAFETY: just opened on this connection; closed only
-                    // through the wrapper.
-                    Arc::new(unsafe { Backing::own(raw, dev_fd) })
-                };
-                drop(restored);
-                by_inode.retain(|_, w| w.strong_count() > 0);
-                by_inode.insert(ino, Arc::downgrade(&id));
+                // SAFETY: the id is open on this connection (the previous
+                // process never closed it) and is closed only through this
+                // wrapper from now on.
+                let id = Arc::new(unsafe { Backing::own(r.raw, dev_fd) });
+                r.held = Some(id.clone());
                 id
             }
+        });
+        let id = match inherited {
+            Some(id) => id,
+            None => {
+                // No lock held across the open and the registration.
+                let file =
+                    std::fs::File::open(a.cache.layer_file_path(a.index.layer_digest(), local))?;
+                // SAFETY: the session's descriptor lives as long as the mount.
+                let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
+                // The raw id goes into the open-file table.
+                let raw = fuser::BackingId::create_raw(dev, &file)?;
+                // SAFETY: just opened on this connection; closed only
+                // through the wrapper.
+                Arc::new(unsafe { Backing::own(raw, dev_fd) })
+            }
         };
+        let mut by_inode = p.by_inode.lock();
+        by_inode.retain(|_, w| w.strong_count() > 0);
+        by_inode.insert(ino, Arc::downgrade(&id));
         Ok(id)
     }
 }
@@ -372,6 +415,11 @@ mod tests {
         panic_holding!(p.cached.lock());
         panic_holding!(p.restored.lock());
         panic_holding!(p.restored_fh.lock());
+        panic_holding!(p.gates.lock());
+        {
+            let gate = p.gate(44);
+            panic_holding!(gate.wait());
+        }
 
         // What a restarted process, an open and a release take next.
         shared.restore_handles(vec![

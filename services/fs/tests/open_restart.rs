@@ -7,10 +7,10 @@
 //! with passthrough, and the reverse. The open-file table tells a new
 //! process which mode each inode is in, so a record of an open the kernel
 //! never saw answered must not claim a mode the inode is not in. Here one
-//! open waits for its backing file (the cache file is a FIFO for a moment)
-//! while holding the passthrough lock, and a second open of a file already
-//! open with passthrough waits behind it; both are unanswered when fs is
-//! killed. The other tests kill fs at a point armed with
+//! open waits for its backing file (the cache file is a FIFO for a moment),
+//! a second open of that file waits for its turn behind it, and an open of
+//! a file already open with passthrough goes on meanwhile; the two waiting
+//! are unanswered when fs is killed. The other tests kill fs at a point armed with
 //! `STARGAZE_FS_TEST_KILL`. Needs root, /dev/fuse, FUSE passthrough
 //! (Linux >= 6.9) and skopeo.
 
@@ -296,7 +296,7 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
     );
 
     // `y`'s cache file becomes a FIFO: the next open of `y` waits in fs for
-    // its backing file, holding the passthrough lock.
+    // its backing file, holding `y`'s turn to be opened.
     // (the layer's `files/INO`, perhaps a link to a shared copy).
     let y_cache = walkdir(&cache_dir)
         .into_iter()
@@ -313,17 +313,18 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
         Duration::from_secs(10),
         || waits_on_a_fifo(fs_pid),
     );
-    // A second open of `x` waits behind it. Nothing tells from outside that
+    // A second open of `y` waits behind it. Nothing tells from outside that
     // it reached fs; a build that records opens before choosing their mode
-    // shows it in the table.
+    // shows it in the table. An open of `x` is answered meanwhile.
+    s.fs.others.push(cat(&y_path, &w.join("file4.second")));
     s.fs.others.push(cat(&x_path, &w.join("file5.out")));
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(2) && records(&table).len() < 2 {
+    while start.elapsed() < Duration::from_secs(2) && records(&table).len() < 3 {
         std::thread::sleep(Duration::from_millis(20));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // kill -9 with both opens unanswered.
+    // kill -9 with both opens of `y` unanswered.
     let mut child = s.fs.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
@@ -332,10 +333,14 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
     s.take_over();
 
     // The resent opens are answered, in the inodes' modes.
-    // fs.others: the holder, the open of `y`, the open of `x`.
-    for (i, name) in [(2, x), (1, y)] {
+    // fs.others: the holder, the two opens of `y`, the open of `x`.
+    for (i, name, out) in [
+        (3, x, "file5.out"),
+        (1, y, "file4.out"),
+        (2, y, "file4.second"),
+    ] {
         let c = &mut s.fs.others[i];
-        let out = w.join(format!("{}.out", &name[name.len() - 5..]));
+        let out = w.join(out);
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(s) = c.try_wait().unwrap() {
