@@ -119,14 +119,18 @@ fn close_backing(dev_fd: RawFd, raw: u32) {
     // SAFETY: an ioctl on the session's /dev/fuse descriptor with a local u32.
     let r = unsafe { libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &raw) };
     if r < 0 {
-        // Every id closed here is one a handle's record named: a record
-        // left naming an id closed already would have answered opens of
-        // its inode with it (EIO).
-        tracing::warn!(
-            backing_id = raw,
-            error = %std::io::Error::last_os_error(),
-            "closing a FUSE backing id failed: the open-file records named an id that was not open"
-        );
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            // Every id closed here is one a handle or its record named: a
+            // record naming an id closed already answers opens of its
+            // inode with it (EIO).
+            tracing::warn!(
+                backing_id = raw,
+                "closing a FUSE backing id failed: the open-file records named an id that was not open"
+            );
+        } else {
+            tracing::debug!(backing_id = raw, error = %e, "closing a FUSE backing id failed");
+        }
     }
 }
 
