@@ -16,6 +16,9 @@ pub const ENV: &str = "STARGAZE_FS_TEST_KILL";
 pub(crate) enum Point {
     /// An open recorded in the open-file table, its answer not written.
     OpenRecorded,
+    /// A release of a passthrough handle that cleared its record, nothing
+    /// else done.
+    ReleaseUnrecorded,
     /// A release that closed its handle's backing id, not answered.
     ReleaseClosedBacking,
 }
@@ -24,6 +27,7 @@ impl Point {
     fn name(self) -> &'static str {
         match self {
             Point::OpenRecorded => "open-recorded",
+            Point::ReleaseUnrecorded => "release-unrecorded",
             Point::ReleaseClosedBacking => "release-closed-backing",
         }
     }

@@ -19,6 +19,10 @@
 //! clears it before it closes the handle's backing id, and gives the number
 //! out again only after: a record never names a backing id already closed,
 //! and a new open never finds the state of the handle that had its number.
+//! A cleared record keeps its mode until the number is free: a process
+//! killed in between leaves the id it may not have closed, which the next
+//! process closes before serving (the kernel never gives a closed id out
+//! again soon: ids are allocated cyclically among 2^31).
 //!
 //! Beside each record is the kernel's number of the open request it
 //! answers. A process killed between recording an open and answering it
@@ -61,6 +65,14 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Unrecorded {
     slot: u64,
+    passthrough: bool,
+}
+
+impl Unrecorded {
+    /// Whether the handle was opened with passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough
+    }
 }
 
 /// A handle the previous process left open.
@@ -80,6 +92,9 @@ pub struct OpenTable {
     /// their handle: a request the kernel presents again is one whose
     /// answer it never got.
     adopted: Mutex<HashMap<u64, u64>>,
+    /// Slots of releases a previous process did not finish, with the
+    /// backing id each names (none named by a record left open).
+    unfinished: Mutex<Vec<(u64, u32)>>,
 }
 
 #[derive(Default)]
@@ -115,6 +130,7 @@ impl OpenTable {
             free: Mutex::new(Free::default()),
             unrecorded: AtomicU64::new(0),
             adopted: Mutex::new(HashMap::new()),
+            unfinished: Mutex::new(Vec::new()),
         };
         let mut left = Vec::new();
         if keep {
@@ -122,6 +138,9 @@ impl OpenTable {
             for slot in 0..CAPACITY {
                 let (ino, mode) = table.read(slot);
                 if ino == 0 {
+                    if let Some(raw) = mode.checked_sub(1).and_then(|m| u32::try_from(m).ok()) {
+                        table.unfinished.lock().push((slot, raw));
+                    }
                     continue;
                 }
                 // Free slots below the highest used one are given out first.
@@ -144,6 +163,17 @@ impl OpenTable {
                 });
             }
             free.slots.reverse();
+            let named: std::collections::HashSet<u32> = left
+                .iter()
+                .filter_map(|h| match h.mode {
+                    Mode::Passthrough(raw) => Some(raw),
+                    Mode::Cached => None,
+                })
+                .collect();
+            table
+                .unfinished
+                .lock()
+                .retain(|(_, raw)| !named.contains(raw));
         }
         Ok((table, left))
     }
@@ -260,12 +290,30 @@ impl OpenTable {
                 adopted.remove(&unique);
             }
         }
-        Some(Unrecorded { slot })
+        Some(Unrecorded {
+            slot,
+            passthrough: self.words(slot).1.load(Ordering::Relaxed) != 0,
+        })
     }
 
     /// Give an unrecorded handle's number to new opens.
     pub fn free(&self, u: Unrecorded) {
+        self.words(u.slot).1.store(0, Ordering::Relaxed);
         self.free.lock().slots.push(u.slot);
+    }
+
+    /// The backing ids of releases the previous process did not finish:
+    /// perhaps still open, named by no open handle. (A table of a build
+    /// that kept the modes of free slots names ids closed long ago.)
+    pub fn unfinished_releases(&self) -> Vec<u32> {
+        self.unfinished.lock().iter().map(|(_, raw)| *raw).collect()
+    }
+
+    /// Those ids are closed now: forget them.
+    pub fn unfinished_closed(&self) {
+        for (slot, _) in self.unfinished.lock().drain(..) {
+            self.words(slot).1.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Forget a handle that has no other state to drop.
@@ -371,6 +419,36 @@ mod tests {
         assert_eq!(t.unanswered(40, 10), None);
         assert_eq!(t.unanswered(40, 14), None);
         assert_ne!(again, unknown);
+    }
+
+    /// A process killed in a release between clearing the record and
+    /// freeing the number leaves the backing id to close to the next one,
+    /// unless an open handle still names it; a finished release leaves
+    /// nothing.
+    #[test]
+    fn a_release_cut_short_leaves_its_backing_id_to_the_next_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = OpenTable::beside(&dir.path().join("mnt"));
+        let (t, _) = OpenTable::open(&path, false).unwrap();
+        let a = t.open_handle(10, Mode::Passthrough(5), 0);
+        let b = t.open_handle(11, Mode::Passthrough(6), 0);
+        let _c = t.open_handle(11, Mode::Passthrough(6), 0);
+        let d = t.open_handle(12, Mode::Passthrough(7), 0);
+        let e = t.open_handle(13, Mode::Cached, 0);
+        let cut = t.unrecord(a);
+        assert!(cut.as_ref().is_some_and(Unrecorded::passthrough));
+        let _still_named = t.unrecord(b);
+        t.release(d);
+        let _cached = t.unrecord(e);
+        drop(t);
+
+        let (t, left) = OpenTable::open(&path, true).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(t.unfinished_releases(), vec![5]);
+        t.unfinished_closed();
+        drop(t);
+        let (t, _) = OpenTable::open(&path, true).unwrap();
+        assert!(t.unfinished_releases().is_empty());
     }
 
     /// A panic while the free list is locked (a bug in one open) must not

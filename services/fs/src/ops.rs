@@ -350,9 +350,12 @@ impl StargazeFs {
     fn drop_handle(&self, ino: u64, fh: u64) {
         // The record first: a process killed from here on leaves none
         // naming a backing id it may have closed (the next process would
-        // give that id to the inode's opens: EIO), at worst an id open and
-        // unused until the connection ends.
+        // give that id to the inode's opens: EIO); the id it may not have
+        // closed yet, the next process closes (see `crate::opens`).
         let unrecorded = self.shared.opens.get().and_then(|t| t.unrecord(fh));
+        if unrecorded.as_ref().is_some_and(|u| u.passthrough()) {
+            kill_point::reached(&self.shared, Point::ReleaseUnrecorded, ino);
+        }
         self.shared.handles.lock().remove(&fh);
         let closed = self
             .shared

@@ -134,6 +134,18 @@ fn close_backing(dev_fd: RawFd, raw: u32) {
     }
 }
 
+/// Close the backing ids a previous process may have left open, named by
+/// no open handle (see [`crate::opens`]), on the connection of `dev_fd`
+/// before any open is served; how many were open.
+pub(crate) fn close_left_open(dev_fd: RawFd, ids: &[u32]) -> usize {
+    ids.iter()
+        .filter(|&&raw| {
+            // SAFETY: an ioctl on the connection's /dev/fuse descriptor with a local u32.
+            unsafe { libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &raw) == 0 }
+        })
+        .count()
+}
+
 /// Handles open in cached mode (tracked only while passthrough is wanted).
 #[derive(Default)]
 pub(crate) struct CachedOpens {

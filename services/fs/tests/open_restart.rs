@@ -500,6 +500,66 @@ async fn an_open_recorded_by_a_killed_process_and_never_answered_leaves_no_recor
     );
 }
 
+/// fs killed in the release of a file's last passthrough handle once it
+/// cleared the handle's record, before it closed the backing id: no record
+/// names the id, and the next process must close it (the kernel keeps an
+/// id, and its cache file open, until closed or the connection ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backing_id_a_killed_release_left_open_is_closed_by_the_next_process() {
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_fuse_passthrough();
+    stargaze_testkit::require("skopeo");
+    let x = "data/file5";
+    let kill = format!("release-unrecorded:{x}");
+    let mut s = Setup::start(&[(stargaze_fs::kill_point::ENV, &kill)]).await;
+    s.cat_ok(x, "x.first");
+    s.wait_no_records("the first read's handle is released");
+    let holder = s.hold(&s.dir.join(x));
+    let held = records(&s.table);
+    let [
+        OpenHandle {
+            mode: Mode::Passthrough(raw),
+            ..
+        },
+    ] = held.as_slice()
+    else {
+        panic!(
+            "the holder's open of {x} is not the one passthrough record: {held:?}\n{}",
+            s.log()
+        );
+    };
+    let raw = *raw;
+
+    s.let_go(holder);
+    s.wait_killed();
+    let left = records(&s.table);
+    assert!(left.is_empty(), "{left:?}");
+    s.take_over();
+
+    // FUSE_DEV_IOC_BACKING_CLOSE: _IOW(229, 2, uint32_t).
+    const BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
+    let fd = s
+        .store
+        .fd(stargaze_fs::handover::FDNAME)
+        .expect("the stored connection");
+    // SAFETY: an ioctl on the connection's descriptor with a local u32.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            BACKING_CLOSE as _,
+            &raw,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    assert!(
+        r < 0 && e.raw_os_error() == Some(libc::ENOENT),
+        "backing id {raw} is still open after the take-over (closing it: {r}, {e})\n{}",
+        s.log()
+    );
+    s.cat_ok(x, "x.after");
+    s.wait_no_records("after the take-over");
+}
+
 fn walkdir(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
