@@ -199,14 +199,24 @@ impl Setup {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
+        let out = holder.stdout.take().unwrap();
         self.fs.others.push(holder);
-        assert_eq!(line.trim(), "open", "{}", self.log());
+        // Read aside: an open fs never answers (it died) must fail the test,
+        // whose clean-up then kills the holder, not hang it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30));
+        assert_eq!(
+            line.as_deref().map(str::trim),
+            Ok("open"),
+            "the holder's open of {}\n{}",
+            path.display(),
+            self.log()
+        );
         self.fs.others.len() - 1
     }
 
@@ -221,7 +231,18 @@ impl Setup {
     fn cat_ok(&self, name: &str, out: &str) {
         let out = self.work.path().join(out);
         let mut c = cat(&self.dir.join(name), &out);
-        let status = c.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("an open of {name} is never answered\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let mut err = String::new();
         std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
         assert!(
