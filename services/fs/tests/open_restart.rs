@@ -87,11 +87,13 @@ fn cat(file: &Path, out: &Path) -> Child {
 
 /// A layer's files served by an fs process under an emulated descriptor
 /// store, with the fetcher served from this process.
+/// Fields drop in order: the processes and the mount go before the
+/// connection's stored descriptor and the directory holding them all.
 struct Setup {
-    _reg: Registry,
-    work: tempfile::TempDir,
     fs: Fs,
     store: FdStore,
+    _reg: Registry,
+    work: tempfile::TempDir,
     config: PathBuf,
     log: PathBuf,
     fs_sock: PathBuf,
