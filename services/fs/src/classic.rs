@@ -59,8 +59,8 @@ impl Filesystem for StargazeFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.op_open(u64::from(ino), flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.op_open(u64::from(ino), flags.0, req.unique().0) {
             Ok(Opened::Cached { fh }) => {
                 // The layer never changes: let the kernel keep cached pages.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)

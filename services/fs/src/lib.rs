@@ -32,12 +32,15 @@
 //!
 //! * [`service`] is `stargaze.v1.Fs`: attach, detach (refused while an
 //!   overlay mount uses the layer), list, status.
+//! * [`kill_point`] kills the process at a chosen point of an open or a
+//!   release, for the tests of a take-over after `kill -9`.
 //! * [`metrics`] times every FUSE operation and counts bytes served from the
 //!   cache vs after a fetch, for Prometheus and `stargaze status`.
 
 mod classic;
 mod entries;
 pub mod handover;
+pub mod kill_point;
 pub mod layers;
 pub mod metrics;
 pub mod opens;

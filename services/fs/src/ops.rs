@@ -20,6 +20,7 @@ use fuser::{Errno, FileAttr};
 
 use crate::FsShared;
 use crate::entries::{Listed, ROOT_TTL, layer_attr};
+use crate::kill_point::{self, Point};
 use crate::layers::{Attached, MOUNT_ROOT};
 use crate::metrics::Op;
 use crate::opens::Mode;
@@ -131,8 +132,33 @@ impl StargazeFs {
             .ok_or(Errno::EINVAL)
     }
 
-    pub(crate) fn op_open(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
+    /// Open `ino` for the kernel's request `unique`.
+    pub(crate) fn op_open(&self, ino: u64, flags: i32, unique: u64) -> Result<Opened, Errno> {
         let _timer = self.shared.counters.timer(Op::Open);
+        // A request the previous process recorded a handle for and died
+        // before answering: the kernel never got that handle and will never
+        // release it, so it goes before the open is served again.
+        if let Some(fh) = self
+            .shared
+            .opens
+            .get()
+            .and_then(|t| t.unanswered(unique, ino))
+        {
+            tracing::debug!(
+                fh,
+                ino,
+                "an open the previous process recorded and never answered: its handle dropped"
+            );
+            self.drop_handle(ino, fh);
+        }
+        let opened = self.open(ino, flags, unique);
+        if opened.is_ok() {
+            kill_point::reached(&self.shared, Point::OpenRecorded, ino);
+        }
+        opened
+    }
+
+    fn open(&self, ino: u64, flags: i32, unique: u64) -> Result<Opened, Errno> {
         let (a, local) = self.shared.layers.resolve(ino).ok_or(Errno::ENOENT)?;
         if flags & O_ACCMODE != 0 {
             return Err(Errno::EROFS);
@@ -155,21 +181,24 @@ impl StargazeFs {
         let p = &self.shared.passthrough;
         if !p.wanted.load(Ordering::Relaxed) {
             // The layer never changes: let the kernel keep cached pages.
-            let fh = self.shared.new_handle(ino, Mode::Cached);
+            let fh = self.shared.new_handle(ino, Mode::Cached, unique);
             return Ok(Opened::Cached { fh });
         }
-        // Held across the decision and the record, so a concurrent open of
-        // the same inode cannot choose the other mode. The handle is
-        // recorded only once its mode is chosen: a record that said cached
-        // while the open was still getting its backing file would, after a
-        // crash there, make the next process open the inode in cached mode
-        // beside the kernel's passthrough handles (EIO).
-        let mut cached = p.cached.lock();
+        // The inode's turn, held across the decision and the record, so a
+        // concurrent open of the same inode cannot choose the other mode
+        // (releases only end handles: none makes the decision wrong). The
+        // handle is recorded only once its mode is chosen: a record that
+        // said cached while the open was still getting its backing file
+        // would, after a crash there, make the next process open the inode
+        // in cached mode beside the kernel's passthrough handles (EIO).
+        let gate = p.gate(ino);
+        let _turn = gate.wait();
+        let open_cached = p.cached.lock().per_inode.contains_key(&ino);
         // An inode with a live backing file stays in passthrough mode even
         // if passthrough was given up meanwhile: the kernel refuses mixing
         // the modes on one inode.
         if n.size() > 0
-            && !cached.per_inode.contains_key(&ino)
+            && !open_cached
             && (p.has_backing(ino)
                 || (p.active.load(Ordering::Acquire) && present(&a, local, 0, n.size())))
         {
@@ -177,7 +206,7 @@ impl StargazeFs {
                 Ok(id) => {
                     let fh = self
                         .shared
-                        .new_handle(ino, Mode::Passthrough(id.raw()));
+                        .new_handle(ino, Mode::Passthrough(id.raw()), unique);
                     let backing_id = id.raw();
                     p.hold(fh, id);
                     p.opens.fetch_add(1, Ordering::Relaxed);
@@ -197,8 +226,8 @@ impl StargazeFs {
                 )),
             }
         }
-        let fh = self.shared.new_handle(ino, Mode::Cached);
-        cached.add(fh, ino);
+        let fh = self.shared.new_handle(ino, Mode::Cached, unique);
+        p.cached.lock().add(fh, ino);
         Ok(Opened::Cached { fh })
     }
 
@@ -314,14 +343,31 @@ impl StargazeFs {
             );
             return;
         }
+        self.drop_handle(ino, fh);
+    }
+
+    /// Forget the handle `fh` of `ino`: its record, cache file and backing id.
+    fn drop_handle(&self, ino: u64, fh: u64) {
+        // The record first: a process killed from here on leaves none
+        // naming a backing id it may have closed (the next process would
+        // give that id to the inode's opens: EIO); the id it may not have
+        // closed yet, the next process closes (see `crate::opens`).
+        let unrecorded = self.shared.opens.get().and_then(|t| t.unrecord(fh));
+        if unrecorded.as_ref().is_some_and(|u| u.passthrough()) {
+            kill_point::reached(&self.shared, Point::ReleaseUnrecorded, ino);
+        }
         self.shared.handles.lock().remove(&fh);
-        self.shared
+        let closed = self
+            .shared
             .passthrough
             .release(fh, self.shared.dev_fd.load(Ordering::Relaxed));
+        if closed {
+            kill_point::reached(&self.shared, Point::ReleaseClosedBacking, ino);
+        }
         // Last: from here on the number may be given to a new open, which
         // must not find this handle's file or backing id.
-        if let Some(t) = self.shared.opens.get() {
-            t.release(fh);
+        if let (Some(t), Some(u)) = (self.shared.opens.get(), unrecorded) {
+            t.free(u);
         }
     }
 

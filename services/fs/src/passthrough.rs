@@ -42,6 +42,32 @@ pub struct Passthrough {
     restored: Mutex<HashMap<u64, Restored>>,
     /// Those handles, to their inode.
     restored_fh: Mutex<HashMap<u64, u64>>,
+    /// The turns of inodes being opened: see [`Passthrough::gate`].
+    gates: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+}
+
+/// An inode's turn to choose the mode of an open and record it.
+pub(crate) struct Gate<'a> {
+    gates: &'a Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    ino: u64,
+    turn: Arc<Mutex<()>>,
+}
+
+impl Gate<'_> {
+    /// Wait for the turn: opens of the inode before it are recorded.
+    pub(crate) fn wait(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.turn.lock()
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut gates = self.gates.lock();
+        // The table's and ours only: no open of the inode waits.
+        if Arc::strong_count(&self.turn) == 2 {
+            gates.remove(&self.ino);
+        }
+    }
 }
 
 /// A backing id inherited from a previous process.
@@ -81,13 +107,43 @@ impl Backing {
 
 impl Drop for Backing {
     fn drop(&mut self) {
-        if self.dev_fd >= 0 {
-            // SAFETY: an ioctl on the session's /dev/fuse descriptor with a local u32.
-            unsafe {
-                libc::ioctl(self.dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &self.raw);
-            }
+        close_backing(self.dev_fd, self.raw);
+    }
+}
+
+/// Close the backing id `raw` on the connection of `dev_fd` (none: -1).
+fn close_backing(dev_fd: RawFd, raw: u32) {
+    if dev_fd < 0 {
+        return;
+    }
+    // SAFETY: an ioctl on the session's /dev/fuse descriptor with a local u32.
+    let r = unsafe { libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &raw) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            // Every id closed here is one a handle or its record named: a
+            // record naming an id closed already answers opens of its
+            // inode with it (EIO).
+            tracing::warn!(
+                backing_id = raw,
+                "closing a FUSE backing id failed: the open-file records named an id that was not open"
+            );
+        } else {
+            tracing::debug!(backing_id = raw, error = %e, "closing a FUSE backing id failed");
         }
     }
+}
+
+/// Close the backing ids a previous process may have left open, named by
+/// no open handle (see [`crate::opens`]), on the connection of `dev_fd`
+/// before any open is served; how many were open.
+pub(crate) fn close_left_open(dev_fd: RawFd, ids: &[u32]) -> usize {
+    ids.iter()
+        .filter(|&&raw| {
+            // SAFETY: an ioctl on the connection's /dev/fuse descriptor with a local u32.
+            unsafe { libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &raw) == 0 }
+        })
+        .count()
 }
 
 /// Handles open in cached mode (tracked only while passthrough is wanted).
@@ -126,21 +182,27 @@ impl Passthrough {
         }
     }
 
-    pub(crate) fn release(&self, fh: u64, dev_fd: RawFd) {
+    /// Forget the handle `fh`; whether that closed its backing id (it was
+    /// the inode's last handle).
+    pub(crate) fn release(&self, fh: u64, dev_fd: RawFd) -> bool {
+        let mut closed = false;
         // A handle of the previous process: the last one of its inode
         // lets the inherited backing id go.
         let old = self.restored_fh.lock().remove(&fh);
         if let Some(ino) = old {
             let mut restored = self.restored.lock();
             if let Some(r) = restored.get_mut(&ino) {
-                r.old_handles -= 1;
-                if r.old_handles == 0 {
-                    let r = restored.remove(&ino).expect("present");
-                    if r.held.is_none() && dev_fd >= 0 {
+                r.old_handles = r.old_handles.saturating_sub(1);
+                if r.old_handles == 0
+                    && let Some(r) = restored.remove(&ino)
+                {
+                    match r.held {
+                        // Dropped here, unless new handles hold it.
+                        Some(id) => closed |= Arc::into_inner(id).is_some(),
                         // Never used since: close it here.
-                        // SAFETY: an ioctl on our /dev/fuse descriptor with a local u32.
-                        unsafe {
-                            libc::ioctl(dev_fd, FUSE_DEV_IOC_BACKING_CLOSE as _, &r.raw);
+                        None => {
+                            close_backing(dev_fd, r.raw);
+                            closed = true;
                         }
                     }
                 }
@@ -149,10 +211,25 @@ impl Passthrough {
         // `wanted` is set before mounting and never changes: without
         // passthrough there is nothing else to forget.
         if !self.wanted.load(Ordering::Relaxed) {
-            return;
+            return closed;
         }
-        self.by_handle.lock().remove(&fh);
+        // The last holder of the inode's id closes it, when dropped here.
+        let last = self.by_handle.lock().remove(&fh).and_then(Arc::into_inner);
         self.cached.lock().remove(fh);
+        closed || last.is_some()
+    }
+
+    /// The turn of `ino` to be opened: opens of one inode choose their mode
+    /// and record it one at a time (two must not choose different modes),
+    /// opens of other inodes go on meanwhile, whatever disk I/O choosing a
+    /// backing file takes.
+    pub(crate) fn gate(&self, ino: u64) -> Gate<'_> {
+        let turn = self.gates.lock().entry(ino).or_default().clone();
+        Gate {
+            gates: &self.gates,
+            ino,
+            turn,
+        }
     }
 
     /// Keep `id` for the handle `fh` until its release.
@@ -239,47 +316,51 @@ impl FsShared {
 impl StargazeFs {
     /// The kernel backing id of a complete file's cache file, shared by all
     /// open handles of the inode and kept until the last one is released.
+    /// The caller has the inode's [`gate`](Passthrough::gate): one backing
+    /// id is registered per inode.
     pub(crate) fn backing(&self, a: &Attached, local: u64) -> std::io::Result<Arc<Backing>> {
         let p = &self.shared.passthrough;
         // Set by `serve` before any request is served.
         let dev_fd = self.shared.dev_fd.load(Ordering::Relaxed);
         let ino = a.global(local);
-        let mut by_inode = p.by_inode.lock();
-        let id = match by_inode.get(&ino).and_then(std::sync::Weak::upgrade) {
-            Some(id) => id,
+        let shared = p
+            .by_inode
+            .lock()
+            .get(&ino)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(id) = shared {
+            return Ok(id);
+        }
+        // The kernel's inode may have the previous process's backing file.
+        let inherited = p.restored.lock().get_mut(&ino).map(|r| match &r.held {
+            Some(id) => id.clone(),
             None => {
-                let mut restored = p.restored.lock();
-                let id = if let Some(r) = restored.get_mut(&ino) {
-                    // The kernel's inode already has this backing file.
-                    match &r.held {
-                        Some(id) => id.clone(),
-                        None => {
-                            // SAFETY: the id is open on this connection (the
-                            // previous process never closed it) and is closed
-                            // only through this wrapper from now on.
-                            let id = Arc::new(unsafe { Backing::own(r.raw, dev_fd) });
-                            r.held = Some(id.clone());
-                            id
-                        }
-                    }
-                } else {
-                    let file = std::fs::File::open(
-                        a.cache.layer_file_path(a.index.layer_digest(), local),
-                    )?;
-                    // SAFETY: the session's descriptor lives as long as the mount.
-                    let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
-                    // The raw id goes into the open-file table.
-                    let raw = fuser::BackingId::create_raw(dev, &file)?;
-                    // SAFETY: just opened on this connection; closed only
-                    // through the wrapper.
-                    Arc::new(unsafe { Backing::own(raw, dev_fd) })
-                };
-                drop(restored);
-                by_inode.retain(|_, w| w.strong_count() > 0);
-                by_inode.insert(ino, Arc::downgrade(&id));
+                // SAFETY: the id is open on this connection (the previous
+                // process never closed it) and is closed only through this
+                // wrapper from now on.
+                let id = Arc::new(unsafe { Backing::own(r.raw, dev_fd) });
+                r.held = Some(id.clone());
                 id
             }
+        });
+        let id = match inherited {
+            Some(id) => id,
+            None => {
+                // No lock held across the open and the registration.
+                let file =
+                    std::fs::File::open(a.cache.layer_file_path(a.index.layer_digest(), local))?;
+                // SAFETY: the session's descriptor lives as long as the mount.
+                let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
+                // The raw id goes into the open-file table.
+                let raw = fuser::BackingId::create_raw(dev, &file)?;
+                // SAFETY: just opened on this connection; closed only
+                // through the wrapper.
+                Arc::new(unsafe { Backing::own(raw, dev_fd) })
+            }
         };
+        let mut by_inode = p.by_inode.lock();
+        by_inode.retain(|_, w| w.strong_count() > 0);
+        by_inode.insert(ino, Arc::downgrade(&id));
         Ok(id)
     }
 }
@@ -350,6 +431,11 @@ mod tests {
         panic_holding!(p.cached.lock());
         panic_holding!(p.restored.lock());
         panic_holding!(p.restored_fh.lock());
+        panic_holding!(p.gates.lock());
+        {
+            let gate = p.gate(44);
+            panic_holding!(gate.wait());
+        }
 
         // What a restarted process, an open and a release take next.
         shared.restore_handles(vec![
@@ -366,7 +452,7 @@ mod tests {
         ]);
         assert!(p.has_backing(42));
         assert!(!p.has_backing(43));
-        let fh = shared.new_handle(44, Mode::Cached);
+        let fh = shared.new_handle(44, Mode::Cached, 0);
         assert_ne!(fh, 0);
         p.release(fh, -1);
         p.release(8, -1);
@@ -388,9 +474,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = OpenTable::beside(&dir.path().join("mnt"));
         let (t, _) = OpenTable::open(&path, false).unwrap();
-        let answered = t.open_handle(42, Mode::Passthrough(3));
-        let phantom = t.open_handle(42, Mode::Cached);
-        let other = t.open_handle(43, Mode::Cached);
+        let answered = t.open_handle(42, Mode::Passthrough(3), 0);
+        let phantom = t.open_handle(42, Mode::Cached, 0);
+        let other = t.open_handle(43, Mode::Cached, 0);
         drop(t);
 
         let shared = test_shared(&rt);
@@ -409,8 +495,8 @@ mod tests {
         );
         assert_eq!(per_inode.get(&43), Some(&1));
         // The phantom's number is free; the others stay reserved.
-        assert_eq!(shared.new_handle(44, Mode::Cached), phantom);
-        assert!(![answered, phantom, other].contains(&shared.new_handle(45, Mode::Cached)));
+        assert_eq!(shared.new_handle(44, Mode::Cached, 0), phantom);
+        assert!(![answered, phantom, other].contains(&shared.new_handle(45, Mode::Cached, 0)));
         // Released once the restored opens are gone (what the next process
         // would restore).
         drop(shared);
@@ -444,7 +530,7 @@ mod tests {
         let fs = crate::ops::StargazeFs {
             shared: shared.clone(),
         };
-        let fh = shared.new_handle(44, Mode::Cached);
+        let fh = shared.new_handle(44, Mode::Cached, 0);
         let file = Arc::new(std::fs::File::open("/dev/null").unwrap());
         shared.handles.lock().insert(fh, file);
         fs.op_release(45, fh);

@@ -3,7 +3,7 @@
 //! [`handover`](crate::handover)), start the FUSE threads, detach a stale
 //! mount, unmount.
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -262,9 +262,22 @@ pub fn mount_or_take_over(
         what: format!("opening the open-file table {}", table_path.display()),
         source: e,
     })?;
+    let unfinished = table.unfinished_releases();
     let _ = shared.opens.set(table);
     let mounted = match takeover {
         Some((dev, init, state)) => {
+            if !unfinished.is_empty() {
+                let closed = crate::passthrough::close_left_open(dev.as_raw_fd(), &unfinished);
+                if closed > 0 {
+                    tracing::info!(
+                        closed,
+                        "closed the backing ids of releases the previous process did not finish"
+                    );
+                }
+                if let Some(t) = shared.opens.get() {
+                    t.unfinished_closed();
+                }
+            }
             shared.restore_handles(left);
             shared.layers.reserve_slots(state.next_slot);
             let mut attached = 0;

@@ -88,11 +88,12 @@ impl FsShared {
         }
     }
 
-    /// A handle number for a new open of `ino` in `mode`, recorded (with
-    /// its final mode: see [`crate::opens`]) before the open is answered.
-    pub(crate) fn new_handle(&self, ino: u64, mode: Mode) -> u64 {
+    /// A handle number for the open request `unique` of `ino` in `mode`,
+    /// recorded (with its final mode: see [`crate::opens`]) before the
+    /// open is answered.
+    pub(crate) fn new_handle(&self, ino: u64, mode: Mode, unique: u64) -> u64 {
         match self.opens.get() {
-            Some(t) => t.open_handle(ino, mode),
+            Some(t) => t.open_handle(ino, mode, unique),
             None => self.next_fh.fetch_add(1, Ordering::Relaxed),
         }
     }

@@ -6,7 +6,7 @@
 //! reads; passthrough.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -608,6 +608,87 @@ async fn complete_files_are_opened_with_passthrough() {
     let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
     assert_eq!(stargaze_format::Digest::of(&through_overlay.unwrap()), want);
     assert!(p.opens.load(Ordering::Relaxed) >= 2);
+}
+
+/// Whether a thread of this process waits in the kernel for a FIFO's writer.
+fn waits_on_a_fifo() -> bool {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).any(|t| {
+        std::fs::read_to_string(t.path().join("stack")).is_ok_and(|s| s.contains("fifo_open"))
+    })
+}
+
+/// Opens a FIFO's writing end when dropped, so that an open of its reading
+/// end waiting for one goes on.
+struct Writer(PathBuf);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0);
+    }
+}
+
+/// Choosing a backing file opens the cache file and registers it with the
+/// kernel: while that takes long for one file (its cache file is a FIFO
+/// here, waiting for a writer), opens of other files must go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backing_file_holds_up_no_open_of_another_file() {
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_fuse_passthrough();
+    let work = tempfile::tempdir().unwrap();
+    let (shared, layer, digest) = setup(&layer_tar(), work.path()).await;
+    shared.passthrough.wanted.store(true, Ordering::Release);
+    // Classic: a ring serves its CPU's requests one at a time whatever fs
+    // does, and both opens may come from one CPU.
+    *shared.transport_wanted.lock() = stargaze_service::config::FsTransport::Classic;
+    let m = mount_as_set(shared.clone());
+    let layer_dir = m.dir.path().join(&digest[7..]);
+    let (slow, other) = ("srv/big.bin", "srv/setuid");
+    // Both complete in the cache, never opened: opened with passthrough.
+    for name in [slow, other] {
+        let ino = layer.index.lookup_path(name).unwrap();
+        let size = layer.index.inode(ino).unwrap().size();
+        shared.source.fetch(&digest, ino, 0, size).await.unwrap();
+    }
+    let a = shared.layers.by_name(&digest[7..]).unwrap();
+    let slow_cache = a.cache.layer_file_path(
+        a.index.layer_digest(),
+        layer.index.lookup_path(slow).unwrap(),
+    );
+    std::fs::rename(&slow_cache, slow_cache.with_extension("aside")).unwrap();
+    nix::unistd::mkfifo(&slow_cache, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let slow_path = layer_dir.join(slow);
+    let waiting = std::thread::spawn(move || std::fs::File::open(slow_path).map(|_| ()));
+    // Let the waiting open go on at the end, whatever happens.
+    let writer = Writer(slow_cache);
+    let start = std::time::Instant::now();
+    while !waits_on_a_fifo() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no fs thread waits for the slow backing file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other_path = layer_dir.join(other);
+    let reader = std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(other_path));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(5));
+    drop(writer);
+    let _ = waiting.join();
+    let _ = reader.join();
+    drop(m);
+    match got {
+        Ok(r) => assert_eq!(r.unwrap(), b"#!/bin/sh\n"),
+        Err(_) => panic!("the open of {other} waited for the backing file of {slow}"),
+    }
 }
 
 /// Handle numbers come from the open-file table and are given again once

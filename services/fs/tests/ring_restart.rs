@@ -78,7 +78,7 @@ async fn a_kill_9_under_io_uring_loses_no_read() {
     let log = w.join("fs.log");
     let mut store = FdStore::bind(&w.join("fs-notify.sock"));
     let mut fs = Fs {
-        child: Some(spawn_fs(&mut store, &config, &log, &fs_sock)),
+        child: Some(spawn_fs(&mut store, &config, &log, &fs_sock, &[])),
         dir: w.to_path_buf(),
     };
     let mut fetch = FetcherClient::new(stargaze_proto::connect_unix(&fetcher_sock).unwrap());
@@ -156,7 +156,7 @@ async fn a_kill_9_under_io_uring_loses_no_read() {
     child.kill().unwrap();
     child.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    fs.child = Some(spawn_fs(&mut store, &config, &log, &fs_sock));
+    fs.child = Some(spawn_fs(&mut store, &config, &log, &fs_sock, &[]));
     let restarted = reads();
     tokio::time::sleep(Duration::from_millis(2000)).await;
     std::fs::write(w.join("stop"), b"").unwrap();

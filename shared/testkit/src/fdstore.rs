@@ -41,6 +41,16 @@ impl FdStore {
         self.fds.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// The stored descriptor named `name`.
+    pub fn fd(&mut self, name: &str) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.drain();
+        self.fds
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, fd)| fd.as_fd())
+    }
+
     /// Take in every notification sent so far.
     pub fn drain(&mut self) {
         loop {

@@ -301,7 +301,7 @@ impl Queue {
                 Err(e) => error(e),
             },
             Request::Readlink => Some(fs.op_readlink(ino).into()),
-            Request::Open { flags } => match fs.op_open(ino, flags) {
+            Request::Open { flags } => match fs.op_open(ino, flags, h.unique) {
                 Ok(Opened::Cached { fh }) => data(reply::open(fh, abi::FOPEN_KEEP_CACHE, 0)),
                 Ok(Opened::Passthrough { fh, backing_id }) => {
                     data(reply::open(fh, abi::FOPEN_PASSTHROUGH, backing_id))

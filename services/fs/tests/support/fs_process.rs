@@ -22,7 +22,14 @@ use tonic::transport::Channel;
 /// Start `stargaze-fs` with `config` under `store`, its output appended to
 /// `log`, and wait until it listens on `sock`. The transport is the
 /// config's, whatever the suite runs with (these tests are about one).
-pub fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> Child {
+/// `env` is added to its environment (a kill point to arm).
+pub fn spawn_fs(
+    store: &mut FdStore,
+    config: &Path,
+    log: &Path,
+    sock: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let _ = std::fs::remove_file(sock);
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -34,6 +41,8 @@ pub fn spawn_fs(store: &mut FdStore, config: &Path, log: &Path, sock: &Path) -> 
         .arg("--config")
         .arg(config)
         .env_remove(stargaze_fs::transport::ENV)
+        .env_remove(stargaze_fs::kill_point::ENV)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
