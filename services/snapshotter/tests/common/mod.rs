@@ -6,7 +6,7 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use stargaze_oci::{ImageConvertOptions, OciLayout};
 pub use stargaze_testkit::skopeo_copy;
@@ -159,4 +159,47 @@ pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
         .iter()
         .map(|l| l["digest"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// `ctr-remote image rpull` of `reference` into `ctd` with the stargaze
+/// snapshotter (plain HTTP).
+pub fn ctr_remote_rpull(ctd: &Containerd, reference: &str) {
+    ctr_remote_rpull_with(ctd, &[], reference);
+}
+
+/// [`ctr_remote_rpull`] with `flags` (such as `--skip-content-verify`).
+pub fn ctr_remote_rpull_with(ctd: &Containerd, flags: &[&str], reference: &str) {
+    run(ctd
+        .cmd("ctr-remote")
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargaze",
+        ])
+        .args(flags)
+        .arg(reference));
+}
+
+/// The digests of the blobs in containerd's content store (`ctr content
+/// ls -q`): a layer mounted lazily is not among them.
+pub fn content_blobs(ctd: &Containerd) -> String {
+    String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap()
+}
+
+/// `ctr run --rm` of `reference` on the stargaze snapshotter, as the
+/// container `<name>-<pid>`, running `/bin/sh -c script`.
+pub fn sh_in_container(ctd: &Containerd, reference: &str, name: &str, script: &str) -> Output {
+    ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        reference,
+        &format!("{name}-{}", std::process::id()),
+        "/bin/sh",
+        "-c",
+        script,
+    ])
 }
