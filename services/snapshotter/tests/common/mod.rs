@@ -140,8 +140,8 @@ pub fn rpull_command(ctd: &Containerd, reference: &str) -> Command {
     cmd
 }
 
-/// Digests of the layers of a manifest in containerd's content store.
-pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
+/// The manifest of `reference` in containerd's content store.
+pub fn manifest(ctd: &Containerd, reference: &str) -> serde_json::Value {
     let manifest_digest = String::from_utf8(
         ctd.ctr(&["image", "ls", &format!("name=={reference}")])
             .stdout,
@@ -151,9 +151,12 @@ pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
     .nth(1)
     .and_then(|l| l.split_whitespace().nth(2).map(String::from))
     .unwrap_or_else(|| panic!("image {reference} is not in containerd"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap();
-    manifest["layers"]
+    serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap()
+}
+
+/// Digests of the layers of a manifest in containerd's content store.
+pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
+    manifest(ctd, reference)["layers"]
         .as_array()
         .unwrap()
         .iter()
