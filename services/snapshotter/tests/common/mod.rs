@@ -93,7 +93,12 @@ impl Node {
     /// The services in `dir` and a containerd whose CRI plugin pulls with
     /// the stargaze snapshotter.
     pub fn start_cri(dir: &Path) -> Node {
-        let stack = Stack::start(dir, &[]);
+        Node::cri_on(Stack::start(dir, &[]))
+    }
+
+    /// A containerd whose CRI plugin pulls with the stargaze snapshotter,
+    /// in front of `stack`.
+    pub fn cri_on(stack: Stack) -> Node {
         Node {
             ctd: Containerd::start_cri("stargaze", &stack.proxy_config("stargaze")),
             stack,
