@@ -109,6 +109,16 @@ impl Node {
 /// Convert the image tagged `src` in the layout `src` to eStargz with our
 /// converter (into the layout `out`, tag `esgz`) and push it as `reference`.
 pub fn push_esgz(src: &Path, out: &Path, reference: &str) {
+    convert_to_esgz(src, out);
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{reference}"),
+    );
+}
+
+/// Convert the image tagged `src` in the layout `src` to eStargz with our
+/// converter, into the layout `out` under the tag `esgz`.
+pub fn convert_to_esgz(src: &Path, out: &Path) {
     stargaze_oci::convert_image(
         &OciLayout::open(src).unwrap(),
         Some("src"),
@@ -118,10 +128,6 @@ pub fn push_esgz(src: &Path, out: &Path, reference: &str) {
         &|_| {},
     )
     .unwrap();
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{reference}"),
-    );
 }
 
 /// `stargaze rpull` of `reference` into `ctd`'s namespace (plain HTTP).
