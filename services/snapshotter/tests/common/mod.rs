@@ -9,6 +9,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_proto::cri::{
+    AuthConfig, ImageSpec, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+};
 pub use stargaze_testkit::skopeo_copy;
 use stargaze_testkit::stack::{Stack, workspace_bin};
 use stargaze_testkit::{Containerd, Registry, image, require, require_root_fuse, run};
@@ -216,4 +219,25 @@ pub fn sh_in_container(ctd: &Containerd, reference: &str, name: &str, script: &s
         "-c",
         script,
     ])
+}
+
+/// A kubelet's `PullImage` of `image` for a pod, with `auth` (its pull
+/// secret) if any.
+pub fn cri_pull_request(image: &str, auth: Option<AuthConfig>) -> PullImageRequest {
+    PullImageRequest {
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        auth,
+        sandbox_config: Some(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "pod".into(),
+                uid: "uid-1".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }),
+    }
 }
