@@ -13,7 +13,7 @@ use std::process::Command;
 use stargaze_format::tar::{TarKind, TarReader};
 use stargaze_format::tree::normalize_path;
 use stargaze_testkit::stack::{Service, Stack};
-use stargaze_testkit::{go_build, image, run};
+use stargaze_testkit::{Containerd, go_build, image, run};
 
 mod common;
 
@@ -94,6 +94,23 @@ fn regular_files(tar: &[u8]) -> BTreeMap<String, Vec<u8>> {
             )
         })
         .collect()
+}
+
+/// No layer of `digests` was downloaded, and each reads through the fs
+/// mount like its tar of `tars` (more than 8 files compared in all).
+fn assert_layers_lazy_and_read_like_the_tars(
+    ctd: &Containerd,
+    stack: &Stack,
+    digests: &[String],
+    tars: &[Vec<u8>],
+) {
+    let blobs = content_blobs(ctd);
+    let mut compared = 0;
+    for (d, tar) in digests.iter().zip(tars) {
+        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
+        compared += assert_layer_reads_like_the_tar(stack, d, tar);
+    }
+    assert!(compared > 8, "only {compared} files compared");
 }
 
 /// Every regular file of `tar` read through the layer's directory in the
@@ -204,13 +221,7 @@ fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
         "both legacy layers are remote snapshots:\n{log}\n{}",
         stack.log(Service::Fetcher)
     );
-    let blobs = content_blobs(&ctd);
-    let mut compared = 0;
-    for (d, tar) in digests.iter().zip(&tars) {
-        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
-        compared += assert_layer_reads_like_the_tar(&stack, d, tar);
-    }
-    assert!(compared > 8, "only {compared} files compared");
+    assert_layers_lazy_and_read_like_the_tars(&ctd, &stack, &digests, &tars);
     // And a container runs on them: busybox itself spans many members.
     let (name, bytes) = image::data_layer(61)
         .1
@@ -345,13 +356,7 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
         stack.log(Service::Fetcher)
     );
     let digests = layer_digests(&ctd, &image_good);
-    let blobs = content_blobs(&ctd);
-    let mut compared = 0;
-    for (d, tar) in digests.iter().zip(&tars) {
-        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
-        compared += assert_layer_reads_like_the_tar(&stack, d, tar);
-    }
-    assert!(compared > 8, "only {compared} files compared");
+    assert_layers_lazy_and_read_like_the_tars(&ctd, &stack, &digests, &tars);
     let (name, bytes) = files.iter().max_by_key(|(_, b)| b.len()).unwrap();
     let o = sh_in_container(
         &ctd,
