@@ -16,6 +16,7 @@
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use stargaze_format::toc::JsonToc;
@@ -247,18 +248,22 @@ impl Node {
         }
     }
 
+    /// Where the cache stores shared content of `bytes`' digest.
+    fn shared_content(&self, bytes: &[u8]) -> PathBuf {
+        let hex = Digest::of(bytes).hex();
+        self.stack
+            .cache_dir
+            .join("content")
+            .join(&hex[..2])
+            .join(&hex)
+    }
+
     /// Wait until A's honest files are shared content in the cache, so that
     /// B's layer, resolved next, could be steered by them.
     fn wait_until_a_is_shared(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for (path, a, _) in &self.files {
-            let hex = Digest::of(a).hex();
-            let shared = self
-                .stack
-                .cache_dir
-                .join("content")
-                .join(&hex[..2])
-                .join(&hex);
+            let shared = self.shared_content(a);
             while !shared.exists() {
                 assert!(
                     Instant::now() < deadline,
@@ -273,13 +278,7 @@ impl Node {
     /// Nothing that does not hash to A's digests is stored under them.
     fn assert_shared_content_is_a(&self) {
         for (path, a, _) in &self.files {
-            let hex = Digest::of(a).hex();
-            let shared = self
-                .stack
-                .cache_dir
-                .join("content")
-                .join(&hex[..2])
-                .join(&hex);
+            let shared = self.shared_content(a);
             if let Ok(bytes) = std::fs::read(&shared) {
                 assert!(
                     bytes == *a,
