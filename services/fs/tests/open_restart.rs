@@ -19,7 +19,7 @@ mod estargz;
 #[path = "support/fs_process.rs"]
 mod fs_process;
 
-use fs_process::{resolve_and_attach, serve_fetcher, spawn_fs};
+use fs_process::{resolve_and_attach, serve_fetcher, spawn_fs, write_config};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -123,18 +123,18 @@ impl Setup {
 
         let fs_sock = w.join("fs.sock");
         let mnt = w.join("mnt");
-        let config = w.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\ntransport = \"classic\"\npassthrough = true\nn_threads = 4\n[log]\nlevel = \"info,stargaze_fs=debug\"\n",
-                fetcher_sock.display(),
-                cache_dir.display(),
-                fs_sock.display(),
-                mnt.display()
-            ),
-        )
-        .unwrap();
+        let config = write_config(
+            w,
+            &fetcher_sock,
+            &cache_dir,
+            &fs_sock,
+            &mnt,
+            &[
+                "transport = \"classic\"",
+                "passthrough = true",
+                "n_threads = 4",
+            ],
+        );
         let log = w.join("fs.log");
         let mut store = FdStore::bind(&w.join("fs-notify.sock"));
         let fs = Fs {

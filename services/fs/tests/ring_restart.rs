@@ -10,7 +10,7 @@ mod estargz;
 #[path = "support/fs_process.rs"]
 mod fs_process;
 
-use fs_process::{resolve_and_attach, serve_fetcher, spawn_fs};
+use fs_process::{resolve_and_attach, serve_fetcher, spawn_fs, write_config};
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -63,18 +63,14 @@ async fn a_kill_9_under_io_uring_loses_no_read() {
     // fs with io_uring and without passthrough: every read is a request.
     let fs_sock = w.join("fs.sock");
     let mnt = w.join("mnt");
-    let config = w.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\ntransport = \"io_uring\"\npassthrough = false\n[log]\nlevel = \"info,stargaze_fs=debug\"\n",
-            fetcher_sock.display(),
-            w.join("cache").display(),
-            fs_sock.display(),
-            mnt.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        w,
+        &fetcher_sock,
+        &w.join("cache"),
+        &fs_sock,
+        &mnt,
+        &["transport = \"io_uring\"", "passthrough = false"],
+    );
     let log = w.join("fs.log");
     let mut store = FdStore::bind(&w.join("fs-notify.sock"));
     let mut fs = Fs {

@@ -14,6 +14,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 
 use stargaze_testkit::{go_build_with_aliases, unmount_below};
 
+mod common;
+
+use common::work_dir;
+
 /// containerd 1.6's suite has 21 cases; it skips one on every kernel and
 /// snapshotter (`checkRename` starts with `t.Skip("rename test still fails
 /// on some kernels with overlay")`), so 20 must pass. The Go Stargz
@@ -118,10 +122,7 @@ fn run_suite(run: &mut SuiteRun) -> (Vec<String>, ExitStatus) {
 #[test]
 fn containerd_snapshotter_suite_passes_against_the_binary() {
     let suite = go_build_with_aliases("snapshotter-suite", &[("gotest.tools/v3", "gotest.tools")]);
-    let work = tempfile::Builder::new()
-        .prefix("sg-suite-")
-        .tempdir_in("/tmp")
-        .expect("temp dir");
+    let work = work_dir("sg-suite-");
     let w = work.path();
     let (tmp, logs) = (w.join("tmp"), w.join("logs"));
     std::fs::create_dir_all(&tmp).expect("tmp dir");

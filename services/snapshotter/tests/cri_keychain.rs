@@ -26,18 +26,21 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use stargaze_oci::{ImageConvertOptions, OciLayout};
 use stargaze_proto::cri::image_service_client::ImageServiceClient;
 use stargaze_proto::cri::{
     AuthConfig, ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest,
-    PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RemoveImageRequest,
+    RemoveImageRequest,
 };
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::snapshotter_client::SnapshotterClient;
 use stargaze_proto::v1::{LayerSource, ResolveLayerRequest, SnapshotterStatusRequest};
 use stargaze_testkit::stack::{Service, Stack, workspace_bin};
 use stargaze_testkit::token::TokenRegistry;
-use stargaze_testkit::{Containerd, Registry, free_port, image, require, require_root_fuse, run};
+use stargaze_testkit::{Containerd, Registry, free_port, image, require, run};
+
+mod common;
+
+use common::{Node, convert_to_esgz, cri_pull_request, needs, work_dir};
 
 const USER: &str = "kubelet";
 /// Credentials expire this long after the pull that gave them: long
@@ -144,15 +147,7 @@ impl Private {
         let (data, _) = image::data_layer(seed);
         image::write_layout(&src, "stargaze.test/cri:src", "src", &[data]);
         let out = work.join(format!("out-{seed}"));
-        stargaze_oci::convert_image(
-            &OciLayout::open(&src).unwrap(),
-            Some("src"),
-            &OciLayout::open_or_create(&out).unwrap(),
-            "esgz",
-            &ImageConvertOptions::default(),
-            &|_| {},
-        )
-        .unwrap();
+        convert_to_esgz(&src, &out);
         run(Command::new("skopeo")
             .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
             .arg("--dest-creds")
@@ -228,25 +223,6 @@ fn resolve_request(image: &str, layer: &Layer) -> ResolveLayerRequest {
     }
 }
 
-fn pull_request(image: &str, auth: Option<AuthConfig>) -> PullImageRequest {
-    PullImageRequest {
-        image: Some(ImageSpec {
-            image: image.to_string(),
-            ..Default::default()
-        }),
-        auth,
-        sandbox_config: Some(PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: "pod".into(),
-                uid: "uid-1".into(),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
 /// Blobs in the CRI plugin's content store (namespace k8s.io).
 fn cri_blobs(ctd: &Containerd) -> String {
     let out = run(Command::new("ctr").arg("--address").arg(&ctd.socket).args([
@@ -299,15 +275,45 @@ fn files_containing(dir: &Path, skip: &[&Path], needles: &[&str], found: &mut Ve
     }
 }
 
+/// The stack in `sdir` with the CRI keychain on (credentials kept `ttl`;
+/// `more` lines of configuration), and a CRI containerd in front of it,
+/// both with `private`'s hosts.toml; and the socket of the keychain's
+/// image service (the proxy a kubelet talks to).
+fn keychain_node(
+    private: &Private,
+    sdir: &Path,
+    ttl: &str,
+    more: &[(&str, &str)],
+) -> (Node, PathBuf) {
+    std::fs::create_dir_all(sdir).unwrap();
+    private.write_hosts_toml(&sdir.join("certs.d"), false);
+    let cri_socket = sdir.join("cri.sock");
+    // containerd starts after the stack (it needs the snapshotter's
+    // socket): the proxy dials this link, made once containerd is up.
+    let containerd_link = sdir.join("containerd.sock");
+    let keychain_config = [
+        "enable = true".to_string(),
+        format!("image_service_path = \"{}\"", cri_socket.display()),
+        format!(
+            "containerd_image_service = \"{}\"",
+            containerd_link.display()
+        ),
+        format!("credential_ttl = \"{ttl}\""),
+    ];
+    let mut extra: Vec<(&str, &str)> = keychain_config
+        .iter()
+        .map(|l| ("cri_keychain", l.as_str()))
+        .collect();
+    extra.extend_from_slice(more);
+    let node = Node::cri_on(Stack::start(sdir, &extra));
+    private.write_hosts_toml(&node.ctd.dir.path().join("certs.d"), true);
+    std::os::unix::fs::symlink(&node.ctd.socket, &containerd_link).unwrap();
+    (node, cri_socket)
+}
+
 fn pull_secrets_make_private_layers_lazy(private: Private) {
-    require_root_fuse();
-    for tool in ["skopeo", "containerd", "docker-registry"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-crik-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    needs(&["skopeo", "containerd", "docker-registry"]);
+    let work = work_dir("sg-crik-");
     let w = work.path();
     let images = w.join("images");
     std::fs::create_dir_all(&images).unwrap();
@@ -322,32 +328,14 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
 
     // The stack in its own directory (grepped for secrets at the end).
     let sdir = w.join("s");
-    std::fs::create_dir_all(&sdir).unwrap();
-    private.write_hosts_toml(&sdir.join("certs.d"), false);
-    let cri_socket = sdir.join("cri.sock");
-    // containerd starts after the stack (it needs the snapshotter's
-    // socket): the proxy dials this link, made once containerd is up.
-    let containerd_link = sdir.join("containerd.sock");
     let metrics_address = format!("127.0.0.1:{}", free_port());
-    let keychain_config = [
-        "enable = true".to_string(),
-        format!("image_service_path = \"{}\"", cri_socket.display()),
-        format!(
-            "containerd_image_service = \"{}\"",
-            containerd_link.display()
-        ),
-        format!("credential_ttl = \"{}s\"", TTL.as_secs()),
-    ];
     let metrics_line = format!("metrics_address = \"{metrics_address}\"");
-    let mut extra: Vec<(&str, &str)> = keychain_config
-        .iter()
-        .map(|l| ("cri_keychain", l.as_str()))
-        .collect();
-    extra.push(("snapshotter", &metrics_line));
-    let mut stack = Stack::start(&sdir, &extra);
-    let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
-    private.write_hosts_toml(&ctd.dir.path().join("certs.d"), true);
-    std::os::unix::fs::symlink(&ctd.socket, &containerd_link).unwrap();
+    let (Node { ctd, mut stack }, cri_socket) = keychain_node(
+        &private,
+        &sdir,
+        &format!("{}s", TTL.as_secs()),
+        &[("snapshotter", &metrics_line)],
+    );
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -368,7 +356,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         .block_on(
             containerd_cri
                 .clone()
-                .pull_image(pull_request(&direct, Some(private.auth()))),
+                .pull_image(cri_pull_request(&direct, Some(private.auth()))),
         )
         .unwrap_or_else(|s| {
             panic!(
@@ -395,7 +383,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
         .block_on(
             proxy
                 .clone()
-                .pull_image(pull_request(&lazy, Some(private.auth()))),
+                .pull_image(cri_pull_request(&lazy, Some(private.auth()))),
         )
         .unwrap_or_else(|s| {
             panic!(
@@ -577,7 +565,7 @@ fn pull_secrets_make_private_layers_lazy(private: Private) {
     assert!(gone.image.is_none(), "{direct} removed: {gone:?}");
 
     // 3. Through the proxy without the secret: containerd cannot pull.
-    let anon = runtime.block_on(proxy.clone().pull_image(pull_request(&anonymous, None)));
+    let anon = runtime.block_on(proxy.clone().pull_image(cri_pull_request(&anonymous, None)));
     let e = anon.expect_err("a private image cannot be pulled without credentials");
     assert_ne!(e.code(), tonic::Code::Unavailable, "{e:?}");
 
@@ -653,15 +641,9 @@ fn token_registry_identity_token_through_the_cri_keychain() {
 /// keep theirs. The TTL is long: forgetting, not expiry, is what shows.
 #[test]
 fn removing_a_repositorys_last_image_forgets_its_pull_credentials() {
-    require_root_fuse();
-    for tool in ["skopeo", "containerd", "docker-registry"] {
-        require(tool);
-    }
+    needs(&["skopeo", "containerd", "docker-registry"]);
     let private = htpasswd_registry();
-    let work = tempfile::Builder::new()
-        .prefix("sg-crirm-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let work = work_dir("sg-crirm-");
     let w = work.path();
     let images = w.join("images");
     std::fs::create_dir_all(&images).unwrap();
@@ -672,28 +654,7 @@ fn removing_a_repositorys_last_image_forgets_its_pull_credentials() {
     let gone_layer = private.push(&images, 75, "private/app:gone");
     let other_layer = private.push(&images, 76, "private/other:2");
 
-    let sdir = w.join("s");
-    std::fs::create_dir_all(&sdir).unwrap();
-    private.write_hosts_toml(&sdir.join("certs.d"), false);
-    let cri_socket = sdir.join("cri.sock");
-    let containerd_link = sdir.join("containerd.sock");
-    let keychain_config = [
-        "enable = true".to_string(),
-        format!("image_service_path = \"{}\"", cri_socket.display()),
-        format!(
-            "containerd_image_service = \"{}\"",
-            containerd_link.display()
-        ),
-        "credential_ttl = \"1h\"".to_string(),
-    ];
-    let extra: Vec<(&str, &str)> = keychain_config
-        .iter()
-        .map(|l| ("cri_keychain", l.as_str()))
-        .collect();
-    let stack = Stack::start(&sdir, &extra);
-    let ctd = Containerd::start_cri("stargaze", &stack.proxy_config("stargaze"));
-    private.write_hosts_toml(&ctd.dir.path().join("certs.d"), true);
-    std::os::unix::fs::symlink(&ctd.socket, &containerd_link).unwrap();
+    let (Node { ctd, stack }, cri_socket) = keychain_node(&private, &w.join("s"), "1h", &[]);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -710,7 +671,7 @@ fn removing_a_repositorys_last_image_forgets_its_pull_credentials() {
             .block_on(
                 proxy
                     .clone()
-                    .pull_image(pull_request(&name(repo_tag), Some(private.auth()))),
+                    .pull_image(cri_pull_request(&name(repo_tag), Some(private.auth()))),
             )
             .unwrap_or_else(|s| panic!("PullImage {repo_tag}: {s}\n{}", logs(&ctd, &stack)))
             .into_inner()

@@ -29,13 +29,13 @@ use std::process::Command;
 use stargaze_format::Digest;
 use stargaze_format::toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
 use stargaze_oci::OciLayout;
-use stargaze_testkit::stack::{Service, Stack};
+use stargaze_testkit::stack::Service;
 use stargaze_testkit::tree;
-use stargaze_testkit::{Containerd, Registry, crafted, go_build, image, require, run};
+use stargaze_testkit::{Containerd, crafted, go_build, image, run};
 
 mod common;
 
-use common::{layer_digests, push_esgz};
+use common::{Node, Setup, content_blobs, ctr_remote_rpull, layer_digests, manifest, push_esgz};
 
 /// An overlay or bind mount, detached when dropped (before the FUSE mount
 /// under it goes).
@@ -126,18 +126,7 @@ fn unpack(ctd_apply: &Path, dir: &Path, layers: &[PathBuf]) -> (PathBuf, Option<
 
 /// The image config containerd holds for `reference`.
 fn image_config(ctd: &Containerd, reference: &str) -> serde_json::Value {
-    let line = String::from_utf8(
-        ctd.ctr(&["image", "ls", &format!("name=={reference}")])
-            .stdout,
-    )
-    .unwrap()
-    .lines()
-    .nth(1)
-    .unwrap_or_else(|| panic!("image {reference} is not in containerd"))
-    .to_string();
-    let manifest_digest = line.split_whitespace().nth(2).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&ctd.ctr(&["content", "get", manifest_digest]).stdout).unwrap();
+    let manifest = manifest(ctd, reference);
     let config = manifest["config"]["digest"].as_str().unwrap();
     serde_json::from_slice(&ctd.ctr(&["content", "get", config]).stdout).unwrap()
 }
@@ -238,18 +227,10 @@ fn is_writer_loss(
 
 #[test]
 fn a_lazily_mounted_rootfs_equals_containerds_unpack_for_every_image_of_the_corpus() {
-    stargaze_testkit::require_root_fuse();
-    for tool in ["ctr-remote", "skopeo"] {
-        require(tool);
-    }
+    let setup = Setup::new("sg-diff-", &["ctr-remote", "skopeo"]);
     let ctd_apply = go_build("ctd-apply");
-    let work = tempfile::Builder::new()
-        .prefix("sg-diff-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let repo = format!("{}/stargaze/corpus", registry.addr);
+    let w = setup.dir();
+    let repo = format!("{}/stargaze/corpus", setup.registry.addr);
     let sets = [
         TarSet {
             name: "busybox",
@@ -283,8 +264,7 @@ fn a_lazily_mounted_rootfs_equals_containerds_unpack_for_every_image_of_the_corp
     }
     push_converted_by_ctr_remote(w, &layouts, &repo);
 
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let Node { ctd, stack } = Node::start(w);
     let mut mounts = Vec::new();
     // containerd's unpack of the source images (before conversion).
     let mut sources = BTreeMap::new();
@@ -337,15 +317,8 @@ fn a_lazily_mounted_rootfs_equals_containerds_unpack_for_every_image_of_the_corp
             );
         }
 
-        run(ctd.cmd("ctr-remote").args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargaze",
-            &reference,
-        ]));
-        let blobs = String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
+        ctr_remote_rpull(&ctd, &reference);
+        let blobs = content_blobs(&ctd);
         for d in layer_digests(&ctd, &reference) {
             assert!(
                 !blobs.contains(&d),

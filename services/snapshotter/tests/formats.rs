@@ -13,11 +13,14 @@ use std::process::Command;
 use stargaze_format::tar::{TarKind, TarReader};
 use stargaze_format::tree::normalize_path;
 use stargaze_testkit::stack::{Service, Stack};
-use stargaze_testkit::{Containerd, Registry, go_build, image, require, run};
+use stargaze_testkit::{Containerd, go_build, image, run};
 
 mod common;
 
-use common::{layer_digests, skopeo_copy};
+use common::{
+    Node, Setup, content_blobs, ctr_remote_rpull, ctr_remote_rpull_with, layer_digests,
+    sh_in_container, skopeo_copy,
+};
 
 fn sha256(bytes: &[u8]) -> String {
     stargaze_format::Digest::of(bytes).to_string()
@@ -93,6 +96,23 @@ fn regular_files(tar: &[u8]) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// No layer of `digests` was downloaded, and each reads through the fs
+/// mount like its tar of `tars` (more than 8 files compared in all).
+fn assert_layers_lazy_and_read_like_the_tars(
+    ctd: &Containerd,
+    stack: &Stack,
+    digests: &[String],
+    tars: &[Vec<u8>],
+) {
+    let blobs = content_blobs(ctd);
+    let mut compared = 0;
+    for (d, tar) in digests.iter().zip(tars) {
+        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
+        compared += assert_layer_reads_like_the_tar(stack, d, tar);
+    }
+    assert!(compared > 8, "only {compared} files compared");
+}
+
 /// Every regular file of `tar` read through the layer's directory in the
 /// fs mount equals the tar's bytes; returns how many were compared.
 fn assert_layer_reads_like_the_tar(stack: &Stack, layer: &str, tar: &[u8]) -> usize {
@@ -113,24 +133,6 @@ fn assert_layer_reads_like_the_tar(stack: &Stack, layer: &str, tar: &[u8]) -> us
     files.len()
 }
 
-fn pull(ctd: &Containerd, reference: &str, extra: &[&str]) {
-    run(ctd
-        .cmd("ctr-remote")
-        .args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargaze",
-        ])
-        .args(extra)
-        .arg(reference));
-}
-
-fn content(ctd: &Containerd) -> String {
-    String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap()
-}
-
 /// Legacy stargz layers written as the CRFS writer wrote them
 /// (`tests/go/crfs-build`: the stargz writer with CRFS's TOC and 47-byte
 /// footer), 256 KiB chunks so that busybox and the data layer's large files
@@ -141,21 +143,10 @@ fn content(ctd: &Containerd) -> String {
 /// through the mount equals the tar's.
 #[test]
 fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
-    );
-    for tool in ["runc", "ctr-remote", "skopeo"] {
-        require(tool);
-    }
+    let setup = Setup::new("sg-legacy-", &["runc", "ctr-remote", "skopeo"]);
     let crfs_build = go_build("crfs-build");
-    let work = tempfile::Builder::new()
-        .prefix("sg-legacy-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let reference = format!("{}/stargaze/legacy:sgz", registry.addr);
+    let w = setup.dir();
+    let reference = format!("{}/stargaze/legacy:sgz", setup.registry.addr);
     let tars = [image::busybox_layer(), image::data_layer(61).0];
     let mut layers = Vec::new();
     for (i, tar) in tars.iter().enumerate() {
@@ -195,16 +186,21 @@ fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
         &format!("docker://{reference}"),
     );
 
-    let stack = Stack::start(w, &[("snapshotter", "allow_no_verification = true")]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let Node { ctd, stack } = Node::on(Stack::start(
+        w,
+        &[("snapshotter", "allow_no_verification = true")],
+    ));
 
     // No skipverify label: refused with the reason, unpacked by containerd.
-    pull(&ctd, &reference, &[]);
+    ctr_remote_rpull(&ctd, &reference);
     let digests = layer_digests(&ctd, &reference);
     assert_eq!(digests.len(), 2);
     let log = stack.log(Service::Snapshotter);
     for d in &digests {
-        assert!(content(&ctd).contains(d.as_str()), "{d} was not downloaded");
+        assert!(
+            content_blobs(&ctd).contains(d.as_str()),
+            "{d} was not downloaded"
+        );
         let reason = log
             .lines()
             .find(|l| l.contains("cannot be pulled lazily") && l.contains(d.as_str()))
@@ -217,7 +213,7 @@ fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
     ctd.ctr(&["image", "rm", "--sync", &reference]);
 
     // With the label: both layers mounted lazily, every file as in the tar.
-    pull(&ctd, &reference, &["--skip-content-verify"]);
+    ctr_remote_rpull_with(&ctd, &["--skip-content-verify"], &reference);
     let log = stack.log(Service::Snapshotter);
     assert_eq!(
         log.matches("remote_snapshot_prepared=true").count(),
@@ -225,30 +221,19 @@ fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
         "both legacy layers are remote snapshots:\n{log}\n{}",
         stack.log(Service::Fetcher)
     );
-    let blobs = content(&ctd);
-    let mut compared = 0;
-    for (d, tar) in digests.iter().zip(&tars) {
-        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
-        compared += assert_layer_reads_like_the_tar(&stack, d, tar);
-    }
-    assert!(compared > 8, "only {compared} files compared");
+    assert_layers_lazy_and_read_like_the_tars(&ctd, &stack, &digests, &tars);
     // And a container runs on them: busybox itself spans many members.
     let (name, bytes) = image::data_layer(61)
         .1
         .into_iter()
         .max_by_key(|(_, b)| b.len())
         .unwrap();
-    let o = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "stargaze",
+    let o = sh_in_container(
+        &ctd,
         &reference,
-        &format!("sg-legacy-{}", std::process::id()),
-        "/bin/sh",
-        "-c",
+        "sg-legacy",
         &format!("busybox sha256sum /{name}"),
-    ]);
+    );
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         format!("{}  /{name}", &sha256(&bytes)[7..])
@@ -267,20 +252,9 @@ fn legacy_stargz_mounts_lazily_only_where_unverified_layers_are_allowed() {
 /// cold node and with the layer already resolved for the right manifest.
 #[test]
 fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
-    );
-    for tool in ["runc", "ctr-remote", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-zstd-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let repo = format!("{}/stargaze/zstd", registry.addr);
+    let setup = Setup::new("sg-zstd-", &["runc", "ctr-remote", "skopeo"]);
+    let w = setup.dir();
+    let repo = format!("{}/stargaze/zstd", setup.registry.addr);
     let (data, files) = image::data_layer(71);
     let tars = [image::busybox_layer(), data];
     let src = w.join("src");
@@ -341,8 +315,7 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
     let (image_good, image_bad) = (format!("{repo}:good"), format!("{repo}:bad"));
     let data_layer = good["layers"][1]["digest"].as_str().unwrap().to_string();
 
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let Node { ctd, stack } = Node::start(w);
     let fallbacks = |stack: &Stack| {
         stack
             .log(Service::Snapshotter)
@@ -360,9 +333,9 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
 
     // The bad manifest on a cold node: the data layer falls back, naming
     // the annotated and the real checksum.
-    pull(&ctd, &image_bad, &[]);
+    ctr_remote_rpull(&ctd, &image_bad);
     assert!(
-        content(&ctd).contains(&data_layer),
+        content_blobs(&ctd).contains(&data_layer),
         "the bad manifest's data layer was mounted lazily"
     );
     let reasons = fallbacks(&stack);
@@ -374,7 +347,7 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
 
     // The right manifest: both layers lazily, every file as in the tar.
     let before = lazy_count(&stack);
-    pull(&ctd, &image_good, &[]);
+    ctr_remote_rpull(&ctd, &image_good);
     assert_eq!(
         lazy_count(&stack) - before,
         2,
@@ -383,25 +356,14 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
         stack.log(Service::Fetcher)
     );
     let digests = layer_digests(&ctd, &image_good);
-    let blobs = content(&ctd);
-    let mut compared = 0;
-    for (d, tar) in digests.iter().zip(&tars) {
-        assert!(!blobs.contains(d.as_str()), "{d} was downloaded");
-        compared += assert_layer_reads_like_the_tar(&stack, d, tar);
-    }
-    assert!(compared > 8, "only {compared} files compared");
+    assert_layers_lazy_and_read_like_the_tars(&ctd, &stack, &digests, &tars);
     let (name, bytes) = files.iter().max_by_key(|(_, b)| b.len()).unwrap();
-    let o = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "stargaze",
+    let o = sh_in_container(
+        &ctd,
         &image_good,
-        &format!("sg-zstd-{}", std::process::id()),
-        "/bin/sh",
-        "-c",
+        "sg-zstd",
         &format!("busybox sha256sum /{name}"),
-    ]);
+    );
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         format!("{}  /{name}", &sha256(bytes)[7..])
@@ -411,9 +373,9 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
     // one (whose snapshots are removed, so containerd prepares them anew).
     ctd.ctr(&["image", "rm", "--sync", &image_good]);
     let before = lazy_count(&stack);
-    pull(&ctd, &image_bad, &[]);
+    ctr_remote_rpull(&ctd, &image_bad);
     assert!(
-        content(&ctd).contains(&data_layer),
+        content_blobs(&ctd).contains(&data_layer),
         "the bad manifest's data layer was mounted lazily once resolved for the good one"
     );
     assert_eq!(fallbacks(&stack).len(), 2, "{:?}", fallbacks(&stack));
@@ -430,7 +392,7 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
     let image_v2 = format!("{repo}:v2");
     let v2_layer = push_with_64_byte_footer(&layout, &good, &zc, &image_v2);
     let before = lazy_count(&stack);
-    pull(&ctd, &image_v2, &[]);
+    ctr_remote_rpull(&ctd, &image_v2);
     assert_eq!(
         lazy_count(&stack) - before,
         2,
@@ -438,7 +400,7 @@ fn zstd_chunked_written_by_skopeo_mounts_lazily_checked_by_its_manifest_checksum
         stack.log(Service::Snapshotter)
     );
     assert!(
-        !content(&ctd).contains(&v2_layer),
+        !content_blobs(&ctd).contains(&v2_layer),
         "{v2_layer} was downloaded"
     );
     assert!(assert_layer_reads_like_the_tar(&stack, &v2_layer, &tars[1]) > 4);

@@ -16,7 +16,10 @@ use std::process::Command;
 use stargaze_format::Digest;
 mod common;
 
-use common::{Node, Setup, layer_digests, push_esgz, skopeo_copy, stargaze_rpull};
+use common::{
+    Node, Setup, content_blobs, cri_pull_request, ctr_remote_rpull, layer_digests, push_esgz,
+    sh_in_container, skopeo_copy, stargaze_rpull,
+};
 use stargaze_testkit::stack::Service;
 use stargaze_testkit::{Containerd, image, run};
 
@@ -38,10 +41,6 @@ fn sorted_lines(out: &[u8]) -> Vec<String> {
         .collect();
     l.sort();
     l
-}
-
-fn content(ctd: &Containerd) -> String {
-    String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap()
 }
 
 #[test]
@@ -117,16 +116,7 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
     assert!(!text.contains("./bin/wc"), "{text}");
 
     let pull = |puller: &str, reference: &str| match puller {
-        "ctr-remote" => {
-            run(ctd.cmd("ctr-remote").args([
-                "image",
-                "rpull",
-                "--plain-http",
-                "--snapshotter",
-                "stargaze",
-                reference,
-            ]));
-        }
+        "ctr-remote" => ctr_remote_rpull(&ctd, reference),
         _ => stargaze_rpull(&ctd, reference),
     };
     for tag in ["ours", "ctr-remote"] {
@@ -135,7 +125,7 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
             pull(puller, &reference);
             let layers = layer_digests(&ctd, &reference);
             assert_eq!(layers.len(), 2, "{tag}");
-            let blobs = content(&ctd);
+            let blobs = content_blobs(&ctd);
             for d in &layers {
                 assert!(
                     !blobs.contains(d.as_str()),
@@ -183,7 +173,7 @@ fn containers_run_from_lazily_pulled_images_with_the_same_rootfs() {
             got, expected,
             "plain image pulled by {puller} through the fallback"
         );
-        let blobs = content(&ctd);
+        let blobs = content_blobs(&ctd);
         for d in &plain_layers {
             assert!(
                 blobs.contains(d.as_str()),
@@ -235,22 +225,7 @@ fn cri_pull_image_mounts_layers_lazily() {
             .into_inner();
         assert_eq!(version.runtime_api_version, "v1");
         ImageServiceClient::new(channel)
-            .pull_image(PullImageRequest {
-                image: Some(ImageSpec {
-                    image: reference.clone(),
-                    ..Default::default()
-                }),
-                auth: None,
-                sandbox_config: Some(PodSandboxConfig {
-                    metadata: Some(PodSandboxMetadata {
-                        name: "pod".into(),
-                        uid: "uid-1".into(),
-                        namespace: "default".into(),
-                        attempt: 0,
-                    }),
-                    ..Default::default()
-                }),
-            })
+            .pull_image(cri_pull_request(&reference, None))
             .await
             .unwrap_or_else(|s| {
                 panic!(
@@ -331,17 +306,7 @@ fn an_image_with_70_lazy_layers_runs() {
     let reference = setup.push_esgz_image("many", &layers);
     let Node { ctd, stack } = Node::start(setup.dir());
     stargaze_rpull(&ctd, &reference);
-    let o = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "stargaze",
-        &reference,
-        &format!("sg-many-{}", std::process::id()),
-        "/bin/sh",
-        "-c",
-        "cat /layers/*",
-    ]);
+    let o = sh_in_container(&ctd, &reference, "sg-many", "cat /layers/*");
     let text = String::from_utf8_lossy(&o.stdout);
     let expected: String = (1..70).map(|i| format!("layer {i}\n")).collect();
     assert_eq!(text, expected);
@@ -408,17 +373,7 @@ fn concurrent_pulls_of_images_sharing_a_plain_layer_wait_for_each_other() {
             Digest::of(bytes).hex()
         );
         // `ctr` fails the test unless the container exits 0.
-        ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "stargaze",
-            reference,
-            &format!("sg-lazy-conc-{i}-{}", std::process::id()),
-            "/bin/sh",
-            "-c",
-            &check,
-        ]);
+        sh_in_container(&ctd, reference, &format!("sg-lazy-conc-{i}"), &check);
     }
     drop(ctd);
     drop(stack);

@@ -14,9 +14,9 @@ use std::process::{Command, Stdio};
 
 mod common;
 
-use common::{layer_digests, push_esgz, skopeo_copy, stargaze_rpull};
+use common::{Node, Setup, layer_digests, sh_in_container, skopeo_copy, stargaze_rpull};
 use stargaze_testkit::stack::{Service, Stack, workspace_bin};
-use stargaze_testkit::{Containerd, Registry, free_port, image, require};
+use stargaze_testkit::{free_port, image};
 
 fn scrape(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
@@ -58,30 +58,11 @@ fn status(config: &Path, json: bool) -> (bool, String) {
 
 #[test]
 fn status_and_metrics_describe_a_lazy_pull() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
-    );
-    for tool in ["runc", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-operate-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let repo = format!("{}/stargaze/operate", registry.addr);
-    let src = w.join("src");
+    let setup = Setup::new("sg-operate-", &["runc", "skopeo"]);
     let (data, files) = image::data_layer(7);
-    image::write_layout(
-        &src,
-        "stargaze.test/operate:src",
-        "src",
-        &[image::busybox_layer(), data],
-    );
-    let lazy = format!("{repo}:esgz");
-    push_esgz(&src, &w.join("esgz"), &lazy);
+    let lazy = setup.push_esgz_image("operate", &[image::busybox_layer(), data]);
+    let repo = format!("{}/stargaze/operate", setup.registry.addr);
+    let src = setup.dir().join("src");
     let plain = format!("{repo}:plain");
     skopeo_copy(
         &format!("oci:{}:src", src.display()),
@@ -93,8 +74,10 @@ fn status_and_metrics_describe_a_lazy_pull() {
     let (m0, m1, m2) = (metrics(ports[0]), metrics(ports[1]), metrics(ports[2]));
     // A cache limit of one byte: only what is in use may stay.
     let m0 = format!("{m0}\ncache_size_limit = 1\ncache_keep_unused = \"2s\"");
-    let mut stack = Stack::start(w, &[("fetcher", &m0), ("fs", &m1), ("snapshotter", &m2)]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    let Node { ctd, mut stack } = Node::on(Stack::start(
+        setup.dir(),
+        &[("fetcher", &m0), ("fs", &m1), ("snapshotter", &m2)],
+    ));
 
     // A lazy pull and a container that reads one file of the data layer.
     stargaze_rpull(&ctd, &lazy);
@@ -105,17 +88,12 @@ fn status_and_metrics_describe_a_lazy_pull() {
     // A container that counts the file's bytes (busybox by name: the data
     // layer whites out /bin/wc).
     let count_bytes = |run: &str| {
-        let o = ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "stargaze",
+        let o = sh_in_container(
+            &ctd,
             &lazy,
-            &format!("sg-operate-{run}-{}", std::process::id()),
-            "/bin/sh",
-            "-c",
+            &format!("sg-operate-{run}"),
             &format!("busybox wc -c < /{name}"),
-        ]);
+        );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     assert_eq!(count_bytes("first"), bytes.len().to_string());

@@ -14,12 +14,12 @@ use std::process::Command;
 
 mod common;
 
-use common::push_esgz;
+use common::{Node, Setup, content_blobs};
 use stargaze_format::Digest;
 use stargaze_format::reader::{OpenOptions, open_blob};
 use stargaze_format::toc::PREFETCH_LANDMARK;
 use stargaze_testkit::stack::{Stack, workspace_bin};
-use stargaze_testkit::{Containerd, PeerStargz, Registry, image, require, run};
+use stargaze_testkit::{Containerd, PeerStargz, image, run};
 
 /// The layers (digest, TOC digest annotation) of the image tagged `tag` in
 /// the OCI layout `dir`.
@@ -54,37 +54,20 @@ fn layers(dir: &Path, tag: &str) -> Vec<(String, String)> {
 
 #[test]
 fn optimize_puts_what_a_workload_read_first_for_any_reader() {
-    stargaze_testkit::require_root_fuse();
-    for tool in ["runc", "skopeo", "ctr", "ctr-remote"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-optimize-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let src_ref = format!("{}/stargaze/opt:esgz", registry.addr);
-    let dst_ref = format!("{}/stargaze/opt:optimized", registry.addr);
+    let setup = Setup::new("sg-optimize-", &["runc", "skopeo", "ctr", "ctr-remote"]);
+    let w = setup.dir();
     let (data, files) = image::data_layer(11);
-    let src = w.join("src");
-    image::write_layout(
-        &src,
-        "stargaze.test/opt:src",
-        "src",
-        &[image::busybox_layer(), data],
-    );
-    push_esgz(&src, &w.join("out"), &src_ref);
+    let src_ref = setup.push_esgz_image("opt", &[image::busybox_layer(), data]);
+    let dst_ref = format!("{}/stargaze/opt:optimized", setup.registry.addr);
 
     // Nothing is fetched but what the workload reads.
-    let stack = Stack::start(
+    let Node { ctd, stack } = Node::on(Stack::start(
         w,
         &[(
             "fetcher",
             "background_fetch = false\nprefetch_entrypoint = false",
         )],
-    );
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+    ));
     let o = run(Command::new(workspace_bin("stargaze"))
         .args(["optimize", "--plain-http", "--period", "60s"])
         .arg("--address")
@@ -165,7 +148,7 @@ fn optimize_puts_what_a_workload_read_first_for_any_reader() {
         "stargz",
         &dst_ref,
     ]));
-    let content = String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
+    let content = content_blobs(&ctd);
     for (digest, _) in layers(&opt, "opt") {
         assert!(
             !content.contains(&digest),

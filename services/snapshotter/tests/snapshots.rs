@@ -14,6 +14,10 @@ use stargaze_snapshotter::store::Store;
 use stargaze_testkit::{Containerd, image, require};
 use tonic::Code;
 
+mod common;
+
+use common::{sh_in_container, work_dir};
+
 async fn serve(dir: &std::path::Path) -> SnapshotsClient<tonic::transport::Channel> {
     let sock = dir.join("snap.sock");
     let store = Store::open(&dir.join("root")).unwrap();
@@ -289,10 +293,7 @@ impl Drop for Snapshotter {
 #[test]
 fn containerd_unpacks_and_runs_an_image_on_it() {
     require("runc");
-    let work = tempfile::Builder::new()
-        .prefix("sg-snap-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let work = work_dir("sg-snap-");
     let sock = work.path().join("snap.sock");
     let root = work.path().join("root");
     // Written before the service starts: it reads the file at once.
@@ -343,11 +344,12 @@ fn containerd_unpacks_and_runs_an_image_on_it() {
         "stargaze",
         archive.to_str().unwrap(),
     ]);
-    let id = format!("sg-snap-{}", std::process::id());
-    let out = ctd.ctr(&[
-        "run", "--snapshotter", "stargaze", "--rm", "stargaze.test/snap:v1", &id, "/bin/sh", "-c",
+    let out = sh_in_container(
+        &ctd,
+        "stargaze.test/snap:v1",
+        "sg-snap",
         "echo written > /tmp/x && cat /tmp/x && sha256sum /data/file5 && [ -e /bin/wc ] || echo no-wc",
-    ]);
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("written"), "{text}");
     let file5 = &files.iter().find(|(n, _)| n == "data/file5").unwrap().1;

@@ -9,16 +9,16 @@
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
-use std::path::Path;
-
 use stargaze_format::{Digest, TOC_DIGEST_ANNOTATION};
 use stargaze_oci::{Descriptor, OciLayout};
-use stargaze_testkit::stack::{Service, Stack};
-use stargaze_testkit::{Containerd, Registry, image, require, run};
+use stargaze_testkit::image;
+use stargaze_testkit::stack::Service;
 
 mod common;
 
-use common::{layer_digests, push_esgz, skopeo_copy};
+use common::{
+    Node, Setup, content_blobs, ctr_remote_rpull, layer_digests, sh_in_container, skopeo_copy,
+};
 
 /// Write manifest B into `layout` under `tag`: only the data layer of the
 /// image tagged `from`, its `toc.digest` annotation replaced by `toc`.
@@ -55,31 +55,10 @@ fn retag_with_other_toc(layout: &OciLayout, from: &str, tag: &str, toc: &str) {
 
 #[test]
 fn a_manifest_naming_a_resolved_layer_with_another_toc_digest_falls_back() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: lazy pulling needs FUSE (run the tests as root on a host with fuse)"
-    );
-    for tool in ["runc", "ctr-remote", "skopeo"] {
-        require(tool);
-    }
-    let work = tempfile::Builder::new()
-        .prefix("sg-tocs-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let w = work.path();
-    let registry = Registry::start();
-    let repo = format!("{}/stargaze/tocs", registry.addr);
-    let src = w.join("src");
+    let setup = Setup::new("sg-tocs-", &["runc", "ctr-remote", "skopeo"]);
     let (data, files) = image::data_layer(33);
-    image::write_layout(
-        &src,
-        "stargaze.test/tocs:src",
-        "src",
-        &[image::busybox_layer(), data],
-    );
-    let out = w.join("out");
-    let image_a = format!("{repo}:a");
-    push_esgz(&src, &out, &image_a);
+    let image_a = setup.push_esgz_image("tocs", &[image::busybox_layer(), data]);
+    let out = setup.dir().join("out");
     let layout = OciLayout::open(&out).unwrap();
     let a = layout
         .read_json(&layout.resolve(Some("esgz")).unwrap().digest)
@@ -93,50 +72,33 @@ fn a_manifest_naming_a_resolved_layer_with_another_toc_digest_falls_back() {
     let (base_toc, data_toc) = (toc_of(0), toc_of(1));
     let data_layer = a["layers"][1]["digest"].as_str().unwrap().to_string();
     retag_with_other_toc(&layout, "esgz", "b", &base_toc);
-    let image_b = format!("{repo}:b");
+    let image_b = format!("{}/stargaze/tocs:b", setup.registry.addr);
     skopeo_copy(
         &format!("oci:{}:b", out.display()),
         &format!("docker://{image_b}"),
     );
 
-    let stack = Stack::start(w, &[]);
-    let ctd = Containerd::start(&stack.proxy_config("stargaze"));
-    let rpull = |reference: &str| {
-        run(ctd.cmd("ctr-remote").args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargaze",
-            reference,
-        ]));
-    };
+    let Node { ctd, stack } = Node::start(setup.dir());
     let (name, bytes) = files
         .iter()
         .find(|(_, b)| b.len() > 100_000)
         .expect("a large file");
     let want = format!("{}  /{name}", Digest::of(bytes).hex());
     let read_in_a = |id: &str| {
-        let o = ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "stargaze",
+        let o = sh_in_container(
+            &ctd,
             &image_a,
-            &format!("sg-tocs-{id}-{}", std::process::id()),
-            "/bin/sh",
-            "-c",
+            &format!("sg-tocs-{id}"),
             &format!("busybox sha256sum /{name}"),
-        ]);
+        );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
 
     // Image A: both layers lazily mounted, its container reads A's bytes.
-    rpull(&image_a);
-    let blobs = || String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
+    ctr_remote_rpull(&ctd, &image_a);
     for d in layer_digests(&ctd, &image_a) {
         assert!(
-            !blobs().contains(&d),
+            !content_blobs(&ctd).contains(&d),
             "layer {d} of A was not mounted lazily"
         );
     }
@@ -144,14 +106,14 @@ fn a_manifest_naming_a_resolved_layer_with_another_toc_digest_falls_back() {
 
     // Image B names the same blob with another TOC digest: its Prepare
     // falls back, so containerd downloads and unpacks the layer.
-    rpull(&image_b);
+    ctr_remote_rpull(&ctd, &image_b);
     assert_eq!(
         layer_digests(&ctd, &image_b),
         std::slice::from_ref(&data_layer)
     );
     let log = stack.log(Service::Snapshotter);
     assert!(
-        blobs().contains(&data_layer),
+        content_blobs(&ctd).contains(&data_layer),
         "B's layer {data_layer} was mounted lazily although B's toc.digest ({base_toc}) is not its TOC ({data_toc}):\n{log}"
     );
     let reason = log

@@ -16,17 +16,18 @@
 //!
 //! Needs root, /dev/fuse and the Debian packages `make deps` installs.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use stargaze_format::toc::JsonToc;
 use stargaze_format::{ConvertOptions, Digest, TOC_DIGEST_ANNOTATION};
+use stargaze_testkit::Containerd;
 use stargaze_testkit::image::{self, LayerBlob};
 use stargaze_testkit::stack::{Service, Stack};
-use stargaze_testkit::{Containerd, Registry, require, run};
 
 mod common;
 
-use common::{layer_digests, skopeo_copy};
+use common::{Setup, content_blobs, ctr_remote_rpull, layer_digests, sh_in_container, skopeo_copy};
 
 const SMALL: &str = "etc/small";
 const LARGE: &str = "etc/large";
@@ -93,12 +94,11 @@ enum Read {
 }
 
 /// The two images in a registry, the stack and containerd they run on
-/// (dropped in this order: containers, services, registry, files).
+/// (dropped in this order: containers, services, registry and files).
 struct Node {
     ctd: Containerd,
     stack: Stack,
-    _registry: Registry,
-    _work: tempfile::TempDir,
+    _setup: Setup,
     image_a: String,
     image_b: String,
     /// B's layer with the self-contradicting one-chunk claim: unpacked.
@@ -110,17 +110,9 @@ struct Node {
 
 impl Node {
     fn start(prefix: &str) -> Node {
-        stargaze_testkit::require_root_fuse();
-        for tool in ["runc", "ctr-remote", "skopeo"] {
-            require(tool);
-        }
-        let work = tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir_in("/tmp")
-            .unwrap();
-        let w = work.path();
-        let registry = Registry::start();
-        let repo = format!("{}/stargaze/trust", registry.addr);
+        let setup = Setup::new(prefix, &["runc", "ctr-remote", "skopeo"]);
+        let w = setup.dir();
+        let repo = format!("{}/stargaze/trust", setup.registry.addr);
         let small = (b"AAAAAA".to_vec(), b"BBBBBB".to_vec());
         let large_a = patterned(1, 256 << 10);
         let mut large_b = large_a.clone();
@@ -152,11 +144,9 @@ impl Node {
         };
         let image_a = push("a", vec![data_a]);
         let image_b = push("b", vec![b_large, b_small]);
-        let stack = Stack::start(w, &[]);
-        let ctd = Containerd::start(&stack.proxy_config("stargaze"));
+        let common::Node { ctd, stack } = common::Node::start(w);
         Node {
-            _work: work,
-            _registry: registry,
+            _setup: setup,
             stack,
             ctd,
             image_a,
@@ -171,15 +161,8 @@ impl Node {
     /// snapshot (no blob in containerd's content store), or nothing is
     /// tested; the refused one is unpacked, for the reason expected.
     fn pull(&self, reference: &str) {
-        run(self.ctd.cmd("ctr-remote").args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargaze",
-            reference,
-        ]));
-        let blobs = String::from_utf8(self.ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap();
+        ctr_remote_rpull(&self.ctd, reference);
+        let blobs = content_blobs(&self.ctd);
         for d in layer_digests(&self.ctd, reference) {
             if d == self.refused {
                 assert!(blobs.contains(&d), "{d} was not unpacked");
@@ -202,17 +185,12 @@ impl Node {
             .map(|(p, ..)| format!("busybox sha256sum /{p} 2>&1 || echo FAILED"))
             .collect::<Vec<_>>()
             .join("; ");
-        let o = self.ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "stargaze",
+        let o = sh_in_container(
+            &self.ctd,
             reference,
-            &format!("sg-trust-{}-{}", self.runs.get(), std::process::id()),
-            "/bin/sh",
-            "-c",
+            &format!("sg-trust-{}", self.runs.get()),
             &script,
-        ]);
+        );
         let out = String::from_utf8_lossy(&o.stdout).to_string();
         let lines: Vec<&str> = out.lines().collect();
         let mut reads = Vec::new();
@@ -270,18 +248,22 @@ impl Node {
         }
     }
 
+    /// Where the cache stores shared content of `bytes`' digest.
+    fn shared_content(&self, bytes: &[u8]) -> PathBuf {
+        let hex = Digest::of(bytes).hex();
+        self.stack
+            .cache_dir
+            .join("content")
+            .join(&hex[..2])
+            .join(&hex)
+    }
+
     /// Wait until A's honest files are shared content in the cache, so that
     /// B's layer, resolved next, could be steered by them.
     fn wait_until_a_is_shared(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for (path, a, _) in &self.files {
-            let hex = Digest::of(a).hex();
-            let shared = self
-                .stack
-                .cache_dir
-                .join("content")
-                .join(&hex[..2])
-                .join(&hex);
+            let shared = self.shared_content(a);
             while !shared.exists() {
                 assert!(
                     Instant::now() < deadline,
@@ -296,13 +278,7 @@ impl Node {
     /// Nothing that does not hash to A's digests is stored under them.
     fn assert_shared_content_is_a(&self) {
         for (path, a, _) in &self.files {
-            let hex = Digest::of(a).hex();
-            let shared = self
-                .stack
-                .cache_dir
-                .join("content")
-                .join(&hex[..2])
-                .join(&hex);
+            let shared = self.shared_content(a);
             if let Ok(bytes) = std::fs::read(&shared) {
                 assert!(
                     bytes == *a,

@@ -19,6 +19,34 @@ use stargaze_proto::v1::{AttachRequest, LayerSource, ResolveLayerRequest, Resolv
 use stargaze_testkit::fdstore::FdStore;
 use tonic::transport::Channel;
 
+/// Write `w/config.toml` for the restart tests' fs: its socket and mount
+/// point, the fetcher at `fetcher_sock` caching in `cache_dir`, `fs_lines`
+/// (transport, passthrough, ...) in the `[fs]` section, fs's debug log
+/// on. Returns the file's path.
+pub fn write_config(
+    w: &Path,
+    fetcher_sock: &Path,
+    cache_dir: &Path,
+    fs_sock: &Path,
+    mnt: &Path,
+    fs_lines: &[&str],
+) -> PathBuf {
+    let config = w.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fetcher]\nsocket = \"{}\"\ncache_dir = \"{}\"\n[fs]\nsocket = \"{}\"\nmountpoint = \"{}\"\n{}\n[log]\nlevel = \"info,stargaze_fs=debug\"\n",
+            fetcher_sock.display(),
+            cache_dir.display(),
+            fs_sock.display(),
+            mnt.display(),
+            fs_lines.join("\n")
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// Start `stargaze-fs` with `config` under `store`, its output appended to
 /// `log`, and wait until it listens on `sock`. The transport is the
 /// config's, whatever the suite runs with (these tests are about one).

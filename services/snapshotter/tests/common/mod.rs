@@ -6,9 +6,12 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use stargaze_oci::{ImageConvertOptions, OciLayout};
+use stargaze_proto::cri::{
+    AuthConfig, ImageSpec, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+};
 pub use stargaze_testkit::skopeo_copy;
 use stargaze_testkit::stack::{Stack, workspace_bin};
 use stargaze_testkit::{Containerd, Registry, image, require, require_root_fuse, run};
@@ -93,7 +96,12 @@ impl Node {
     /// The services in `dir` and a containerd whose CRI plugin pulls with
     /// the stargaze snapshotter.
     pub fn start_cri(dir: &Path) -> Node {
-        let stack = Stack::start(dir, &[]);
+        Node::cri_on(Stack::start(dir, &[]))
+    }
+
+    /// A containerd whose CRI plugin pulls with the stargaze snapshotter,
+    /// in front of `stack`.
+    pub fn cri_on(stack: Stack) -> Node {
         Node {
             ctd: Containerd::start_cri("stargaze", &stack.proxy_config("stargaze")),
             stack,
@@ -104,6 +112,16 @@ impl Node {
 /// Convert the image tagged `src` in the layout `src` to eStargz with our
 /// converter (into the layout `out`, tag `esgz`) and push it as `reference`.
 pub fn push_esgz(src: &Path, out: &Path, reference: &str) {
+    convert_to_esgz(src, out);
+    skopeo_copy(
+        &format!("oci:{}:esgz", out.display()),
+        &format!("docker://{reference}"),
+    );
+}
+
+/// Convert the image tagged `src` in the layout `src` to eStargz with our
+/// converter, into the layout `out` under the tag `esgz`.
+pub fn convert_to_esgz(src: &Path, out: &Path) {
     stargaze_oci::convert_image(
         &OciLayout::open(src).unwrap(),
         Some("src"),
@@ -113,10 +131,6 @@ pub fn push_esgz(src: &Path, out: &Path, reference: &str) {
         &|_| {},
     )
     .unwrap();
-    skopeo_copy(
-        &format!("oci:{}:esgz", out.display()),
-        &format!("docker://{reference}"),
-    );
 }
 
 /// `stargaze rpull` of `reference` into `ctd`'s namespace (plain HTTP).
@@ -140,8 +154,8 @@ pub fn rpull_command(ctd: &Containerd, reference: &str) -> Command {
     cmd
 }
 
-/// Digests of the layers of a manifest in containerd's content store.
-pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
+/// The manifest of `reference` in containerd's content store.
+pub fn manifest(ctd: &Containerd, reference: &str) -> serde_json::Value {
     let manifest_digest = String::from_utf8(
         ctd.ctr(&["image", "ls", &format!("name=={reference}")])
             .stdout,
@@ -151,12 +165,79 @@ pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
     .nth(1)
     .and_then(|l| l.split_whitespace().nth(2).map(String::from))
     .unwrap_or_else(|| panic!("image {reference} is not in containerd"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap();
-    manifest["layers"]
+    serde_json::from_slice(&ctd.ctr(&["content", "get", &manifest_digest]).stdout).unwrap()
+}
+
+/// Digests of the layers of a manifest in containerd's content store.
+pub fn layer_digests(ctd: &Containerd, reference: &str) -> Vec<String> {
+    manifest(ctd, reference)["layers"]
         .as_array()
         .unwrap()
         .iter()
         .map(|l| l["digest"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// `ctr-remote image rpull` of `reference` into `ctd` with the stargaze
+/// snapshotter (plain HTTP).
+pub fn ctr_remote_rpull(ctd: &Containerd, reference: &str) {
+    ctr_remote_rpull_with(ctd, &[], reference);
+}
+
+/// [`ctr_remote_rpull`] with `flags` (such as `--skip-content-verify`).
+pub fn ctr_remote_rpull_with(ctd: &Containerd, flags: &[&str], reference: &str) {
+    run(ctd
+        .cmd("ctr-remote")
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargaze",
+        ])
+        .args(flags)
+        .arg(reference));
+}
+
+/// The digests of the blobs in containerd's content store (`ctr content
+/// ls -q`): a layer mounted lazily is not among them.
+pub fn content_blobs(ctd: &Containerd) -> String {
+    String::from_utf8(ctd.ctr(&["content", "ls", "-q"]).stdout).unwrap()
+}
+
+/// `ctr run --rm` of `reference` on the stargaze snapshotter, as the
+/// container `<name>-<pid>`, running `/bin/sh -c script`.
+pub fn sh_in_container(ctd: &Containerd, reference: &str, name: &str, script: &str) -> Output {
+    ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargaze",
+        reference,
+        &format!("{name}-{}", std::process::id()),
+        "/bin/sh",
+        "-c",
+        script,
+    ])
+}
+
+/// A kubelet's `PullImage` of `image` for a pod, with `auth` (its pull
+/// secret) if any.
+pub fn cri_pull_request(image: &str, auth: Option<AuthConfig>) -> PullImageRequest {
+    PullImageRequest {
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        auth,
+        sandbox_config: Some(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "pod".into(),
+                uid: "uid-1".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }),
+    }
 }
