@@ -50,7 +50,14 @@ pub(crate) struct Shared {
     pub(crate) cache_limit: Option<Arc<CacheLimit>>,
     /// What re-verification found at start, and how long it took.
     pub(crate) recovery: (crate::recover::Recovery, std::time::Duration),
+    /// `NoteReads` calls answered so far (fs reports the reads it served
+    /// every 100 ms): `ImageTrace` waits for the reports made after it was
+    /// asked.
+    pub(crate) reports: tokio::sync::watch::Sender<u64>,
 }
+
+/// How long `ImageTrace` waits for fs's reports of the last reads.
+const REPORTS_WAIT: std::time::Duration = std::time::Duration::from_millis(2500);
 
 /// The fetcher's gRPC service.
 #[derive(Clone)]
@@ -85,6 +92,7 @@ impl FetcherService {
                 rpc: Arc::default(),
                 cache_limit: None,
                 recovery: Default::default(),
+                reports: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -430,6 +438,17 @@ impl Fetcher for FetcherService {
         r: Request<ImageTraceRequest>,
     ) -> Result<Response<ImageTraceResponse>, Status> {
         let image = r.into_inner().image_ref;
+        // The reads a container made just before this call may still sit
+        // in fs's queue: fs sends it every 100 ms (every second when it is
+        // empty), so the second report from now holds everything read
+        // before now. Bounded: without fs, no report comes.
+        let mut reports = self.shared.reports.subscribe();
+        let asked = *reports.borrow_and_update();
+        let _ = tokio::time::timeout(
+            REPORTS_WAIT,
+            reports.wait_for(|&n| n >= asked.saturating_add(2)),
+        )
+        .await;
         let trace = self.shared.traces.close(&image).await.ok_or_else(|| {
             Status::not_found(format!(
                 "no access trace of {image}: it is recorded when the image is pulled lazily (WarmLayers) and read, with [fetcher] learn_traces on"
@@ -470,6 +489,7 @@ impl Fetcher for FetcherService {
                 traces.note(&layer.digest, &layer.index.path_of(inode), offset, length);
             }
         }
+        self.shared.reports.send_modify(|n| *n += 1);
         Ok(Response::new(NoteReadsResponse {
             generation: traces.generation(),
         }))
