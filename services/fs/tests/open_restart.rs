@@ -402,6 +402,36 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
     assert_eq!(left, held, "records of opens never answered");
 }
 
+/// fs set to die at kill point `point` in a release of `x`: `x` read
+/// whole first (complete in the cache, so opened with passthrough from then
+/// on; its cached handles close no backing id), then held open. Returns
+/// the setup, the holder, and the backing id of its open, the one record.
+async fn holding_passthrough(point: &str, x: &str) -> (Setup, usize, u32) {
+    stargaze_testkit::require_root_fuse();
+    stargaze_testkit::require_fuse_passthrough();
+    stargaze_testkit::require("skopeo");
+    let kill = format!("{point}:{x}");
+    let mut s = Setup::start(&[(stargaze_fs::kill_point::ENV, &kill)]).await;
+    s.cat_ok(x, "x.first");
+    s.wait_no_records("the first read's handle is released");
+    let holder = s.hold(&s.dir.join(x));
+    let held = records(&s.table);
+    let [
+        OpenHandle {
+            mode: Mode::Passthrough(raw),
+            ..
+        },
+    ] = held.as_slice()
+    else {
+        panic!(
+            "the holder's open of {x} is not the one passthrough record: {held:?}\n{}",
+            s.log()
+        );
+    };
+    let raw = *raw;
+    (s, holder, raw)
+}
+
 /// fs killed in the release of a file's last passthrough handle, once it
 /// closed the inode's backing id and before the release is answered: the
 /// next process must not take over a record naming that id (it would give
@@ -409,29 +439,8 @@ async fn opens_resent_after_a_kill_9_get_their_inodes_mode() {
 /// with EIO), and the release resent to it must close nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_killed_after_closing_its_backing_id_leaves_no_record_naming_it() {
-    stargaze_testkit::require_root_fuse();
-    stargaze_testkit::require_fuse_passthrough();
-    stargaze_testkit::require("skopeo");
     let x = "data/file5";
-    let kill = format!("release-closed-backing:{x}");
-    let mut s = Setup::start(&[(stargaze_fs::kill_point::ENV, &kill)]).await;
-    // Read whole, so it is complete in the cache: opened with passthrough
-    // from now on. (Its cached handles close no backing id.)
-    s.cat_ok(x, "x.first");
-    s.wait_no_records("the first read's handle is released");
-    let holder = s.hold(&s.dir.join(x));
-    let held = records(&s.table);
-    assert!(
-        matches!(
-            held.as_slice(),
-            [OpenHandle {
-                mode: Mode::Passthrough(_),
-                ..
-            }]
-        ),
-        "the holder's open of {x} is not the one passthrough record: {held:?}\n{}",
-        s.log()
-    );
+    let (mut s, holder, _) = holding_passthrough("release-closed-backing", x).await;
 
     // Its release closes the inode's backing id, and fs dies there.
     s.let_go(holder);
@@ -529,29 +538,8 @@ async fn an_open_recorded_by_a_killed_process_and_never_answered_leaves_no_recor
 /// id, and its cache file open, until closed or the connection ends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backing_id_a_killed_release_left_open_is_closed_by_the_next_process() {
-    stargaze_testkit::require_root_fuse();
-    stargaze_testkit::require_fuse_passthrough();
-    stargaze_testkit::require("skopeo");
     let x = "data/file5";
-    let kill = format!("release-unrecorded:{x}");
-    let mut s = Setup::start(&[(stargaze_fs::kill_point::ENV, &kill)]).await;
-    s.cat_ok(x, "x.first");
-    s.wait_no_records("the first read's handle is released");
-    let holder = s.hold(&s.dir.join(x));
-    let held = records(&s.table);
-    let [
-        OpenHandle {
-            mode: Mode::Passthrough(raw),
-            ..
-        },
-    ] = held.as_slice()
-    else {
-        panic!(
-            "the holder's open of {x} is not the one passthrough record: {held:?}\n{}",
-            s.log()
-        );
-    };
-    let raw = *raw;
+    let (mut s, holder, raw) = holding_passthrough("release-unrecorded", x).await;
 
     s.let_go(holder);
     s.wait_killed();
