@@ -1046,7 +1046,6 @@ impl StageCpu {
     }
 }
 
-/// CPU time of the calling thread, in nanoseconds (0 if unavailable).
 /// A chunk's bytes against its digest in the TOC.
 fn verify(c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
     let actual = Digest::of(data);
@@ -1060,6 +1059,7 @@ fn verify(c: &Claim, data: &[u8]) -> Result<(), ChunkError> {
     })
 }
 
+/// CPU time of the calling thread, in nanoseconds (0 if unavailable).
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
