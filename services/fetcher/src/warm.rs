@@ -271,12 +271,20 @@ impl FetcherService {
         }
     }
 
-    /// Store what was read early for a layer that just resolved, and
-    /// claim what is still on the wire, stored when it comes.
+    /// Hand a layer that just resolved what was read early for it: every
+    /// span's chunks are claimed at once, before any is decoded, so that no
+    /// read meanwhile fetches them a second time; those that arrived are
+    /// stored now, those still on the wire when they come.
     async fn take_early(&self, layer: &Arc<crate::Layer>, taken: crate::traces::early::Taken) {
-        let (spans, mut chunks) = (taken.arrived.len(), 0);
-        // Claimed first: from here on nothing on the wire is read twice.
-        let reserved: Vec<_> = taken
+        let arrived: Vec<_> = taken
+            .arrived
+            .into_iter()
+            .map(|(at, bytes)| {
+                let end = at + bytes.len() as u64;
+                (layer.reserve(at..end), bytes)
+            })
+            .collect();
+        let reading: Vec<_> = taken
             .reading
             .into_iter()
             .map(|(ranges, answer)| {
@@ -284,12 +292,12 @@ impl FetcherService {
                 (claims, answer)
             })
             .collect();
-        let on_wire = reserved.len();
-        for (at, bytes) in taken.arrived {
-            chunks += layer.ingest(at, bytes).await;
+        let (spans, on_wire, mut chunks) = (arrived.len(), reading.len(), 0);
+        for (claim, bytes) in arrived {
+            chunks += layer.fill(claim, Some(bytes)).await;
         }
         tracing::debug!(layer = %layer.digest, spans, chunks, on_wire, "stored what was read early");
-        for (claims, answer) in reserved {
+        for (claims, answer) in reading {
             let layer = layer.clone();
             tokio::spawn(async move {
                 let parts = answer.bytes().await;
