@@ -1440,3 +1440,51 @@ async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
     assert_eq!(got, [(1, "/usr/bin/dash")], "only the read is traced");
     assert!(fetcher.stop().success());
 }
+
+/// `ImageTrace` (what `stargaze optimize` asks) waits for fs's reports
+/// made after it was called: a read fs still held in its queue (it sends
+/// the queue every 100 ms) is in the trace it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_trace_waits_for_the_reads_fs_still_holds() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (image_ref, digests) = dash_image(&reg, work.path(), "trace-late");
+    let fetcher = Fetcher::start_with(
+        work.path(),
+        stargaze_testkit::free_port(),
+        "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1h\"",
+    );
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let upper =
+        LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[1])).unwrap();
+    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    // The read reaches the fetcher only after ImageTrace was asked, as
+    // fs's next flush would bring it, followed by the flush after it.
+    let mut late = client.clone();
+    let layer = digests[1].clone();
+    let fs = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        read_as_fs(&mut late, &layer, dash, 0, 4096).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        late.note_reads(NoteReadsRequest {
+            layer_digest: String::new(),
+            ranges: Vec::new(),
+        })
+        .await
+        .unwrap();
+    });
+    let trace = client
+        .image_trace(ImageTraceRequest {
+            image_ref: image_ref.clone(),
+        })
+        .await
+        .map(|r| r.into_inner());
+    fs.await.unwrap();
+    let trace = trace.expect("a trace of the image");
+    assert!(
+        trace.reads.iter().any(|r| r.path == "/usr/bin/dash"),
+        "the read fs reported after the question is missing: {:?}",
+        trace.reads
+    );
+}
