@@ -8,8 +8,9 @@
 //! of one of its layers that fs reports (`NoteReads`: each chunk's first
 //! read, cache hits included) is noted, in order ([`Traces::note`]): what
 //! the programs read, not what a prefetch guessed they would (a file the
-//! entrypoint prefetch fetched but nothing read stays out). When the window closes, the reads are merged into
-//! the image's trace file, after those it had.
+//! entrypoint prefetch fetched but nothing read stays out). When the
+//! window closes, the reads are merged into the image's trace file, after
+//! those it had.
 //!
 //! Replay: [`Traces::image_pulled`] returns the image's trace when it has
 //! a valid one (from the cache, else published in the image's registry:
