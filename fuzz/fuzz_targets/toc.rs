@@ -1,15 +1,22 @@
 //! Hostile TOC JSON: parse and check; whatever is accepted must be a
-//! consistent tree (chunks contiguous and inside the data area).
+//! consistent tree (chunks contiguous and inside the data area), and the
+//! one-pass parse must accept exactly that tree.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use stargaze_format::toc::JsonToc;
 use stargaze_format::{LayerFormat, NodeKind, Toc};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(json) = JsonToc::parse(data) else { return };
+    let Ok(json) = JsonToc::parse(data) else {
+        assert!(Toc::parse(data, LayerFormat::Estargz, 1 << 20).is_err());
+        return;
+    };
     for format in [LayerFormat::Estargz, LayerFormat::ZstdChunked] {
         let payload_end = 1 << 20;
-        let Ok(toc) = Toc::build(&json, format, payload_end) else { continue };
+        let built = Toc::build(&json, format, payload_end);
+        let parsed = Toc::parse(data, format, payload_end);
+        assert_eq!(format!("{:?}", built.as_ref().ok()), format!("{:?}", parsed.as_ref().ok()));
+        let Ok(toc) = built else { continue };
         for n in &toc.nodes {
             let mut at = 0;
             for c in &n.chunks {

@@ -135,7 +135,10 @@ pub async fn resolve_with_toc(
         Some(parts) => parts?,
         None => {
             let started = std::time::Instant::now();
-            let toc = fetch_toc(&*blob, layer_digest, check, toc_blob, opts).await?;
+            let mut toc = fetch_toc(&*blob, layer_digest, check, toc_blob, opts).await?;
+            // Checked and parsed: the JSON (megabytes for a base layer) is
+            // not needed while the index is built.
+            toc.toc_json = Vec::new();
             let toc_read = started.elapsed();
             // The next pull of this blob reads its footer and TOC at once.
             if let Some(range) = toc.footer.toc_range(toc.blob_size) {

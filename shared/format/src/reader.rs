@@ -13,7 +13,7 @@ use crate::digest::Digest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::footer::{Footer, LayerFormat, MAX_FOOTER_SIZE, parse_footer};
 use crate::tar::TarReader;
-use crate::toc::{JsonToc, TOC_TAR_NAME};
+use crate::toc::TOC_TAR_NAME;
 use crate::tree::{Node, NodeKind, Toc};
 
 /// Default limit for the uncompressed TOC JSON (a 100k-file layer has ~30 MB).
@@ -125,8 +125,7 @@ impl LayerToc {
                 actual: toc_digest,
             });
         }
-        let json = JsonToc::parse(&toc_json)?;
-        let toc = Toc::build(&json, footer.format(), footer.payload_end(blob_size))?;
+        let toc = Toc::parse(&toc_json, footer.format(), footer.payload_end(blob_size))?;
         Ok(LayerToc {
             footer,
             blob_size,

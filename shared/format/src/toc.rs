@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorKind;
@@ -104,14 +105,8 @@ impl JsonToc {
     /// Parse TOC JSON. Rejects malformed JSON and wrong versions; the
     /// entries themselves are checked by [`crate::tree::Toc::build`].
     pub fn parse(json: &[u8]) -> Result<JsonToc, ErrorKind> {
-        let toc: JsonToc =
-            serde_json::from_slice(json).map_err(|e| ErrorKind::TocJson(e.to_string()))?;
-        if toc.version != 1 {
-            return Err(ErrorKind::TocJson(format!(
-                "TOC version {} is not supported (expected 1)",
-                toc.version
-            )));
-        }
+        let mut toc = parse_entries(json, JsonToc::default())?;
+        toc.version = 1;
         Ok(toc)
     }
 
@@ -123,6 +118,147 @@ impl JsonToc {
         self.serialize(&mut ser)
             .expect("serialising a TOC to memory cannot fail");
         out
+    }
+}
+
+fn check_version(version: i64) -> Result<(), ErrorKind> {
+    if version != 1 {
+        return Err(ErrorKind::TocJson(format!(
+            "TOC version {version} is not supported (expected 1)"
+        )));
+    }
+    Ok(())
+}
+
+/// What takes a TOC's entries as they are parsed.
+pub(crate) trait TocSink {
+    /// The next entry, in TOC order; an error ends the parse.
+    fn entry(&mut self, entry: JsonEntry) -> Result<(), ErrorKind>;
+    fn tar_split_digest(&mut self, _digest: String) {}
+}
+
+impl TocSink for JsonToc {
+    fn entry(&mut self, entry: JsonEntry) -> Result<(), ErrorKind> {
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    fn tar_split_digest(&mut self, digest: String) {
+        self.tar_split_digest = digest;
+    }
+}
+
+/// Parse TOC JSON and hand each entry to `sink`, in order, as soon as it is
+/// parsed. The version must be 1; unknown keys are ignored, repeated ones
+/// rejected. The first error the sink returns ends the parse and is what
+/// the caller gets.
+pub(crate) fn parse_entries<S: TocSink>(json: &[u8], mut sink: S) -> Result<S, ErrorKind> {
+    let mut rejected = None;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let visitor = TocVisitor {
+        sink: &mut sink,
+        rejected: &mut rejected,
+    };
+    let parsed = de::Deserializer::deserialize_map(&mut de, visitor).and_then(|()| de.end());
+    if let Some(kind) = rejected {
+        return Err(kind);
+    }
+    parsed.map_err(|e| ErrorKind::TocJson(e.to_string()))?;
+    Ok(sink)
+}
+
+struct TocVisitor<'a, S> {
+    sink: &'a mut S,
+    /// Why `add` or the version check stopped the parse.
+    rejected: &'a mut Option<ErrorKind>,
+}
+
+impl<S: TocSink> TocVisitor<'_, S> {
+    fn reject<E: de::Error>(&mut self, kind: ErrorKind) -> E {
+        *self.rejected = Some(kind);
+        E::custom("TOC rejected")
+    }
+}
+
+impl<'de, S: TocSink> Visitor<'de> for TocVisitor<'_, S> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let (mut version, mut entries, mut tar_split) = (None, false, false);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" => {
+                    if version.is_some() {
+                        return Err(de::Error::duplicate_field("version"));
+                    }
+                    let v: i64 = map.next_value()?;
+                    if let Err(kind) = check_version(v) {
+                        return Err(self.reject(kind));
+                    }
+                    version = Some(v);
+                }
+                "entries" => {
+                    if entries {
+                        return Err(de::Error::duplicate_field("entries"));
+                    }
+                    entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        sink: &mut *self.sink,
+                        rejected: &mut *self.rejected,
+                    })?;
+                }
+                "tarSplitDigest" => {
+                    if tar_split {
+                        return Err(de::Error::duplicate_field("tarSplitDigest"));
+                    }
+                    tar_split = true;
+                    self.sink.tar_split_digest(map.next_value()?);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if version.is_none() {
+            let kind = check_version(0).expect_err("0 is not a supported version");
+            return Err(self.reject(kind));
+        }
+        Ok(())
+    }
+}
+
+struct EntriesSeed<'a, S> {
+    sink: &'a mut S,
+    rejected: &'a mut Option<ErrorKind>,
+}
+
+impl<'de, S: TocSink> DeserializeSeed<'de> for EntriesSeed<'_, S> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, S: TocSink> Visitor<'de> for EntriesSeed<'_, S> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(entry) = seq.next_element::<JsonEntry>()? {
+            if let Err(kind) = self.sink.entry(entry) {
+                *self.rejected = Some(kind);
+                return Err(de::Error::custom("TOC entry rejected"));
+            }
+        }
+        Ok(())
     }
 }
 

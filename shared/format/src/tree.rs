@@ -12,6 +12,10 @@
 //! files of several chunks without `chunkDigest`s become one chunk verified
 //! against the whole-file digest.
 //!
+//! [`Toc::parse`] does the same while the JSON is parsed, one entry at a
+//! time, which is how readers of a registry's TOCs use it: a base layer's
+//! TOC never exists as parsed entries and as a tree at once.
+//!
 //! The result is the input of the TOC index (`stargaze-index`) and of every
 //! consumer that needs file attributes or chunk locations.
 
@@ -100,6 +104,14 @@ pub struct Node {
     pub implicit: bool,
 }
 
+/// An empty directory: what a node's slot holds while the node is moved
+/// out (allocates nothing).
+impl Default for Node {
+    fn default() -> Node {
+        Node::new(NodeKind::Dir, 0)
+    }
+}
+
 impl Node {
     fn new(kind: NodeKind, parent: NodeId) -> Node {
         Node {
@@ -161,22 +173,48 @@ pub struct Toc {
     pub prefetch: Prefetch,
 }
 
+/// A chunk as its TOC entry gives it, checked when the tree is finished.
 struct RawChunk {
+    /// The file it belongs to; a file's chunks are consecutive.
+    node: NodeId,
     chunk_offset: i64,
     chunk_size: i64,
     offset: i64,
     inner_offset: i64,
     end_offset: i64,
-    digest: String,
+    /// `chunkDigest`, parsed at once (a string per chunk would double the
+    /// builder's size); a bad one is reported when its chunk is checked.
+    digest: Option<Result<Digest, String>>,
     zeros: bool,
 }
 
-struct Builder<'a> {
+impl RawChunk {
+    fn new(node: NodeId, e: &JsonEntry) -> RawChunk {
+        RawChunk {
+            node,
+            chunk_offset: e.chunk_offset,
+            chunk_size: e.chunk_size,
+            offset: e.offset,
+            inner_offset: e.inner_offset,
+            end_offset: e.end_offset,
+            digest: (!e.chunk_digest.is_empty())
+                .then(|| e.chunk_digest.parse().map_err(|err| format!("{err}"))),
+            zeros: e.chunk_type == "zeros",
+        }
+    }
+}
+
+/// The tree as entries arrive, one at a time ([`Builder::add`]), so that a
+/// TOC can be checked while it is parsed without holding all its entries.
+struct Builder {
     nodes: Vec<Node>,
-    raw_chunks: HashMap<NodeId, Vec<RawChunk>>,
-    file_digests: HashMap<NodeId, &'a str>,
+    /// In TOC order, so each file's chunks are one run.
+    raw_chunks: Vec<RawChunk>,
+    file_digests: HashMap<NodeId, String>,
     user_names: HashMap<u32, String>,
     group_names: HashMap<u32, String>,
+    /// The regular file that `chunk` entries continue.
+    current_file: Option<NodeId>,
 }
 
 /// Clean a TOC or tar name into a root-relative path without `.`, `..`,
@@ -241,7 +279,7 @@ fn id32(entry: &str, what: &str, v: i64) -> Result<u32, ErrorKind> {
     u32::try_from(v).map_err(|_| ErrorKind::entry(entry, format!("{what} {v} is out of range")))
 }
 
-impl<'a> Builder<'a> {
+impl Builder {
     fn child(&self, dir: NodeId, name: &str) -> Option<NodeId> {
         self.nodes[dir as usize].children.get(name).copied()
     }
@@ -342,151 +380,148 @@ impl<'a> Builder<'a> {
     }
 }
 
-impl Toc {
-    /// Check and normalise a parsed TOC. `payload_end` is where file data
-    /// ends in the blob (the TOC offset, or the footer for external TOCs).
-    pub fn build(json: &JsonToc, format: LayerFormat, payload_end: u64) -> Result<Toc, ErrorKind> {
-        let mut b = Builder {
-            nodes: vec![Node::new(NodeKind::Dir, 0)],
-            raw_chunks: HashMap::new(),
+impl crate::toc::TocSink for Builder {
+    fn entry(&mut self, entry: JsonEntry) -> Result<(), ErrorKind> {
+        self.add(entry)
+    }
+}
+
+impl Builder {
+    fn new() -> Builder {
+        let mut root = Node::new(NodeKind::Dir, 0);
+        root.implicit = true;
+        Builder {
+            nodes: vec![root],
+            raw_chunks: Vec::new(),
             file_digests: HashMap::new(),
             user_names: HashMap::new(),
             group_names: HashMap::new(),
-        };
-        b.nodes[0].implicit = true;
-        let mut current_file: Option<NodeId> = None;
+            current_file: None,
+        }
+    }
 
-        for e in &json.entries {
-            let name = e.name.as_str();
-            if e.kind == "chunk" {
-                let Some(file) = current_file else {
+    /// Take one TOC entry, in TOC order.
+    fn add(&mut self, e: JsonEntry) -> Result<(), ErrorKind> {
+        let b = self;
+        let name = e.name.as_str();
+        if e.kind == "chunk" {
+            let Some(file) = b.current_file else {
+                return Err(ErrorKind::entry(
+                    name,
+                    "\"chunk\" entry does not follow a regular file",
+                ));
+            };
+            b.raw_chunks.push(RawChunk::new(file, &e));
+            return Ok(());
+        }
+        b.current_file = None;
+        let path = normalize_path(name).map_err(|r| ErrorKind::entry(name, r))?;
+        let kind = match e.kind.as_str() {
+            "dir" => NodeKind::Dir,
+            "reg" => NodeKind::Reg,
+            "symlink" => NodeKind::Symlink,
+            "char" => NodeKind::Char,
+            "block" => NodeKind::Block,
+            "fifo" => NodeKind::Fifo,
+            "hardlink" => {
+                if path.is_empty() {
+                    return Err(ErrorKind::entry(name, "the root cannot be a hardlink"));
+                }
+                let target = normalize_path(&e.link_name)
+                    .map_err(|r| ErrorKind::entry(name, format!("hardlink target: {r}")))?;
+                let Some(target_id) = b.lookup(&target) else {
                     return Err(ErrorKind::entry(
                         name,
-                        "\"chunk\" entry does not follow a regular file",
+                        format!("hardlink target {target:?} is not in the TOC before it"),
                     ));
                 };
-                b.raw_chunks.entry(file).or_default().push(RawChunk {
-                    chunk_offset: e.chunk_offset,
-                    chunk_size: e.chunk_size,
-                    offset: e.offset,
-                    inner_offset: e.inner_offset,
-                    end_offset: e.end_offset,
-                    digest: e.chunk_digest.clone(),
-                    zeros: e.chunk_type == "zeros",
-                });
-                continue;
-            }
-            current_file = None;
-            let path = normalize_path(name).map_err(|r| ErrorKind::entry(name, r))?;
-            let kind = match e.kind.as_str() {
-                "dir" => NodeKind::Dir,
-                "reg" => NodeKind::Reg,
-                "symlink" => NodeKind::Symlink,
-                "char" => NodeKind::Char,
-                "block" => NodeKind::Block,
-                "fifo" => NodeKind::Fifo,
-                "hardlink" => {
-                    if path.is_empty() {
-                        return Err(ErrorKind::entry(name, "the root cannot be a hardlink"));
-                    }
-                    let target = normalize_path(&e.link_name)
-                        .map_err(|r| ErrorKind::entry(name, format!("hardlink target: {r}")))?;
-                    let Some(target_id) = b.lookup(&target) else {
-                        return Err(ErrorKind::entry(
-                            name,
-                            format!("hardlink target {target:?} is not in the TOC before it"),
-                        ));
-                    };
-                    if b.nodes[target_id as usize].kind == NodeKind::Dir {
-                        return Err(ErrorKind::entry(name, "hardlink to a directory"));
-                    }
-                    let (parent, base) = b.parent_of(&path)?;
-                    b.nodes[parent as usize]
-                        .children
-                        .insert(base.to_string(), target_id);
-                    // containerd's applier (as Docker's) sets a hard link's
-                    // own header on the inode it shares: owner, xattrs
-                    // (added to the target's), mode and mtime. The last
-                    // header naming the inode wins.
-                    let mut target = b.nodes[target_id as usize].clone();
-                    b.fill_common(e, &mut target)?;
-                    b.nodes[target_id as usize] = target;
-                    continue;
+                if b.nodes[target_id as usize].kind == NodeKind::Dir {
+                    return Err(ErrorKind::entry(name, "hardlink to a directory"));
                 }
-                other => {
+                let (parent, base) = b.parent_of(&path)?;
+                b.nodes[parent as usize]
+                    .children
+                    .insert(base.to_string(), target_id);
+                // containerd's applier (as Docker's) sets a hard link's
+                // own header on the inode it shares: owner, xattrs
+                // (added to the target's), mode and mtime. The last
+                // header naming the inode wins.
+                let mut target = std::mem::take(&mut b.nodes[target_id as usize]);
+                let filled = b.fill_common(&e, &mut target);
+                b.nodes[target_id as usize] = target;
+                return filled;
+            }
+            other => {
+                return Err(ErrorKind::entry(
+                    name,
+                    format!("unknown entry type {other:?}"),
+                ));
+            }
+        };
+        if path.is_empty() {
+            if kind != NodeKind::Dir {
+                return Err(ErrorKind::entry(name, "the root must be a directory"));
+            }
+            let mut root = std::mem::take(&mut b.nodes[0]);
+            let filled = b.fill_common(&e, &mut root);
+            root.implicit = false;
+            b.nodes[0] = root;
+            return filled;
+        }
+        let (parent, base) = b.parent_of(&path)?;
+        if kind == NodeKind::Dir
+            && let Some(existing) = b.child(parent, base)
+            && b.nodes[existing as usize].kind == NodeKind::Dir
+        {
+            // A directory seen again (or implied earlier): update it in place.
+            let mut dir = std::mem::take(&mut b.nodes[existing as usize]);
+            let filled = b.fill_common(&e, &mut dir);
+            dir.implicit = false;
+            b.nodes[existing as usize] = dir;
+            return filled;
+        }
+        let mut node = Node::new(kind, parent);
+        node.path = path.clone();
+        b.fill_common(&e, &mut node)?;
+        match kind {
+            NodeKind::Reg => {
+                node.size = nonneg(name, "size", e.size)?;
+                if node.size > MAX_FILE_SIZE {
                     return Err(ErrorKind::entry(
                         name,
-                        format!("unknown entry type {other:?}"),
+                        format!("absurd file size {}", node.size),
                     ));
                 }
-            };
-            if path.is_empty() {
-                if kind != NodeKind::Dir {
-                    return Err(ErrorKind::entry(name, "the root must be a directory"));
-                }
-                let mut root = b.nodes[0].clone();
-                b.fill_common(e, &mut root)?;
-                root.implicit = false;
-                b.nodes[0] = root;
-                continue;
             }
-            let (parent, base) = b.parent_of(&path)?;
-            if kind == NodeKind::Dir
-                && let Some(existing) = b.child(parent, base)
-                && b.nodes[existing as usize].kind == NodeKind::Dir
-            {
-                // A directory seen again (or implied earlier): update it in place.
-                let mut dir = b.nodes[existing as usize].clone();
-                b.fill_common(e, &mut dir)?;
-                dir.implicit = false;
-                b.nodes[existing as usize] = dir;
-                continue;
+            NodeKind::Symlink => {
+                if e.link_name.is_empty() {
+                    return Err(ErrorKind::entry(name, "symlink without a target"));
+                }
+                node.link_target = e.link_name.clone();
             }
-            let mut node = Node::new(kind, parent);
-            node.path = path.clone();
-            b.fill_common(e, &mut node)?;
-            match kind {
-                NodeKind::Reg => {
-                    node.size = nonneg(name, "size", e.size)?;
-                    if node.size > MAX_FILE_SIZE {
-                        return Err(ErrorKind::entry(
-                            name,
-                            format!("absurd file size {}", node.size),
-                        ));
-                    }
-                }
-                NodeKind::Symlink => {
-                    if e.link_name.is_empty() {
-                        return Err(ErrorKind::entry(name, "symlink without a target"));
-                    }
-                    node.link_target = e.link_name.clone();
-                }
-                NodeKind::Char | NodeKind::Block => {
-                    node.dev_major = id32(name, "devMajor", e.dev_major)?;
-                    node.dev_minor = id32(name, "devMinor", e.dev_minor)?;
-                }
-                _ => {}
+            NodeKind::Char | NodeKind::Block => {
+                node.dev_major = id32(name, "devMajor", e.dev_major)?;
+                node.dev_minor = id32(name, "devMinor", e.dev_minor)?;
             }
-            let id = b.add_node(parent, base, node);
-            if kind == NodeKind::Reg {
-                if !e.digest.is_empty() {
-                    b.file_digests.insert(id, e.digest.as_str());
-                }
-                if e.size > 0 {
-                    b.raw_chunks.entry(id).or_default().push(RawChunk {
-                        chunk_offset: e.chunk_offset,
-                        chunk_size: e.chunk_size,
-                        offset: e.offset,
-                        inner_offset: e.inner_offset,
-                        end_offset: e.end_offset,
-                        digest: e.chunk_digest.clone(),
-                        zeros: e.chunk_type == "zeros",
-                    });
-                }
-                current_file = Some(id);
-            }
+            _ => {}
         }
+        let id = b.add_node(parent, base, node);
+        if kind == NodeKind::Reg {
+            if e.size > 0 {
+                b.raw_chunks.push(RawChunk::new(id, &e));
+            }
+            if !e.digest.is_empty() {
+                b.file_digests.insert(id, e.digest);
+            }
+            b.current_file = Some(id);
+        }
+        Ok(())
+    }
 
+    /// Fill in chunk extents, check them against each other and the blob,
+    /// and lay the reachable nodes out depth first.
+    fn finish(self, format: LayerFormat, payload_end: u64) -> Result<Toc, ErrorKind> {
+        let b = self;
         let compression = format.compression();
         let mut nodes = b.nodes;
         for (id, d) in &b.file_digests {
@@ -497,24 +532,20 @@ impl Toc {
         // hostile unreachable entry cannot hide overlapping ranges either.
         let mut member_offsets: Vec<u64> = Vec::new();
         let legacy = format == LayerFormat::LegacyStargz;
-        for (id, raws) in &b.raw_chunks {
-            let node = &mut nodes[*id as usize];
+        let files = || b.raw_chunks.chunk_by(|a, b| a.node == b.node);
+        for raws in files() {
+            let node = &mut nodes[raws[0].node as usize];
             node.chunks = chunks_of(node, raws, payload_end, legacy)?;
             member_offsets.extend(node.chunks.iter().map(|c| c.compressed_offset));
         }
         member_offsets.sort_unstable();
         member_offsets.dedup();
-        let end_hints: HashMap<NodeId, u64> = b
-            .raw_chunks
-            .iter()
-            .filter_map(|(id, raws)| {
-                let last = raws.last()?;
-                (last.end_offset > 0).then_some((*id, last.end_offset as u64))
-            })
-            .collect();
         let mut by_member: BTreeMap<u64, Vec<(u64, u64, NodeId)>> = BTreeMap::new();
-        for id in b.raw_chunks.keys() {
-            let node = &mut nodes[*id as usize];
+        for raws in files() {
+            let id = raws[0].node;
+            let last = &raws[raws.len() - 1];
+            let end_hint = (last.end_offset > 0).then_some(last.end_offset as u64);
+            let node = &mut nodes[id as usize];
             let nchunks = node.chunks.len();
             for (i, c) in node.chunks.iter_mut().enumerate() {
                 let next = match member_offsets.binary_search(&c.compressed_offset) {
@@ -523,7 +554,7 @@ impl Toc {
                 };
                 c.compressed_end = next;
                 if i + 1 == nchunks
-                    && let Some(&end) = end_hints.get(id)
+                    && let Some(end) = end_hint
                     && end > c.compressed_offset
                     && end <= next
                 {
@@ -532,7 +563,7 @@ impl Toc {
                 by_member.entry(c.compressed_offset).or_default().push((
                     c.inner_offset,
                     c.size,
-                    *id,
+                    id,
                 ));
             }
         }
@@ -575,14 +606,35 @@ impl Toc {
             }
         }
         if legacy {
-            for (id, raws) in &b.raw_chunks {
-                if raws.len() > 1 && raws.iter().any(|r| r.digest.is_empty()) {
-                    merge_unverified_chunks(&mut nodes[*id as usize])?;
+            for raws in files() {
+                if raws.len() > 1 && raws.iter().any(|r| r.digest.is_none()) {
+                    merge_unverified_chunks(&mut nodes[raws[0].node as usize])?;
                 }
             }
         }
         let toc = compact(nodes, format, payload_end);
         Ok(toc)
+    }
+}
+
+impl Toc {
+    /// Check and normalise a parsed TOC. `payload_end` is where file data
+    /// ends in the blob (the TOC offset, or the footer for external TOCs).
+    pub fn build(json: &JsonToc, format: LayerFormat, payload_end: u64) -> Result<Toc, ErrorKind> {
+        let mut b = Builder::new();
+        for e in &json.entries {
+            b.add(e.clone())?;
+        }
+        b.finish(format, payload_end)
+    }
+
+    /// [`JsonToc::parse`] and [`Toc::build`] in one pass over the JSON:
+    /// each entry is checked and added as it is parsed and then dropped, so
+    /// the whole TOC never exists twice in memory (a base layer's TOC as
+    /// parsed entries takes about twice its JSON).
+    pub fn parse(json: &[u8], format: LayerFormat, payload_end: u64) -> Result<Toc, ErrorKind> {
+        let b = crate::toc::parse_entries(json, Builder::new())?;
+        b.finish(format, payload_end)
     }
 
     pub fn root(&self) -> &Node {
@@ -705,8 +757,11 @@ fn chunks_of(
                 ),
             ));
         }
-        let digest = if !r.digest.is_empty() {
-            parse_digest(&label, "chunkDigest", &r.digest)?
+        let digest = if let Some(parsed) = &r.digest {
+            match parsed {
+                Ok(d) => *d,
+                Err(e) => return Err(ErrorKind::entry(&label, format!("chunkDigest: {e}"))),
+            }
         } else if (raws.len() == 1 || whole_file_verified)
             && let Some(d) = node.digest
         {
@@ -798,7 +853,7 @@ fn merge_unverified_chunks(node: &mut Node) -> Result<(), ErrorKind> {
 }
 
 /// Drop unreachable nodes, renumber depth first, set paths and link counts.
-fn compact(nodes: Vec<Node>, format: LayerFormat, payload_end: u64) -> Toc {
+fn compact(mut nodes: Vec<Node>, format: LayerFormat, payload_end: u64) -> Toc {
     let mut new_id: Vec<Option<NodeId>> = vec![None; nodes.len()];
     let mut order: Vec<(NodeId, String)> = Vec::new();
     let mut stack: Vec<(NodeId, String)> = vec![(0, String::new())];
@@ -820,17 +875,40 @@ fn compact(nodes: Vec<Node>, format: LayerFormat, payload_end: u64) -> Toc {
         }
         order.push((old, path));
     }
-    let mut out: Vec<Node> = Vec::with_capacity(order.len());
-    for (old, path) in &order {
-        let mut n = nodes[*old as usize].clone();
-        n.path = path.clone();
+    // Nodes are permuted into their new places in the same vector rather
+    // than copied into a new one: a base layer's tree is megabytes.
+    let reachable = order.len();
+    let mut unreachable = reachable as NodeId;
+    let mut place: Vec<NodeId> = new_id
+        .iter()
+        .map(|id| {
+            id.unwrap_or_else(|| {
+                unreachable += 1;
+                unreachable - 1
+            })
+        })
+        .collect();
+    for (old, n) in nodes.iter_mut().enumerate() {
+        n.nlink = names[old];
         n.parent = new_id[n.parent as usize].unwrap_or(0);
-        for child in n.children.values_mut() {
-            *child = new_id[*child as usize].expect("children are reachable");
+        if new_id[old].is_some() {
+            for child in n.children.values_mut() {
+                *child = new_id[*child as usize].expect("children are reachable");
+            }
         }
-        n.nlink = names[*old as usize];
-        out.push(n);
     }
+    for i in 0..nodes.len() {
+        while place[i] as usize != i {
+            let to = place[i] as usize;
+            nodes.swap(i, to);
+            place.swap(i, to);
+        }
+    }
+    nodes.truncate(reachable);
+    for (n, (_, path)) in nodes.iter_mut().zip(order) {
+        n.path = path;
+    }
+    let mut out = nodes;
     // Directories: 2 (".", its name) plus one ".." per child directory.
     let subdirs: Vec<u32> = out
         .iter()
@@ -889,16 +967,63 @@ mod tests {
         }
     }
 
+    /// The tree by both paths, which must agree: parse then build, and the
+    /// one-pass parse of the same TOC as JSON.
     fn build(entries: Vec<JsonEntry>) -> Result<Toc, ErrorKind> {
-        Toc::build(
-            &JsonToc {
-                version: 1,
-                entries,
-                ..Default::default()
-            },
-            LayerFormat::Estargz,
-            1 << 20,
-        )
+        let json = JsonToc {
+            version: 1,
+            entries,
+            ..Default::default()
+        };
+        let built = Toc::build(&json, LayerFormat::Estargz, 1 << 20);
+        let parsed = Toc::parse(&json.to_json(), LayerFormat::Estargz, 1 << 20);
+        assert_eq!(format!("{built:?}"), format!("{parsed:?}"));
+        built
+    }
+
+    fn parse_json(json: &str) -> Result<Toc, ErrorKind> {
+        Toc::parse(json.as_bytes(), LayerFormat::Estargz, 1 << 20)
+    }
+
+    #[test]
+    fn the_one_pass_parse_rejects_what_parse_then_build_rejects() {
+        let ok = r#"{"version":1,"entries":[{"name":"a","type":"dir"}]}"#;
+        assert!(parse_json(ok).is_ok());
+        let key_order = r#"{"entries":[{"name":"a","type":"dir"}],"NumLink":3,"version":1}"#;
+        assert!(parse_json(key_order).is_ok());
+        for (bad, why) in [
+            (r#"{"version":2,"entries":[]}"#, "version 2"),
+            (r#"{"entries":[]}"#, "version 0"),
+            (r#"{"version":1,"entries":[]} x"#, "trailing"),
+            (
+                r#"{"version":1,"entries":[],"entries":[]}"#,
+                "duplicate field",
+            ),
+            (
+                r#"{"version":1,"version":1,"entries":[]}"#,
+                "duplicate field",
+            ),
+            (r#"{"version":1,"entries":null}"#, "null"),
+            (r#"[1,[]]"#, "expected a TOC object"),
+            (
+                r#"{"version":1,"entries":[{"type":"reg"}]}"#,
+                "missing field `name`",
+            ),
+            (
+                r#"{"version":1,"tarSplitDigest":5,"entries":[]}"#,
+                "invalid type",
+            ),
+            ("not json", "expected"),
+        ] {
+            let err = parse_json(bad).expect_err(bad);
+            assert!(matches!(err, ErrorKind::TocJson(_)), "{bad}: {err:?}");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+            assert!(!err.to_string().contains("rejected"), "{bad}: {err}");
+        }
+        // An entry's own error is the one reported, as by `build`.
+        let err = parse_json(r#"{"version":1,"entries":[{"name":"../x","type":"reg"}]}"#)
+            .expect_err("escape");
+        assert!(err.to_string().contains("escapes"), "{err}");
     }
 
     #[test]
