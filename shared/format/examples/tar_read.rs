@@ -120,8 +120,7 @@ fn crate_reader(buf: &[u8]) -> Result<(Vec<Rec>, u64), String> {
     let mut end = 0u64;
     for e in archive.entries_with_seek().map_err(io)? {
         let mut e = e.map_err(io)?;
-        let h = e.header().clone();
-        let typ = h.entry_type();
+        let typ = e.header().entry_type();
         let data = e.raw_file_position();
         let padded = e.size().div_ceil(512) * 512;
         end = data + padded;
@@ -150,6 +149,7 @@ fn crate_reader(buf: &[u8]) -> Result<(Vec<Rec>, u64), String> {
             pax.mtime = local.mtime.or(pax.mtime);
             pax.xattrs.extend(local.xattrs);
         }
+        let h = e.header();
         // Header-only types carry no payload whatever their size says.
         let size = if kind == TarKind::Regular {
             e.size()
