@@ -11,6 +11,19 @@
 //!
 //! It rejects rather than guesses: bad checksums, sizes past the end of the
 //! input, sparse files and unknown type flags are errors with the byte offset.
+//!
+//! Why not the `tar` crate (0.4.46, `entries_with_seek` over the same bytes,
+//! compared by `examples/tar_read.rs`, results in `bench/results/tar.md`):
+//! on its own it gives the entry's own header position, not its first
+//! extension header's; it leaves PAX `mtime` nanoseconds, `uname`, `gname`,
+//! `SCHILY.xattr.*` and global headers to its caller; it does not notice a
+//! payload running past the end of the input; and it refuses a header with
+//! an empty numeric field, which this reads as 0. With those added on top
+//! the walk gives the same entries on every other archive tried, as fast on
+//! a GNU tar (57 ms against our 59 ms for 678 MB, 40,835 entries) but 53 %
+//! slower on a PAX one where every entry has an extended header (143 ms
+//! against 94 ms for 719 MB, 40,835 entries): most of this module would
+//! stay, and be slower.
 
 use std::collections::BTreeMap;
 
@@ -625,6 +638,23 @@ mod tests {
         let mut bad = data.clone();
         bad[0] ^= 0x40;
         assert!(TarReader::new(&bad).next().unwrap().is_err());
+    }
+
+    /// Some writers leave numeric fields empty (NULs); the `tar` crate
+    /// refuses such a header.
+    #[test]
+    fn an_empty_numeric_field_reads_as_zero() {
+        let mut data = ustar_header("f", b'0', 0, 0, 0).to_vec();
+        data[100..108].fill(0);
+        data[148..156].fill(b' ');
+        let sum: u64 = data.iter().map(|&b| b as u64).sum();
+        data[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        data.resize(2048, 0);
+        let e: Vec<_> = TarReader::new(&data).collect::<Result<_, _>>().unwrap();
+        assert_eq!((e[0].name.as_str(), e[0].mode), ("f", 0));
+        let mut crate_reader = tar::Archive::new(&data[..]);
+        let entry = crate_reader.entries().unwrap().next().unwrap().unwrap();
+        assert!(entry.header().mode().is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use headers::HeaderMapExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use parking_lot::Mutex;
@@ -64,60 +65,82 @@ fn range_header(ranges: &[Range<u64>]) -> String {
     format!("bytes={}", parts.join(","))
 }
 
-/// `bytes a-b/total` → (a..b+1, total)
-fn parse_content_range(v: &str) -> Option<(Range<u64>, Option<u64>)> {
-    let v = v.trim().strip_prefix("bytes")?.trim();
-    let (span, total) = v.split_once('/')?;
-    let (a, b) = span.split_once('-')?;
-    let a: u64 = a.trim().parse().ok()?;
-    let b: u64 = b.trim().parse().ok()?;
-    (b >= a).then_some((a..b + 1, total.trim().parse().ok()))
+/// The `Content-Range` of an answer or of one part of a multipart answer,
+/// `bytes a-b/total`, as `(a..b+1, total)`; `None` when there is none or
+/// it is not one range of bytes inside the size it gives.
+fn content_range(h: &HeaderMap) -> Option<(Range<u64>, Option<u64>)> {
+    let cr = h.typed_get::<headers::ContentRange>()?;
+    let (first, last) = cr.bytes_range()?;
+    let end = last.checked_add(1)?;
+    let total = cr.bytes_len();
+    if total.is_some_and(|t| end > t) {
+        return None;
+    }
+    Some((first..end, total))
+}
+
+/// The boundary of a `multipart/byteranges` answer, from its Content-Type.
+fn byteranges_boundary(h: &HeaderMap) -> Option<String> {
+    let m: mime::Mime = h
+        .get(http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    (m.type_() == mime::MULTIPART && m.subtype() == "byteranges")
+        .then(|| m.get_param(mime::BOUNDARY).map(|b| b.as_str().to_string()))?
 }
 
 /// Parse a `multipart/byteranges` body into (range, bytes) parts.
-pub(crate) fn parse_multipart(
-    body: &Bytes,
+///
+/// multer is written for `multipart/form-data`, but the framing it reads
+/// is RFC 2046's, which byteranges share, and it asks no part for a
+/// Content-Disposition. It copies the body once into its own buffer; the
+/// parts are views of that copy.
+pub(crate) async fn parse_multipart(
+    body: Bytes,
     boundary: &str,
 ) -> Result<Vec<(Range<u64>, Bytes)>, String> {
-    let delim = format!("--{boundary}");
+    let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(body)]);
+    let mut multipart = multer::Multipart::new(stream, boundary);
     let mut parts = Vec::new();
-    let mut pos = find(body, delim.as_bytes(), 0).ok_or("no multipart boundary in the body")?;
-    loop {
-        pos += delim.len();
-        if body.get(pos..pos + 2) == Some(b"--") {
-            return Ok(parts);
+    while let Some(mut part) = multipart
+        .next_field()
+        .await
+        .map_err(|e| format!("multipart body, part {}: {e}", parts.len() + 1))?
+    {
+        let (range, _) = content_range(part.headers()).ok_or_else(|| {
+            format!(
+                "multipart part {} without a valid Content-Range",
+                parts.len() + 1
+            )
+        })?;
+        let mut chunks = Vec::new();
+        while let Some(c) = part
+            .chunk()
+            .await
+            .map_err(|e| format!("multipart part {}-{}: {e}", range.start, range.end - 1))?
+        {
+            chunks.push(c);
         }
-        let headers_end =
-            find(body, b"\r\n\r\n", pos).ok_or("multipart part without headers end")?;
-        let headers = std::str::from_utf8(&body[pos..headers_end])
-            .map_err(|_| "multipart headers are not text")?;
-        let range = headers
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-range")
-                    .then(|| parse_content_range(v))?
-            })
-            .ok_or("multipart part without Content-Range")?
-            .0;
-        let start = headers_end + 4;
-        let end = start + (range.end - range.start) as usize;
-        if end > body.len() {
-            return Err("multipart part shorter than its Content-Range".into());
+        let bytes = match <[Bytes; 1]>::try_from(chunks) {
+            Ok([one]) => one,
+            Err(chunks) => Bytes::from(chunks.concat()),
+        };
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(format!(
+                "multipart part of {} bytes for Content-Range {}-{}",
+                bytes.len(),
+                range.start,
+                range.end - 1
+            ));
         }
-        // A view of the body, not a copy.
-        parts.push((range, body.slice(start..end)));
-        pos =
-            find(body, delim.as_bytes(), end).ok_or("multipart part not followed by a boundary")?;
+        parts.push((range, bytes));
     }
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    hay.get(from..)?
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|p| p + from)
+    if parts.is_empty() {
+        return Err("multipart body without parts".into());
+    }
+    Ok(parts)
 }
 
 /// Take each wanted range out of the parts that came back.
@@ -297,12 +320,7 @@ impl Blob {
                 (None, resp)
             };
             let status = resp.resp.status();
-            let crange = resp
-                .resp
-                .headers()
-                .get(http::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range);
+            let crange = content_range(resp.resp.headers());
             if let (Some(n), StatusCode::PARTIAL_CONTENT, Some((r, Some(total)))) =
                 (tail, status, crange.clone())
             {
@@ -644,26 +662,9 @@ impl Blob {
         ends: &[&[u64]],
         deliver: &mut (dyn FnMut(usize, Bytes) + Send),
     ) -> Result<(), RegistryError> {
-        let ctype = resp
-            .resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let crange = resp
-            .resp
-            .headers()
-            .get(http::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_content_range);
+        let crange = content_range(resp.resp.headers());
+        let multipart = byteranges_boundary(resp.resp.headers());
         let stats = resp.stats.clone();
-        let multipart = ctype
-            .split(';')
-            .map(str::trim)
-            .find_map(|p| p.strip_prefix("boundary="))
-            .filter(|_| ctype.starts_with("multipart/byteranges"))
-            .map(|b| b.trim_matches('"').to_string());
         if multipart.is_none()
             && let [wanted] = group
             && crange.as_ref().is_some_and(|(r, _)| r == wanted)
@@ -695,10 +696,12 @@ impl Blob {
             .await?;
         stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         let parts = if let Some(b) = multipart {
-            parse_multipart(&body, &b).map_err(|reason| RegistryError::Range {
-                blob: self.name(),
-                reason,
-            })?
+            parse_multipart(body, &b)
+                .await
+                .map_err(|reason| RegistryError::Range {
+                    blob: self.name(),
+                    reason,
+                })?
         } else {
             let (r, _) = crange.ok_or_else(|| RegistryError::Range {
                 blob: self.name(),
@@ -930,23 +933,91 @@ mod tests {
         }
     }
 
+    fn multipart(body: &'static [u8]) -> Result<Vec<(Range<u64>, Bytes)>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(parse_multipart(Bytes::from_static(body), "XYZ"))
+    }
+
     #[test]
     fn multipart_bodies() {
         let body = b"--XYZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--XYZ\r\nContent-Range: bytes 10-11/100\r\n\r\n\r\n\r\n--XYZ--\r\n";
-        let parts = parse_multipart(&Bytes::from_static(body), "XYZ").unwrap();
+        let parts = multipart(body).unwrap();
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0].0, 0..4);
         assert_eq!(&parts[1].1[..], b"\r\n");
         let got = slice_out(&[1..3, 10..12], &parts).unwrap();
         assert_eq!(&got[0][..], b"bc");
-        assert!(parse_multipart(&Bytes::from_static(b"garbage"), "XYZ").is_err());
-        assert!(
-            parse_multipart(
-                &Bytes::from_static(b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort"),
-                "XYZ"
-            )
-            .is_err()
+        // RFC 2046 allows a preamble before the first boundary.
+        let with_preamble =
+            b"ignored\r\n--XYZ\r\nContent-Range: bytes 0-0/1\r\n\r\nx\r\n--XYZ--\r\n";
+        assert_eq!(multipart(with_preamble).unwrap()[0].0, 0..1);
+        assert!(multipart(b"garbage").is_err());
+        assert!(multipart(b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort").is_err());
+    }
+
+    /// Broken or hostile bodies are errors, never panics.
+    #[test]
+    fn broken_multipart_bodies_are_errors() {
+        let broken: &[&[u8]] = &[
+            b"",
+            b"--XYZ--\r\n",
+            // No Content-Range, or one that is not a range of bytes.
+            b"--XYZ\r\n\r\nabcd\r\n--XYZ--\r\n",
+            b"--XYZ\r\nContent-Range: bytes */4\r\n\r\nabcd\r\n--XYZ--\r\n",
+            // A range far larger than the part, and one at the end of u64.
+            b"--XYZ\r\nContent-Range: bytes 0-18446744073709551613/18446744073709551615\r\n\r\nabcd\r\n--XYZ--\r\n",
+            b"--XYZ\r\nContent-Range: bytes 0-18446744073709551615/*\r\n\r\nabcd\r\n--XYZ--\r\n",
+            // A part longer than its range.
+            b"--XYZ\r\nContent-Range: bytes 0-1/4\r\n\r\nabcd\r\n--XYZ--\r\n",
+            // Headers that never end, headers that are not text.
+            b"--XYZ\r\nContent-Range: bytes 0-3/4\r\nabcd",
+            b"--XYZ\r\nContent-Range: bytes \xff0-3/4\r\n\r\nabcd\r\n--XYZ--\r\n",
+            // No closing boundary.
+            b"--XYZ\r\nContent-Range: bytes 0-3/4\r\n\r\nabcd",
+        ];
+        for body in broken {
+            assert!(
+                multipart(body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Every cut of a good body before its closing boundary, and every
+        // byte of it replaced: errors or parts, but no panic.
+        let good: &'static [u8] = b"--XYZ\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--XYZ\r\nContent-Range: bytes 10-11/100\r\n\r\nef\r\n--XYZ--\r\n";
+        let close = good.len() - b"--XYZ--\r\n".len();
+        for cut in 0..close {
+            assert!(multipart(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..good.len() {
+            for byte in [0u8, b'-', b'\r', b'9', 0xff] {
+                let mut b = good.to_vec();
+                b[i] = byte;
+                let _ = multipart(b.leak());
+            }
+        }
+    }
+
+    #[test]
+    fn byteranges_boundaries() {
+        let ctype = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(v));
+            byteranges_boundary(&h)
+        };
+        assert_eq!(
+            ctype("multipart/byteranges; boundary=3d6b6a416f9b5").as_deref(),
+            Some("3d6b6a416f9b5")
         );
+        assert_eq!(
+            ctype("Multipart/ByteRanges; charset=x; Boundary=\"a b\"").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(ctype("multipart/byteranges"), None);
+        assert_eq!(ctype("text/plain; boundary=x"), None);
+        assert_eq!(byteranges_boundary(&HeaderMap::new()), None);
     }
 
     #[test]
@@ -968,12 +1039,26 @@ mod tests {
 
     #[test]
     fn content_ranges() {
+        let parse = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_RANGE, HeaderValue::from_static(v));
+            content_range(&h)
+        };
         assert_eq!(
-            parse_content_range("bytes 100-199/1031716"),
+            parse("bytes 100-199/1031716"),
             Some((100..200, Some(1031716)))
         );
-        assert_eq!(parse_content_range("bytes 0-1/*"), Some((0..2, None)));
-        assert_eq!(parse_content_range("bytes 5-1/9"), None);
+        assert_eq!(parse("bytes 0-1/*"), Some((0..2, None)));
+        assert_eq!(parse("bytes 5-1/9"), None);
+        assert_eq!(parse("bytes 0-9/5"), None, "past the size it gives");
+        assert_eq!(parse("bytes 0-18446744073709551615/*"), None);
+        assert_eq!(parse("bytes 0-18446744073709551616/*"), None);
+        assert_eq!(parse("bytes */9"), None);
+        assert_eq!(parse("bytes -1-5/9"), None);
+        assert_eq!(parse("bytes 1-2/500/600"), None);
+        assert_eq!(parse("items 0-1/2"), None);
+        assert_eq!(parse(""), None);
+        assert_eq!(content_range(&HeaderMap::new()), None);
         assert_eq!(range_header(&[0..10, 20..21]), "bytes=0-9,20-20");
     }
 }

@@ -1,4 +1,10 @@
-//! systemd's readiness protocol (`Type=notify`), without libsystemd.
+//! systemd's readiness protocol (`Type=notify`) and descriptor store,
+//! without libsystemd.
+//!
+//! The descriptors handed back at start-up are read by the `sd-notify`
+//! crate. Sending stays here: `sd-notify` 0.5 connects to `NOTIFY_SOCKET`
+//! as a path, so an abstract socket (`@name`, which the variable may name)
+//! would not be reached.
 
 /// Tell systemd (`Type=notify`) about the service's state, e.g. `READY=1` or
 /// `STOPPING=1`. Does nothing outside systemd (no `NOTIFY_SOCKET`).
@@ -23,31 +29,24 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The descriptor systemd's descriptor store handed back under `name`
 /// (`LISTEN_FDS`, `LISTEN_FDNAMES`, for this process's `LISTEN_PID`), if
-/// any. Call once, at start-up: the `LISTEN_*` variables are cleared and
-/// the other passed descriptors closed.
+/// any, close-on-exec. Call once, at start-up: the `LISTEN_*` variables are
+/// cleared and the other passed descriptors closed.
 pub fn take_stored_fd(name: &str) -> Option<OwnedFd> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id());
-    let count: i32 = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    // SAFETY: start-up, before any other thread reads the environment.
-    unsafe {
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDS");
-        std::env::remove_var("LISTEN_FDNAMES");
-    }
-    if !pid_ok || count <= 0 {
-        return None;
-    }
+    // SAFETY: start-up, before any other thread reads or writes the
+    // environment (the condition of `std::env::remove_var`, which this
+    // calls for LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES).
+    let passed = match unsafe { sd_notify::listen_fds_with_names_and_unset_env() } {
+        Ok(passed) => passed,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the descriptors systemd passed");
+            return None;
+        }
+    };
     let mut found = None;
-    for (i, n) in (0..count).zip(names.split(':').chain(std::iter::repeat(""))) {
-        // SAFETY: systemd passes descriptors 3.. to this process, which owns them.
-        let fd = unsafe { OwnedFd::from_raw_fd(3 + i) };
+    for (fd, n) in passed {
+        // SAFETY: systemd passes descriptors 3.. to this process, which
+        // owns them; with the variables gone nothing else takes them.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         if n == name && found.is_none() {
             found = Some(fd);
         }
@@ -181,5 +180,83 @@ mod tests {
         nix::unistd::close(fds[0]).unwrap();
         // A path socket of that name does not exist.
         assert!(send_with_fds(&name, b"READY=1\n", &[]).is_err());
+    }
+
+    /// The child half of [`a_stored_descriptor_is_taken_by_name`], run by
+    /// it as systemd starts a unit (`LISTEN_*` and descriptors 3 and 4).
+    #[test]
+    #[ignore = "run by a_stored_descriptor_is_taken_by_name"]
+    fn child_takes_its_stored_descriptor() {
+        use std::io::Read;
+        let fd = super::take_stored_fd("b").expect("the descriptor named b");
+        // The one not asked for is closed, the one taken is not inherited.
+        // SAFETY: fcntl on a descriptor number, which may be closed.
+        let three = unsafe { libc::fcntl(3, libc::F_GETFD) };
+        assert_eq!(
+            (three, nix::errno::Errno::last()),
+            (-1, nix::errno::Errno::EBADF),
+            "descriptor 3"
+        );
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec");
+        let mut text = String::new();
+        std::fs::File::from(fd).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "B");
+        for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            assert!(std::env::var_os(v).is_none(), "{v} still set");
+        }
+        assert!(super::take_stored_fd("b").is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_stored_descriptor_is_taken_by_name() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "A").unwrap();
+        std::fs::write(dir.path().join("b"), "B").unwrap();
+        let a = std::fs::File::open(dir.path().join("a")).unwrap();
+        let b = std::fs::File::open(dir.path().join("b")).unwrap();
+        let raw = [a.as_raw_fd(), b.as_raw_fd()];
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "notify::tests::child_takes_its_stored_descriptor",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_FDNAMES", "a:b");
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
+        // and exec, on descriptors this process holds.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Out of the way of 3 and 4 first, then into place (dup2
+                // clears close-on-exec).
+                let mut high = [0; 2];
+                for (h, fd) in high.iter_mut().zip(raw) {
+                    *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, h) in high.into_iter().enumerate() {
+                    if libc::dup2(h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
