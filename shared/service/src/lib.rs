@@ -129,6 +129,7 @@ where
             return Ok(());
         }
         limit_malloc_arenas();
+        notify::adopt_stored_fds();
         init_logging(&startup.config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -27,31 +27,49 @@ pub fn sd_notify(state: &str) {
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// The descriptor systemd's descriptor store handed back under `name`
-/// (`LISTEN_FDS`, `LISTEN_FDNAMES`, for this process's `LISTEN_PID`), if
-/// any, close-on-exec. Call once, at start-up: the `LISTEN_*` variables are
-/// cleared and the other passed descriptors closed.
-pub fn take_stored_fd(name: &str) -> Option<OwnedFd> {
-    // SAFETY: start-up, before any other thread reads or writes the
-    // environment (the condition of `std::env::remove_var`, which this
-    // calls for LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES).
+/// The descriptors systemd handed this process, by name, until taken.
+static STORED: std::sync::Mutex<Option<Vec<(String, OwnedFd)>>> = std::sync::Mutex::new(None);
+
+/// Take the descriptors systemd's descriptor store handed back
+/// (`LISTEN_FDS`, `LISTEN_FDNAMES`, for this process's `LISTEN_PID`),
+/// close-on-exec, and clear those variables. [`crate::run`] calls it before
+/// the async runtime starts any thread; later calls do nothing.
+pub fn adopt_stored_fds() {
+    let mut stored = STORED.lock().unwrap_or_else(|e| e.into_inner());
+    if stored.is_some() {
+        return;
+    }
+    // SAFETY: `run` calls this while the process has one thread, before
+    // anything can read or write the environment concurrently (the
+    // condition of `std::env::remove_var`, which this calls for
+    // LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES). A process not started by
+    // `run` must call it first thing in `main`, as tests do.
     let passed = match unsafe { sd_notify::listen_fds_with_names_and_unset_env() } {
         Ok(passed) => passed,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring the descriptors systemd passed");
-            return None;
+            *stored = Some(Vec::new());
+            return;
         }
     };
-    let mut found = None;
-    for (fd, n) in passed {
-        // SAFETY: systemd passes descriptors 3.. to this process, which
-        // owns them; with the variables gone nothing else takes them.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        if n == name && found.is_none() {
-            found = Some(fd);
-        }
-    }
-    found
+    let fds = passed
+        .map(|(fd, name)| {
+            // SAFETY: systemd passes descriptors 3.. to this process, which
+            // owns them; with the variables gone nothing else takes them.
+            (name, unsafe { OwnedFd::from_raw_fd(fd) })
+        })
+        .collect();
+    *stored = Some(fds);
+}
+
+/// The descriptor systemd's descriptor store handed back under `name`, if
+/// any (the first of that name; each is taken once).
+pub fn take_stored_fd(name: &str) -> Option<OwnedFd> {
+    adopt_stored_fds();
+    let mut stored = STORED.lock().unwrap_or_else(|e| e.into_inner());
+    let fds = stored.as_mut()?;
+    let at = fds.iter().position(|(n, _)| n == name)?;
+    Some(fds.swap_remove(at).1)
 }
 
 /// Remove what systemd's descriptor store keeps under `name`.
@@ -188,22 +206,19 @@ mod tests {
     #[ignore = "run by a_stored_descriptor_is_taken_by_name"]
     fn child_takes_its_stored_descriptor() {
         use std::io::Read;
-        let fd = super::take_stored_fd("b").expect("the descriptor named b");
-        // The one not asked for is closed, the one taken is not inherited.
-        // SAFETY: fcntl on a descriptor number, which may be closed.
-        let three = unsafe { libc::fcntl(3, libc::F_GETFD) };
-        assert_eq!(
-            (three, nix::errno::Errno::last()),
-            (-1, nix::errno::Errno::EBADF),
-            "descriptor 3"
-        );
-        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-        assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec");
-        let mut text = String::new();
-        std::fs::File::from(fd).read_to_string(&mut text).unwrap();
-        assert_eq!(text, "B");
+        // What `run` does before any thread starts.
+        super::adopt_stored_fds();
         for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
             assert!(std::env::var_os(v).is_none(), "{v} still set");
+        }
+        for (name, contents) in [("b", "B"), ("a", "A")] {
+            let fd = super::take_stored_fd(name).expect(name);
+            // Not inherited by what the service starts.
+            let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec");
+            let mut text = String::new();
+            std::fs::File::from(fd).read_to_string(&mut text).unwrap();
+            assert_eq!(text, contents);
         }
         assert!(super::take_stored_fd("b").is_none(), "taken once");
     }
