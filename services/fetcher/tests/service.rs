@@ -395,6 +395,36 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
     let content =
         std::fs::read(reader.layer_file_path(&layer_digest(index.layer_digest()), ino)).unwrap();
     assert!(content == *data);
+
+    // A malformed layer digest is refused where it enters, naming it,
+    // before any lookup or cache path.
+    let bad = "sha256:../../../etc".to_string();
+    let e = client
+        .fetch(FetchRequest {
+            layer_digest: bad.clone(),
+            ranges: vec![FileRange {
+                inode: ino,
+                offset: 0,
+                length: 1,
+            }],
+            priority: Priority::OnDemand as i32,
+            follow_loads: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&bad), "{}", e.message());
+    let mut bad_source = source.clone();
+    bad_source.digest = bad.clone();
+    let e = client
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(bad_source),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&bad), "{}", e.message());
 }
 
 /// A node switching from the Go snapshotter keeps its mirrors: the
