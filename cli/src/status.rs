@@ -12,6 +12,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use stargaze_format::Digest;
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::fs_client::FsClient;
 use stargaze_proto::v1::snapshotter_client::SnapshotterClient;
@@ -445,11 +446,12 @@ fn percent(part: u64, all: u64) -> String {
     }
 }
 
-/// The first 12 hex digits of a digest; anything else unchanged.
-fn short(subject: &str) -> &str {
-    match subject.strip_prefix("sha256:") {
-        Some(hex) if hex.is_ascii() => &hex[..hex.len().min(12)],
-        _ => subject,
+/// The first 12 hex digits of a layer digest; anything else (an error's
+/// subject may be an image) unchanged.
+pub fn short(subject: &str) -> std::borrow::Cow<'_, str> {
+    match subject.parse::<Digest>() {
+        Ok(d) => d.hex()[..12].to_string().into(),
+        Err(_) => subject.into(),
     }
 }
 

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use stargaze_cache::{Cache, Trace};
+use stargaze_format::Digest;
+use stargaze_format::digest::DigestParseError;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -17,8 +19,9 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct ShowArgs {
-    /// Image reference (as pulled) or manifest digest (sha256:...).
-    image: String,
+    /// Image reference (as pulled) or manifest digest (sha256:<hex>, or
+    /// the bare hex).
+    image: Subject,
     /// Configuration file naming the cache directory (default
     /// /etc/stargaze/config.toml when it exists, else the built-in defaults).
     #[arg(long, value_name = "PATH", env = "STARGAZE_CONFIG")]
@@ -34,22 +37,56 @@ pub fn run(c: Command) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
+/// What the user named, parsed from the argument once: a manifest digest
+/// (`sha256:<hex>` or the bare hex) or an image reference. An argument
+/// that says `sha256:` but is no digest is refused, naming it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Subject {
+    Manifest(Digest),
+    Image(String),
+}
+
+impl std::str::FromStr for Subject {
+    type Err = DigestParseError;
+
+    fn from_str(s: &str) -> Result<Subject, DigestParseError> {
+        if s.starts_with("sha256:") {
+            return s.parse().map(Subject::Manifest);
+        }
+        Ok(match format!("sha256:{s}").parse() {
+            Ok(d) => Subject::Manifest(d),
+            Err(_) => Subject::Image(s.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Manifest(d) => d.fmt(f),
+            Subject::Image(r) => f.write_str(r),
+        }
+    }
+}
+
 /// Does `trace` belong to what the user named?
-fn names(trace: &Trace, image: &str) -> bool {
+fn names(trace: &Trace, subject: &Subject) -> bool {
     let normal = |r: &str| {
         stargaze_registry::Reference::parse(r)
             .map(|r| r.to_string())
             .unwrap_or_else(|_| r.to_string())
     };
-    trace.manifest == image
-        || trace.manifest.strip_prefix("sha256:") == Some(image)
-        || trace.image == image
-        || normal(&trace.image) == normal(image)
+    match subject {
+        // The trace file's manifest is text: it matches when it is this
+        // very digest.
+        Subject::Manifest(d) => trace.manifest.parse::<Digest>().is_ok_and(|m| m == *d),
+        Subject::Image(image) => trace.image == *image || normal(&trace.image) == normal(image),
+    }
 }
 
 /// The traces in `dir` that name `image` (unreadable files are skipped
 /// with a warning).
-fn find(dir: &Path, image: &str) -> anyhow::Result<Vec<(PathBuf, Trace)>> {
+fn find(dir: &Path, image: &Subject) -> anyhow::Result<Vec<(PathBuf, Trace)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -108,10 +145,10 @@ fn show(a: ShowArgs) -> anyhow::Result<()> {
             "#", "layer", "offset", "length"
         );
         for (i, r) in t.reads.iter().enumerate() {
-            let layer = t.layers.get(r.layer as usize).map_or("?", |d| {
-                let hex = d.strip_prefix("sha256:").unwrap_or(d);
-                &hex[..hex.len().min(12)]
-            });
+            let layer = t
+                .layers
+                .get(r.layer as usize)
+                .map_or("?".into(), |d| crate::status::short(d));
             println!(
                 "{:>5}  {:<14} {:>12} {:>10}  {}",
                 i + 1,
@@ -123,4 +160,46 @@ fn show(a: ShowArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_argument_is_a_digest_or_a_reference_and_a_bad_digest_is_named() {
+        let hex = "ab".repeat(32);
+        let d: Digest = format!("sha256:{hex}").parse().unwrap();
+        assert_eq!(
+            format!("sha256:{hex}").parse::<Subject>(),
+            Ok(Subject::Manifest(d))
+        );
+        assert_eq!(hex.parse::<Subject>(), Ok(Subject::Manifest(d)));
+        assert_eq!(
+            "registry.example/app:1".parse::<Subject>(),
+            Ok(Subject::Image("registry.example/app:1".into()))
+        );
+        for bad in [
+            "sha256:../../x".to_string(),
+            format!("sha256:{}", &hex[2..]),
+            format!("sha256:{}", hex.to_uppercase()),
+        ] {
+            let e = bad.parse::<Subject>().unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_digest_matches_only_its_own_trace() {
+        let hex = "cd".repeat(32);
+        let t = Trace::new("r/app:1", &format!("sha256:{hex}"), Vec::new());
+        assert!(names(&t, &hex.parse().unwrap()));
+        assert!(names(&t, &"r/app:1".parse().unwrap()));
+        assert!(!names(&t, &"ef".repeat(32).parse().unwrap()));
+        let odd = Trace::new("r/app:1", &hex, Vec::new());
+        assert!(
+            !names(&odd, &hex.parse().unwrap()),
+            "a manifest that is no digest"
+        );
+    }
 }

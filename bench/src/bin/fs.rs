@@ -53,11 +53,17 @@ const RANDOM_READS_16: usize = 16384;
 
 /// The fetcher's engine in process, as the chunk source (the cache is
 /// complete before any measurement, so it is never asked).
-struct Engine(HashMap<String, Arc<Layer>>);
+struct Engine(HashMap<stargaze_format::Digest, Arc<Layer>>);
 
 #[tonic::async_trait]
 impl ChunkSource for Engine {
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError> {
+    async fn fetch(
+        &self,
+        layer: &stargaze_format::Digest,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SourceError> {
         let l = self
             .0
             .get(layer)
@@ -449,7 +455,7 @@ async fn transports(
             .map(|i| {
                 m.dir
                     .path()
-                    .join(&big.digest[7..])
+                    .join(big.digest.hex())
                     .join(format!("data/f{i}"))
             })
             .collect();
@@ -476,7 +482,7 @@ async fn transports(
             let root = m.dir.path();
             let stat_paths: Vec<PathBuf> = stat_names
                 .iter()
-                .map(|n| root.join(&many.digest[7..]).join(n))
+                .map(|n| root.join(many.digest.hex()).join(n))
                 .collect();
             let c = &m.shared.counters;
             let ops = |kinds: &[Op]| kinds.iter().map(|&k| c.operations(k)).sum::<u64>();
@@ -485,11 +491,11 @@ async fn transports(
             rows[0].add(t, &p, ops(&[Op::Lookup]) - before);
             let before = ops(&[Op::Readdir, Op::Readdirplus]);
             let (p, entries) =
-                readdir_pass(&root.join(&wide.digest[7..]).join("dir"), READDIR_LISTINGS);
+                readdir_pass(&root.join(wide.digest.hex()).join("dir"), READDIR_LISTINGS);
             assert!(entries > READDIR_ENTRIES, "listed {entries} entries");
             rows[1].add(t, &p, ops(&[Op::Readdir, Op::Readdirplus]) - before);
             let big_paths: Vec<PathBuf> = (0..FILES)
-                .map(|i| root.join(&big.digest[7..]).join(format!("data/f{i}")))
+                .map(|i| root.join(big.digest.hex()).join(format!("data/f{i}")))
                 .collect();
             let before = ops(&[Op::Read]);
             let p = random_read_pass(&big_paths, one, 1);
@@ -499,7 +505,7 @@ async fn transports(
             rows[3].add(t, &p, ops(&[Op::Read]) - before);
             let small_paths: Vec<PathBuf> = small_names
                 .iter()
-                .map(|n| root.join(&smalls.digest[7..]).join(n))
+                .map(|n| root.join(smalls.digest.hex()).join(n))
                 .collect();
             // Names looked up first: the row is open, read and release.
             stat_pass(&small_paths);
@@ -584,7 +590,7 @@ fn mount(
     let engine = Engine(
         layers
             .iter()
-            .map(|(l, _)| (l.digest.clone(), (*l).clone()))
+            .map(|(l, _)| (l.digest, (*l).clone()))
             .collect(),
     );
     let cache_root = layers
@@ -687,7 +693,7 @@ async fn service_footprint(work: &Path) -> [(f64, u64); 2] {
     for (i, l) in layers.iter().enumerate() {
         client
             .attach(AttachRequest {
-                layer_digest: l.digest.clone(),
+                layer_digest: l.digest.to_string(),
             })
             .await
             .expect("attach");
@@ -695,7 +701,7 @@ async fn service_footprint(work: &Path) -> [(f64, u64); 2] {
             // Read a file so the layer is really in use.
             let dir = work
                 .join("fs-mnt")
-                .join(&l.digest[7..])
+                .join(l.digest.hex())
                 .join(format!("layer{i}/f"));
             std::fs::read(&dir).expect("read through the service");
             let pid = child.id();
@@ -774,7 +780,7 @@ async fn main() {
                 .map(|i| {
                     m.dir
                         .path()
-                        .join(&big.digest[7..])
+                        .join(big.digest.hex())
                         .join(format!("data/f{i}"))
                 })
                 .collect();
@@ -829,7 +835,7 @@ async fn main() {
             let m = mount(&[(many, &cache)], true, *t, w);
             let fuse_paths: Vec<PathBuf> = names
                 .iter()
-                .map(|n| m.dir.path().join(&many.digest[7..]).join(n))
+                .map(|n| m.dir.path().join(many.digest.hex()).join(n))
                 .collect();
             let first = stat_all(&fuse_paths);
             let second = stat_all(&fuse_paths);

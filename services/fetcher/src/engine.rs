@@ -104,7 +104,7 @@ pub struct FetchStats {
 
 /// A resolved layer: its index, presence map and blob.
 pub struct Layer {
-    pub digest: String,
+    pub digest: Digest,
     pub index: LayerIndex,
     pub presence: PresenceMap,
     pub counters: LayerCounters,
@@ -137,7 +137,7 @@ struct Member {
 
 impl Layer {
     pub(crate) fn new(
-        digest: String,
+        digest: Digest,
         index: LayerIndex,
         presence: PresenceMap,
         blob: Arc<dyn RemoteBlob>,
@@ -180,7 +180,7 @@ impl Layer {
 
     fn evicted_error(&self) -> FetchError {
         FetchError::Evicted {
-            layer: self.digest.clone(),
+            layer: self.digest.to_string(),
         }
     }
 
@@ -218,7 +218,7 @@ impl Layer {
             .index
             .inode(ino)
             .ok_or_else(|| FetchError::NoSuchInode {
-                layer: self.digest.clone(),
+                layer: self.digest.to_string(),
                 ino,
             })?;
         if !node.is_reg() || len == 0 {
@@ -393,7 +393,7 @@ impl Layer {
                 .unwrap_or_else(|_| Some(Err(ChunkError::Abandoned)));
             if let Some(Err(source)) = outcome {
                 return Err(FetchError::Chunk {
-                    layer: self.digest.clone(),
+                    layer: self.digest.to_string(),
                     file: self.index.path_of(c.ino),
                     source: Box::new(source),
                 });
@@ -964,7 +964,7 @@ impl Layer {
         }
         // The file's name, for the log lines only.
         let path = self.index.path_of(ino);
-        let (cache, layer) = (self.cache.clone(), self.digest.clone());
+        let (cache, layer) = (self.cache.clone(), self.digest);
         let job = move || {
             if !stargaze_cache::hashes_to(&content, size, &digest) {
                 tracing::warn!(
@@ -993,7 +993,7 @@ impl Layer {
 /// (`file` names it in the log, computed only on failure).
 fn share_verified(
     cache: &Cache,
-    layer: &str,
+    layer: &Digest,
     ino: u64,
     content: &stargaze_cache::ContentFile,
     digest: &Digest,
@@ -1001,7 +1001,7 @@ fn share_verified(
 ) {
     let _writing = cache.writing();
     if let Err(e) = cache.share(layer, ino, content, digest) {
-        tracing::warn!(layer, file = %file(), error = %e, "cannot share a verified file (it stays the layer's own)");
+        tracing::warn!(%layer, file = %file(), error = %e, "cannot share a verified file (it stays the layer's own)");
     }
 }
 

@@ -10,6 +10,10 @@ use tonic::Status;
 /// Why resolving or fetching failed; every message names the layer.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// A layer digest that is not `sha256:<64 lower-case hex>`, refused
+    /// where it came in (it would otherwise name a cache directory).
+    #[error("layer digest: {0}")]
+    BadDigest(#[from] stargaze_format::digest::DigestParseError),
     #[error("layer {layer}: {source}")]
     Blob {
         layer: String,
@@ -89,7 +93,9 @@ impl FetchError {
             Status::failed_precondition(msg)
         } else {
             match self {
-                FetchError::NoSuchInode { .. } => Status::invalid_argument(msg),
+                FetchError::NoSuchInode { .. } | FetchError::BadDigest(_) => {
+                    Status::invalid_argument(msg)
+                }
                 FetchError::CacheFull { .. } => Status::unavailable(msg),
                 FetchError::Blob { source, .. } if source.retryable => Status::unavailable(msg),
                 FetchError::Chunk { .. } => Status::data_loss(msg),

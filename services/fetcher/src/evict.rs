@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use stargaze_cache::{Cache, EvictOptions, Eviction, Evictor};
+use stargaze_format::Digest;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 const MIN_GAP: Duration = Duration::from_secs(5);
@@ -61,13 +62,13 @@ impl CacheLimit {
 
     /// One pass now; `forget` drops an evicted layer from the fetcher's
     /// memory (called with the cache's write gate held).
-    pub fn pass(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+    pub fn pass(&self, forget: &mut dyn FnMut(&Digest)) -> Eviction {
         self.record(self.evictor.run(forget), false)
     }
 
     /// A pass after a write found the cache's filesystem full: it frees
     /// part of what the cache uses whatever the limit.
-    pub fn pass_full(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+    pub fn pass_full(&self, forget: &mut dyn FnMut(&Digest)) -> Eviction {
         self.record(self.evictor.run_full(forget), true)
     }
 
@@ -115,7 +116,11 @@ impl CacheLimit {
 
     /// Run passes as described in the module docs, for as long as the
     /// runtime lives.
-    pub async fn run(self: Arc<Self>, cache: Arc<Cache>, forget: Arc<dyn Fn(&str) + Send + Sync>) {
+    pub async fn run(
+        self: Arc<Self>,
+        cache: Arc<Cache>,
+        forget: Arc<dyn Fn(&Digest) + Send + Sync>,
+    ) {
         let limit = self.limit();
         let mut last_scan: Option<Instant> = None;
         let mut last_touch = Instant::now();
@@ -140,7 +145,7 @@ impl CacheLimit {
                 let written = cache.written();
                 let (me, forget) = (self.clone(), forget.clone());
                 if let Ok(pass) = tokio::task::spawn_blocking(move || {
-                    let mut forget = |d: &str| forget(d);
+                    let mut forget = |d: &Digest| forget(d);
                     if full {
                         me.pass_full(&mut forget)
                     } else {

@@ -74,13 +74,13 @@ pub(crate) struct Layers {
     pub(crate) errors: Arc<RecentErrors>,
     /// Tails read ahead by WarmLayers, by digest, until the layer's resolve
     /// takes them.
-    pub(crate) tails: Mutex<HashMap<String, TailCell>>,
-    table: Mutex<HashMap<String, Arc<OnceCell<Arc<Layer>>>>>,
+    pub(crate) tails: Mutex<HashMap<Digest, TailCell>>,
+    table: Mutex<HashMap<Digest, Arc<OnceCell<Arc<Layer>>>>>,
     /// Image manifests by reference, read once for WarmLayers and for the
     /// zstd:chunked checksums that containerd does not pass as labels;
     /// kept for [`MANIFEST_TTL`].
     manifests: Mutex<HashMap<String, (Instant, ManifestCell)>>,
-    info: Mutex<HashMap<String, Arc<LayerInfo>>>,
+    info: Mutex<HashMap<Digest, Arc<LayerInfo>>>,
 }
 
 /// The TOC blob of an external-TOC layer: the layer of the `<tag>-esgztoc`
@@ -160,7 +160,7 @@ impl Layers {
     /// The tail WarmLayers read (or is reading) for a layer, taken out of
     /// the map; `None` when none was asked for, so a resolve that can reuse
     /// the index in the cache never touches the registry.
-    async fn take_warm_tail(&self, digest: &str) -> Option<Arc<WarmTail>> {
+    async fn take_warm_tail(&self, digest: &Digest) -> Option<Arc<WarmTail>> {
         let cell = self.tails.lock().get(digest).cloned()?;
         let tail = cell.get_or_init(|| async { None }).await.clone();
         self.tails.lock().remove(digest);
@@ -168,7 +168,7 @@ impl Layers {
     }
 
     /// Drop an evicted layer from memory: later requests resolve it anew.
-    pub(crate) fn forget(&self, digest: &str) {
+    pub(crate) fn forget(&self, digest: &Digest) {
         if let Some(cell) = self.table.lock().remove(digest)
             && let Some(layer) = cell.get()
         {
@@ -178,7 +178,7 @@ impl Layers {
     }
 
     /// Is the layer resolved (or being resolved and done)?
-    pub(crate) fn is_resolved(&self, digest: &str) -> bool {
+    pub(crate) fn is_resolved(&self, digest: &Digest) -> bool {
         self.table
             .lock()
             .get(digest)
@@ -195,16 +195,18 @@ impl Layers {
     }
 
     /// A resolved layer.
-    pub(crate) fn get(&self, digest: &str) -> Option<Arc<Layer>> {
+    pub(crate) fn get(&self, digest: &Digest) -> Option<Arc<Layer>> {
         self.table.lock().get(digest).and_then(|c| c.get().cloned())
     }
 
-    pub(crate) fn info(&self, digest: &str) -> Arc<LayerInfo> {
-        self.info
-            .lock()
-            .entry(digest.to_string())
-            .or_default()
-            .clone()
+    /// A resolved layer by a digest a manifest, trace or stack names as a
+    /// string (one that is not a digest names no layer).
+    pub(crate) fn named(&self, digest: &str) -> Option<Arc<Layer>> {
+        self.get(&digest.parse().ok()?)
+    }
+
+    pub(crate) fn info(&self, digest: &Digest) -> Arc<LayerInfo> {
+        self.info.lock().entry(*digest).or_default().clone()
     }
     /// The manifest `reference` names for this host's platform, read once
     /// per [`MANIFEST_TTL`]; `None` when it cannot be read.
@@ -300,10 +302,10 @@ impl Layers {
         let actual = match known {
             Some(d) => d,
             None => {
-                let blob = RegistryBlob(self.client.blob(reference, &layer.digest));
+                let blob = RegistryBlob(self.client.blob(reference, &layer.digest.to_string()));
                 let d = crate::resolve::compressed_toc_digest(
                     &blob,
-                    &layer.digest,
+                    &layer.digest.to_string(),
                     layer.index.toc_digest(),
                     &self.opts,
                 )
@@ -314,7 +316,7 @@ impl Layers {
         };
         if actual != expected {
             return Err(FetchError::Format(stargaze_format::Error::new(
-                &layer.digest,
+                layer.digest.to_string(),
                 stargaze_format::ErrorKind::ManifestChecksumMismatch { expected, actual },
             )));
         }
@@ -345,7 +347,6 @@ impl Layers {
             .digest
             .parse()
             .map_err(|e| Status::invalid_argument(format!("layer digest: {e}")))?;
-        let digest = digest.to_string();
         let reference = Reference::parse(&src.image_ref)
             .map_err(|e| Status::invalid_argument(format!("layer {digest}: {e}")))?;
         let _on_demand = self.activity.begin();
@@ -360,7 +361,10 @@ impl Layers {
         // As in the Go snapshotter: the configuration must allow it and the
         // layer must carry the skipverify label.
         let allow = allow_unverified && src.annotations.contains_key(SKIP_VERIFY_LABEL);
-        let check = match self.toc_check(src, &reference, &digest, allow).await {
+        let check = match self
+            .toc_check(src, &reference, &digest.to_string(), allow)
+            .await
+        {
             Ok(c) => c,
             Err(s) => {
                 tracing::warn!(layer = %src.digest, image = %src.image_ref, error = %s.message(), "layer not resolved");
@@ -372,15 +376,17 @@ impl Layers {
             }
         };
         let (layer, fresh) = loop {
-            let cell = self.table.lock().entry(digest.clone()).or_default().clone();
+            let cell = self.table.lock().entry(digest).or_default().clone();
             let fresh = !cell.initialized();
-            let (layers, reference, digest) = (self.clone(), reference.clone(), digest.clone());
+            let (layers, reference) = (self.clone(), reference.clone());
             let layer = cell
                 .get_or_try_init(|| async move {
                     // The footer and TOC may have been read ahead (WarmLayers).
                     let blob: Arc<dyn RemoteBlob> = match layers.take_warm_tail(&digest).await {
                         Some(t) => Arc::new(WarmBlob::new(t)),
-                        None => Arc::new(RegistryBlob(layers.client.blob(&reference, &digest))),
+                        None => Arc::new(RegistryBlob(
+                            layers.client.blob(&reference, &digest.to_string()),
+                        )),
                     };
                     let resolved = match resolve_with_toc(
                         layers.cache.clone(),
@@ -393,7 +399,8 @@ impl Layers {
                     .await
                     {
                         Err(FetchError::ExternalToc { .. }) => {
-                            let toc = external_toc(&layers, &reference, &digest).await?;
+                            let toc =
+                                external_toc(&layers, &reference, &digest.to_string()).await?;
                             resolve_with_toc(
                                 layers.cache.clone(),
                                 blob,
@@ -407,12 +414,7 @@ impl Layers {
                         other => other,
                     };
                     if let (Ok(_), TocCheck::ManifestChecksum(sum)) = (&resolved, check) {
-                        let info = layers
-                            .info
-                            .lock()
-                            .entry(digest.clone())
-                            .or_default()
-                            .clone();
+                        let info = layers.info.lock().entry(digest).or_default().clone();
                         *info.toc_checksum.lock() = Some(sum);
                     }
                     resolved.map(Arc::new)
@@ -427,7 +429,7 @@ impl Layers {
             }
         };
         // The layer may have been resolved for another image's Prepare.
-        match (check.check_index(&digest, &layer.index), check) {
+        match (check.check_index(&digest.to_string(), &layer.index), check) {
             (Some(r), _) => r.map_err(report)?,
             (None, TocCheck::ManifestChecksum(sum)) => self
                 .check_checksum(&layer, &reference, sum)
@@ -439,7 +441,7 @@ impl Layers {
             self.save_source(&layer.digest, src, check, allow_unverified);
         } else {
             // A new use of a layer resolved before (eviction's LRU order).
-            let (cache, d) = (self.cache.clone(), digest.clone());
+            let (cache, d) = (self.cache.clone(), digest);
             let _ = tokio::task::spawn_blocking(move || cache.touch_layer(&d)).await;
         }
         *self.info(&layer.digest).image_ref.lock() = src.image_ref.clone();
@@ -448,7 +450,7 @@ impl Layers {
 
     fn save_source(
         &self,
-        digest: &str,
+        digest: &Digest,
         src: &LayerSource,
         check: TocCheck,
         allow_unverified: bool,
@@ -473,14 +475,14 @@ impl Layers {
             annotations,
             allow_unverified,
         };
-        if let Err(e) = self.cache.save_source(&saved) {
-            tracing::warn!(layer = digest, error = %e, "cannot record the layer's source");
+        if let Err(e) = self.cache.save_source(digest, &saved) {
+            tracing::warn!(layer = %digest, error = %e, "cannot record the layer's source");
         }
     }
 
     /// A resolved layer, or one resolved before a restart (from its saved
     /// source; the index in the cache is reused, so this costs no request).
-    pub(crate) async fn recover(self: &Arc<Self>, digest: &str) -> Result<Arc<Layer>, Status> {
+    pub(crate) async fn recover(self: &Arc<Self>, digest: &Digest) -> Result<Arc<Layer>, Status> {
         if let Some(l) = self.get(digest) {
             return Ok(l);
         }
@@ -489,14 +491,11 @@ impl Layers {
                 "layer {digest} is not resolved; call ResolveLayer first"
             ))
         };
-        let Ok(parsed) = digest.parse::<Digest>() else {
-            return Err(not_resolved());
-        };
-        let saved = match self.cache.load_source(&parsed.to_string()) {
+        let saved = match self.cache.load_source(digest) {
             Ok(Some(saved)) => saved,
             Ok(None) => return Err(not_resolved()),
             Err(e) => {
-                tracing::warn!(layer = digest, error = %e, "layer not recovered");
+                tracing::warn!(layer = %digest, error = %e, "layer not recovered");
                 return Err(not_resolved());
             }
         };
@@ -507,7 +506,7 @@ impl Layers {
             ..Default::default()
         };
         let allow = saved.allow_unverified;
-        tracing::info!(layer = digest, image = %src.image_ref, "layer recovered from its saved source");
+        tracing::info!(layer = %digest, image = %src.image_ref, "layer recovered from its saved source");
         self.resolve(&src, allow).await
     }
 }

@@ -142,7 +142,7 @@ impl Collector for FetcherCollector {
         let per_layer = |f: &dyn Fn(&crate::engine::Layer) -> u64| -> Series {
             layers
                 .iter()
-                .map(|l| (vec![("layer".to_string(), l.digest.clone())], f(l)))
+                .map(|l| (vec![("layer".to_string(), l.digest.to_string())], f(l)))
                 .collect()
         };
         family(

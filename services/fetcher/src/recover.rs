@@ -66,7 +66,12 @@ pub fn reverify(cache: &Cache) -> Recovery {
     for d in dirs.flatten() {
         remove_temps(&d.path(), &mut r);
         remove_temps(&d.path().join("files"), &mut r);
-        let digest = format!("sha256:{}", d.file_name().to_string_lossy());
+        // Directories are named by the digest's hex; anything else in
+        // `layers/` is none of the fetcher's.
+        let Ok(digest) = format!("sha256:{}", d.file_name().to_string_lossy()).parse::<Digest>()
+        else {
+            continue;
+        };
         let (Ok(index), true) = (
             LayerIndex::open(&cache.index_path(&digest)),
             cache.presence_path(&digest).exists(),

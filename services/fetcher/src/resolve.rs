@@ -91,6 +91,8 @@ impl TocCheck {
 /// Read footer and TOC, verify, write the index and presence map. A valid
 /// index already in the cache (a restart) is reused without touching the
 /// registry, as long as its TOC digest matches the expected one.
+/// `layer_digest` is parsed here, before anything else: a malformed one is
+/// [`FetchError::BadDigest`].
 pub async fn resolve_layer(
     cache: Arc<Cache>,
     blob: Arc<dyn RemoteBlob>,
@@ -99,8 +101,9 @@ pub async fn resolve_layer(
     allow_unverified: bool,
     opts: &FetchOptions,
 ) -> Result<Layer, FetchError> {
+    let digest: Digest = layer_digest.parse()?;
     let check = TocCheck::new(layer_digest, expected_toc, allow_unverified)?;
-    resolve_with_toc(cache, blob, layer_digest, check, None, opts).await
+    resolve_with_toc(cache, blob, &digest, check, None, opts).await
 }
 
 /// [`resolve_layer`] with the check already decided; `toc_blob` is, for a
@@ -109,22 +112,23 @@ pub async fn resolve_layer(
 pub async fn resolve_with_toc(
     cache: Arc<Cache>,
     blob: Arc<dyn RemoteBlob>,
-    layer_digest: &str,
+    layer_digest: &Digest,
     check: TocCheck,
     toc_blob: Option<Vec<u8>>,
     opts: &FetchOptions,
 ) -> Result<Layer, FetchError> {
+    let layer_name = layer_digest.to_string();
     // Reuse a valid index already in the cache (a restart, or a layer
     // resolved before), without touching the registry.
     let reused = {
-        let (cache, layer) = (cache.clone(), layer_digest.to_string());
+        let (cache, layer, name) = (cache.clone(), *layer_digest, layer_name.clone());
         tokio::task::spawn_blocking(move || {
             let _writing = cache.writing();
             LayerIndex::open(&cache.index_path(&layer))
                 .ok()
                 .filter(|i| {
-                    i.layer_digest() == layer
-                        && check.check_index(&layer, i).is_some_and(|r| r.is_ok())
+                    i.layer_digest() == name
+                        && check.check_index(&name, i).is_some_and(|r| r.is_ok())
                 })
                 .map(|index| open_presence(&cache, &layer, index))
         })
@@ -135,7 +139,7 @@ pub async fn resolve_with_toc(
         Some(parts) => parts?,
         None => {
             let started = std::time::Instant::now();
-            let mut toc = fetch_toc(&*blob, layer_digest, check, toc_blob, opts).await?;
+            let mut toc = fetch_toc(&*blob, &layer_name, check, toc_blob, opts).await?;
             // Checked and parsed: the JSON (megabytes for a base layer) is
             // not needed while the index is built.
             toc.toc_json = Vec::new();
@@ -144,7 +148,7 @@ pub async fn resolve_with_toc(
             if let Some(range) = toc.footer.toc_range(toc.blob_size) {
                 let tail = toc.blob_size - range.start;
                 if tail > opts.tail_window {
-                    let (cache, layer) = (cache.clone(), layer_digest.to_string());
+                    let (cache, layer) = (cache.clone(), *layer_digest);
                     tokio::task::spawn_blocking(move || {
                         if let Err(e) = cache.set_tail_hint(&layer, tail) {
                             tracing::debug!(%layer, error = %e, "the TOC's size is not remembered");
@@ -153,11 +157,11 @@ pub async fn resolve_with_toc(
                 }
             }
             let meta = IndexMeta {
-                layer_digest: layer_digest.to_string(),
+                layer_digest: layer_name.clone(),
                 toc_digest: toc.toc_digest,
                 blob_size: toc.blob_size,
             };
-            let (cache, layer) = (cache.clone(), layer_digest.to_string());
+            let (cache, layer, name) = (cache.clone(), *layer_digest, layer_name.clone());
             // Building a 100k-entry index takes tens of milliseconds.
             tokio::task::spawn_blocking(move || {
                 let index_err = |source: stargaze_index::IndexError| {
@@ -165,7 +169,7 @@ pub async fn resolve_with_toc(
                         return full(&cache, &layer, &source);
                     }
                     FetchError::Index {
-                        layer: layer.clone(),
+                        layer: name.clone(),
                         source,
                     }
                 };
@@ -175,7 +179,7 @@ pub async fn resolve_with_toc(
                 // restart) is kept as it is.
                 if let Some(index) = LayerIndex::open(&path)
                     .ok()
-                    .filter(|i| i.layer_digest() == layer && i.toc_digest() == meta.toc_digest)
+                    .filter(|i| i.layer_digest() == name && i.toc_digest() == meta.toc_digest)
                 {
                     let _writing = cache.writing();
                     return open_presence(&cache, &layer, index);
@@ -192,7 +196,7 @@ pub async fn resolve_with_toc(
                 // Resolution is on the path of every cold Prepare: say
                 // where its time went.
                 tracing::info!(
-                    layer = layer_digest,
+                    layer = %layer_digest,
                     entries = index.inode_count(),
                     toc_read_ms = toc_read.as_millis() as u64,
                     index_ms = (started.elapsed() - toc_read).as_millis() as u64,
@@ -202,7 +206,7 @@ pub async fn resolve_with_toc(
         }
     };
     Ok(Layer::new(
-        layer_digest.to_string(),
+        *layer_digest,
         index,
         presence,
         blob,
@@ -212,7 +216,7 @@ pub async fn resolve_with_toc(
 }
 
 /// The cache's filesystem is full: ask eviction to make room, and say so.
-fn full(cache: &Cache, layer_digest: &str, error: &dyn std::fmt::Display) -> FetchError {
+fn full(cache: &Cache, layer_digest: &Digest, error: &dyn std::fmt::Display) -> FetchError {
     cache.note_full();
     FetchError::CacheFull {
         layer: layer_digest.to_string(),
@@ -227,7 +231,7 @@ fn full(cache: &Cache, layer_digest: &str, error: &dyn std::fmt::Display) -> Fet
 /// must keep.
 fn open_presence(
     cache: &Cache,
-    layer_digest: &str,
+    layer_digest: &Digest,
     index: LayerIndex,
 ) -> Result<(LayerIndex, PresenceMap), FetchError> {
     let presence = PresenceMap::open_rw(
@@ -268,7 +272,7 @@ fn open_presence(
             }
         } else if cache.is_shared(&digest) && !cache.layer_file_path(layer_digest, ino).exists() {
             tracing::warn!(
-                layer = layer_digest,
+                layer = %layer_digest,
                 file = %index.path_of(ino),
                 toc_digest = %digest,
                 "the layer's TOC disagrees with the verified content of the digest it gives: the file is fetched for this layer alone"

@@ -259,7 +259,7 @@ impl Schedule {
                 progress.prefetch_done.store(true, Ordering::Release);
                 if let Err(e) = &r {
                     *progress.last_error.lock() = e.to_string();
-                    errors.push(layer.digest.clone(), format!("prefetch: {e}"));
+                    errors.push(layer.digest.to_string(), format!("prefetch: {e}"));
                 }
                 if background && !progress.background_started.swap(true, Ordering::AcqRel) {
                     let layer2 = layer.clone();
@@ -272,7 +272,8 @@ impl Schedule {
                         {
                             tracing::warn!(layer = %layer2.digest, error = %e, "background fetch stopped");
                             *progress2.last_error.lock() = e.to_string();
-                            errors.push(layer2.digest.clone(), format!("background fetch: {e}"));
+                            errors
+                                .push(layer2.digest.to_string(), format!("background fetch: {e}"));
                         }
                         progress2.background_done.store(true, Ordering::Release);
                     });

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use stargaze_cache::{Cache, EvictOptions};
-use stargaze_format::Prefetch;
+use stargaze_format::{Digest, Prefetch};
 use stargaze_proto::v1::fetcher_server::Fetcher;
 use stargaze_proto::v1::*;
 use stargaze_service::metrics::RpcMetrics;
@@ -77,7 +77,7 @@ impl FetcherService {
         let traces = Traces::new(cache.clone(), Some(client.clone()));
         let layers = Arc::new(Layers::new(cache, client, opts, schedule.activity.clone()));
         let lookup = Arc::downgrade(&layers);
-        traces.set_layers(Box::new(move |d| lookup.upgrade()?.get(d)));
+        traces.set_layers(Box::new(move |d| lookup.upgrade()?.named(d)));
         FetcherService {
             shared: Arc::new(Shared {
                 layers,
@@ -220,9 +220,9 @@ impl FetcherService {
     }
 
     /// Drops an evicted layer from memory: later requests resolve it anew.
-    fn forgetter(&self) -> Arc<dyn Fn(&str) + Send + Sync> {
+    fn forgetter(&self) -> Arc<dyn Fn(&Digest) + Send + Sync> {
         let layers = self.shared.layers.clone();
-        Arc::new(move |digest: &str| layers.forget(digest))
+        Arc::new(move |digest: &Digest| layers.forget(digest))
     }
 
     /// Every resolved layer.
@@ -231,7 +231,7 @@ impl FetcherService {
     }
 
     /// A resolved layer.
-    pub fn layer(&self, digest: &str) -> Option<Arc<Layer>> {
+    pub fn layer(&self, digest: &Digest) -> Option<Arc<Layer>> {
         self.shared.layers.get(digest)
     }
 
@@ -249,8 +249,9 @@ impl FetcherService {
 
     /// A resolved layer, or one resolved before a restart (from its saved
     /// source; the index in the cache is reused, so this costs no request).
+    /// `digest` is a request's: a malformed one is refused here, naming it.
     pub async fn layer_or_recover(&self, digest: &str) -> Result<Arc<Layer>, Status> {
-        self.shared.layers.recover(digest).await
+        self.shared.layers.recover(&request_digest(digest)?).await
     }
 
     /// Fetch what file `ino` of `layer` loads (`loads.rs`), without
@@ -261,7 +262,7 @@ impl FetcherService {
             let layers = me.shared.layers.clone();
             me.shared
                 .loads
-                .first_read(&layer, ino, |d| layers.get(d))
+                .first_read(&layer, ino, |d| layers.named(d))
                 .await;
         });
     }
@@ -282,6 +283,15 @@ impl FetcherService {
             .await
             .map_err(|e| e.status())
     }
+}
+
+/// A layer digest from a request, parsed where it enters: a malformed one
+/// (not `sha256:<64 lower-case hex>`) is an invalid argument naming it,
+/// never a lookup or a cache path.
+fn request_digest(digest: &str) -> Result<Digest, Status> {
+    digest
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("layer digest: {e}")))
 }
 
 #[tonic::async_trait]
@@ -321,7 +331,7 @@ impl Fetcher for FetcherService {
             Prefetch::Unspecified => PrefetchPlan::default(),
         };
         Ok(Response::new(ResolveLayerResponse {
-            layer_digest: layer.digest.clone(),
+            layer_digest: layer.digest.to_string(),
             format: idx.format().map(|f| f.to_string()).unwrap_or_default(),
             toc_digest: idx.toc_digest().to_string(),
             toc_verified: check.verifies(),
@@ -369,7 +379,7 @@ impl Fetcher for FetcherService {
             self.shared
                 .layers
                 .errors
-                .push(layer.digest.clone(), format!("fetch: {e}"));
+                .push(layer.digest.to_string(), format!("fetch: {e}"));
             e.status()
         })?;
         if req.priority == Priority::OnDemand as i32 {
@@ -478,15 +488,18 @@ impl Fetcher for FetcherService {
         let req = r.into_inner();
         let traces = &self.shared.traces;
         if traces.recording()
-            && let Some(layer) = self.shared.layers.get(&req.layer_digest)
+            && let Ok(digest) = req.layer_digest.parse::<Digest>()
+            && let Some(layer) = self.shared.layers.get(&digest)
         {
+            // Traces name layers as their files do, by the digest's text.
+            let name = layer.digest.to_string();
             for FileRange {
                 inode,
                 offset,
                 length,
             } in req.ranges
             {
-                traces.note(&layer.digest, &layer.index.path_of(inode), offset, length);
+                traces.note(&name, &layer.index.path_of(inode), offset, length);
             }
         }
         self.shared.reports.send_modify(|n| *n += 1);
@@ -524,7 +537,7 @@ impl Fetcher for FetcherService {
             }
         }
         Ok(Response::new(LayerStatusResponse {
-            layer_digest: layer.digest.clone(),
+            layer_digest: layer.digest.to_string(),
             image_ref: info.image_ref.lock().clone(),
             blob_size: layer.index.blob_size(),
             chunks: total,
@@ -614,6 +627,24 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// A request's layer digest that is not `sha256:<64 lower-case hex>`
+    /// is an invalid argument naming it, before any lookup or cache path.
+    #[test]
+    fn malformed_request_digests_are_invalid_arguments_naming_them() {
+        let hex = "cd".repeat(32);
+        for bad in [
+            "sha256:../../x".to_string(),
+            format!("sha256:{}", &hex[1..]),
+            format!("sha256:{}", hex.to_uppercase()),
+            hex.clone(),
+        ] {
+            let s = super::request_digest(&bad).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(s.message().contains(&format!("{bad:?}")), "{}", s.message());
+        }
+        assert!(super::request_digest(&format!("sha256:{hex}")).is_ok());
+    }
+
     #[test]
     fn a_file_linked_twice_counts_once() {
         let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use stargaze_format::Digest;
 use stargaze_index::model::kind;
 
 use crate::engine::Layer;
@@ -32,10 +33,10 @@ impl Stack {
     }
 
     /// The position of layer `digest`, when it is in the stack and resolved.
-    pub fn position(&self, digest: &str) -> Option<usize> {
+    pub fn position(&self, digest: &Digest) -> Option<usize> {
         self.layers
             .iter()
-            .position(|l| l.as_ref().is_some_and(|l| l.digest == digest))
+            .position(|l| l.as_ref().is_some_and(|l| l.digest == *digest))
     }
 
     /// The layer at a position a lookup returned (always resolved).

@@ -38,7 +38,6 @@ impl FetcherService {
             let Ok(digest) = d.parse::<Digest>() else {
                 continue;
             };
-            let digest = digest.to_string();
             let cell = {
                 let mut tails = self.shared.layers.tails.lock();
                 // Bounded: tails of layers nobody resolves stay until then.
@@ -48,12 +47,17 @@ impl FetcherService {
                 {
                     continue;
                 }
-                tails.entry(digest.clone()).or_default().clone()
+                tails.entry(digest).or_default().clone()
             };
             started += 1;
-            warming.push(digest.clone());
+            warming.push(digest.to_string());
             let shared = self.shared.clone();
-            let blob = RegistryBlob(self.shared.layers.client.blob(&reference, &digest));
+            let blob = RegistryBlob(
+                self.shared
+                    .layers
+                    .client
+                    .blob(&reference, &digest.to_string()),
+            );
             tokio::spawn(async move {
                 let _on_demand = shared.schedule.activity.begin();
                 // The footer and TOC in one read when this node has seen
@@ -323,7 +327,7 @@ impl FetcherService {
             layers
                 .iter()
                 .rev()
-                .filter_map(|d| match self.layer(d) {
+                .filter_map(|d| match self.shared.layers.named(d) {
                     Some(l) => Some(Some(l)),
                     None if resolving.contains(d) => Some(None),
                     None => None,
@@ -357,8 +361,13 @@ impl FetcherService {
         };
         // Layers unpacked by containerd instead are not ours to fetch; the
         // paths they hold are looked up in the remaining ones.
-        let stack =
-            crate::stack::Stack::new(layers.iter().rev().filter_map(|d| self.layer(d)).collect());
+        let stack = crate::stack::Stack::new(
+            layers
+                .iter()
+                .rev()
+                .filter_map(|d| self.shared.layers.named(d))
+                .collect(),
+        );
         let t0 = Instant::now();
         let done = crate::entrypoint::prefetch(&self.shared.loads, &stack, &command).await;
         self.shared

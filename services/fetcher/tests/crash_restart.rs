@@ -110,8 +110,8 @@ fn present_chunks_are_right(cache_dir: &Path, sources: &[&Source]) -> u64 {
     let mut checked = 0;
     for s in sources {
         let (Ok(index), Ok(presence)) = (
-            LayerIndex::open(&cache.index_path(&s.digest)),
-            PresenceMap::open_ro(&cache.presence_path(&s.digest)),
+            LayerIndex::open(&cache.index_path(&layer_digest(&s.digest))),
+            PresenceMap::open_ro(&cache.presence_path(&layer_digest(&s.digest))),
         ) else {
             continue; // not resolved yet
         };
@@ -123,7 +123,8 @@ fn present_chunks_are_right(cache_dir: &Path, sources: &[&Source]) -> u64 {
                 }
                 let mut got = vec![0u8; c.size as usize];
                 std::os::unix::fs::FileExt::read_exact_at(
-                    &std::fs::File::open(cache.layer_file_path(&s.digest, ino)).unwrap(),
+                    &std::fs::File::open(cache.layer_file_path(&layer_digest(&s.digest), ino))
+                        .unwrap(),
                     &mut got,
                     c.file_offset,
                 )
@@ -212,7 +213,8 @@ async fn load(
         }
         let mut got = vec![0u8; len as usize];
         std::os::unix::fs::FileExt::read_exact_at(
-            &std::fs::File::open(cache.layer_file_path(&sources[li].digest, ino)).unwrap(),
+            &std::fs::File::open(cache.layer_file_path(&layer_digest(&sources[li].digest), ino))
+                .unwrap(),
             &mut got,
             offset,
         )
@@ -351,4 +353,9 @@ async fn kill_9_in_the_middle_of_chunk_writes_loses_nothing_and_serves_nothing_t
         interrupted.iter().any(|(p, of, _)| p < of),
         "at least one kill came before its run had fetched everything"
     );
+}
+
+/// A layer digest a test has as text (from a response or a manifest).
+fn layer_digest(s: &str) -> stargaze_format::Digest {
+    s.parse().expect("a layer digest")
 }

@@ -874,7 +874,7 @@ async fn a_tocs_size_is_remembered_and_then_read_in_one_go() {
     assert_eq!(blob.requests(), 2, "the tail window, then the TOC's head");
     let start = std::time::Instant::now();
     let hint = loop {
-        if let Some(h) = cache.tail_hint(&f.digest) {
+        if let Some(h) = cache.tail_hint(&layer_digest(&f.digest)) {
             break h;
         }
         assert!(
@@ -895,4 +895,9 @@ async fn a_tocs_size_is_remembered_and_then_read_in_one_go() {
         .await
         .unwrap();
     assert_eq!(ahead.inner.requests(), 1, "footer and TOC in one read");
+}
+
+/// A layer digest a test has as text (from a response or a manifest).
+fn layer_digest(s: &str) -> stargaze_format::Digest {
+    s.parse().expect("a layer digest")
 }

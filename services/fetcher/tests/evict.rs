@@ -141,7 +141,7 @@ fn shared_paths(cache: &Cache, s: &Source) -> Vec<PathBuf> {
 }
 
 fn set_last_use(cache: &Cache, digest: &str, ago: Duration) {
-    std::fs::File::open(cache.layer_dir(digest))
+    std::fs::File::open(cache.layer_dir(&layer_digest(digest)))
         .unwrap()
         .set_modified(SystemTime::now() - ago)
         .unwrap();
@@ -191,7 +191,7 @@ async fn least_recently_used_unpinned_layers_are_evicted_with_their_own_files() 
         "stored once"
     );
     // Attached in fs (pinned), and the oldest by far.
-    let pin = cache.pin_layer(&a.digest).unwrap();
+    let pin = cache.pin_layer(&layer_digest(&a.digest)).unwrap();
     set_last_use(&cache, &a.digest, 4 * HOUR);
     set_last_use(&cache, &c.digest, 3 * HOUR);
     set_last_use(&cache, &e.digest, 2 * HOUR);
@@ -216,7 +216,7 @@ async fn least_recently_used_unpinned_layers_are_evicted_with_their_own_files() 
     let orphan_bytes = std::fs::metadata(&orphan).unwrap().blocks() * 512;
     let layer_dirs: u64 = [&a, &b, &c, &e]
         .iter()
-        .map(|s| dir_allocated(&cache.layer_dir(&s.digest)))
+        .map(|s| dir_allocated(&cache.layer_dir(&layer_digest(&s.digest))))
         .sum();
     assert_eq!(
         pass.usage_before,
@@ -230,19 +230,21 @@ async fn least_recently_used_unpinned_layers_are_evicted_with_their_own_files() 
 
     // Just over: the orphan goes first, then C (the oldest unpinned layer)
     // with its files; that is enough.
-    let need =
-        pass.usage_before - orphan_bytes - only_c - dir_allocated(&cache.layer_dir(&c.digest));
+    let need = pass.usage_before
+        - orphan_bytes
+        - only_c
+        - dir_allocated(&cache.layer_dir(&layer_digest(&c.digest)));
     let limit = need * 100 / 90 + 4096;
     let pass = evictor(&cache, limit, Duration::ZERO).run(&mut |d| forgotten.push(d.to_string()));
     assert_eq!(forgotten, std::slice::from_ref(&c.digest), "{pass:?}");
     assert!(!orphan.exists());
-    assert!(!cache.layer_dir(&c.digest).exists());
+    assert!(!cache.layer_dir(&layer_digest(&c.digest)).exists());
     assert!(shared_paths(&cache, &c).iter().all(|p| !p.exists()));
     assert!(pass.usage_after <= limit * 90 / 100, "{pass:?}");
     assert_eq!(pass.bytes_freed, pass.usage_before - pass.usage_after);
     assert_content(&la, &a);
     assert_content(&ld, &e);
-    assert!(cache.layer_dir(&b.digest).exists());
+    assert!(cache.layer_dir(&layer_digest(&b.digest)).exists());
 
     // Far over, D used a moment ago: B goes (its files stay, A has them
     // pinned), D stays as recently used, A as pinned; the cache stays over.
@@ -308,7 +310,12 @@ async fn nothing_is_evicted_until_keep_unused_after_a_start() {
     );
     let pass = fresh.run(&mut |_| {});
     assert_eq!(pass.layers_evicted, 0, "{pass:?}");
-    assert!(cache.layer_dir(&c.digest).exists());
+    assert!(cache.layer_dir(&layer_digest(&c.digest)).exists());
     let pass = evictor(&cache, 1, Duration::from_secs(600)).run(&mut |_| {});
     assert_eq!(pass.layers_evicted, 1, "{pass:?}");
+}
+
+/// A layer digest a test has as text (from a response or a manifest).
+fn layer_digest(s: &str) -> stargaze_format::Digest {
+    s.parse().expect("a layer digest")
 }

@@ -90,7 +90,7 @@ async fn full_disk(io_uring: bool) {
     }
     let cache = Arc::new(cache);
     // Evicted layers are dropped from this table, as the service does.
-    let table: Arc<Mutex<HashMap<String, Arc<Layer>>>> = Arc::default();
+    let table: Arc<Mutex<HashMap<stargaze_format::Digest, Arc<Layer>>>> = Arc::default();
     let limit = Arc::new(CacheLimit::new(
         cache.clone(),
         EvictOptions {
@@ -102,7 +102,7 @@ async fn full_disk(io_uring: bool) {
     let t = table.clone();
     let evictor = tokio::spawn(limit.clone().run(
         cache.clone(),
-        Arc::new(move |d: &str| {
+        Arc::new(move |d: &stargaze_format::Digest| {
             if let Some(l) = t.lock().remove(d) {
                 l.mark_evicted();
             }
@@ -127,7 +127,7 @@ async fn full_disk(io_uring: bool) {
                 Err(e) => panic!("resolving {}: {e}", s.digest),
             }
         };
-        table.lock().insert(s.digest.clone(), layer.clone());
+        table.lock().insert(layer.digest, layer.clone());
         for (path, data) in &s.files {
             for offset in (0..data.len() as u64).step_by(READ as usize) {
                 reads += 1;

@@ -149,8 +149,8 @@ async fn the_program_is_known_once_the_layers_above_it_are() {
     let stack = Stack::new(vec![top.clone(), middle.clone(), base.clone()]);
     let (l, ino) = stack.program_known(&sh.candidates()).unwrap();
     assert_eq!(
-        (l.digest.as_str(), l.index.path_of(ino).as_str()),
-        (base.digest.as_str(), "/usr/bin/sh")
+        (l.digest, l.index.path_of(ino).as_str()),
+        (base.digest, "/usr/bin/sh")
     );
     // Complete stack, absent program: decided, nothing to fetch.
     assert!(stack.program_known(&command("ruby").candidates()).is_none());
@@ -290,7 +290,7 @@ impl Image {
         loads.stacks.note(
             [&self.app, &self.libs, &self.base]
                 .iter()
-                .map(|l| l.digest.clone())
+                .map(|l| l.digest.to_string())
                 .collect(),
         );
         loads
@@ -299,7 +299,7 @@ impl Image {
     fn layer_of(&self, digest: &str) -> Option<Arc<Layer>> {
         [&self.app, &self.libs, &self.base]
             .into_iter()
-            .find(|l| l.digest == digest)
+            .find(|l| l.digest.to_string() == digest)
             .cloned()
     }
 

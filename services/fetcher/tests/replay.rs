@@ -120,7 +120,7 @@ async fn a_trace_is_replayed_in_its_order_across_layers() {
         version: 1,
         image: "example.com/replay:1".into(),
         manifest: format!("sha256:{}", "0".repeat(64)),
-        layers: vec![lower.digest.clone(), upper.digest.clone()],
+        layers: vec![lower.digest.to_string(), upper.digest.to_string()],
         reads: (0..4)
             .map(|i| read(0, i))
             .chain((0..4).map(|i| read(1, i)))
@@ -229,7 +229,7 @@ fn trace_with_spans(lower: &Arc<stargaze_fetcher::Layer>, files: &[u32]) -> Trac
     let mut trace = Trace::new(
         "example.com/early:1",
         &format!("sha256:{}", "1".repeat(64)),
-        vec![lower.digest.clone()],
+        vec![lower.digest.to_string()],
     );
     trace.merge(files.iter().map(|&i| read_of(0, i)));
     let l = lower.clone();

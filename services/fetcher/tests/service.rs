@@ -225,7 +225,8 @@ async fn resolves_and_fetches_every_file_from_a_real_registry() {
         assert!(r.chunks_fetched > 0);
         for (p, d) in &files {
             let ino = index.lookup_path(p).unwrap();
-            let content = std::fs::read(reader.layer_file_path(&a.layer_digest, ino)).unwrap();
+            let content =
+                std::fs::read(reader.layer_file_path(&layer_digest(&a.layer_digest), ino)).unwrap();
             assert!(content == *d, "{p}: bytes differ");
         }
         let st = client
@@ -391,8 +392,39 @@ async fn external_toc_layers_get_their_toc_from_the_esgztoc_image() {
         .await
         .unwrap();
     let reader = Cache::open_reader(&fetcher.cache);
-    let content = std::fs::read(reader.layer_file_path(index.layer_digest(), ino)).unwrap();
+    let content =
+        std::fs::read(reader.layer_file_path(&layer_digest(index.layer_digest()), ino)).unwrap();
     assert!(content == *data);
+
+    // A malformed layer digest is refused where it enters, naming it,
+    // before any lookup or cache path.
+    let bad = "sha256:../../../etc".to_string();
+    let e = client
+        .fetch(FetchRequest {
+            layer_digest: bad.clone(),
+            ranges: vec![FileRange {
+                inode: ino,
+                offset: 0,
+                length: 1,
+            }],
+            priority: Priority::OnDemand as i32,
+            follow_loads: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&bad), "{}", e.message());
+    let mut bad_source = source.clone();
+    bad_source.digest = bad.clone();
+    let e = client
+        .resolve_layer(ResolveLayerRequest {
+            layer: Some(bad_source),
+            allow_unverified: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&bad), "{}", e.message());
 }
 
 /// A node switching from the Go snapshotter keeps its mirrors: the
@@ -727,9 +759,9 @@ async fn warming_prefetches_the_entrypoint_its_loader_and_its_libraries_only() {
         (&digests[0], "usr/lib/x86_64-linux-gnu/libc.so.6", LIBC),
         (&digests[1], "usr/bin/dash", "/usr/bin/dash"),
     ] {
-        let index = LayerIndex::open(&cache.index_path(layer)).unwrap();
+        let index = LayerIndex::open(&cache.index_path(&layer_digest(layer))).unwrap();
         let ino = index.lookup_path(path).unwrap();
-        let cached = std::fs::read(cache.layer_file_path(layer, ino)).unwrap();
+        let cached = std::fs::read(cache.layer_file_path(&layer_digest(layer), ino)).unwrap();
         assert!(cached == std::fs::read(host).unwrap(), "{path} differs");
     }
     scrape_until(metrics_port, "stargaze_fetcher_entrypoint_files_total 3");
@@ -763,7 +795,7 @@ async fn an_executed_program_fetches_what_it_loads_from_the_stack() {
         .await
         .unwrap();
     let cache = Cache::open_reader(&fetcher.cache);
-    let upper = LayerIndex::open(&cache.index_path(&digests[1])).unwrap();
+    let upper = LayerIndex::open(&cache.index_path(&layer_digest(&digests[1]))).unwrap();
     let first_read = |path: &str, executed: bool| FetchRequest {
         layer_digest: digests[1].clone(),
         ranges: vec![FileRange {
@@ -814,8 +846,9 @@ async fn an_executed_program_fetches_what_it_loads_from_the_stack() {
 /// cache at `root`?
 fn chunk_present(root: &Path, layer: &str, path: &str, offset: u64) -> bool {
     let cache = Cache::open_reader(root);
-    let index = LayerIndex::open(&cache.index_path(layer)).unwrap();
-    let presence = stargaze_cache::PresenceMap::open_ro(&cache.presence_path(layer)).unwrap();
+    let index = LayerIndex::open(&cache.index_path(&layer_digest(layer))).unwrap();
+    let presence =
+        stargaze_cache::PresenceMap::open_ro(&cache.presence_path(&layer_digest(layer))).unwrap();
     let node = index.inode(index.lookup_path(path).unwrap()).unwrap();
     let chunk = node.chunk_at(offset).unwrap();
     presence.is_present(chunk.global)
@@ -869,8 +902,8 @@ async fn a_learned_trace_is_fetched_first_on_the_next_cold_pull() {
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     warm_and_resolve(&mut client, &image_ref, &digests).await;
     let cache = Cache::open_reader(&fetcher.cache);
-    let lower = LayerIndex::open(&cache.index_path(&digests[0])).unwrap();
-    let upper = LayerIndex::open(&cache.index_path(&digests[1])).unwrap();
+    let lower = LayerIndex::open(&cache.index_path(&layer_digest(&digests[0]))).unwrap();
+    let upper = LayerIndex::open(&cache.index_path(&layer_digest(&digests[1]))).unwrap();
     let reads = [
         (1usize, "/usr/bin/dash", 0u64, 4096u64),
         (0, "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", 0, 8192),
@@ -1259,8 +1292,10 @@ async fn a_published_trace_helps_another_nodes_first_pull() {
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     warm_and_resolve(&mut client, &image_ref, &digests).await;
     let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
-    let lower =
-        LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[0])).unwrap();
+    let lower = LayerIndex::open(
+        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[0])),
+    )
+    .unwrap();
     let inode = lower.lookup_path(libc).unwrap();
     read_as_fs(&mut client, &digests[0], inode, 65536, 4096).await;
     let start = Instant::now();
@@ -1362,8 +1397,10 @@ async fn a_clean_stop_saves_the_open_trace_recordings() {
     );
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     warm_and_resolve(&mut client, &image_ref, &digests).await;
-    let upper =
-        LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[1])).unwrap();
+    let upper = LayerIndex::open(
+        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[1])),
+    )
+    .unwrap();
     let dash = upper.lookup_path("/usr/bin/dash").unwrap();
     read_as_fs(&mut client, &digests[1], dash, 0, 4096).await;
     let traces = fetcher.cache.join("traces");
@@ -1392,7 +1429,7 @@ async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     warm_and_resolve(&mut client, &image_ref, &digests).await;
     let cache = Cache::open_reader(&fetcher.cache);
-    let upper = LayerIndex::open(&cache.index_path(&digests[1])).unwrap();
+    let upper = LayerIndex::open(&cache.index_path(&layer_digest(&digests[1]))).unwrap();
     let dash = upper.lookup_path("/usr/bin/dash").unwrap();
     // Executed: what dash loads (the loader, libc) is fetched with it.
     client
@@ -1419,7 +1456,7 @@ async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
         })
         .await
         .unwrap();
-    let lower = LayerIndex::open(&cache.index_path(&digests[0])).unwrap();
+    let lower = LayerIndex::open(&cache.index_path(&layer_digest(&digests[0]))).unwrap();
     let libc = lower
         .lookup_path("/usr/lib/x86_64-linux-gnu/libc.so.6")
         .unwrap();
@@ -1456,8 +1493,10 @@ async fn image_trace_waits_for_the_reads_fs_still_holds() {
     );
     let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
     warm_and_resolve(&mut client, &image_ref, &digests).await;
-    let upper =
-        LayerIndex::open(&Cache::open_reader(&fetcher.cache).index_path(&digests[1])).unwrap();
+    let upper = LayerIndex::open(
+        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[1])),
+    )
+    .unwrap();
     let dash = upper.lookup_path("/usr/bin/dash").unwrap();
     // The read reaches the fetcher only after ImageTrace was asked, as
     // fs's next flush would bring it, followed by the flush after it.
@@ -1487,4 +1526,9 @@ async fn image_trace_waits_for_the_reads_fs_still_holds() {
         "the read fs reported after the question is missing: {:?}",
         trace.reads
     );
+}
+
+/// A layer digest a test has as text (from a response or a manifest).
+fn layer_digest(s: &str) -> stargaze_format::Digest {
+    s.parse().expect("a layer digest")
 }

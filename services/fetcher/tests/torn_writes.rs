@@ -27,7 +27,8 @@ const CHUNK: u64 = 64 << 10;
 
 /// Every present chunk of `layer` holds the bytes of `source`'s file.
 fn present_chunks_are_right(cache: &Cache, layer: &Layer, source: &pushed::Source) -> u64 {
-    let presence = PresenceMap::open_ro(&cache.presence_path(&source.digest)).unwrap();
+    let presence =
+        PresenceMap::open_ro(&cache.presence_path(&layer_digest(&source.digest))).unwrap();
     let mut checked = 0;
     for (path, data) in &source.files {
         let ino = layer.index.lookup_path(path).unwrap();
@@ -135,7 +136,7 @@ async fn reverification_finds_every_torn_write_and_nothing_torn_is_served() {
     // 2. The damage a crash of the machine can leave.
     let layer_dir = {
         let cache = Cache::open_reader(&cache_dir);
-        cache.layer_dir(&s.digest)
+        cache.layer_dir(&layer_digest(&s.digest))
     };
     let index = stargaze_index::LayerIndex::open(&layer_dir.join("index")).unwrap();
     let path_of = |p: &str| {
@@ -209,4 +210,9 @@ async fn reverification_finds_every_torn_write_and_nothing_torn_is_served() {
     assert!(read(&layer, &mid, 0, mid_data.len() as u64).await == mid_data);
     assert!(read(&layer, &small, 0, small_data.len() as u64).await == small_data);
     assert_eq!(present_chunks_are_right(&cache, &layer, s), 17);
+}
+
+/// A layer digest a test has as text (from a response or a manifest).
+fn layer_digest(s: &str) -> stargaze_format::Digest {
+    s.parse().expect("a layer digest")
 }

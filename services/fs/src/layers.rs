@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 use stargaze_cache::{Cache, LayerPin, PresenceMap};
+use stargaze_format::Digest;
 use stargaze_index::LayerIndex;
 
 use crate::handover::{SavedLayer, SessionFile, SessionState};
@@ -31,7 +32,7 @@ pub struct LayerStats {
 
 /// A layer served under the mount.
 pub struct Attached {
-    pub digest: String,
+    pub digest: Digest,
     /// Directory name in the mount: the digest's hex.
     pub name: String,
     pub slot: u64,
@@ -74,8 +75,10 @@ pub enum AttachError {
         index: PathBuf,
         other: String,
     },
-    #[error("layer digest {0:?} is not sha256:<hex>")]
-    BadDigest(String),
+    /// Refused where the digest came in (a request, the saved session):
+    /// it would otherwise name cache files.
+    #[error("layer digest: {0}")]
+    BadDigest(#[from] stargaze_format::digest::DigestParseError),
 }
 
 /// Attached layers by slot and by name, from the node's cache.
@@ -133,7 +136,7 @@ impl LayerTable {
             .by_slot
             .values()
             .map(|a| SavedLayer {
-                digest: a.digest.clone(),
+                digest: a.digest.to_string(),
                 slot: a.slot,
             })
             .collect();
@@ -157,17 +160,17 @@ impl LayerTable {
     }
 
     /// Attach (or find) a layer the fetcher resolved; returns it.
-    pub fn attach(&self, digest: &str) -> Result<Arc<Attached>, AttachError> {
+    pub fn attach(&self, digest: &Digest) -> Result<Arc<Attached>, AttachError> {
         self.attach_in(digest, None)
     }
 
     /// Attach a layer in the slot a previous process gave it.
-    pub fn attach_in(&self, digest: &str, slot: Option<u64>) -> Result<Arc<Attached>, AttachError> {
-        let name = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| AttachError::BadDigest(digest.to_string()))?
-            .to_string();
+    pub fn attach_in(
+        &self,
+        digest: &Digest,
+        slot: Option<u64>,
+    ) -> Result<Arc<Attached>, AttachError> {
+        let name = digest.hex();
         if let Some(a) = self.by_name(&name) {
             return Ok(a);
         }
@@ -185,7 +188,7 @@ impl LayerTable {
             layer: digest.to_string(),
             source,
         })?;
-        if index.layer_digest() != digest {
+        if index.layer_digest() != digest.to_string() {
             return Err(AttachError::Mismatch {
                 layer: digest.to_string(),
                 index: index_path.clone(),
@@ -213,7 +216,7 @@ impl LayerTable {
         };
         let reported = crate::reads::Reported::new(index.chunk_count() as usize);
         let a = Arc::new(Attached {
-            digest: digest.to_string(),
+            digest: *digest,
             name: name.clone(),
             slot,
             reported,

@@ -174,7 +174,7 @@ impl Collector for FsMetrics {
         let per_layer = |f: &dyn Fn(&crate::Attached) -> u64| -> Vec<_> {
             layers
                 .iter()
-                .map(|a| (vec![("layer".to_string(), a.digest.clone())], f(a)))
+                .map(|a| (vec![("layer".to_string(), a.digest.to_string())], f(a)))
                 .collect()
         };
         family(

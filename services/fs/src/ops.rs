@@ -79,7 +79,7 @@ impl StargazeFs {
         if let Some(f) = self.shared.handles.lock().get(&fh) {
             return Ok(f.clone());
         }
-        let path = a.cache.layer_file_path(a.index.layer_digest(), local);
+        let path = a.cache.layer_file_path(&a.digest, local);
         let f = Arc::new(std::fs::File::open(path).map_err(|_| Errno::EIO)?);
         if fh != 0 {
             self.shared.handles.lock().insert(fh, f.clone());
@@ -172,7 +172,7 @@ impl StargazeFs {
         // program loads is fetched from now, not as its loader finds it one
         // round trip at a time.
         if flags & FMODE_EXEC != 0 {
-            let (source, digest) = (self.shared.source.clone(), a.digest.clone());
+            let (source, digest) = (self.shared.source.clone(), a.digest);
             self.shared
                 .runtime
                 .spawn(async move { source.executing(&digest, local).await });
@@ -270,7 +270,7 @@ impl StargazeFs {
                     let file = a.index.path_of(local);
                     tracing::warn!(layer = %a.digest, file = %file, offset, "read of a cached file failed: EIO");
                     self.shared.errors.push(
-                        a.digest.clone(),
+                        a.digest.to_string(),
                         format!("read of {file} at {offset} from the cache failed"),
                     );
                     done(Err(e))
@@ -297,7 +297,7 @@ impl StargazeFs {
             let timer = timer;
             let source = me.shared.source.clone();
             if !siblings.is_empty() {
-                let (source, digest) = (source.clone(), a.digest.clone());
+                let (source, digest) = (source.clone(), a.digest);
                 tokio::spawn(async move { source.prefetch_files(&digest, siblings).await });
             }
             match source.fetch(&a.digest, local, fetch_off, fetch_len).await {
@@ -322,7 +322,7 @@ impl StargazeFs {
                     me.shared.fetch_errors.fetch_add(1, Ordering::Relaxed);
                     let file = a.index.path_of(local);
                     tracing::warn!(layer = %a.digest, file = %file, offset, %reason, "read failed: EIO");
-                    me.shared.errors.push(a.digest.clone(), format!("read of {file} at {offset} failed: {reason}"));
+                    me.shared.errors.push(a.digest.to_string(), format!("read of {file} at {offset} failed: {reason}"));
                     done(Err(Errno::EIO));
                 }
             }

@@ -347,8 +347,7 @@ impl StargazeFs {
             Some(id) => id,
             None => {
                 // No lock held across the open and the registration.
-                let file =
-                    std::fs::File::open(a.cache.layer_file_path(a.index.layer_digest(), local))?;
+                let file = std::fs::File::open(a.cache.layer_file_path(&a.digest, local))?;
                 // SAFETY: the session's descriptor lives as long as the mount.
                 let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
                 // The raw id goes into the open-file table.
@@ -379,7 +378,13 @@ mod tests {
 
     #[tonic::async_trait]
     impl ChunkSource for NoFetcher {
-        async fn fetch(&self, _: &str, _: u64, _: u64, _: u64) -> Result<(), crate::SourceError> {
+        async fn fetch(
+            &self,
+            _: &stargaze_format::Digest,
+            _: u64,
+            _: u64,
+            _: u64,
+        ) -> Result<(), crate::SourceError> {
             Err(crate::SourceError::InProcess(
                 "no fetcher in this test".into(),
             ))

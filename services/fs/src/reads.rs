@@ -82,7 +82,7 @@ struct Noted {
 
 /// Reads of one layer `(inode, offset, length)`, in order; no layer: a
 /// request for the generation alone.
-type Batch = (Option<String>, Vec<(u64, u64, u64)>);
+type Batch = (Option<stargaze_format::Digest>, Vec<(u64, u64, u64)>);
 
 /// Reads waiting for the next flush.
 pub struct ReadLog {
@@ -145,7 +145,7 @@ impl ReadLog {
                     let Some(a) = layers.by_slot(n.slot) else {
                         continue;
                     };
-                    out.push((n.slot, (Some(a.digest.clone()), vec![range])));
+                    out.push((n.slot, (Some(a.digest), vec![range])));
                 }
             }
         }
@@ -183,8 +183,7 @@ pub async fn flush_every(shared: std::sync::Weak<FsShared>) {
         }
         for (layer, ranges) in batches {
             since_asked = Duration::ZERO;
-            let digest = layer.as_deref().unwrap_or("");
-            if let Some(g) = shared.source.note_reads(digest, ranges).await {
+            if let Some(g) = shared.source.note_reads(layer.as_ref(), ranges).await {
                 shared.reads.generation(g, &shared);
             }
         }

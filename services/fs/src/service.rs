@@ -41,14 +41,19 @@ impl FsService {
     }
 }
 
+/// A layer digest from a request, parsed where it enters: a malformed one
+/// (not `sha256:<64 lower-case hex>`) is refused naming it, and never
+/// becomes a path in the cache or a name in the mount.
+fn request_digest(digest: &str) -> Result<stargaze_format::Digest, AttachError> {
+    Ok(digest.parse()?)
+}
+
 #[tonic::async_trait]
 impl Fs for FsService {
     async fn attach(&self, r: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
         let req = r.into_inner();
-        let a = self
-            .shared
-            .layers
-            .attach(&req.layer_digest)
+        let a = request_digest(&req.layer_digest)
+            .and_then(|d| self.shared.layers.attach(&d))
             .map_err(|e| match e {
                 AttachError::BadDigest(_) => Status::invalid_argument(e.to_string()),
                 _ => Status::failed_precondition(format!(
@@ -63,10 +68,10 @@ impl Fs for FsService {
 
     async fn detach(&self, r: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
         let req = r.into_inner();
-        let name = req
-            .layer_digest
-            .strip_prefix("sha256:")
-            .unwrap_or(&req.layer_digest);
+        let digest = request_digest(&req.layer_digest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A layer's name in the mount is its digest's hex.
+        let name = &digest.hex();
         if self.shared.layers.by_name(name).is_none() {
             return Err(Status::not_found(format!(
                 "layer {} is not attached",
@@ -93,7 +98,7 @@ impl Fs for FsService {
             .list()
             .into_iter()
             .map(|a| AttachedLayer {
-                layer_digest: a.digest.clone(),
+                layer_digest: a.digest.to_string(),
                 dir: self.dir_of(&a.name).display().to_string(),
                 chunks: a.presence.chunk_count(),
                 chunks_present: a.presence.count_present(),
@@ -128,5 +133,32 @@ impl Fs for FsService {
                 .unwrap_or_default(),
             ring_requests: self.shared.uring_requests.load(Ordering::Relaxed),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A digest from a request that is not `sha256:<64 lower-case hex>` is
+    /// refused before it names anything in the cache or the mount, with
+    /// an error naming it and asking for an invalid argument.
+    #[test]
+    fn malformed_request_digests_are_refused_naming_them() {
+        let hex = "ab".repeat(32);
+        for bad in [
+            "sha256:../../x".to_string(),
+            format!("sha256:../{}", &hex[3..]),
+            format!("sha256:{}", &hex[2..]),
+            format!("sha256:{}", hex.to_uppercase()),
+            hex.clone(),
+            format!("sha512:{hex}"),
+            String::new(),
+        ] {
+            let e = request_digest(&bad).unwrap_err();
+            assert!(matches!(e, AttachError::BadDigest(_)), "{bad}: {e}");
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+        assert_eq!(request_digest(&format!("sha256:{hex}")).unwrap().hex(), hex);
     }
 }

@@ -282,7 +282,12 @@ pub fn mount_or_take_over(
             shared.layers.reserve_slots(state.next_slot);
             let mut attached = 0;
             for l in &state.layers {
-                match shared.layers.attach_in(&l.digest, Some(l.slot)) {
+                let attached_again = l
+                    .digest
+                    .parse()
+                    .map_err(crate::layers::AttachError::from)
+                    .and_then(|d| shared.layers.attach_in(&d, Some(l.slot)));
+                match attached_again {
                     Ok(_) => attached += 1,
                     Err(e) => tracing::warn!(
                         layer = %l.digest,

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use stargaze_format::Digest;
 use stargaze_proto::Failure;
 use stargaze_proto::v1::fetcher_client::FetcherClient;
 use stargaze_proto::v1::{FetchRequest, FileRange, NoteReadsRequest, Priority};
@@ -40,26 +41,37 @@ pub enum SourceError {
 pub trait ChunkSource: Send + Sync + 'static {
     /// Bytes `[offset, offset + len)` of inode `ino` (the layer index's
     /// numbering) of `layer`. Returns when they are present.
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError>;
+    async fn fetch(
+        &self,
+        layer: &Digest,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SourceError>;
 
     /// Best effort: make whole files `(inode, size)` present ahead of any
     /// read. Nobody waits for it and failures are ignored (a later read
     /// fetches on demand).
-    async fn prefetch_files(&self, layer: &str, files: Vec<(u64, u64)>) {
+    async fn prefetch_files(&self, layer: &Digest, files: Vec<(u64, u64)>) {
         let _ = (layer, files);
     }
 
     /// Best effort: file `ino` of `layer` is being executed; its head and
     /// what it loads (interpreter, libraries) are fetched ahead of the
     /// reads that follow.
-    async fn executing(&self, layer: &str, ino: u64) {
+    async fn executing(&self, layer: &Digest, ino: u64) {
         let _ = (layer, ino);
     }
 
     /// Best effort: these ranges `(inode, offset, length)` of `layer` were
-    /// read, in this order (`reads.rs`). Returns the fetcher's recording
-    /// generation, `None` when it could not be told.
-    async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
+    /// read, in this order (`reads.rs`); no layer (and no ranges) only
+    /// asks. Returns the fetcher's recording generation, `None` when it
+    /// could not be told.
+    async fn note_reads(
+        &self,
+        layer: Option<&Digest>,
+        ranges: Vec<(u64, u64, u64)>,
+    ) -> Option<u64> {
         let _ = (layer, ranges);
         None
     }
@@ -85,7 +97,13 @@ impl GrpcFetcher {
 
 #[tonic::async_trait]
 impl ChunkSource for GrpcFetcher {
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError> {
+    async fn fetch(
+        &self,
+        layer: &Digest,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SourceError> {
         let req = FetchRequest {
             layer_digest: layer.to_string(),
             ranges: vec![FileRange {
@@ -120,7 +138,7 @@ impl ChunkSource for GrpcFetcher {
         }
     }
 
-    async fn prefetch_files(&self, layer: &str, files: Vec<(u64, u64)>) {
+    async fn prefetch_files(&self, layer: &Digest, files: Vec<(u64, u64)>) {
         let req = FetchRequest {
             layer_digest: layer.to_string(),
             ranges: files
@@ -135,11 +153,11 @@ impl ChunkSource for GrpcFetcher {
             follow_loads: false,
         };
         if let Err(s) = self.client.clone().fetch(req).await {
-            tracing::debug!(layer, error = %s.message(), "sibling prefetch failed");
+            tracing::debug!(%layer, error = %s.message(), "sibling prefetch failed");
         }
     }
 
-    async fn executing(&self, layer: &str, ino: u64) {
+    async fn executing(&self, layer: &Digest, ino: u64) {
         let req = FetchRequest {
             layer_digest: layer.to_string(),
             ranges: vec![FileRange {
@@ -151,13 +169,19 @@ impl ChunkSource for GrpcFetcher {
             follow_loads: true,
         };
         if let Err(s) = self.client.clone().fetch(req).await {
-            tracing::debug!(layer, ino, error = %s.message(), "fetching what an executed file loads failed");
+            tracing::debug!(%layer, ino, error = %s.message(), "fetching what an executed file loads failed");
         }
     }
 
-    async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
+    async fn note_reads(
+        &self,
+        layer: Option<&Digest>,
+        ranges: Vec<(u64, u64, u64)>,
+    ) -> Option<u64> {
+        // No layer: an empty digest, which the fetcher notes nothing for.
+        let layer = layer.map(Digest::to_string).unwrap_or_default();
         let req = NoteReadsRequest {
-            layer_digest: layer.to_string(),
+            layer_digest: layer.clone(),
             ranges: ranges
                 .into_iter()
                 .map(|(inode, offset, length)| FileRange {
@@ -170,7 +194,7 @@ impl ChunkSource for GrpcFetcher {
         match self.client.clone().note_reads(req).await {
             Ok(r) => Some(r.into_inner().generation),
             Err(s) => {
-                tracing::debug!(layer, error = %s.message(), "reporting reads for traces failed");
+                tracing::debug!(%layer, error = %s.message(), "reporting reads for traces failed");
                 None
             }
         }
@@ -244,7 +268,10 @@ mod tests {
         let mut fetcher = GrpcFetcher::new(&sock).unwrap();
         fetcher.patience = Duration::from_secs(10);
         let start = Instant::now();
-        let e = fetcher.fetch("sha256:ab", 3, 0, 4096).await.unwrap_err();
+        let e = fetcher
+            .fetch(&Digest([0xab; 32]), 3, 0, 4096)
+            .await
+            .unwrap_err();
         let took = start.elapsed();
         assert!(
             matches!(
@@ -271,7 +298,10 @@ mod tests {
         // Nobody listens for the whole patience.
         fetcher.patience = Duration::from_millis(300);
         let start = Instant::now();
-        let e = fetcher.fetch("sha256:ab", 3, 0, 4096).await.unwrap_err();
+        let e = fetcher
+            .fetch(&Digest([0xab; 32]), 3, 0, 4096)
+            .await
+            .unwrap_err();
         assert!(matches!(e, SourceError::Unavailable { .. }), "{e}");
         assert!(start.elapsed() < Duration::from_secs(2));
 
@@ -287,7 +317,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             serve(&s, answers).await.abort_handle()
         });
-        let e = fetcher.fetch("sha256:ab", 3, 0, 4096).await.unwrap_err();
+        let e = fetcher
+            .fetch(&Digest([0xab; 32]), 3, 0, 4096)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 e,

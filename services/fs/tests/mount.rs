@@ -15,15 +15,22 @@ use std::time::Duration;
 
 use stargaze_cache::Cache;
 use stargaze_fetcher::{FileBlob, Layer, resolve_layer};
+use stargaze_format::Digest;
 use stargaze_fs::{ChunkSource, FsShared, SourceError};
 use stargaze_testkit::{image, run, unmount_below};
 
 /// The fetcher's engine in process, as the chunk source.
-struct Engine(HashMap<String, Arc<Layer>>);
+struct Engine(HashMap<Digest, Arc<Layer>>);
 
 #[tonic::async_trait]
 impl ChunkSource for Engine {
-    async fn fetch(&self, layer: &str, ino: u64, offset: u64, len: u64) -> Result<(), SourceError> {
+    async fn fetch(
+        &self,
+        layer: &Digest,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SourceError> {
         let l = self
             .0
             .get(layer)
@@ -34,11 +41,11 @@ impl ChunkSource for Engine {
             .map_err(|e| SourceError::InProcess(Box::new(e)))
     }
 
-    async fn executing(&self, layer: &str, ino: u64) {
+    async fn executing(&self, layer: &Digest, ino: u64) {
         EXECUTED.lock().unwrap().push((layer.to_string(), ino));
     }
 
-    async fn prefetch_files(&self, _layer: &str, files: Vec<(u64, u64)>) {
+    async fn prefetch_files(&self, _layer: &Digest, files: Vec<(u64, u64)>) {
         // Recorded, not fetched: a test sees what each miss asked for.
         PREFETCHED
             .lock()
@@ -46,9 +53,14 @@ impl ChunkSource for Engine {
             .push(files.into_iter().map(|(ino, _)| ino).collect());
     }
 
-    async fn note_reads(&self, layer: &str, ranges: Vec<(u64, u64, u64)>) -> Option<u64> {
+    async fn note_reads(
+        &self,
+        layer: Option<&Digest>,
+        ranges: Vec<(u64, u64, u64)>,
+    ) -> Option<u64> {
+        let layer = layer.map(Digest::to_string).unwrap_or_default();
         let mut noted = NOTED.lock().unwrap();
-        noted.extend(ranges.into_iter().map(|r| (layer.to_string(), r)));
+        noted.extend(ranges.into_iter().map(|r| (layer.clone(), r)));
         Some(GENERATION.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
@@ -403,14 +415,14 @@ async fn setup_with(
         .await
         .unwrap(),
     );
-    let source = Arc::new(Engine([(digest.clone(), layer.clone())].into()));
+    let source = Arc::new(Engine([(layer.digest, layer.clone())].into()));
     let shared = Arc::new(FsShared::new(
         &cache_dir,
         source,
         tokio::runtime::Handle::current(),
         Duration::from_secs(3600),
     ));
-    shared.layers.attach(&digest).unwrap();
+    shared.layers.attach(&layer.digest).unwrap();
     (shared, layer, digest)
 }
 
@@ -653,13 +665,16 @@ async fn a_slow_backing_file_holds_up_no_open_of_another_file() {
     for name in [slow, other] {
         let ino = layer.index.lookup_path(name).unwrap();
         let size = layer.index.inode(ino).unwrap().size();
-        shared.source.fetch(&digest, ino, 0, size).await.unwrap();
+        shared
+            .source
+            .fetch(&layer.digest, ino, 0, size)
+            .await
+            .unwrap();
     }
     let a = shared.layers.by_name(&digest[7..]).unwrap();
-    let slow_cache = a.cache.layer_file_path(
-        a.index.layer_digest(),
-        layer.index.lookup_path(slow).unwrap(),
-    );
+    let slow_cache = a
+        .cache
+        .layer_file_path(&a.digest, layer.index.lookup_path(slow).unwrap());
     std::fs::rename(&slow_cache, slow_cache.with_extension("aside")).unwrap();
     nix::unistd::mkfifo(&slow_cache, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let slow_path = layer_dir.join(slow);

@@ -206,6 +206,27 @@ async fn layers_attach_stack_under_overlayfs_and_detach_safely() {
     .unwrap();
     assert!(!dirs[0].1.exists(), "a detached layer's directory is gone");
 
+    // A malformed digest is refused where it enters, naming it: it never
+    // becomes a path in the cache or a name in the mount.
+    let bad = "sha256:../../../etc".to_string();
+    let e = fsc
+        .attach(AttachRequest {
+            layer_digest: bad.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&bad), "{}", e.message());
+    let e = fsc
+        .detach(DetachRequest {
+            layer_digest: bad.clone(),
+            force: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&bad), "{}", e.message());
+
     // Detached, it is evicted with its files at the next pass; the layer
     // still attached keeps serving every file.
     let layer_dir = |d: &str| w.join("cache/layers").join(&d[7..]);

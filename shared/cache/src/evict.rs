@@ -107,7 +107,7 @@ struct FileEntry {
 }
 
 struct LayerEntry {
-    digest: String,
+    digest: Digest,
     last_used: SystemTime,
     files: Vec<FileId>,
     pinned: bool,
@@ -167,15 +167,16 @@ impl Evictor {
         &self.opts
     }
 
-    /// Layer digests (`sha256:<hex>`) with a directory in the cache.
-    fn layer_digests(&self) -> Vec<String> {
+    /// Layers with a directory in the cache. A directory whose name is
+    /// not a digest's lower-case hex is none of the fetcher's and is left
+    /// alone.
+    fn layer_digests(&self) -> Vec<Digest> {
         std::fs::read_dir(self.cache.root().join("layers"))
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| {
                         let name = e.file_name().into_string().ok()?;
-                        let ok = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
-                        ok.then(|| format!("sha256:{name}"))
+                        format!("sha256:{name}").parse().ok()
                     })
                     .collect()
             })
@@ -191,7 +192,7 @@ impl Evictor {
     }
 
     /// Is the layer pinned? If so, now is its last use.
-    fn pinned_now(&self, digest: &str) -> bool {
+    fn pinned_now(&self, digest: &Digest) -> bool {
         let pinned = self.cache.layer_in_use(digest);
         if pinned {
             self.cache.touch_layer(digest);
@@ -248,7 +249,7 @@ impl Evictor {
     fn add_layer(
         &self,
         files: &mut HashMap<FileId, FileEntry>,
-        digest: &str,
+        digest: &Digest,
         kept: bool,
     ) -> Vec<FileId> {
         layer_files(&self.cache.layer_dir(digest))
@@ -267,7 +268,7 @@ impl Evictor {
     /// Scan the cache and, when it is over the limit, evict. `forget` is
     /// called with each layer's digest just before its directory is deleted
     /// (with the write gate held: no resolution or write runs meanwhile).
-    pub fn run(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+    pub fn run(&self, forget: &mut dyn FnMut(&Digest)) -> Eviction {
         self.run_under(false, forget)
     }
 
@@ -275,12 +276,12 @@ impl Evictor {
     /// the pass takes what the cache uses now as its limit (or the
     /// configured limit if lower), so that it frees the low-water share of
     /// it whatever the configured limit is.
-    pub fn run_full(&self, forget: &mut dyn FnMut(&str)) -> Eviction {
+    pub fn run_full(&self, forget: &mut dyn FnMut(&Digest)) -> Eviction {
         self.run_under(true, forget)
     }
 
     /// A pass; `full`: the limit is at most the usage found.
-    fn run_under(&self, full: bool, forget: &mut dyn FnMut(&str)) -> Eviction {
+    fn run_under(&self, full: bool, forget: &mut dyn FnMut(&Digest)) -> Eviction {
         let t0 = Instant::now();
         let mut files: HashMap<FileId, FileEntry> = HashMap::new();
         let content_files = self.scan_content(&mut files);
@@ -345,9 +346,9 @@ impl Evictor {
 
         let _gate = self.cache.evicting();
         // Layers resolved since the scan hold their files too.
-        let seen: HashSet<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+        let seen: HashSet<Digest> = layers.iter().map(|l| l.digest).collect();
         for d in self.layer_digests() {
-            if !seen.contains(d.as_str()) {
+            if !seen.contains(&d) {
                 self.add_layer(&mut files, &d, true);
             }
         }

@@ -90,7 +90,7 @@ pub enum CacheError {
     #[error(
         "layer {layer} was evicted from the cache {path} while it was being attached; resolve it again"
     )]
-    Evicted { layer: String, path: PathBuf },
+    Evicted { layer: Digest, path: PathBuf },
 }
 
 impl CacheError {
@@ -171,10 +171,6 @@ pub const COMPLETE_MODE: u32 = 0o444;
 /// Mode of a content file still being filled.
 pub const PARTIAL_MODE: u32 = 0o644;
 
-fn layer_key(layer_digest: &str) -> &str {
-    layer_digest.strip_prefix("sha256:").unwrap_or(layer_digest)
-}
-
 impl Cache {
     /// Open the cache as its single writer (the fetcher): take the lock,
     /// note whether the last stop was clean, and clear the clean marker so a
@@ -253,15 +249,19 @@ impl Cache {
         std::fs::write(&path, b"").map_err(|e| CacheError::io(&path, e))
     }
 
-    pub fn layer_dir(&self, layer_digest: &str) -> PathBuf {
-        self.root.join("layers").join(layer_key(layer_digest))
+    /// A layer's directory, named by the digest's bare hex (the name every
+    /// earlier release used too, so existing caches stay valid). Only a
+    /// parsed [`Digest`] gets here: a digest string from the network never
+    /// becomes a path component unchecked.
+    pub fn layer_dir(&self, layer_digest: &Digest) -> PathBuf {
+        self.root.join("layers").join(layer_digest.hex())
     }
 
-    pub fn index_path(&self, layer_digest: &str) -> PathBuf {
+    pub fn index_path(&self, layer_digest: &Digest) -> PathBuf {
         self.layer_dir(layer_digest).join("index")
     }
 
-    pub fn presence_path(&self, layer_digest: &str) -> PathBuf {
+    pub fn presence_path(&self, layer_digest: &Digest) -> PathBuf {
         self.layer_dir(layer_digest).join("presence")
     }
 
@@ -280,7 +280,7 @@ impl Cache {
 
     /// A layer's file for its regular file `ino`: what the layer's presence
     /// bits describe and the fs service reads.
-    pub fn layer_file_path(&self, layer_digest: &str, ino: u64) -> PathBuf {
+    pub fn layer_file_path(&self, layer_digest: &Digest, ino: u64) -> PathBuf {
         self.layer_dir(layer_digest)
             .join("files")
             .join(ino.to_string())
@@ -291,7 +291,7 @@ impl Cache {
     /// verified for this layer, perhaps shared: never written again).
     pub fn layer_file_writer(
         &self,
-        layer_digest: &str,
+        layer_digest: &Digest,
         ino: u64,
         size: u64,
     ) -> Result<Option<ContentFile>, CacheError> {
@@ -306,14 +306,14 @@ impl Cache {
     /// Open a layer's file for reading.
     pub fn layer_file_reader(
         &self,
-        layer_digest: &str,
+        layer_digest: &Digest,
         ino: u64,
     ) -> Result<ContentFile, CacheError> {
         ContentFile::open_ro(&self.layer_file_path(layer_digest, ino))
     }
 
     /// Is the layer's file complete (read-only)?
-    pub fn layer_file_is_complete(&self, layer_digest: &str, ino: u64) -> bool {
+    pub fn layer_file_is_complete(&self, layer_digest: &Digest, ino: u64) -> bool {
         std::fs::symlink_metadata(self.layer_file_path(layer_digest, ino))
             .map(|m| content::is_complete_mode(&m))
             .unwrap_or(false)
@@ -322,7 +322,7 @@ impl Cache {
     /// Drop a layer's file (after a failed re-verification): the next
     /// write starts a new file of the layer's own, whatever the old one
     /// was linked to.
-    pub fn remove_layer_file(&self, layer_digest: &str, ino: u64) -> Result<(), CacheError> {
+    pub fn remove_layer_file(&self, layer_digest: &Digest, ino: u64) -> Result<(), CacheError> {
         let p = self.layer_file_path(layer_digest, ino);
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(()),
@@ -340,7 +340,7 @@ impl Cache {
     /// stored once; open descriptors keep the old copy, equal to it).
     pub fn share(
         &self,
-        layer_digest: &str,
+        layer_digest: &Digest,
         ino: u64,
         file: &ContentFile,
         file_digest: &Digest,
@@ -396,7 +396,7 @@ impl Cache {
     /// uses it. Returns whether the layer's file is now that content.
     pub fn adopt(
         &self,
-        layer_digest: &str,
+        layer_digest: &Digest,
         ino: u64,
         file_digest: &Digest,
         size: u64,
@@ -494,7 +494,7 @@ impl Cache {
 
     /// Record that a layer is in use now (its directory's mtime is its
     /// last use, which eviction orders by).
-    pub fn touch_layer(&self, layer_digest: &str) {
+    pub fn touch_layer(&self, layer_digest: &Digest) {
         // A directory opened read-only takes futimens (we own it).
         if let Ok(dir) = std::fs::File::open(self.layer_dir(layer_digest)) {
             let _ =

@@ -14,6 +14,8 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use stargaze_format::Digest;
+
 use crate::{Cache, CacheError};
 
 /// A layer kept from eviction while this lives (fs holds one per attached
@@ -30,7 +32,7 @@ impl Cache {
     /// Pin a layer (shared lock on its presence file). Waits while eviction
     /// holds the layer, then fails with [`CacheError::Evicted`] if eviction
     /// deleted it meanwhile.
-    pub fn pin_layer(&self, layer_digest: &str) -> Result<LayerPin, CacheError> {
+    pub fn pin_layer(&self, layer_digest: &Digest) -> Result<LayerPin, CacheError> {
         let path = self.presence_path(layer_digest);
         let file = File::open(&path).map_err(|e| CacheError::io(&path, e))?;
         let lock = Flock::lock(file, FlockArg::LockShared)
@@ -42,14 +44,14 @@ impl Cache {
                 Ok(LayerPin { _lock: lock })
             }
             _ => Err(CacheError::Evicted {
-                layer: layer_digest.to_string(),
+                layer: *layer_digest,
                 path: self.root().to_path_buf(),
             }),
         }
     }
 
     /// Is the layer pinned by some process (attached in fs)?
-    pub fn layer_in_use(&self, layer_digest: &str) -> bool {
+    pub fn layer_in_use(&self, layer_digest: &Digest) -> bool {
         match lock_for_removal(&self.presence_path(layer_digest)) {
             Ok(Some(_)) => false,
             Ok(None) => true,
@@ -77,7 +79,7 @@ mod tests {
     fn a_pinned_layer_is_in_use_until_the_pin_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open_writer(dir.path()).unwrap();
-        let layer = "sha256:".to_string() + &"ab".repeat(32);
+        let layer = Digest([0xab; 32]);
         crate::PresenceMap::open_rw(&cache.presence_path(&layer), 10, &layer).unwrap();
         assert!(!cache.layer_in_use(&layer));
         let pin = cache.pin_layer(&layer).unwrap();
@@ -93,7 +95,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let c2 = Cache::open_reader(dir.path());
-        let l2 = layer.clone();
+        let l2 = layer;
         let waiter = std::thread::spawn(move || c2.pin_layer(&l2).map(|_| ()));
         std::thread::sleep(std::time::Duration::from_millis(100));
         std::fs::remove_dir_all(cache.layer_dir(&layer)).unwrap();
@@ -101,6 +103,6 @@ mod tests {
         drop(held);
         let err = waiter.join().unwrap().unwrap_err();
         assert!(matches!(err, CacheError::Evicted { .. }), "{err}");
-        assert!(err.to_string().contains(&layer), "{err}");
+        assert!(err.to_string().contains(&layer.to_string()), "{err}");
     }
 }

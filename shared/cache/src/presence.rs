@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use stargaze_format::Digest;
+
 use crate::CacheError;
 
 /// Bytes before the bitmap (keeps the words page-aligned).
@@ -43,10 +45,11 @@ impl PresenceMap {
     pub fn open_rw(
         path: &Path,
         chunks: u32,
-        layer_digest: &str,
+        layer_digest: &Digest,
     ) -> Result<PresenceMap, CacheError> {
-        // The header holds the digest's 64 hex digits.
-        let layer_digest = layer_digest.strip_prefix("sha256:").unwrap_or(layer_digest);
+        // The header holds the digest's 64 hex digits (as it always has:
+        // maps written by earlier releases keep their bits).
+        let layer_digest = layer_digest.hex();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
         }
@@ -200,7 +203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("presence");
         let chunks = 200_000;
-        let map = PresenceMap::open_rw(&path, chunks, &"ab".repeat(32)).unwrap();
+        let map = PresenceMap::open_rw(&path, chunks, &Digest([0xab; 32])).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), file_len(chunks));
         assert!(

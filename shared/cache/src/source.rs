@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use stargaze_format::Digest;
 
 use crate::Cache;
 
@@ -17,7 +18,9 @@ pub struct LayerSource {
     /// The image reference the layer was resolved for.
     #[serde(default)]
     pub image_ref: String,
-    /// The layer's digest (`sha256:<hex>`).
+    /// The layer's digest (`sha256:<hex>`) as recorded, for whoever reads
+    /// the file; the file's place, not this field, says whose it is (older
+    /// fetchers' files may hold anything here).
     #[serde(default)]
     pub digest: String,
     /// The annotations its TOC was checked by.
@@ -51,15 +54,19 @@ pub enum SourceError {
 
 impl Cache {
     /// Where a layer's source is saved.
-    pub fn source_path(&self, layer_digest: &str) -> PathBuf {
+    pub fn source_path(&self, layer_digest: &Digest) -> PathBuf {
         self.layer_dir(layer_digest).join("source.json")
     }
 
-    /// Save `source` as the source of layer `source.digest`, replacing the
+    /// Save `source` as the source of layer `layer_digest`, replacing the
     /// file at once (a reader sees the old file or the new one, whole).
     /// Not synced: a source lost in a crash costs one resolve, not data.
-    pub fn save_source(&self, source: &LayerSource) -> Result<(), SourceError> {
-        let path = self.source_path(&source.digest);
+    pub fn save_source(
+        &self,
+        layer_digest: &Digest,
+        source: &LayerSource,
+    ) -> Result<(), SourceError> {
+        let path = self.source_path(layer_digest);
         let io = |source| SourceError::Io {
             path: path.clone(),
             source,
@@ -74,7 +81,7 @@ impl Cache {
     }
 
     /// The saved source of a layer; `None` when none was saved.
-    pub fn load_source(&self, layer_digest: &str) -> Result<Option<LayerSource>, SourceError> {
+    pub fn load_source(&self, layer_digest: &Digest) -> Result<Option<LayerSource>, SourceError> {
         read(&self.source_path(layer_digest))
     }
 }
@@ -102,22 +109,22 @@ fn read(path: &Path) -> Result<Option<LayerSource>, SourceError> {
 mod tests {
     use super::*;
 
-    const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const LAYER: Digest = Digest([0x11; 32]);
 
     fn cache() -> (tempfile::TempDir, Cache) {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open_writer(dir.path()).unwrap();
-        std::fs::create_dir_all(cache.layer_dir(LAYER)).unwrap();
+        std::fs::create_dir_all(cache.layer_dir(&LAYER)).unwrap();
         (dir, cache)
     }
 
     #[test]
     fn a_saved_source_loads_as_it_was_saved() {
         let (_dir, cache) = cache();
-        assert_eq!(cache.load_source(LAYER).unwrap(), None);
+        assert_eq!(cache.load_source(&LAYER).unwrap(), None);
         let source = LayerSource {
             image_ref: "registry.local/app:1".into(),
-            digest: LAYER.into(),
+            digest: LAYER.to_string(),
             annotations: [(
                 "containerd.io/snapshot/stargz/toc.digest".into(),
                 "x".into(),
@@ -126,9 +133,14 @@ mod tests {
             .collect(),
             allow_unverified: true,
         };
-        cache.save_source(&source).unwrap();
-        assert_eq!(cache.load_source(LAYER).unwrap(), Some(source));
-        assert!(!cache.source_path(LAYER).with_extension("json.tmp").exists());
+        cache.save_source(&LAYER, &source).unwrap();
+        assert_eq!(cache.load_source(&LAYER).unwrap(), Some(source));
+        assert!(
+            !cache
+                .source_path(&LAYER)
+                .with_extension("json.tmp")
+                .exists()
+        );
     }
 
     /// Files written before the type existed (and by older fetchers,
@@ -137,25 +149,25 @@ mod tests {
     fn files_of_older_fetchers_load() {
         let (_dir, cache) = cache();
         std::fs::write(
-            cache.source_path(LAYER),
+            cache.source_path(&LAYER),
             r#"{"image_ref":"r/i:t","digest":"d","annotations":{"k":"v"},"allow_unverified":false}"#,
         )
         .unwrap();
-        let s = cache.load_source(LAYER).unwrap().unwrap();
+        let s = cache.load_source(&LAYER).unwrap().unwrap();
         assert_eq!(
             (s.image_ref.as_str(), s.annotations["k"].as_str()),
             ("r/i:t", "v")
         );
-        std::fs::write(cache.source_path(LAYER), r#"{"image_ref":"r/i:t"}"#).unwrap();
-        let s = cache.load_source(LAYER).unwrap().unwrap();
+        std::fs::write(cache.source_path(&LAYER), r#"{"image_ref":"r/i:t"}"#).unwrap();
+        let s = cache.load_source(&LAYER).unwrap().unwrap();
         assert!(s.annotations.is_empty() && !s.allow_unverified);
     }
 
     #[test]
     fn a_corrupt_file_is_an_error_naming_it() {
         let (_dir, cache) = cache();
-        std::fs::write(cache.source_path(LAYER), "{not json").unwrap();
-        let e = cache.load_source(LAYER).unwrap_err();
+        std::fs::write(cache.source_path(&LAYER), "{not json").unwrap();
+        let e = cache.load_source(&LAYER).unwrap_err();
         assert!(matches!(e, SourceError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("source.json"), "{e}");
     }

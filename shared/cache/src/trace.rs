@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use stargaze_format::Digest;
+
 use crate::Cache;
 
 /// The format's version.
@@ -232,16 +234,14 @@ impl Cache {
     /// one request instead of a tail window and then the rest of the TOC.
     /// A blob's bytes never change, so this is the blob's own fact, not
     /// anything an image says.
-    pub fn tail_hint(&self, layer_digest: &str) -> Option<u64> {
-        let path = self.tail_hint_path(layer_digest)?;
+    pub fn tail_hint(&self, layer_digest: &Digest) -> Option<u64> {
+        let path = self.tail_hint_path(layer_digest);
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
     /// Remember a layer's footer-and-TOC size (see [`Cache::tail_hint`]).
-    pub fn set_tail_hint(&self, layer_digest: &str, bytes: u64) -> std::io::Result<()> {
-        let Some(path) = self.tail_hint_path(layer_digest) else {
-            return Ok(());
-        };
+    pub fn set_tail_hint(&self, layer_digest: &Digest, bytes: u64) -> std::io::Result<()> {
+        let path = self.tail_hint_path(layer_digest);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -250,9 +250,8 @@ impl Cache {
         std::fs::rename(&tmp, &path)
     }
 
-    fn tail_hint_path(&self, layer_digest: &str) -> Option<PathBuf> {
-        let digest: stargaze_format::Digest = layer_digest.parse().ok()?;
-        Some(self.traces_dir().join("tails").join(digest.hex()))
+    fn tail_hint_path(&self, layer_digest: &Digest) -> PathBuf {
+        self.traces_dir().join("tails").join(layer_digest.hex())
     }
 
     /// The trace file of the image with manifest digest `manifest`

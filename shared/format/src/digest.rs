@@ -1,4 +1,7 @@
-//! `sha256:<hex>` digests as they appear in TOCs, descriptors and annotations.
+//! `sha256:<hex>` digests as they appear in TOCs, descriptors and annotations,
+//! and as layer and blob digests cross the cache, the OCI layout and the
+//! services (parsed once where the text enters; [`DigestParseError`] names
+//! a malformed one).
 
 use std::fmt;
 use std::str::FromStr;

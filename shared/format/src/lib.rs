@@ -18,7 +18,10 @@
 //!
 //! Writing goes the other way: [`tar`] parses the input with byte positions,
 //! [`convert`] plans members, compresses them in parallel and writes the
-//! blob, TOC and footer. [`digest`] holds the sha256 helpers both sides use.
+//! blob, TOC and footer. [`digest`] holds the sha256 helpers both sides use
+//! and [`Digest`], the digest type layers and blobs cross the other crates
+//! and the services as (parsed where a string enters, malformed ones
+//! refused with [`digest::DigestParseError`] naming them).
 //!
 //! Every public entry point returns an [`Error`] naming the layer.
 

@@ -324,11 +324,16 @@ pub fn write_docker_archive(
         .flatten()
         .map(|l| Descriptor::from_value(l, &what))
         .collect::<Result<_, _>>()?;
-    let blob_name = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    // The archive names blobs as the layout does; a descriptor's digest
+    // is parsed before it becomes a path in the archive.
+    let blob_name = |d: &str| -> Result<String, OciError> {
+        let d: stargaze_format::Digest = d.parse()?;
+        Ok(format!("blobs/sha256/{}", d.hex()))
+    };
     let entry = json!([{
-        "Config": blob_name(&config.digest),
+        "Config": blob_name(&config.digest)?,
         "RepoTags": repo_tag.map(|t| vec![t.to_string()]).unwrap_or_default(),
-        "Layers": layers.iter().map(|l| blob_name(&l.digest)).collect::<Vec<_>>(),
+        "Layers": layers.iter().map(|l| blob_name(&l.digest)).collect::<Result<Vec<_>, _>>()?,
     }]);
     let mut index_desc = desc.clone();
     index_desc.extra.remove("platform");
@@ -368,7 +373,7 @@ pub fn write_docker_archive(
             continue;
         }
         let path = layout.blob_path(&d.digest)?;
-        b.append_path_with_name(&path, blob_name(&d.digest))
+        b.append_path_with_name(&path, blob_name(&d.digest)?)
             .map_err(|e| OciError::io(&path, e))?;
     }
     b.into_inner()

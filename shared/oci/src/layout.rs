@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use stargaze_format::Digest;
 use stargaze_format::digest::Hasher;
 
 use crate::OciError;
@@ -44,24 +45,6 @@ impl Descriptor {
 #[derive(Debug, Clone)]
 pub struct OciLayout {
     root: PathBuf,
-}
-
-/// `sha256:<64 hex>` only: digests become file names, so nothing else may
-/// pass (no `..`, no other algorithms).
-fn check_digest(digest: &str) -> Result<&str, OciError> {
-    match digest.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-        {
-            Ok(hex)
-        }
-        _ => Err(OciError::Invalid(format!(
-            "unsupported or malformed digest {digest:?} (only sha256 is supported)"
-        ))),
-    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OciError> {
@@ -117,8 +100,17 @@ impl OciLayout {
         &self.root
     }
 
+    /// Where the blob of a digest a manifest or caller gives as text is
+    /// kept: the text is parsed first ([`OciError::Digest`] names a
+    /// malformed one), so nothing but `sha256:<64 hex>` becomes a file
+    /// name (no `..`, no other algorithms).
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf, OciError> {
-        Ok(self.root.join("blobs/sha256").join(check_digest(digest)?))
+        Ok(self.blob_file(&digest.parse()?))
+    }
+
+    /// Where the blob of `digest` is kept (`blobs/sha256/<hex>`).
+    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
     }
 
     pub fn has_blob(&self, digest: &str) -> bool {
@@ -127,13 +119,14 @@ impl OciLayout {
 
     /// Read a blob and check its digest.
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, OciError> {
-        let path = self.blob_path(digest)?;
+        let expected: Digest = digest.parse()?;
+        let path = self.blob_file(&expected);
         let bytes = std::fs::read(&path).map_err(|e| OciError::io(&path, e))?;
-        let actual = stargaze_format::Digest::of(&bytes).to_string();
-        if actual != digest {
+        let actual = Digest::of(&bytes);
+        if actual != expected {
             return Err(OciError::BlobDigest {
                 digest: digest.to_string(),
-                actual,
+                actual: actual.to_string(),
                 dir: self.root.clone(),
             });
         }
@@ -142,7 +135,8 @@ impl OciLayout {
 
     /// Check a (possibly large) blob file's digest by streaming it.
     pub fn verify_blob(&self, digest: &str) -> Result<PathBuf, OciError> {
-        let path = self.blob_path(digest)?;
+        let expected: Digest = digest.parse()?;
+        let path = self.blob_file(&expected);
         let mut f = std::fs::File::open(&path).map_err(|e| OciError::io(&path, e))?;
         let mut h = Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -153,11 +147,11 @@ impl OciLayout {
             }
             h.update(&buf[..n]);
         }
-        let actual = h.finish().to_string();
-        if actual != digest {
+        let actual = h.finish();
+        if actual != expected {
             return Err(OciError::BlobDigest {
                 digest: digest.to_string(),
-                actual,
+                actual: actual.to_string(),
                 dir: self.root.clone(),
             });
         }
@@ -177,12 +171,12 @@ impl OciLayout {
 
     /// Store bytes as a blob; returns its digest and size.
     pub fn write_blob(&self, bytes: &[u8]) -> Result<(String, u64), OciError> {
-        let digest = stargaze_format::Digest::of(bytes).to_string();
-        let path = self.blob_path(&digest)?;
+        let digest = Digest::of(bytes);
+        let path = self.blob_file(&digest);
         if !path.is_file() {
             write_atomic(&path, bytes)?;
         }
-        Ok((digest, bytes.len() as u64))
+        Ok((digest.to_string(), bytes.len() as u64))
     }
 
     /// Serialise JSON compactly and store it as a blob.
@@ -318,8 +312,29 @@ mod tests {
         assert_eq!(l.read_blob(&d).unwrap(), b"hello");
         std::fs::write(l.blob_path(&d).unwrap(), b"HELLO").unwrap();
         assert!(matches!(l.read_blob(&d), Err(OciError::BlobDigest { .. })));
-        assert!(l.blob_path("sha256:../../etc/passwd").is_err());
-        assert!(l.blob_path("md5:abc").is_err());
+        // Malformed digests are refused before they name a file, each
+        // error naming the digest.
+        let hex = "ab".repeat(32);
+        for bad in [
+            "sha256:../../etc/passwd".to_string(),
+            "md5:abc".to_string(),
+            format!("sha256:{}", &hex[1..]),
+            format!("sha256:{}", hex.to_uppercase()),
+            hex.clone(),
+        ] {
+            for e in [
+                l.blob_path(&bad).unwrap_err(),
+                l.read_blob(&bad).unwrap_err(),
+                l.verify_blob(&bad).unwrap_err(),
+            ] {
+                assert!(matches!(e, OciError::Digest(_)), "{bad}: {e}");
+                assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+            }
+        }
+        assert_eq!(
+            l.blob_path(&format!("sha256:{hex}")).unwrap(),
+            dir.path().join("blobs/sha256").join(&hex)
+        );
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub enum OciError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// A digest that is not `sha256:<64 lower-case hex>` (from a manifest,
+    /// an index or a caller), refused before it names a blob file.
+    #[error("unsupported or malformed blob digest: {0}")]
+    Digest(#[from] stargaze_format::digest::DigestParseError),
     #[error("image {image}: no tag {tag:?} in {dir} (tags there: {available})")]
     NoSuchTag {
         image: String,

@@ -41,6 +41,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use stargaze_format::Digest;
+
 use crate::engine::Layer;
 use crate::purpose::Purpose;
 use crate::stack::Stack;
@@ -108,12 +110,12 @@ struct Library {
 }
 
 /// Parsed loader caches, by (layer, inode) of the file.
-type LdCaches = HashMap<(String, u64), Arc<LdCache>>;
+type LdCaches = HashMap<(Digest, u64), Arc<LdCache>>;
 
 /// Runtime dependency prefetch: the stacks known, the files examined.
 pub struct Loads {
     pub stacks: Stacks,
-    examined: Mutex<HashSet<(String, u64)>>,
+    examined: Mutex<HashSet<(Digest, u64)>>,
     /// Parsed loader caches, by (layer, inode) of the file.
     ld_caches: Arc<Mutex<LdCaches>>,
     /// Mapped ELF files (programs, libraries) up to this size are fetched
@@ -137,12 +139,12 @@ impl Loads {
     }
 
     /// Mark a file examined; false when it was already.
-    fn first_time(&self, layer: &str, ino: u64) -> bool {
+    fn first_time(&self, layer: &Digest, ino: u64) -> bool {
         let mut examined = self.examined.lock();
         if examined.len() >= MAX_EXAMINED {
             examined.clear();
         }
-        examined.insert((layer.to_string(), ino))
+        examined.insert((*layer, ino))
     }
 
     /// A read reached the start of file `ino` of `layer` (and its first
@@ -154,10 +156,10 @@ impl Loads {
         ino: u64,
         layer_of: impl Fn(&str) -> Option<Arc<Layer>>,
     ) {
-        if self.examined.lock().contains(&(layer.digest.clone(), ino)) {
+        if self.examined.lock().contains(&(layer.digest, ino)) {
             return;
         }
-        for digests in self.stacks.holding(&layer.digest) {
+        for digests in self.stacks.holding(&layer.digest.to_string()) {
             let stack = Stack::new(digests.iter().filter_map(|d| layer_of(d)).collect());
             let Some(at) = stack.position(&layer.digest) else {
                 continue;
@@ -264,11 +266,7 @@ impl Loads {
     ) -> impl std::future::Future<Output = Option<Arc<LdCache>>> + use<> {
         let known = stack.resolve(LD_CACHE).map(|(at, ino)| {
             let layer = stack.layer(at).clone();
-            let parsed = self
-                .ld_caches
-                .lock()
-                .get(&(layer.digest.clone(), ino))
-                .cloned();
+            let parsed = self.ld_caches.lock().get(&(layer.digest, ino)).cloned();
             (layer, ino, parsed)
         });
         let caches = self.ld_caches.clone();
@@ -287,7 +285,7 @@ impl Loads {
             if caches.len() >= MAX_LD_CACHES {
                 caches.clear();
             }
-            caches.insert((layer.digest.clone(), ino), parsed.clone());
+            caches.insert((layer.digest, ino), parsed.clone());
             Some(parsed)
         }
     }

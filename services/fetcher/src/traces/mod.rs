@@ -594,7 +594,8 @@ fn replayed(
 /// The ranges `trace` lists for `layer`, in trace order, cut into fetch
 /// calls; each call keyed by its first read's position in the trace.
 fn traced_calls(trace: &Trace, layer: &Layer) -> Vec<(usize, Call)> {
-    let Some(i) = trace.layers.iter().position(|d| *d == layer.digest) else {
+    let name = layer.digest.to_string();
+    let Some(i) = trace.layers.iter().position(|d| *d == name) else {
         return Vec::new();
     };
     let mut unknown = 0usize;
