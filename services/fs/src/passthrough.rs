@@ -4,7 +4,7 @@
 //! ids and handles a previous process left open on the connection.
 
 use std::collections::HashMap;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -88,16 +88,17 @@ const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 <
 #[derive(Debug)]
 pub struct Backing {
     raw: u32,
-    dev_fd: RawFd,
+    /// The connection's descriptor, kept open while the id is.
+    dev: Arc<OwnedFd>,
 }
 
 impl Backing {
-    /// Own `raw`, open on the connection of `dev_fd`.
+    /// Own `raw`, open on the connection of `dev`.
     ///
     /// # Safety
     /// `raw` must be open on that connection and closed by nothing else.
-    unsafe fn own(raw: u32, dev_fd: RawFd) -> Backing {
-        Backing { raw, dev_fd }
+    unsafe fn own(raw: u32, dev: Arc<OwnedFd>) -> Backing {
+        Backing { raw, dev }
     }
 
     pub fn raw(&self) -> u32 {
@@ -107,7 +108,7 @@ impl Backing {
 
 impl Drop for Backing {
     fn drop(&mut self) {
-        close_backing(self.dev_fd, self.raw);
+        close_backing(self.dev.as_raw_fd(), self.raw);
     }
 }
 
@@ -321,7 +322,11 @@ impl StargazeFs {
     pub(crate) fn backing(&self, a: &Attached, local: u64) -> std::io::Result<Arc<Backing>> {
         let p = &self.shared.passthrough;
         // Set by `serve` before any request is served.
-        let dev_fd = self.shared.dev_fd.load(Ordering::Relaxed);
+        let Some(dev) = self.shared.dev.lock().clone() else {
+            return Err(std::io::Error::other(
+                "no copy of the /dev/fuse descriptor to register backing files on",
+            ));
+        };
         let ino = a.global(local);
         let shared = p
             .by_inode
@@ -338,7 +343,7 @@ impl StargazeFs {
                 // SAFETY: the id is open on this connection (the previous
                 // process never closed it) and is closed only through this
                 // wrapper from now on.
-                let id = Arc::new(unsafe { Backing::own(r.raw, dev_fd) });
+                let id = Arc::new(unsafe { Backing::own(r.raw, dev.clone()) });
                 r.held = Some(id.clone());
                 id
             }
@@ -348,13 +353,11 @@ impl StargazeFs {
             None => {
                 // No lock held across the open and the registration.
                 let file = std::fs::File::open(a.cache.layer_file_path(&a.digest, local))?;
-                // SAFETY: the session's descriptor lives as long as the mount.
-                let dev = unsafe { BorrowedFd::borrow_raw(dev_fd) };
                 // The raw id goes into the open-file table.
-                let raw = fuser::BackingId::create_raw(dev, &file)?;
+                let raw = fuser::BackingId::create_raw(dev.as_fd(), &file)?;
                 // SAFETY: just opened on this connection; closed only
                 // through the wrapper.
-                Arc::new(unsafe { Backing::own(raw, dev_fd) })
+                Arc::new(unsafe { Backing::own(raw, dev) })
             }
         };
         let mut by_inode = p.by_inode.lock();
@@ -418,6 +421,24 @@ mod tests {
     /// A request that panics while it holds one of the mount's locks must
     /// not turn every later open, read and release into a panic (as a
     /// poisoned std mutex with `.lock().expect(..)` did).
+    #[test]
+    fn a_backing_id_keeps_its_connection_descriptor_open() {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let session = std::fs::File::open("/dev/null").unwrap();
+        let copy = Arc::new(OwnedFd::from(session.try_clone().unwrap()));
+        let fd = copy.as_raw_fd();
+        // SAFETY: id 7 is open nowhere; closing it on /dev/null fails
+        // (ENOTTY), which is only logged.
+        let id = unsafe { super::Backing::own(7, copy) };
+        // The session's descriptor goes (its number free for the next open).
+        drop(session);
+        // SAFETY: F_GETFD on a descriptor number, open or not.
+        let open = |fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        assert!(open(fd), "the id's descriptor outlives the session's");
+        drop(id);
+        assert!(!open(fd), "and goes with the id");
+    }
+
     #[test]
     fn a_panic_while_a_lock_is_held_leaves_later_requests_working() {
         let rt = tokio::runtime::Builder::new_current_thread()

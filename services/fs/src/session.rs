@@ -164,6 +164,14 @@ fn serve(
     )?;
     let dev_fd = session.dev_fd;
     shared.dev_fd.store(dev_fd, Ordering::Release);
+    // SAFETY: the session's descriptor is open here (it was just set up).
+    let copy = unsafe { std::os::fd::BorrowedFd::borrow_raw(dev_fd) }.try_clone_to_owned();
+    match copy {
+        Ok(fd) => *shared.dev.lock() = Some(Arc::new(fd)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot copy the /dev/fuse descriptor: FUSE passthrough off")
+        }
+    }
     *shared.transport.lock() = Some(transport);
     if taken_over {
         // Requests the previous process read and never answered go back to

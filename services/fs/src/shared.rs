@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -46,6 +47,10 @@ pub struct FsShared {
     pub(crate) opens: OnceLock<OpenTable>,
     /// The session's `/dev/fuse` descriptor (backing files are registered on it).
     pub(crate) dev_fd: AtomicI32,
+    /// A copy of it that the backing ids hold and are closed through: the
+    /// session's own may be closed, and its number reused by another file
+    /// or another connection, while an id is still open.
+    pub(crate) dev: Mutex<Option<Arc<OwnedFd>>>,
     /// The transport asked for (`[fs] transport`, or the
     /// `STARGAZE_FS_TRANSPORT` the binary was started with).
     pub transport_wanted: Mutex<FsTransport>,
@@ -81,6 +86,7 @@ impl FsShared {
             next_fh: AtomicU64::new(1),
             opens: OnceLock::new(),
             dev_fd: AtomicI32::new(-1),
+            dev: Mutex::new(None),
             transport_wanted: Mutex::new(FsTransport::Classic),
             transport: Mutex::new(None),
             uring_requests: AtomicU64::new(0),
