@@ -504,30 +504,37 @@ pub async fn replay(trace: Arc<Trace>, mut resolved: mpsc::UnboundedReceiver<Res
     // Calls not yet sent, by their first read's position in the trace.
     let mut ready: BTreeMap<usize, (usize, Call)> = BTreeMap::new();
     let mut inflight = tokio::task::JoinSet::new();
+    // Each call's layer, so that a call that panicked still counts.
+    let mut call_layer: HashMap<tokio::task::Id, usize> = HashMap::new();
     let mut open = true;
     loop {
         while inflight.len() < REPLAY_PARALLEL
             && let Some((_, (i, call))) = ready.pop_first()
         {
             let layer = layers[i].layer.clone();
-            inflight.spawn(async move {
-                let r = layer
+            let task = inflight.spawn(async move {
+                layer
                     .fetch_own(&call, crate::Purpose::Trace)
                     .await
-                    .map(|s| s.bytes_fetched);
-                (i, r)
+                    .map(|s| s.bytes_fetched)
             });
+            call_layer.insert(task.id(), i);
         }
         if !open && inflight.is_empty() && ready.is_empty() {
             break;
         }
         tokio::select! {
-            Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
-                let Ok((i, r)) = joined else { continue };
+            Some(joined) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                let (id, r) = match joined {
+                    Ok((id, r)) => (id, Some(r)),
+                    Err(e) => (e.id(), None),
+                };
+                let Some(i) = call_layer.remove(&id) else { continue };
                 let l = &mut layers[i];
                 match r {
-                    Ok(b) => l.bytes += b,
-                    Err(e) => l.error = l.error.take().or(Some(e)),
+                    Some(Ok(b)) => l.bytes += b,
+                    Some(Err(e)) => l.error = l.error.take().or(Some(e)),
+                    None => tracing::warn!(image = %trace.image, layer = %l.layer.digest, "a trace replay call panicked; its reads fetch on demand"),
                 }
                 l.left -= 1;
                 if l.left == 0 {
