@@ -200,10 +200,9 @@ mod tests {
         assert!(send_with_fds(&name, b"READY=1\n", &[]).is_err());
     }
 
-    /// The child half of [`a_stored_descriptor_is_taken_by_name`], run by
-    /// it as systemd starts a unit (`LISTEN_*` and descriptors 3 and 4).
-    #[test]
-    #[ignore = "run by a_stored_descriptor_is_taken_by_name"]
+    /// The child half of [`a_stored_descriptor_is_taken_by_name`]: the same
+    /// test run again as systemd starts a unit (`LISTEN_*` and descriptors
+    /// 3 and 4).
     fn child_takes_its_stored_descriptor() {
         use std::io::Read;
         // What `run` does before any thread starts.
@@ -225,6 +224,9 @@ mod tests {
 
     #[test]
     fn a_stored_descriptor_is_taken_by_name() {
+        if std::env::var_os("LISTEN_FDS").is_some() {
+            return child_takes_its_stored_descriptor();
+        }
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), "A").unwrap();
@@ -237,9 +239,8 @@ mod tests {
             .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
             .arg(std::env::current_exe().unwrap())
             .args([
-                "--ignored",
                 "--exact",
-                "notify::tests::child_takes_its_stored_descriptor",
+                "notify::tests::a_stored_descriptor_is_taken_by_name",
                 "--test-threads=1",
                 "--nocapture",
             ])
