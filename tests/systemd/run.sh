@@ -509,6 +509,8 @@ replaced() { # every unit's process still the old one, on the old file, now dele
         echo "   $u: pid ${up_pid[$u]} -> $pid, runs $link (inode ${up_exe[$u]} -> $(exe_ino "$pid")), $(bin_of "$u") inode ${up_file[$u]} -> $(file_ino "$u")"
         [[ $pid == "${up_pid[$u]}" && $link == "$(bin_of "$u") (deleted)" &&
             $(exe_ino "$pid") == "${up_exe[$u]}" && $(file_ino "$u") != "${up_file[$u]}" ]] || ok=1
+        [[ $(file_ino "$u") != "${up_file[$u]}" ]] ||
+            echo "   $(bin_of "$u") was not replaced: $new_build/$u has the content installed already? (install leaves identical files alone)"
     done
     return $ok
 }
