@@ -17,13 +17,29 @@
 #     `systemctl kill -s KILL` of each unit and containerd, and `systemctl
 #     stop` / `start` of all three: after each, every container must still
 #     be RUNNING and reading correct bytes;
-#  5. PASS/FAIL per step; everything (the node, its processes and mounts,
+#  5. an upgrade as an operator does one (step 6): `make install` of a new
+#     build over the running one (the binary files replaced, new inodes,
+#     while the old processes still run from the old ones: their
+#     /proc/PID/exe shows "(deleted)"), then `systemctl restart` of each
+#     unit in dependency order (fetcher, fs, snapshotter); after each
+#     restart every container must still be RUNNING and reading correct
+#     bytes, and the unit must run the newly installed file. By default the
+#     "new build" is this run's own binaries copied to a fresh directory
+#     (with a marker appended after the ELF image, so that install, which
+#     leaves identical files alone, writes them): the same code, so this
+#     proves the mechanism (files replaced under running services, units
+#     restarted one by one), not that two different versions work together;
+#     STARGAZE_UPGRADE_BINARIES=DIR installs a different build from DIR for
+#     a real version-to-version check;
+#  6. PASS/FAIL per step; everything (the node, its processes and mounts,
 #     cgroups) is removed on exit. A missing prerequisite fails the run.
 #
 # Environment: STARGAZE_BINARIES=DIR installs binaries from DIR instead of
-# building release ones; STARGAZE_SYSTEMD=backports boots a node whose
-# systemd comes from bookworm-backports (254: the descriptor store survives a
-# stop; bookworm's 252 empties it, and step 6 fails there);
+# building release ones; STARGAZE_UPGRADE_BINARIES=DIR is the build step 6
+# upgrades to (default: STARGAZE_BINARIES' files, marked); STARGAZE_SYSTEMD=
+# backports boots a node whose systemd comes from bookworm-backports (254:
+# the descriptor store survives a stop; bookworm's 252 empties it, and
+# step 7 fails there);
 # STARGAZE_SYSTEMD_WORK (/var/tmp/stargaze-systemd) holds the cached roots
 # and this run's node; KEEP=1 keeps the run's files.
 set -euo pipefail
@@ -83,6 +99,8 @@ if [[ -z ${STARGAZE_BINARIES:-} ]]; then
 fi
 for b in stargaze stargaze-fetcher stargaze-fs stargaze-snapshotter; do
     [[ -x $STARGAZE_BINARIES/$b ]] || die "$STARGAZE_BINARIES/$b is missing"
+    [[ -z ${STARGAZE_UPGRADE_BINARIES:-} || -x $STARGAZE_UPGRADE_BINARIES/$b ]] ||
+        die "STARGAZE_UPGRADE_BINARIES: $STARGAZE_UPGRADE_BINARIES/$b is missing"
 done
 pass "root, /dev/fuse, debootstrap, systemd-nspawn, binaries in $STARGAZE_BINARIES"
 
@@ -399,11 +417,14 @@ cursor() { in_node journalctl -u stargaze-fs -n 0 --show-cursor --no-pager | sed
 [[ $(fdstore) == 1 ]] && pass "stargaze-fs stored its /dev/fuse descriptor with systemd (NFileDescriptorStore=1)" ||
     fail "stargaze-fs stored its /dev/fuse descriptor with systemd (NFileDescriptorStore=$(fdstore))"
 
+back_ms= # disrupt: from systemctl to the unit active again with a new process
 disrupt() { # how (restart|kill), unit
     local how=$1 u=$2 old c ok=1
+    back_ms=
     old=$(main_pid "$u")
     c=$(cursor)
     mark
+    local t0=${EPOCHREALTIME/./}
     case $how in
     restart) in_node systemctl restart "$u" || ok=0 ;;
     # The main process, as a crash would: containerd's shims live in its
@@ -412,7 +433,8 @@ disrupt() { # how (restart|kill), unit
     esac
     local what="$how $u"
     [[ $how == kill ]] && what="kill -9 $u (systemctl kill -s KILL)"
-    if ((ok)) && wait_active "$u" "$old" && progress 20 90; then
+    if ((ok)) && wait_active "$u" "$old" && back_ms=$(((${EPOCHREALTIME/./} - t0) / 1000)) &&
+        progress 20 90; then
         if [[ $u == stargaze-fs ]]; then
             if ! took_over_since "$c"; then
                 fail "$what: the new stargaze-fs did not take the FUSE connection over from the descriptor store"
@@ -424,7 +446,7 @@ disrupt() { # how (restart|kill), unit
             fi
             what="$what (fs took /dev/fuse back from systemd's descriptor store)"
         fi
-        pass "$what: every container RUNNING and reading correct bytes"
+        pass "$what: back in $back_ms ms, every container RUNNING and reading correct bytes"
     else
         fail "$what"
     fi
@@ -432,8 +454,92 @@ disrupt() { # how (restart|kill), unit
 for u in "${UNITS[@]}" containerd; do disrupt restart "$u"; done
 for u in "${UNITS[@]}" containerd; do disrupt kill "$u"; done
 
-# ------------------------------------------------------- 6. stop and start
-step "6. systemctl stop of all three, then start"
+# ------------------------------------------------------------ 6. upgrade
+step "6. upgrade: make install of a new build over the running one, then restart each unit"
+# What an operator does: install the new build (it replaces the files; the
+# running processes keep their old, now deleted, ones), reload systemd as
+# install does on a live machine, then restart the units one at a time,
+# those the others depend on first (After=/Wants= in deploy/systemd): the
+# fetcher (fs and the snapshotter call it), fs, then the snapshotter.
+new_build=${STARGAZE_UPGRADE_BINARIES:-}
+if [[ -z $new_build ]]; then
+    # The same binaries as a "new build": install's put() leaves a file
+    # with the same content alone, so each copy gets a marker after its ELF
+    # image (the loader maps only what the program headers name) and is a
+    # different file that install writes, as it would a new version.
+    new_build=$RUN/upgrade-bin
+    mkdir -p "$new_build"
+    for b in stargaze stargaze-fetcher stargaze-fs stargaze-snapshotter; do
+        cp "$STARGAZE_BINARIES/$b" "$new_build/$b"
+        printf '\nstargaze test-systemd upgrade %s\n' "$RUN" >>"$new_build/$b"
+    done
+    echo "   the new build: $STARGAZE_BINARIES copied to $new_build, marked (the same code)"
+else
+    echo "   the new build: $new_build"
+fi
+bin_of() { echo "/usr/local/bin/$1"; }
+exe_link() { in_node readlink "/proc/$1/exe"; }
+exe_ino() { in_node stat -L -c %i "/proc/$1/exe"; }
+file_ino() { in_node stat -c %i "$(bin_of "$1")"; }
+total_oks() {
+    local r n=0
+    for r in "${READERS[@]}"; do n=$((n + $(oks "$r"))); done
+    echo "$n"
+}
+total_fails() {
+    local r n=0
+    for r in "${READERS[@]}"; do n=$((n + $(fails "$r"))); done
+    echo "$n"
+}
+declare -A up_pid up_exe up_file
+for u in "${UNITS[@]}"; do
+    up_pid[$u]=$(main_pid "$u")
+    up_exe[$u]=$(exe_ino "${up_pid[$u]}")
+    up_file[$u]=$(file_ino "$u")
+done
+up_oks=$(total_oks)
+up_fails=$(total_fails)
+up_t0=$SECONDS
+mark
+replaced() { # every unit's process still the old one, on the old file, now deleted
+    local u pid link ok=0
+    for u in "${UNITS[@]}"; do
+        pid=$(main_pid "$u")
+        link=$(exe_link "$pid")
+        echo "   $u: pid ${up_pid[$u]} -> $pid, runs $link (inode ${up_exe[$u]} -> $(exe_ino "$pid")), $(bin_of "$u") inode ${up_file[$u]} -> $(file_ino "$u")"
+        [[ $pid == "${up_pid[$u]}" && $link == "$(bin_of "$u") (deleted)" &&
+            $(exe_ino "$pid") == "${up_exe[$u]}" && $(file_ino "$u") != "${up_file[$u]}" ]] || ok=1
+        [[ $(file_ino "$u") != "${up_file[$u]}" ]] ||
+            echo "   $(bin_of "$u") was not replaced: $new_build/$u has the content installed already? (install leaves identical files alone)"
+    done
+    return $ok
+}
+if DESTDIR="$NODE" PREFIX=/usr/local STARGAZE_BINARIES="$new_build" make -s -C "$repo" install |
+    sed 's/^/   /' && in_node systemctl daemon-reload; then
+    check "make install of the new build replaced the three binaries (new inodes) under the running units, which still run the old, deleted files" replaced
+else
+    fail "make install of the new build into the running node (and systemctl daemon-reload)"
+fi
+check "after the install, every container RUNNING and reading correct bytes" progress 20 90
+runs_new() { # unit: its main process runs the file now installed
+    local pid link
+    pid=$(main_pid "$1")
+    link=$(exe_link "$pid")
+    echo "   $1: pid $pid runs $link (inode $(exe_ino "$pid")), $(bin_of "$1") inode $(file_ino "$1")"
+    [[ $link == "$(bin_of "$1")" && $(exe_ino "$pid") == "$(file_ino "$1")" ]]
+}
+up_ms=
+for u in "${UNITS[@]}"; do
+    disrupt restart "$u"
+    up_ms+="$u ${back_ms:-?} ms, "
+    check "upgrade: $u runs the newly installed $(bin_of "$u")" runs_new "$u"
+done
+status_up() { in_node stargaze status >"$RUN/status.log" 2>&1 || { sed 's/^/   /' "$RUN/status.log"; return 1; }; }
+check "upgrade: the new stargaze CLI finds all three new services up (stargaze status)" status_up
+bold "   upgrade: $(($(total_oks) - up_oks)) files read correctly, $(($(total_fails) - up_fails)) failed reads during it ($((SECONDS - up_t0)) s); back after restart: ${up_ms%, }"
+
+# ------------------------------------------------------- 7. stop and start
+step "7. systemctl stop of all three, then start"
 mark
 c=$(cursor)
 in_node systemctl stop "${UNITS[@]}" || fail "systemctl stop ${UNITS[*]}"
@@ -456,8 +562,8 @@ else
     in_node journalctl -u stargaze-fs --no-pager -o cat --after-cursor="$c" | tail -n 10 | sed 's/^/   /'
 fi
 
-# ------------------------------------------------------- 7. a new container
-step "7. a new container after all of it"
+# ------------------------------------------------------- 8. a new container
+step "8. a new container after all of it"
 if ctr_run --rm "$IMAGE" late sh -c \
     'sed -n "1p;\$p" /data/SUMS | sha256sum -c -s' >/dev/null; then
     pass "a new container of the image runs and reads correct bytes"
