@@ -122,7 +122,8 @@ pub struct ConvertedLayer {
 }
 
 /// A member's uncompressed bytes (hashed into the diffID) and its compressed form.
-type CompressedMember = (Vec<u8>, Vec<u8>);
+/// A window's members compressed, in order; the index range of the members.
+type CompressedWindow = (Range<usize>, Vec<Vec<u8>>);
 
 /// Progress while compressing: (uncompressed input bytes done, total).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -559,17 +560,27 @@ pub fn convert<W: Write + Send>(
     let mut diff = Hasher::new();
     let mut member_offsets: Vec<u64> = Vec::with_capacity(members.len());
     {
-        let (tx, rx) = crossbeam_channel::bounded::<Vec<CompressedMember>>(1);
+        let (tx, rx) = crossbeam_channel::bounded::<CompressedWindow>(1);
         let format = opts.format;
+        let members = &members;
         let write_result = std::thread::scope(|scope| {
             let writer_ref = &mut writer;
             let diff_ref = &mut diff;
             let offsets_ref = &mut member_offsets;
+            // The uncompressed stream is hashed from the input where it
+            // lies, not from copies kept with the compressed window: a
+            // window's raw bytes (64 MiB) would be held two or three times
+            // over while windows queue.
             let handle = scope.spawn(move || -> std::io::Result<()> {
-                for window in rx {
-                    for (raw, compressed) in window {
+                for (range, window) in rx {
+                    for (m, compressed) in members[range].iter().zip(window) {
                         offsets_ref.push(writer_ref.written());
-                        diff_ref.update(&raw);
+                        for piece in &m.pieces {
+                            diff_ref.update(match piece {
+                                Piece::Input(r) => &input[r.clone()],
+                                Piece::Owned(b) => b,
+                            });
+                        }
                         writer_ref.write_all(&compressed)?;
                     }
                 }
@@ -585,21 +596,16 @@ pub fn convert<W: Write + Send>(
                     bytes += members[j].len as usize;
                     j += 1;
                 }
-                let window: std::result::Result<Vec<CompressedMember>, String> =
-                    pool.install(|| {
-                        use rayon::prelude::*;
-                        members[i..j]
-                            .par_iter()
-                            .map(|m| {
-                                let raw = m.gather(input);
-                                let c = compress_member(format, level, &raw)?;
-                                Ok((raw, c))
-                            })
-                            .collect()
-                    });
+                let window: std::result::Result<Vec<Vec<u8>>, String> = pool.install(|| {
+                    use rayon::prelude::*;
+                    members[i..j]
+                        .par_iter()
+                        .map(|m| compress_member(format, level, &m.gather(input)))
+                        .collect()
+                });
                 match window {
                     Ok(w) => {
-                        if tx.send(w).is_err() {
+                        if tx.send((i..j, w)).is_err() {
                             break; // the writer failed; its error is reported below
                         }
                     }
@@ -848,5 +854,17 @@ pub fn convert_file<W: Write + Send>(
     // SAFETY: the file is private (a temporary file) or an input blob that the
     // caller does not modify while converting.
     let map = unsafe { memmap2::Mmap::map(&tar_file) }.map_err(|e| io("mapping", e))?;
-    convert(layer, &map, out, opts, progress)
+    // Each compressed window's pages leave the process's mapping (they stay
+    // in the page cache, and a later read maps them again): otherwise every
+    // page of the layer read so far counts in the converter's RSS, which
+    // would grow with the layer.
+    let release = |done: u64, total: u64| {
+        // SAFETY: a read-only shared mapping of a file nothing truncates
+        // while it is converted: dropped pages read back the same bytes.
+        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        if let Some(p) = progress {
+            p(done, total);
+        }
+    };
+    convert(layer, &map, out, opts, Some(&release))
 }
