@@ -44,8 +44,10 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 /// three times the speed of level 9; `bench/convert.sh` measures both.
 pub const DEFAULT_GZIP_LEVEL: i32 = 6;
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
-/// Uncompressed bytes compressed per parallel window.
-const WINDOW_BYTES: usize = 64 << 20;
+/// Uncompressed bytes compressed per parallel window. What the converter
+/// holds is about two windows of mapped input (one compressed, one being
+/// hashed by the writer) and up to three of compressed output.
+const WINDOW_BYTES: usize = 32 << 20;
 
 /// Output format of a conversion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,9 +179,16 @@ enum Item<'a> {
     Landmark(&'static str),
 }
 
+/// Called when the input read so far may leave memory (see
+/// [`convert_file`]); a no-op for input that is memory anyway.
+type Release<'a> = &'a (dyn Fn() + Sync);
+
 struct Planner<'a> {
     input: &'a [u8],
     opts: &'a ConvertOptions,
+    release: Release<'a>,
+    /// Input bytes hashed since `release` was last called.
+    hashed: usize,
     members: Vec<MemberPlan>,
     current: MemberPlan,
     entries: Vec<JsonEntry>,
@@ -251,7 +260,13 @@ impl<'a> Planner<'a> {
         force_new_member: bool,
     ) {
         let size = payload.len();
-        entry.digest = Digest::of(payload).to_string();
+        if size == 0 {
+            entry.digest = Digest::of(payload).to_string();
+        }
+        // The file's digest is hashed a chunk at a time, with the chunks':
+        // a file larger than memory is then read once, a window at a time.
+        let mut file_hash = Hasher::new();
+        let mut first_entry = None;
         let chunk_size = self.opts.chunk_size.max(1) as usize;
         let mut start = 0usize;
         let mut first = true;
@@ -286,11 +301,23 @@ impl<'a> Planner<'a> {
                 je.chunk_size = (end - start) as i64;
             }
             je.chunk_digest = Digest::of(chunk).to_string();
+            file_hash.update(chunk);
+            if first {
+                first_entry = Some(self.entries.len());
+            }
             self.offsets.push((self.entries.len(), self.members.len()));
             self.entries.push(je);
             payload_pieces(&mut self.current, start..end);
+            self.hashed += end - start;
+            if self.hashed >= WINDOW_BYTES {
+                (self.release)();
+                self.hashed = 0;
+            }
             start = end;
             first = false;
+        }
+        if let Some(i) = first_entry {
+            self.entries[i].digest = file_hash.finish().to_string();
         }
         if let Some(e) = entry {
             // Empty file: metadata only.
@@ -479,6 +506,19 @@ pub fn convert<W: Write + Send>(
     opts: &ConvertOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<ConvertedLayer> {
+    convert_releasing(layer, input, out, opts, progress, &|| {})
+}
+
+/// [`convert`], calling `release` each time about a window of the input has
+/// been read (hashed while planning, compressed after).
+fn convert_releasing<W: Write + Send>(
+    layer: &str,
+    input: &[u8],
+    out: W,
+    opts: &ConvertOptions,
+    progress: Option<Progress<'_>>,
+    release: Release<'_>,
+) -> Result<ConvertedLayer> {
     let wrap = |k: ErrorKind| Error::new(layer, k);
     if opts.keep_diff_id && !opts.external_toc {
         return Err(wrap(ErrorKind::Unsupported(
@@ -509,9 +549,13 @@ pub fn convert<W: Write + Send>(
         tar_entries.push(e);
     }
     let trailer = reader.trailer_offset().unwrap_or(input.len() as u64) as usize;
+    // Every header was read: for a layer of small files, most of its pages.
+    release();
     let mut planner = Planner {
         input,
         opts,
+        release,
+        hashed: 0,
         members: Vec::new(),
         current: MemberPlan::default(),
         entries: Vec::new(),
@@ -615,6 +659,7 @@ pub fn convert<W: Write + Send>(
                     }
                 }
                 done_input += bytes as u64;
+                release();
                 if let Some(p) = progress {
                     p(done_input.min(input.len() as u64), input.len() as u64);
                 }
@@ -854,17 +899,15 @@ pub fn convert_file<W: Write + Send>(
     // SAFETY: the file is private (a temporary file) or an input blob that the
     // caller does not modify while converting.
     let map = unsafe { memmap2::Mmap::map(&tar_file) }.map_err(|e| io("mapping", e))?;
-    // Each compressed window's pages leave the process's mapping (they stay
-    // in the page cache, and a later read maps them again): otherwise every
-    // page of the layer read so far counts in the converter's RSS, which
-    // would grow with the layer.
-    let release = |done: u64, total: u64| {
+    // The pages read leave the process's mapping after the headers are
+    // read and after each window of data is hashed or compressed (they
+    // stay in the page cache; a later read maps them again): otherwise
+    // every page of the layer read so far counts in the converter's RSS,
+    // which would grow with the layer.
+    let release = || {
         // SAFETY: a read-only shared mapping of a file nothing truncates
         // while it is converted: dropped pages read back the same bytes.
         let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-        if let Some(p) = progress {
-            p(done, total);
-        }
     };
-    convert(layer, &map, out, opts, Some(&release))
+    convert_releasing(layer, &map, out, opts, progress, &release)
 }
