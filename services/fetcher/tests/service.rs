@@ -1389,19 +1389,8 @@ async fn a_published_trace_helps_another_nodes_first_pull() {
 async fn a_clean_stop_saves_the_open_trace_recordings() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let (image_ref, digests) = dash_image(&reg, work.path(), "trace-stop");
-    let mut fetcher = Fetcher::start_with(
-        work.path(),
-        stargaze_testkit::free_port(),
-        "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1h\"",
-    );
-    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
-    warm_and_resolve(&mut client, &image_ref, &digests).await;
-    let upper = LayerIndex::open(
-        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[1])),
-    )
-    .unwrap();
-    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    let (mut fetcher, mut client, _, digests, dash) =
+        traced_dash(&reg, work.path(), "trace-stop", NO_PREFETCH_LONG_TRACE).await;
     read_as_fs(&mut client, &digests[1], dash, 0, 4096).await;
     let traces = fetcher.cache.join("traces");
     assert!(trace_files(&traces).is_empty());
@@ -1420,17 +1409,13 @@ async fn a_clean_stop_saves_the_open_trace_recordings() {
 async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let (image_ref, digests) = dash_image(&reg, work.path(), "trace-prefetched");
-    let mut fetcher = Fetcher::start_with(
+    let (mut fetcher, mut client, _, digests, dash) = traced_dash(
+        &reg,
         work.path(),
-        stargaze_testkit::free_port(),
+        "trace-prefetched",
         "background_fetch = false\nprefetch_entrypoint = false\ntrace_window = \"2s\"",
-    );
-    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
-    warm_and_resolve(&mut client, &image_ref, &digests).await;
-    let cache = Cache::open_reader(&fetcher.cache);
-    let upper = LayerIndex::open(&cache.index_path(&layer_digest(&digests[1]))).unwrap();
-    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    )
+    .await;
     // Executed: what dash loads (the loader, libc) is fetched with it.
     client
         .fetch(FetchRequest {
@@ -1456,7 +1441,10 @@ async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
         })
         .await
         .unwrap();
-    let lower = LayerIndex::open(&cache.index_path(&layer_digest(&digests[0]))).unwrap();
+    let lower = LayerIndex::open(
+        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[0])),
+    )
+    .unwrap();
     let libc = lower
         .lookup_path("/usr/lib/x86_64-linux-gnu/libc.so.6")
         .unwrap();
@@ -1485,19 +1473,8 @@ async fn a_trace_holds_what_was_read_not_what_was_prefetched() {
 async fn image_trace_waits_for_the_reads_fs_still_holds() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let (image_ref, digests) = dash_image(&reg, work.path(), "trace-late");
-    let fetcher = Fetcher::start_with(
-        work.path(),
-        stargaze_testkit::free_port(),
-        "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1h\"",
-    );
-    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
-    warm_and_resolve(&mut client, &image_ref, &digests).await;
-    let upper = LayerIndex::open(
-        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[1])),
-    )
-    .unwrap();
-    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    let (_fetcher, mut client, image_ref, digests, dash) =
+        traced_dash(&reg, work.path(), "trace-late", NO_PREFETCH_LONG_TRACE).await;
     // The read reaches the fetcher only after ImageTrace was asked, as
     // fs's next flush would bring it, followed by the flush after it.
     let mut late = client.clone();
@@ -1526,6 +1503,37 @@ async fn image_trace_waits_for_the_reads_fs_still_holds() {
         "the read fs reported after the question is missing: {:?}",
         trace.reads
     );
+}
+
+/// Traces recorded for an hour, nothing prefetched: a trace holds exactly
+/// the test's reads.
+const NO_PREFETCH_LONG_TRACE: &str = "background_fetch = false\nprefetch_entrypoint = false\nprefetch_loads = false\ntrace_window = \"1h\"";
+
+/// A fetcher with `config` and a client, the dash image (pushed to `reg`
+/// as `repo`) warmed and resolved: its reference, layer digests, and the
+/// inode of `/usr/bin/dash` in its upper layer.
+async fn traced_dash(
+    reg: &Registry,
+    work: &Path,
+    repo: &str,
+    config: &str,
+) -> (
+    Fetcher,
+    FetcherClient<tonic::transport::Channel>,
+    String,
+    Vec<String>,
+    u64,
+) {
+    let (image_ref, digests) = dash_image(reg, work, repo);
+    let fetcher = Fetcher::start_with(work, stargaze_testkit::free_port(), config);
+    let mut client = FetcherClient::new(stargaze_proto::connect_unix(&fetcher.socket).unwrap());
+    warm_and_resolve(&mut client, &image_ref, &digests).await;
+    let upper = LayerIndex::open(
+        &Cache::open_reader(&fetcher.cache).index_path(&layer_digest(&digests[1])),
+    )
+    .unwrap();
+    let dash = upper.lookup_path("/usr/bin/dash").unwrap();
+    (fetcher, client, image_ref, digests, dash)
 }
 
 /// A layer digest a test has as text (from a response or a manifest).
