@@ -357,10 +357,8 @@ impl StargazeFs {
             kill_point::reached(&self.shared, Point::ReleaseUnrecorded, ino);
         }
         self.shared.handles.lock().remove(&fh);
-        let closed = self
-            .shared
-            .passthrough
-            .release(fh, self.shared.dev_fd.load(Ordering::Relaxed));
+        let dev = self.shared.dev.lock().clone();
+        let closed = self.shared.passthrough.release(fh, dev.as_deref());
         if closed {
             kill_point::reached(&self.shared, Point::ReleaseClosedBacking, ino);
         }

@@ -185,7 +185,7 @@ impl Passthrough {
 
     /// Forget the handle `fh`; whether that closed its backing id (it was
     /// the inode's last handle).
-    pub(crate) fn release(&self, fh: u64, dev_fd: RawFd) -> bool {
+    pub(crate) fn release(&self, fh: u64, dev: Option<&OwnedFd>) -> bool {
         let mut closed = false;
         // A handle of the previous process: the last one of its inode
         // lets the inherited backing id go.
@@ -202,7 +202,7 @@ impl Passthrough {
                         Some(id) => closed |= Arc::into_inner(id).is_some(),
                         // Never used since: close it here.
                         None => {
-                            close_backing(dev_fd, r.raw);
+                            close_backing(dev.map_or(-1, |d| d.as_raw_fd()), r.raw);
                             closed = true;
                         }
                     }
@@ -480,9 +480,9 @@ mod tests {
         assert!(!p.has_backing(43));
         let fh = shared.new_handle(44, Mode::Cached, 0);
         assert_ne!(fh, 0);
-        p.release(fh, -1);
-        p.release(8, -1);
-        p.release(7, -1);
+        p.release(fh, None);
+        p.release(8, None);
+        p.release(7, None);
         assert!(!p.has_backing(42));
         assert!(!shared.detach("absent"));
     }

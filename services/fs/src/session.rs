@@ -6,7 +6,6 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use stargaze_service::mountinfo;
 
@@ -163,7 +162,6 @@ fn serve(
         session_config(threads),
     )?;
     let dev_fd = session.dev_fd;
-    shared.dev_fd.store(dev_fd, Ordering::Release);
     // SAFETY: the session's descriptor is open here (it was just set up).
     let copy = unsafe { std::os::fd::BorrowedFd::borrow_raw(dev_fd) }.try_clone_to_owned();
     match copy {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -45,11 +45,10 @@ pub struct FsShared {
     pub(crate) next_fh: AtomicU64,
     /// Open handles, recorded so a restarted process knows them.
     pub(crate) opens: OnceLock<OpenTable>,
-    /// The session's `/dev/fuse` descriptor (backing files are registered on it).
-    pub(crate) dev_fd: AtomicI32,
-    /// A copy of it that the backing ids hold and are closed through: the
-    /// session's own may be closed, and its number reused by another file
-    /// or another connection, while an id is still open.
+    /// A copy of the session's `/dev/fuse` descriptor, set once mounted:
+    /// backing files are registered on it, and the backing ids hold it and
+    /// are closed through it (the session's own may be closed, and its
+    /// number reused by another file or connection, while an id is open).
     pub(crate) dev: Mutex<Option<Arc<OwnedFd>>>,
     /// The transport asked for (`[fs] transport`, or the
     /// `STARGAZE_FS_TRANSPORT` the binary was started with).
@@ -85,7 +84,6 @@ impl FsShared {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             opens: OnceLock::new(),
-            dev_fd: AtomicI32::new(-1),
             dev: Mutex::new(None),
             transport_wanted: Mutex::new(FsTransport::Classic),
             transport: Mutex::new(None),
