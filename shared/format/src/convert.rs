@@ -770,12 +770,7 @@ fn check_plan(
         TargetFormat::Estargz => crate::footer::LayerFormat::Estargz,
         TargetFormat::ZstdChunked => crate::footer::LayerFormat::ZstdChunked,
     };
-    let json = JsonToc {
-        version: 1,
-        entries: entries.to_vec(),
-        ..Default::default()
-    };
-    crate::tree::Toc::build(&json, format, at + 1)
+    crate::tree::Toc::build_entries(entries, format, at + 1)
         .map(|_| ())
         .map_err(|e| match e {
             ErrorKind::InvalidEntry { entry, reason } => ErrorKind::InvalidEntry {

@@ -621,8 +621,18 @@ impl Toc {
     /// Check and normalise a parsed TOC. `payload_end` is where file data
     /// ends in the blob (the TOC offset, or the footer for external TOCs).
     pub fn build(json: &JsonToc, format: LayerFormat, payload_end: u64) -> Result<Toc, ErrorKind> {
+        Toc::build_entries(&json.entries, format, payload_end)
+    }
+
+    /// [`Toc::build`] of entries the caller keeps (each is copied as it is
+    /// added, one at a time).
+    pub fn build_entries(
+        entries: &[JsonEntry],
+        format: LayerFormat,
+        payload_end: u64,
+    ) -> Result<Toc, ErrorKind> {
         let mut b = Builder::new();
-        for e in &json.entries {
+        for e in entries {
             b.add(e.clone())?;
         }
         b.finish(format, payload_end)
