@@ -91,56 +91,85 @@ fn byteranges_boundary(h: &HeaderMap) -> Option<String> {
         .then(|| m.get_param(mime::BOUNDARY).map(|b| b.as_str().to_string()))?
 }
 
-/// Parse a `multipart/byteranges` body into (range, bytes) parts.
-///
-/// multer is written for `multipart/form-data`, but the framing it reads
-/// is RFC 2046's, which byteranges share, and it asks no part for a
-/// Content-Disposition. It copies the body once into its own buffer; the
-/// parts are views of that copy.
-pub(crate) async fn parse_multipart(
-    body: Bytes,
+/// Parse a `multipart/byteranges` body into (range, bytes) parts, views
+/// of `body` (never copies: this is the fetch path, and an answer is up to
+/// `max_read_bytes`). Each part's headers are read by `httparse` and its
+/// `Content-Range` by `headers`; the framing is RFC 2046's, held strictly:
+/// a part must be followed right away by the next delimiter. multer reads
+/// the same framing but copies the body into its own buffer first.
+pub(crate) fn parse_multipart(
+    body: &Bytes,
     boundary: &str,
 ) -> Result<Vec<(Range<u64>, Bytes)>, String> {
-    let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(body)]);
-    let mut multipart = multer::Multipart::new(stream, boundary);
+    let delim = format!("--{boundary}");
     let mut parts = Vec::new();
-    while let Some(mut part) = multipart
-        .next_field()
-        .await
-        .map_err(|e| format!("multipart body, part {}: {e}", parts.len() + 1))?
-    {
-        let (range, _) = content_range(part.headers()).ok_or_else(|| {
-            format!(
-                "multipart part {} without a valid Content-Range",
-                parts.len() + 1
-            )
-        })?;
-        let mut chunks = Vec::new();
-        while let Some(c) = part
-            .chunk()
-            .await
-            .map_err(|e| format!("multipart part {}-{}: {e}", range.start, range.end - 1))?
-        {
-            chunks.push(c);
+    // A preamble may come before the first delimiter.
+    let mut pos = find(body, delim.as_bytes(), 0).ok_or("no multipart boundary in the body")?;
+    loop {
+        let n = parts.len() + 1;
+        pos += delim.len();
+        if body.get(pos..pos + 2) == Some(b"--") {
+            break;
         }
-        let bytes = match <[Bytes; 1]>::try_from(chunks) {
-            Ok([one]) => one,
-            Err(chunks) => Bytes::from(chunks.concat()),
-        };
-        if bytes.len() as u64 != range.end - range.start {
+        // Transport padding, then the line end of the delimiter.
+        let line_end = find(body, b"\r\n", pos)
+            .ok_or_else(|| format!("multipart part {n}: no line end after its boundary"))?;
+        let headers_start = line_end + 2;
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let (headers_len, parsed) =
+            match httparse::parse_headers(&body[headers_start..], &mut slots) {
+                Ok(httparse::Status::Complete((len, parsed))) => (len, parsed),
+                Ok(httparse::Status::Partial) => {
+                    return Err(format!("multipart part {n}: its headers never end"));
+                }
+                Err(e) => return Err(format!("multipart part {n}: headers: {e}")),
+            };
+        let mut headers = HeaderMap::new();
+        for h in parsed.iter() {
+            if let (Ok(name), Ok(value)) = (
+                http::header::HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        let (range, _) = content_range(&headers)
+            .ok_or_else(|| format!("multipart part {n} without a valid Content-Range"))?;
+        let start = headers_start + headers_len;
+        let end = usize::try_from(range.end - range.start)
+            .ok()
+            .and_then(|len| start.checked_add(len))
+            .filter(|&end| end <= body.len())
+            .ok_or_else(|| {
+                format!(
+                    "multipart part {n} shorter than its Content-Range {}-{}",
+                    range.start,
+                    range.end - 1
+                )
+            })?;
+        if body.get(end..end + 2) != Some(b"\r\n")
+            || body.get(end + 2..end + 2 + delim.len()) != Some(delim.as_bytes())
+        {
             return Err(format!(
-                "multipart part of {} bytes for Content-Range {}-{}",
-                bytes.len(),
+                "multipart part {n} is not followed by a boundary where its Content-Range {}-{} ends",
                 range.start,
                 range.end - 1
             ));
         }
-        parts.push((range, bytes));
+        parts.push((range, body.slice(start..end)));
+        pos = end + 2;
     }
     if parts.is_empty() {
         return Err("multipart body without parts".into());
     }
     Ok(parts)
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
 }
 
 /// Take each wanted range out of the parts that came back.
@@ -696,12 +725,10 @@ impl Blob {
             .await?;
         stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         let parts = if let Some(b) = multipart {
-            parse_multipart(body, &b)
-                .await
-                .map_err(|reason| RegistryError::Range {
-                    blob: self.name(),
-                    reason,
-                })?
+            parse_multipart(&body, &b).map_err(|reason| RegistryError::Range {
+                blob: self.name(),
+                reason,
+            })?
         } else {
             let (r, _) = crange.ok_or_else(|| RegistryError::Range {
                 blob: self.name(),
@@ -934,10 +961,7 @@ mod tests {
     }
 
     fn multipart(body: &'static [u8]) -> Result<Vec<(Range<u64>, Bytes)>, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(parse_multipart(Bytes::from_static(body), "XYZ"))
+        parse_multipart(&Bytes::from_static(body), "XYZ")
     }
 
     #[test]
@@ -955,6 +979,19 @@ mod tests {
         assert_eq!(multipart(with_preamble).unwrap()[0].0, 0..1);
         assert!(multipart(b"garbage").is_err());
         assert!(multipart(b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort").is_err());
+    }
+
+    /// Parts are views of the answer's buffer: a multi-range answer on the
+    /// fetch path (up to `max_read_bytes`) is not held twice.
+    #[test]
+    fn multipart_parts_are_views_of_the_body() {
+        let body = Bytes::from_static(
+            b"--XYZ\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--XYZ\r\nContent-Range: bytes 10-11/100\r\n\r\nef\r\n--XYZ--\r\n",
+        );
+        let within = body.as_ptr_range();
+        for (_, part) in parse_multipart(&body, "XYZ").unwrap() {
+            assert!(within.contains(&part.as_ptr()), "a part was copied");
+        }
     }
 
     /// Broken or hostile bodies are errors, never panics.
